@@ -1,0 +1,41 @@
+# Set-up and entry points. A fresh machine with Python 3.11 needs only:
+#   make quickstart   # venv + install + CPU quickstart run
+#   make test         # venv + install + tests (what CI runs through .ci/run)
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_FLAGS ?=
+
+.PHONY: setup quickstart test test-slow test-all bench clean
+
+$(VENV)/.installed: setup.py requirements/cpu.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	# torch first, pinned: the CPU wheel. Any later resolution then keeps it (no CUDA build pulled in).
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "import torch, megatron.core; assert not torch.version.cuda, 'a CUDA torch build got into the CPU venv'"
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(PY) -m megatron_entcov quickstart
+
+test: setup
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_FLAGS)
+
+test-slow: setup
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_FLAGS)
+
+test-all: setup
+	$(PY) -m pytest -m "not gpu" $(PYTEST_FLAGS)
+
+bench: setup
+	$(PY) bench/vocab_parallel.py
+	$(PY) bench/entropy_dynamics.py --out runs/bench/entropy_dynamics
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,707 @@
+"""Run configuration: nested dataclasses, YAML loading, ``--set`` overrides, validation, resolved dump.
+
+One ``@dataclass(kw_only=True)`` per component, nested in :class:`RunConfig`. A YAML file is a sparse
+override of the defaults; unknown keys, wrong types and out-of-range values raise ``ValueError`` naming the
+field (as a dotted path), the value and the fix. Checks that need the world size (parallel layout) live in
+:meth:`RunConfig.resolve`.
+
+Example:
+    cfg = load_config("configs/quickstart.yaml", overrides=["loss.name=kl_cov", "optim.lr=1e-5"])
+    cfg.resolve(world_size=4)
+    dump_config(cfg, run_dir / "resolved_config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ModelConfig",
+    "ParallelConfig",
+    "RolloutConfig",
+    "SamplingConfig",
+    "ScheduleConfig",
+    "LossConfig",
+    "OptimConfig",
+    "DataConfig",
+    "CheckpointConfig",
+    "MetricsConfig",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "dump_config",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers: every message names the field, the value and the fix.
+# --------------------------------------------------------------------------------------------------
+
+
+def _fail(field_name: str, value: Any, fix: str) -> None:
+    raise ValueError(f"{field_name}={value!r} is invalid: {fix}")
+
+
+def _check_positive(field_name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        _fail(field_name, value, f"must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_range(field_name: str, value: float, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above or (isinstance(value, float) and math.isnan(value)):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        _fail(field_name, value, f"must lie in {lb}{lo}, {hi}{rb}")
+
+
+def _check_choice(field_name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(field_name, value, f"choose one of {', '.join(repr(c) for c in choices)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Component configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Qwen2/Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA) built as a Megatron-Core GPTModel."""
+
+    num_layers: int = 2
+    """Number of transformer layers; divisible by pipeline size (times virtual pipeline size)."""
+    hidden_size: int = 64
+    """Model width; divisible by num_attention_heads."""
+    ffn_hidden_size: int = 128
+    """Width of the SwiGLU MLP (the size of gate and of up, each)."""
+    num_attention_heads: int = 4
+    """Query heads; divisible by tensor-parallel size."""
+    num_query_groups: int = 2
+    """Key/value heads (GQA); divides num_attention_heads and is divisible by tensor-parallel size."""
+    kv_channels: int | None = None
+    """Per-head dimension; None means hidden_size // num_attention_heads."""
+    vocab_size: int = 128
+    """Tokenizer vocabulary size (unpadded). Derived padding: see padded_vocab_size()."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this times the tensor-parallel size (Megatron rule)."""
+    max_position_embeddings: int = 512
+    """Longest sequence (prompt + response) the model is run on, in tokens."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta); Qwen2.5 uses 1e6, Llama-3 5e5."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    add_qkv_bias: bool = False
+    """Bias on the fused QKV projection (True for Qwen2/Qwen2.5, False for Llama)."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output layer (Qwen2.5 <= 3B: True; 7B+: False; Llama-3 8B: False)."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random initialisation (ignored when weights are loaded)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer spec: 'auto' uses Transformer Engine when importable and a GPU is present, else the local spec."""
+    hf_dir: str | None = None
+    """Hugging Face model directory (config, tokenizer, weights) the run starts from; None = random init."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.kv_channels is not None:
+            _check_positive("model.kv_channels", self.kv_channels)
+        elif self.hidden_size % self.num_attention_heads:
+            _fail("model.hidden_size", self.hidden_size,
+                  f"must be divisible by model.num_attention_heads={self.num_attention_heads}, or set kv_channels")
+        if self.num_attention_heads % self.num_query_groups:
+            _fail("model.num_query_groups", self.num_query_groups,
+                  f"must divide model.num_attention_heads={self.num_attention_heads}")
+        _check_positive("model.rotary_base", self.rotary_base)
+        _check_range("model.norm_epsilon", self.norm_epsilon, 0.0, 1.0, lo_open=True)
+        _check_choice("model.params_dtype", self.params_dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("model.transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
+        _check_positive("model.init_method_std", self.init_method_std)
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Derived: vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp_size."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Megatron model-parallel layout. Data-parallel size is derived: world // (tp * pp * cp)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (tp): splits heads, MLP and vocabulary."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (pp): splits layers into stages."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved schedule); None = not interleaved."""
+    context_parallel_size: int = 1
+    """Context-parallel size (cp); only 1 is supported by the trainer today."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: 'auto' picks nccl when CUDA is available, else gloo."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer; Adam only)."""
+    data_parallel_size: int = 0
+    """Derived: world_size // (tp * pp * cp), set by RunConfig.resolve()."""
+
+    def __post_init__(self) -> None:
+        _check_positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
+        _check_positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        _check_positive("parallel.context_parallel_size", self.context_parallel_size)
+        if self.context_parallel_size != 1:
+            _fail("parallel.context_parallel_size", self.context_parallel_size, "only 1 is supported; set it to 1")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _check_positive("parallel.virtual_pipeline_model_parallel_size",
+                            self.virtual_pipeline_model_parallel_size)
+            if self.pipeline_model_parallel_size < 2:
+                _fail("parallel.virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size,
+                      "needs parallel.pipeline_model_parallel_size >= 2; set it to null")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            _fail("parallel.sequence_parallel", True, "needs parallel.tensor_model_parallel_size > 1; set false")
+        _check_choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Where rollouts come from and how many."""
+
+    engine: Literal["local", "sglang"] = "local"
+    """'local' = embedded engine in the trainer processes (default, CPU ok); 'sglang' = SGLang servers."""
+    prompts_per_step: int = 8
+    """Prompts sampled per RL step (global, over all data-parallel ranks)."""
+    n_samples_per_prompt: int = 4
+    """Responses per prompt (the GRPO group size)."""
+    max_prompt_len: int = 64
+    """Longest prompt in tokens; longer prompts are an error at load time."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (no signal) and refill from new prompts (DAPO)."""
+    max_refill_rounds: int = 4
+    """With dynamic_sampling, the most extra generation rounds per step before training on what is there."""
+    server_urls: list[str] = field(default_factory=list)
+    """SGLang engine: URLs of running servers (or one sglang-router); empty = launch num_servers locally."""
+    num_servers: int = 1
+    """SGLang engine: servers to launch when server_urls is empty."""
+    request_timeout_s: float = 600.0
+    """SGLang engine: time-out of one generate request, in seconds."""
+
+    def __post_init__(self) -> None:
+        _check_choice("rollout.engine", self.engine, ("local", "sglang"))
+        for name in ("prompts_per_step", "n_samples_per_prompt", "max_prompt_len", "num_servers"):
+            _check_positive(f"rollout.{name}", getattr(self, name))
+        _check_positive("rollout.max_refill_rounds", self.max_refill_rounds, allow_zero=True)
+        _check_positive("rollout.request_timeout_s", self.request_timeout_s)
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """Sampling of responses at rollout time."""
+
+    temperature: float = 1.0
+    """Softmax temperature; the trainer applies the same temperature to its logits. Released setting: 1.0."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]. Released setting: 1.0."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 = off."""
+    max_new_tokens: int = 32
+    """Longest response in tokens."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response (the tokenizer's end-of-sequence id is added by the trainer)."""
+
+    def __post_init__(self) -> None:
+        _check_range("sampling.temperature", self.temperature, 0.0, 100.0, lo_open=True)
+        _check_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if self.top_k != -1 and self.top_k < 1:
+            _fail("sampling.top_k", self.top_k, "must be -1 (off) or >= 1")
+        _check_positive("sampling.max_new_tokens", self.max_new_tokens)
+        for i, tok in enumerate(self.stop_token_ids):
+            if not isinstance(tok, int) or tok < 0:
+                _fail(f"sampling.stop_token_ids[{i}]", tok, "must be a non-negative token id")
+
+
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Annealing of one coefficient from its base value (the LossConfig field) to ``end``.
+
+    value(step) = base for step < start_step; then it moves from base to ``end`` over ``steps`` steps
+    (linearly, along a half cosine, or geometrically) and stays at ``end``. Annealing the covariance
+    controls to 0 makes them asymptotically unbiased (reference, section 5).
+    """
+
+    kind: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+    """Shape of the schedule; 'constant' ignores end/steps."""
+    end: float = 0.0
+    """Final value (same unit as the coefficient); 'exponential' needs end > 0 and base > 0."""
+    steps: int = 0
+    """Number of optimizer steps from start_step to reach end; > 0 unless kind is 'constant'."""
+    start_step: int = 0
+    """Step at which annealing begins."""
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule.kind", self.kind, SCHEDULE_KINDS)
+        _check_positive("schedule.steps", self.steps, allow_zero=True)
+        _check_positive("schedule.start_step", self.start_step, allow_zero=True)
+        _check_positive("schedule.end", self.end, allow_zero=True)
+        if self.kind != "constant" and self.steps == 0:
+            _fail("schedule.steps", self.steps, f"kind={self.kind!r} needs steps > 0 (or use kind='constant')")
+        if self.kind == "exponential" and self.end <= 0:
+            _fail("schedule.end", self.end, "kind='exponential' needs end > 0; use 'linear' or 'cosine' to reach 0")
+
+
+LOSS_NAMES = ("ppo", "clip_cov", "kl_cov")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Policy loss and entropy control (Cui et al. 2025, arXiv 2505.22617, sections 3 and 4 of the reference).
+
+    Defaults are the released Qwen2.5-7B settings where the paper gives one.
+    """
+
+    name: Literal["ppo", "clip_cov", "kl_cov"] = "ppo"
+    """'ppo' (clipped surrogate, with clip-higher/dual clip), 'clip_cov' (Clip-Cov) or 'kl_cov' (KL-Cov)."""
+    clip_ratio_low: float = 0.2
+    """PPO lower clip epsilon: ratio >= 1 - clip_ratio_low. Clip-Cov released setting: 1.0 (ratio in [0, 2])."""
+    clip_ratio_high: float = 0.28
+    """PPO upper clip epsilon (clip-higher, DAPO): ratio <= 1 + clip_ratio_high. Clip-Cov released: 1.0."""
+    clip_ratio_c: float = 10.0
+    """Dual-clip constant (> 1): for A < 0 the loss is capped at -A * clip_ratio_c. Released: 10."""
+    clip_cov_ratio: float = 2e-4
+    """Clip-Cov: share r of valid tokens whose gradient is detached; chosen = max(int(r * N_valid), 1)."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: lower covariance bound omega_low (exclusive) of the candidate tokens. Released: 1."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: upper covariance bound omega_high (exclusive) of the candidate tokens. Released: 5."""
+    kl_cov_ratio: float = 2e-3
+    """KL-Cov: share k of valid tokens (top by covariance) that get the |log-ratio| penalty. 7B: 2e-3, 32B: 2e-4."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: penalty weight beta on |log pi - log pi_old|. Released: 1."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (loss -= entropy_coef * H); 0 in the released runs. Biased: moves the optimum."""
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """Loss aggregation: mean over all valid tokens of the optimizer batch (released), or per-sequence."""
+    clip_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of clip_cov_ratio (base = clip_cov_ratio). At 0 no token is chosen."""
+    kl_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of kl_cov_ratio (base = kl_cov_ratio). At 0 no token is chosen."""
+    kl_cov_coef_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of kl_cov_coef (base = kl_cov_coef)."""
+    entropy_coef_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of entropy_coef (base = entropy_coef)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.name", self.name, LOSS_NAMES)
+        _check_choice("loss.agg", self.agg, AGG_MODES)
+        _check_range("loss.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, lo_open=True)
+        _check_positive("loss.clip_ratio_high", self.clip_ratio_high)
+        if not self.clip_ratio_c > 1.0:
+            _fail("loss.clip_ratio_c", self.clip_ratio_c, "the dual-clip constant must be > 1 (released: 10)")
+        _check_range("loss.clip_cov_ratio", self.clip_cov_ratio, 0.0, 1.0, lo_open=True)
+        _check_range("loss.kl_cov_ratio", self.kl_cov_ratio, 0.0, 1.0, lo_open=True)
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            _fail("loss.clip_cov_lb", self.clip_cov_lb,
+                  f"must be < loss.clip_cov_ub={self.clip_cov_ub} (released: lb=1, ub=5)")
+        _check_positive("loss.kl_cov_coef", self.kl_cov_coef, allow_zero=True)
+        _check_positive("loss.entropy_coef", self.entropy_coef, allow_zero=True)
+        for coef in ("clip_cov_ratio", "kl_cov_ratio", "kl_cov_coef", "entropy_coef"):
+            sched = getattr(self, f"{coef}_schedule")
+            if sched.kind == "exponential" and getattr(self, coef) <= 0:
+                _fail(f"loss.{coef}_schedule.kind", sched.kind, f"'exponential' needs loss.{coef} > 0")
+            if coef.endswith("_ratio") and sched.kind != "constant" and sched.end > 1.0:
+                _fail(f"loss.{coef}_schedule.end", sched.end, "a token share must lie in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer, learning rate and batch split of one RL step."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Megatron optimizer type."""
+    lr: float = 1e-6
+    """Peak learning rate. Released: 5e-7 (7B), 1e-6 (32B), constant."""
+    min_lr: float = 0.0
+    """Floor of the decayed learning rate."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up over run.steps."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up in optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay. Released: 0."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 = off. Released: 1.0."""
+    num_mini_batches: int = 1
+    """Optimizer steps per rollout batch (KL-Cov needs > 1 to act). Released: 8."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward micro-batch on one data-parallel rank."""
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.optimizer", self.optimizer, ("adam", "sgd"))
+        _check_choice("optim.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
+        _check_positive("optim.lr", self.lr)
+        _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
+        if self.min_lr > self.lr:
+            _fail("optim.min_lr", self.min_lr, f"must be <= optim.lr={self.lr}")
+        _check_positive("optim.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _check_range("optim.adam_beta1", self.adam_beta1, 0.0, 1.0, hi_open=True)
+        _check_range("optim.adam_beta2", self.adam_beta2, 0.0, 1.0, hi_open=True)
+        _check_positive("optim.adam_eps", self.adam_eps)
+        _check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
+        _check_positive("optim.num_mini_batches", self.num_mini_batches)
+        _check_positive("optim.micro_batch_size", self.micro_batch_size)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Prompt source and verifier."""
+
+    source: Literal["arithmetic", "file"] = "arithmetic"
+    """'arithmetic' = the synthetic verifiable task generated from a seed; 'file' = jsonl/parquet at path."""
+    path: str | None = None
+    """jsonl or parquet file with prompt/answer columns (e.g. DAPO-Math-17k); needed when source='file'."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt (a string, or a chat message list)."""
+    answer_key: str = "answer"
+    """Column holding the reference answer."""
+    reward: Literal["arithmetic", "math"] = "arithmetic"
+    """Verifier from the rewards registry: 'arithmetic' (exact integer) or 'math' (math-verify, boxed)."""
+    reward_timeout_s: float = 5.0
+    """Per-sample verifier time-out in seconds; a time-out scores 0 and is counted."""
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template."""
+    arithmetic_digits: int = 2
+    """Synthetic task difficulty: operands have up to this many digits."""
+    arithmetic_ops: str = "+-"
+    """Synthetic task operators drawn from this string (subset of '+-*')."""
+    shuffle: bool = True
+    """Shuffle the prompt order (with run.seed) every epoch."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("arithmetic", "file"))
+        _check_choice("data.reward", self.reward, ("arithmetic", "math"))
+        if self.source == "file" and not self.path:
+            _fail("data.path", self.path, "data.source='file' needs a jsonl or parquet path")
+        _check_positive("data.reward_timeout_s", self.reward_timeout_s)
+        _check_range("data.arithmetic_digits", self.arithmetic_digits, 1, 18)
+        if not self.arithmetic_ops or set(self.arithmetic_ops) - set("+-*"):
+            _fail("data.arithmetic_ops", self.arithmetic_ops, "use a non-empty subset of '+-*'")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and when checkpoints are written, and what a run starts from."""
+
+    save_interval: int = 0
+    """Save every this many RL steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+    load: str | None = None
+    """Checkpoint directory to start from (a run's checkpoints/ dir or one step dir); None = fresh."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in the run directory if one exists."""
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.save_interval", self.save_interval, allow_zero=True)
+        _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """TensorBoard and console logging."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tensorboard."""
+    log_interval: int = 1
+    """Console line every this many steps."""
+    law_fit_min_points: int = 5
+    """Fit R = -a*exp(H) + b online once this many (H, R) points exist."""
+
+    def __post_init__(self) -> None:
+        _check_positive("metrics.log_interval", self.log_interval)
+        _check_range("metrics.law_fit_min_points", self.law_fit_min_points, 3, 10**9)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run: every component config plus run-level settings."""
+
+    name: str = "run"
+    """Run name, used in the run directory and logs."""
+    output_dir: str = "runs"
+    """Parent directory of run directories; the run writes to <output_dir>/<name>."""
+    seed: int = 1234
+    """Seed of model init, data order, sampling and Clip-Cov/KL-Cov selection."""
+    steps: int = 10
+    """RL steps (rollout batches) to run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine and batch shape."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling parameters."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Policy loss and entropy control."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and batch split."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and verifier."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Monitoring."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            _fail("name", self.name, "use a non-empty name without '/'")
+        _check_positive("steps", self.steps)
+        self.validate()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def validate(self) -> None:
+        """Cross-section checks that do not need the world size."""
+        m, p = self.model, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if m.num_attention_heads % tp:
+            _fail("parallel.tensor_model_parallel_size", tp,
+                  f"must divide model.num_attention_heads={m.num_attention_heads}")
+        if m.num_query_groups % tp:
+            _fail("parallel.tensor_model_parallel_size", tp,
+                  f"must divide model.num_query_groups={m.num_query_groups}")
+        if m.ffn_hidden_size % tp:
+            _fail("parallel.tensor_model_parallel_size", tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+        chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
+        if m.num_layers % chunks:
+            _fail("model.num_layers", m.num_layers,
+                  f"must be divisible by pipeline_model_parallel_size * virtual_pipeline_model_parallel_size = {chunks}")
+        if self.rollout.max_prompt_len + self.sampling.max_new_tokens > m.max_position_embeddings:
+            _fail("model.max_position_embeddings", m.max_position_embeddings,
+                  f"must be >= rollout.max_prompt_len + sampling.max_new_tokens = "
+                  f"{self.rollout.max_prompt_len + self.sampling.max_new_tokens}")
+
+    def resolve(self, world_size: int) -> "RunConfig":
+        """Check the layout against the world size and fill the derived fields. Returns self."""
+        p = self.parallel
+        if world_size < 1:
+            _fail("world_size", world_size, "must be >= 1")
+        if world_size % p.model_parallel_size:
+            _fail("parallel.tensor_model_parallel_size * pipeline_model_parallel_size", p.model_parallel_size,
+                  f"must divide the world size {world_size}; change tp/pp or launch a multiple of "
+                  f"{p.model_parallel_size} processes")
+        p.data_parallel_size = world_size // p.model_parallel_size
+        dp = p.data_parallel_size
+        total = self.rollout.prompts_per_step * self.rollout.n_samples_per_prompt
+        per_mini = total // self.optim.num_mini_batches
+        if total % self.optim.num_mini_batches:
+            _fail("optim.num_mini_batches", self.optim.num_mini_batches,
+                  f"must divide rollout.prompts_per_step * n_samples_per_prompt = {total}")
+        if per_mini % (dp * self.optim.micro_batch_size):
+            _fail("optim.micro_batch_size", self.optim.micro_batch_size,
+                  f"a mini-batch of {per_mini} sequences must split evenly over data_parallel_size={dp} "
+                  f"ranks of micro_batch_size sequences; choose a divisor of {per_mini // dp}"
+                  if per_mini % dp == 0 else
+                  f"a mini-batch of {per_mini} sequences does not split over data_parallel_size={dp}")
+        if p.use_distributed_optimizer and self.optim.optimizer != "adam":
+            _fail("parallel.use_distributed_optimizer", True, "the distributed optimizer supports optim.optimizer='adam' only")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; convert int -> float where a float is expected."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, value, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(f"{path}={value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{path}={value!r} is invalid: choose one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{path}={value!r} has the wrong type: expected a list of {_type_name(item_tp)}")
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}={value!r} has the wrong type: expected a mapping for {tp.__name__}")
+        return _build(tp, value, path)
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where "1e-6" (no dot) is a string, not a float.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}={value!r} has the wrong type: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}={value!r} has the wrong type: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}={value!r} has the wrong type: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}={value!r} has the wrong type: expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ValueError(f"unknown config key(s) {', '.join(repr(k) for k in unknown)} in {where}; "
+                         f"valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(path, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        # Schedules validate with a generic prefix; give them their full dotted path.
+        msg = str(exc)
+        if prefix and msg.startswith("schedule."):
+            msg = f"{prefix}.{msg[len('schedule.'):]}"
+        raise ValueError(msg) from None
+
+
+def config_from_dict(data: dict | None) -> RunConfig:
+    """Build a RunConfig from a (sparse) nested dict, validating every field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    return _build(RunConfig, data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The full nested dict of a config (every field, defaults included)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {dotted}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` strings to a nested dict; values are parsed as YAML (1e-6, true, [1, 2])."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} is invalid: use dotted.key=value, e.g. loss.name=kl_cov")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--set {item!r} is invalid: the key is empty")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        _set_dotted(data, key, value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML file (sparse overrides of the defaults), apply ``--set`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config {str(path)!r}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {str(path)!r}: the top level must be a mapping, got {type(data).__name__}")
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every field) and the git SHA as YAML; the file loads back to an equal config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# resolved config; git {_git_sha() or 'unknown'}\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

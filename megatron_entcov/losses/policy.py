@@ -1,0 +1,373 @@
+"""Policy losses with entropy control: PPO (clip-higher, dual clip), Clip-Cov, KL-Cov, entropy bonus.
+
+Owns ``policy_loss`` and the two-phase token selection behind Clip-Cov and KL-Cov (Cui et al. 2025, "The
+Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617; reference
+sections 3-4). Per valid token t, with ratio_t = exp(log pi_t - log pi_old_t):
+
+    PPO       pg1 = -A ratio,  pg2 = -A clamp(ratio, 1 - eps_low, 1 + eps_high)         (clip-higher, DAPO)
+              L_t = max(pg1, pg2);  for A < 0: L_t = min(L_t, -A c)                     (dual clip, c > 1)
+    Clip-Cov  L_t as PPO, except the chosen tokens: L_t -> stop_grad(L_t).
+              Candidates: valid, clip_cov_lb < cov_t < clip_cov_ub, and not already clipped by PPO (low, high
+              or dual clip active). Chosen: a uniform random n = max(int(r * N), 1) of them (all if fewer).
+    KL-Cov    L_t = -A ratio (no clipping) for every valid token, + beta |log pi_t - log pi_old_t| on the
+              top k = max(int(k_share * N), 1) tokens by cov_t.
+    bonus     loss -= entropy_coef * agg(H_t)
+with cov_t from :func:`megatron_entcov.ops.covariance.token_covariance` and N the global valid-token count.
+
+Deviations from the released code (verl core_algos), each on purpose:
+* Statistics and selection are global over the optimizer mini-batch (all micro-batches, all data-parallel
+  ranks) instead of per micro-batch per GPU; the chosen set depends only on the global batch, the seed and
+  the step (see ops/covariance.py for the exact global select).
+* Clip-Cov: the chosen tokens' term is detached (value kept, gradient exactly 0); verl multiplies it by 0.
+  The gradient is identical; only the logged loss differs. Clip-Cov also applies the dual clip, as the paper's
+  released settings list it (c = 10), and excludes dual-clipped tokens from the candidates.
+* A ratio annealed to exactly 0 chooses no token. The released ``max(int(r N), 1)`` floor would keep touching
+  one token forever, so annealing to 0 would never give back the unbiased PPO loss.
+* Non-finite log-probs at padding cannot leak NaN: the log-ratio is masked before exp.
+
+Two-phase use in the trainer (exact for any dp size and micro-batch split):
+
+    sel = compute_token_selection(cfg, logp_nograd, old_logp, adv, mask, token_keys=keys, group=dp_group,
+                                  step=step, seed=seed)                  # whole local mini-batch, once
+    for rows in micro_batch_slices:                                    # forward+backward per micro-batch
+        loss, metrics = policy_loss(cfg, logp[rows], old_logp[rows], adv[rows], mask[rows],
+                                    entropy=ent[rows], group=dp_group, step=step, selection=sel.rows(rows))
+        loss.backward()                                                # gradients SUMMED over micro-batches
+    # and over dp ranks (undo Megatron's 1/num_microbatches and 1/dp averaging), then one optimizer step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from megatron_entcov.config import AGG_MODES, LOSS_NAMES, LossConfig
+from megatron_entcov.losses.aggregation import aggregate, count_valid
+from megatron_entcov.losses.schedules import annealed_coefficients
+from megatron_entcov.ops.covariance import (
+    global_quantiles,
+    global_random_choice_mask,
+    global_sum,
+    global_topk_mask,
+    token_covariance,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COV_QUANTILES",
+    "TokenSelection",
+    "compute_token_selection",
+    "num_to_choose",
+    "policy_loss",
+    "ppo_terms",
+    "warn_if_kl_cov_inert",
+]
+
+COV_QUANTILES = (0.1, 0.5, 0.9, 0.99)
+"""Levels of the exact global cov_t quantiles reported as cov/q10, cov/q50, cov/q90, cov/q99."""
+
+
+def _quantile_key(level: float) -> str:
+    return f"cov/q{level * 100:g}"  # 0.9 -> cov/q90, 0.99 -> cov/q99, 0.995 -> cov/q99.5
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Result of the selection phase over a rank's whole optimizer mini-batch (or a row slice of it).
+
+    Per-token tensors are [B, T] over this rank's rows; the counts and quantiles are global (all-reduced over
+    the group) and shared by every slice. Slice with :meth:`rows` for a micro-batch.
+    """
+
+    covariance: Tensor
+    """[B, T] float32 cov_t with global means, 0 at invalid tokens."""
+    clip_cov_mask: Tensor
+    """[B, T] bool: Clip-Cov-chosen tokens (gradient detached). All False unless loss.name == 'clip_cov'."""
+    kl_cov_mask: Tensor
+    """[B, T] bool: KL-Cov-chosen tokens (get the |log-ratio| penalty). All False unless loss.name == 'kl_cov'."""
+    num_valid: Tensor
+    """int64 0-dim: global valid-token count of the mini-batch (token-mean denominator)."""
+    num_seqs: Tensor
+    """int64 0-dim: global count of sequences with >= 1 valid token (seq-mean-* denominator)."""
+    cov_quantiles: Tensor
+    """float32 [len(quantile_levels)]: exact global quantiles of cov_t over valid tokens."""
+    quantile_levels: tuple[float, ...] = COV_QUANTILES
+    """Levels of cov_quantiles."""
+    coefs: dict[str, float] = field(default_factory=dict)
+    """Annealed coefficients at this step: clip_cov_ratio, kl_cov_ratio, kl_cov_coef, entropy_coef."""
+    step: int = 0
+    """Optimizer step the selection was made for (checked against policy_loss's step)."""
+
+    def rows(self, rows: slice | Tensor) -> "TokenSelection":
+        """The selection restricted to a row slice (or index tensor) of the rank's mini-batch; globals shared."""
+        return TokenSelection(covariance=self.covariance[rows], clip_cov_mask=self.clip_cov_mask[rows],
+                              kl_cov_mask=self.kl_cov_mask[rows], num_valid=self.num_valid,
+                              num_seqs=self.num_seqs, cov_quantiles=self.cov_quantiles,
+                              quantile_levels=self.quantile_levels, coefs=self.coefs, step=self.step)
+
+
+def num_to_choose(ratio: float, num_valid: Tensor) -> Tensor:
+    """max(int(ratio * N_valid), 1) as an int64 tensor (no host sync); 0 when ratio == 0 or N_valid == 0.
+
+    ratio == 0 (an annealed ratio that reached its end) chooses nothing, so annealing switches the control
+    off exactly; the released floor of 1 applies to every ratio > 0.
+    """
+    if ratio < 0 or ratio > 1:
+        raise ValueError(f"a token share must lie in [0, 1], got {ratio!r}")
+    if ratio == 0:
+        return torch.zeros_like(num_valid)
+    # floor(ratio * N) in float64 equals Python's int(ratio * N) for the N that fit in a double.
+    n = torch.floor(num_valid.double() * ratio).to(torch.int64).clamp(min=1)
+    return torch.where(num_valid > 0, n, torch.zeros_like(n))
+
+
+def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor) -> dict[str, Tensor]:
+    """Per-token PPO quantities (clip-higher + dual clip) from the masked log-ratio.
+
+    Args:
+        cfg: LossConfig (clip_ratio_low, clip_ratio_high, clip_ratio_c).
+        log_ratio: [B, T] log pi - log pi_old (0 at invalid tokens). advantages: [B, T].
+
+    Returns:
+        dict of [B, T] tensors: ratio, pg_unclipped (-A ratio), pg_clipped (clip + dual clip), and bool masks
+        clip_low (A < 0, lower clip active), clip_high (A > 0, upper clip active), clip_dual (A < 0, the
+        dual-clip cap -A c active). A token with any mask True has zero policy gradient.
+    """
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+    clipped = torch.maximum(pg1, pg2)
+    cap = -advantages * cfg.clip_ratio_c
+    negative = advantages < 0
+    pg = torch.where(negative, torch.minimum(clipped, cap), clipped)
+    clip_active = pg2 > pg1
+    return {
+        "ratio": ratio,
+        "pg_unclipped": pg1,
+        "pg_clipped": pg,
+        "clip_low": (clip_active & negative).detach(),
+        "clip_high": (clip_active & (advantages > 0)).detach(),
+        "clip_dual": (negative & (cap < clipped)).detach(),
+    }
+
+
+def _check_inputs(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    if not isinstance(cfg, LossConfig):
+        raise TypeError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
+    if cfg.name not in LOSS_NAMES:
+        raise ValueError(f"loss.name={cfg.name!r} is invalid: choose one of {', '.join(LOSS_NAMES)}")
+    if cfg.agg not in AGG_MODES:
+        raise ValueError(f"loss.agg={cfg.agg!r} is invalid: choose one of {', '.join(AGG_MODES)}")
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
+        if t.shape != logprobs.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)} like logprobs")
+
+
+def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                            mask: Tensor, *, token_keys: Tensor | None = None, group=None, step: int = 0,
+                            seed: int = 0, quantile_levels: tuple[float, ...] = COV_QUANTILES) -> TokenSelection:
+    """Phase 1: global covariance statistics and the Clip-Cov / KL-Cov token choice for one mini-batch.
+
+    Call once per optimizer mini-batch on each data-parallel rank, with the rank's WHOLE local mini-batch
+    (every row its micro-batches will cover), before the micro-batch forward/backward passes.
+
+    Args:
+        cfg: LossConfig.
+        logprobs: [B, T] log pi of the current policy (a no-grad forward is enough; detached here).
+        old_logprobs: [B, T] log pi_old (rollout-time policy). advantages: [B, T]. mask: [B, T] valid tokens.
+        token_keys: [B, T] int64, unique over the GLOBAL mini-batch and independent of the split, e.g.
+            global_sample_id * max_len + position. Ties and the random choice are functions of these keys.
+            Default (only allowed with group=None): row * T + position.
+        group: data-parallel (+ context-parallel) group; None = single process.
+        step: optimizer step (annealing and the random choice). seed: run seed (random choice).
+        quantile_levels: levels of the exact cov quantiles (() skips them; 4 all-reduce rounds otherwise).
+
+    Returns:
+        TokenSelection. Communication: 1 + 1 + (12 for kl_cov | 8 for clip_cov) + 4 small SUM all-reduces,
+        no host synchronisation.
+    """
+    _check_inputs(cfg, logprobs, old_logprobs, advantages, mask)
+    if token_keys is None:
+        if group is not None:
+            raise ValueError("compute_token_selection: token_keys are required with a process group (they must be "
+                             "unique over the global batch, e.g. global_sample_id * max_len + position)")
+        b, t = logprobs.shape
+        token_keys = torch.arange(b * t, device=logprobs.device, dtype=torch.int64).view(b, t)
+    elif token_keys.shape != logprobs.shape:
+        raise ValueError(f"token_keys has shape {tuple(token_keys.shape)}, expected {tuple(logprobs.shape)}")
+    valid = mask.bool()
+    logprobs = logprobs.detach()
+    old_logprobs = old_logprobs.detach()
+    advantages = advantages.detach()
+    coefs = annealed_coefficients(cfg, step)
+
+    counts = global_sum(torch.stack(count_valid(valid)), group)
+    num_valid, num_seqs = counts[0], counts[1]
+    cov = token_covariance(logprobs, advantages, valid, group)
+
+    none = torch.zeros_like(valid)
+    clip_cov_mask, kl_cov_mask = none, none
+    if cfg.name == "clip_cov":
+        log_ratio = torch.where(valid, logprobs - old_logprobs, 0.0)
+        terms = ppo_terms(cfg, log_ratio, advantages)
+        ppo_clipped = terms["clip_low"] | terms["clip_high"] | terms["clip_dual"]
+        candidates = valid & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub) & ~ppo_clipped
+        n = num_to_choose(coefs["clip_cov_ratio"], num_valid)
+        clip_cov_mask = global_random_choice_mask(token_keys, candidates, n, seed=seed, step=step, group=group)
+    elif cfg.name == "kl_cov":
+        k = num_to_choose(coefs["kl_cov_ratio"], num_valid)
+        kl_cov_mask = global_topk_mask(cov, token_keys, valid, k, group)
+    quantiles = global_quantiles(cov, valid, quantile_levels, group)
+    return TokenSelection(covariance=cov, clip_cov_mask=clip_cov_mask, kl_cov_mask=kl_cov_mask,
+                          num_valid=num_valid, num_seqs=num_seqs, cov_quantiles=quantiles,
+                          quantile_levels=tuple(quantile_levels), coefs=coefs, step=step)
+
+
+def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                entropy: Tensor | None = None, group=None, step: int = 0, generator: torch.Generator | None = None,
+                selection: TokenSelection | None = None, token_keys: Tensor | None = None,
+                seed: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss of ``cfg.name`` (+ entropy bonus) for one micro-batch, normalised by GLOBAL denominators.
+
+    Contract: let the optimizer mini-batch be split over the ranks of ``group`` and, on each rank, into row
+    slices (micro-batches). If every call gets the slice of one :class:`TokenSelection` computed over the
+    rank's whole mini-batch (``selection=sel.rows(slice)``), then the SUM of the returned losses over all
+    micro-batches and all ranks equals the single-process full-batch loss, and so do the summed gradients
+    (exactly in exact arithmetic; in floating point up to summation order). The denominators are global:
+    token-mean divides by the global valid-token count N_tok, seq-mean-* by the global count N_seq of
+    sequences with >= 1 valid token (losses/aggregation.py). The trainer must therefore SUM, not average,
+    gradients over micro-batches and dp ranks (undo Megatron's 1/num_microbatches and 1/dp scaling).
+
+    Args:
+        cfg: LossConfig (name, clip ratios, Clip-Cov/KL-Cov parameters, entropy_coef, agg, schedules).
+        logprobs: [B, T] float log pi of the sampled tokens under the current policy (requires grad).
+        old_logprobs: [B, T] log pi_old from rollout time (no grad). advantages: [B, T] (no grad).
+        mask: [B, T] bool/0-1 valid response tokens. Values at invalid positions are ignored (may be inf).
+        entropy: [B, T] per-token entropy (differentiable); required when cfg.entropy_coef > 0, else only used
+            for the entropy/mean metric.
+        group: data-parallel group; used only when ``selection`` is None (then this call is the whole local
+            mini-batch). None = single process.
+        step: optimizer step: coefficient annealing and the random choice.
+        generator: kept for API compatibility. Selection never consumes random numbers (it would then depend
+            on the split); when ``seed`` is None the seed is ``generator.initial_seed()`` (read, not consumed),
+            else 0.
+        selection: phase-1 result (sliced to these rows). None: computed here from these tensors, which must
+            then be the whole local mini-batch.
+        token_keys: [B, T] int64 unique global token keys; used only when selection is None (see
+            compute_token_selection). seed: run seed for the Clip-Cov random choice.
+
+    Returns:
+        (loss, metrics). loss: 0-dim tensor. metrics: detached 0-dim float32 tensors, each already this
+        slice's share of the global value, so ONE SUM all-reduce over all micro-batches and ranks gives the
+        global value: token fractions and means are divided by N_tok; global constants (annealed coefficients,
+        cov quantiles) are weighted by this slice's share of valid tokens (n_local / N_tok). Keys:
+        train/loss, train/pg_loss, train/entropy_bonus, train/ppo_kl, train/clip_frac_low,
+        train/clip_frac_high, train/clip_frac_dual, train/clip_cov_frac, train/kl_cov_frac, cov/mean,
+        cov/q10, cov/q50, cov/q90, cov/q99, coef/clip_cov_ratio, coef/kl_cov_ratio, coef/kl_cov_coef,
+        coef/entropy_coef, and entropy/mean when ``entropy`` is given.
+    """
+    _check_inputs(cfg, logprobs, old_logprobs, advantages, mask)
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"loss.entropy_coef={cfg.entropy_coef} > 0 needs the per-token entropy: pass entropy=[B, T] "
+                         "(from ops.vocab_parallel.logprobs_and_entropy)")
+    if entropy is not None and entropy.shape != logprobs.shape:
+        raise ValueError(f"entropy has shape {tuple(entropy.shape)}, expected {tuple(logprobs.shape)}")
+    if selection is None:
+        if seed is None:
+            seed = generator.initial_seed() if generator is not None else 0
+        selection = compute_token_selection(cfg, logprobs, old_logprobs, advantages, mask, token_keys=token_keys,
+                                            group=group, step=step, seed=seed)
+    else:
+        if selection.covariance.shape != logprobs.shape:
+            raise ValueError(f"selection covers shape {tuple(selection.covariance.shape)} but the tensors are "
+                             f"{tuple(logprobs.shape)}: pass selection.rows(<this micro-batch's rows>)")
+        if selection.step != step:
+            raise ValueError(f"selection was computed for step {selection.step}, policy_loss got step={step}")
+
+    valid = mask.bool()
+    num_valid, num_seqs = selection.num_valid, selection.num_seqs
+    coefs = selection.coefs
+    agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=num_valid, num_seqs=num_seqs)
+
+    # Mask before exp: padding may hold -inf/garbage; exp of it would put inf*0 = nan into the gradient.
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype,
+                                                                        device=logprobs.device))
+    advantages = advantages.detach().to(logprobs.dtype)
+    terms = ppo_terms(cfg, log_ratio, advantages)
+    zeros = torch.zeros_like(valid)
+    clip_low, clip_high, clip_dual = zeros, zeros, zeros
+    if cfg.name == "ppo":
+        pg = terms["pg_clipped"]
+        clip_low, clip_high, clip_dual = terms["clip_low"], terms["clip_high"], terms["clip_dual"]
+    elif cfg.name == "clip_cov":
+        pg = torch.where(selection.clip_cov_mask, terms["pg_clipped"].detach(), terms["pg_clipped"])
+        clip_low, clip_high, clip_dual = terms["clip_low"], terms["clip_high"], terms["clip_dual"]
+    else:  # kl_cov: unclipped surrogate everywhere, |log-ratio| penalty on the top-k tokens by covariance.
+        penalty = coefs["kl_cov_coef"] * log_ratio.abs()
+        pg = terms["pg_unclipped"] + torch.where(selection.kl_cov_mask, penalty, torch.zeros_like(penalty))
+
+    pg_loss = agg(pg)
+    loss = pg_loss
+    entropy_coef = coefs["entropy_coef"]
+    bonus = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    if entropy is not None and cfg.entropy_coef > 0:
+        bonus = agg(entropy)
+        # A zero coefficient (annealed off) still multiplies, so the graph and the metric keys do not change.
+        loss = loss - entropy_coef * bonus
+
+    with torch.no_grad():
+        inv_n = 1.0 / num_valid.clamp(min=1).double()
+        local_valid = valid.sum(dtype=torch.int64)
+        share = local_valid.double() * inv_n
+
+        def frac(m: Tensor) -> Tensor:
+            return ((m & valid).sum(dtype=torch.int64).double() * inv_n).float()
+
+        def token_mean(x: Tensor) -> Tensor:
+            return (torch.where(valid, x.detach().double(), 0.0).sum() * inv_n).float()
+
+        metrics: dict[str, Tensor] = {
+            "train/loss": loss.detach().float(),
+            "train/pg_loss": pg_loss.detach().float(),
+            "train/entropy_bonus": (entropy_coef * bonus.detach()).float(),
+            "train/ppo_kl": token_mean(-log_ratio),
+            "train/clip_frac_low": frac(clip_low),
+            "train/clip_frac_high": frac(clip_high),
+            "train/clip_frac_dual": frac(clip_dual),
+            "train/clip_cov_frac": frac(selection.clip_cov_mask),
+            "train/kl_cov_frac": frac(selection.kl_cov_mask),
+            "cov/mean": token_mean(selection.covariance),
+        }
+        for level, q in zip(selection.quantile_levels, selection.cov_quantiles):
+            metrics[_quantile_key(level)] = (q.double() * share).float()
+        for name, value in coefs.items():
+            metrics[f"coef/{name}"] = (share * value).float()
+        if entropy is not None:
+            metrics["entropy/mean"] = token_mean(entropy)
+    return loss, metrics
+
+
+@functools.cache
+def _warn_kl_cov_inert_once() -> None:
+    logger.warning("loss.name='kl_cov' with optim.num_mini_batches=1: every mini-batch is fully on-policy "
+                   "(log pi == log pi_old), so the KL-Cov penalty beta*|log pi - log pi_old| is 0 and its gradient "
+                   "sign(0) = 0: KL-Cov is inert and the loss is plain -A*ratio. Use several optimizer mini-batches "
+                   "per rollout batch (released: 8).")
+
+
+def warn_if_kl_cov_inert(loss_cfg: LossConfig, num_mini_batches: int) -> bool:
+    """Warn once (per process) if KL-Cov runs with a single optimizer mini-batch per rollout batch.
+
+    policy_loss cannot see the batch split, so the trainer calls this at start-up. Returns True when inert.
+    """
+    inert = loss_cfg.name == "kl_cov" and num_mini_batches == 1
+    if inert:
+        _warn_kl_cov_inert_once()
+    return inert

@@ -1,0 +1,99 @@
+"""Megatron DDP wrapping, the Megatron optimizer and its learning-rate schedule, built from OptimConfig.
+
+Example:
+    chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
+    opt, sched = build_optimizer(chunks, cfg)
+    zero_grads(chunks, opt)
+    run_microbatches(chunks, mbs, loss_fn, ps=ps, forward_only=False)
+    ok, grad_norm, _ = opt.step(); sched.step(1)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_entcov.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["wrap_ddp", "build_optimizer", "zero_grads"]
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], cfg: RunConfig) -> list[torch.nn.Module]:
+    """Wrap each chunk in Megatron's DistributedDataParallel (fp32 grad buffers, grads reduced at the end
+    of the step by ``finalize_model_grads``, which also syncs tied embeddings and sequence-parallel norms)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # non-finite grads are detected and the step skipped by the trainer
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        config = chunk.config
+        config.finalize_model_grads_func = finalize_model_grads
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                               # one bucket per chunk: fewer, larger all-reduces on gloo
+                                               disable_bucketing=i > 0))
+    return wrapped
+
+
+def build_optimizer(chunks: list[torch.nn.Module], cfg: RunConfig):
+    """Megatron optimizer (Adam or SGD, grad clipping, optional distributed optimizer) and its LR schedule.
+
+    Returns:
+        (optimizer, scheduler): ``optimizer.step()`` returns (update_successful, grad_norm, num_zeros);
+        ``scheduler.step(1)`` advances the learning rate by one optimizer step.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    dtype = chunks[0].config.params_dtype
+    if dtype != torch.float32 and not torch.cuda.is_available():
+        raise ValueError(f"model.params_dtype={cfg.model.params_dtype!r} trains only on GPU (Megatron's "
+                         "mixed-precision optimizer is CUDA-only); use float32 on CPU")
+    opt_config = OptimizerConfig(
+        optimizer=o.optimizer,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        sgd_momentum=0.0,
+        clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    total_steps = cfg.steps * o.num_mini_batches
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.lr_warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=max(total_steps, o.lr_warmup_steps + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    logger.info("optimizer: %s lr=%g clip_grad=%g distributed=%s, %d optimizer steps planned", o.optimizer,
+                o.lr, o.clip_grad, cfg.parallel.use_distributed_optimizer, total_steps)
+    return optimizer, scheduler
+
+
+def zero_grads(chunks: list[torch.nn.Module], optimizer) -> None:
+    """Zero the DDP grad buffers and the optimizer's grads before a step's micro-batches."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()

@@ -1,0 +1,89 @@
+"""Running micro-batches through Megatron's pipeline schedules (no pipelining, 1F1B, interleaved).
+
+The caller gives the micro-batches of this data-parallel rank (the same list on every rank of the
+model-parallel group) and a ``loss_fn(batch, logits) -> (loss, outputs)`` that runs on the last pipeline
+stage with this rank's vocabulary shard of the logits [b, T, V/tp]. The loss must already be normalised by
+the caller's *global* denominator; this module undoes Megatron's own averaging (1/num_microbatches in the
+schedule and 1/dp in the DDP gradient reduction) so gradients are exact sums of the caller's losses.
+
+Example:
+    outputs = run_microbatches(chunks, micro_batches, loss_fn, ps=ps, forward_only=False)
+    # outputs: one `outputs` dict per micro-batch on the last stage, [] elsewhere
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+if TYPE_CHECKING:
+    from megatron_entcov.parallel import ParallelState
+
+__all__ = ["run_microbatches", "MicroBatch"]
+
+MicroBatch = dict
+"""A dict with at least ``input_ids`` [b, T] and ``position_ids`` [b, T] (int64); other keys are the caller's."""
+
+
+def _forward_step(loss_fn: Callable, data_iterator: Iterator, model: torch.nn.Module):
+    batch = next(data_iterator)
+    # attention_mask=None: the local and TE specs then apply the causal mask themselves. Sequences are
+    # right-padded, so padding never precedes a real token and needs no mask of its own.
+    output = model(batch["input_ids"], batch["position_ids"], None)
+    return output, functools.partial(loss_fn, batch)
+
+
+def run_microbatches(
+    chunks: list[torch.nn.Module],
+    micro_batches: list[MicroBatch],
+    loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]],
+    *,
+    ps: "ParallelState",
+    forward_only: bool,
+) -> list[dict]:
+    """Forward (and backward unless ``forward_only``) over ``micro_batches`` with the pipeline schedule.
+
+    Args:
+        chunks: this rank's model chunks (DDP-wrapped for training), one per virtual pipeline stage.
+        micro_batches: equal-shape micro-batches (same b and T), identical on all model-parallel ranks.
+        loss_fn: called on the last stage as ``loss_fn(batch, logits)`` with logits [b, T, V/tp];
+            returns (loss scalar normalised by the global denominator, dict of outputs to return).
+        ps: the parallel state.
+        forward_only: no backward (old log-prob recomputation, evaluation).
+
+    Returns:
+        On the last pipeline stage, the outputs dict of each micro-batch, in order; [] elsewhere.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    b, t = micro_batches[0]["input_ids"].shape
+    for i, mb in enumerate(micro_batches):
+        if tuple(mb["input_ids"].shape) != (b, t):
+            raise ValueError(f"micro_batches[{i}] has shape {tuple(mb['input_ids'].shape)}, expected {(b, t)}: "
+                             "pad every micro-batch of a step to the same [b, T]")
+    num_mb = len(micro_batches)
+    # Megatron divides each micro-batch loss by num_microbatches, and DDP averages gradients over dp.
+    # The caller's loss is already a share of the global mean: scale both averages back out.
+    scale = float(num_mb * ps.dp_size)
+
+    def scaled_loss(batch, output):
+        loss, outputs = loss_fn(batch, output)
+        return loss * scale, outputs
+
+    vpp = len(chunks)
+    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    forward_backward = get_forward_backward_func()
+    results = forward_backward(
+        forward_step_func=functools.partial(_forward_step, scaled_loss),
+        data_iterator=iterators,
+        model=chunks if vpp > 1 else chunks[0],
+        num_microbatches=num_mb,
+        seq_length=t,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+    return list(results) if ps.is_last_stage else []

@@ -1,0 +1,86 @@
+"""Run a function on N local gloo ranks (spawned processes) with a hard time-out.
+
+Each worker gets RANK/WORLD_SIZE/MASTER_* in its environment and an initialised gloo process group; the
+parent collects each rank's return value or traceback, terminates every rank on the first failure or on
+time-out (a failed rank must not hang the suite), and raises with the failing rank's traceback.
+
+Example:
+    results = run_workers(_worker, world_size=2, args=(tmp_path,))   # _worker(rank, world_size, tmp_path)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, args, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        out = fn(rank, world_size, *args)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                from megatron_entcov.parallel import destroy_parallel
+
+                destroy_parallel()
+            except Exception:
+                dist.destroy_process_group()
+
+
+def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    # Not daemonic: dist_checkpointing starts a multiprocessing Manager inside each rank.
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"distributed test timed out after {timeout:.0f} s; ranks done: {sorted(out)}")
+            try:
+                rank, status, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in out]
+                if dead:
+                    raise RuntimeError(f"rank(s) {dead} died without a result (exit codes "
+                                       f"{[procs[i].exitcode for i in dead]})")
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(out) == world_size else 0.1)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [out[r] for r in range(world_size)]
