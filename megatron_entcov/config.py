@@ -303,6 +303,11 @@ class LossConfig:
     """KL-Cov: penalty weight beta on |log pi - log pi_old|. Released: 1."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (loss -= entropy_coef * H); 0 in the released runs. Biased: moves the optimum."""
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group baseline (losses/advantages.py): 'grpo' (group mean, / std + eps when advantage_norm_std;
+    released), 'dr_grpo' (mean only; pair with agg='seq-mean-token-sum'), 'rloo' (leave-one-out)."""
+    advantage_norm_std: bool = True
+    """GRPO only: divide the centred rewards by the group std + eps."""
     agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     """Loss aggregation: mean over all valid tokens of the optimizer batch (released), or per-sequence."""
     clip_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -317,6 +322,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSS_NAMES)
         _check_choice("loss.agg", self.agg, AGG_MODES)
+        _check_choice("loss.advantage_estimator", self.advantage_estimator, ("grpo", "dr_grpo", "rloo"))
         _check_range("loss.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, lo_open=True)
         _check_positive("loss.clip_ratio_high", self.clip_ratio_high)
         if not self.clip_ratio_c > 1.0:

@@ -146,7 +146,7 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(with_context_parallel=True),
         mp_group=mpu.get_model_parallel_group(),
-        embedding_group=mpu.get_embedding_group(),
+        embedding_group=_embedding_group(mpu),
         device=device,
         backend=backend,
         vpp_size=cfg.virtual_pipeline_model_parallel_size,
@@ -155,6 +155,14 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
     logger.info("parallel: world=%d tp=%d pp=%d dp=%d backend=%s", world_size, ps.tp_size, ps.pp_size,
                 ps.dp_size, backend)
     return ps
+
+
+def _embedding_group(mpu):
+    # Ranks outside the first/last stages belong to no embedding group; Megatron asserts instead of None.
+    try:
+        return mpu.get_embedding_group()
+    except AssertionError:
+        return None
 
 
 def seed_everything(seed: int, ps: ParallelState) -> None:

@@ -48,6 +48,23 @@ def _entry(fn, rank, world_size, port, args, results):
                 dist.destroy_process_group()
 
 
+def _kill_tree(proc) -> None:
+    """Terminate a rank and its own children (dist_checkpointing's Manager outlives a killed rank)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.terminate()
+    proc.join(timeout=5)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns results by rank."""
     ctx = mp.get_context("spawn")
@@ -81,6 +98,5 @@ def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0) -
             p.join(timeout=5 if len(out) == world_size else 0.1)
         for p in procs:
             if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+                _kill_tree(p)
     return [out[r] for r in range(world_size)]
