@@ -35,6 +35,7 @@ __all__ = [
     "DataConfig",
     "CheckpointConfig",
     "MetricsConfig",
+    "SFTConfig",
     "RunConfig",
     "load_config",
     "config_from_dict",
@@ -205,6 +206,8 @@ class RolloutConfig:
     """SGLang engine: servers to launch when server_urls is empty."""
     request_timeout_s: float = 600.0
     """SGLang engine: time-out of one generate request, in seconds."""
+    sync_bucket_mb: float = 256.0
+    """Weight sync: the most megabytes of full (gathered) tensors held and sent at once."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.engine", self.engine, ("local", "sglang"))
@@ -212,6 +215,7 @@ class RolloutConfig:
             _check_positive(f"rollout.{name}", getattr(self, name))
         _check_positive("rollout.max_refill_rounds", self.max_refill_rounds, allow_zero=True)
         _check_positive("rollout.request_timeout_s", self.request_timeout_s)
+        _check_positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
 
 
 @dataclass(kw_only=True)
@@ -310,6 +314,10 @@ class LossConfig:
     """GRPO only: divide the centred rewards by the group std + eps."""
     agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     """Loss aggregation: mean over all valid tokens of the optimizer batch (released), or per-sequence."""
+    selection_logprobs: Literal["current", "old"] = "current"
+    """Log-probs the covariance (token selection) uses on mini-batches after the first: 'current' runs one extra
+    no-grad forward per mini-batch (exact, as in the paper); 'old' reuses the rollout-batch log-probs (free;
+    identical on the first, fully on-policy mini-batch)."""
     clip_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Annealing of clip_cov_ratio (base = clip_cov_ratio). At 0 no token is chosen."""
     kl_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -322,6 +330,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSS_NAMES)
         _check_choice("loss.agg", self.agg, AGG_MODES)
+        _check_choice("loss.selection_logprobs", self.selection_logprobs, ("current", "old"))
         _check_choice("loss.advantage_estimator", self.advantage_estimator, ("grpo", "dr_grpo", "rloo"))
         _check_range("loss.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, lo_open=True)
         _check_positive("loss.clip_ratio_high", self.clip_ratio_high)
@@ -452,10 +461,36 @@ class MetricsConfig:
     """Console line every this many steps."""
     law_fit_min_points: int = 5
     """Fit R = -a*exp(H) + b online once this many (H, R) points exist."""
+    measure_entropy_change: bool = True
+    """After each step, recompute the entropy of the step's own tokens (one extra forward) to log the
+    measured entropy change beside the covariance prediction."""
 
     def __post_init__(self) -> None:
         _check_positive("metrics.log_interval", self.log_interval)
         _check_range("metrics.law_fit_min_points", self.law_fit_min_points, 3, 10**9)
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    """Supervised warm start on the task's reference answers (teacher forcing), before RL."""
+
+    steps: int = 0
+    """Optimizer steps of SFT; 0 = no warm start."""
+    batch_size: int = 64
+    """Sequences per SFT step (global, over data-parallel ranks)."""
+    lr: float = 1e-3
+    """SFT learning rate (Adam, constant after warm-up)."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up of SFT."""
+    eval_size: int = 64
+    """Held-out prompts decoded greedily at the end of SFT to report accuracy; 0 = skip."""
+
+    def __post_init__(self) -> None:
+        _check_positive("sft.steps", self.steps, allow_zero=True)
+        _check_positive("sft.batch_size", self.batch_size)
+        _check_positive("sft.lr", self.lr)
+        _check_positive("sft.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("sft.eval_size", self.eval_size, allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -488,6 +523,8 @@ class RunConfig:
     """Checkpointing."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Monitoring."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Optional supervised warm start (megatron-entcov sft / quickstart)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -138,3 +138,51 @@ def fit_entropy_law(entropies: Sequence[float] | np.ndarray | Tensor,
 def predicted_ceiling(a: float, b: float) -> float:
     """Performance predicted at zero entropy by R = -a exp(H) + b: R(0) = -a + b."""
     return -a + b
+
+
+class OnlineEntropyLaw:
+    """Per-step tracking of the entropy-performance law and of the entropy dynamics during a run.
+
+    Keeps (H, R) per step and refits R = -a*exp(H) + b once ``min_points`` exist (law/a, law/b, law/r2,
+    law/ceiling). For the dynamics, the measured same-batch entropy change dH is compared with a prediction
+    made *before* the step is seen: dH_pred = k * cov, with k the least-squares slope of dH on the batch
+    covariance over the previous steps (section 2 of the reference: dH ~ -eta * Cov(log pi, A); for Adam
+    the effective step size eta is unknown, so it is fitted). Logs entropy/delta_predicted and the running
+    correlation entropy/delta_corr.
+    """
+
+    def __init__(self, min_points: int = 5):
+        self.min_points = min_points
+        self.points: list[tuple[float, float]] = []
+        self.dynamics: list[tuple[float, float]] = []
+
+    def update(self, entropy: float | None, reward: float | None, delta_h: float | None,
+               cov: float | None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if delta_h is not None and cov is not None:
+            prev = np.asarray(self.dynamics, dtype=np.float64).reshape(-1, 2)
+            if len(prev) >= 2 and np.any(prev[:, 1] != 0):
+                k = float(np.dot(prev[:, 0], prev[:, 1]) / np.dot(prev[:, 1], prev[:, 1]))
+                out["entropy/delta_predicted"] = k * cov
+                out["entropy/delta_slope"] = k
+            self.dynamics.append((float(delta_h), float(cov)))
+            arr = np.asarray(self.dynamics)
+            if len(arr) >= 3 and arr[:, 0].std() > 0 and arr[:, 1].std() > 0:
+                out["entropy/delta_corr"] = float(np.corrcoef(arr[:, 0], arr[:, 1])[0, 1])
+        if entropy is not None and reward is not None and math.isfinite(entropy) and math.isfinite(reward):
+            self.points.append((float(entropy), float(reward)))
+            if len(self.points) >= self.min_points:
+                h, r = zip(*self.points)
+                try:
+                    fit = fit_entropy_law(h, r)
+                except ValueError:
+                    return out
+                out.update({"law/a": fit.a, "law/b": fit.b, "law/r2": fit.r2, "law/ceiling": fit.ceiling})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"points": list(self.points), "dynamics": list(self.dynamics)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = [tuple(p) for p in state.get("points", [])]
+        self.dynamics = [tuple(p) for p in state.get("dynamics", [])]

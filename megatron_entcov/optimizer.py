@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -18,7 +19,7 @@ from megatron_entcov.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["wrap_ddp", "build_optimizer", "zero_grads"]
+__all__ = ["wrap_ddp", "build_optimizer", "zero_grads", "optimizer_step"]
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: RunConfig) -> list[torch.nn.Module]:
@@ -97,3 +98,20 @@ def zero_grads(chunks: list[torch.nn.Module], optimizer) -> None:
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+
+
+def optimizer_step(optimizer) -> tuple[bool, float]:
+    """Step unless the global gradient norm is not finite (then nothing is applied).
+
+    Megatron's fp32 optimizer has no overflow check of its own: a NaN gradient would be applied. The norm
+    is global (reduced over model- and data-parallel ranks), so every rank takes the same decision.
+
+    Returns:
+        (applied, grad_norm): grad_norm before clipping; applied is False for a skipped step.
+    """
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(grad_norm):
+        return False, grad_norm
+    applied, _, _ = optimizer.step()
+    return bool(applied), grad_norm

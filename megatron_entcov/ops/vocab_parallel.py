@@ -175,10 +175,9 @@ def logprobs_and_entropy(
 class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, idx, in_shard, tp_group, tp_size, chunk_size, inplace_backward, use_compile):
-        num_rows = logits2d.shape[0]
         m, s0, s1 = _forward_sums(logits2d, chunk_size, use_compile)
-        z_label = logits2d.gather(1, idx[:, None]).squeeze(1).float()
-        z_label = torch.where(in_shard, z_label, 0.0)
+        # Logit at each label's (clamped) local column; kept for backward, which fixes those entries last.
+        z_at_idx = logits2d.gather(1, idx[:, None]).squeeze(1).float()
         if tp_size > 1:
             m_global = m.clone()
             dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=tp_group)
@@ -189,6 +188,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         finite = m > float("-inf")
         delta = torch.where(finite, m - m_global, 0.0)
         scale = torch.where(finite, torch.exp(delta), 0.0)
+        z_label = torch.where(in_shard, z_at_idx, 0.0)  # only the owning rank contributes the label logit
         packed = torch.stack([scale * s0, scale * (s1 + delta * s0), z_label])  # [3, T]
         if tp_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
@@ -200,12 +200,11 @@ class _LogprobsEntropy(torch.autograd.Function):
         # where an fp32 lse would carry an absolute error of ulp(1e4) ~ 1e-3.
         logprobs = (z_label - m_global) - log_sum_exp
 
-        ctx.save_for_backward(logits2d, idx, in_shard, m_global, sum_exp.reciprocal(), mean_shift)
+        ctx.save_for_backward(logits2d, idx, in_shard, z_at_idx, m_global, sum_exp.reciprocal(), mean_shift)
         ctx.chunk_size = chunk_size
         ctx.inplace_backward = inplace_backward
         ctx.use_compile = use_compile
         ctx.set_materialize_grads(False)  # an unused output gets grad None: skip its term
-        assert logprobs.shape == (num_rows,), (logprobs.shape, num_rows)
         return logprobs, entropy
 
     @staticmethod
@@ -213,19 +212,23 @@ class _LogprobsEntropy(torch.autograd.Function):
         nones = (None,) * 7
         if grad_logprobs is None and grad_entropy is None:
             return (None,) + nones
-        logits2d, idx, in_shard, m_global, inv_sum_exp, mean_shift = ctx.saved_tensors
-        # [T] floats; contiguous so that the compiled kernels always see the same strides.
-        grad_logprobs = None if grad_logprobs is None else grad_logprobs.float().contiguous()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        if ctx.inplace_backward:
-            grad_logits = logits2d.detach()  # same storage; the in-place writes bump its version counter
-        else:
-            grad_logits = torch.empty_like(logits2d)
+        logits2d, idx, in_shard, z_at_idx, m_global, inv_sum_exp, mean_shift = ctx.saved_tensors
+        logits2d = logits2d.detach()
         row_stats = (m_global, inv_sum_exp, mean_shift)
+        # [T] floats; contiguous so that the compiled kernels always see the same strides. A missing
+        # upstream grad is a zero grad (the eager kernels skip its term, the fused ones need a tensor).
+        zeros = None
+        if grad_logprobs is None or grad_entropy is None:
+            zeros = torch.zeros_like(m_global)
+        g_lp = zeros if grad_logprobs is None else grad_logprobs.float().contiguous()
+        g_h = zeros if grad_entropy is None else grad_entropy.float().contiguous()
+        # In place: same storage; the writes bump its version counter, so autograd catches other readers.
+        grad_logits = logits2d if ctx.inplace_backward else torch.empty_like(logits2d)
         _backward_chunks(
-            logits2d.detach(), row_stats, grad_logprobs, grad_entropy, idx, in_shard, grad_logits,
+            logits2d, row_stats, g_lp, None if grad_entropy is None else g_h, grad_logits,
             ctx.chunk_size, ctx.use_compile,
         )
+        _fix_label_entries(grad_logits, z_at_idx, row_stats, g_lp, g_h, idx, in_shard)
         return (grad_logits,) + nones
 
 
@@ -270,24 +273,23 @@ def _forward_sums(logits2d, chunk_size, use_compile):
     return m, s0, s1
 
 
-def _backward_chunks(logits2d, row_stats, g_lp, g_h, idx, in_shard, grad_logits, chunk_size, use_compile):
-    """Writes d(sum g_lp * logp + g_h * H)/d logits into grad_logits [T, V_local] (may alias logits2d).
+def _backward_chunks(logits2d, row_stats, g_lp, g_h, grad_logits, chunk_size, use_compile):
+    """Writes -p * (g_lp + g_h * (log p + H)) into grad_logits [T, V_local] (may alias logits2d).
 
-    row_stats = (M, 1 / S0, E_pi[z - M]), fp32 [T] each, global over the tp group.
+    That is the gradient everywhere except at the label entries, which `_fix_label_entries` overwrites.
+    row_stats = (M, 1 / S0, E_pi[z - M]), fp32 [T] each, global over the tp group. g_lp [T] is a tensor
+    (zeros if logprobs got no gradient); g_h is None when entropy got no gradient.
     """
     num_rows, vocab = logits2d.shape
     dev = logits2d.device
     if use_compile and _compile_enabled():
         chunk_size = _compiled_chunk_rows(chunk_size, num_rows)
-        # The fused kernel takes every per-row input; a missing upstream grad is a zero grad.
-        zeros = torch.zeros(num_rows, dtype=torch.float32, device=dev)
-        g_lp_f = zeros if g_lp is None else g_lp
-        g_h_f = zeros if g_h is None else g_h
+        g_h_t = torch.zeros_like(g_lp) if g_h is None else g_h
         aliased = grad_logits.data_ptr() == logits2d.data_ptr()
         for start in range(0, num_rows, chunk_size):
             stop = min(start + chunk_size, num_rows)
             rows = stop - start
-            per_row = [t[start:stop] for t in (*row_stats, g_lp_f, g_h_f, idx, in_shard)]
+            per_row = [t[start:stop] for t in (*row_stats, g_lp, g_h_t)]
             z = logits2d[start:stop]
             if rows < chunk_size:  # pad the tail chunk to the one compiled shape (padding rows: zeros)
                 z_pad = torch.zeros(chunk_size, vocab, dtype=logits2d.dtype, device=dev)
@@ -305,8 +307,8 @@ def _backward_chunks(logits2d, row_stats, g_lp, g_h, idx, in_shard, grad_logits,
                 # so the eager loop can redo everything from `start` on.
                 _backward_chunks(
                     logits2d[start:], tuple(t[start:] for t in row_stats),
-                    None if g_lp is None else g_lp[start:], None if g_h is None else g_h[start:],
-                    idx[start:], in_shard[start:], grad_logits[start:], chunk_size, use_compile=False,
+                    g_lp[start:], None if g_h is None else g_h[start:], grad_logits[start:],
+                    chunk_size, use_compile=False,
                 )
                 return
         return
@@ -319,9 +321,25 @@ def _backward_chunks(logits2d, row_stats, g_lp, g_h, idx, in_shard, grad_logits,
         rows = stop - start
         _bwd_chunk_eager(
             logits2d[start:stop], *(t[start:stop] for t in row_stats),
-            None if g_lp is None else g_lp[start:stop], None if g_h is None else g_h[start:stop],
-            idx[start:stop], in_shard[start:stop], grad_logits[start:stop], buf_a[:rows], buf_b[:rows],
+            g_lp[start:stop], None if g_h is None else g_h[start:stop],
+            grad_logits[start:stop], buf_a[:rows], buf_b[:rows],
         )
+
+
+def _fix_label_entries(grad_logits, z_at_idx, row_stats, g_lp, g_h, idx, in_shard):
+    """Overwrites grad_logits[t, idx[t]] with the full gradient there, onehot term included.
+
+    Done once on [T] entries after the chunk loop rather than inside the kernels: a per-element onehot
+    comparison costs ~30% of the fused backward kernel. Rows whose label is on another rank get their
+    (clamped) column rewritten without the onehot term, i.e. with the value the kernel wrote, in fp32 and
+    rounded once to the gradient dtype.
+    """
+    m_global, inv_sum_exp, mean_shift = row_stats
+    d = (z_at_idx - m_global).clamp_min(_LOG_FLOOR)
+    p = torch.exp(d) * inv_sum_exp
+    value = torch.where(in_shard, g_lp, 0.0) - p * (g_lp + g_h * (d - mean_shift))
+    rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+    grad_logits.index_put_((rows, idx), value.to(grad_logits.dtype))
 
 
 def _compiled_chunk_rows(chunk_size: int, num_rows: int) -> int:
@@ -355,8 +373,8 @@ def _fwd_chunk_eager(z, buf_a, buf_b, m_out, s0_out, s1_out):
     m_out.copy_(m.squeeze(-1))
 
 
-def _bwd_chunk_eager(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_shard, out, buf_a, buf_b):
-    """grad = g_lp * (onehot - p) - g_h * p * (log p + H) for one chunk, written into out (may alias z).
+def _bwd_chunk_eager(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, out, buf_a, buf_b):
+    """-p * (g_lp + g_h * (log p + H)) for one chunk, written into out (may alias z); no onehot term.
 
     With d = z - M, p = exp(d) / S0 and log p + H = d - E_pi[d]: both factors are formed from d, which is
     exact where p matters, instead of from z - lse, which loses ulp(|z|) when logits are large.
@@ -372,12 +390,9 @@ def _bwd_chunk_eager(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_sh
     else:
         # -(g_lp + g_h * (d - E[d])) / S0 = k * d + c per row, with k = -g_h / S0 and
         # c = (g_h E[d] - g_lp) / S0: two in-place passes over d (faster here than one broadcast addcmul).
-        c = g_h * mean_shift if g_lp is None else g_h * mean_shift - g_lp
-        t = d.mul_((-g_h * inv_sum_exp)[:, None]).add_((c * inv_sum_exp)[:, None])
+        c = (g_h * mean_shift - g_lp) * inv_sum_exp
+        t = d.mul_((-g_h * inv_sum_exp)[:, None]).add_(c[:, None])
         torch.mul(e, t, out=res)
-    if g_lp is not None:
-        rows = torch.arange(z.shape[0], device=z.device)
-        res.index_put_((rows, idx), torch.where(in_shard, g_lp, 0.0), accumulate=True)
     if res is not out:
         out.copy_(res)
 
@@ -396,23 +411,19 @@ def _fwd_chunk_fused(z):
     return m.squeeze(-1), e.sum(dim=-1), (e * d).sum(dim=-1)
 
 
-def _bwd_chunk_fused(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_shard):
+def _bwd_chunk_fused(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h):
     d = (z.float() - m_global[:, None]).clamp_min(_LOG_FLOOR)
     p = torch.exp(d) * inv_sum_exp[:, None]
-    grad = -p * (g_lp[:, None] + g_h[:, None] * (d - mean_shift[:, None]))
-    col = torch.arange(z.shape[-1], device=z.device)
-    onehot = (col[None, :] == idx[:, None]) & in_shard[:, None]
-    grad = grad + torch.where(onehot, g_lp[:, None], 0.0)
-    return grad.to(z.dtype)
+    return (-p * (g_lp[:, None] + g_h[:, None] * (d - mean_shift[:, None]))).to(z.dtype)
 
 
-def _bwd_chunk_out(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_shard, out):
-    out.copy_(_bwd_chunk_fused(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_shard))
+def _bwd_chunk_out(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, out):
+    out.copy_(_bwd_chunk_fused(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h))
 
 
-def _bwd_chunk_inplace(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_shard):
+def _bwd_chunk_inplace(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h):
     # A separate kernel instead of passing z as `out`: inputs that alias each other make a slower graph.
-    z.copy_(_bwd_chunk_fused(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h, idx, in_shard))
+    z.copy_(_bwd_chunk_fused(z, m_global, inv_sum_exp, mean_shift, g_lp, g_h))
 
 
 _compiled: dict[tuple, Callable] = {}

@@ -1,0 +1,103 @@
+"""Packing rollout samples into training tensors and splitting them into mini- and micro-batches.
+
+A sample (prompt + response) becomes one right-padded row of length T. The model reads ``input_ids``; the
+log-prob of the token at position p+1 comes from the logits at position p, so ``labels[p] = tokens[p+1]`` and
+``loss_mask[p]`` is 1 exactly where tokens[p+1] is a response token. Right padding keeps every real token
+before any padding, so the causal mask alone is correct.
+
+Example:
+    batch = pack_samples(samples, advantages, pad_id=0, step=step, sample_ids=ids, multiple_of=tp)
+    for mini in batch.split(num_mini_batches):
+        micro_batches = mini.split(num_micro)         # list of TrainBatch with equal [b, T]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatron_entcov.rollout.types import Sample
+
+__all__ = ["TrainBatch", "pack_samples"]
+
+
+@dataclass
+class TrainBatch:
+    """Rows of packed sequences. Shapes [N, T] unless noted; int64 ids, float32 values, bool masks."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    token_keys: torch.Tensor
+    """Globally unique int64 key per token (sample id * T + position): Clip-Cov/KL-Cov tie-breaks and the
+    seeded random choice depend only on these, not on how rows are split."""
+    old_logprobs: torch.Tensor | None = None
+    old_entropy: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: slice) -> "TrainBatch":
+        return TrainBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+                             for f in fields(self)})
+
+    def split(self, parts: int) -> list["TrainBatch"]:
+        """``parts`` equal consecutive row slices (ValueError if the rows do not divide evenly)."""
+        if parts < 1 or self.num_rows % parts:
+            raise ValueError(f"cannot split {self.num_rows} rows into {parts} equal parts")
+        size = self.num_rows // parts
+        return [self.rows(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+    def as_model_input(self) -> dict:
+        """The dict a pipeline micro-batch carries (see pipeline.run_microbatches)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int, sample_ids: list[int],
+                 key_stride: int, multiple_of: int = 1) -> TrainBatch:
+    """Pack samples into right-padded rows.
+
+    Args:
+        samples: the rollouts of this rank, in order.
+        advantages: [N] one scalar per sample (broadcast to its response tokens).
+        pad_id: token id written into padding (any valid id; padding is masked out).
+        sample_ids: a globally unique id per sample (e.g. its index in the step's global batch).
+        key_stride: the row length used to build token keys (the step's global maximum length, so keys do not
+            collide between samples packed on different ranks).
+        multiple_of: pad T up to a multiple of this (sequence parallelism needs a multiple of tp).
+    """
+    if len(samples) != advantages.shape[0] or len(samples) != len(sample_ids):
+        raise ValueError(f"{len(samples)} samples, {advantages.shape[0]} advantages, {len(sample_ids)} ids")
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    t = max(lengths)
+    t = -(-t // multiple_of) * multiple_of
+    if t > key_stride:
+        raise ValueError(f"key_stride={key_stride} is shorter than the longest row {t}")
+    n = len(samples)
+    tokens = torch.full((n, t + 1), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(n, t, dtype=torch.bool)
+    rollout_lp = torch.zeros(n, t, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        if len(s.rollout_logprobs) != r:
+            raise ValueError(f"sample {i}: {r} response tokens but {len(s.rollout_logprobs)} log-probs")
+        tokens[i, :p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        # The logits at position p-1+j predict response token j.
+        loss_mask[i, p - 1:p - 1 + r] = True
+        rollout_lp[i, p - 1:p - 1 + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+    positions = torch.arange(t, dtype=torch.long)
+    ids = torch.tensor(sample_ids, dtype=torch.long)
+    return TrainBatch(
+        input_ids=tokens[:, :t].contiguous(),
+        position_ids=positions.expand(n, t).contiguous(),
+        labels=tokens[:, 1:].contiguous(),
+        loss_mask=loss_mask,
+        advantages=advantages.float()[:, None].expand(n, t) * loss_mask,
+        rollout_logprobs=rollout_lp,
+        token_keys=ids[:, None] * key_stride + positions[None, :],
+    )

@@ -1,0 +1,65 @@
+"""Log-probs and entropies of given tokens under the policy, from this rank's vocabulary shard of the logits.
+
+Shared by RL (old log-probs, the loss) and SFT, so the two details that must match the rollout engine are
+handled once: the sampling temperature divides the logits, and padded vocabulary columns get -inf.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from megatron_entcov.batch import TrainBatch
+from megatron_entcov.config import ModelConfig
+from megatron_entcov.ops.vocab_parallel import logprobs_and_entropy
+from megatron_entcov.pipeline import run_microbatches
+
+if TYPE_CHECKING:
+    from megatron_entcov.parallel import ParallelState
+
+__all__ = ["PolicyForward"]
+
+
+class PolicyForward:
+    """Log-probs and entropies of labels under the policy, through the pipeline schedule.
+
+    Owns the two details every caller must get right: the sampling temperature is applied to the logits
+    (the engine samples from softmax(z / T)), and padded vocabulary columns (rows added to reach a multiple
+    of make_vocab_size_divisible_by * tp) are excluded from the softmax, as the engine's vocabulary has none.
+    """
+
+    def __init__(self, chunks, model_cfg: ModelConfig, ps: "ParallelState", *, temperature: float = 1.0):
+        self.chunks, self.ps, self.temperature = chunks, ps, temperature
+        local = model_cfg.padded_vocab_size(ps.tp_size) // ps.tp_size
+        self.pad_from = min(max(model_cfg.vocab_size - ps.tp_rank * local, 0), local)
+        self.has_padding = self.pad_from < local
+
+    def token_stats(self, logits: torch.Tensor, labels: torch.Tensor):
+        """logits [b, T, V/tp] -> (logprobs [b, T], entropy [b, T]) in float32, differentiable."""
+        z = logits
+        own_buffer = False
+        if self.temperature != 1.0:
+            z = z / self.temperature  # a new buffer: the division's backward does not need its output
+            own_buffer = True
+        if self.has_padding:
+            if not own_buffer:
+                z = z.clone()
+                own_buffer = True
+            z[..., self.pad_from:] = float("-inf")
+        # In-place backward only into a buffer we made: the model's own output may be needed elsewhere.
+        return logprobs_and_entropy(z, labels, self.ps.tp_group, inplace_backward=own_buffer)
+
+    def forward(self, batch: TrainBatch, micro_batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Forward only over ``batch`` in micro-batches: (logprobs, entropy) [N, T] on the last stage, else None."""
+
+        def collect(mb, logits):
+            lp, ent = self.token_stats(logits, mb["labels"])
+            return lp.sum() * 0.0, {"logprobs": lp.detach(), "entropy": ent.detach()}
+
+        micro = [m.as_model_input() for m in batch.split(batch.num_rows // micro_batch_size)]
+        with torch.no_grad():
+            outs = run_microbatches(self.chunks, micro, collect, ps=self.ps, forward_only=True)
+        if not self.ps.is_last_stage:
+            return None, None
+        return torch.cat([o["logprobs"] for o in outs]), torch.cat([o["entropy"] for o in outs])

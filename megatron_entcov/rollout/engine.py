@@ -1,0 +1,101 @@
+"""The rollout engine protocol: what the trainer and the weight sync may call on any engine.
+
+Two implementations: :class:`~megatron_entcov.rollout.local.LocalEngine` (a Hugging Face copy of the policy in
+the trainer process; default, CPU) and the SGLang engine (HTTP to SGLang servers; production). The trainer
+only talks to this protocol, so swapping engines changes no trainer code.
+
+Semantics every engine keeps:
+- ``generate`` returns one :class:`Sample` per prompt entry, in the order given (``Sample.index`` is the
+  position); a caller wanting n responses per prompt repeats the prompt n times. Token ids in, token ids and
+  log-probs out: no re-tokenisation. Log-probs as defined in ``rollout/types.py`` (temperature-scaled, full
+  vocabulary, before top-p/top-k).
+- ``update_weights`` takes Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``), full
+  (unsharded) tensors with the UNPADDED vocabulary, as an iterable of ``(name, tensor)`` pairs or of buckets
+  (lists of pairs), possibly a generator that gathers tensors lazily. One call is one sync: when it returns,
+  the new weights are live and ``weight_version == version``. Unknown names or wrong shapes raise ValueError
+  naming the tensor. Callers serialise syncs with generation (pause, update, resume); engines must not mix
+  weight versions within one sample.
+- ``pause`` stops generation: in-flight responses end with finish_reason 'abort' (partial, log-probs valid) and
+  ``generate`` raises RuntimeError until ``resume``. Both are idempotent.
+- ``health`` returns at least ``{"ok": bool, "weight_version": int}``; it never raises for an unhealthy engine.
+- ``close`` releases the engine (servers, memory); any later call but ``close`` and ``health`` may raise.
+
+Example:
+    engine = LocalEngine(cfg.model, seed=cfg.run.seed)      # or SGLangEngine(...)
+    samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
+    ... train ...
+    engine.pause(); engine.update_weights(hf_named_tensors(), version=step + 1); engine.resume()
+    assert engine.health()["weight_version"] == step + 1
+    engine.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol, Union, runtime_checkable
+
+import torch
+
+from megatron_entcov.rollout.types import Sample, SamplingParams
+
+__all__ = ["NamedTensors", "RolloutEngine", "iter_named_tensors"]
+
+NamedTensors = Union[Iterable[tuple[str, torch.Tensor]], Iterable[list[tuple[str, torch.Tensor]]],
+                     Mapping[str, torch.Tensor]]
+"""What update_weights accepts: (name, tensor) pairs, buckets (lists of pairs), or a name -> tensor mapping."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates responses with log-probs and receives new weights (semantics in the module docstring)."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """One Sample per prompt entry (token ids, no padding), in order."""
+        ...
+
+    def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
+        """Load HF-named full tensors (pairs or buckets); afterwards weight_version == version."""
+        ...
+
+    def pause(self) -> None:
+        """Stop generating: in-flight responses end with 'abort'; generate raises until resume()."""
+        ...
+
+    def resume(self) -> None:
+        """Allow generation again."""
+        ...
+
+    def health(self) -> dict:
+        """{"ok": bool, "weight_version": int, ...engine-specific keys}."""
+        ...
+
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights that generate() uses now (0 = initial weights)."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+        ...
+
+
+def _is_pair(item) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+
+
+def iter_named_tensors(named_tensors: NamedTensors) -> Iterator[tuple[str, torch.Tensor]]:
+    """Flatten pairs, buckets (lists/tuples of pairs) or a mapping into (name, tensor) pairs, lazily.
+
+    Raises TypeError for anything else, naming the offending item's position and type.
+    """
+    if isinstance(named_tensors, Mapping):
+        yield from named_tensors.items()
+        return
+    for i, item in enumerate(named_tensors):
+        if _is_pair(item):
+            yield item
+        elif isinstance(item, (list, tuple)) and all(_is_pair(p) for p in item):
+            yield from item
+        else:
+            raise TypeError(f"update_weights: item {i} is a {type(item).__name__}; expected a (name, tensor) "
+                            "pair or a bucket (list of such pairs)")

@@ -1,0 +1,137 @@
+"""Supervised warm start (teacher forcing on reference answers) with the same model, pipeline and checkpoints.
+
+RL from a random tiny model never sees a reward; a short SFT on the task's reference answers brings it to
+partial accuracy, after which RL has signal (and entropy to lose). The loss is the token-mean negative
+log-likelihood of the answer tokens (answer + end-of-sequence), over the global batch.
+
+Example:
+    result = run_sft(cfg, ps)          # writes <run_dir>/sft/checkpoints/step_XXXXXX
+    cfg.checkpoint.load = result["checkpoint"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_entcov.batch import pack_samples
+from megatron_entcov.checkpoint import Checkpointer
+from megatron_entcov.config import RunConfig
+from megatron_entcov.data import PromptDataset, PromptLoader
+from megatron_entcov.metrics import MetricsLogger, reduce_sum_metrics
+from megatron_entcov.model import build_model
+from megatron_entcov.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
+from megatron_entcov.parallel import ParallelState
+from megatron_entcov.pipeline import run_microbatches
+from megatron_entcov.policy_forward import PolicyForward
+from megatron_entcov.rewards import score
+from megatron_entcov.rollout.types import Sample, SamplingParams
+from megatron_entcov.tokenizer import load_tokenizer
+from megatron_entcov.weight_sync import WeightSync
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_sft"]
+
+
+def _sft_config(cfg: RunConfig) -> RunConfig:
+    """The optimizer settings of SFT: Adam at sft.lr with warm-up, one mini-batch per step."""
+    s = cfg.sft
+    optim = dataclasses.replace(cfg.optim, optimizer="adam", lr=s.lr, min_lr=0.0, lr_warmup_steps=s.warmup_steps,
+                                lr_decay_style="constant", num_mini_batches=1)
+    return dataclasses.replace(cfg, optim=optim, steps=max(s.steps, 1))
+
+
+def _answer_samples(items, tokenizer) -> list[Sample]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for i, item in enumerate(items):
+        answer = tokenizer.encode(str(item.answer), add_special_tokens=False) + [eos]
+        out.append(Sample(prompt_ids=list(item.prompt_ids), response_ids=answer, rollout_logprobs=[0.0] * len(answer),
+                          finish_reason="stop", weight_version=0, index=i))
+    return out
+
+
+def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
+    """Train ``cfg.sft.steps`` steps of SFT, save a checkpoint, report greedy accuracy. Collective."""
+    s = cfg.sft
+    if s.steps == 0:
+        raise ValueError("sft.steps=0: nothing to train; set sft.steps > 0")
+    if s.batch_size % ps.dp_size or (s.batch_size // ps.dp_size) % cfg.optim.micro_batch_size:
+        raise ValueError(f"sft.batch_size={s.batch_size} must split over data_parallel_size={ps.dp_size} ranks "
+                         f"into micro-batches of optim.micro_batch_size={cfg.optim.micro_batch_size}")
+    scfg = _sft_config(cfg)
+    run_dir = Path(cfg.run_dir) / "sft"
+    tokenizer = load_tokenizer(cfg.model.hf_dir)
+    chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), scfg)
+    optimizer, scheduler = build_optimizer(chunks, scfg)
+    policy = PolicyForward(chunks, cfg.model, ps, temperature=1.0)
+    dataset = PromptDataset.from_config(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
+                                        seed=cfg.seed)
+    loader = PromptLoader(dataset, batch_size=s.batch_size, dp_rank=ps.dp_rank, dp_size=ps.dp_size,
+                          seed=cfg.seed + 1, shuffle=True)
+    metrics = MetricsLogger(run_dir, ps, enabled=cfg.metrics.tensorboard, log_interval=max(s.steps // 10, 1),
+                            print_fn=print_fn)
+    mbs = cfg.optim.micro_batch_size
+    t0 = time.monotonic()
+    for step in range(1, s.steps + 1):
+        items = loader.next_batch()
+        samples = _answer_samples(items, tokenizer)
+        batch = pack_samples(samples, torch.zeros(len(samples)), pad_id=tokenizer.pad_token_id,
+                             sample_ids=list(range(len(samples))), key_stride=10**6, multiple_of=ps.tp_size)
+        count = batch.loss_mask.sum().float().reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(count, group=ps.dp_group)
+        sums = {"nll": 0.0}
+
+        def loss_fn(mb, logits):
+            lp, _ = policy.token_stats(logits, mb["labels"])
+            mask = mb["loss_mask"].float()
+            nll = -(lp * mask).sum() / count
+            sums["nll"] += float(nll.detach())
+            return nll, {}
+
+        micro = [m.as_model_input() for m in batch.split(batch.num_rows // mbs)]
+        zero_grads(chunks, optimizer)
+        run_microbatches(chunks, micro, loss_fn, ps=ps, forward_only=False)
+        applied, grad_norm = optimizer_step(optimizer)
+        if applied:
+            scheduler.step(1)
+        local = {"sft/loss": sums["nll"]} if ps.is_last_stage and ps.tp_rank == 0 else {}
+        totals = reduce_sum_metrics(local, ps)
+        totals["sft/grad_norm"] = grad_norm
+        totals["sft/lr"] = float(optimizer.param_groups[0]["lr"])
+        metrics.log(step, totals)
+    train_time = time.monotonic() - t0
+    ckpt = Checkpointer(run_dir / "checkpoints", ps, keep_last=1)
+    path = ckpt.save(s.steps, chunks, trainer_state={"step": s.steps, "kind": "sft"})
+    accuracy = _greedy_accuracy(cfg, ps, chunks, tokenizer, dataset) if s.eval_size else None
+    metrics.close()
+    return {"checkpoint": str(path), "accuracy": accuracy, "loss": totals.get("sft/loss"), "time_s": train_time}
+
+
+def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, dataset) -> float:
+    """Greedy accuracy on held-out prompts (indices past anything SFT trains on), via the embedded engine."""
+    from megatron_entcov.rollout.local import LocalEngine
+
+    is_generator = ps.rank == 0
+    engine = LocalEngine(cfg.model, seed=cfg.seed) if is_generator else None
+    WeightSync(chunks, cfg.model, ps, bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20)).push(engine, 1)
+    acc = torch.zeros(1)
+    if is_generator:
+        items = dataset.held_out(cfg.sft.eval_size)
+        params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=cfg.sampling.max_new_tokens,
+                                stop_token_ids=(tokenizer.eos_token_id,), seed=0)
+        outs = engine.generate([it.prompt_ids for it in items], params)
+        texts = tokenizer.batch_decode([o.response_ids for o in outs], skip_special_tokens=True)
+        rewards, _ = score(cfg.data.reward, texts, [it.answer for it in items], timeout_s=cfg.data.reward_timeout_s)
+        acc[0] = sum(r >= 1.0 for r in rewards) / len(rewards)
+        engine.close()
+    if dist.is_initialized():
+        dist.broadcast(acc, src=0)
+    return float(acc)

@@ -1,0 +1,54 @@
+"""Weight sync: Megatron shards -> full Hugging Face-named tensors -> the rollout engine, in bounded buckets.
+
+Every rank of a model-parallel group takes part in gathering (tensor-parallel all-gather, pipeline
+broadcast: convert.iter_hf_weights); the generating rank hands each bucket to its engine as it arrives, so
+at most ``bucket_bytes`` of full tensors are alive at once. The engine's weight version is set to the
+trainer's after the last bucket and checked.
+
+Example:
+    sync = WeightSync(chunks, cfg.model, ps, bucket_bytes=256 << 20)
+    nbytes = sync.push(engine if is_generator else None, version=step)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from megatron_entcov.config import ModelConfig
+
+if TYPE_CHECKING:
+    from megatron_entcov.parallel import ParallelState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WeightSync"]
+
+
+class WeightSync:
+    """Pushes the current policy weights to a rollout engine (collective over the model-parallel group)."""
+
+    def __init__(self, chunks, model_cfg: ModelConfig, ps: "ParallelState", *, bucket_bytes: int):
+        self.chunks, self.model_cfg, self.ps, self.bucket_bytes = chunks, model_cfg, ps, bucket_bytes
+
+    def push(self, engine, version: int) -> int:
+        """Gather and send every weight; returns the bytes sent (0 on ranks without an engine)."""
+        from megatron_entcov.convert import iter_hf_weights
+
+        sent = 0
+        buckets = iter_hf_weights(self.chunks, self.model_cfg, self.ps, bucket_bytes=self.bucket_bytes)
+        if engine is None:
+            for _ in buckets:  # take part in the collectives only
+                pass
+            return 0
+
+        def counted():
+            nonlocal sent
+            for bucket in buckets:
+                sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                yield bucket
+
+        engine.update_weights(counted(), version)
+        if engine.weight_version != version:
+            raise RuntimeError(f"weight sync: engine reports version {engine.weight_version}, expected {version}")
+        return sent
