@@ -714,19 +714,37 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A YAML config; a top-level ``base: other.yaml`` (relative to this file) is loaded first and overridden."""
+    if not path.is_file():
+        raise ValueError(f"--config {str(path)!r}: no such file")
+    if path.resolve() in seen:
+        raise ValueError(f"--config {str(path)!r}: 'base' files form a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {str(path)!r}: the top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ValueError(f"{str(path)!r}: base={base!r} must be a file name")
+        data = _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML file (sparse overrides of the defaults), apply ``--set`` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"--config {str(path)!r}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--config {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {str(path)!r}: the top level must be a mapping, got {type(data).__name__}")
+    """Load a YAML file (sparse overrides of the defaults, optionally on top of a ``base:`` file), apply
+    ``--set`` overrides, validate."""
+    data: dict = _read_yaml(Path(path)) if path is not None else {}
     apply_overrides(data, overrides or [])
     return config_from_dict(data)
 

@@ -20,12 +20,14 @@ then decoded one token per step with the KV cache. A sequence that emits a stop 
 Log-probs are defined in ``rollout/types.py``: ``log_softmax(logits / temperature)`` of the full vocabulary at
 the sampled token, in float32, before top-p/top-k.
 
-Determinism: a call's randomness comes from one ``torch.Generator`` seeded from (``params.seed`` or the engine
-seed, ``weight_version``, the engine's call counter). Two engines with the same weights, seed, ``max_batch_size``
-and call history return identical samples; the random initial weights are also a function of ``seed``.
+Determinism: a call's randomness comes from one ``torch.Generator`` seeded from (``params.seed``,
+``weight_version``) when the caller gives a seed (the trainer does, per step: a resumed run repeats its calls
+exactly), else from (engine seed, ``weight_version``, the engine's call counter). Two engines with the same
+weights, seeds and ``max_batch_size`` return identical samples; the random initial weights are a function of
+``seed``.
 
 Example:
-    engine = LocalEngine(cfg.model, seed=cfg.run.seed)
+    engine = LocalEngine(cfg.model, seed=cfg.seed)
     engine.update_weights(hf_named_tensors, version=0)       # pairs or buckets, HF names, full tensors
     samples = engine.generate([[1, 5, 7], [1, 5, 7], [1, 9]], SamplingParams(max_new_tokens=16))
     engine.pause(); engine.update_weights(new_tensors, version=1); engine.resume()
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 import threading
 from collections.abc import Sequence
 
@@ -209,33 +212,38 @@ class LocalEngine:
         Accepts (name, tensor) pairs, buckets (lists of pairs) or a mapping, lazily (a generator that gathers one
         tensor at a time is consumed as it goes). Tensors may be of any dtype/device; they are converted.
 
-        Checks: an unknown name or a wrong shape raises ValueError naming the tensor (tensors before it in the
-        same call are already loaded; the version is not changed). With tied embeddings, ``lm_head.weight`` is
-        shape-checked and ignored (``model.embed_tokens.weight`` is the shared tensor), as SGLang does. At the
-        end of each call every parameter must have been set at least once since construction: the first sync
-        must be complete, later ones may be partial. Otherwise ValueError names the missing tensors.
+        Checks: an unknown name, a wrong shape or a non-tensor raises ValueError/TypeError naming the tensor, the
+        version is then not changed, and tensors before it in the same call stay loaded. The error is raised
+        only after the iterable is exhausted (nothing more is loaded): the producer may be a generator that runs
+        gather collectives with other ranks, which would hang if this rank stopped consuming it. With tied
+        embeddings, ``lm_head.weight`` is shape-checked and ignored (``model.embed_tokens.weight`` is the shared
+        tensor), as SGLang does. At the end of each call every parameter must have been set at least once since
+        construction: the first sync must be complete, later ones may be partial; otherwise ValueError names the
+        missing tensors.
         """
         self._check_open()
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ValueError(f"update_weights: version={version!r} is invalid: must be an integer >= 0")
         with self._lock, torch.no_grad():
             self._check_open()
-            n_loaded = 0
+            n_loaded, error, n_errors = 0, None, 0
             for name, tensor in iter_named_tensors(named_tensors):
-                if not isinstance(tensor, torch.Tensor):
-                    raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}; expected a tensor")
-                param = self._params.get(name)
-                if param is None and self._tied and name == "lm_head.weight":
-                    self._check_shape(name, tensor, self._params["model.embed_tokens.weight"])
+                if error is not None:           # drain: keep a collective producer going, load nothing
+                    n_errors += 1
                     continue
-                if param is None:
-                    raise ValueError(f"update_weights: unknown tensor {name!r}; expected Hugging Face names of "
-                                     f"{type(self._model).__name__}, e.g. {next(iter(self._params))!r} "
-                                     f"({len(self._params)} parameters)")
-                self._check_shape(name, tensor, param)
-                param.copy_(tensor)
-                self._unset.discard(name)
-                n_loaded += 1
+                try:
+                    param = self._target(name, tensor)
+                except (TypeError, ValueError) as err:
+                    error, n_errors = err, 1
+                    continue
+                if param is not None:
+                    param.copy_(tensor)
+                    self._unset.discard(name)
+                    n_loaded += 1
+            if error is not None:
+                if n_errors > 1:
+                    error.args = (f"{error.args[0]} (and {n_errors - 1} more tensors after it were not loaded)",)
+                raise error
             if self._unset:
                 missing = sorted(self._unset)
                 raise ValueError(f"update_weights(version={version}): {len(missing)} parameters have never been set "
@@ -243,6 +251,21 @@ class LocalEngine:
                                  "tensor")
             self._weight_version = version
         logger.debug("LocalEngine: loaded %d tensors, weight_version=%d", n_loaded, version)
+
+    def _target(self, name: str, tensor) -> torch.Tensor | None:
+        """The parameter ``name`` loads into (None: accepted and ignored); raises for a bad name/shape/type."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}; expected a tensor")
+        param = self._params.get(name)
+        if param is None and self._tied and name == "lm_head.weight":
+            self._check_shape(name, tensor, self._params["model.embed_tokens.weight"])
+            return None
+        if param is None:
+            raise ValueError(f"update_weights: unknown tensor {name!r}; expected Hugging Face names of "
+                             f"{type(self._model).__name__}, e.g. {next(iter(self._params))!r} "
+                             f"({len(self._params)} parameters)")
+        self._check_shape(name, tensor, param)
+        return param
 
     def _check_shape(self, name: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
         if tuple(tensor.shape) == tuple(param.shape):
@@ -277,9 +300,13 @@ class LocalEngine:
         with self._lock, torch.inference_mode():
             self._check_open()
             version = self._weight_version
-            base_seed = self.seed if params.seed is None else params.seed
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(_mix_seed(base_seed, version, self._calls))
+            # An explicit params.seed makes the call a pure function of (seed, weights, prompts): a resumed
+            # run repeats it exactly. Without one, successive calls differ through the call counter.
+            if params.seed is None:
+                generator.manual_seed(_mix_seed(self.seed, version, self._calls))
+            else:
+                generator.manual_seed(_mix_seed(params.seed, version))
             self._calls += 1
             # Similar lengths together: less padding. The stable sort keeps the batching deterministic.
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -299,12 +326,15 @@ class LocalEngine:
         max_len = self.model_cfg.max_position_embeddings - params.max_new_tokens
         out = []
         for i, p in enumerate(prompts):
-            p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            try:
+                p = [operator.index(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
+            except TypeError as err:
+                raise ValueError(f"generate: prompt {i} is not a sequence of integer token ids ({err})") from None
             if not p:
                 raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
-            if not all(isinstance(t, int) for t in p) or min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) or non-integers "
-                                 f"(min {min(p)!r}, max {max(p)!r})")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) "
+                                 f"(min {min(p)}, max {max(p)})")
             if len(p) > max_len:
                 raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens="
                                  f"{params.max_new_tokens} at most {max_len} fit in "

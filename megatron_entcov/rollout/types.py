@@ -62,8 +62,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end a response (finish_reason 'stop'); the stop token is part of the response."""
     seed: int | None = None
-    """Seed of the sampling randomness (>= 0); None = the engine's own seed. Engines mix in their weight
-    version and call counter, so repeated calls with one seed still give fresh samples."""
+    """Seed of the sampling randomness (>= 0): with the same weights and prompts, the same samples (callers
+    vary it per call). None = the engine's own seed mixed with its call counter (fresh samples per call)."""
 
     def __post_init__(self) -> None:
         t = self.temperature

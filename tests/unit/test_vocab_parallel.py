@@ -202,3 +202,43 @@ def test_compiled_kernels_match_eager(dtype):
         torch.testing.assert_close(out[2], eager[2], **GRAD_TOL[dtype])
     assert inplace[2].data_ptr() == inplace[3].data_ptr()
     _assert_matches(compiled, _reference(logits, labels, g_lp, g_h), dtype)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_path_without_compiling(monkeypatch, dtype, inplace):
+    """The compiled path (fused kernels, padded tail chunk, in-place kernel), run uncompiled: fast coverage
+    of its logic and formulas; test_compiled_kernels_match_eager covers inductor itself."""
+    from megatron_entcov.ops import vocab_parallel
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(vocab_parallel, "_compiled", {})
+    monkeypatch.setattr(vocab_parallel, "_compile_failed", False)
+    logits, labels, g_lp, g_h = _batch((3, 7), 96, dtype, seed=12)  # 21 rows, chunk 8: padded 5-row tail
+    logits[..., -8:] = float("-inf")
+    labels = labels % 88
+    ours = _ours(logits, labels, g_lp, g_h, chunk_size=8, use_compile=True, inplace_backward=inplace)
+    _assert_matches(ours, _reference(logits, labels, g_lp, g_h), dtype)
+    assert (ours[2].data_ptr() == ours[3].data_ptr()) == inplace
+
+
+@pytest.mark.parametrize("fail_in", ["_fwd", "_bwd"])
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog, fail_in):
+    """A broken compiler (e.g. no C++ toolchain) must give the eager results, with a warning, not an error,
+    whether it fails on the forward kernel or only later on a backward kernel."""
+    from megatron_entcov.ops import vocab_parallel
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run if fn.__name__.startswith(fail_in) else fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(vocab_parallel, "_compiled", {})
+    monkeypatch.setattr(vocab_parallel, "_compile_failed", False)
+    logits, labels, g_lp, g_h = _batch((9,), 64, torch.float32, seed=11)
+    with caplog.at_level("WARNING", logger=vocab_parallel.__name__):
+        ours = _ours(logits, labels, g_lp, g_h, chunk_size=4, use_compile=True, inplace_backward=True)
+    assert "torch.compile failed" in caplog.text
+    _assert_matches(ours, _reference(logits, labels, g_lp, g_h), torch.float32)

@@ -1,0 +1,462 @@
+"""Prompt data: the arithmetic task or a jsonl/parquet file, tokenised, sharded over data-parallel ranks, resumable.
+
+Sources (DataConfig.source):
+  - "arithmetic": an infinite stream, problem i = ArithmeticTask(seed, digits, ops).problem(i).
+  - "file": a .jsonl (one JSON object per line; blank lines are skipped) or .parquet file. The prompt is read
+    from `prompt_key` and the reference answer from `answer_key`. A key may be dotted to reach into nested
+    objects: DAPO-Math-17k keeps its answer at "reward_model.ground_truth" and its prompt as a chat message
+    list [{"role": "user", "content": ...}] under "prompt". A column whose name itself contains the dot is
+    preferred. The prompt is a string or a non-empty list of {"role": str, "content": str}; the answer is a
+    string (an integer is accepted and converted).
+
+Every row is validated when the file is loaded: a line that is not a JSON object, a missing key or a value of
+the wrong type raises ValueError naming the file and the row ("line N", 1-based, for jsonl; "row N", 0-based,
+for parquet). Parquet files are validated in batches and rows are converted to Python on access, so a large
+file (DAPO-Math-17k as released has 1.79M rows) costs its Arrow memory, not a Python copy.
+
+Rendering and length. With DataConfig.chat_template and a tokenizer that has a chat template, the prompt (a
+string becomes one user message) goes through tokenizer.apply_chat_template(add_generation_prompt=True) and is
+tokenised without extra special tokens; otherwise a string prompt is used as is, a message list as its
+contents joined by blank lines, and it is tokenised with the tokenizer's special tokens (the character
+tokenizer prepends <bos>). A prompt longer than rollout.max_prompt_len tokens is not malformed, so it does not
+stop the run: the loader skips it, logs it (the first few in full) and counts it (PromptLoader.num_skipped,
+kept in the checkpointed state). The arithmetic task is checked up front: its longest possible prompt must fit.
+
+Sharding and order (PromptLoader): the global order of epoch e is a permutation of the dataset drawn from
+(seed, e) (identity without shuffle); global batches are consecutive runs of `batch_size` usable prompts of
+that order, running on into the next epoch (no prompt is dropped at an epoch end). Every rank walks the same
+global order and keeps a contiguous slice: rank r gets global positions [r*B/dp, (r+1)*B/dp) of each batch, so
+the concatenation of the ranks' shards in rank order is the global batch. The cursor in the state dict is
+global (epoch, offset into the epoch's order), so a run resumed with another data-parallel size continues
+the same global order. Note: permutations come from numpy's PCG64 Generator; numpy keeps its streams stable
+in practice but does not promise it across versions, so resume on the same numpy to get the same order.
+
+Example:
+    tok = load_tokenizer(None)
+    dataset = build_dataset(cfg.data, tok, max_prompt_len=cfg.rollout.max_prompt_len, seed=cfg.seed)
+    loader = PromptLoader(dataset, batch_size=cfg.rollout.prompts_per_step, dp_rank=ps.dp_rank,
+                          dp_size=ps.dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    items = loader.next_batch()              # this rank's PromptItems of the step
+    state = loader.state_dict()              # into the checkpoint
+    loader.load_state_dict(state)            # on resume (any dp_size)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from megatron_entcov.rewards.arithmetic import ArithmeticTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from megatron_entcov.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[dict[str, str]]
+_LOGGED_SKIPS = 10  # skipped over-long prompts logged in full per loader; the rest are counted
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt ready for rollout."""
+
+    prompt_ids: list[int]
+    """Token ids of the rendered prompt (len <= max_prompt_len)."""
+    prompt_text: str
+    """The rendered prompt text (after the chat template, if any)."""
+    answer: str
+    """Reference answer for the verifier."""
+    index: int
+    """Global dataset index (row of the file after blank lines, or problem number of the arithmetic task)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# rows: where (prompt, answer) pairs come from
+# --------------------------------------------------------------------------------------------------
+
+
+def _lookup(row: dict, key: str) -> tuple[bool, Any]:
+    """(found, value) of `key` in `row`; a dotted key walks nested mappings unless it is a literal key."""
+    if key in row:
+        return True, row[key]
+    node: Any = row
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _extract(row: Any, prompt_key: str, answer_key: str, where: str) -> tuple[Prompt, str]:
+    """(prompt, answer) of one row, or ValueError naming `where` (file and row), the key and what was wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with keys {prompt_key!r} and {answer_key!r}, "
+                         f"got {type(row).__name__}")
+    found, prompt = _lookup(row, prompt_key)
+    if not found or prompt is None:
+        raise ValueError(f"{where}: missing prompt key {prompt_key!r} (data.prompt_key); keys present: "
+                         f"{sorted(row)}")
+    found, answer = _lookup(row, answer_key)
+    if not found or answer is None:
+        raise ValueError(f"{where}: missing answer key {answer_key!r} (data.answer_key); keys present: "
+                         f"{sorted(row)}")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValueError(f"{where}: {prompt_key!r} is an empty message list")
+        for j, msg in enumerate(prompt):
+            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
+                    and isinstance(msg.get("content"), str)):
+                raise ValueError(f"{where}: {prompt_key!r}[{j}] is {msg!r}; expected a message "
+                                 f"{{'role': str, 'content': str}}")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    elif not isinstance(prompt, str):
+        raise ValueError(f"{where}: {prompt_key!r} has type {type(prompt).__name__}; expected a string or a "
+                         f"list of chat messages")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}: {answer_key!r} has type {type(answer).__name__} ({answer!r}); expected a "
+                         f"string (store numeric answers as strings)")
+    return prompt, answer
+
+
+class _Rows:
+    """A finite or infinite sequence of (prompt, answer)."""
+
+    size: int | None  # None = infinite
+
+    def row(self, index: int) -> tuple[Prompt, str]:
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        raise NotImplementedError
+
+
+class _ArithmeticRows(_Rows):
+    def __init__(self, task: ArithmeticTask) -> None:
+        self.task = task
+        self.size = None
+
+    def row(self, index: int) -> tuple[Prompt, str]:
+        p = self.task.problem(index)
+        return p.prompt, p.answer
+
+    def where(self, index: int) -> str:
+        return f"{self.task!r} problem {index}"
+
+
+class _JsonlRows(_Rows):
+    def __init__(self, path: Path, prompt_key: str, answer_key: str) -> None:
+        self.path = path
+        self.prompts: list[Prompt] = []
+        self.answers: list[str] = []
+        self.lines: list[int] = []
+        with path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                prompt, answer = _extract(row, prompt_key, answer_key, where)
+                self.prompts.append(prompt)
+                self.answers.append(answer)
+                self.lines.append(lineno)
+        self.size = len(self.prompts)
+
+    def row(self, index: int) -> tuple[Prompt, str]:
+        return self.prompts[index], self.answers[index]
+
+    def where(self, index: int) -> str:
+        return f"{self.path} line {self.lines[index]}"
+
+
+class _ParquetRows(_Rows):
+    _BATCH = 1 << 16
+
+    def __init__(self, path: Path, prompt_key: str, answer_key: str) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("reading parquet needs pyarrow: pip install pyarrow==26.0.1") from None
+        self.path, self.prompt_key, self.answer_key = path, prompt_key, answer_key
+        try:
+            names = pq.read_schema(path).names
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+        columns = []
+        for what, key in (("prompt", prompt_key), ("answer", answer_key)):
+            col = key if key in names else key.split(".")[0]
+            if col not in names:
+                raise ValueError(f"{path}: every row lacks the {what} key {key!r} (data.{what}_key); columns: "
+                                 f"{names}")
+            columns.append(col)
+        self.table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
+        self.size = self.table.num_rows
+        start = 0
+        for batch in self.table.to_batches(max_chunksize=self._BATCH):
+            for i, row in enumerate(batch.to_pylist()):
+                _extract(row, prompt_key, answer_key, f"{path} row {start + i}")
+            start += batch.num_rows
+
+    def row(self, index: int) -> tuple[Prompt, str]:
+        (row,) = self.table.slice(index, 1).to_pylist()
+        return _extract(row, self.prompt_key, self.answer_key, self.where(index))
+
+    def where(self, index: int) -> str:
+        return f"{self.path} row {index}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the dataset: rows rendered and tokenised
+# --------------------------------------------------------------------------------------------------
+
+
+class PromptDataset:
+    """Rows (arithmetic task or file) rendered with the chat template and tokenised on access.
+
+    Build with `PromptDataset.from_arithmetic`, `PromptDataset.from_file` or `build_dataset(DataConfig, ...)`.
+    `get(i)` returns the PromptItem of global index i, or None when its prompt is longer than max_prompt_len.
+    `size` is the number of rows, None for the (infinite) arithmetic task.
+    """
+
+    def __init__(self, rows: _Rows, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
+                 chat_template: bool = False) -> None:
+        if max_prompt_len < 1:
+            raise ValueError(f"rollout.max_prompt_len={max_prompt_len} must be >= 1")
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.max_prompt_len = max_prompt_len
+        self.use_chat_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
+        if chat_template and not self.use_chat_template:
+            logger.warning("data.chat_template=true but the tokenizer has no chat template; prompts are used as "
+                           "plain text")
+
+    @property
+    def size(self) -> int | None:
+        return self.rows.size
+
+    def where(self, index: int) -> str:
+        """Human-readable location of row `index` (file and line/row, or task and problem)."""
+        return self.rows.where(index)
+
+    @classmethod
+    def from_arithmetic(cls, task: ArithmeticTask, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
+                        chat_template: bool = False) -> PromptDataset:
+        """The infinite arithmetic stream. Raises ValueError when its longest prompt exceeds max_prompt_len."""
+        ds = cls(_ArithmeticRows(task), tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template)
+        longest = len(ds.encode(task.longest_prompt())[1])
+        if longest > max_prompt_len:
+            raise ValueError(f"rollout.max_prompt_len={max_prompt_len} is shorter than the longest arithmetic "
+                             f"prompt ({longest} tokens for data.arithmetic_digits={task.digits}, "
+                             f"{task.num_operands} operands); raise it to >= {longest} or lower the digits")
+        logger.info("data: %r, longest prompt %d tokens (max %d)", task, longest, max_prompt_len)
+        return ds
+
+    @classmethod
+    def from_file(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
+                  prompt_key: str = "prompt", answer_key: str = "answer",
+                  chat_template: bool = False) -> PromptDataset:
+        """A .jsonl or .parquet file, every row validated now (ValueError naming file and row on a bad one)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"data.path={str(path)!r}: no such file")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            rows: _Rows = _JsonlRows(path, prompt_key, answer_key)
+        elif suffix in (".parquet", ".pq"):
+            rows = _ParquetRows(path, prompt_key, answer_key)
+        else:
+            raise ValueError(f"data.path={str(path)!r}: unknown file type {suffix!r}; use .jsonl or .parquet")
+        if rows.size == 0:
+            raise ValueError(f"data.path={str(path)!r}: the file has no rows")
+        logger.info("data: %s, %d rows (prompt_key=%r, answer_key=%r, chat template: %s)", path, rows.size,
+                    prompt_key, answer_key, chat_template)
+        return cls(rows, tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template)
+
+    def render(self, prompt: Prompt) -> str:
+        """The prompt text the model sees (see the module docstring)."""
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+
+    def encode(self, prompt: Prompt) -> tuple[str, list[int]]:
+        """(rendered text, token ids)."""
+        text = self.render(prompt)
+        # A chat template writes its own special tokens (bos included, where the model has one).
+        ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
+        return text, list(ids)
+
+    def get(self, index: int) -> PromptItem | None:
+        """PromptItem of global index `index`, or None when the prompt has more than max_prompt_len tokens."""
+        prompt, answer = self.rows.row(index)
+        text, ids = self.encode(prompt)
+        if len(ids) > self.max_prompt_len:
+            return None
+        return PromptItem(prompt_ids=ids, prompt_text=text, answer=answer, index=index)
+
+
+def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
+                  seed: int) -> PromptDataset:
+    """The dataset DataConfig describes; max_prompt_len = rollout.max_prompt_len, seed = run.seed."""
+    if cfg.source == "arithmetic":
+        task = ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops)
+        return PromptDataset.from_arithmetic(task, tokenizer, max_prompt_len=max_prompt_len,
+                                             chat_template=cfg.chat_template)
+    if cfg.source == "file":
+        if not cfg.path:
+            raise ValueError("data.path is required with data.source='file'")
+        return PromptDataset.from_file(cfg.path, tokenizer, max_prompt_len=max_prompt_len,
+                                       prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
+                                       chat_template=cfg.chat_template)
+    raise ValueError(f"data.source={cfg.source!r} is invalid: choose 'arithmetic' or 'file'")
+
+
+# --------------------------------------------------------------------------------------------------
+# the loader: global order, per-rank shards, resumable cursor
+# --------------------------------------------------------------------------------------------------
+
+
+class PromptLoader:
+    """Global prompt batches in a seeded order, this data-parallel rank's slice of each, resumable.
+
+    Args:
+        dataset: the PromptDataset.
+        batch_size: prompts per step over all ranks (rollout.prompts_per_step); divisible by dp_size.
+        dp_rank, dp_size: this rank and the data-parallel size.
+        seed: seed of the per-epoch permutations (run.seed).
+        shuffle: permute each epoch (DataConfig.shuffle); ignored by the arithmetic task, whose problems are
+            already random draws by index.
+
+    Example:
+        loader = PromptLoader(dataset, batch_size=8, dp_rank=1, dp_size=2, seed=1234)
+        items = loader.next_batch()      # 4 PromptItems: global positions 4..7 of the step's batch
+        state = loader.state_dict()
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(self, dataset: PromptDataset, *, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"PromptLoader: dp_rank={dp_rank}, dp_size={dp_size}; need 0 <= dp_rank < dp_size")
+        if batch_size < 1 or batch_size % dp_size:
+            raise ValueError(f"rollout.prompts_per_step={batch_size} must be a positive multiple of the "
+                             f"data-parallel size {dp_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle) and dataset.size is not None
+        self.epoch = 0
+        self.offset = 0
+        self.num_consumed = 0
+        self.num_skipped = 0
+        self._order: np.ndarray | None = None
+        self._order_epoch = -1
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            n = self.dataset.size
+            assert n is not None
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, self.epoch])
+                self._order = rng.permutation(n)
+            else:
+                self._order = np.arange(n)
+            self._order_epoch = self.epoch
+        assert self._order is not None
+        return self._order
+
+    def _next_index(self) -> int:
+        size = self.dataset.size
+        if size is None:  # infinite: the offset is the problem index
+            index = self.offset
+        else:
+            if self.offset >= size:
+                self.epoch += 1
+                self.offset = 0
+                logger.info("data: epoch %d begins", self.epoch)
+            index = int(self._epoch_order()[self.offset])
+        self.offset += 1
+        return index
+
+    def _iter_global(self) -> Iterator[PromptItem]:
+        limit = self.dataset.size if self.dataset.size is not None else 100_000
+        run = 0  # consecutive skips, to fail instead of looping forever when nothing fits
+        while True:
+            index = self._next_index()
+            item = self.dataset.get(index)
+            if item is not None:
+                run = 0
+                yield item
+                continue
+            self.num_skipped += 1
+            run += 1
+            if self.num_skipped <= _LOGGED_SKIPS:
+                length = len(self.dataset.encode(self.dataset.rows.row(index)[0])[1])
+                logger.warning("data: skipping %s: prompt has %d tokens > rollout.max_prompt_len=%d (%d skipped "
+                               "so far%s)", self.dataset.where(index), length, self.dataset.max_prompt_len,
+                               self.num_skipped, "; further skips are only counted"
+                               if self.num_skipped == _LOGGED_SKIPS else "")
+            if run >= limit:
+                raise ValueError(f"data: {run} prompts in a row are longer than rollout.max_prompt_len="
+                                 f"{self.dataset.max_prompt_len}; raise it or filter the data")
+
+    def next_global_batch(self) -> list[PromptItem]:
+        """The whole global batch of the next step (every rank computes the same)."""
+        it = self._iter_global()
+        batch = [next(it) for _ in range(self.batch_size)]
+        self.num_consumed += self.batch_size
+        return batch
+
+    def next_batch(self) -> list[PromptItem]:
+        """This rank's contiguous share of the next global batch: batch_size // dp_size PromptItems."""
+        per_rank = self.batch_size // self.dp_size
+        batch = self.next_global_batch()
+        return batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global cursor (independent of dp_rank/dp_size) plus counters; plain ints, JSON-serialisable."""
+        return {"version": self.STATE_VERSION, "epoch": self.epoch, "offset": self.offset,
+                "num_consumed": self.num_consumed, "num_skipped": self.num_skipped, "seed": self.seed,
+                "shuffle": self.shuffle, "dataset_size": self.dataset.size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where the saved loader stopped (the next global batch is the one it would have produced).
+
+        Raises:
+            ValueError: a state of another version or of a dataset with another size (another file).
+        """
+        missing = {"version", "epoch", "offset", "num_consumed", "num_skipped", "seed", "shuffle",
+                   "dataset_size"} - set(state)
+        if missing:
+            raise ValueError(f"data loader state lacks {sorted(missing)}; is it a PromptLoader.state_dict()?")
+        if state["version"] != self.STATE_VERSION:
+            raise ValueError(f"data loader state version {state['version']}; this code reads version "
+                             f"{self.STATE_VERSION}")
+        if state["dataset_size"] != self.dataset.size:
+            raise ValueError(f"data loader state is for a dataset of {state['dataset_size']} rows but this one "
+                             f"has {self.dataset.size}; resume with the same data.path / data.source")
+        if state["seed"] != self.seed or state["shuffle"] != self.shuffle:
+            logger.warning("data: resuming a loader saved with seed=%s shuffle=%s under seed=%s shuffle=%s; the "
+                           "order from here on differs from the saved run's", state["seed"], state["shuffle"],
+                           self.seed, self.shuffle)
+        self.epoch = int(state["epoch"])
+        self.offset = int(state["offset"])
+        self.num_consumed = int(state["num_consumed"])
+        self.num_skipped = int(state["num_skipped"])
+        self._order_epoch = -1
+
