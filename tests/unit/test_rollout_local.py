@@ -131,7 +131,7 @@ def test_same_seed_same_samples_different_seed_different():
     first = a.generate(PROMPTS, params)
     assert first == b.generate(PROMPTS, params)
     # An explicit seed makes a call a pure function of (seed, weights, prompts): a resumed run repeats it.
-    assert a.generate(PROMPTS, params) == first
+    assert a.generate(PROMPTS, params) == first == b.generate(PROMPTS, params)
     # Without a seed the call counter advances: successive calls give fresh samples, identically on both.
     unseeded = SamplingParams(max_new_tokens=8)
     a1, b1 = a.generate(PROMPTS, unseeded), b.generate(PROMPTS, unseeded)
