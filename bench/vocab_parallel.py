@@ -12,7 +12,8 @@ What is measured, per (rows x vocab, dtype), on the same logits and upstream gra
 - ours: `logprobs_and_entropy` forward + backward of the same objective, eager and torch.compile'd chunk
   kernels, with a new gradient tensor and with `inplace_backward=True` (gradient written into the logits).
 Times are the median of --reps runs after --warmup runs (compilation happens in warm-up and is reported
-separately). The in-place variant gets a fresh copy of the logits before every run, outside the timer.
+separately as the first call); ratios use medians. The minimum is printed too: on a shared machine it is the
+least disturbed run. The in-place variant gets a fresh copy of the logits before every run, outside the timer.
 
 Peak extra memory is the kernel's resident-set high-water mark, not a sample: before a run we release free
 heap (malloc_trim), reset the high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and read
@@ -133,7 +134,8 @@ def bench_case(rows, vocab, dtype, *, reps, warmup, chunk_size, compile_modes):
             setup()
         peak = peak_extra_bytes(fn)
         results.append(
-            {"variant": name, "median_s": med, "times_s": times, "first_call_s": first,
+            {"variant": name, "median_s": med, "min_s": min(times), "times_s": times, "first_call_s": first,
+             "loadavg_1min": os.getloadavg()[0],
              "peak_extra_bytes": peak, "peak_extra_x_logits": peak / nbytes, **(extra or {})}
         )
         print(f"  {name:<24} median {med * 1e3:8.1f} ms   first {first:6.2f} s   peak extra {peak / nbytes:6.3f}x"
@@ -160,8 +162,9 @@ def bench_case(rows, vocab, dtype, *, reps, warmup, chunk_size, compile_modes):
 
 def format_table(cases) -> str:
     lines = [
-        "| logits | variant | chunk rows | fwd+bwd ms | / memcpy | naive / this | peak extra (x logits) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| logits | variant | chunk rows | fwd+bwd ms (median) | min ms | / memcpy | naive / this "
+        "| peak extra (x logits) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case in cases:
         shape = f"{case['rows']}x{case['vocab']} {case['dtype']} ({case['logits_bytes'] / 2**20:.0f} MiB)"
@@ -169,6 +172,7 @@ def format_table(cases) -> str:
             name = r["variant"] if r["variant"] != "memcpy" else "memcpy (copy_ only)"
             lines.append(
                 f"| {shape} | {name} | {r.get('chunk_rows', '')} | {r['median_s'] * 1e3:.1f} | "
+                f"{r['min_s'] * 1e3:.1f} | "
                 f"{r['over_memcpy']:.2f} | {r['naive_over']:.1f} | {r['peak_extra_x_logits']:.3f} |"
             )
     return "\n".join(lines)

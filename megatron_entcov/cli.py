@@ -26,7 +26,8 @@ DEFAULT_QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quick
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML file (sparse overrides of the defaults)")
+    p.add_argument("--config", required=required, default=None,
+                   help="YAML file (sparse overrides of the defaults); omitted = the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set loss.name=kl_cov (repeatable)")
     p.add_argument("--nproc", type=int, default=None, help="launch N local processes with torchrun")
@@ -187,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-entcov", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="RL training")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p = sub.add_parser("sft", help="supervised warm start")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
     p = sub.add_parser("quickstart", help="CPU quickstart: SFT warm start then RL, then the law plot")
     _add_config_args(p, required=False)
     p = sub.add_parser("fit-law", help="fit R = -a exp(H) + b to a run and plot it")

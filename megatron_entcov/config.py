@@ -195,7 +195,8 @@ class RolloutConfig:
     n_samples_per_prompt: int = 4
     """Responses per prompt (the GRPO group size)."""
     max_prompt_len: int = 64
-    """Longest prompt in tokens; longer prompts are an error at load time."""
+    """Longest prompt in tokens: longer prompts in a file are skipped and counted (data/skipped_prompts); the
+    arithmetic task's longest prompt must fit (checked at start)."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (no signal) and refill from new prompts (DAPO)."""
     max_refill_rounds: int = 4
@@ -419,6 +420,8 @@ class DataConfig:
     """Synthetic task difficulty: operands have up to this many digits."""
     arithmetic_ops: str = "+-"
     """Synthetic task operators drawn from this string (subset of '+-*')."""
+    arithmetic_operands: int = 2
+    """Synthetic task difficulty: operands per problem (>= 2)."""
     shuffle: bool = True
     """Shuffle the prompt order (with run.seed) every epoch."""
 
@@ -429,6 +432,7 @@ class DataConfig:
             _fail("data.path", self.path, "data.source='file' needs a jsonl or parquet path")
         _check_positive("data.reward_timeout_s", self.reward_timeout_s)
         _check_range("data.arithmetic_digits", self.arithmetic_digits, 1, 18)
+        _check_range("data.arithmetic_operands", self.arithmetic_operands, 2, 16)
         if not self.arithmetic_ops or set(self.arithmetic_ops) - set("+-*"):
             _fail("data.arithmetic_ops", self.arithmetic_ops, "use a non-empty subset of '+-*'")
 

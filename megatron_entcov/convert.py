@@ -124,35 +124,53 @@ class HFCheckpoint:
         else:
             raise ValueError(f"{str(self.dir)!r} holds no model.safetensors or model.safetensors.index.json")
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[tuple[int, ...], str]] | None = None
 
-    def _handle(self, name: str):
+    def _path(self, name: str) -> Path:
+        path = self.dir / self.weight_map[name]
+        if not path.is_file():
+            raise ValueError(f"missing tensor {name!r}: the index names {path.name!r}, which is not in {str(self.dir)!r}")
+        return path
+
+    def _header(self, name: str) -> tuple[tuple[int, ...], str]:
         from safetensors import safe_open
 
-        file = self.weight_map[name]
-        if file not in self._handles:
-            path = self.dir / file
-            if not path.is_file():
-                raise ValueError(f"missing tensor {name!r}: the index names {file!r}, which is not in {str(self.dir)!r}")
-            self._handles[file] = safe_open(path, framework="pt")
-        return self._handles[file]
+        if self._headers is None:
+            self._headers = {}
+            for file in sorted(set(self.weight_map.values())):
+                path = self.dir / file
+                if not path.is_file():
+                    continue  # reported by _path() for the tensors that are needed
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self._headers[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        if name not in self._headers:
+            self._path(name)
+            raise ValueError(f"missing tensor {name!r}: the index names a file that does not hold it")
+        return self._headers[name]
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._header(name)[0]
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._handle(name).get_slice(name).get_dtype()
+        code = self._header(name)[1]
         if code not in _ST_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {code}; supported: {', '.join(_ST_DTYPES)}")
         return _ST_DTYPES[code]
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor. The file is opened for this read only: an open safetensors handle keeps every page
+        it has read mapped, so keeping shards open would hold a second copy of the model in this process."""
+        from safetensors import safe_open
+
         if name not in self.weight_map:
             raise ValueError(f"missing tensor {name!r} in the Hugging Face checkpoint {str(self.dir)!r}")
-        return self._handle(name).get_tensor(name)
+        with safe_open(self._path(name), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def load_hf_model_config(hf_dir: str | Path, *, dtype: str | None = None,
@@ -451,7 +469,7 @@ def resolve_megatron_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
     path = Path(path)
     if (path / "metadata.json").is_file():
-        return path, path.parent if (path.parent / "COMPLETE").is_file() or path.name == "model" else None
+        return path, path.parent
     if (path / "model" / "metadata.json").is_file():
         return path / "model", path
     latest = find_latest(path) if path.is_dir() else None

@@ -24,16 +24,18 @@ kept in the checkpointed state). The arithmetic task is checked up front: its lo
 
 Sharding and order (PromptLoader): the global order of epoch e is a permutation of the dataset drawn from
 (seed, e) (identity without shuffle); global batches are consecutive runs of `batch_size` usable prompts of
-that order, running on into the next epoch (no prompt is dropped at an epoch end). Every rank walks the same
-global order and keeps a contiguous slice: rank r gets global positions [r*B/dp, (r+1)*B/dp) of each batch, so
-the concatenation of the ranks' shards in rank order is the global batch. The cursor in the state dict is
-global (epoch, offset into the epoch's order), so a run resumed with another data-parallel size continues
-the same global order. Note: permutations come from numpy's PCG64 Generator; numpy keeps its streams stable
-in practice but does not promise it across versions, so resume on the same numpy to get the same order.
+that order. A batch never spans two epochs: the leftover at an epoch end, fewer than a batch, is not used
+that epoch (drop_last; a different leftover each epoch when shuffled), so no batch holds a prompt twice. Every
+rank walks the same global order and keeps a contiguous slice: rank r gets global positions [r*B/dp,
+(r+1)*B/dp) of each batch, so the concatenation of the ranks' shards in rank order is the global batch. The
+cursor in the state dict is global (epoch, offset into the epoch's order), so a run resumed with another
+data-parallel size continues the same global order. Note: permutations come from numpy's PCG64
+Generator; numpy keeps its streams stable in practice but does not promise it across versions, so resume on
+the same numpy to get the same order.
 
 Example:
     tok = load_tokenizer(None)
-    dataset = build_dataset(cfg.data, tok, max_prompt_len=cfg.rollout.max_prompt_len, seed=cfg.seed)
+    dataset = PromptDataset.from_config(cfg.data, tok, max_prompt_len=cfg.rollout.max_prompt_len, seed=cfg.seed)
     loader = PromptLoader(dataset, batch_size=cfg.rollout.prompts_per_step, dp_rank=ps.dp_rank,
                           dp_size=ps.dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     items = loader.next_batch()              # this rank's PromptItems of the step
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,6 +134,7 @@ class _Rows:
     """A finite or infinite sequence of (prompt, answer)."""
 
     size: int | None  # None = infinite
+    name: str  # the file, or the task
 
     def row(self, index: int) -> tuple[Prompt, str]:
         raise NotImplementedError
@@ -145,6 +147,7 @@ class _ArithmeticRows(_Rows):
     def __init__(self, task: ArithmeticTask) -> None:
         self.task = task
         self.size = None
+        self.name = repr(task)
 
     def row(self, index: int) -> tuple[Prompt, str]:
         p = self.task.problem(index)
@@ -157,6 +160,7 @@ class _ArithmeticRows(_Rows):
 class _JsonlRows(_Rows):
     def __init__(self, path: Path, prompt_key: str, answer_key: str) -> None:
         self.path = path
+        self.name = str(path)
         self.prompts: list[Prompt] = []
         self.answers: list[str] = []
         self.lines: list[int] = []
@@ -166,9 +170,9 @@ class _JsonlRows(_Rows):
                     continue
                 where = f"{path} line {lineno}"
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at character {exc.pos + 1})") from None
                 prompt, answer = _extract(row, prompt_key, answer_key, where)
                 self.prompts.append(prompt)
                 self.answers.append(answer)
@@ -191,6 +195,7 @@ class _ParquetRows(_Rows):
         except ImportError:
             raise ImportError("reading parquet needs pyarrow: pip install pyarrow==26.0.1") from None
         self.path, self.prompt_key, self.answer_key = path, prompt_key, answer_key
+        self.name = str(path)
         try:
             names = pq.read_schema(path).names
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -245,11 +250,23 @@ class PromptDataset:
 
     @property
     def size(self) -> int | None:
+        """Number of rows; None for the infinite arithmetic task."""
         return self.rows.size
+
+    @property
+    def name(self) -> str:
+        """The file path, or the task."""
+        return self.rows.name
 
     def where(self, index: int) -> str:
         """Human-readable location of row `index` (file and line/row, or task and problem)."""
         return self.rows.where(index)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
+                    seed: int) -> PromptDataset:
+        """Same as `build_dataset`."""
+        return build_dataset(cfg, tokenizer, max_prompt_len=max_prompt_len, seed=seed)
 
     @classmethod
     def from_arithmetic(cls, task: ArithmeticTask, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
@@ -299,6 +316,37 @@ class PromptDataset:
         ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
         return text, list(ids)
 
+    HELD_OUT_START = 1 << 48
+    """First arithmetic problem index of `held_out`; a loader would need 2^48 prompts to reach it."""
+
+    def held_out(self, n: int) -> list[PromptItem]:
+        """`n` evaluation prompts, the same on every call.
+
+        Arithmetic task: problems HELD_OUT_START, HELD_OUT_START + 1, ...: indices no training loader reaches.
+        They are held out by index, not by content: with few digits the problem space is small (2 digits and
+        '+-': 20,000 problems), so some will also occur in training. File: the last `n` rows that fit
+        max_prompt_len. A file has no split, so these rows are trained on too; evaluate on a separate file.
+        Over-long prompts are passed over.
+
+        Raises:
+            ValueError: n < 1, or the file has fewer than n usable rows.
+        """
+        if n < 1:
+            raise ValueError(f"held_out: n={n} must be >= 1")
+        if self.size is None:
+            candidates: range = range(self.HELD_OUT_START, self.HELD_OUT_START + 100 * n)
+        else:
+            candidates = range(self.size - 1, -1, -1)
+        items = []
+        for index in candidates:
+            item = self.get(index)
+            if item is not None:
+                items.append(item)
+                if len(items) == n:
+                    return items if self.size is None else items[::-1]
+        raise ValueError(f"held_out: {self.name} has fewer than {n} prompts within rollout.max_prompt_len="
+                         f"{self.max_prompt_len}")
+
     def get(self, index: int) -> PromptItem | None:
         """PromptItem of global index `index`, or None when the prompt has more than max_prompt_len tokens."""
         prompt, answer = self.rows.row(index)
@@ -312,7 +360,8 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_pr
                   seed: int) -> PromptDataset:
     """The dataset DataConfig describes; max_prompt_len = rollout.max_prompt_len, seed = run.seed."""
     if cfg.source == "arithmetic":
-        task = ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops)
+        task = ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops,
+                              num_operands=cfg.arithmetic_operands)
         return PromptDataset.from_arithmetic(task, tokenizer, max_prompt_len=max_prompt_len,
                                              chat_template=cfg.chat_template)
     if cfg.source == "file":
@@ -340,6 +389,10 @@ class PromptLoader:
         shuffle: permute each epoch (DataConfig.shuffle); ignored by the arithmetic task, whose problems are
             already random draws by index.
 
+    Attributes (all in state_dict): epoch, offset (position in the epoch's order; the next problem index for
+    the arithmetic task; `cursor` combines both into one int), num_consumed (prompts delivered, globally), num_skipped (over-long prompts passed
+    over, globally; a row is counted again in every epoch that reaches it).
+
     Example:
         loader = PromptLoader(dataset, batch_size=8, dp_rank=1, dp_size=2, seed=1234)
         items = loader.next_batch()      # 4 PromptItems: global positions 4..7 of the step's batch
@@ -355,6 +408,9 @@ class PromptLoader:
         if batch_size < 1 or batch_size % dp_size:
             raise ValueError(f"rollout.prompts_per_step={batch_size} must be a positive multiple of the "
                              f"data-parallel size {dp_size}")
+        if dataset.size is not None and dataset.size < batch_size:
+            raise ValueError(f"rollout.prompts_per_step={batch_size} is more than the {dataset.size} prompts of "
+                             f"the data set; lower it")
         self.dataset = dataset
         self.batch_size = batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -366,6 +422,27 @@ class PromptLoader:
         self.num_skipped = 0
         self._order: np.ndarray | None = None
         self._order_epoch = -1
+
+    @property
+    def cursor(self) -> int:
+        """The global position as one integer, epoch * size + offset (offset for the arithmetic task).
+
+        Monotonic in consumption, so replicas that consumed different numbers of batches (dynamic sampling
+        refills) can agree on the furthest one with an all-reduce MAX and assign it back.
+        """
+        size = self.dataset.size
+        return self.offset if size is None else self.epoch * size + self.offset
+
+    @cursor.setter
+    def cursor(self, value: int) -> None:
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"PromptLoader.cursor={value} must be >= 0")
+        size = self.dataset.size
+        if size is None:
+            self.offset = value
+        else:
+            self.epoch, self.offset = divmod(value, size)
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
@@ -380,51 +457,71 @@ class PromptLoader:
         assert self._order is not None
         return self._order
 
-    def _next_index(self) -> int:
-        size = self.dataset.size
-        if size is None:  # infinite: the offset is the problem index
-            index = self.offset
-        else:
-            if self.offset >= size:
-                self.epoch += 1
-                self.offset = 0
-                logger.info("data: epoch %d begins", self.epoch)
-            index = int(self._epoch_order()[self.offset])
-        self.offset += 1
-        return index
-
-    def _iter_global(self) -> Iterator[PromptItem]:
-        limit = self.dataset.size if self.dataset.size is not None else 100_000
-        run = 0  # consecutive skips, to fail instead of looping forever when nothing fits
-        while True:
-            index = self._next_index()
-            item = self.dataset.get(index)
-            if item is not None:
-                run = 0
-                yield item
-                continue
+    def _take(self, index: int) -> PromptItem | None:
+        """The item of `index`, or None (skipped, counted and, the first few times, logged) if over-long."""
+        item = self.dataset.get(index)
+        if item is None:
             self.num_skipped += 1
-            run += 1
             if self.num_skipped <= _LOGGED_SKIPS:
                 length = len(self.dataset.encode(self.dataset.rows.row(index)[0])[1])
                 logger.warning("data: skipping %s: prompt has %d tokens > rollout.max_prompt_len=%d (%d skipped "
                                "so far%s)", self.dataset.where(index), length, self.dataset.max_prompt_len,
                                self.num_skipped, "; further skips are only counted"
                                if self.num_skipped == _LOGGED_SKIPS else "")
-            if run >= limit:
+        return item
+
+    def _next_infinite_batch(self) -> list[PromptItem]:
+        batch: list[PromptItem] = []
+        run = 0  # consecutive skips: fail instead of looping forever when nothing fits
+        while len(batch) < self.batch_size:
+            item = self._take(self.offset)
+            self.offset += 1
+            if item is not None:
+                batch.append(item)
+                run = 0
+            elif (run := run + 1) >= 100_000:
                 raise ValueError(f"data: {run} prompts in a row are longer than rollout.max_prompt_len="
-                                 f"{self.dataset.max_prompt_len}; raise it or filter the data")
+                                 f"{self.dataset.max_prompt_len}; raise it")
+        return batch
+
+    def _next_finite_batch(self) -> list[PromptItem]:
+        size = self.dataset.size
+        assert size is not None
+        for attempt in range(2):
+            if self.offset >= size:
+                self.epoch, self.offset = self.epoch + 1, 0
+                logger.info("data: epoch %d begins", self.epoch)
+            order = self._epoch_order()
+            batch: list[PromptItem] = []
+            while len(batch) < self.batch_size and self.offset < size:
+                item = self._take(int(order[self.offset]))
+                self.offset += 1
+                if item is not None:
+                    batch.append(item)
+            if len(batch) == self.batch_size:
+                return batch
+            # drop_last: the epoch ran out mid-batch; its leftover waits for a later epoch's order.
+            logger.info("data: epoch %d ends with %d usable prompts, fewer than a batch of %d; they are not "
+                        "used this epoch", self.epoch, len(batch), self.batch_size)
+            self.offset = size
+        raise ValueError(f"data: a whole epoch of {self.dataset.name} has fewer than "
+                         f"rollout.prompts_per_step={self.batch_size} prompts within rollout.max_prompt_len="
+                         f"{self.dataset.max_prompt_len} ({self.num_skipped} skipped so far)")
 
     def next_global_batch(self) -> list[PromptItem]:
         """The whole global batch of the next step (every rank computes the same)."""
-        it = self._iter_global()
-        batch = [next(it) for _ in range(self.batch_size)]
+        if self.dataset.size is None:
+            batch = self._next_infinite_batch()
+        else:
+            batch = self._next_finite_batch()
         self.num_consumed += self.batch_size
         return batch
 
     def next_batch(self) -> list[PromptItem]:
         """This rank's contiguous share of the next global batch: batch_size // dp_size PromptItems."""
         per_rank = self.batch_size // self.dp_size
+        # Every rank tokenises the whole global batch: which prompts are skipped as over-long must be decided
+        # identically everywhere, without communication; that is B tokenisations per rank per step (ms).
         batch = self.next_global_batch()
         return batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 

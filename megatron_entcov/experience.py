@@ -120,6 +120,7 @@ def collect_experience(cfg: "RunConfig", engine, tokenizer, loader, *, step: int
         "perf/rollout_time(s)": gen_time,
         "perf/reward_time(s)": reward_time,
         "rollout/generated_tokens": float(sum(len(s.response_ids) for s in kept_samples)),
+        "data/skipped_prompts": float(loader.num_skipped),
     })
     return Experience(samples=kept_samples, rewards=rewards, advantages=adv.advantages.float(), stats=stats)
 

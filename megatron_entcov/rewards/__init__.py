@@ -2,7 +2,7 @@
 
 Verifiers (DataConfig.reward):
   - "arithmetic": exact integer answer of the synthetic task (rewards/arithmetic.py).
-  - "math": the last \\boxed{...} of the response checked against the reference with math-verify, in worker
+  - "math": the last \\boxed{...} (else a DAPO-style "Answer:" line) checked with math-verify, in worker
     processes with a per-sample time-out (rewards/math_reward.py).
 
 A verifier never raises on model text: a response it cannot parse scores 0.0 and is counted as a parse
@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -100,18 +99,11 @@ def close_verifiers() -> None:
 
 
 def summarize(results: Sequence[VerifyResult]) -> dict[str, float]:
-    """Verifier statistics of a batch: counts and fractions of parse failures, time-outs and errors.
-
-    Keys: reward/{parse_fail,timeout,error}_count and reward/{parse_fail,timeout,error}_frac (fractions of
-    len(results); 0.0 for an empty batch), and reward/num_scored.
-    """
+    """Verifier statistics of a batch: reward/{parse_fail,timeout,error}_frac, fractions of len(results) (0.0
+    for an empty batch). Fractions only, so a mean over batches weighted by batch size stays exact."""
     n = len(results)
-    stats: dict[str, float] = {"reward/num_scored": float(n)}
-    for status in ("parse_fail", "timeout", "error"):
-        count = sum(r.status == status for r in results)
-        stats[f"reward/{status}_count"] = float(count)
-        stats[f"reward/{status}_frac"] = count / n if n else 0.0
-    return stats
+    return {f"reward/{status}_frac": sum(r.status == status for r in results) / n if n else 0.0
+            for status in ("parse_fail", "timeout", "error")}
 
 
 def score(verifier_name: str, responses: Sequence[str], answers: Sequence[str], *,
@@ -125,7 +117,7 @@ def score(verifier_name: str, responses: Sequence[str], answers: Sequence[str], 
         timeout_s: per-sample time-out in seconds (DataConfig.reward_timeout_s); ignored by verifiers that
             cannot hang (arithmetic).
     Returns:
-        (rewards, stats): rewards[i] in {0.0, 1.0}; stats as in `summarize` plus "reward/verify_time(s)".
+        (rewards, stats): rewards[i] in {0.0, 1.0}; stats as in `summarize`.
     Raises:
         ValueError: unknown verifier, len(responses) != len(answers), or a reference the verifier cannot use.
     """
@@ -135,12 +127,9 @@ def score(verifier_name: str, responses: Sequence[str], answers: Sequence[str], 
     if not timeout_s > 0:
         raise ValueError(f"score: timeout_s={timeout_s!r}; expected a positive number of seconds")
     verifier = get_verifier(verifier_name)
-    start = time.perf_counter()
     results = verifier.verify_batch(list(responses), list(answers), timeout_s=timeout_s)
     assert len(results) == len(responses), (verifier_name, len(results), len(responses))
-    stats = summarize(results)
-    stats["reward/verify_time(s)"] = time.perf_counter() - start
-    return [r.reward for r in results], stats
+    return [r.reward for r in results], summarize(results)
 
 
 # Registration happens on import of the verifier modules; they import the names defined above.

@@ -2,7 +2,10 @@
 
 Scoring of one response:
   1. Extract the content of the last complete top-level \\boxed{...} (or \\fbox{...}); braces nest, escaped
-     braces (\\{ \\}) do not count. None found (or only an unclosed one) -> parse failure, 0.0.
+     braces (\\{ \\}) do not count. Without one, fall back to the last "Answer: ..." line: DAPO-Math-17k's own
+     prompts ask for that format ("The last line of your response should be of the form Answer: $Answer"),
+     so a model following them is not scored as unparseable (MathVerifier(answer_line=False) turns this off).
+     Neither found (or only an unclosed box) -> parse failure, 0.0.
   2. Content equal to the reference after stripping whitespace -> 1.0 (no sympy needed).
   3. Otherwise, in a worker process: math_verify.parse("\\boxed{<content>}") and the reference (DAPO-Math-17k
      references are bare answers like "34" or "\\frac{1}{2}", so they are parsed as "\\boxed{<reference>}"
@@ -46,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHECK = "megatron_entcov.rewards.math_reward:math_verify_check"
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# As DAPO's reference reward reads it: "answer:" anywhere on a line, the rest of the line (markdown ** allowed).
+_ANSWER_LINE_RE = re.compile(r"answer[ \t*_]*[:：][ \t*_]*([^\n]*?)[ \t*_]*$", re.IGNORECASE | re.MULTILINE)
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy on a busy node can take many seconds
 
 
@@ -88,6 +93,25 @@ def extract_last_boxed(text: str) -> str | None:
         last = text[m.end():end]
         pos = end + 1
     return last
+
+
+def extract_answer(text: str, *, answer_line: bool = True) -> str | None:
+    """The answer of a response: `extract_last_boxed`, else (with answer_line) what follows the last "Answer:"
+    to the end of its line (case-insensitive, markdown bold allowed), without enclosing $...$ or a final '.'.
+    None when neither exists or the answer is empty.
+
+    "... so \\boxed{34}" -> "34"; "work\\nAnswer: $\\frac{1}{2}$." -> "\\frac{1}{2}"
+    """
+    answer = extract_last_boxed(text)
+    if answer is None and answer_line:
+        matches = _ANSWER_LINE_RE.findall(text)
+        if matches:
+            answer = matches[-1].strip().rstrip(".").strip()
+            if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$"):
+                answer = answer.strip("$").strip()
+    if answer is None or not answer.strip():
+        return None
+    return answer
 
 
 def math_verify_check(pred: str, gold: str) -> bool | None:
@@ -328,6 +352,7 @@ class MathVerifier:
         check: "module:function" run in the workers, (pred_content, reference) -> True/False/None (None = pred
             unparseable); default `math_verify_check`. Must be importable from the trainer's sys.path.
         kill_grace_s: how long past the time-out a worker may stay silent before it is killed and replaced.
+        answer_line: without a \\boxed{}, read the answer from a last "Answer: ..." line (DAPO prompt format).
 
     Example:
         v = MathVerifier()
@@ -337,7 +362,8 @@ class MathVerifier:
 
     name = "math"
 
-    def __init__(self, num_workers: int | None = None, check: str = DEFAULT_CHECK, kill_grace_s: float = 2.0):
+    def __init__(self, num_workers: int | None = None, check: str = DEFAULT_CHECK, kill_grace_s: float = 2.0,
+                 answer_line: bool = True):
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1)
         if num_workers < 1:
@@ -347,6 +373,7 @@ class MathVerifier:
         self.num_workers = num_workers
         self.check = check
         self.kill_grace_s = kill_grace_s
+        self.answer_line = answer_line
         self._pool: _WorkerPool | None = None
         self._finalizer: weakref.finalize | None = None
         self._lock = threading.Lock()
@@ -361,8 +388,8 @@ class MathVerifier:
         for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
             if not isinstance(answer, str):
                 raise ValueError(f"math verifier: reference answer {i} is {answer!r}; expected a string")
-            pred = extract_last_boxed(response) if isinstance(response, str) else None
-            if pred is None or not pred.strip():
+            pred = extract_answer(response, answer_line=self.answer_line) if isinstance(response, str) else None
+            if pred is None:
                 results[i] = VerifyResult(0.0, "parse_fail")
             elif pred.strip() == answer.strip():
                 results[i] = VerifyResult(1.0, "ok")
@@ -376,7 +403,8 @@ class MathVerifier:
                     # Stops the workers when the verifier is garbage-collected or at interpreter exit.
                     self._finalizer = weakref.finalize(self, _close_pool, self._pool)
                 for i, (status, correct) in zip(slots, self._pool.run(tasks, timeout_s)):
-                    results[i] = VerifyResult(1.0 if status == "ok" and correct else 0.0, status)  # type: ignore[arg-type]
+                    reward = 1.0 if status == "ok" and correct else 0.0
+                    results[i] = VerifyResult(reward, status)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

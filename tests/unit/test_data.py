@@ -155,7 +155,7 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path, tok, caplog):
     loader = PromptLoader(ds, batch_size=4, seed=0, shuffle=False)
     first, second = loader.next_global_batch(), loader.next_global_batch()
     assert [it.index for it in first + second] == [1, 2, 4, 5, 7, 8, 10, 11]
-    assert loader.num_skipped == 3 and loader.state_dict()["num_skipped"] == 3
+    assert loader.num_skipped == 4 and loader.state_dict()["num_skipped"] == 4
     assert "l.jsonl line 1: prompt has 21 tokens > rollout.max_prompt_len=10" in caplog.text
     assert all(len(it.prompt_ids) <= 10 for it in first + second)
 
@@ -163,8 +163,11 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path, tok, caplog):
 def test_nothing_fits_raises(tmp_path, tok):
     ds = _file_dataset(_write_jsonl(tmp_path / "l.jsonl", [{"prompt": "1" * 20, "answer": "1"}] * 3), tok,
                        max_prompt_len=5)
-    with pytest.raises(ValueError, match="3 prompts in a row are longer than rollout.max_prompt_len=5"):
+    with pytest.raises(ValueError, match=r"l.jsonl has fewer than rollout.prompts_per_step=1 prompts within "
+                                         r"rollout.max_prompt_len=5 \(6 skipped"):
         PromptLoader(ds, batch_size=1, shuffle=False).next_batch()
+    with pytest.raises(ValueError, match="prompts_per_step=4 is more than the 3 prompts"):
+        PromptLoader(ds, batch_size=4)
 
 
 def test_arithmetic_prompt_length_checked_up_front(tok):
@@ -213,8 +216,13 @@ def test_epochs_cover_the_dataset_and_reshuffle(file_ds):
     again = PromptLoader(file_ds, batch_size=10, seed=3)
     assert _indices(again.next_global_batch()) == epoch0  # order depends on seed and epoch, not batch size
     unshuffled = PromptLoader(file_ds, batch_size=4, shuffle=False)
+    # drop_last: rows 8 and 9 (fewer than a batch) are left over in epoch 0; no batch spans two epochs
     assert [_indices(unshuffled.next_global_batch()) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7],
-                                                                           [8, 9, 0, 1]]  # runs into epoch 1
+                                                                           [0, 1, 2, 3]]
+    shuffled = PromptLoader(file_ds, batch_size=4, seed=4)
+    for _ in range(10):
+        batch = _indices(shuffled.next_global_batch())
+        assert len(set(batch)) == 4
 
 
 @pytest.mark.parametrize("dp_size", [2, 4])
@@ -271,6 +279,34 @@ def test_load_state_dict_rejects_another_dataset(file_ds, tok, tmp_path):
     state = PromptLoader(file_ds, batch_size=2).state_dict()
     other = _file_dataset(_write_jsonl(tmp_path / "o.jsonl", [{"prompt": "1=", "answer": "1"}]), tok)
     with pytest.raises(ValueError, match="dataset of 10 rows but this one has 1"):
-        PromptLoader(other, batch_size=2).load_state_dict(state)
+        PromptLoader(other, batch_size=1).load_state_dict(state)
     with pytest.raises(ValueError, match="lacks"):
         PromptLoader(file_ds, batch_size=2).load_state_dict({"epoch": 0})
+
+
+def test_cursor_is_one_monotonic_int_and_settable(file_ds):
+    a = PromptLoader(file_ds, batch_size=4, dp_rank=0, dp_size=2, seed=6)
+    b = PromptLoader(file_ds, batch_size=4, dp_rank=1, dp_size=2, seed=6)
+    seen = []
+    for _ in range(3):  # a refills twice more than b (dynamic sampling)
+        a.next_batch()
+        seen.append(a.cursor)
+    b.next_batch()
+    assert seen == sorted(seen) and seen[-1] == 14  # 10 rows: 2 batches, 2 left over, then 4 into epoch 1
+    b.cursor = max(a.cursor, b.cursor)  # what the trainer's all-reduce MAX does
+    assert (b.epoch, b.offset) == (1, 4)
+    assert _indices(a.next_global_batch()) == _indices(b.next_global_batch())
+    ds = build_dataset(DataConfig(), file_ds.tokenizer, max_prompt_len=64, seed=0)
+    inf = PromptLoader(ds, batch_size=2)
+    inf.cursor = 10
+    assert _indices(inf.next_global_batch()) == [10, 11] and inf.cursor == 12
+
+
+def test_held_out(file_ds, tok):
+    ds = build_dataset(DataConfig(), tok, max_prompt_len=64, seed=0)
+    items = ds.held_out(3)
+    assert [it.index for it in items] == [PromptDataset.HELD_OUT_START + i for i in range(3)]
+    assert items == ds.held_out(3)
+    assert [it.index for it in file_ds.held_out(2)] == [8, 9]
+    with pytest.raises(ValueError, match="fewer than 11 prompts"):
+        file_ds.held_out(11)
