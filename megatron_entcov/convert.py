@@ -9,11 +9,11 @@ The key map is declarative (:mod:`megatron_entcov.convert_map`); this module doe
   safetensors files, then saved as a Megatron dist checkpoint. A dist checkpoint is layout-free (global
   keys, layers stacked, TP shards as offsets), so it loads at any tp/pp; ``--tp`` only fixes the vocabulary
   padding (``ModelConfig.padded_vocab_size(tp)``) and is checked against the head/layer counts with ``--pp``.
-  Peak host memory: one copy of the model plus the largest tensor (measured in docs/conversion.md).
+  Peak host memory: one copy of the model plus a few copies of the largest tensor (docs/conversion.md).
 - :func:`convert_megatron_to_hf`: any Megatron dist checkpoint (saved at any layout) -> safetensors shards of
   bounded size, index, config.json, tokenizer files. Streams one layer at a time straight from the
-  checkpoint files (torch.distributed.checkpoint's reader, no process group, no model): peak memory is one
-  layer plus one output shard.
+  checkpoint files (torch.distributed.checkpoint's reader, no process group, no model): peak memory is about
+  two output shards plus a few copies of the largest tensor, whatever the model size.
 - :func:`load_hf_weights`: Hugging Face weights into this rank's shards of a built model (any tp/pp/vpp).
 - :func:`iter_hf_weights`: this model's weights as (hf_name, full tensor) buckets, gathered over tp and pp,
   for weight sync to rollout engines.
@@ -21,8 +21,8 @@ The key map is declarative (:mod:`megatron_entcov.convert_map`); this module doe
 Example:
     convert_hf_to_megatron("/models/Qwen2.5-7B", "/ckpts/qwen7b", tp=4, pp=1)
     convert_megatron_to_hf("/ckpts/qwen7b", "/models/qwen7b-rl", dtype="bfloat16")
-    for bucket in iter_hf_weights(chunks, cfg.model, ps, bucket_bytes=1 << 30):
-        engine.update_weights(bucket)
+    for bucket in iter_hf_weights(chunks, cfg.model, ps, bucket_bytes=1 << 30):   # every tp x pp rank
+        send(bucket)                                    # [(hf_name, full tensor), ...]
 
 Command line (``tools/convert_*.py`` and ``megatron-entcov convert ...`` call the ``main_*`` functions):
     python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen2.5-7B --out /ckpts/qwen7b --tp 4 --pp 1
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "HFCheckpoint", "load_hf_model_config", "load_hf_weights", "iter_hf_weights", "convert_hf_to_megatron",
+    "HFCheckpoint", "load_hf_model_config", "check_hf_checkpoint", "load_hf_weights", "iter_hf_weights", "convert_hf_to_megatron",
     "convert_megatron_to_hf", "resolve_megatron_checkpoint", "load_checkpoint_model_config",
     "main_hf_to_megatron", "main_megatron_to_hf",
 ]
@@ -188,6 +188,9 @@ def load_hf_model_config(hf_dir: str | Path, *, dtype: str | None = None,
     if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()):
         raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {str(cfg_file)!r}: "
                          f"supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"use_sliding_window=true in {str(cfg_file)!r} is not supported (Megatron attends to the "
+                         "whole context)")
     from transformers import AutoConfig
 
     fields = model_fields_from_hf(AutoConfig.from_pretrained(hf_dir))
@@ -396,8 +399,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
 
     The dist checkpoint is written at tp=1, pp=1 and loads at any layout whose padded vocabulary equals
     ``ModelConfig.padded_vocab_size(tp)`` (always the case for tp' dividing ``tp`` when the vocabulary is
-    already a multiple of ``make_vocab_size_divisible_by * tp``). Runs in one process; when torch.distributed
-    is already initialised every rank builds the whole model and the write is shared (tests).
+    already a multiple of ``make_vocab_size_divisible_by * tp``; Megatron loads vocabulary tensors with
+    ``allow_shape_mismatch``, so other paddings load too). Runs in one process; when torch.distributed is
+    already initialised it is collective: every rank builds the whole model, the write is shared, and
+    Megatron's parallel state is left at tp=1, pp=1 (call ``init_parallel`` again afterwards).
     Raises ValueError for an unsupported architecture, a missing tensor, a shape mismatch, a bad layout or
     an output directory that already holds a checkpoint (unless ``force``).
     """

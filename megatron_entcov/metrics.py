@@ -40,6 +40,7 @@ _CONSOLE_KEYS = (
     ("train/kl_cov_frac", "klcov", "{:.1e}"),
     ("rollout/response_len", "len", "{:.1f}"),
     ("train/grad_norm", "gnorm", "{:.2e}"),
+    ("sft/loss", "loss", "{:.4f}"),
     ("perf/step_time(s)", "t", "{:.1f}s"),
 )
 

@@ -20,11 +20,14 @@ consumer of an RL step, and every extra full pass costs bandwidth. Here:
 - With lse = M + log S0: logprob = (z_label - M) - log S0 and H = lse - E_pi[z] = log S0 - S1 / S0.
   Everything is formed from shifted quantities (z - M, S1 / S0 = E_pi[z - M]), never from lse itself, so
   logits of magnitude 1e4 lose no precision to cancellation in fp32 (an fp32 lse would carry ulp(1e4) ~ 1e-3).
-- Backward keeps three floats per token, M, 1 / S0 and E_pi[z - M] (plus a reference to the logits and the
-  labels; no copy, no saved softmax) and recomputes, chunk by chunk, d = z - M and p = exp(d) / S0:
+- Backward keeps four floats per token, M, 1 / S0, E_pi[z - M] and the logit at the label's column (plus
+  a reference to the logits and the labels; no copy, no saved softmax) and recomputes, chunk by chunk,
+  d = z - M and p = exp(d) / S0:
       dlogp/dz = onehot(label) - p,   dH/dz = -p * (log p + H),   log p + H = d - E_pi[d],
       grad_z   = g_lp * (onehot - p) - g_H * p * (d - E_pi[d]).
-  Backward needs no communication: M, S0 and E_pi[d] are already global.
+  The chunk kernels write the dense part; the T label entries (onehot term) are written afterwards from the
+  saved label logits, which keeps a per-element comparison out of the hot loop. Backward needs no
+  communication: M, S0 and E_pi[d] are already global.
 - `inplace_backward=True` writes the gradient into the logits buffer, so backward allocates only chunks.
 - -inf logits (vocab padding columns) give p = 0 and p * log p = 0: the shifted logit z - m is floored at
   -1000 (where exp is already exactly 0) before it multiplies exp of itself, so 0 * (-inf) never happens.

@@ -138,6 +138,21 @@ def test_unsupported_architecture(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_sliding_window_and_rope_scaling_are_refused(tmp_path):
+    from megatron_entcov.convert import convert_hf_to_megatron
+
+    hf = _write_hf(tmp_path / "hf")
+    raw = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**raw, "use_sliding_window": True}))
+    with pytest.raises(ValueError, match="use_sliding_window=true .* is not supported"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (hf / "config.json").write_text(json.dumps({**raw, "rope_parameters": rope}))
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+
+
 def test_missing_tensor(tmp_path):
     from megatron_entcov.convert import convert_hf_to_megatron
 
