@@ -70,12 +70,15 @@ def collect_experience(cfg: "RunConfig", engine, tokenizer, loader, *, step: int
     gen_time = reward_time = 0.0
     agg_stats: dict[str, float] = {}
     rounds = 1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)
+    # The tokenizer's end-of-sequence token always ends a response.
+    stop_ids = tuple(dict.fromkeys([*cfg.sampling.stop_token_ids, tokenizer.eos_token_id]))
     num_groups_seen = num_degenerate = 0
     for round_idx in range(rounds):
         prompts = loader.next_batch()
         if want is None:
             want = len(prompts)
-        params = SamplingParams.from_config(cfg.sampling, seed=base_seed + 7919 * round_idx)
+        params = SamplingParams.from_config(cfg.sampling, seed=base_seed + 7919 * round_idx,
+                                            stop_token_ids=stop_ids)
         samples, rewards, stats, tg, tr = _score_round(cfg, engine, tokenizer, prompts, params)
         gen_time += tg
         reward_time += tr

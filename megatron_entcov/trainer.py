@@ -114,6 +114,10 @@ class Trainer:
                     raise ValueError(f"checkpoint.load={ck.load!r} holds no complete checkpoint")
                 path = found / "model"
             load_model(self.chunks, path)
+        elif self.cfg.model.hf_dir:
+            from megatron_entcov.convert import load_hf_weights
+
+            load_hf_weights(self.chunks, self.cfg.model, self.cfg.model.hf_dir, self.ps)
         self._sync_weights()
 
     def _trainer_state(self) -> dict:
