@@ -32,7 +32,7 @@ from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
 from megatron_entcov.experience import broadcast_experience, collect_experience
 from megatron_entcov.losses.policy import compute_token_selection, policy_loss, warn_if_kl_cov_inert
-from megatron_entcov.metrics import MetricsLogger, reduce_sum_metrics
+from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
 from megatron_entcov.model import build_model
 from megatron_entcov.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.parallel import ParallelState
@@ -238,8 +238,11 @@ class Trainer:
             local["entropy/mean"] = _masked_share(old_ent, mask, n_tok)
             local["rollout/logprob_gap"] = _masked_share((batch.rollout_logprobs - old_lp).abs(), mask, n_tok)
             local["perf/tokens"] = float(mask.sum())
+        progress = Progress(f"step {self.step + 1} train", cfg.optim.num_mini_batches, enabled=ps.is_rank0)
         for index, mini in enumerate(batch.split(cfg.optim.num_mini_batches)):
             self._train_mini_batch(mini, index, local)
+            progress.update()
+        progress.close()
         if cfg.metrics.measure_entropy_change:
             _, new_ent = self.policy.forward(batch, cfg.optim.micro_batch_size)
             if token_owner:
