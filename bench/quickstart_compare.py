@@ -33,12 +33,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/compare", help="output directory (runs are written below it)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per method (default: the config's)")
+    parser.add_argument("--report-only", action="store_true", help="only summarise runs already under --out")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     common = ["--set", f"output_dir={out}"] + (["--set", f"steps={args.steps}"] if args.steps else [])
-    _run(["sft", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--set", "name=sft", *common])
     sft_ckpt = out / "sft" / "sft" / "checkpoints"
-    for method, config in METHODS.items():
+    for method, config in ({} if args.report_only else METHODS).items():
+        if method == "grpo":
+            _run(["sft", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--set", "name=sft", *common])
         _run(["train", "--config", str(ROOT / "configs" / config), "--set", f"name={method}",
               "--set", f"checkpoint.load={sft_ckpt}", "--set", "checkpoint.save_interval=0", *common])
 
