@@ -151,3 +151,33 @@ def test_bad_config_and_data_fail_clearly(tmp_path, setting, match):
     assert match.replace("BAD", str(bad)) in out
     if "data.path" in " ".join(setting):
         assert "row 2" in out or "line 2" in out, out
+
+
+def _nan_worker(rank, world_size, run_dir):
+    import megatron_entcov.trainer as trainer_mod
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+
+    cfg = load_config(None, TINY + ["steps=1", f"output_dir={run_dir}", "name=nan"]).resolve(world_size)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    real = trainer_mod.policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    trainer_mod.policy_loss = poisoned
+    trainer = trainer_mod.Trainer(cfg, ps)
+    before = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()}
+    metrics = trainer.train_step()
+    changed = [n for c in trainer.chunks for n, p in c.named_parameters() if not torch.equal(before[n], p)]
+    trainer.close()
+    return {"changed": changed, "skipped": trainer.skipped_steps, "optimizer_steps": trainer.optimizer_steps,
+            "reported": metrics.get("train/skipped_updates")}
+
+
+def test_non_finite_step_is_skipped_and_reported(tmp_path):
+    (res,) = run_workers(_nan_worker, 1, args=(str(tmp_path),), timeout=180)
+    assert res["changed"] == [], f"a NaN step was applied to {res['changed']}"
+    assert res["skipped"] == 2 and res["optimizer_steps"] == 0  # both mini-batches skipped
+    assert res["reported"] == 2.0
