@@ -1,12 +1,14 @@
 # Set-up and entry points. A fresh machine with Python 3.11 needs only:
 #   make quickstart   # venv + install + CPU quickstart run
-#   make test         # venv + install + tests (what CI runs through .ci/run)
+#   make test         # venv + install + tests (what CI runs through .ci/run): core suite + real SGLang servers
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_FLAGS ?=
 
-.PHONY: setup quickstart test test-slow test-all bench clean
+.PHONY: setup quickstart test test-core test-slow test-all bench clean
+
+include mk/sglang.mk
 
 $(VENV)/.installed: setup.py requirements/cpu.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -24,13 +26,16 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(PY) -m megatron_entcov quickstart
 
-test: setup
-	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_FLAGS)
+# Everything CI runs: the core suite, then the tests against real SGLang servers (builds their venv once).
+test: test-core test-sglang
+
+test-core: setup
+	$(PY) -m pytest -m "not gpu and not slow and not sglang" $(PYTEST_FLAGS)
 
 test-slow: setup
 	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_FLAGS)
 
-test-all: setup
+test-all: setup sglang-env
 	$(PY) -m pytest -m "not gpu" $(PYTEST_FLAGS)
 
 bench: setup

@@ -11,9 +11,10 @@ What is measured, per (rows x vocab, dtype), on the same logits and upstream gra
   `sum(g_lp * logp + g_H * H)` (what RL code commonly writes, with the usual upcast to fp32).
 - ours: `logprobs_and_entropy` forward + backward of the same objective, eager and torch.compile'd chunk
   kernels, with a new gradient tensor and with `inplace_backward=True` (gradient written into the logits).
-Times are the median of --reps runs after --warmup runs (compilation happens in warm-up and is reported
-separately as the first call); ratios use medians. The minimum is printed too: on a shared machine it is the
-least disturbed run. The in-place variant gets a fresh copy of the logits before every run, outside the timer.
+Times are the median of --reps runs after --warmup runs (compilation happens in the first call, reported
+separately); ratios use medians. Reps go round robin over the variants, so load from other processes on a
+shared machine hits every variant alike; the minimum (least disturbed run) and the load average are
+recorded too. The in-place variant gets a fresh copy of the logits before every run, outside the timer.
 
 Peak extra memory is the kernel's resident-set high-water mark, not a sample: before a run we release free
 heap (malloc_trim), reset the high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and read
@@ -98,20 +99,14 @@ def ours_fwd_bwd(logits, labels, g_lp, g_h, *, inplace, use_compile, chunk_size)
     return grad
 
 
-def time_median(fn, *, reps, warmup, setup=None):
-    for _ in range(warmup):
-        if setup is not None:
-            setup()
-        fn()
-    times = []
-    for _ in range(reps):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-        del out
-    return statistics.median(times), times
+def _timed(fn, setup=None) -> float:
+    if setup is not None:
+        setup()
+    start = time.perf_counter()
+    out = fn()
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed
 
 
 def bench_case(rows, vocab, dtype, *, reps, warmup, chunk_size, compile_modes):
@@ -122,42 +117,59 @@ def bench_case(rows, vocab, dtype, *, reps, warmup, chunk_size, compile_modes):
     g_h = torch.randn(rows, generator=gen)
     work = torch.empty_like(logits)  # the in-place variant overwrites this copy, never `logits`
     work.copy_(logits)
+    dst = torch.empty_like(logits)
     nbytes = logits.numel() * logits.element_size()
-    results = []
 
-    def record(name, fn, setup=None, extra=None):
-        t0 = time.perf_counter()
-        fn() if setup is None else (setup(), fn())
-        first = time.perf_counter() - t0  # includes compilation for the compiled variants
-        med, times = time_median(fn, reps=reps, warmup=max(0, warmup - 1), setup=setup)
+    # name -> (fn, setup, extra fields)
+    variants = {
+        "memcpy": (lambda: dst.copy_(logits), None, {}),
+        "naive": (lambda: naive_fwd_bwd(logits, labels, g_lp, g_h), None, {}),
+    }
+    for use_compile in compile_modes:
+        tag = "compiled" if use_compile else "eager"
+        extra = {"chunk_rows": min(rows, chunk_size or default_chunk_size(vocab, use_compile))}
+        variants[f"ours_{tag}"] = (
+            lambda c=use_compile: ours_fwd_bwd(logits, labels, g_lp, g_h, inplace=False, use_compile=c,
+                                               chunk_size=chunk_size),
+            None, extra)
+        variants[f"ours_{tag}_inplace"] = (
+            lambda c=use_compile: ours_fwd_bwd(work, labels, g_lp, g_h, inplace=True, use_compile=c,
+                                               chunk_size=chunk_size),
+            lambda: work.copy_(logits), extra)
+
+    first = {name: _timed(fn, setup) for name, (fn, setup, _) in variants.items()}  # compiles
+    for _ in range(max(0, warmup - 1)):
+        for fn, setup, _ in variants.values():
+            _timed(fn, setup)
+    # Round robin: every rep times each variant once, so a burst of load from other processes on a
+    # shared machine hits all variants alike instead of one variant's whole series.
+    times = {name: [] for name in variants}
+    loads = []
+    for _ in range(reps):
+        for name, (fn, setup, _) in variants.items():
+            times[name].append(_timed(fn, setup))
+        loads.append(os.getloadavg()[0])
+
+    results = []
+    for name, (fn, setup, extra) in variants.items():
         if setup is not None:
             setup()
         peak = peak_extra_bytes(fn)
+        med = statistics.median(times[name])
         results.append(
-            {"variant": name, "median_s": med, "min_s": min(times), "times_s": times, "first_call_s": first,
-             "loadavg_1min": os.getloadavg()[0],
-             "peak_extra_bytes": peak, "peak_extra_x_logits": peak / nbytes, **(extra or {})}
+            {"variant": name, "median_s": med, "min_s": min(times[name]), "times_s": times[name],
+             "first_call_s": first[name], "peak_extra_bytes": peak, "peak_extra_x_logits": peak / nbytes,
+             **extra}
         )
-        print(f"  {name:<24} median {med * 1e3:8.1f} ms   first {first:6.2f} s   peak extra {peak / nbytes:6.3f}x"
-              f"   load {os.getloadavg()[0]:.2f}", flush=True)
-
-    dst = torch.empty_like(logits)
-    record("memcpy", lambda: dst.copy_(logits))
-    record("naive", lambda: naive_fwd_bwd(logits, labels, g_lp, g_h))
-    for use_compile in compile_modes:
-        tag = "compiled" if use_compile else "eager"
-        chunk = {"chunk_rows": chunk_size or default_chunk_size(vocab, use_compile)}
-        record(f"ours_{tag}", lambda: ours_fwd_bwd(
-            logits, labels, g_lp, g_h, inplace=False, use_compile=use_compile, chunk_size=chunk_size), extra=chunk)
-        record(f"ours_{tag}_inplace", lambda: ours_fwd_bwd(
-            work, labels, g_lp, g_h, inplace=True, use_compile=use_compile, chunk_size=chunk_size),
-            setup=lambda: work.copy_(logits), extra=chunk)
+        print(f"  {name:<24} median {med * 1e3:8.1f} ms   min {min(times[name]) * 1e3:8.1f} ms   "
+              f"first {first[name]:6.2f} s   peak extra {peak / nbytes:6.3f}x", flush=True)
+    print(f"  load average (1 min) during the timed reps: {min(loads):.2f}..{max(loads):.2f}", flush=True)
     base = {r["variant"]: r["median_s"] for r in results}
     for r in results:
         r["over_memcpy"] = r["median_s"] / base["memcpy"]
         r["naive_over"] = base["naive"] / r["median_s"]
     return {"rows": rows, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."), "logits_bytes": nbytes,
-            "results": results}
+            "loadavg_during_reps": loads, "results": results}
 
 
 def format_table(cases) -> str:

@@ -209,6 +209,9 @@ class RolloutConfig:
     """SGLang engine: time-out of one generate request, in seconds."""
     sync_bucket_mb: float = 256.0
     """Weight sync: the most megabytes of full (gathered) tensors held and sent at once."""
+    sync_method: Literal["disk", "distributed", "tensor"] = "disk"
+    """SGLang engine weight transport: 'disk' (safetensors + update_weights_from_disk; any topology),
+    'distributed' (gloo/NCCL broadcast group; servers on other nodes), 'tensor' (serialized tensors; colocated)."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.engine", self.engine, ("local", "sglang"))
@@ -217,6 +220,7 @@ class RolloutConfig:
         _check_positive("rollout.max_refill_rounds", self.max_refill_rounds, allow_zero=True)
         _check_positive("rollout.request_timeout_s", self.request_timeout_s)
         _check_positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
+        _check_choice("rollout.sync_method", self.sync_method, ("disk", "distributed", "tensor"))
 
 
 @dataclass(kw_only=True)

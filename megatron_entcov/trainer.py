@@ -288,4 +288,6 @@ def _build_engine(cfg: RunConfig):
         from megatron_entcov.rollout.local import LocalEngine
 
         return LocalEngine(cfg.model, seed=cfg.seed)
-    raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; use 'local'")
+    from megatron_entcov.rollout.sglang import SGLangEngine
+
+    return SGLangEngine.from_config(cfg)

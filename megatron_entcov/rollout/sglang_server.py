@@ -1,0 +1,297 @@
+"""SGLang server processes: launch, wait until ready, stop; plus the Hugging Face model directory a server loads.
+
+The servers run from their OWN virtual environment (``make sglang-env``; sglang pins a torch that cannot share
+the trainer's), so this module never imports sglang: a server is a child process started with that venv's
+python, reached over HTTP. Each server runs in its own process group (``start_new_session``), so stopping it
+stops its scheduler and detokenizer children too, and nothing else.
+
+Example:
+    model_dir = write_hf_model_dir(cfg.model, "/tmp/policy")            # config + random weights + tokenizer
+    server = SGLangServer(model_dir, port=free_port(), log_path="/tmp/sglang-0.log")
+    server.start(); server.wait_ready(timeout_s=300)
+    ... HTTP to server.url ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "default_server_python", "free_port", "SGLangServer",
+           "write_hf_model_dir"]
+
+SGLANG_VERSION = "0.5.23"
+SGLANG_TORCH = "2.14.1"
+DEFAULT_SERVER_PYTHON = str(Path.home() / ".cache" / "megatron-entcov" /
+                            f"sglang-venv-{SGLANG_VERSION}-torch{SGLANG_TORCH}" / "bin" / "python")
+"""Where ``make sglang-env`` (mk/sglang.mk) puts the server venv's python."""
+
+
+def default_server_python() -> str:
+    """$SGLANG_PY when set (mk/sglang.mk exports it), else DEFAULT_SERVER_PYTHON."""
+    return os.environ.get("SGLANG_PY") or DEFAULT_SERVER_PYTHON
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (the OS picks it; a race with other processes is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed: int = 0,
+                       tokenizer=None) -> Path:
+    """Write a Hugging Face model directory an SGLang server can load: config.json, model.safetensors and
+    tokenizer files.
+
+    Args:
+        model_cfg: ModelConfig of the policy.
+        out_dir: directory to create (existing files are overwritten).
+        state_dict: HF-named tensors to save; None = a random init drawn from ``seed`` (the trainer syncs its
+            weights before the first rollout, so the initial values do not matter).
+        tokenizer: HF tokenizer to save; None = the character tokenizer of the arithmetic task.
+    Returns:
+        The directory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_entcov.hf_config import to_hf_config
+    from megatron_entcov.tokenizer import build_char_tokenizer, save_tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_cfg = to_hf_config(model_cfg)
+    dtype = getattr(torch, model_cfg.params_dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+        missing = [k for k in missing if not (model_cfg.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"write_hf_model_dir: state_dict does not match {type(model).__name__}: missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]}")
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if tokenizer is None:
+        build_char_tokenizer(out_dir)
+    else:
+        save_tokenizer(tokenizer, out_dir)
+    return out_dir
+
+
+class SGLangServer:
+    """One ``sglang.launch_server`` child process (its own process group), with its log in a file."""
+
+    def __init__(self, model_dir: str | Path, *, port: int, host: str = "127.0.0.1", python: str | None = None,
+                 device: str = "cpu", dtype: str | None = None, max_total_tokens: int | None = 4096,
+                 extra_args: Sequence[str] = (), log_path: str | Path | None = None,
+                 env: dict[str, str] | None = None, num_threads: int | None = None):
+        """
+        Args:
+            model_dir: HF model directory (config.json, safetensors, tokenizer files).
+            port, host: where the server listens.
+            python: the server venv's python (default: default_server_python()).
+            device: 'cpu' (adds --model-impl transformers: SGLang's native CPU kernels need a CPU build of
+                sgl-kernel that is not on PyPI; and --sleep-on-idle) or 'cuda'.
+            dtype: model and KV-cache dtype ('float32', 'bfloat16', 'float16'); None = SGLang's 'auto', which
+                serves a float32 checkpoint in float16 (log-probs then differ from a float32 trainer by ~1e-3).
+            max_total_tokens: KV-cache size in tokens; on CPU keep it small (without it the KV cache takes ~70%
+                of RAM). None = SGLang's default.
+            extra_args: more launch_server flags, passed through.
+            log_path: file for the server's stdout+stderr (default: /tmp/sglang-<port>.log).
+            env: the server's environment (default: this process's).
+            num_threads: OMP_NUM_THREADS of a CPU server (default: half the cores, at least 1).
+        """
+        self.model_dir = str(model_dir)
+        self.host, self.port = host, int(port)
+        self.python = python or default_server_python()
+        self.device = device
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.max_total_tokens = max_total_tokens
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/sglang-{self.port}.log")
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+        self._shm_files: set[str] = set()
+        self._t_start = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_dir, "--device", self.device,
+               "--host", self.host, "--port", str(self.port), "--weight-version", "0"]
+        if self.device == "cpu":
+            # --sleep-on-idle: an idle scheduler otherwise spins a whole core, taken from a colocated trainer.
+            cmd += ["--model-impl", "transformers", "--sleep-on-idle"]
+        if self.dtype is not None:
+            cmd += ["--dtype", self.dtype]
+        if self.max_total_tokens is not None:
+            cmd += ["--max-total-tokens", str(self.max_total_tokens)]
+        return cmd + self.extra_args
+
+    def start(self) -> None:
+        if not Path(self.python).is_file():
+            raise FileNotFoundError(f"SGLang server python {self.python!r} does not exist; build the server venv "
+                                    "with `make sglang-env` (or pass server_python=/ set $SGLANG_PY)")
+        env = dict(os.environ if self.env is None else self.env)
+        # The trainer's thread settings and venv must not leak into the server's interpreter.
+        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+            env.pop(key, None)
+        if self.device == "cpu":
+            env["OMP_NUM_THREADS"] = str(self.num_threads or max(1, (os.cpu_count() or 2) // 2))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        cmd = self.command()
+        logger.info("SGLang server: starting %s (log %s)", " ".join(cmd), self.log_path)
+        self._t_start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout_s: float = 300.0) -> float:
+        """Block until GET /get_model_info answers 200; returns the start-up seconds. Raises RuntimeError when
+        the process exits or the time-out passes (with the log's tail)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive():
+                rc = self.proc.returncode if self.proc else None
+                raise RuntimeError(f"SGLang server {self.url} exited (rc={rc}) during start-up; log "
+                                   f"{self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/get_model_info", timeout=5) as r:
+                    if r.status == 200:
+                        self._record_shm()
+                        self.startup_s = time.monotonic() - self._t_start
+                        logger.info("SGLang server %s ready after %.1f s", self.url, self.startup_s)
+                        return self.startup_s
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"SGLang server {self.url} not ready after {timeout_s:.0f} s; log "
+                                   f"{self.log_path}:\n{self.log_tail()}")
+            time.sleep(1.0)
+
+    def kill(self) -> None:
+        """SIGKILL the server's processes at once (also what a crash looks like: tests use it)."""
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGKILL every process of the server but Python's multiprocessing resource tracker, which then unlinks
+        the semaphores they leave once they are gone; then remove the shared-memory files the server had open.
+        Idempotent. Why no SIGTERM first: the launcher ignores it while its children live, and its own shutdown
+        path kills the resource tracker first, leaking /dev/shm/sem.mp-* files; a rollout server has no state
+        worth a graceful exit."""
+        if self.proc is None:
+            return
+        self._record_shm()
+        self._signal_group(signal.SIGKILL, spare_tracker=True)
+        if self.proc.poll() is None:
+            self.proc.wait()
+        self._wait_group_gone(10.0)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._signal_group(signal.SIGKILL, spare_tracker=False)     # whatever is left, tracker included
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.wait()
+        for path in self._shm_files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._shm_files = set()
+
+    def _group_pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        return _pids_in_group(self.proc.pid)
+
+    def _signal_group(self, sig: int, *, spare_tracker: bool) -> None:
+        for pid in self._group_pids():
+            if spare_tracker and "resource_tracker" in _cmdline(pid):
+                continue
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _wait_group_gone(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None:
+                self.proc.poll()                 # reap the leader, or it stays a zombie in the group
+            if not [p for p in self._group_pids() if not _is_zombie(p)]:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def _record_shm(self) -> None:
+        """Remember the /dev/shm/sglang_loads_*.shm files the server's processes have open or mapped: a killed
+        server leaves them behind, and their names do not say whose they are."""
+        for pid in self._group_pids():
+            try:
+                with open(f"/proc/{pid}/maps") as f:
+                    self._shm_files.update(line.split()[-1] for line in f if "/dev/shm/sglang_loads_" in line)
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/dev/shm/sglang_loads_"):
+                        self._shm_files.add(target)
+            except OSError:
+                continue
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:               # fields after the command: state, ppid, pgrp, ...
+            out.append(int(entry))
+    return out
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

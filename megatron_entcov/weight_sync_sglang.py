@@ -1,0 +1,329 @@
+"""Weight transports from the trainer to SGLang servers, used by ``SGLangEngine.update_weights``.
+
+``WeightSync.push`` (weight_sync.py) hands the engine buckets of full HF-named tensors; the engine wraps the
+transfer in pause/begin/end/version/continue calls and verifies the version (rollout/sglang.py); a transport
+only moves the tensors. None of them imports sglang (the trainer cannot: different torch).
+
+- 'disk': each bucket is written as one safetensors file into a fresh directory (plus config.json), then every
+  server is told ``/update_weights_from_disk {model_path}``. Needs a file system the servers can read (local or
+  shared); costs one write and one read of the whole model per sync. The robust fallback.
+- 'distributed': at the first sync, a process group is formed between this process (rank 0) and every server's
+  TP ranks (``/init_weights_update_group``, gloo on CPU, NCCL on GPU); per bucket, every server is sent
+  ``/update_weights_from_distributed {names, dtypes, shapes}`` while this process broadcasts each tensor in the
+  same order. No file system, one copy per tensor; servers on other nodes need ``sync_master_address``
+  reachable from them.
+- 'tensor': per bucket, ``/update_weights_from_tensor`` with the bucket pickled the way sglang's
+  MultiprocessingSerializer does it (multiprocessing's ForkingPickler + base64; plain stdlib + torch, no sglang
+  import): CPU tensors travel through shared memory (torch's 'file_system' sharing strategy, which this
+  transport sets process-wide: the default 'file_descriptor' strategy makes the server's scheduler die), CUDA
+  tensors as CUDA IPC handles. Colocated servers only (same host). The sender keeps each bucket alive until
+  every server has answered.
+
+Every transport validates names and shapes against the HF model (``expected_shapes``) before sending, converts
+to the model dtype, drops ``lm_head.weight`` of a tied model (the server shares the embedding), and drains the
+producer on a bad tensor before raising (the producer may run gather collectives).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from megatron_entcov.rollout.engine import NamedTensors, iter_named_tensors
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SYNC_METHODS", "expected_shapes", "build_transport", "DiskTransport", "DistributedTransport",
+           "TensorTransport"]
+
+SYNC_METHODS = ("disk", "distributed", "tensor")
+
+
+def expected_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape of the policy's Hugging Face model (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_entcov.hf_config import to_hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(to_hf_config(model_cfg))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if model_cfg.tie_word_embeddings:
+        shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
+    return shapes
+
+
+def build_transport(method: str, engine, shapes: dict[str, tuple[int, ...]]):
+    if method == "disk":
+        return DiskTransport(engine, shapes)
+    if method == "distributed":
+        return DistributedTransport(engine, shapes)
+    if method == "tensor":
+        return TensorTransport(engine, shapes)
+    raise ValueError(f"sync_method={method!r} is invalid: choose one of {', '.join(map(repr, SYNC_METHODS))}")
+
+
+class _Validated:
+    """Shared checks: iterate buckets, validate, convert; raise after draining."""
+
+    def __init__(self, engine, shapes):
+        self.engine, self.shapes = engine, shapes
+        self.dtype = getattr(torch, engine.model_cfg.params_dtype)
+        self.tied = bool(engine.model_cfg.tie_word_embeddings)
+
+    def buckets(self, named_tensors: NamedTensors, errors: list):
+        """Yield lists of (name, contiguous tensor in the model dtype); bad tensors go to ``errors``."""
+        if isinstance(named_tensors, dict):
+            named_tensors = [list(named_tensors.items())]
+        for item in named_tensors:
+            pairs = list(iter_named_tensors([item]))
+            if errors:                           # drain: keep a collective producer going, send nothing
+                errors.extend(n for n, _ in pairs)
+                continue
+            bucket = []
+            for name, t in pairs:
+                msg = self._check(name, t)
+                if msg:
+                    errors.append(msg)
+                    break
+                if self.tied and name == "lm_head.weight":
+                    continue
+                bucket.append((name, t.detach().to(device="cpu", dtype=self.dtype).contiguous()))
+            if bucket and not errors:
+                yield bucket
+
+    def _check(self, name, t) -> str | None:
+        if not isinstance(t, torch.Tensor):
+            return f"update_weights: {name!r} is a {type(t).__name__}; expected a tensor"
+        shape = self.shapes.get(name)
+        if shape is None:
+            return (f"update_weights: unknown tensor {name!r}; expected Hugging Face names, e.g. "
+                    f"{next(iter(self.shapes))!r} ({len(self.shapes)} parameters)")
+        if tuple(t.shape) != shape:
+            return (f"update_weights: tensor {name!r} has shape {tuple(t.shape)}; expected {shape}, the full "
+                    "unsharded tensor (vocabulary UNPADDED)")
+        return None
+
+    def finish(self, errors: list, seen: set, sent: set, version: int) -> None:
+        if errors:
+            more = f" (and {len(errors) - 1} more tensors after it were not sent)" if len(errors) > 1 else ""
+            raise ValueError(errors[0] + more)
+        seen |= sent
+        missing = sorted(set(self.shapes) - seen - ({"lm_head.weight"} if self.tied else set()))
+        if missing:
+            raise ValueError(f"update_weights(version={version}): {len(missing)} parameters have never been set "
+                             f"since the engine was built, e.g. {missing[:4]}; the first sync must send every tensor")
+
+
+class DiskTransport(_Validated):
+    """Safetensors files in a temporary directory + /update_weights_from_disk on every server."""
+
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set) -> dict:
+        from safetensors.torch import save_file
+
+        errors, sent, nbytes, index = [], set(), 0, {}
+        out_dir = Path(tempfile.mkdtemp(prefix=f"weights-v{version}-", dir=self.engine.sync_dir))
+        try:
+            t0 = time.monotonic()
+            for i, bucket in enumerate(self.buckets(named_tensors, errors)):
+                fname = f"model-{i:05d}.safetensors"
+                save_file(dict(bucket), str(out_dir / fname), metadata={"format": "pt"})
+                for name, t in bucket:
+                    index[name] = fname
+                    sent.add(name)
+                    nbytes += t.numel() * t.element_size()
+            if errors:                           # nothing reaches the servers
+                self.finish(errors, seen, sent, version)
+            (out_dir / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}))
+            if self.engine.model_dir and (Path(self.engine.model_dir) / "config.json").is_file():
+                shutil.copy(Path(self.engine.model_dir) / "config.json", out_dir / "config.json")
+            t_write = time.monotonic() - t0
+            self.engine._broadcast_checked("/update_weights_from_disk",
+                                           {"model_path": str(out_dir), "flush_cache": True})
+            t_load = time.monotonic() - t0 - t_write
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        self.finish(errors, seen, sent, version)
+        return {"bytes": nbytes, "tensors": len(sent), "write_s": t_write, "load_s": t_load}
+
+    def close(self) -> None:
+        pass
+
+
+class DistributedTransport(_Validated):
+    """A process group with the servers; per bucket, HTTP metadata + broadcast from this process (rank 0)."""
+
+    def __init__(self, engine, shapes, backend: str | None = None, timeout_s: float = 600.0):
+        super().__init__(engine, shapes)
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.timeout = timedelta(seconds=timeout_s)
+        self.group_name = f"entcov_weights_{uuid.uuid4().hex[:8]}"
+        self.pg = None
+        self.servers = []
+
+    def _init_group(self) -> None:
+        from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
+                                                        rendezvous)
+
+        from megatron_entcov.rollout.sglang import http_json
+        from megatron_entcov.rollout.sglang_server import free_port
+
+        self.servers = self.engine.live_servers()
+        tp = [int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in self.servers]
+        world = 1 + sum(tp)
+        addr, port = self.engine.sync_master_address, free_port()
+        offsets = [1 + sum(tp[:i]) for i in range(len(tp))]
+        replies, threads = {}, []
+
+        def join(s, off):
+            try:
+                replies[s.url] = http_json(s.url, "/init_weights_update_group", {
+                    "master_address": addr, "master_port": port, "rank_offset": off, "world_size": world,
+                    "group_name": self.group_name, "backend": self.backend}, timeout=self.timeout.total_seconds())
+            except Exception as err:
+                replies[s.url] = {"success": False, "message": str(err)}
+
+        for s, off in zip(self.servers, offsets):
+            threads.append(threading.Thread(target=join, args=(s, off), daemon=True))
+            threads[-1].start()
+        # Same construction as sglang's init_custom_process_group, so both sides meet in one store namespace.
+        store, _, _ = next(rendezvous(f"tcp://{addr}:{port}", 0, world, timeout=self.timeout))
+        store.set_timeout(self.timeout)
+        store = PrefixStore(self.group_name, store)
+        pg, _ = _new_process_group_helper(world, 0, [], Backend(self.backend), store, group_name=self.group_name,
+                                          timeout=self.timeout)
+        _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+        for t in threads:
+            t.join()
+        bad = {u: r for u, r in replies.items() if not r.get("success")}
+        if bad:
+            torch.distributed.destroy_process_group(pg)
+            raise RuntimeError(f"init_weights_update_group failed on {bad}")
+        self.pg = pg
+        logger.info("weight sync: %s group %s with %d servers (world %d) at %s:%d", self.backend, self.group_name,
+                    len(self.servers), world, addr, port)
+
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set) -> dict:
+        from megatron_entcov.rollout.sglang import http_json
+
+        live = self.engine.live_servers()
+        if self.pg is None or [s.url for s in live] != [s.url for s in self.servers]:
+            self.close()                 # a server died: the old group cannot complete a broadcast
+            self._init_group()
+        errors, sent, nbytes, n_buckets = [], set(), 0, 0
+        for bucket in self.buckets(named_tensors, errors):
+            n_buckets += 1
+            payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                       "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                       "flush_cache": False}
+            replies, threads = {}, []
+
+            def post(s, payload=payload, replies=replies):
+                try:
+                    replies[s.url] = http_json(s.url, "/update_weights_from_distributed", payload,
+                                               timeout=self.timeout.total_seconds())
+                except Exception as err:
+                    replies[s.url] = {"success": False, "message": str(err)}
+
+            for s in self.servers:
+                threads.append(threading.Thread(target=post, args=(s,), daemon=True))
+                threads[-1].start()
+            device = "cuda" if self.backend == "nccl" else "cpu"
+            for _, t in bucket:
+                # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
+                torch.distributed.broadcast(t.to(device), src=0, group=self.pg)
+                nbytes += t.numel() * t.element_size()
+            for t in threads:
+                t.join()
+            bad = {u: r for u, r in replies.items() if not r.get("success")}
+            if bad:
+                raise RuntimeError(f"update_weights_from_distributed failed on {bad}")
+            sent.update(n for n, _ in bucket)
+        self.finish(errors, seen, sent, version)
+        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets}
+
+    def close(self) -> None:
+        if self.pg is None:
+            return
+        from megatron_entcov.rollout.sglang import http_json
+
+        for s in self.engine.live_servers():
+            try:
+                http_json(s.url, "/destroy_weights_update_group", {"group_name": self.group_name}, timeout=30)
+            except Exception as err:
+                logger.debug("destroy_weights_update_group on %s: %s", s.url, err)
+        try:
+            torch.distributed.destroy_process_group(self.pg)
+        except Exception as err:
+            logger.debug("destroy_process_group: %s", err)
+        self.pg = None
+
+
+class TensorTransport(_Validated):
+    """/update_weights_from_tensor with ForkingPickler payloads (shared memory on CPU, CUDA IPC on GPU)."""
+
+    def __init__(self, engine, shapes):
+        super().__init__(engine, shapes)
+        import torch.multiprocessing as tmp
+
+        # Registers torch's tensor reductions with ForkingPickler; file_system: see the module docstring.
+        tmp.set_sharing_strategy("file_system")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @staticmethod
+    def serialize(obj) -> str:
+        """What sglang's MultiprocessingSerializer.serialize(obj, output_str=True) produces."""
+        import base64
+        import io
+        from multiprocessing.reduction import ForkingPickler
+
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(obj)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set) -> dict:
+        from megatron_entcov.rollout.sglang import http_json
+
+        servers = self.engine.live_servers()
+        tp = {s.url: int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers}
+        errors, sent, nbytes, n_buckets = [], set(), 0, 0
+        for bucket in self.buckets(named_tensors, errors):
+            n_buckets += 1
+            bucket = [(n, t.to(self.device)) for n, t in bucket]    # alive until every server has answered
+            payload = self.serialize(bucket)
+            replies, threads = {}, []
+
+            def post(s, replies=replies):
+                try:
+                    replies[s.url] = http_json(s.url, "/update_weights_from_tensor", {
+                        "serialized_named_tensors": [payload] * tp[s.url], "load_format": None,
+                        "flush_cache": False}, timeout=600)
+                except Exception as err:
+                    replies[s.url] = {"success": False, "message": str(err)}
+
+            for s in servers:
+                threads.append(threading.Thread(target=post, args=(s,), daemon=True))
+                threads[-1].start()
+            for t in threads:
+                t.join()
+            bad = {u: r for u, r in replies.items() if not r.get("success")}
+            if bad:
+                raise RuntimeError(f"update_weights_from_tensor failed on {bad}")
+            sent.update(n for n, _ in bucket)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            del bucket
+        self.finish(errors, seen, sent, version)
+        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets}
+
+    def close(self) -> None:
+        pass
