@@ -29,8 +29,9 @@ class PolicyForward:
     of make_vocab_size_divisible_by * tp) are excluded from the softmax, as the engine's vocabulary has none.
     """
 
-    def __init__(self, chunks, model_cfg: ModelConfig, ps: "ParallelState", *, temperature: float = 1.0):
-        self.chunks, self.ps, self.temperature = chunks, ps, temperature
+    def __init__(self, chunks, model_cfg: ModelConfig, ps: "ParallelState", *, temperature: float = 1.0,
+                 use_compile: bool = False):
+        self.chunks, self.ps, self.temperature, self.use_compile = chunks, ps, temperature, use_compile
         local = model_cfg.padded_vocab_size(ps.tp_size) // ps.tp_size
         self.pad_from = min(max(model_cfg.vocab_size - ps.tp_rank * local, 0), local)
         self.has_padding = self.pad_from < local
@@ -38,17 +39,17 @@ class PolicyForward:
     def token_stats(self, logits: torch.Tensor, labels: torch.Tensor):
         """logits [b, T, V/tp] -> (logprobs [b, T], entropy [b, T]) in float32, differentiable."""
         z = logits
-        own_buffer = False
         if self.temperature != 1.0:
             z = z / self.temperature  # a new buffer: the division's backward does not need its output
-            own_buffer = True
         if self.has_padding:
-            if not own_buffer:
+            if z is logits:
                 z = z.clone()
-                own_buffer = True
             z[..., self.pad_from:] = float("-inf")
-        # In-place backward only into a buffer we made: the model's own output may be needed elsewhere.
-        return logprobs_and_entropy(z, labels, self.ps.tp_group, inplace_backward=own_buffer)
+        # The gradient is written into the logits buffer (peak extra memory: one row chunk). Nothing else
+        # reads these logits after this op (Megatron's output layer does not save its output); if something
+        # did, autograd's version counter would raise rather than give a wrong gradient.
+        return logprobs_and_entropy(z, labels, self.ps.tp_group, inplace_backward=True,
+                                    use_compile=self.use_compile)
 
     def forward(self, batch: TrainBatch, micro_batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Forward only over ``batch`` in micro-batches: (logprobs, entropy) [N, T] on the last stage, else None."""

@@ -70,7 +70,7 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
     tokenizer = load_tokenizer(cfg.model.hf_dir)
     chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), scfg)
     optimizer, scheduler = build_optimizer(chunks, scfg)
-    policy = PolicyForward(chunks, cfg.model, ps, temperature=1.0)
+    policy = PolicyForward(chunks, cfg.model, ps, temperature=1.0, use_compile=cfg.loss.compile_logprob_kernels)
     dataset = PromptDataset.from_config(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                         seed=cfg.seed)
     loader = PromptLoader(dataset, batch_size=s.batch_size, dp_rank=ps.dp_rank, dp_size=ps.dp_size,

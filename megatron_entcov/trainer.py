@@ -66,7 +66,8 @@ class Trainer:
                              f"({len(self.tokenizer)} tokens); set model.vocab_size >= {len(self.tokenizer)}")
         self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
-        self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=cfg.sampling.temperature)
+        self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=cfg.sampling.temperature,
+                                    use_compile=cfg.loss.compile_logprob_kernels)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last)
         dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                             seed=cfg.seed)
