@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol, Union, runtime_checkable
 
@@ -99,3 +100,27 @@ def iter_named_tensors(named_tensors: NamedTensors) -> Iterator[tuple[str, torch
         else:
             raise TypeError(f"update_weights: item {i} is a {type(item).__name__}; expected a (name, tensor) "
                             "pair or a bucket (list of such pairs)")
+
+
+def validate_prompts(prompts, params: SamplingParams, model_cfg) -> list[list[int]]:
+    """Prompts as lists of int token ids, checked against the vocabulary and the context length (ValueError
+    naming the prompt otherwise). Shared by every engine."""
+    vocab = model_cfg.vocab_size
+    max_len = model_cfg.max_position_embeddings - params.max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        try:
+            p = [operator.index(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
+        except TypeError as err:
+            raise ValueError(f"generate: prompt {i} is not a sequence of integer token ids ({err})") from None
+        if not p:
+            raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) "
+                             f"(min {min(p)}, max {max(p)})")
+        if len(p) > max_len:
+            raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens="
+                             f"{params.max_new_tokens} at most {max_len} fit in "
+                             f"max_position_embeddings={model_cfg.max_position_embeddings}")
+        out.append(p)
+    return out

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import operator
 import threading
 from collections.abc import Sequence
 
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.rollout.engine import NamedTensors, iter_named_tensors
+from megatron_entcov.rollout.engine import NamedTensors, iter_named_tensors, validate_prompts
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 __all__ = ["LocalEngine", "sample_tokens", "truncate_logits"]
@@ -292,7 +291,7 @@ class LocalEngine:
         self._check_open()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate: params is a {type(params).__name__}; expected SamplingParams")
-        prompts = self._validate_prompts(prompts, params)
+        prompts = validate_prompts(prompts, params, self.model_cfg)
         if self._paused.is_set():
             raise RuntimeError("generate: the engine is paused; call resume() first")
         if not prompts:
@@ -320,27 +319,6 @@ class LocalEngine:
                                         index=i)
                     self._generated_tokens += len(response)
         return samples
-
-    def _validate_prompts(self, prompts, params: SamplingParams) -> list[list[int]]:
-        vocab = self.model_cfg.vocab_size
-        max_len = self.model_cfg.max_position_embeddings - params.max_new_tokens
-        out = []
-        for i, p in enumerate(prompts):
-            try:
-                p = [operator.index(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
-            except TypeError as err:
-                raise ValueError(f"generate: prompt {i} is not a sequence of integer token ids ({err})") from None
-            if not p:
-                raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) "
-                                 f"(min {min(p)}, max {max(p)})")
-            if len(p) > max_len:
-                raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens="
-                                 f"{params.max_new_tokens} at most {max_len} fit in "
-                                 f"max_position_embeddings={self.model_cfg.max_position_embeddings}")
-            out.append(p)
-        return out
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """Logits [B, V] of the last position, in float32."""

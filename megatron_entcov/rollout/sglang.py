@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import random
 import shutil
 import tempfile
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_entcov.rollout.engine import NamedTensors
+from megatron_entcov.rollout.engine import NamedTensors, validate_prompts
 from megatron_entcov.rollout.sglang_server import SGLangServer, default_server_python, free_port, write_hf_model_dir
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
@@ -379,7 +378,7 @@ class SGLangEngine:
         if params.top_k == 1 and params.temperature != 1.0:
             raise ValueError(f"generate: top_k=1 (greedy) with temperature={params.temperature}: SGLang reports "
                              "greedy log-probs without the temperature; use temperature=1.0 for greedy decoding")
-        prompts = self._validate_prompts(prompts, params)
+        prompts = validate_prompts(prompts, params, self.model_cfg)
         if self._paused.is_set():
             raise RuntimeError("generate: the engine is paused; call resume() first")
         if not prompts:
@@ -444,27 +443,6 @@ class SGLangEngine:
             finally:
                 with self._lock:
                     s.inflight -= 1
-
-    def _validate_prompts(self, prompts, params: SamplingParams) -> list[list[int]]:
-        vocab = self.model_cfg.vocab_size
-        max_len = self.model_cfg.max_position_embeddings - params.max_new_tokens
-        out = []
-        for i, p in enumerate(prompts):
-            try:
-                p = [operator.index(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
-            except TypeError as err:
-                raise ValueError(f"generate: prompt {i} is not a sequence of integer token ids ({err})") from None
-            if not p:
-                raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) "
-                                 f"(min {min(p)}, max {max(p)})")
-            if len(p) > max_len:
-                raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens="
-                                 f"{params.max_new_tokens} at most {max_len} fit in "
-                                 f"max_position_embeddings={self.model_cfg.max_position_embeddings}")
-            out.append(p)
-        return out
 
     # ------------------------------------------------------------------------------------------------ weights
 
