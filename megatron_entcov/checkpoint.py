@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Checkpointer", "model_sharded_state_dict", "save_model", "load_model", "find_latest"]
+__all__ = ["Checkpointer", "model_sharded_state_dict", "save_model", "load_model", "find_latest",
+           "resolve_model_dir"]
 
 _STEP_FMT = "step_{:06d}"
 
@@ -107,6 +108,21 @@ def find_latest(root: str | Path) -> Path | None:
     complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "COMPLETE").is_file()
                       and not p.name.endswith(".tmp"))
     return complete[-1] if complete else None
+
+
+def resolve_model_dir(path: str | Path, *, field: str = "checkpoint") -> tuple[Path, Path | None]:
+    """(dist checkpoint dir, step dir or None) for a model/ dir, a step dir, or a checkpoints root (its
+    ``latest`` complete step). ValueError naming ``field`` when ``path`` is none of these."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path, path.parent
+    if (path / "model" / "metadata.json").is_file():
+        return path / "model", path
+    latest = find_latest(path) if path.is_dir() else None
+    if latest is not None and (latest / "model" / "metadata.json").is_file():
+        return latest / "model", latest
+    raise ValueError(f"{field} {str(path)!r} is not a Megatron checkpoint: pass a dist checkpoint (model/) dir, "
+                     "a step directory or a checkpoints root with a complete step")
 
 
 def _rng_state() -> dict:

@@ -470,18 +470,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
 
 def resolve_megatron_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(dist checkpoint dir, step dir or None) for a model/ dir, a step dir or a checkpoints root (latest)."""
-    from megatron_entcov.checkpoint import find_latest
+    from megatron_entcov.checkpoint import resolve_model_dir
 
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path, path.parent
-    if (path / "model" / "metadata.json").is_file():
-        return path / "model", path
-    latest = find_latest(path) if path.is_dir() else None
-    if latest is not None and (latest / "model" / "metadata.json").is_file():
-        return latest / "model", latest
-    raise ValueError(f"--ckpt {str(path)!r} is not a Megatron checkpoint: pass a dist checkpoint (model/) dir, "
-                     "a step directory or a checkpoints root with a complete step")
+    return resolve_model_dir(path, field="--ckpt")
 
 
 def load_checkpoint_model_config(model_dir: Path, step_dir: Path | None, *, model_config: str | Path | None = None,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_entcov.batch import TrainBatch, pack_samples
-from megatron_entcov.checkpoint import Checkpointer, load_model
+from megatron_entcov.checkpoint import Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
@@ -104,17 +104,8 @@ class Trainer:
             if self.ps.is_rank0:
                 logger.info("resumed from %s at step %d", latest, self.step)
         elif ck.load:
-            path = Path(ck.load)
-            if (path / "COMPLETE").is_file():
-                path = path / "model"
-            elif (path / "latest").is_file():
-                from megatron_entcov.checkpoint import find_latest
-
-                found = find_latest(path)
-                if found is None:
-                    raise ValueError(f"checkpoint.load={ck.load!r} holds no complete checkpoint")
-                path = found / "model"
-            load_model(self.chunks, path)
+            model_dir, _ = resolve_model_dir(ck.load, field="checkpoint.load")
+            load_model(self.chunks, model_dir)
         elif self.cfg.model.hf_dir:
             from megatron_entcov.convert import load_hf_weights
 
