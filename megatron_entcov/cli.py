@@ -168,11 +168,13 @@ def _cmd_fit_law(args) -> int:
 
 
 def _cmd_convert(args, rest) -> int:
-    from megatron_entcov import convert
-
     if args.direction == "hf-to-megatron":
-        return convert.main_hf_to_megatron(rest)
-    return convert.main_megatron_to_hf(rest)
+        from megatron_entcov.convert_to_megatron import main_hf_to_megatron
+
+        return main_hf_to_megatron(rest)
+    from megatron_entcov.convert_to_hf import main_megatron_to_hf
+
+    return main_megatron_to_hf(rest)
 
 
 def _cmd_bench(args, rest) -> int:

@@ -212,6 +212,28 @@ class RolloutConfig:
     sync_method: Literal["disk", "distributed", "tensor"] = "disk"
     """SGLang engine weight transport: 'disk' (safetensors + update_weights_from_disk; any topology),
     'distributed' (gloo/NCCL broadcast group; servers on other nodes), 'tensor' (serialized tensors; colocated)."""
+    sync_verify: Literal["probe", "version"] = "probe"
+    """Check of every weight sync: 'version' = each server reports the trainer's weight version; 'probe' = that,
+    and each server's log-probs on a fixed probe prompt match the trainer's within sync_verify_tol."""
+    sync_verify_tol: float = 1e-3
+    """Largest |server - trainer| log-prob gap the probe accepts. float32 servers on CPU agree to ~1e-6; bf16
+    GPU servers differ by up to ~0.05 per token, so raise it there (0.1 still catches a tensor not loaded)."""
+    sync_probe_tokens: int = 16
+    """Tokens each server generates for the probe."""
+    server_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """SGLang engine: device of launched servers; 'auto' = cuda when this process sees a GPU, else cpu."""
+    server_args: list[str] = field(default_factory=list)
+    """SGLang engine: more sglang.launch_server flags for launched servers, e.g. ["--tp-size", "2",
+    "--mem-fraction-static", "0.4"]."""
+    max_total_tokens: int = 0
+    """SGLang engine: KV-cache tokens per launched server; 0 = 4096 on CPU, SGLang's own choice on GPU."""
+    max_inflight: int = 64
+    """SGLang engine: most generate requests in flight over one replica's servers."""
+    max_server_restarts: int = 2
+    """SGLang engine: restarts of a launched server that dies (it rejoins after the next weight sync); 0 = off."""
+    release_memory: bool = False
+    """SGLang engine, colocated GPU servers: release their GPU memory while the trainer trains and resume it
+    around the weight sync (launches with --enable-memory-saver; needs CUDA)."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.engine", self.engine, ("local", "sglang"))
@@ -221,6 +243,21 @@ class RolloutConfig:
         _check_positive("rollout.request_timeout_s", self.request_timeout_s)
         _check_positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
         _check_choice("rollout.sync_method", self.sync_method, ("disk", "distributed", "tensor"))
+        _check_choice("rollout.sync_verify", self.sync_verify, ("probe", "version"))
+        _check_positive("rollout.sync_verify_tol", self.sync_verify_tol)
+        _check_positive("rollout.sync_probe_tokens", self.sync_probe_tokens)
+        _check_choice("rollout.server_device", self.server_device, ("auto", "cpu", "cuda"))
+        _check_positive("rollout.max_total_tokens", self.max_total_tokens, allow_zero=True)
+        _check_positive("rollout.max_inflight", self.max_inflight)
+        _check_positive("rollout.max_server_restarts", self.max_server_restarts, allow_zero=True)
+        for i, arg in enumerate(self.server_args):
+            if not isinstance(arg, str):
+                _fail(f"rollout.server_args[{i}]", arg, "must be a string (one command-line token)")
+        if self.release_memory and self.engine != "sglang":
+            _fail("rollout.release_memory", self.release_memory, "applies to rollout.engine=sglang only; set false")
+        if self.release_memory and self.server_device == "cpu":
+            _fail("rollout.release_memory", self.release_memory,
+                  "needs GPU servers (SGLang's memory saver is CUDA-only); set rollout.server_device=cuda or false")
 
 
 @dataclass(kw_only=True)

@@ -3,7 +3,9 @@
 One :class:`WeightRule` per Megatron tensor says which Hugging Face tensors it is made of, how they combine
 (``kind``), which dim is split over tensor-parallel ranks and under which key it is stored in a Megatron dist
 checkpoint. The functions below are pure tensor moves (no arithmetic), so a round trip is bitwise exact.
-I/O, tensor/pipeline gathers and the command-line tools live in :mod:`megatron_entcov.convert`.
+Reading Hugging Face files is :mod:`megatron_entcov.hf_checkpoint`, tensor/pipeline gathers into and out of a
+built model :mod:`megatron_entcov.convert`, the command-line tools :mod:`megatron_entcov.convert_to_megatron`
+and :mod:`megatron_entcov.convert_to_hf`.
 
 Megatron layouts (megatron-core 0.16, local and Transformer Engine specs):
 - Fused QKV ``linear_qkv.weight`` [G * (h/G + 2) * d, H]: for each query group g in order, the q heads of the

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Experience", "collect_experience", "broadcast_experience"]
+__all__ = ["Experience", "collect_experience", "broadcast_experience", "server_counters", "server_throughput",
+           "summed_over_replicas"]
 
 
 @dataclass
@@ -144,3 +145,34 @@ def broadcast_experience(exp: Experience | None, ps: "ParallelState") -> Experie
     data = payload[0]
     return Experience(samples=[Sample.from_dict(d) for d in data["samples"]], rewards=data["rewards"],
                       advantages=data["advantages"], stats=data["stats"])
+
+
+def server_counters(engine) -> list[dict]:
+    """The engine's cumulative per-server counters (``server_stats()``); [] for an engine without servers."""
+    stats = getattr(engine, "server_stats", None)
+    return stats() if stats is not None else []
+
+
+def server_throughput(before: list[dict], after: list[dict], seconds: float, dp_rank: int,
+                      dp_size: int) -> dict[str, float]:
+    """Per-server generation throughput of one step's rollouts (tokens each server generated over the
+    rollout wall time), live servers and restarts. Keys name the server by its slot, and by the replica when
+    there are several: ``rollout/server1/tokens_per_s`` or ``rollout/dp0/server1/tokens_per_s``."""
+    if not after:
+        return {}
+    prefix = f"rollout/dp{dp_rank}/" if dp_size > 1 else "rollout/"
+    was = {b["index"]: b for b in before}
+    out: dict[str, float] = {}
+    for a in after:
+        tokens = a["generated_tokens"] - was.get(a["index"], {}).get("generated_tokens", 0)
+        out[f"{prefix}server{a['index']}/tokens_per_s"] = tokens / max(seconds, 1e-9)
+    # Sums over replicas (metrics are summed over ranks): servers live, restarts so far.
+    out["rollout/live_servers"] = float(sum(a["state"] == "live" for a in after))
+    out["rollout/server_restarts"] = float(sum(a["restarts"] for a in after))
+    return out
+
+
+def summed_over_replicas(key: str) -> bool:
+    """Whether a generation statistic is a total over replicas (server counts, per-replica server keys) rather
+    than a mean (everything else: each replica reports its share, value / dp)."""
+    return key in ("rollout/live_servers", "rollout/server_restarts") or key.startswith("rollout/dp")

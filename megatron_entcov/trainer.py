@@ -30,7 +30,8 @@ from megatron_entcov.checkpoint import Checkpointer, load_model, resolve_model_d
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
-from megatron_entcov.experience import broadcast_experience, collect_experience
+from megatron_entcov.experience import (broadcast_experience, collect_experience, server_counters,
+                                        server_throughput, summed_over_replicas)
 from megatron_entcov.losses.policy import compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
 from megatron_entcov.model import build_model
@@ -38,6 +39,7 @@ from megatron_entcov.optimizer import build_optimizer, optimizer_step, wrap_ddp,
 from megatron_entcov.parallel import ParallelState
 from megatron_entcov.pipeline import run_microbatches
 from megatron_entcov.policy_forward import PolicyForward
+from megatron_entcov.sync_probe import verify_sync
 from megatron_entcov.tokenizer import load_tokenizer
 from megatron_entcov.weight_sync import WeightSync
 
@@ -77,7 +79,7 @@ class Trainer:
         self.is_generator = ps.tp_rank == 0 and ps.pp_rank == 0
         self.engine = engine
         if self.is_generator and self.engine is None:
-            self.engine = _build_engine(cfg)
+            self.engine = _build_engine(cfg, ps)
         self.weight_sync = WeightSync(self.chunks, cfg.model, ps, bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,
                                      log_interval=cfg.metrics.log_interval)
@@ -124,10 +126,24 @@ class Trainer:
         }
 
     def _sync_weights(self) -> dict[str, float]:
+        """Push the weights to the engine (colocated servers get their weight memory back first and their
+        KV cache after), then verify the sync (sync_probe.py) when rollout.sync_verify is 'probe'."""
+        engine = self.engine if self.is_generator else None
+        release = self.cfg.rollout.release_memory and engine is not None
         t0 = time.monotonic()
-        nbytes = self.weight_sync.push(self.engine if self.is_generator else None, self.weight_version)
+        if release:
+            engine.resume_memory(["weights"])
+        nbytes = self.weight_sync.push(engine, self.weight_version)
         dt = time.monotonic() - t0
-        return {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
+        if release:
+            engine.resume_memory()
+        stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
+        if self.cfg.rollout.sync_verify == "probe":
+            t1 = time.monotonic()
+            stats.update(verify_sync(engine, self.policy, self.ps, self.cfg, version=self.weight_version,
+                                     vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)))
+            stats["sync/probe_time(s)"] = time.monotonic() - t1
+        return stats
 
     def _sync_loader_cursor(self) -> None:
         """Replicas may consume different numbers of prompt batches (dynamic sampling refills): move every
@@ -142,8 +158,13 @@ class Trainer:
         cfg, ps = self.cfg, self.ps
         exp = None
         if self.is_generator:
+            before = server_counters(self.engine)
             exp = collect_experience(cfg, self.engine, self.tokenizer, self.loader, step=self.step,
                                      dp_rank=ps.dp_rank)
+            exp.stats.update(server_throughput(before, server_counters(self.engine),
+                                               exp.stats["perf/rollout_time(s)"], ps.dp_rank, ps.dp_size))
+            if cfg.rollout.release_memory:        # colocated GPU servers: the trainer gets their memory
+                self.engine.release_memory()
         exp = broadcast_experience(exp, ps)
         self._sync_loader_cursor()
         n_local = len(exp.samples)
@@ -219,7 +240,7 @@ class Trainer:
         # Generation statistics: one share per replica (replicas have equal batch sizes, so shares average).
         if self.is_generator:
             for k, v in exp_stats.items():
-                local[k] = v / ps.dp_size
+                local[k] = v if summed_over_replicas(k) else v / ps.dp_size
         token_owner = ps.is_last_stage and ps.tp_rank == 0
         mask = batch.loss_mask.float()
         counts = torch.tensor([mask.sum()])
@@ -275,11 +296,11 @@ class Trainer:
             self.engine.close()
 
 
-def _build_engine(cfg: RunConfig):
+def _build_engine(cfg: RunConfig, ps: ParallelState):
     if cfg.rollout.engine == "local":
         from megatron_entcov.rollout.local import LocalEngine
 
         return LocalEngine(cfg.model, seed=cfg.seed)
     from megatron_entcov.rollout.sglang import SGLangEngine
 
-    return SGLangEngine.from_config(cfg)
+    return SGLangEngine.from_config(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size)

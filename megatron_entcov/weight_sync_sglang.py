@@ -30,7 +30,6 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from datetime import timedelta
@@ -113,7 +112,9 @@ class _Validated:
                     "unsharded tensor (vocabulary UNPADDED)")
         return None
 
-    def finish(self, errors: list, seen: set, sent: set, version: int) -> None:
+    def finish(self, errors: list, seen: set, sent: set, version: int) -> bool:
+        """Raise for bad tensors or a first sync that misses some; returns whether this sync sent every tensor
+        (a server that restarted since the last full sync needs one)."""
         if errors:
             more = f" (and {len(errors) - 1} more tensors after it were not sent)" if len(errors) > 1 else ""
             raise ValueError(errors[0] + more)
@@ -122,12 +123,13 @@ class _Validated:
         if missing:
             raise ValueError(f"update_weights(version={version}): {len(missing)} parameters have never been set "
                              f"since the engine was built, e.g. {missing[:4]}; the first sync must send every tensor")
+        return not (set(self.shapes) - sent - ({"lm_head.weight"} if self.tied else set()))
 
 
 class DiskTransport(_Validated):
     """Safetensors files in a temporary directory + /update_weights_from_disk on every server."""
 
-    def sync(self, named_tensors: NamedTensors, version: int, seen: set) -> dict:
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list) -> dict:
         from safetensors.torch import save_file
 
         errors, sent, nbytes, index = [], set(), 0, {}
@@ -148,13 +150,13 @@ class DiskTransport(_Validated):
             if self.engine.model_dir and (Path(self.engine.model_dir) / "config.json").is_file():
                 shutil.copy(Path(self.engine.model_dir) / "config.json", out_dir / "config.json")
             t_write = time.monotonic() - t0
-            self.engine._broadcast_checked("/update_weights_from_disk",
-                                           {"model_path": str(out_dir), "flush_cache": True})
+            self.engine._post_all(servers, "/update_weights_from_disk",
+                                  {"model_path": str(out_dir), "flush_cache": False})
             t_load = time.monotonic() - t0 - t_write
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-        self.finish(errors, seen, sent, version)
-        return {"bytes": nbytes, "tensors": len(sent), "write_s": t_write, "load_s": t_load}
+        complete = self.finish(errors, seen, sent, version)
+        return {"bytes": nbytes, "tensors": len(sent), "write_s": t_write, "load_s": t_load, "complete": complete}
 
     def close(self) -> None:
         pass
@@ -169,33 +171,23 @@ class DistributedTransport(_Validated):
         self.timeout = timedelta(seconds=timeout_s)
         self.group_name = f"entcov_weights_{uuid.uuid4().hex[:8]}"
         self.pg = None
-        self.servers = []
+        self.servers: list[str] = []     # URLs of the group's members, in rank order
 
-    def _init_group(self) -> None:
+    def _init_group(self, servers: list) -> None:
         from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
                                                         rendezvous)
 
-        from megatron_entcov.rollout.sglang import http_json
+        from megatron_entcov.rollout.sglang_http import Fanout, http_json
         from megatron_entcov.rollout.sglang_server import free_port
 
-        self.servers = self.engine.live_servers()
-        tp = [int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in self.servers]
+        tp = [int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers]
         world = 1 + sum(tp)
         addr, port = self.engine.sync_master_address, free_port()
-        offsets = [1 + sum(tp[:i]) for i in range(len(tp))]
-        replies, threads = {}, []
-
-        def join(s, off):
-            try:
-                replies[s.url] = http_json(s.url, "/init_weights_update_group", {
-                    "master_address": addr, "master_port": port, "rank_offset": off, "world_size": world,
-                    "group_name": self.group_name, "backend": self.backend}, timeout=self.timeout.total_seconds())
-            except Exception as err:
-                replies[s.url] = {"success": False, "message": str(err)}
-
-        for s, off in zip(self.servers, offsets):
-            threads.append(threading.Thread(target=join, args=(s, off), daemon=True))
-            threads[-1].start()
+        offsets = {s.url: 1 + sum(tp[:i]) for i, s in enumerate(servers)}
+        # Both sides block on the rendezvous: the servers' joins run while this process joins below.
+        fan = Fanout([s.url for s in servers], "/init_weights_update_group", lambda url: {
+            "master_address": addr, "master_port": port, "rank_offset": offsets[url], "world_size": world,
+            "group_name": self.group_name, "backend": self.backend}, timeout=self.timeout.total_seconds())
         # Same construction as sglang's init_custom_process_group, so both sides meet in one store namespace.
         store, _, _ = next(rendezvous(f"tcp://{addr}:{port}", 0, world, timeout=self.timeout))
         store.set_timeout(self.timeout)
@@ -203,65 +195,48 @@ class DistributedTransport(_Validated):
         pg, _ = _new_process_group_helper(world, 0, [], Backend(self.backend), store, group_name=self.group_name,
                                           timeout=self.timeout)
         _world.pg_group_ranks[pg] = {i: i for i in range(world)}
-        for t in threads:
-            t.join()
-        bad = {u: r for u, r in replies.items() if not r.get("success")}
-        if bad:
+        try:
+            fan.check()
+        except RuntimeError:
             torch.distributed.destroy_process_group(pg)
-            raise RuntimeError(f"init_weights_update_group failed on {bad}")
-        self.pg = pg
+            raise
+        self.pg, self.servers = pg, [s.url for s in servers]
         logger.info("weight sync: %s group %s with %d servers (world %d) at %s:%d", self.backend, self.group_name,
-                    len(self.servers), world, addr, port)
+                    len(servers), world, addr, port)
 
-    def sync(self, named_tensors: NamedTensors, version: int, seen: set) -> dict:
-        from megatron_entcov.rollout.sglang import http_json
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list) -> dict:
+        from megatron_entcov.rollout.sglang_http import Fanout
 
-        live = self.engine.live_servers()
-        if self.pg is None or [s.url for s in live] != [s.url for s in self.servers]:
-            self.close()                 # a server died: the old group cannot complete a broadcast
-            self._init_group()
+        if self.pg is None or [s.url for s in servers] != self.servers:
+            self.close()                 # the servers changed (one died or came back): form a new group
+            self._init_group(servers)
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
+        device = "cuda" if self.backend == "nccl" else "cpu"
         for bucket in self.buckets(named_tensors, errors):
             n_buckets += 1
             payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                        "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                        "flush_cache": False}
-            replies, threads = {}, []
-
-            def post(s, payload=payload, replies=replies):
-                try:
-                    replies[s.url] = http_json(s.url, "/update_weights_from_distributed", payload,
-                                               timeout=self.timeout.total_seconds())
-                except Exception as err:
-                    replies[s.url] = {"success": False, "message": str(err)}
-
-            for s in self.servers:
-                threads.append(threading.Thread(target=post, args=(s,), daemon=True))
-                threads[-1].start()
-            device = "cuda" if self.backend == "nccl" else "cpu"
+            fan = Fanout(self.servers, "/update_weights_from_distributed", payload,
+                         timeout=self.timeout.total_seconds())
             for _, t in bucket:
                 # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
                 torch.distributed.broadcast(t.to(device), src=0, group=self.pg)
                 nbytes += t.numel() * t.element_size()
-            for t in threads:
-                t.join()
-            bad = {u: r for u, r in replies.items() if not r.get("success")}
-            if bad:
-                raise RuntimeError(f"update_weights_from_distributed failed on {bad}")
+            fan.check()
             sent.update(n for n, _ in bucket)
-        self.finish(errors, seen, sent, version)
-        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets}
+        complete = self.finish(errors, seen, sent, version)
+        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}
 
     def close(self) -> None:
         if self.pg is None:
             return
-        from megatron_entcov.rollout.sglang import http_json
+        from megatron_entcov.rollout.sglang_http import Fanout
 
-        for s in self.engine.live_servers():
-            try:
-                http_json(s.url, "/destroy_weights_update_group", {"group_name": self.group_name}, timeout=30)
-            except Exception as err:
-                logger.debug("destroy_weights_update_group on %s: %s", s.url, err)
+        # Servers that died answer nothing; a live one leaves the old group so a new one can form.
+        for url, reply in Fanout(self.servers, "/destroy_weights_update_group", {"group_name": self.group_name},
+                                 timeout=30).failures().items():
+            logger.debug("destroy_weights_update_group on %s: %s", url, reply)
         try:
             torch.distributed.destroy_process_group(self.pg)
         except Exception as err:
@@ -291,39 +266,22 @@ class TensorTransport(_Validated):
         ForkingPickler(buf).dump(obj)
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
-    def sync(self, named_tensors: NamedTensors, version: int, seen: set) -> dict:
-        from megatron_entcov.rollout.sglang import http_json
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list) -> dict:
+        from megatron_entcov.rollout.sglang_http import http_json
 
-        servers = self.engine.live_servers()
         tp = {s.url: int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers}
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
         for bucket in self.buckets(named_tensors, errors):
             n_buckets += 1
             bucket = [(n, t.to(self.device)) for n, t in bucket]    # alive until every server has answered
             payload = self.serialize(bucket)
-            replies, threads = {}, []
-
-            def post(s, replies=replies):
-                try:
-                    replies[s.url] = http_json(s.url, "/update_weights_from_tensor", {
-                        "serialized_named_tensors": [payload] * tp[s.url], "load_format": None,
-                        "flush_cache": False}, timeout=600)
-                except Exception as err:
-                    replies[s.url] = {"success": False, "message": str(err)}
-
-            for s in servers:
-                threads.append(threading.Thread(target=post, args=(s,), daemon=True))
-                threads[-1].start()
-            for t in threads:
-                t.join()
-            bad = {u: r for u, r in replies.items() if not r.get("success")}
-            if bad:
-                raise RuntimeError(f"update_weights_from_tensor failed on {bad}")
+            servers = self.engine._post_all(servers, "/update_weights_from_tensor", lambda s: {
+                "serialized_named_tensors": [payload] * tp[s.url], "load_format": None, "flush_cache": False})
             sent.update(n for n, _ in bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             del bucket
-        self.finish(errors, seen, sent, version)
-        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets}
+        complete = self.finish(errors, seen, sent, version)
+        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}
 
     def close(self) -> None:
         pass

@@ -36,31 +36,29 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from megatron_entcov.rollout.engine import NamedTensors, validate_prompts
+from megatron_entcov.rollout.sglang_http import Fanout, NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang_pool import LIVE, STALE, Server, ServerPool
 from megatron_entcov.rollout.sglang_server import SGLangServer, default_server_python, free_port, write_hf_model_dir
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SGLangEngine", "ServerError", "NoServerLeftError"]
+__all__ = ["SGLangEngine", "ServerError", "NoServerLeftError", "http_json"]
 
 _MASK64 = (1 << 63) - 1
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+"""What /release_memory_occupation can give back (sglang/srt/constants.py)."""
 
 
 def _mix_seed(*parts: int) -> int:
@@ -72,55 +70,6 @@ def _mix_seed(*parts: int) -> int:
     return h & ((1 << 31) - 1)          # SGLang stores seeds in int32 tensors on some paths
 
 
-class ServerError(RuntimeError):
-    """An HTTP call to a server failed. ``retryable`` is False for a request the server rejected (HTTP 4xx)."""
-
-    def __init__(self, url: str, path: str, message: str, *, status: int | None = None, retryable: bool = True):
-        super().__init__(f"{url}{path}: {message}")
-        self.url, self.path, self.status, self.retryable = url, path, status, retryable
-
-
-class NoServerLeftError(RuntimeError):
-    """Every server is dead."""
-
-
-def http_json(url: str, path: str, payload: dict | None = None, *, timeout: float, method: str | None = None) -> dict:
-    """POST (payload given) or GET ``url + path``; returns the decoded JSON body ({} when empty).
-
-    Raises ServerError: retryable for connection errors, time-outs and HTTP 5xx, not retryable for HTTP 4xx.
-    """
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + path, data=data, method=method or ("GET" if data is None else "POST"),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-    except urllib.error.HTTPError as err:
-        text = err.read().decode(errors="replace")[:2000]
-        raise ServerError(url, path, f"HTTP {err.code}: {text}", status=err.code,
-                          retryable=err.code >= 500) from None
-    except (urllib.error.URLError, OSError, TimeoutError) as err:     # refused, reset, timed out
-        raise ServerError(url, path, f"{type(err).__name__}: {err}") from None
-    if not body:
-        return {}
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError:          # some routes (/flush_cache) answer plain text
-        return {"text": body.decode(errors="replace")}
-
-
-@dataclass
-class _Server:
-    url: str
-    proc: SGLangServer | None = None        # None: not launched by us
-    alive: bool = True
-    inflight: int = 0
-    failures: int = 0
-    last_error: str = ""
-    generated_tokens: int = 0
-    requests: int = 0
-
-
 class SGLangEngine:
     """Rollouts from SGLang servers over HTTP (module docstring); implements ``RolloutEngine``."""
 
@@ -128,9 +77,9 @@ class SGLangEngine:
                  num_servers: int = 1, server_python: str | None = None, device: str = "cpu",
                  max_total_tokens: int | None = 4096, server_args: Sequence[str] = (),
                  request_timeout_s: float = 600.0, max_inflight: int = 32, max_retries: int = 3,
-                 backoff_s: float = 0.5, startup_timeout_s: float = 600.0, sync_method: str = "disk",
-                 sync_dir: str | Path | None = None, sync_master_address: str | None = None,
-                 log_dir: str | Path | None = None, seed: int = 0):
+                 backoff_s: float = 0.5, startup_timeout_s: float = 600.0, max_restarts: int = 2,
+                 release_memory: bool = False, sync_method: str = "disk", sync_dir: str | Path | None = None,
+                 sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0):
         """
         Args:
             model_cfg: ModelConfig of the policy (vocabulary, lengths, dtype for weight syncs).
@@ -142,18 +91,21 @@ class SGLangEngine:
             server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
             device: server device, 'cpu' or 'cuda'.
             max_total_tokens: KV-cache tokens per launched server (None = SGLang's default; keep it set on CPU).
-            server_args: more ``sglang.launch_server`` flags for launched servers.
+            server_args: more ``sglang.launch_server`` flags for launched servers (e.g. ``--tp-size 2``).
             request_timeout_s: time-out of one /generate request (seconds); a timed-out request is retried.
             max_inflight: most /generate requests in flight over all servers.
             max_retries: retries of one request after failures on live servers (failover away from a dead
                 server does not count).
             backoff_s: first retry delay; doubles per retry, with jitter.
             startup_timeout_s: how long a launched server may take to answer.
-            sync_method: 'disk' or 'distributed' (weight_sync_sglang.py).
+            max_restarts: restarts per launched server that dies (sglang_pool.py); 0 = never restart.
+            release_memory: colocated GPU servers: launch with ``--enable-memory-saver`` so ``release_memory`` /
+                ``resume_memory`` can give their GPU memory to the trainer between rollouts (needs CUDA).
+            sync_method: 'disk', 'distributed' or 'tensor' (weight_sync_sglang.py).
             sync_dir: where the 'disk' method writes its temporary safetensors (default: the system temp dir;
                 the servers must be able to read it: local servers or a shared file system).
             sync_master_address: address the servers reach this process at for 'distributed' (default
-                127.0.0.1 when every server is local, else this host's name).
+                127.0.0.1 when every server is local, else this host's address).
             log_dir: server logs (default: a temporary directory).
             seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
         """
@@ -162,9 +114,12 @@ class SGLangEngine:
         if sync_method not in SYNC_METHODS:
             raise ValueError(f"SGLangEngine sync_method={sync_method!r} is invalid: choose one of "
                              f"{', '.join(map(repr, SYNC_METHODS))}")
-        if max_inflight < 1 or max_retries < 0 or request_timeout_s <= 0:
+        if max_inflight < 1 or max_retries < 0 or request_timeout_s <= 0 or max_restarts < 0:
             raise ValueError(f"SGLangEngine: max_inflight={max_inflight} (>= 1), max_retries={max_retries} (>= 0), "
-                             f"request_timeout_s={request_timeout_s} (> 0)")
+                             f"request_timeout_s={request_timeout_s} (> 0), max_restarts={max_restarts} (>= 0)")
+        if release_memory and device != "cuda":
+            raise ValueError(f"SGLangEngine: release_memory=True needs GPU servers (device='cuda', got {device!r}); "
+                             "SGLang's memory saver does not exist on CPU: set rollout.release_memory=false")
         self.model_cfg = model_cfg
         self.request_timeout_s = float(request_timeout_s)
         self.max_inflight = int(max_inflight)
@@ -173,8 +128,8 @@ class SGLangEngine:
         self.seed = int(seed)
         self.sync_method = sync_method
         self.sync_dir = str(sync_dir) if sync_dir else None
+        self.release_memory_enabled = bool(release_memory)
         self._tmp = Path(tempfile.mkdtemp(prefix="sglang-engine-"))
-        self._lock = threading.Lock()          # server bookkeeping
         self._sync_lock = threading.Lock()     # one sync at a time
         self._paused = threading.Event()
         self._closed = False
@@ -182,36 +137,43 @@ class SGLangEngine:
         self._weight_version = 0
         self._transport = None
         self._seen: set[str] = set()
+        self._released: set[str] = set()
         self.last_sync: dict = {}
         self.last_generate: dict = {}
-        self.servers: list[_Server] = []
         self.startup_s: list[float] = []
+        self.pool: ServerPool | None = None
+        self._launch_args = dict(python=server_python or default_server_python(), device=device,
+                                 dtype=model_cfg.params_dtype, max_total_tokens=max_total_tokens,
+                                 extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if release_memory
+                                                                        else []), *server_args])
+        self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
         try:
             if server_urls:
                 self.model_dir = None
-                self.servers = [_Server(url=u.rstrip("/")) for u in server_urls]
-                for s in self.servers:
+                servers = [Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls)]
+                for s in servers:
                     self._wait_url(s.url, startup_timeout_s)
-                local = all("127.0.0.1" in s.url or "localhost" in s.url for s in self.servers)
+                local = all("127.0.0.1" in s.url or "localhost" in s.url for s in servers)
             else:
                 if model_dir is None:
                     model_dir = write_hf_model_dir(model_cfg, self._tmp / "init_model", seed=seed)
                 self.model_dir = str(model_dir)
-                log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
-                procs = []
+                servers = []
+                self.pool = ServerPool(servers, launch=None, max_restarts=0, startup_timeout_s=startup_timeout_s,
+                                       current_version=lambda: self._weight_version)   # close() reaches them
                 for i in range(num_servers):
-                    port = free_port()
-                    procs.append(SGLangServer(
-                        self.model_dir, port=port, python=server_python or default_server_python(), device=device,
-                        dtype=model_cfg.params_dtype, max_total_tokens=max_total_tokens, log_path=log_dir / f"server{i}-{port}.log",
-                        extra_args=["--skip-tokenizer-init", *server_args]))
-                    procs[-1].start()
-                    self.servers.append(_Server(url=procs[-1].url, proc=procs[-1]))
+                    s = Server(url="", index=i)
+                    s.proc = self._launch(s)
+                    s.url = s.proc.url
+                    servers.append(s)
                 # Start all, then wait: start-ups overlap.
-                self.startup_s = [p.wait_ready(startup_timeout_s) for p in procs]
+                self.startup_s = [s.proc.wait_ready(startup_timeout_s) for s in servers]
                 local = True
+            self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
+                                   max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
+                                   current_version=lambda: self._weight_version)
             self.sync_master_address = sync_master_address or ("127.0.0.1" if local else _hostname())
-            versions = {s.url: self._server_version(s) for s in self.servers}
+            versions = {s.url: self._server_version(s) for s in servers}
             if len(set(versions.values())) != 1:
                 raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}")
             self._weight_version = next(iter(versions.values()))
@@ -220,20 +182,46 @@ class SGLangEngine:
             raise
         self._pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="sglang-req")
         logger.info("SGLangEngine: %d servers %s (%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
-                    len(self.servers), [s.url for s in self.servers],
-                    "launched" if not server_urls else "given", self.max_inflight, self.request_timeout_s,
-                    sync_method, [round(t, 1) for t in self.startup_s])
+                    len(servers), [s.url for s in servers], "launched" if not server_urls else "given",
+                    self.max_inflight, self.request_timeout_s, sync_method, [round(t, 1) for t in self.startup_s])
+
+    def _launch(self, s: Server) -> SGLangServer:
+        """Start a server process for slot ``s`` on a fresh port (not waiting for it)."""
+        port = free_port()
+        proc = SGLangServer(self.model_dir, port=port, log_path=self._log_dir / f"server{s.index}-{port}.log",
+                            **self._launch_args)
+        proc.start()
+        return proc
 
     @classmethod
-    def from_config(cls, cfg, **overrides) -> SGLangEngine:
-        """The engine a run config asks for (``cfg.rollout``: server_urls / num_servers, request_timeout_s);
-        launched servers load ``cfg.model.hf_dir`` (or random weights: the trainer syncs before the first
-        rollout) and log into ``<run_dir>/sglang/``. ``overrides`` go to the constructor."""
+    def from_config(cls, cfg, *, dp_rank: int = 0, dp_size: int = 1, **overrides) -> SGLangEngine:
+        """The engine a run config asks for (``cfg.rollout``), for data-parallel replica ``dp_rank``.
+
+        Launched servers (no ``server_urls``): ``num_servers`` per replica, loading ``cfg.model.hf_dir`` (or
+        random weights: the trainer syncs before the first rollout), logging into ``<run_dir>/sglang/``.
+        Given URLs are split between the replicas: replica r gets ``server_urls[r::dp_size]`` (each replica
+        pushes its weights to its own servers; two replicas syncing one server would interleave).
+        ``overrides`` go to the constructor.
+        """
         r = cfg.rollout
-        kwargs = dict(model_dir=cfg.model.hf_dir, server_urls=list(r.server_urls) or None,
-                      num_servers=r.num_servers, request_timeout_s=r.request_timeout_s, seed=cfg.seed,
-                      sync_method=r.sync_method,
-                      log_dir=Path(cfg.run_dir) / "sglang")
+        urls = list(r.server_urls)
+        if urls and len(urls) < dp_size:
+            raise ValueError(f"rollout.server_urls has {len(urls)} servers for {dp_size} data-parallel replicas; "
+                             "each replica needs its own: give at least parallel dp servers (or leave server_urls "
+                             "empty to launch rollout.num_servers per replica)")
+        device = r.server_device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        log_dir = Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else "")
+        kwargs = dict(model_dir=cfg.model.hf_dir, server_urls=urls[dp_rank::dp_size] or None,
+                      num_servers=r.num_servers, device=device,
+                      max_total_tokens=r.max_total_tokens or (4096 if device == "cpu" else None),
+                      server_args=list(r.server_args), request_timeout_s=r.request_timeout_s,
+                      max_inflight=r.max_inflight, max_restarts=r.max_server_restarts,
+                      release_memory=r.release_memory, seed=cfg.seed + 7 * dp_rank, sync_method=r.sync_method,
+                      log_dir=log_dir)
         kwargs.update(overrides)
         return cls(cfg.model, **kwargs)
 
@@ -243,33 +231,46 @@ class SGLangEngine:
     def weight_version(self) -> int:
         return self._weight_version
 
-    def live_servers(self) -> list[_Server]:
-        with self._lock:
-            return [s for s in self.servers if s.alive]
+    @property
+    def servers(self) -> list[Server]:
+        return self.pool.servers if self.pool is not None else []
+
+    def live_servers(self) -> list[Server]:
+        return self.pool.live()
+
+    def wait_restarts(self, timeout_s: float = 600.0) -> bool:
+        """Block until no server restart is in progress; True when none is left."""
+        return self.pool.wait_restarts(timeout_s)
 
     def pause(self) -> None:
         """In-flight responses end with 'abort' (servers abort them); generate raises until resume()."""
         self._paused.set()
-        self._broadcast("/pause_generation", {"mode": "abort"})
+        self._post_all(self.live_servers(), "/pause_generation", {"mode": "abort"}, check=False)
 
     def resume(self) -> None:
         self._paused.clear()
-        self._broadcast("/continue_generation", {})
+        self._post_all(self.live_servers(), "/continue_generation", {}, check=False)
 
     def health(self) -> dict:
         servers = []
         for s in self.servers:
-            info = {"url": s.url, "alive": s.alive, "requests": s.requests, "failures": s.failures,
-                    "generated_tokens": s.generated_tokens, "last_error": s.last_error}
-            if s.alive and not self._closed:
+            info = {"url": s.url, "state": s.state, "alive": s.alive, "requests": s.requests,
+                    "failures": s.failures, "restarts": s.restarts, "generated_tokens": s.generated_tokens,
+                    "last_error": s.last_error}
+            if s.state in (LIVE, STALE) and not self._closed:
                 try:
                     info["weight_version"] = self._server_version(s, timeout=10)
                 except ServerError as err:
                     info["error"] = str(err)
             servers.append(info)
         return {"ok": not self._closed and any(s.alive for s in self.servers), "weight_version": self._weight_version,
-                "engine": "sglang", "paused": self._paused.is_set(), "servers": servers, "last_sync": self.last_sync,
-                "last_generate": self.last_generate}
+                "engine": "sglang", "paused": self._paused.is_set(), "released": sorted(self._released),
+                "servers": servers, "last_sync": self.last_sync, "last_generate": self.last_generate}
+
+    def server_stats(self) -> list[dict]:
+        """Cumulative per-server counters, cheap (no HTTP): index, url, state, generated_tokens, requests."""
+        return [{"index": s.index, "url": s.url, "state": s.state, "generated_tokens": s.generated_tokens,
+                 "requests": s.requests, "restarts": s.restarts} for s in self.servers]
 
     def close(self) -> None:
         if self._closed:
@@ -283,10 +284,8 @@ class SGLangEngine:
                 self._transport.close()
             except Exception as err:  # closing must not mask the caller's error
                 logger.warning("SGLangEngine: closing the weight transport failed: %s", err)
-        for s in self.servers:
-            if s.proc is not None:
-                s.proc.stop()
-            s.alive = False
+        if self.pool is not None:
+            self.pool.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _check_open(self) -> None:
@@ -307,60 +306,29 @@ class SGLangEngine:
                     raise RuntimeError(f"SGLang server {url} did not answer within {timeout_s:.0f} s: {err}") from None
                 time.sleep(2.0)
 
-    def _server_version(self, s: _Server, timeout: float = 30.0) -> int:
+    def _server_version(self, s: Server, timeout: float = 30.0) -> int:
         return _parse_version(http_json(s.url, "/model_info", timeout=timeout).get("weight_version"))
 
-    def _mark_failure(self, s: _Server, err: Exception) -> None:
-        """Count a failure; a server whose process exited or whose /health does not answer is marked dead."""
-        with self._lock:
-            s.failures += 1
-            s.last_error = str(err)
-            if not s.alive:
-                return
-        dead = s.proc is not None and not s.proc.alive()
-        if not dead:
-            # /model_info is answered by the HTTP process itself; /health goes through the scheduler, which a
-            # paused server (a weight update) does not answer.
-            try:
-                http_json(s.url, "/model_info", timeout=10)
-            except ServerError as probe_err:
-                dead = probe_err.retryable
-        if dead:
-            with self._lock:
-                if s.alive:
-                    s.alive = False
-                    logger.warning("SGLangEngine: server %s is dead (%s); its requests go to the other %d", s.url,
-                                   err, sum(x.alive for x in self.servers))
-
-    def _pick(self, avoid: _Server | None) -> _Server:
-        with self._lock:
-            live = [s for s in self.servers if s.alive]
-            if not live:
-                raise NoServerLeftError("SGLangEngine: no SGLang server left: " + "; ".join(
-                    f"{s.url}: {s.last_error or 'dead'}" for s in self.servers))
-            choices = [s for s in live if s is not avoid] or live
-            best = min(choices, key=lambda s: s.inflight)
-            best.inflight += 1
-            return best
-
-    def _broadcast(self, path: str, payload: dict, timeout: float = 120.0) -> dict[str, dict]:
-        """POST to every live server concurrently; a failing server is marked (and dead ones skipped)."""
-        out = {}
-
-        def one(s):
-            try:
-                out[s.url] = http_json(s.url, path, payload, timeout=timeout)
-            except ServerError as err:
-                if err.retryable:
-                    self._mark_failure(s, err)
-                out[s.url] = {"error": str(err)}
-
-        threads = [threading.Thread(target=one, args=(s,)) for s in self.live_servers()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
+    def _post_all(self, servers: list[Server], path: str, payload, *, timeout: float = 600.0,
+                  check: bool = True) -> list[Server]:
+        """POST to ``servers`` concurrently; returns those still standing. A server that failed and is now
+        dead (process gone, /model_info unanswered) is dropped (and restarted when launched here); with
+        ``check``, any other failure (an error reply, HTTP 4xx, a time-out on a server that still answers)
+        raises RuntimeError naming the server."""
+        by_url = {s.url: s for s in servers}
+        fan = Fanout(list(by_url), path, (lambda u: payload(by_url[u])) if callable(payload) else payload,
+                     timeout=timeout)
+        bad = fan.failures()
+        for url, reply in bad.items():
+            err = reply.get("error")
+            if isinstance(err, ServerError) and err.retryable:
+                self.pool.mark_failure(by_url[url], err)
+        standing = [s for s in servers if s.state in (LIVE, STALE)]
+        real = {u: r for u, r in bad.items() if by_url[u] in standing}
+        if check and real:
+            raise RuntimeError(f"SGLangEngine: {path} failed on " + "; ".join(
+                f"{u}: {r.get('error') or r.get('message') or r}" for u, r in real.items()))
+        return standing
 
     # ------------------------------------------------------------------------------------------------ generate
 
@@ -369,27 +337,19 @@ class SGLangEngine:
 
         Raises:
             ValueError for a bad prompt (naming its index) or top_k=1 with temperature != 1; RuntimeError when
-            paused or closed, NoServerLeftError when every server died, ServerError when a request failed more
-            than ``max_retries`` times on live servers.
+            paused, released or closed, NoServerLeftError when every server died, ServerError when a request
+            failed more than ``max_retries`` times on live servers.
         """
         self._check_open()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"generate: params is a {type(params).__name__}; expected SamplingParams")
-        if params.top_k == 1 and params.temperature != 1.0:
-            raise ValueError(f"generate: top_k=1 (greedy) with temperature={params.temperature}: SGLang reports "
-                             "greedy log-probs without the temperature; use temperature=1.0 for greedy decoding")
-        prompts = validate_prompts(prompts, params, self.model_cfg)
-        if self._paused.is_set():
-            raise RuntimeError("generate: the engine is paused; call resume() first")
+        params, prompts = self._check_request(prompts, params)
         if not prompts:
             return []
         call = self._calls
         self._calls += 1
         base = _mix_seed(self.seed, call) if params.seed is None else int(params.seed)
-        sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-              "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids)}
+        sp = _sampling_payload(params)
         t0 = time.monotonic()
-        before = {s.url: s.generated_tokens for s in self.servers}
+        before = {s.index: s.generated_tokens for s in self.servers}
         futures = [self._pool.submit(self._generate_one, i, p, dict(sp, sampling_seed=_mix_seed(base, i)))
                    for i, p in enumerate(prompts)]
         samples, first_error = [], None
@@ -402,11 +362,25 @@ class SGLangEngine:
             raise first_error
         dt = time.monotonic() - t0
         n_tok = sum(x.num_response_tokens for x in samples)
-        # Per-server generation throughput of this call (rollout/ metrics): tokens over the call's wall time.
+        # Per-server generation throughput of this call: each server's tokens over the call's wall time.
         self.last_generate = {"seconds": dt, "tokens": n_tok, "tokens_per_s": n_tok / max(dt, 1e-9),
-                              "server_tokens_per_s": {s.url: (s.generated_tokens - before[s.url]) / max(dt, 1e-9)
-                                                      for s in self.servers}}
+                              "server_tokens_per_s": {s.index: (s.generated_tokens - before.get(s.index, 0))
+                                                      / max(dt, 1e-9) for s in self.servers}}
         return samples
+
+    def _check_request(self, prompts, params: SamplingParams):
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"generate: params is a {type(params).__name__}; expected SamplingParams")
+        if params.top_k == 1 and params.temperature != 1.0:
+            raise ValueError(f"generate: top_k=1 (greedy) with temperature={params.temperature}: SGLang reports "
+                             "greedy log-probs without the temperature; use temperature=1.0 for greedy decoding")
+        prompts = validate_prompts(prompts, params, self.model_cfg)
+        if self._paused.is_set():
+            raise RuntimeError("generate: the engine is paused; call resume() first")
+        if self._released:
+            raise RuntimeError(f"generate: the servers' GPU memory is released ({sorted(self._released)}); call "
+                               "resume_memory() first")
+        return params, prompts
 
     def _generate_one(self, index: int, prompt: list[int], sampling_params: dict) -> Sample:
         payload = {"input_ids": prompt, "sampling_params": sampling_params, "return_logprob": True,
@@ -418,21 +392,20 @@ class SGLangEngine:
             if self._paused.is_set():       # not sent yet: a paused server would hold it until resume()
                 return Sample(prompt_ids=list(prompt), response_ids=[], rollout_logprobs=[], finish_reason="abort",
                               weight_version=self._weight_version, index=index)
-            s = self._pick(avoid)
+            s = self.pool.pick(avoid)
+            sample = None
             try:
                 out = http_json(s.url, "/generate", payload, timeout=self.request_timeout_s)
                 sample = _parse_generate(out, prompt, index)
                 if sample.finish_reason == "abort" and not self._paused.is_set():
                     # Not our pause: the server aborted it (overload, a weight update with abort, shutdown).
                     raise ServerError(s.url, "/generate", f"aborted by the server: {out.get('meta_info', {})}")
-                with self._lock:
-                    s.requests += 1
-                    s.generated_tokens += sample.num_response_tokens
                 return sample
             except ServerError as err:
+                sample = None
                 if not err.retryable:
                     raise
-                self._mark_failure(s, err)
+                self.pool.mark_failure(s, err)
                 avoid = s
                 if s.alive:                   # failover from a dead server does not use up the retries
                     retries += 1
@@ -441,51 +414,111 @@ class SGLangEngine:
                     time.sleep(self.backoff_s * 2 ** (retries - 1) * (0.5 + random.random()))
                 logger.info("SGLangEngine: prompt %d retried after %s", index, err)
             finally:
-                with self._lock:
-                    s.inflight -= 1
+                self.pool.release(s, tokens=sample.num_response_tokens if sample else 0, ok=sample is not None)
+
+    def probe(self, prompt: Sequence[int], params: SamplingParams) -> list[tuple[str, Sample]]:
+        """Send one request to EVERY live server (no failover): ``[(url, sample)]``. The weight-sync check
+        (sync_probe.py) compares each server's log-probs with the trainer's."""
+        self._check_open()
+        params, prompts = self._check_request([prompt], params)
+        sp = dict(_sampling_payload(params), sampling_seed=int(params.seed or 0))
+        payload = {"input_ids": prompts[0], "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
+        servers = self.live_servers()
+        if not servers:
+            raise NoServerLeftError("probe: no SGLang server left")
+        replies = Fanout([s.url for s in servers], "/generate", payload, timeout=self.request_timeout_s).wait()
+        out = []
+        for s in servers:
+            reply = replies[s.url]
+            if "error" in reply:
+                raise RuntimeError(f"probe: {s.url}/generate failed: {reply['error']}")
+            out.append((s.url, _parse_generate(reply, prompts[0], 0)))
+        return out
+
+    # ------------------------------------------------------------------------------------------------ memory
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated GPU mode: the servers give back their GPU memory (default: weights, KV cache and CUDA
+        graphs) so the trainer can use it; generate raises until ``resume_memory`` brought everything back."""
+        self._check_open()
+        tags = self._memory_tags(tags, "release_memory")
+        todo = [t for t in tags if t not in self._released]
+        if todo:
+            self._post_all(self.live_servers(), "/release_memory_occupation", {"tags": todo})
+            self._released.update(todo)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Give the servers their GPU memory back (default: everything released). Weights before a sync;
+        the KV cache and CUDA graphs after it, once the trainer's sync buffers are gone."""
+        self._check_open()
+        tags = self._memory_tags(tags, "resume_memory")
+        todo = [t for t in tags if t in self._released]
+        if todo:
+            self._post_all(self.live_servers(), "/resume_memory_occupation", {"tags": todo})
+            self._released.difference_update(todo)
+
+    def _memory_tags(self, tags, what: str) -> list[str]:
+        if not self.release_memory_enabled:
+            raise RuntimeError(f"{what}: the servers were not launched with --enable-memory-saver; set "
+                               "rollout.release_memory=true (GPU servers only)")
+        tags = list(MEMORY_TAGS if tags is None else tags)
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise ValueError(f"{what}: unknown memory tags {bad}; choose from {list(MEMORY_TAGS)}")
+        return tags
 
     # ------------------------------------------------------------------------------------------------ weights
 
     def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        """Load HF-named full tensors into every live server; afterwards every server's weight_version == version.
+        """Load HF-named full tensors into every live (and stale) server; afterwards every server's
+        weight_version == version.
 
         Buckets are streamed (a generator that gathers lazily is consumed as it goes). Unknown names or wrong
         shapes raise ValueError naming the tensor after the iterable is exhausted (a collective producer must not
-        be left hanging); the version is then unchanged. The first sync must send every tensor.
+        be left hanging); the version is then unchanged. The first sync must send every tensor. A server that
+        dies during the sync is dropped from it (the others still get the weights); a restarted server gets
+        the next sync that sends every tensor, and is live again after it.
         """
         from megatron_entcov.weight_sync_sglang import build_transport, expected_shapes
 
         self._check_open()
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ValueError(f"update_weights: version={version!r} is invalid: must be an integer >= 0")
+        if "weights" in self._released:
+            raise RuntimeError("update_weights: the servers' weights memory is released; call "
+                               "resume_memory(['weights']) first")
         with self._sync_lock:
             if self._transport is None:
                 self._transport = build_transport(self.sync_method, self, expected_shapes(self.model_cfg))
-            servers = self.live_servers()
-            if not servers:
-                raise NoServerLeftError("update_weights: no SGLang server left")
+            targets = self.pool.syncable()
+            if not targets:
+                raise NoServerLeftError("update_weights: no SGLang server left: " + "; ".join(
+                    f"{s.url}: {s.state} {s.last_error}" for s in self.servers))
             t0 = time.monotonic()
             user_paused = self._paused.is_set()
             if not user_paused:
-                self._broadcast("/pause_generation", {"mode": "abort"})
+                targets = self._post_all(targets, "/pause_generation", {"mode": "abort"}, check=False)
             try:
-                self._broadcast_checked("/begin_weight_update", {"selector": "all"})
+                targets = self._post_all(targets, "/begin_weight_update", {"selector": "all"})
                 try:
-                    stats = self._transport.sync(named_tensors, version, self._seen)
+                    stats = self._transport.sync(named_tensors, version, self._seen, targets)
                 except BaseException:
-                    self._broadcast("/end_weight_update", {})     # close the session; the version stays
+                    self._post_all(targets, "/end_weight_update", {}, check=False)   # the version stays
                     raise
-                self._broadcast_checked("/end_weight_update", {})
-                self._broadcast_checked("/update_weight_version", {"new_version": str(version)})
-                self._broadcast_checked("/flush_cache", {})
+                targets = [s for s in targets if s.state in (LIVE, STALE)]
+                targets = self._post_all(targets, "/end_weight_update", {})
+                targets = self._post_all(targets, "/update_weight_version", {"new_version": str(version)})
+                targets = self._post_all(targets, "/flush_cache", {})
             finally:
                 if not user_paused:
-                    self._broadcast("/continue_generation", {})
-            versions = {s.url: self._server_version(s) for s in self.live_servers()}
+                    self._post_all(self.pool.syncable(), "/continue_generation", {}, check=False)
+            versions = {s.url: self._server_version(s) for s in targets}
             wrong = {u: v for u, v in versions.items() if v != version}
             if wrong or not versions:
                 raise RuntimeError(f"update_weights: servers report weight versions {wrong or versions}, expected "
                                    f"{version}")
+            if stats.get("complete"):
+                self.pool.promote(targets)
             self._weight_version = version
             dt = time.monotonic() - t0
             self.last_sync = dict(stats, method=self.sync_method, seconds=dt, servers=len(versions),
@@ -493,11 +526,10 @@ class SGLangEngine:
         logger.info("SGLangEngine: weights v%d to %d servers by %s: %.2f MB in %.2f s", version, len(versions),
                     self.sync_method, stats.get("bytes", 0) / 1e6, dt)
 
-    def _broadcast_checked(self, path: str, payload: dict, timeout: float = 600.0) -> None:
-        out = self._broadcast(path, payload, timeout=timeout)
-        bad = {u: r for u, r in out.items() if "error" in r or r.get("success") is False}
-        if bad:
-            raise RuntimeError(f"SGLangEngine: {path} failed on {bad}")
+
+def _sampling_payload(params: SamplingParams) -> dict:
+    return {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids)}
 
 
 def _hostname() -> str:

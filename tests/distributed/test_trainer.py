@@ -35,7 +35,7 @@ EXPECTED_TAGS = [
     "reward/mean", "reward/std", "reward/accuracy", "rollout/response_len", "entropy/mean", "cov/mean", "cov/q90",
     "train/ppo_kl", "train/kl_cov_frac", "train/clip_frac_high", "rollout/logprob_gap", "coef/kl_cov_ratio",
     "train/grad_norm", "perf/rollout_time(s)", "perf/reward_time(s)", "perf/train_time(s)", "perf/sync_time(s)",
-    "perf/tokens_per_s", "sync/time(s)", "entropy/delta_measured",
+    "perf/tokens_per_s", "sync/time(s)", "entropy/delta_measured", "sync/probe_gap", "sync/probe_tokens",
 ]
 
 
@@ -75,7 +75,53 @@ def test_one_rl_step_tp2_pp2_trains_every_parameter(tmp_path):
     assert 0.0 <= m["reward/mean"] <= 1.0
     # Trainer and engine hold the same weights: rollout log-probs agree with the recomputation.
     assert m["rollout/logprob_gap"] < 1e-4, m["rollout/logprob_gap"]
+    # The post-sync probe compared tokens and found the engine on the trainer's weights.
+    assert m["sync/probe_tokens"] > 0 and m["sync/probe_gap"] < 1e-4, m
     assert (tmp_path / "tp2pp2" / "resolved_config.yaml").is_file()
+
+
+def _probe_worker(rank, world_size, run_dir):
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.sync_probe import SyncVerificationError, verify_sync
+    from megatron_entcov.trainer import Trainer
+
+    cfg = load_config(None, TINY + ["parallel.pipeline_model_parallel_size=2", "steps=1", f"output_dir={run_dir}",
+                                    "name=probe", "rollout.sync_probe_tokens=8"]).resolve(world_size)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    trainer = Trainer(cfg, ps)                 # its initial sync passed the probe, or this raised
+    vocab = min(len(trainer.tokenizer), cfg.model.vocab_size)
+    out = {"ok": verify_sync(trainer.engine, trainer.policy, ps, cfg, version=0, vocab_limit=vocab)}
+
+    def expect_failure(version):
+        try:
+            verify_sync(trainer.engine, trainer.policy, ps, cfg, version=version, vocab_limit=vocab)
+        except SyncVerificationError as err:
+            return str(err)
+        return None
+
+    # A server told the wrong version: every rank raises.
+    out["wrong_version"] = expect_failure(version=1)
+    # The engine computes with weights the trainer does not hold (one tensor loaded wrong): every rank raises.
+    if trainer.engine is not None:
+        name = "model.layers.1.mlp.down_proj.weight"
+        w = dict(trainer.engine.model.named_parameters())[name].detach()
+        trainer.engine.update_weights([(name, w + 0.05 * torch.randn_like(w))], version=0)
+    out["wrong_weights"] = expect_failure(version=0)
+    trainer.close()
+    return out
+
+
+def test_sync_probe_catches_a_server_not_on_the_trainers_weights(tmp_path):
+    """The post-sync probe (sync_probe.py) at pp=2: it passes on a correct sync, and on every rank it fails when
+    the engine reports another version or computes with a tensor the trainer does not hold."""
+    results = run_workers(_probe_worker, 2, args=(str(tmp_path),), timeout=300)
+    for rank, res in enumerate(results):
+        assert res["ok"]["sync/probe_gap"] < 1e-5 and res["ok"]["sync/probe_tokens"] > 0, res["ok"]
+        assert res["wrong_version"] and "another version" in res["wrong_version"], (rank, res)
+        assert res["wrong_weights"] and "failed its probe" in res["wrong_weights"], (rank, res)
+    # The generating rank names the server and its gap.
+    assert "embedded: gap" in results[0]["wrong_weights"]
 
 
 def _cli(args, run_dir, **kw):

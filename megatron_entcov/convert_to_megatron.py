@@ -1,0 +1,209 @@
+"""Offline tool Hugging Face safetensors -> Megatron dist checkpoint root, and the tools' output directories.
+
+:func:`convert_hf_to_megatron` writes a checkpoint root (``latest``,
+``step_000000/{model/, model_config.yaml, hf/, trainer_state.json, COMPLETE}``) that ``checkpoint.load`` /
+:class:`~megatron_entcov.checkpoint.Checkpointer` accept. The model is built at tp=1, pp=1 on the ``meta``
+device, allocated without initialisation and filled tensor by tensor from the safetensors files
+(:func:`megatron_entcov.convert.load_hf_weights`), then saved as a Megatron dist checkpoint. A dist checkpoint
+is layout-free (global keys, layers stacked, TP shards as offsets), so it loads at any tp/pp; ``--tp`` only
+fixes the vocabulary padding (``ModelConfig.padded_vocab_size(tp)``) and is checked against the head/layer
+counts with ``--pp``. Peak host memory: one copy of the model plus a few copies of the largest tensor
+(docs/conversion.md). The output-directory rules both tools share live here too: never overwrite silently;
+write to a temporary sibling and rename. The other direction is :mod:`megatron_entcov.convert_to_hf`.
+
+Example:
+    convert_hf_to_megatron("/models/Qwen2.5-7B", "/ckpts/qwen7b", tp=4, pp=1)
+
+Command line (``tools/convert_hf_to_megatron.py`` and ``megatron-entcov convert hf-to-megatron`` call
+:func:`main_hf_to_megatron`):
+    python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen2.5-7B --out /ckpts/qwen7b --tp 4 --pp 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_entcov.config import ModelConfig, ParallelConfig
+from megatron_entcov.convert import load_hf_weights
+from megatron_entcov.hf_checkpoint import HFCheckpoint, check_hf_checkpoint, load_hf_model_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["convert_hf_to_megatron", "main_hf_to_megatron"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                    "generation_config.json")
+_STEP_DIR = "step_000000"
+_MODEL_CONFIG_FILE = "model_config.yaml"
+
+
+# --------------------------------------------------------------------------------------------------
+# Output directories: never overwrite silently; write to a temporary sibling and rename
+# --------------------------------------------------------------------------------------------------
+
+
+def _holds_checkpoint(path: Path) -> bool:
+    markers = ("config.json", "model.safetensors", "model.safetensors.index.json", "latest", "metadata.json",
+               "COMPLETE", "model")
+    return any((path / m).exists() for m in markers) or any(path.glob("*.safetensors")) or any(path.glob("step_*"))
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not _holds_checkpoint(out):
+        raise ValueError(f"--out {str(out)!r} is a non-empty directory that holds no checkpoint; refusing to "
+                         "replace it (even with --force): choose a new or empty directory")
+    if not force:
+        raise ValueError(f"--out {str(out)!r} already holds a checkpoint; pass --force to replace it")
+
+
+def _tmp_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+def _finish_output(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _copy_hf_side_files(src: Path, dst: Path, *, config: bool) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES + (("config.json",) if config else ()):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+# --------------------------------------------------------------------------------------------------
+# HF -> Megatron
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+    for name, value in (("--tp", tp), ("--pp", pp)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(cfg, field) % tp:
+            raise ValueError(f"--tp={tp} must divide {field}={getattr(cfg, field)}")
+    if cfg.num_layers % pp:
+        raise ValueError(f"--pp={pp} must divide num_layers={cfg.num_layers}")
+
+
+def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
+                           dtype: str | None = None, make_vocab_size_divisible_by: int = 128,
+                           force: bool = False, progress: bool = True) -> Path:
+    """Convert a Hugging Face directory into a Megatron checkpoint root at ``out``; returns ``out``.
+
+    The dist checkpoint is written at tp=1, pp=1 and loads at any layout whose padded vocabulary equals
+    ``ModelConfig.padded_vocab_size(tp)`` (always the case for tp' dividing ``tp`` when the vocabulary is
+    already a multiple of ``make_vocab_size_divisible_by * tp``; Megatron loads vocabulary tensors with
+    ``allow_shape_mismatch``, so other paddings load too). Runs in one process; when torch.distributed is
+    already initialised it is collective: every rank builds the whole model, the write is shared, and
+    Megatron's parallel state is left at tp=1, pp=1 (call ``init_parallel`` again afterwards).
+    Raises ValueError for an unsupported architecture, a missing tensor, a shape mismatch, a bad layout or
+    an output directory that already holds a checkpoint (unless ``force``).
+    """
+    import torch.distributed as dist
+
+    from megatron_entcov.checkpoint import save_model
+    from megatron_entcov.model import build_model
+    from megatron_entcov.parallel import destroy_parallel, init_parallel
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    cfg = load_hf_model_config(hf_dir, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    _check_layout(cfg, tp, pp)
+    hf = HFCheckpoint(hf_dir)
+    check_hf_checkpoint(hf, cfg)
+    _check_output(out, force)
+
+    own_group = not dist.is_initialized()
+    parallel = ParallelConfig(backend="gloo")
+    ps = init_parallel(parallel, seed=0)
+    try:
+        padded = cfg.padded_vocab_size(tp)
+        # The local spec (checkpoint keys are the same for both specs); padding fixed for the target tp.
+        build_cfg = dataclasses.replace(cfg, transformer_impl="local",
+                                        make_vocab_size_divisible_by=make_vocab_size_divisible_by * tp)
+        # Built on the meta device, then allocated without initialisation: no random init of a 32B model,
+        # and at most one copy of it in memory.
+        with torch.device("meta"):
+            chunks = build_model(build_cfg, parallel, dataclasses.replace(ps, device=torch.device("meta")))
+        chunks = [c.to_empty(device="cpu") for c in chunks]
+        load_hf_weights(chunks, build_cfg, hf, ps, progress=progress and ps.is_rank0)
+        tmp = _tmp_dir(out)
+        step = tmp / _STEP_DIR
+        if ps.is_rank0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (step / "model").mkdir(parents=True)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        save_model(chunks, step / "model")
+        del chunks
+        if ps.is_rank0:
+            info = {"source": str(hf_dir), "tp": tp, "pp": pp, "padded_vocab_size": padded}
+            (step / _MODEL_CONFIG_FILE).write_text(
+                "# ModelConfig of this checkpoint (written by megatron_entcov.convert_to_megatron)\n"
+                + yaml.safe_dump({"model": dataclasses.asdict(cfg), "conversion": info}, sort_keys=False))
+            _copy_hf_side_files(hf_dir, step / "hf", config=True)
+            (step / "trainer_state.json").write_text(json.dumps({"step": 0, "converted_from": str(hf_dir)}, indent=1))
+            (step / "COMPLETE").write_text("")
+            (tmp / "latest").write_text(_STEP_DIR)
+            _finish_output(tmp, out)
+            logger.info("convert: wrote %s (%d layers, vocab %d padded to %d for tp=%d, %s)", out, cfg.num_layers,
+                        cfg.vocab_size, padded, tp, cfg.params_dtype)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        if own_group:
+            destroy_parallel()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main_hf_to_megatron(argv: list[str] | None = None) -> int:
+    """``megatron-entcov convert hf-to-megatron``: returns the exit code (2 on a bad input)."""
+    parser = argparse.ArgumentParser(prog="megatron-entcov convert hf-to-megatron",
+                                     description="Hugging Face (Qwen2/Qwen2.5, Llama) -> Megatron dist checkpoint")
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json, safetensors)")
+    parser.add_argument("--out", required=True, help="output checkpoint root (latest, step_000000/model/ ...)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to train at (vocab padding)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train at (checked only)")
+    parser.add_argument("--dtype", default=None, help="float32|bfloat16|float16; default: the checkpoint's")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, force=args.force)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

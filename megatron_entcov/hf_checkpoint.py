@@ -1,0 +1,160 @@
+"""Reading Hugging Face checkpoints: safetensors tensors, config.json as a ModelConfig, and their checks.
+
+A Hugging Face directory is the input of every weight path (training from ``model.hf_dir``, the offline
+hf-to-megatron tool) and the source of config.json for the export. This module reads it lazily:
+:class:`HFCheckpoint` takes shapes and dtypes from the safetensors headers and reads one tensor at a time
+(one file, or shards with an index), :func:`load_hf_model_config` turns config.json into a
+:class:`~megatron_entcov.config.ModelConfig` (ValueError for an unsupported architecture), and
+:func:`check_hf_checkpoint` checks every tensor the map needs against the shapes config.json implies. It
+holds no Megatron code: the weight map is :mod:`megatron_entcov.convert_map`, the copies into a built model
+:mod:`megatron_entcov.convert`.
+
+Example:
+    cfg = load_hf_model_config("/models/Qwen2.5-7B", dtype="bfloat16")
+    hf = HFCheckpoint("/models/Qwen2.5-7B")
+    check_hf_checkpoint(hf, cfg)                        # ValueError: missing tensor / shape mismatch
+    embed = hf.get("model.embed_tokens.weight")         # one tensor, read on demand
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from megatron_entcov.config import ModelConfig
+from megatron_entcov.convert_map import expected_hf_shapes
+from megatron_entcov.hf_config import SUPPORTED_ARCHITECTURES, model_fields_from_hf
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HFCheckpoint", "load_hf_model_config", "check_hf_checkpoint"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _dtype_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    name = _DTYPE_ALIASES.get(str(name), str(name)).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype {name!r} is not supported: choose one of {', '.join(_DTYPES)}")
+    return name
+
+
+class HFCheckpoint:
+    """Lazy reader of a Hugging Face safetensors checkpoint (one file, or shards with an index).
+
+    Shapes and dtypes come from the file headers; :meth:`get` reads one tensor at a time.
+    """
+
+    def __init__(self, hf_dir: str | Path):
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").is_file():
+            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        elif list(self.dir.glob("pytorch_model*.bin")):
+            raise ValueError(f"{str(self.dir)!r} holds PyTorch .bin weights; only safetensors are supported "
+                             "(re-save with save_pretrained(..., safe_serialization=True))")
+        else:
+            raise ValueError(f"{str(self.dir)!r} holds no model.safetensors or model.safetensors.index.json")
+        self.weight_map: dict[str, str] = weight_map
+        self._headers: dict[str, tuple[tuple[int, ...], str]] | None = None
+
+    def _path(self, name: str) -> Path:
+        path = self.dir / self.weight_map[name]
+        if not path.is_file():
+            raise ValueError(f"missing tensor {name!r}: the index names {path.name!r}, which is not in {str(self.dir)!r}")
+        return path
+
+    def _header(self, name: str) -> tuple[tuple[int, ...], str]:
+        from safetensors import safe_open
+
+        if self._headers is None:
+            self._headers = {}
+            for file in sorted(set(self.weight_map.values())):
+                path = self.dir / file
+                if not path.is_file():
+                    continue  # reported by _path() for the tensors that are needed
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self._headers[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        if name not in self._headers:
+            self._path(name)
+            raise ValueError(f"missing tensor {name!r}: the index names a file that does not hold it")
+        return self._headers[name]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._header(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._header(name)[1]
+        if code not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {code}; supported: {', '.join(_ST_DTYPES)}")
+        return _ST_DTYPES[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor. The file is opened for this read only: an open safetensors handle keeps every page
+        it has read mapped, so keeping shards open would hold a second copy of the model in this process."""
+        from safetensors import safe_open
+
+        if name not in self.weight_map:
+            raise ValueError(f"missing tensor {name!r} in the Hugging Face checkpoint {str(self.dir)!r}")
+        with safe_open(self._path(name), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def load_hf_model_config(hf_dir: str | Path, *, dtype: str | None = None,
+                         make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+    """ModelConfig of a Hugging Face directory; ValueError for an unsupported architecture.
+
+    ``dtype`` None keeps the checkpoint's dtype (config.json ``dtype``/``torch_dtype``, else float32).
+    """
+    hf_dir = Path(hf_dir)
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"--hf-dir {str(hf_dir)!r} has no config.json")
+    raw = json.loads(cfg_file.read_text())
+    archs = raw.get("architectures") or []
+    if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()):
+        raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {str(cfg_file)!r}: "
+                         f"supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"use_sliding_window=true in {str(cfg_file)!r} is not supported (Megatron attends to the "
+                         "whole context)")
+    from transformers import AutoConfig
+
+    fields = model_fields_from_hf(AutoConfig.from_pretrained(hf_dir))
+    source = raw.get("dtype") or raw.get("torch_dtype")
+    params_dtype = _dtype_name(dtype) or (source if source in _DTYPES else "float32")
+    return ModelConfig(**fields, params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+
+
+def check_hf_checkpoint(hf: HFCheckpoint, cfg: ModelConfig) -> None:
+    """Every tensor the model needs is there with the shape config.json implies; ValueError otherwise."""
+    expected = expected_hf_shapes(cfg)
+    missing = [n for n in expected if n not in hf.weight_map]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"missing tensor {missing[0]!r}{more} in the Hugging Face checkpoint {str(hf.dir)!r}")
+    for name, shape in expected.items():
+        got = hf.shape(name)
+        if got != shape:
+            raise ValueError(f"shape mismatch for {name!r}: the checkpoint has {got}, config.json implies {shape}")
+        hf.dtype(name)
+    extra = sorted(set(hf.weight_map) - set(expected))
+    if extra:
+        logger.warning("convert: ignoring %d tensor(s) not in the map, e.g. %s", len(extra), extra[:3])

@@ -1,0 +1,230 @@
+"""The SGLang engine's servers: who is live, who gets the next request, and bringing dead servers back.
+
+A server is in one of four states:
+
+- ``live``: serves generation and receives every weight sync.
+- ``dead``: its process exited, or it stopped answering (connection refused, time-out on ``/model_info``);
+  its requests fail over to the live servers.
+- ``restarting``: a server this engine launched died and is being started again (at most ``max_restarts``
+  times per server, in a background thread, on a fresh port; its log goes next to the old one).
+- ``stale``: answering, but its weights are not the trainer's: a restarted server (it loaded the initial
+  model directory) or a given URL that answered again after being dead (restarted by someone else). It takes
+  part in the next weight sync and becomes live when that sync sent every tensor and its version checks out.
+
+Servers at given URLs are never restarted here (whoever started them supervises them), but a dead one is
+probed again at each sync and re-admitted as stale when it answers.
+
+Example:
+    pool = ServerPool(servers, launch=launch_fn, max_restarts=2, current_version=lambda: engine.weight_version)
+    s = pool.pick(avoid=None)         # least-loaded live server; s.inflight counted
+    ... request ...
+    pool.release(s)
+    pool.mark_failure(s, err)         # dead? then restarted in the background when it was launched here
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from megatron_entcov.rollout.sglang_http import NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang_server import SGLangServer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Server", "ServerPool", "LIVE", "DEAD", "RESTARTING", "STALE"]
+
+LIVE, DEAD, RESTARTING, STALE = "live", "dead", "restarting", "stale"
+
+
+@dataclass(eq=False)
+class Server:
+    """One server as the engine sees it (counters are cumulative over the engine's life)."""
+
+    url: str
+    index: int
+    proc: SGLangServer | None = None        # None: not launched by this engine
+    state: str = LIVE
+    inflight: int = 0
+    failures: int = 0
+    restarts: int = 0
+    last_error: str = ""
+    generated_tokens: int = 0
+    requests: int = 0
+    history: list[str] = field(default_factory=list)   # past URLs (a restart moves to a fresh port)
+
+    @property
+    def alive(self) -> bool:
+        return self.state == LIVE
+
+
+class ServerPool:
+    """Thread-safe bookkeeping of the engine's servers (module docstring)."""
+
+    def __init__(self, servers: list[Server], *, launch: Callable[[Server], SGLangServer] | None,
+                 max_restarts: int, startup_timeout_s: float, current_version: Callable[[], int]):
+        """
+        Args:
+            servers: the servers, all live.
+            launch: starts a replacement process for a launched server (returns it started, not yet ready);
+                None = never restart.
+            max_restarts: restarts allowed per launched server.
+            startup_timeout_s: how long a restarted server may take to answer.
+            current_version: the engine's weight version now (a restarted server that comes up while it is
+                still 0, the initial weights, is live at once; otherwise stale until the next sync).
+        """
+        self.servers = servers
+        self._launch = launch
+        self.max_restarts = int(max_restarts)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._current_version = current_version
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------------------------------------ views
+
+    def live(self) -> list[Server]:
+        """Live servers; a launched server whose process has exited is marked dead (and restarted) first."""
+        for s in self.servers:
+            if s.state == LIVE and s.proc is not None and not s.proc.alive():
+                self._declare_dead(s, f"process exited (rc={s.proc.proc.returncode if s.proc.proc else None})")
+        with self._lock:
+            return [s for s in self.servers if s.state == LIVE]
+
+    def syncable(self) -> list[Server]:
+        """Servers a weight sync goes to: live ones and stale ones (given URLs that answer again are re-admitted
+        as stale here)."""
+        self.live()
+        for s in self.servers:
+            if s.state == DEAD and s.proc is None:
+                try:
+                    http_json(s.url, "/model_info", timeout=2)
+                except ServerError:
+                    continue
+                with self._lock:
+                    s.state = STALE
+                logger.warning("SGLangEngine: server %s answers again; it gets the next weight sync", s.url)
+        with self._lock:
+            return [s for s in self.servers if s.state in (LIVE, STALE)]
+
+    def promote(self, servers: list[Server]) -> None:
+        """A sync of every tensor reached these servers and their versions check out: stale ones are live."""
+        with self._lock:
+            for s in servers:
+                if s.state == STALE:
+                    s.state = LIVE
+                    logger.info("SGLangEngine: server %s is live again with the current weights", s.url)
+
+    def restarting(self) -> list[Server]:
+        with self._lock:
+            return [s for s in self.servers if s.state == RESTARTING]
+
+    # ------------------------------------------------------------------------------------------------ requests
+
+    def pick(self, avoid: Server | None) -> Server:
+        """The least-loaded live server (another than ``avoid`` when there is one); counts it in flight."""
+        live = self.live()
+        with self._lock:
+            live = [s for s in live if s.state == LIVE]
+            if not live:
+                pending = [s.url for s in self.servers if s.state in (RESTARTING, STALE)]
+                more = (f" ({len(pending)} restarting or waiting for the next weight sync: {pending})"
+                        if pending else "")
+                raise NoServerLeftError("SGLangEngine: no SGLang server left" + more + ": " + "; ".join(
+                    f"{s.url}: {s.last_error or s.state}" for s in self.servers))
+            choices = [s for s in live if s is not avoid] or live
+            best = min(choices, key=lambda s: s.inflight)
+            best.inflight += 1
+            return best
+
+    def release(self, s: Server, *, tokens: int = 0, ok: bool = False) -> None:
+        with self._lock:
+            s.inflight -= 1
+            if ok:
+                s.requests += 1
+                s.generated_tokens += tokens
+
+    def mark_failure(self, s: Server, err: Exception) -> None:
+        """Count a failure; a server whose process exited or whose /model_info does not answer is dead."""
+        with self._lock:
+            s.failures += 1
+            s.last_error = str(err)
+            if s.state != LIVE and s.state != STALE:
+                return
+        dead = s.proc is not None and not s.proc.alive()
+        if not dead:
+            # /model_info is answered by the HTTP process itself; /health goes through the scheduler, which a
+            # paused server (a weight update) does not answer.
+            try:
+                http_json(s.url, "/model_info", timeout=10)
+            except ServerError as probe_err:
+                dead = probe_err.retryable
+        if dead:
+            self._declare_dead(s, str(err))
+
+    # ------------------------------------------------------------------------------------------------ restarts
+
+    def _declare_dead(self, s: Server, why: str) -> None:
+        with self._lock:
+            if s.state not in (LIVE, STALE):
+                return
+            s.state = DEAD
+            s.last_error = s.last_error or why
+            restart = (self._launch is not None and s.proc is not None and s.restarts < self.max_restarts
+                       and not self._closed)
+            if restart:
+                s.state = RESTARTING
+                s.restarts += 1
+        left = sum(x.state == LIVE for x in self.servers)
+        logger.warning("SGLangEngine: server %s is dead (%s); its requests go to the other %d live servers%s",
+                       s.url, why, left, f"; restarting it ({s.restarts}/{self.max_restarts})" if restart else "")
+        if restart:
+            t = threading.Thread(target=self._restart, args=(s,), daemon=True, name=f"sglang-restart{s.index}")
+            self._threads.append(t)
+            t.start()
+
+    def _restart(self, s: Server) -> None:
+        old = s.proc
+        try:
+            old.stop()
+            proc = self._launch(s)              # started, not ready yet
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    s.proc = proc                   # close() stops it from now on
+            if closed:
+                proc.stop()
+                return
+            proc.wait_ready(self.startup_timeout_s)
+        except Exception as err:          # noqa: BLE001 - reported in the server's state, never raised
+            with self._lock:
+                s.state = DEAD
+                s.last_error = f"restart failed: {err}"
+            if not self._closed:
+                logger.error("SGLangEngine: restarting server %d failed: %s", s.index, err)
+            return
+        with self._lock:
+            if self._closed:
+                return
+            s.history.append(s.url)
+            s.url = proc.url
+            s.state = LIVE if self._current_version() == 0 else STALE
+        logger.warning("SGLangEngine: server %d restarted at %s after %.1f s (%s)", s.index, s.url,
+                       proc.startup_s or 0.0, "live" if s.state == LIVE else "stale until the next weight sync")
+
+    def wait_restarts(self, timeout_s: float) -> bool:
+        """Block until no restart is in progress (or the time-out); True when none is left."""
+        for t in list(self._threads):
+            t.join(timeout=timeout_s)
+        return not self.restarting()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        for s in self.servers:
+            if s.proc is not None:
+                s.proc.stop()
+            s.state = DEAD
