@@ -1,5 +1,6 @@
 """SGLangEngine with two real servers: a server killed mid-rollout loses no sample (its requests fail over to
-the other), and with no server left generate raises a clear error.
+the other); the engine restarts it, keeps it out of generation until a weight sync has given it the current
+weights, then uses it again; with no server left generate raises a clear error.
 
 Run: make test-sglang
 """
@@ -19,16 +20,20 @@ pytestmark = pytest.mark.sglang
 PROMPTS = [[2, 5 + i % 10, 14, 4 + (3 * i) % 10, 17] for i in range(24)]
 
 
-def test_killed_server_loses_no_sample(tiny_cfg, model_dirs, tmp_path):
+def test_killed_server_loses_no_sample_and_is_restarted(tiny_cfg, model_dirs, tmp_path):
+    from sglang_utils import buckets, load_state_dict
+
     # max_inflight=4: requests go out in waves, so the kill lands mid-rollout with work left on both servers.
     eng = SGLangEngine(tiny_cfg, model_dir=model_dirs["a"], num_servers=2, max_inflight=4, request_timeout_s=120,
-                       backoff_s=0.2, log_dir=tmp_path)
+                       backoff_s=0.2, max_restarts=1, log_dir=tmp_path)
     try:
+        eng.update_weights(buckets(load_state_dict(model_dirs["b"])), version=1)
         params = SamplingParams(temperature=1.0, max_new_tokens=64, seed=5)
         result = {}
         t = threading.Thread(target=lambda: result.update(samples=eng.generate(PROMPTS, params)))
         t.start()
         victim, survivor = eng.servers
+        first_url = victim.url
         deadline = time.monotonic() + 120
         while victim.requests + survivor.requests < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -40,15 +45,31 @@ def test_killed_server_loses_no_sample(tiny_cfg, model_dirs, tmp_path):
         assert done_at_kill < len(PROMPTS), "the rollout finished before the kill; the test proves nothing"
         assert [s.index for s in samples] == list(range(len(PROMPTS)))
         assert all(s.finish_reason == "length" and s.num_response_tokens == 64 for s in samples)
-        assert all(len(s.rollout_logprobs) == 64 for s in samples)
-        health = eng.health()
-        assert [s["alive"] for s in health["servers"]] == [False, True] and health["ok"]
-        assert victim.failures >= 1
+        assert all(len(s.rollout_logprobs) == 64 and s.weight_version == 1 for s in samples)
+        assert victim.failures >= 1 and victim.restarts == 1
         print(f"\n[sglang] failover: killed after {done_at_kill}/{len(PROMPTS)} requests; "
               f"{survivor.requests} served by the survivor")
-        # The next rollout uses the survivor only; then no server is left.
-        assert len(eng.generate(PROMPTS[:2], params)) == 2
-        survivor.proc.kill()
+
+        # The restarted server loaded the initial weights ('a'): stale, so no rollout goes to it yet.
+        assert eng.wait_restarts(300), [s.last_error for s in eng.servers]
+        assert victim.state == "stale" and victim.url != first_url, (victim.state, victim.url)
+        assert [s["state"] for s in eng.health()["servers"]] == ["stale", "live"]
+        served = survivor.requests
+        assert len(eng.generate(PROMPTS[:4], params)) == 4 and survivor.requests == served + 4
+
+        # The next sync sends every tensor: the restarted server is live again and computes like the survivor.
+        eng.update_weights(buckets(load_state_dict(model_dirs["a"])), version=2)
+        assert [s.state for s in eng.servers] == ["live", "live"]
+        greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16, seed=0)
+        (url0, p0), (url1, p1) = eng.probe(PROMPTS[0], greedy)
+        assert {url0, url1} == {victim.url, survivor.url}
+        assert p0.weight_version == p1.weight_version == 2 and p0.response_ids == p1.response_ids
+        assert max(abs(a - b) for a, b in zip(p0.rollout_logprobs, p1.rollout_logprobs)) < 1e-4
+
+        # No restarts left: with both servers killed, a clear error.
+        eng.pool.max_restarts = 0
+        for s in eng.servers:
+            s.proc.kill()
         with pytest.raises(NoServerLeftError, match="no SGLang server left"):
             eng.generate(PROMPTS[:2], params)
     finally:

@@ -1,6 +1,7 @@
 """One RL step of the trainer on the arithmetic task with rollouts from a real SGLang server (CPU): the trainer
-pushes its weights to the server (disk sync), generates there, trains, and the rollout log-probs agree with the
-trainer's own recomputation (the |rollout - train| gap is the end-to-end check that both hold the same weights).
+pushes its weights to the server (disk or distributed sync), the post-sync probe checks the server computes with
+them, it generates there, trains, and the rollout log-probs agree with the trainer's own recomputation (the
+|rollout - train| gap is the end-to-end check that both hold the same weights).
 
 Run: make test-sglang
 """
@@ -47,5 +48,10 @@ def test_rl_steps_with_sglang_rollouts(tmp_path, method):
         print(f"\n[sglang] RL step {step} ({method} sync): |rollout - train| log-prob gap {m['rollout/logprob_gap']:.2e}, "
               f"sync {m.get('sync/time(s)', float('nan')):.2f} s")
         assert m["rollout/logprob_gap"] < 1e-4, m["rollout/logprob_gap"]
+        # The post-sync probe: the server computes with the weights just pushed.
+        print(f"[sglang] RL step {step}: probe gap {m['sync/probe_gap']:.2e} over {m['sync/probe_tokens']:.0f} "
+              f"tokens; server 0 generated {m['rollout/server0/tokens_per_s']:.0f} tokens/s")
+        assert m["sync/probe_tokens"] > 0 and m["sync/probe_gap"] < 1e-4, m
+        assert m["rollout/server0/tokens_per_s"] > 0 and m["rollout/live_servers"] == 1
     assert res["health"]["servers"][0]["weight_version"] == res["version"] == res["health"]["weight_version"]
     assert res["health"]["last_sync"]["method"] == method
