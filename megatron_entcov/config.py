@@ -202,7 +202,11 @@ class RolloutConfig:
     max_refill_rounds: int = 4
     """With dynamic_sampling, the most extra generation rounds per step before training on what is there."""
     server_urls: list[str] = field(default_factory=list)
-    """SGLang engine: URLs of running servers (or one sglang-router); empty = launch num_servers locally."""
+    """SGLang engine: URLs of running servers, split between data-parallel replicas (replica r gets every dp-th
+    from r); empty = each replica launches num_servers locally (or uses router_url's workers)."""
+    router_url: str = ""
+    """SGLang engine: an sglang-router in front of the servers; generation goes through it, weight syncs go to its
+    workers (server_urls, else the router's /workers). dp=1 only."""
     num_servers: int = 1
     """SGLang engine: servers to launch when server_urls is empty."""
     request_timeout_s: float = 600.0
@@ -253,6 +257,11 @@ class RolloutConfig:
         for i, arg in enumerate(self.server_args):
             if not isinstance(arg, str):
                 _fail(f"rollout.server_args[{i}]", arg, "must be a string (one command-line token)")
+        if self.router_url and not str(self.router_url).startswith(("http://", "https://")):
+            _fail("rollout.router_url", self.router_url, "must be an http(s):// URL, e.g. http://router-node:30000")
+        for i, url in enumerate(self.server_urls):
+            if not str(url).startswith(("http://", "https://")):
+                _fail(f"rollout.server_urls[{i}]", url, "must be an http(s):// URL, e.g. http://rollout-node:30000")
         if self.release_memory and self.engine != "sglang":
             _fail("rollout.release_memory", self.release_memory, "applies to rollout.engine=sglang only; set false")
         if self.release_memory and self.server_device == "cpu":

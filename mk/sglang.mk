@@ -17,6 +17,7 @@ SGLANG_PYTHON ?= python3.11
 SGLANG_VERSION ?= 0.5.23
 SGLANG_TORCH ?= 2.14.1
 SGLANG_TORCHVISION ?= 0.29.1
+SGLANG_ROUTER_VERSION ?= 0.3.2
 SGLANG_VENV ?= $(HOME)/.cache/megatron-entcov/sglang-venv-$(SGLANG_VERSION)-torch$(SGLANG_TORCH)
 SGLANG_PY := $(SGLANG_VENV)/bin/python
 # Requirement names (PEP 503-normalised) left out of the slim CPU install.
@@ -43,7 +44,14 @@ $(SGLANG_VENV)/.installed:
 	$(SGLANG_PY) -c 'import torch, sglang.srt.entrypoints.http_server; assert torch.__version__.startswith("$(SGLANG_TORCH)"), torch.__version__'
 	touch $@
 
-sglang-env: $(SGLANG_VENV)/.installed
+# sglang-router (a Rust binary wheel) in the same venv: the engine's rollout.router_url path is tested with it.
+# A separate stamp, so a venv cached before the router was added gets it without a rebuild.
+$(SGLANG_VENV)/.router-$(SGLANG_ROUTER_VERSION): $(SGLANG_VENV)/.installed
+	$(SGLANG_PY) -m pip install -q --no-deps "sglang-router==$(SGLANG_ROUTER_VERSION)"
+	$(SGLANG_PY) -c 'import sglang_router.launch_router'
+	touch $@
+
+sglang-env: $(SGLANG_VENV)/.installed $(SGLANG_VENV)/.router-$(SGLANG_ROUTER_VERSION)
 
 # Real servers on CPU: a few minutes, mostly server start-ups.
 # `setup` (the trainer venv) when included from the Makefile; alone, .venv must exist already.

@@ -78,7 +78,8 @@ class SGLangEngine:
                  max_total_tokens: int | None = 4096, server_args: Sequence[str] = (),
                  request_timeout_s: float = 600.0, max_inflight: int = 32, max_retries: int = 3,
                  backoff_s: float = 0.5, startup_timeout_s: float = 600.0, max_restarts: int = 2,
-                 release_memory: bool = False, sync_method: str = "disk", sync_dir: str | Path | None = None,
+                 release_memory: bool = False, router_url: str | None = None, sync_method: str = "disk",
+                 sync_dir: str | Path | None = None,
                  sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0):
         """
         Args:
@@ -101,6 +102,9 @@ class SGLangEngine:
             max_restarts: restarts per launched server that dies (sglang_pool.py); 0 = never restart.
             release_memory: colocated GPU servers: launch with ``--enable-memory-saver`` so ``release_memory`` /
                 ``resume_memory`` can give their GPU memory to the trainer between rollouts (needs CUDA).
+            router_url: an ``sglang-router`` in front of the servers: generation goes through it (it balances
+                and fails over by itself), weight syncs and probes go to its workers directly (the router does
+                not forward them). Workers are ``server_urls`` when given, else the router's ``/workers``.
             sync_method: 'disk', 'distributed' or 'tensor' (weight_sync_sglang.py).
             sync_dir: where the 'disk' method writes its temporary safetensors (default: the system temp dir;
                 the servers must be able to read it: local servers or a shared file system).
@@ -142,12 +146,17 @@ class SGLangEngine:
         self.last_generate: dict = {}
         self.startup_s: list[float] = []
         self.pool: ServerPool | None = None
+        self.router: Server | None = None
+        self._router_lock = threading.Lock()
         self._launch_args = dict(python=server_python or default_server_python(), device=device,
                                  dtype=model_cfg.params_dtype, max_total_tokens=max_total_tokens,
                                  extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if release_memory
                                                                         else []), *server_args])
         self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
         try:
+            if router_url:
+                self.router = Server(url=router_url.rstrip("/"), index=-1)
+                server_urls = list(server_urls or []) or router_workers(self.router.url, startup_timeout_s)
             if server_urls:
                 self.model_dir = None
                 servers = [Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls)]
@@ -181,8 +190,9 @@ class SGLangEngine:
             self.close()
             raise
         self._pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="sglang-req")
-        logger.info("SGLangEngine: %d servers %s (%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
+        logger.info("SGLangEngine: %d servers %s (%s%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
                     len(servers), [s.url for s in servers], "launched" if not server_urls else "given",
+                    f", generation through the router {self.router.url}" if self.router else "",
                     self.max_inflight, self.request_timeout_s, sync_method, [round(t, 1) for t in self.startup_s])
 
     def _launch(self, s: Server) -> SGLangServer:
@@ -205,22 +215,23 @@ class SGLangEngine:
         """
         r = cfg.rollout
         urls = list(r.server_urls)
-        if urls and len(urls) < dp_size:
-            raise ValueError(f"rollout.server_urls has {len(urls)} servers for {dp_size} data-parallel replicas; "
-                             "each replica needs its own: give at least parallel dp servers (or leave server_urls "
-                             "empty to launch rollout.num_servers per replica)")
+        if r.router_url and dp_size > 1:
+            raise ValueError(f"rollout.router_url={r.router_url!r} with {dp_size} data-parallel replicas: a router "
+                             "spreads every replica's requests over all its workers, including those another replica "
+                             "is syncing; give each replica its own servers (rollout.server_urls, no router) or use dp=1")
         device = r.server_device
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         log_dir = Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else "")
-        kwargs = dict(model_dir=cfg.model.hf_dir, server_urls=urls[dp_rank::dp_size] or None,
+        kwargs = dict(model_dir=cfg.model.hf_dir, server_urls=replica_server_urls(urls, dp_rank, dp_size) or None,
                       num_servers=r.num_servers, device=device,
                       max_total_tokens=r.max_total_tokens or (4096 if device == "cpu" else None),
                       server_args=list(r.server_args), request_timeout_s=r.request_timeout_s,
                       max_inflight=r.max_inflight, max_restarts=r.max_server_restarts,
-                      release_memory=r.release_memory, seed=cfg.seed + 7 * dp_rank, sync_method=r.sync_method,
+                      release_memory=r.release_memory, router_url=r.router_url or None, seed=cfg.seed + 7 * dp_rank,
+                      sync_method=r.sync_method,
                       log_dir=log_dir)
         kwargs.update(overrides)
         return cls(cfg.model, **kwargs)
@@ -268,9 +279,15 @@ class SGLangEngine:
                 "servers": servers, "last_sync": self.last_sync, "last_generate": self.last_generate}
 
     def server_stats(self) -> list[dict]:
-        """Cumulative per-server counters, cheap (no HTTP): index, url, state, generated_tokens, requests."""
-        return [{"index": s.index, "url": s.url, "state": s.state, "generated_tokens": s.generated_tokens,
-                 "requests": s.requests, "restarts": s.restarts} for s in self.servers]
+        """Cumulative per-server counters, cheap (no HTTP): name ('server<i>', or 'router' for what went
+        through a router), url, state, generated_tokens, requests, restarts."""
+        out = [{"name": f"server{s.index}", "url": s.url, "state": s.state, "generated_tokens": s.generated_tokens,
+                "requests": s.requests, "restarts": s.restarts} for s in self.servers]
+        if self.router is not None:
+            r = self.router
+            out.append({"name": "router", "url": r.url, "state": "router", "generated_tokens": r.generated_tokens,
+                        "requests": r.requests, "restarts": 0})
+        return out
 
     def close(self) -> None:
         if self._closed:
@@ -349,7 +366,7 @@ class SGLangEngine:
         base = _mix_seed(self.seed, call) if params.seed is None else int(params.seed)
         sp = _sampling_payload(params)
         t0 = time.monotonic()
-        before = {s.index: s.generated_tokens for s in self.servers}
+        before = {x["name"]: x["generated_tokens"] for x in self.server_stats()}
         futures = [self._pool.submit(self._generate_one, i, p, dict(sp, sampling_seed=_mix_seed(base, i)))
                    for i, p in enumerate(prompts)]
         samples, first_error = [], None
@@ -364,8 +381,8 @@ class SGLangEngine:
         n_tok = sum(x.num_response_tokens for x in samples)
         # Per-server generation throughput of this call: each server's tokens over the call's wall time.
         self.last_generate = {"seconds": dt, "tokens": n_tok, "tokens_per_s": n_tok / max(dt, 1e-9),
-                              "server_tokens_per_s": {s.index: (s.generated_tokens - before.get(s.index, 0))
-                                                      / max(dt, 1e-9) for s in self.servers}}
+                              "server_tokens_per_s": {x["name"]: (x["generated_tokens"] - before.get(x["name"], 0))
+                                                      / max(dt, 1e-9) for x in self.server_stats()}}
         return samples
 
     def _check_request(self, prompts, params: SamplingParams):
@@ -392,7 +409,7 @@ class SGLangEngine:
             if self._paused.is_set():       # not sent yet: a paused server would hold it until resume()
                 return Sample(prompt_ids=list(prompt), response_ids=[], rollout_logprobs=[], finish_reason="abort",
                               weight_version=self._weight_version, index=index)
-            s = self.pool.pick(avoid)
+            s = self.router if self.router is not None else self.pool.pick(avoid)
             sample = None
             try:
                 out = http_json(s.url, "/generate", payload, timeout=self.request_timeout_s)
@@ -405,7 +422,8 @@ class SGLangEngine:
                 sample = None
                 if not err.retryable:
                     raise
-                self.pool.mark_failure(s, err)
+                if s is not self.router:
+                    self.pool.mark_failure(s, err)
                 avoid = s
                 if s.alive:                   # failover from a dead server does not use up the retries
                     retries += 1
@@ -414,7 +432,13 @@ class SGLangEngine:
                     time.sleep(self.backoff_s * 2 ** (retries - 1) * (0.5 + random.random()))
                 logger.info("SGLangEngine: prompt %d retried after %s", index, err)
             finally:
-                self.pool.release(s, tokens=sample.num_response_tokens if sample else 0, ok=sample is not None)
+                tokens = sample.num_response_tokens if sample else 0
+                if s is self.router:
+                    with self._router_lock:
+                        s.requests += sample is not None
+                        s.generated_tokens += tokens
+                else:
+                    self.pool.release(s, tokens=tokens, ok=sample is not None)
 
     def probe(self, prompt: Sequence[int], params: SamplingParams) -> list[tuple[str, Sample]]:
         """Send one request to EVERY live server (no failover): ``[(url, sample)]``. The weight-sync check
@@ -572,3 +596,34 @@ def _parse_generate(out, prompt: list[int], index: int) -> Sample:
                           "their token ids differ", retryable=False)
     return Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=logprobs, finish_reason=_FINISH[kind],
                   weight_version=_parse_version(meta.get("weight_version")), index=index)
+
+
+def replica_server_urls(urls: Sequence[str], dp_rank: int, dp_size: int) -> list[str]:
+    """Data-parallel replica ``dp_rank``'s share of ``rollout.server_urls``: every dp_size-th URL from its rank
+    (each replica syncs and generates on its own servers only). ValueError when there are fewer than dp_size."""
+    urls = list(urls)
+    if urls and len(urls) < dp_size:
+        raise ValueError(f"rollout.server_urls has {len(urls)} servers for {dp_size} data-parallel replicas; each "
+                         f"replica needs its own: give at least {dp_size} (or leave server_urls empty to launch "
+                         "rollout.num_servers per replica)")
+    return urls[dp_rank::dp_size]
+
+
+def router_workers(router_url: str, timeout_s: float) -> list[str]:
+    """The worker URLs an ``sglang-router`` knows (``GET /workers``), waiting until it has registered at least
+    one healthy worker (it does so in the background after start-up)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        try:
+            workers = http_json(router_url, "/workers", timeout=10).get("workers", [])
+            urls = [w["url"].rstrip("/") for w in workers if w.get("is_healthy", True)]
+            if urls:
+                return urls
+            last = f"{len(workers)} workers, none healthy"
+        except (ServerError, KeyError, TypeError, AttributeError) as err:
+            last = err
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rollout.router_url={router_url!r}: no healthy worker listed at /workers within "
+                               f"{timeout_s:.0f} s ({last}); check the router's --worker-urls") from None
+        time.sleep(1.0)

@@ -165,6 +165,32 @@ def test_update_weights_by_method_matches_server_started_from_disk(method, engin
     engine_a._weight_version = v + 2            # the shared server moved on under engine_a
 
 
+def test_generation_through_an_sglang_router(engine_a, greedy_refs, model_dirs, tiny_cfg, tmp_path):
+    """rollout.router_url: generation goes through a real sglang-router; the weight sync goes to its worker
+    (found at the router's /workers), which the router then serves from."""
+    from sglang_utils import Router
+
+    worker = engine_a.servers[0].url
+    with Router([worker], tmp_path / "router.log") as router:
+        eng = SGLangEngine(tiny_cfg, router_url=router.url)
+        try:
+            assert [s.url for s in eng.servers] == [worker]
+            v = eng.weight_version
+            eng.update_weights(buckets(load_state_dict(model_dirs["b"])), version=v + 1)
+            out = eng.generate(PROMPTS, GREEDY)
+            assert all(s.weight_version == v + 1 for s in out)
+            _assert_same(out, greedy_refs["b"])
+            stats = {x["name"]: x for x in eng.server_stats()}
+            assert stats["router"]["requests"] == len(PROMPTS) and stats["server0"]["requests"] == 0
+            (url, probe), = eng.probe(PROMPTS[0], GREEDY)          # probes go to the worker itself
+            assert url == worker and probe.response_ids == greedy_refs["b"][0].response_ids
+            eng.update_weights(buckets(load_state_dict(model_dirs["a"])), version=v + 2)
+            _assert_same(eng.generate(PROMPTS, GREEDY), greedy_refs["a"])
+        finally:
+            eng.close()
+    engine_a._weight_version = v + 2            # the shared server moved on under engine_a
+
+
 def test_bad_weights_raise_and_keep_the_version(engine_a, model_dirs):
     v = engine_a.weight_version
     sd = load_state_dict(model_dirs["a"])
