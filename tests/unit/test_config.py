@@ -65,6 +65,16 @@ def test_yaml_and_overrides(tmp_path):
     (["sampling.top_p=0"], r"sampling.top_p=0.0 is invalid"),
     (["data.source=file"], r"data.path=None is invalid: data.source='file' needs a jsonl or parquet path"),
     (["rollout.engine=vllm"], r"rollout.engine='vllm' is invalid"),
+    (["rollout.sync_verify=checksum"], r"rollout.sync_verify='checksum' is invalid: choose one of 'probe', 'version'"),
+    (["rollout.sync_verify_tol=0"], r"rollout.sync_verify_tol=0.0 is invalid: must be > 0"),
+    (["rollout.server_device=tpu"], r"rollout.server_device='tpu' is invalid"),
+    (["rollout.max_server_restarts=-1"], r"rollout.max_server_restarts=-1 is invalid: must be >= 0"),
+    (["rollout.release_memory=true"], r"rollout.release_memory=True is invalid: applies to rollout.engine=sglang"),
+    (["rollout.engine=sglang", "rollout.release_memory=true", "rollout.server_device=cpu"],
+     r"rollout.release_memory=True is invalid: needs GPU servers .* rollout.server_device=cuda"),
+    (["rollout.router_url=router:30000"], r"rollout.router_url='router:30000' is invalid: must be an http"),
+    (["rollout.server_urls=[node:1]"], r"rollout.server_urls\[0\]='node:1' is invalid: must be an http"),
+    (["rollout.server_args=[--tp-size, 2]"], r"rollout.server_args\[1\]=2 has the wrong type: expected a string"),
     (["model.max_position_embeddings=16"], r"model.max_position_embeddings=16 is invalid: must be >= "
                                            r"rollout.max_prompt_len"),
 ])

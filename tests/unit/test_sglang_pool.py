@@ -1,0 +1,200 @@
+"""The SGLang engine's bookkeeping without SGLang: server states and restarts (sglang_pool.py), the split of
+server URLs between data-parallel replicas, per-server throughput metrics, and the errors raised before any
+server is contacted. The real servers are exercised in tests/sglang (make test-sglang); here a stdlib HTTP
+server answers /model_info where a live server must answer, and a small stand-in plays a launched process."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+
+from megatron_entcov.experience import server_throughput, summed_over_replicas
+from megatron_entcov.rollout.sglang import SGLangEngine, replica_server_urls
+from megatron_entcov.rollout.sglang_http import Fanout, NoServerLeftError, ServerError
+from megatron_entcov.rollout.sglang_pool import DEAD, LIVE, RESTARTING, STALE, Server, ServerPool
+from megatron_entcov.rollout.sglang_server import free_port
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):                                    # noqa: N802 - http.server's spelling
+        body = b'{"weight_version": "0"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET                                     # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+class _HTTP:
+    """A stdlib HTTP server on ``port`` answering every path with 200 + JSON, until stopped."""
+
+    def __init__(self, port: int):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Answering)
+        self.url = f"http://127.0.0.1:{port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def answering():
+    servers = []
+
+    def start(port=None):
+        servers.append(_HTTP(port or free_port()))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+class _Proc:
+    """Stands in for a launched SGLangServer: alive until ``exit()``; ready at once (or fails to start)."""
+
+    def __init__(self, url, fail=False):
+        self.url, self.fail, self.running, self.startup_s, self.proc = url, fail, True, 0.1, None
+
+    def alive(self):
+        return self.running
+
+    def exit(self):
+        self.running = False
+
+    def stop(self):
+        self.running = False
+
+    def wait_ready(self, timeout_s):
+        if self.fail:
+            raise RuntimeError("exited (rc=1) during start-up")
+        return 0.1
+
+
+def _pool(servers, launch=None, max_restarts=2, version=0):
+    return ServerPool(servers, launch=launch, max_restarts=max_restarts, startup_timeout_s=5,
+                      current_version=lambda: version)
+
+
+def test_pick_balances_and_avoids_and_dead_given_servers_come_back_stale(answering):
+    up = answering()
+    down_port = free_port()
+    a, b = Server(url=up.url, index=0), Server(url=f"http://127.0.0.1:{down_port}", index=1)
+    pool = _pool([a, b])
+    first = pool.pick(avoid=None)
+    second = pool.pick(avoid=None)
+    assert {first, second} == {a, b}                     # least loaded: one each
+    assert pool.pick(avoid=a) is b
+    for s in (a, b, b):
+        pool.release(s, tokens=5, ok=True)
+    assert (a.requests, b.requests, b.generated_tokens) == (1, 2, 10)
+    pool.mark_failure(b, ServerError(b.url, "/generate", "refused"))
+    assert b.state == DEAD and b.failures == 1 and "refused" in b.last_error
+    assert pool.pick(avoid=a) is a                       # the only live one
+    pool.release(a)
+    assert pool.syncable() == [a]
+    # The dead server answers again (restarted by whoever runs it): stale, synced next, never picked before.
+    answering(down_port)
+    assert pool.syncable() == [a, b] and b.state == STALE
+    assert all(pool.pick(avoid=a) is a for _ in range(3))
+    pool.promote([a, b])
+    assert b.state == LIVE
+    # A failing server that still answers /model_info stays live (a bad request is not a dead server).
+    pool.mark_failure(a, ServerError(a.url, "/generate", "timed out"))
+    assert a.state == LIVE and a.failures == 1
+
+
+def test_no_server_left_names_every_server():
+    a = Server(url=f"http://127.0.0.1:{free_port()}", index=0, state=DEAD, last_error="connection refused")
+    b = Server(url=f"http://127.0.0.1:{free_port()}", index=1, state=STALE)
+    with pytest.raises(NoServerLeftError, match=r"no SGLang server left \(1 restarting or waiting for the next "
+                                                r"weight sync.*connection refused"):
+        _pool([a, b]).pick(avoid=None)
+
+
+@pytest.mark.parametrize("version, after", [(0, LIVE), (3, STALE)])
+def test_a_launched_server_that_exits_is_restarted(version, after):
+    launched = []
+
+    def launch(s):
+        launched.append(_Proc(f"http://127.0.0.1:{free_port()}"))
+        return launched[-1]
+
+    s = Server(url="http://127.0.0.1:1", index=0, proc=_Proc("http://127.0.0.1:1"))
+    other = Server(url="http://127.0.0.1:2", index=1, proc=_Proc("http://127.0.0.1:2"))
+    pool = _pool([s, other], launch=launch, max_restarts=1, version=version)
+    s.proc.exit()
+    assert pool.live() == [other]                        # noticed without a request failing
+    assert s.state in (RESTARTING, after)
+    assert pool.wait_restarts(5)
+    # Initial weights (version 0) are still current: live at once; otherwise stale until the next full sync.
+    assert s.state == after and s.restarts == 1 and s.url == launched[0].url and s.history == ["http://127.0.0.1:1"]
+    # Restarts used up: the next exit leaves it dead.
+    s.state = LIVE
+    s.proc.exit()
+    pool.live()
+    assert s.state == DEAD and len(launched) == 1
+    pool.close()
+    assert not other.proc.alive()
+
+
+def test_a_restart_that_fails_leaves_the_server_dead_with_the_reason():
+    s = Server(url="http://127.0.0.1:1", index=0, proc=_Proc("http://127.0.0.1:1"))
+    pool = _pool([s], launch=lambda _: _Proc("http://127.0.0.1:3", fail=True), max_restarts=3)
+    s.proc.exit()
+    pool.live()
+    pool.wait_restarts(5)
+    assert s.state == DEAD and "restart failed: exited (rc=1)" in s.last_error
+
+
+def test_fanout_reports_each_failed_server(answering):
+    up = answering()
+    down = f"http://127.0.0.1:{free_port()}"
+    fan = Fanout([up.url, down], "/flush_cache", {}, timeout=5)
+    assert set(fan.failures()) == {down}
+    with pytest.raises(RuntimeError, match=r"/flush_cache failed on 1 of 2 servers: " + down):
+        fan.check()
+    assert Fanout([up.url], "/flush_cache", lambda url: {"url": url}, timeout=5).check()[up.url]
+
+
+def test_server_urls_are_split_between_replicas():
+    urls = [f"http://n:{p}" for p in range(5)]
+    assert replica_server_urls(urls, 0, 2) == urls[0::2] and replica_server_urls(urls, 1, 2) == urls[1::2]
+    assert replica_server_urls([], 1, 4) == []
+    with pytest.raises(ValueError, match="rollout.server_urls has 1 servers for 2 data-parallel replicas"):
+        replica_server_urls(urls[:1], 0, 2)
+
+
+def test_engine_errors_before_any_server_is_contacted():
+    from megatron_entcov.config import ModelConfig, load_config
+
+    with pytest.raises(ValueError, match=r"release_memory=True needs GPU servers \(device='cuda'"):
+        SGLangEngine(ModelConfig(), release_memory=True, device="cpu")
+    cfg = load_config(None, ["rollout.engine=sglang", "rollout.router_url=http://router:30000"])
+    with pytest.raises(ValueError, match=r"rollout.router_url='http://router:30000' with 2 data-parallel replicas"):
+        SGLangEngine.from_config(cfg, dp_rank=0, dp_size=2)
+    cfg = load_config(None, ["rollout.engine=sglang", "rollout.server_urls=[http://a:1]"])
+    with pytest.raises(ValueError, match="rollout.server_urls has 1 servers for 2 data-parallel replicas"):
+        SGLangEngine.from_config(cfg, dp_rank=1, dp_size=2)
+
+
+def test_per_server_throughput_and_replica_sums():
+    before = [{"name": "server0", "generated_tokens": 100, "state": "live", "restarts": 0},
+              {"name": "server1", "generated_tokens": 50, "state": "live", "restarts": 0}]
+    after = [{"name": "server0", "generated_tokens": 300, "state": "live", "restarts": 0},
+             {"name": "server1", "generated_tokens": 50, "state": "restarting", "restarts": 1}]
+    m = server_throughput(before, after, seconds=4.0, dp_rank=0, dp_size=1)
+    assert m == {"rollout/server0/tokens_per_s": 50.0, "rollout/server1/tokens_per_s": 0.0,
+                 "rollout/live_servers": 1.0, "rollout/server_restarts": 1.0}
+    m = server_throughput(before, after, seconds=4.0, dp_rank=1, dp_size=2)
+    assert "rollout/dp1/server0/tokens_per_s" in m
+    assert all(summed_over_replicas(k) for k in m)
+    assert not summed_over_replicas("rollout/response_len")
+    assert server_throughput([], [], 1.0, 0, 1) == {}
