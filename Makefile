@@ -1,6 +1,7 @@
 # Set-up and entry points. A fresh machine with Python 3.11 needs only:
 #   make quickstart   # venv + install + CPU quickstart run
 #   make test         # venv + install + tests (what CI runs through .ci/run): core suite + real SGLang servers
+#   make test-gpu     # GPU machines only (mk/gpu.mk): the @pytest.mark.gpu tests
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,6 +10,7 @@ PYTEST_FLAGS ?=
 .PHONY: setup quickstart test test-core test-slow test-all bench clean
 
 include mk/sglang.mk
+include mk/gpu.mk
 
 $(VENV)/.installed: setup.py requirements/cpu.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }

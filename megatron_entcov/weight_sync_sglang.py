@@ -74,13 +74,17 @@ def build_transport(method: str, engine, shapes: dict[str, tuple[int, ...]]):
 class _Validated:
     """Shared checks: iterate buckets, validate, convert; raise after draining."""
 
+    device = "cpu"
+    """Where a transport wants its tensors (a GPU transport keeps gathered GPU tensors on the GPU)."""
+
     def __init__(self, engine, shapes):
         self.engine, self.shapes = engine, shapes
         self.dtype = getattr(torch, engine.model_cfg.params_dtype)
         self.tied = bool(engine.model_cfg.tie_word_embeddings)
 
     def buckets(self, named_tensors: NamedTensors, errors: list):
-        """Yield lists of (name, contiguous tensor in the model dtype); bad tensors go to ``errors``."""
+        """Yield lists of (name, contiguous tensor in the model dtype on ``self.device``); bad tensors go to
+        ``errors``."""
         if isinstance(named_tensors, dict):
             named_tensors = [list(named_tensors.items())]
         for item in named_tensors:
@@ -96,7 +100,7 @@ class _Validated:
                     break
                 if self.tied and name == "lm_head.weight":
                     continue
-                bucket.append((name, t.detach().to(device="cpu", dtype=self.dtype).contiguous()))
+                bucket.append((name, t.detach().to(device=self.device, dtype=self.dtype).contiguous()))
             if bucket and not errors:
                 yield bucket
 
@@ -168,6 +172,7 @@ class DistributedTransport(_Validated):
     def __init__(self, engine, shapes, backend: str | None = None, timeout_s: float = 600.0):
         super().__init__(engine, shapes)
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = "cuda" if self.backend == "nccl" else "cpu"      # NCCL broadcasts GPU tensors
         self.timeout = timedelta(seconds=timeout_s)
         self.group_name = f"entcov_weights_{uuid.uuid4().hex[:8]}"
         self.pg = None
@@ -211,7 +216,6 @@ class DistributedTransport(_Validated):
             self.close()                 # the servers changed (one died or came back): form a new group
             self._init_group(servers)
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
-        device = "cuda" if self.backend == "nccl" else "cpu"
         for bucket in self.buckets(named_tensors, errors):
             n_buckets += 1
             payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
@@ -221,7 +225,7 @@ class DistributedTransport(_Validated):
                          timeout=self.timeout.total_seconds())
             for _, t in bucket:
                 # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
-                torch.distributed.broadcast(t.to(device), src=0, group=self.pg)
+                torch.distributed.broadcast(t, src=0, group=self.pg)
                 nbytes += t.numel() * t.element_size()
             fan.check()
             sent.update(n for n, _ in bucket)
@@ -273,7 +277,8 @@ class TensorTransport(_Validated):
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
         for bucket in self.buckets(named_tensors, errors):
             n_buckets += 1
-            bucket = [(n, t.to(self.device)) for n, t in bucket]    # alive until every server has answered
+            # `bucket` (on self.device) stays alive until every server has answered: CUDA IPC handles and
+            # shared-memory files point into it.
             payload = self.serialize(bucket)
             servers = self.engine._post_all(servers, "/update_weights_from_tensor", lambda s: {
                 "serialized_named_tensors": [payload] * tp[s.url], "load_format": None, "flush_cache": False})

@@ -61,3 +61,10 @@ test-sglang: sglang-env $(SGLANG_TEST_DEPS)
 
 sglang-clean:
 	rm -rf $(SGLANG_VENV)
+
+# GPU servers: the FULL install (CUDA kernels: sglang-kernel, flashinfer, ...), in its own venv beside the slim
+# one; default_server_python('cuda') picks it when it exists. Only on a machine with NVIDIA GPUs and PyPI access.
+SGLANG_GPU_VENV ?= $(HOME)/.cache/megatron-entcov/sglang-gpu-venv-$(SGLANG_VERSION)-torch$(SGLANG_TORCH)
+.PHONY: sglang-env-gpu
+sglang-env-gpu:
+	$(MAKE) -f mk/sglang.mk sglang-env SGLANG_VENV=$(SGLANG_GPU_VENV) SGLANG_SKIP=

@@ -148,7 +148,7 @@ class SGLangEngine:
         self.pool: ServerPool | None = None
         self.router: Server | None = None
         self._router_lock = threading.Lock()
-        self._launch_args = dict(python=server_python or default_server_python(), device=device,
+        self._launch_args = dict(python=server_python or default_server_python(device), device=device,
                                  dtype=model_cfg.params_dtype, max_total_tokens=max_total_tokens,
                                  extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if release_memory
                                                                         else []), *server_args])

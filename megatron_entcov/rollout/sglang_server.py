@@ -28,19 +28,28 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "default_server_python", "free_port", "SGLangServer",
+__all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "DEFAULT_GPU_SERVER_PYTHON", "default_server_python",
+           "free_port", "SGLangServer",
            "write_hf_model_dir"]
 
 SGLANG_VERSION = "0.5.23"
 SGLANG_TORCH = "2.14.1"
 DEFAULT_SERVER_PYTHON = str(Path.home() / ".cache" / "megatron-entcov" /
                             f"sglang-venv-{SGLANG_VERSION}-torch{SGLANG_TORCH}" / "bin" / "python")
-"""Where ``make sglang-env`` (mk/sglang.mk) puts the server venv's python."""
+"""Where ``make sglang-env`` (mk/sglang.mk) puts the server venv's python (slim: serves on CPU)."""
+DEFAULT_GPU_SERVER_PYTHON = str(Path.home() / ".cache" / "megatron-entcov" /
+                                f"sglang-gpu-venv-{SGLANG_VERSION}-torch{SGLANG_TORCH}" / "bin" / "python")
+"""Where ``make sglang-env-gpu`` puts the full server venv (CUDA kernels included) for GPU servers."""
 
 
-def default_server_python() -> str:
-    """$SGLANG_PY when set (mk/sglang.mk exports it), else DEFAULT_SERVER_PYTHON."""
-    return os.environ.get("SGLANG_PY") or DEFAULT_SERVER_PYTHON
+def default_server_python(device: str = "cpu") -> str:
+    """$SGLANG_PY when set (mk/sglang.mk exports it); else, for GPU servers, the full venv of
+    ``make sglang-env-gpu`` when it exists; else the slim venv of ``make sglang-env``."""
+    if os.environ.get("SGLANG_PY"):
+        return os.environ["SGLANG_PY"]
+    if device == "cuda" and Path(DEFAULT_GPU_SERVER_PYTHON).is_file():
+        return DEFAULT_GPU_SERVER_PYTHON
+    return DEFAULT_SERVER_PYTHON
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,7 +125,7 @@ class SGLangServer:
         """
         self.model_dir = str(model_dir)
         self.host, self.port = host, int(port)
-        self.python = python or default_server_python()
+        self.python = python or default_server_python(device)
         self.device = device
         self.dtype = dtype
         self.num_threads = num_threads
