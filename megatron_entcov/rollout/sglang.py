@@ -78,7 +78,8 @@ class SGLangEngine:
                  max_total_tokens: int | None = 4096, server_args: Sequence[str] = (),
                  request_timeout_s: float = 600.0, max_inflight: int = 32, max_retries: int = 3,
                  backoff_s: float = 0.5, startup_timeout_s: float = 600.0, max_restarts: int = 2,
-                 release_memory: bool = False, router_url: str | None = None, sync_method: str = "disk",
+                 release_memory: bool = False, router_url: str | None = None, gpu_ids: Sequence[int] | None = None,
+                 sync_method: str = "disk",
                  sync_dir: str | Path | None = None,
                  sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0):
         """
@@ -102,6 +103,8 @@ class SGLangEngine:
             max_restarts: restarts per launched server that dies (sglang_pool.py); 0 = never restart.
             release_memory: colocated GPU servers: launch with ``--enable-memory-saver`` so ``release_memory`` /
                 ``resume_memory`` can give their GPU memory to the trainer between rollouts (needs CUDA).
+            gpu_ids: GPU servers: the first GPU of each launched server (``--base-gpu-id``; a server with
+                ``--tp-size k`` takes k GPUs from there); None = SGLang's default, GPU 0.
             router_url: an ``sglang-router`` in front of the servers: generation goes through it (it balances
                 and fails over by itself), weight syncs and probes go to its workers directly (the router does
                 not forward them). Workers are ``server_urls`` when given, else the router's ``/workers``.
@@ -153,6 +156,10 @@ class SGLangEngine:
                                  extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if release_memory
                                                                         else []), *server_args])
         self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
+        self._gpu_ids = list(gpu_ids) if gpu_ids is not None else None
+        if self._gpu_ids is not None and not server_urls and len(self._gpu_ids) != num_servers:
+            raise ValueError(f"SGLangEngine: gpu_ids={self._gpu_ids} names {len(self._gpu_ids)} GPUs for "
+                             f"num_servers={num_servers}: give one first GPU per server")
         try:
             if router_url:
                 self.router = Server(url=router_url.rstrip("/"), index=-1)
@@ -198,8 +205,11 @@ class SGLangEngine:
     def _launch(self, s: Server) -> SGLangServer:
         """Start a server process for slot ``s`` on a fresh port (not waiting for it)."""
         port = free_port()
+        args = dict(self._launch_args)
+        if self._gpu_ids is not None:          # a restarted server keeps its slot's GPUs
+            args["extra_args"] = [*args["extra_args"], "--base-gpu-id", str(self._gpu_ids[s.index])]
         proc = SGLangServer(self.model_dir, port=port, log_path=self._log_dir / f"server{s.index}-{port}.log",
-                            **self._launch_args)
+                            **args)
         proc.start()
         return proc
 
@@ -208,7 +218,8 @@ class SGLangEngine:
         """The engine a run config asks for (``cfg.rollout``), for data-parallel replica ``dp_rank``.
 
         Launched servers (no ``server_urls``): ``num_servers`` per replica, loading ``cfg.model.hf_dir`` (or
-        random weights: the trainer syncs before the first rollout), logging into ``<run_dir>/sglang/``.
+        random weights: the trainer syncs before the first rollout), logging into ``<run_dir>/sglang/``; GPU
+        servers go on this replica's own GPUs (``colocated_gpu_ids``).
         Given URLs are split between the replicas: replica r gets ``server_urls[r::dp_size]`` (each replica
         pushes its weights to its own servers; two replicas syncing one server would interleave).
         ``overrides`` go to the constructor.
@@ -225,12 +236,16 @@ class SGLangEngine:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         log_dir = Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else "")
+        gpu_ids = None
+        if device == "cuda" and not urls and not r.router_url:
+            gpu_ids = colocated_gpu_ids(r.num_servers, list(r.server_args))
         kwargs = dict(model_dir=cfg.model.hf_dir, server_urls=replica_server_urls(urls, dp_rank, dp_size) or None,
                       num_servers=r.num_servers, device=device,
                       max_total_tokens=r.max_total_tokens or (4096 if device == "cpu" else None),
                       server_args=list(r.server_args), request_timeout_s=r.request_timeout_s,
                       max_inflight=r.max_inflight, max_restarts=r.max_server_restarts,
-                      release_memory=r.release_memory, router_url=r.router_url or None, seed=cfg.seed + 7 * dp_rank,
+                      release_memory=r.release_memory, router_url=r.router_url or None, gpu_ids=gpu_ids,
+                      seed=cfg.seed + 7 * dp_rank,
                       sync_method=r.sync_method,
                       log_dir=log_dir)
         kwargs.update(overrides)
@@ -627,3 +642,35 @@ def router_workers(router_url: str, timeout_s: float) -> list[str]:
             raise RuntimeError(f"rollout.router_url={router_url!r}: no healthy worker listed at /workers within "
                                f"{timeout_s:.0f} s ({last}); check the router's --worker-urls") from None
         time.sleep(1.0)
+
+
+def _server_tp(server_args: Sequence[str]) -> int:
+    """The ``--tp-size`` (or ``--tp``) in launch flags; 1 when absent."""
+    args = list(server_args)
+    for i, a in enumerate(args):
+        if a in ("--tp-size", "--tp") and i + 1 < len(args):
+            return int(args[i + 1])
+        if a.startswith(("--tp-size=", "--tp=")):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
+def colocated_gpu_ids(num_servers: int, server_args: Sequence[str], *, local_rank: int | None = None,
+                      num_gpus: int | None = None) -> list[int]:
+    """First GPU of each of a replica's launched servers: the replica's generating rank is the first of its
+    model-parallel group, whose ranks hold consecutive GPUs of the node (torchrun's LOCAL_RANK order, tensor
+    parallel fastest), so its servers go on GPUs LOCAL_RANK, LOCAL_RANK + tp_server, ... ValueError when they do
+    not fit on the node."""
+    import os
+
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
+    tp = _server_tp(server_args)
+    ids = [local_rank + i * tp for i in range(num_servers)]
+    if ids and ids[-1] + tp > num_gpus:
+        raise ValueError(f"rollout.num_servers={num_servers} servers of {tp} GPUs each (rollout.server_args "
+                         f"--tp-size) from GPU {local_rank} need GPUs up to {ids[-1] + tp - 1}, but this node has "
+                         f"{num_gpus}: launch fewer servers per replica, or start them elsewhere (server_urls)")
+    return ids

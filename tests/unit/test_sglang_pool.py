@@ -198,3 +198,14 @@ def test_per_server_throughput_and_replica_sums():
     assert all(summed_over_replicas(k) for k in m)
     assert not summed_over_replicas("rollout/response_len")
     assert server_throughput([], [], 1.0, 0, 1) == {}
+
+
+def test_colocated_servers_go_on_the_replicas_own_gpus():
+    from megatron_entcov.rollout.sglang import colocated_gpu_ids
+
+    # Replica whose generating rank is local rank 4 (tp 4 training, 8 GPUs): its GPUs are 4..7.
+    assert colocated_gpu_ids(4, [], local_rank=4, num_gpus=8) == [4, 5, 6, 7]
+    assert colocated_gpu_ids(2, ["--tp-size", "2"], local_rank=0, num_gpus=8) == [0, 2]
+    assert colocated_gpu_ids(1, ["--tp=4"], local_rank=4, num_gpus=8) == [4]
+    with pytest.raises(ValueError, match=r"rollout.num_servers=4 servers of 2 GPUs each .* need GPUs up to 11"):
+        colocated_gpu_ids(4, ["--tp-size", "2"], local_rank=4, num_gpus=8)
