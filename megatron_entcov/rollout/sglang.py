@@ -1,30 +1,30 @@
 """The SGLang rollout engine: the rollout protocol (``rollout/engine.py``) over HTTP to SGLang servers.
 
-Servers are either launched and supervised here (``num_servers`` local children from the server venv built by
-``make sglang-env``; see ``rollout/sglang_server.py``) or reached at given URLs (servers started elsewhere, e.g.
-a SLURM job component). The trainer process never imports sglang: requests are JSON over stdlib ``urllib``.
+Servers are launched and supervised here (``num_servers`` local children from the server venv built by
+``make sglang-env``; ``rollout/sglang_server.py``), reached at given URLs (started elsewhere, e.g. a SLURM job
+component), or sit behind an ``sglang-router``. The trainer process never imports sglang: requests are JSON
+over stdlib ``urllib`` (``rollout/sglang_http.py``; the wire format is ``rollout/sglang_protocol.py``).
 
-Generation: one HTTP ``/generate`` request per prompt entry (n=1; the caller repeats a prompt n times), with
-token ids in (``input_ids``) and token ids and log-probs out (``output_ids``,
-``meta_info.output_token_logprobs``): no re-tokenisation. The servers run with ``--skip-tokenizer-init``, so
-only ``stop_token_ids`` (and the model's own ``eos_token_id`` from config.json / generation_config.json, which
-SGLang always honours) end a response. Requests run on a thread pool of ``max_inflight`` workers (the bound on
-in-flight work over all servers); each goes to the live server with the fewest requests in flight. A failed
-request (connection error, time-out, HTTP 5xx, or an 'abort' the engine did not ask for) is retried with
-exponential backoff on another server; a server whose process died or whose /health stops answering is marked
-dead and its requests go to the others; when no server is left, ``generate`` raises RuntimeError naming every
-server and its last error. Sampling seeds are per request: ``mix(seed, index)`` so repeated prompts differ.
+Generation: one ``/generate`` request per prompt entry (n=1; the caller repeats a prompt n times), token ids in,
+token ids and log-probs out. The servers run with ``--skip-tokenizer-init``, so only ``stop_token_ids`` (and
+the model's own ``eos_token_id``, which SGLang always honours) end a response. Requests run on a thread pool
+of ``max_inflight`` workers (the bound on in-flight work over all servers); each goes to the live server with
+the fewest requests in flight (or to the router). A failed request (connection error, time-out, HTTP 5xx, or
+an 'abort' the engine did not ask for) is retried with exponential backoff on another server; a dead server's
+requests go to the others, and a launched server that died is restarted and rejoins after the next full sync
+(``rollout/sglang_pool.py``); when no server is left, ``generate`` raises NoServerLeftError naming each one.
 
 Log-probs: SGLang returns log(softmax(logits / temperature)) of the sampled token over the full vocabulary,
 before top-p/top-k (sampler.py, standard path), the definition in ``rollout/types.py``. Exception: greedy
 requests (top_k=1) get log_softmax(logits) WITHOUT the temperature; the engine rejects top_k=1 with a
 temperature other than 1 rather than return log-probs with another definition.
 
-Weights (``update_weights``): see ``megatron_entcov/weight_sync_sglang.py`` for the transports ('disk':
-safetensors in a temporary directory + ``/update_weights_from_disk``; 'distributed': a gloo/NCCL group with the
-servers + ``/update_weights_from_distributed`` while this process broadcasts). Every sync is wrapped per server
-in pause_generation -> begin_weight_update -> transport -> end_weight_update -> update_weight_version ->
-continue_generation, and verified: every live server's ``/model_info`` weight_version equals ``version``.
+Weights (``update_weights``): transports in ``megatron_entcov/weight_sync_sglang.py`` ('disk', 'distributed',
+'tensor'). Every sync is wrapped per server in pause_generation -> begin_weight_update -> transport ->
+end_weight_update -> update_weight_version -> flush_cache -> continue_generation, and every server's
+``/model_info`` weight_version must then equal ``version``. ``probe`` sends one request to every server (the
+trainer's post-sync check, ``sync_probe.py``). Colocated GPU servers release and resume their memory around
+training (``release_memory`` / ``resume_memory``).
 
 Example:
     engine = SGLangEngine(cfg.model, num_servers=2, model_dir=None)    # writes a random-init HF dir, launches
@@ -48,7 +48,10 @@ from pathlib import Path
 
 from megatron_entcov.rollout.engine import NamedTensors, validate_prompts
 from megatron_entcov.rollout.sglang_http import Fanout, NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang_placement import (colocated_gpu_ids, replica_server_urls, router_workers,
+                                                      this_host_address)
 from megatron_entcov.rollout.sglang_pool import LIVE, STALE, Server, ServerPool
+from megatron_entcov.rollout.sglang_protocol import generate_payload, mix_seed, parse_generate, parse_version
 from megatron_entcov.rollout.sglang_server import SGLangServer, default_server_python, free_port, write_hf_model_dir
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
@@ -56,18 +59,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SGLangEngine", "ServerError", "NoServerLeftError", "http_json"]
 
-_MASK64 = (1 << 63) - 1
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 """What /release_memory_occupation can give back (sglang/srt/constants.py)."""
-
-
-def _mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix-style), stable across processes."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h ^= h >> 31
-    return h & ((1 << 31) - 1)          # SGLang stores seeds in int32 tensors on some paths
 
 
 class SGLangEngine:
@@ -188,7 +181,7 @@ class SGLangEngine:
             self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
                                    max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
                                    current_version=lambda: self._weight_version)
-            self.sync_master_address = sync_master_address or ("127.0.0.1" if local else _hostname())
+            self.sync_master_address = sync_master_address or ("127.0.0.1" if local else this_host_address())
             versions = {s.url: self._server_version(s) for s in servers}
             if len(set(versions.values())) != 1:
                 raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}")
@@ -339,7 +332,7 @@ class SGLangEngine:
                 time.sleep(2.0)
 
     def _server_version(self, s: Server, timeout: float = 30.0) -> int:
-        return _parse_version(http_json(s.url, "/model_info", timeout=timeout).get("weight_version"))
+        return parse_version(http_json(s.url, "/model_info", timeout=timeout).get("weight_version"))
 
     def _post_all(self, servers: list[Server], path: str, payload, *, timeout: float = 600.0,
                   check: bool = True) -> list[Server]:
@@ -378,11 +371,10 @@ class SGLangEngine:
             return []
         call = self._calls
         self._calls += 1
-        base = _mix_seed(self.seed, call) if params.seed is None else int(params.seed)
-        sp = _sampling_payload(params)
+        base = mix_seed(self.seed, call) if params.seed is None else int(params.seed)
         t0 = time.monotonic()
         before = {x["name"]: x["generated_tokens"] for x in self.server_stats()}
-        futures = [self._pool.submit(self._generate_one, i, p, dict(sp, sampling_seed=_mix_seed(base, i)))
+        futures = [self._pool.submit(self._generate_one, i, p, generate_payload(p, params, seed=mix_seed(base, i)))
                    for i, p in enumerate(prompts)]
         samples, first_error = [], None
         for f in futures:                      # wait for all, so no request outlives the call
@@ -414,9 +406,7 @@ class SGLangEngine:
                                "resume_memory() first")
         return params, prompts
 
-    def _generate_one(self, index: int, prompt: list[int], sampling_params: dict) -> Sample:
-        payload = {"input_ids": prompt, "sampling_params": sampling_params, "return_logprob": True,
-                   "logprob_start_len": -1}
+    def _generate_one(self, index: int, prompt: list[int], payload: dict) -> Sample:
         retries, avoid = 0, None
         while True:
             if self._closed:
@@ -428,7 +418,7 @@ class SGLangEngine:
             sample = None
             try:
                 out = http_json(s.url, "/generate", payload, timeout=self.request_timeout_s)
-                sample = _parse_generate(out, prompt, index)
+                sample = parse_generate(out, prompt, index)
                 if sample.finish_reason == "abort" and not self._paused.is_set():
                     # Not our pause: the server aborted it (overload, a weight update with abort, shutdown).
                     raise ServerError(s.url, "/generate", f"aborted by the server: {out.get('meta_info', {})}")
@@ -460,8 +450,7 @@ class SGLangEngine:
         (sync_probe.py) compares each server's log-probs with the trainer's."""
         self._check_open()
         params, prompts = self._check_request([prompt], params)
-        sp = dict(_sampling_payload(params), sampling_seed=int(params.seed or 0))
-        payload = {"input_ids": prompts[0], "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
+        payload = generate_payload(prompts[0], params, seed=int(params.seed or 0))
         servers = self.live_servers()
         if not servers:
             raise NoServerLeftError("probe: no SGLang server left")
@@ -471,7 +460,7 @@ class SGLangEngine:
             reply = replies[s.url]
             if "error" in reply:
                 raise RuntimeError(f"probe: {s.url}/generate failed: {reply['error']}")
-            out.append((s.url, _parse_generate(reply, prompts[0], 0)))
+            out.append((s.url, parse_generate(reply, prompts[0], 0)))
         return out
 
     # ------------------------------------------------------------------------------------------------ memory
@@ -564,113 +553,3 @@ class SGLangEngine:
                                   bytes_per_s=stats.get("bytes", 0) / max(dt, 1e-9))
         logger.info("SGLangEngine: weights v%d to %d servers by %s: %.2f MB in %.2f s", version, len(versions),
                     self.sync_method, stats.get("bytes", 0) / 1e6, dt)
-
-
-def _sampling_payload(params: SamplingParams) -> dict:
-    return {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids)}
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostbyname(socket.gethostname())
-
-
-def _parse_version(v) -> int:
-    """SGLang keeps weight_version as a string ('default' until set); ours are integers."""
-    if v is None or v == "default":
-        return 0
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"SGLang weight_version {v!r} is not an integer; was it set by another client?") from None
-
-
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
-def _parse_generate(out, prompt: list[int], index: int) -> Sample:
-    """A Sample from one /generate response; ServerError (not retryable) for a malformed one."""
-    if isinstance(out, list):
-        out = out[0] if len(out) == 1 else out
-    try:
-        meta = out["meta_info"]
-        ids = [int(t) for t in out["output_ids"]]
-        lps = meta["output_token_logprobs"]
-        fr = meta.get("finish_reason") or {}
-        kind = fr.get("type") if isinstance(fr, dict) else str(fr)
-    except (KeyError, TypeError) as err:
-        raise ServerError("?", "/generate", f"malformed response (missing {err}): {str(out)[:300]}",
-                          retryable=False) from None
-    if kind not in _FINISH:
-        raise ServerError("?", "/generate", f"unknown finish_reason {fr!r}", retryable=False)
-    logprobs = [float(e[0]) for e in lps][:len(ids)]
-    if len(logprobs) != len(ids) or any(int(e[1]) != t for e, t in zip(lps, ids)):
-        raise ServerError("?", "/generate", f"prompt {index}: {len(ids)} output_ids but {len(lps)} log-probs, or "
-                          "their token ids differ", retryable=False)
-    return Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=logprobs, finish_reason=_FINISH[kind],
-                  weight_version=_parse_version(meta.get("weight_version")), index=index)
-
-
-def replica_server_urls(urls: Sequence[str], dp_rank: int, dp_size: int) -> list[str]:
-    """Data-parallel replica ``dp_rank``'s share of ``rollout.server_urls``: every dp_size-th URL from its rank
-    (each replica syncs and generates on its own servers only). ValueError when there are fewer than dp_size."""
-    urls = list(urls)
-    if urls and len(urls) < dp_size:
-        raise ValueError(f"rollout.server_urls has {len(urls)} servers for {dp_size} data-parallel replicas; each "
-                         f"replica needs its own: give at least {dp_size} (or leave server_urls empty to launch "
-                         "rollout.num_servers per replica)")
-    return urls[dp_rank::dp_size]
-
-
-def router_workers(router_url: str, timeout_s: float) -> list[str]:
-    """The worker URLs an ``sglang-router`` knows (``GET /workers``), waiting until it has registered at least
-    one healthy worker (it does so in the background after start-up)."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        try:
-            workers = http_json(router_url, "/workers", timeout=10).get("workers", [])
-            urls = [w["url"].rstrip("/") for w in workers if w.get("is_healthy", True)]
-            if urls:
-                return urls
-            last = f"{len(workers)} workers, none healthy"
-        except (ServerError, KeyError, TypeError, AttributeError) as err:
-            last = err
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rollout.router_url={router_url!r}: no healthy worker listed at /workers within "
-                               f"{timeout_s:.0f} s ({last}); check the router's --worker-urls") from None
-        time.sleep(1.0)
-
-
-def _server_tp(server_args: Sequence[str]) -> int:
-    """The ``--tp-size`` (or ``--tp``) in launch flags; 1 when absent."""
-    args = list(server_args)
-    for i, a in enumerate(args):
-        if a in ("--tp-size", "--tp") and i + 1 < len(args):
-            return int(args[i + 1])
-        if a.startswith(("--tp-size=", "--tp=")):
-            return int(a.split("=", 1)[1])
-    return 1
-
-
-def colocated_gpu_ids(num_servers: int, server_args: Sequence[str], *, local_rank: int | None = None,
-                      num_gpus: int | None = None) -> list[int]:
-    """First GPU of each of a replica's launched servers: the replica's generating rank is the first of its
-    model-parallel group, whose ranks hold consecutive GPUs of the node (torchrun's LOCAL_RANK order, tensor
-    parallel fastest), so its servers go on GPUs LOCAL_RANK, LOCAL_RANK + tp_server, ... ValueError when they do
-    not fit on the node."""
-    import os
-
-    import torch
-
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
-    num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
-    tp = _server_tp(server_args)
-    ids = [local_rank + i * tp for i in range(num_servers)]
-    if ids and ids[-1] + tp > num_gpus:
-        raise ValueError(f"rollout.num_servers={num_servers} servers of {tp} GPUs each (rollout.server_args "
-                         f"--tp-size) from GPU {local_rank} need GPUs up to {ids[-1] + tp - 1}, but this node has "
-                         f"{num_gpus}: launch fewer servers per replica, or start them elsewhere (server_urls)")
-    return ids

@@ -29,7 +29,7 @@ class Router:
     def __enter__(self) -> "Router":
         import subprocess
 
-        from megatron_entcov.rollout.sglang import router_workers
+        from megatron_entcov.rollout.sglang_placement import router_workers
         from megatron_entcov.rollout.sglang_server import default_server_python, free_port
 
         port = free_port()
