@@ -92,7 +92,17 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
         if missing or unexpected:
             raise ValueError(f"write_hf_model_dir: state_dict does not match {type(model).__name__}: missing "
                              f"{missing[:4]}, unexpected {unexpected[:4]}")
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    # Not model.save_pretrained: transformers 5 writes nothing on ranks other than global rank 0 once
+    # torch.distributed is initialised, and every data-parallel replica's generating rank needs this directory.
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    hf_cfg.torch_dtype = dtype
+    hf_cfg.save_pretrained(str(out_dir))
+    GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(out_dir))
+    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+               if not (model_cfg.tie_word_embeddings and n == "lm_head.weight")}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is None:
         build_char_tokenizer(out_dir)
     else:

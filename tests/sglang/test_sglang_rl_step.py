@@ -55,3 +55,32 @@ def test_rl_steps_with_sglang_rollouts(tmp_path, method):
         assert m["rollout/server0/tokens_per_s"] > 0 and m["rollout/live_servers"] == 1
     assert res["health"]["servers"][0]["weight_version"] == res["version"] == res["health"]["weight_version"]
     assert res["health"]["last_sync"]["method"] == method
+
+
+def _dp_worker(rank, world_size, run_dir):
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.trainer import Trainer
+
+    cfg = load_config(None, TINY + ["steps=1", f"output_dir={run_dir}", "name=sglang_dp2", "rollout.engine=sglang",
+                                    "rollout.num_servers=1", "rollout.request_timeout_s=120"]).resolve(world_size)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    trainer = Trainer(cfg, ps)            # each replica's generating rank launches its own server (from_config)
+    metrics = trainer.train_step()
+    urls = [s.url for s in trainer.engine.servers]
+    trainer.close()
+    return {"dp": ps.dp_size, "metrics": metrics, "urls": urls}
+
+
+def test_two_data_parallel_replicas_each_generate_on_their_own_server(tmp_path):
+    results = run_workers(_dp_worker, 2, args=(str(tmp_path),), timeout=600)
+    assert [r["dp"] for r in results] == [2, 2]
+    assert results[0]["urls"] != results[1]["urls"]
+    m = results[0]["metrics"]
+    print(f"\n[sglang] dp=2: server tokens/s {m['rollout/dp0/server0/tokens_per_s']:.0f} / "
+          f"{m['rollout/dp1/server0/tokens_per_s']:.0f}, probe gap {m['sync/probe_gap']:.2e}, "
+          f"|rollout - train| {m['rollout/logprob_gap']:.2e}")
+    assert m["rollout/dp0/server0/tokens_per_s"] > 0 and m["rollout/dp1/server0/tokens_per_s"] > 0
+    assert m["rollout/live_servers"] == 2
+    assert m["sync/probe_gap"] < 1e-4 and m["rollout/logprob_gap"] < 1e-4
+    assert (tmp_path / "sglang_dp2" / "sglang" / "dp1").is_dir()
