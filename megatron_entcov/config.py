@@ -74,6 +74,9 @@ def _check_choice(field_name: str, value: Any, choices: tuple) -> None:
         _fail(field_name, value, f"choose one of {', '.join(repr(c) for c in choices)}")
 
 
+SYNC_PROBE_PROMPT_LEN = 8
+"""Tokens in the post-sync probe's prompt (sync_probe.py)."""
+
 # --------------------------------------------------------------------------------------------------
 # Component configs
 # --------------------------------------------------------------------------------------------------
@@ -614,6 +617,21 @@ class RunConfig:
             _fail("model.max_position_embeddings", m.max_position_embeddings,
                   f"must be >= rollout.max_prompt_len + sampling.max_new_tokens = "
                   f"{self.rollout.max_prompt_len + self.sampling.max_new_tokens}")
+        r = self.rollout
+        if r.sync_verify == "probe" and SYNC_PROBE_PROMPT_LEN + r.sync_probe_tokens > m.max_position_embeddings:
+            _fail("rollout.sync_probe_tokens", r.sync_probe_tokens,
+                  f"the probe ({SYNC_PROBE_PROMPT_LEN} prompt tokens + sync_probe_tokens) must fit in "
+                  f"model.max_position_embeddings={m.max_position_embeddings}; lower it")
+        if r.engine == "sglang" and r.server_device == "cuda" and not r.server_urls and not r.router_url:
+            from megatron_entcov.rollout.sglang_placement import server_tp
+
+            need = r.num_servers * server_tp(r.server_args)
+            if need > tp * pp:
+                _fail("rollout.num_servers", r.num_servers,
+                      f"launched GPU servers go on their replica's own GPUs: {r.num_servers} servers x "
+                      f"{server_tp(r.server_args)} GPUs (rollout.server_args --tp-size) = {need} > the replica's "
+                      f"parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}; launch "
+                      "fewer or smaller servers, or start them elsewhere (rollout.server_urls)")
 
     def resolve(self, world_size: int) -> "RunConfig":
         """Check the layout against the world size and fill the derived fields. Returns self."""

@@ -26,7 +26,7 @@ from megatron_entcov.config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelState", "init_parallel", "destroy_parallel", "resolve_backend", "seed_everything"]
+__all__ = ["ParallelState", "init_parallel", "destroy_parallel", "resolve_backend", "seed_everything", "raise_together"]
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,27 @@ def seed_everything(seed: int, ps: ParallelState) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         cpu_compat.model_parallel_manual_seed(seed, tp_rank=ps.tp_rank)
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Collective over the world: when ``error`` is set on any rank, raise on EVERY rank (the failing rank its
+    own error, the others a RuntimeError pointing to it) instead of leaving the others blocked in the next
+    collective. For work only some ranks do (the generating ranks talk to the rollout servers).
+
+    Example:
+        err = None
+        if is_generator:
+            try: exp = collect_experience(...)
+            except Exception as e: err = e
+        raise_together(err, "rollout")            # then the broadcast that every rank joins
+    """
+    failed = torch.tensor([1.0 if error is not None else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"{what} failed on another rank (a generating rank); its error is in its log")
 
 
 def destroy_parallel() -> None:

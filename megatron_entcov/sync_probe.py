@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_entcov.batch import pack_samples
+from megatron_entcov.config import SYNC_PROBE_PROMPT_LEN
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["probe_prompt", "verify_sync", "SyncVerificationError"]
 
-PROBE_PROMPT_LEN = 8
+PROBE_PROMPT_LEN = SYNC_PROBE_PROMPT_LEN
 
 
 class SyncVerificationError(RuntimeError):
@@ -77,29 +78,38 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
         {'sync/probe_gap': largest |server - trainer| log-prob over all servers and probe tokens,
          'sync/probe_tokens': probe tokens compared (all replicas)}
     """
+    from megatron_entcov.parallel import raise_together
+
     tol = cfg.rollout.sync_verify_tol
-    payload = [None]
+    payload: list = [None]
+    error = None
     if engine is not None:
-        payload[0] = [(url, s.to_dict()) for url, s in _query(engine, cfg, version, vocab_limit)]
+        try:
+            payload[0] = [(url, s.to_dict()) for url, s in _query(engine, cfg, version, vocab_limit)]
+        except Exception as err:          # noqa: BLE001 - raised on every rank just below
+            error = err
+    raise_together(error, f"the weight-sync probe at version {version}")
     mp_size = dist.get_world_size(ps.mp_group) if ps.mp_group is not None and dist.is_initialized() else 1
     if mp_size > 1:
         dist.broadcast_object_list(payload, src=dist.get_global_rank(ps.mp_group, 0), group=ps.mp_group)
     probes = [(url, Sample.from_dict(d)) for url, d in payload[0]]
     samples = [s for _, s in probes]
     n = len(samples)
-    # Pad rows to a multiple of the pipeline's needs: one micro-batch of all rows.
+    # One row per micro-batch, repeated until the pipeline has as many micro-batches as stages (an interleaved
+    # schedule needs at least that many); gaps are read off the first n rows.
+    reps = -(-ps.pp_size // n) if ps.pp_size > 1 else 1
     longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    batch = pack_samples(samples, torch.zeros(n), pad_id=0, sample_ids=list(range(n)),
+    batch = pack_samples(samples * reps, torch.zeros(n * reps), pad_id=0, sample_ids=list(range(n * reps)),
                          key_stride=longest + ps.tp_size, multiple_of=ps.tp_size)
-    lp, _ = policy.forward(batch, micro_batch_size=n)
+    lp, _ = policy.forward(batch, micro_batch_size=1 if ps.pp_size > 1 else n)
     gaps = torch.zeros(n, dtype=torch.float64)
     if ps.is_last_stage:
-        diff = ((batch.rollout_logprobs - lp).abs() * batch.loss_mask).double()
+        diff = ((batch.rollout_logprobs - lp).abs() * batch.loss_mask).double()[:n]
         gaps = diff.amax(dim=1) if diff.numel() else gaps
     if mp_size > 1:
         dist.all_reduce(gaps, op=dist.ReduceOp.MAX, group=ps.mp_group)
     wrong_version = [url for url, s in probes if s.weight_version != version]
-    tokens = float(batch.loss_mask.sum())
+    tokens = float(batch.loss_mask[:n].sum())
     verdict = torch.tensor([float(gaps.max()) if n else 0.0, float(bool(wrong_version)), tokens],
                            dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:

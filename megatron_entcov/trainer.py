@@ -36,7 +36,7 @@ from megatron_entcov.losses.policy import compute_token_selection, policy_loss, 
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
 from megatron_entcov.model import build_model
 from megatron_entcov.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
-from megatron_entcov.parallel import ParallelState
+from megatron_entcov.parallel import ParallelState, raise_together
 from megatron_entcov.pipeline import run_microbatches
 from megatron_entcov.policy_forward import PolicyForward
 from megatron_entcov.sync_probe import verify_sync
@@ -78,8 +78,13 @@ class Trainer:
         # One generating rank per data-parallel replica: tp_rank 0 of the first stage.
         self.is_generator = ps.tp_rank == 0 and ps.pp_rank == 0
         self.engine = engine
+        error = None
         if self.is_generator and self.engine is None:
-            self.engine = _build_engine(cfg, ps)
+            try:
+                self.engine = _build_engine(cfg, ps)
+            except Exception as err:                  # noqa: BLE001 - raised on every rank just below
+                error = err
+        raise_together(error, "starting the rollout engine")
         self.weight_sync = WeightSync(self.chunks, cfg.model, ps, bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,
                                      log_interval=cfg.metrics.log_interval)
@@ -131,12 +136,10 @@ class Trainer:
         engine = self.engine if self.is_generator else None
         release = self.cfg.rollout.release_memory and engine is not None
         t0 = time.monotonic()
-        if release:
-            engine.resume_memory(["weights"])
-        nbytes = self.weight_sync.push(engine, self.weight_version)
+        error = _attempt(engine.resume_memory, ["weights"]) if release else None
+        nbytes = self.weight_sync.push(engine, self.weight_version, error=error)   # raises on every rank
         dt = time.monotonic() - t0
-        if release:
-            engine.resume_memory()
+        raise_together(_attempt(engine.resume_memory) if release else None, "resuming the servers' memory")
         stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
         if self.cfg.rollout.sync_verify == "probe":
             t1 = time.monotonic()
@@ -156,15 +159,19 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def _experience_batch(self) -> tuple[TrainBatch, dict]:
         cfg, ps = self.cfg, self.ps
-        exp = None
+        exp, error = None, None
         if self.is_generator:
-            before = server_counters(self.engine)
-            exp = collect_experience(cfg, self.engine, self.tokenizer, self.loader, step=self.step,
-                                     dp_rank=ps.dp_rank)
-            exp.stats.update(server_throughput(before, server_counters(self.engine),
-                                               exp.stats["perf/rollout_time(s)"], ps.dp_rank, ps.dp_size))
-            if cfg.rollout.release_memory:        # colocated GPU servers: the trainer gets their memory
-                self.engine.release_memory()
+            try:
+                before = server_counters(self.engine)
+                exp = collect_experience(cfg, self.engine, self.tokenizer, self.loader, step=self.step,
+                                         dp_rank=ps.dp_rank)
+                exp.stats.update(server_throughput(before, server_counters(self.engine),
+                                                   exp.stats["perf/rollout_time(s)"], ps.dp_rank, ps.dp_size))
+                if cfg.rollout.release_memory:        # colocated GPU servers: the trainer gets their memory
+                    self.engine.release_memory()
+            except Exception as err:                  # noqa: BLE001 - raised on every rank just below
+                error = err
+        raise_together(error, f"step {self.step + 1} rollouts")
         exp = broadcast_experience(exp, ps)
         self._sync_loader_cursor()
         n_local = len(exp.samples)
@@ -294,6 +301,15 @@ class Trainer:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+def _attempt(fn, *args) -> Exception | None:
+    """Run ``fn(*args)``; return its exception instead of raising (for raise_together)."""
+    try:
+        fn(*args)
+    except Exception as err:                          # noqa: BLE001 - the caller raises it on every rank
+        return err
+    return None
 
 
 def _build_engine(cfg: RunConfig, ps: ParallelState):

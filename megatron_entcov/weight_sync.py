@@ -31,16 +31,17 @@ class WeightSync:
     def __init__(self, chunks, model_cfg: ModelConfig, ps: "ParallelState", *, bucket_bytes: int):
         self.chunks, self.model_cfg, self.ps, self.bucket_bytes = chunks, model_cfg, ps, bucket_bytes
 
-    def push(self, engine, version: int) -> int:
-        """Gather and send every weight; returns the bytes sent (0 on ranks without an engine)."""
+    def push(self, engine, version: int, *, error: BaseException | None = None) -> int:
+        """Gather and send every weight; returns the bytes sent (0 on ranks without an engine).
+
+        Collective over the world: a failure on the generating rank (the engine's, or ``error`` from what the
+        caller did just before) raises on every rank, after the gather collectives have run to the end on
+        all of them (parallel.raise_together), so no rank is left blocked."""
         from megatron_entcov.convert import iter_hf_weights
+        from megatron_entcov.parallel import raise_together
 
         sent = 0
         buckets = iter_hf_weights(self.chunks, self.model_cfg, self.ps, bucket_bytes=self.bucket_bytes)
-        if engine is None:
-            for _ in buckets:  # take part in the collectives only
-                pass
-            return 0
 
         def counted():
             nonlocal sent
@@ -48,7 +49,15 @@ class WeightSync:
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 yield bucket
 
-        engine.update_weights(counted(), version)
-        if engine.weight_version != version:
-            raise RuntimeError(f"weight sync: engine reports version {engine.weight_version}, expected {version}")
+        if engine is not None and error is None:
+            try:
+                engine.update_weights(counted(), version)
+                if engine.weight_version != version:
+                    raise RuntimeError(f"weight sync: engine reports version {engine.weight_version}, expected "
+                                       f"{version}")
+            except Exception as err:          # noqa: BLE001 - raised below, on every rank
+                error = err
+        for _ in buckets:                     # take part in (the rest of) the collectives
+            pass
+        raise_together(error, f"weight sync to version {version}")
         return sent

@@ -216,19 +216,34 @@ class DistributedTransport(_Validated):
             self.close()                 # the servers changed (one died or came back): form a new group
             self._init_group(servers)
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
-        for bucket in self.buckets(named_tensors, errors):
-            n_buckets += 1
-            payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                       "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                       "flush_cache": False}
-            fan = Fanout(self.servers, "/update_weights_from_distributed", payload,
-                         timeout=self.timeout.total_seconds())
-            for _, t in bucket:
-                # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
-                torch.distributed.broadcast(t, src=0, group=self.pg)
-                nbytes += t.numel() * t.element_size()
-            fan.check()
-            sent.update(n for n, _ in bucket)
+        by_url = {s.url: s for s in servers}
+        try:
+            for bucket in self.buckets(named_tensors, errors):
+                n_buckets += 1
+                payload = {"names": [n for n, _ in bucket],
+                           "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                           "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                           "flush_cache": False}
+                fan = Fanout(self.servers, "/update_weights_from_distributed", payload,
+                             timeout=self.timeout.total_seconds())
+                for _, t in bucket:
+                    # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
+                    torch.distributed.broadcast(t, src=0, group=self.pg)
+                    nbytes += t.numel() * t.element_size()
+                for url, reply in fan.failures().items():
+                    err = reply.get("error")
+                    if getattr(err, "retryable", False) and url in by_url:
+                        self.engine.pool.mark_failure(by_url[url], err)
+                fan.check()
+                sent.update(n for n, _ in bucket)
+        except BaseException as err:
+            # A broadcast group cannot lose a member mid-sync: this sync fails (a dead server is marked, and
+            # restarted when launched here); the next one forms a new group with the servers then standing.
+            self.close()
+            if isinstance(err, Exception) and not isinstance(err, ValueError):
+                raise RuntimeError(f"weight sync 'distributed' to version {version} failed: {err}. The group is "
+                                   "dissolved; the next sync forms a new one without dead servers") from err
+            raise
         complete = self.finish(errors, seen, sent, version)
         return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}
 
@@ -273,7 +288,7 @@ class TensorTransport(_Validated):
     def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list) -> dict:
         from megatron_entcov.rollout.sglang_http import http_json
 
-        tp = {s.url: int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers}
+        tp = {s: int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers}
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
         for bucket in self.buckets(named_tensors, errors):
             n_buckets += 1
@@ -281,7 +296,7 @@ class TensorTransport(_Validated):
             # shared-memory files point into it.
             payload = self.serialize(bucket)
             servers = self.engine._post_all(servers, "/update_weights_from_tensor", lambda s: {
-                "serialized_named_tensors": [payload] * tp[s.url], "load_format": None, "flush_cache": False})
+                "serialized_named_tensors": [payload] * tp[s], "load_format": None, "flush_cache": False})
             sent.update(n for n, _ in bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             del bucket

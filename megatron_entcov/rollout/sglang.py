@@ -115,8 +115,10 @@ class SGLangEngine:
             raise ValueError(f"SGLangEngine sync_method={sync_method!r} is invalid: choose one of "
                              f"{', '.join(map(repr, SYNC_METHODS))}")
         if max_inflight < 1 or max_retries < 0 or request_timeout_s <= 0 or max_restarts < 0:
-            raise ValueError(f"SGLangEngine: max_inflight={max_inflight} (>= 1), max_retries={max_retries} (>= 0), "
-                             f"request_timeout_s={request_timeout_s} (> 0), max_restarts={max_restarts} (>= 0)")
+            raise ValueError(f"SGLangEngine: invalid limits max_inflight={max_inflight} (must be >= 1), max_retries="
+                             f"{max_retries} (>= 0), request_timeout_s={request_timeout_s} (> 0), max_restarts="
+                             f"{max_restarts} (>= 0): set rollout.max_inflight / request_timeout_s / "
+                             "max_server_restarts accordingly")
         if release_memory and device != "cuda":
             raise ValueError(f"SGLangEngine: release_memory=True needs GPU servers (device='cuda', got {device!r}); "
                              "SGLang's memory saver does not exist on CPU: set rollout.release_memory=false")
@@ -135,6 +137,7 @@ class SGLangEngine:
         self._closed = False
         self._calls = 0
         self._weight_version = 0
+        self._synced = False               # a sync has succeeded: a restarted server's initial weights are stale
         self._transport = None
         self._seen: set[str] = set()
         self._released: set[str] = set()
@@ -169,7 +172,7 @@ class SGLangEngine:
                 self.model_dir = str(model_dir)
                 servers = []
                 self.pool = ServerPool(servers, launch=None, max_restarts=0, startup_timeout_s=startup_timeout_s,
-                                       current_version=lambda: self._weight_version)   # close() reaches them
+                                       synced=lambda: False)      # so that close() reaches them
                 for i in range(num_servers):
                     s = Server(url="", index=i)
                     s.proc = self._launch(s)
@@ -180,11 +183,13 @@ class SGLangEngine:
                 local = True
             self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
                                    max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
-                                   current_version=lambda: self._weight_version)
+                                   synced=lambda: self._synced, on_ready=self._restarted)
             self.sync_master_address = sync_master_address or ("127.0.0.1" if local else this_host_address())
             versions = {s.url: self._server_version(s) for s in servers}
             if len(set(versions.values())) != 1:
-                raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}")
+                raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}; they hold "
+                                   "different weights: restart them from one checkpoint, or give only servers of "
+                                   "one run in rollout.server_urls")
             self._weight_version = next(iter(versions.values()))
         except BaseException:
             self.close()
@@ -205,6 +210,12 @@ class SGLangEngine:
                             **args)
         proc.start()
         return proc
+
+    def _restarted(self, s: Server) -> None:
+        """A restarted server is ready: while the others' GPU memory is released, release its own too (a
+        colocated server must not hold its memory while the trainer trains)."""
+        if self._released:
+            http_json(s.url, "/release_memory_occupation", {"tags": sorted(self._released)}, timeout=120)
 
     @classmethod
     def from_config(cls, cfg, *, dp_rank: int = 0, dp_size: int = 1, **overrides) -> SGLangEngine:
@@ -458,9 +469,17 @@ class SGLangEngine:
         out = []
         for s in servers:
             reply = replies[s.url]
-            if "error" in reply:
-                raise RuntimeError(f"probe: {s.url}/generate failed: {reply['error']}")
+            err = reply.get("error")
+            if isinstance(err, ServerError) and err.retryable:
+                self.pool.mark_failure(s, err)
+                if not s.alive:               # died after the sync: its replacement is probed after its sync
+                    continue
+            if err is not None:
+                raise RuntimeError(f"probe: {s.url}/generate failed: {err}")
             out.append((s.url, parse_generate(reply, prompts[0], 0)))
+        if not out:
+            raise NoServerLeftError("probe: every SGLang server died: " + "; ".join(
+                f"{s.url}: {s.last_error}" for s in servers))
         return out
 
     # ------------------------------------------------------------------------------------------------ memory
@@ -472,7 +491,7 @@ class SGLangEngine:
         tags = self._memory_tags(tags, "release_memory")
         todo = [t for t in tags if t not in self._released]
         if todo:
-            self._post_all(self.live_servers(), "/release_memory_occupation", {"tags": todo})
+            self._memory_call("/release_memory_occupation", todo)
             self._released.update(todo)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
@@ -482,8 +501,15 @@ class SGLangEngine:
         tags = self._memory_tags(tags, "resume_memory")
         todo = [t for t in tags if t in self._released]
         if todo:
-            self._post_all(self.live_servers(), "/resume_memory_occupation", {"tags": todo})
+            self._memory_call("/resume_memory_occupation", todo)
             self._released.difference_update(todo)
+
+    def _memory_call(self, path: str, tags: list[str]) -> None:
+        """Live servers must succeed; stale ones (a restarted server, released on start-up; a re-admitted one,
+        whose memory state is its own) are told without checking."""
+        servers = self.pool.syncable()
+        self._post_all([s for s in servers if s.state == LIVE], path, {"tags": tags})
+        self._post_all([s for s in servers if s.state == STALE], path, {"tags": tags}, check=False)
 
     def _memory_tags(self, tags, what: str) -> list[str]:
         if not self.release_memory_enabled:
@@ -502,11 +528,20 @@ class SGLangEngine:
         weight_version == version.
 
         Buckets are streamed (a generator that gathers lazily is consumed as it goes). Unknown names or wrong
-        shapes raise ValueError naming the tensor after the iterable is exhausted (a collective producer must not
-        be left hanging); the version is then unchanged. The first sync must send every tensor. A server that
-        dies during the sync is dropped from it (the others still get the weights); a restarted server gets
-        the next sync that sends every tensor, and is live again after it.
+        shapes raise ValueError naming the tensor; on any error the iterable is first run to its end (a
+        producer running gather collectives must not be left hanging) and the version is unchanged. The first
+        sync must send every tensor. A server that dies during the sync is dropped from it (the others still
+        get the weights; with 'distributed' the sync fails instead: see weight_sync_sglang.py); a restarted
+        server gets the next sync that sends every tensor, and is live again after it.
         """
+        try:
+            self._update_weights(named_tensors, version)
+        except BaseException:
+            for _ in named_tensors if not isinstance(named_tensors, dict) else ():
+                pass
+            raise
+
+    def _update_weights(self, named_tensors: NamedTensors, version: int) -> None:
         from megatron_entcov.weight_sync_sglang import build_transport, expected_shapes
 
         self._check_open()
@@ -522,32 +557,41 @@ class SGLangEngine:
             if not targets:
                 raise NoServerLeftError("update_weights: no SGLang server left: " + "; ".join(
                     f"{s.url}: {s.state} {s.last_error}" for s in self.servers))
+            # A server that dies and comes back (new process, new URL) during the sync missed part of it: only
+            # the processes that were there from the start stay in it.
+            ident = {s: (s.url, s.restarts) for s in targets}
+
+            def keep(servers: list[Server]) -> list[Server]:
+                return [s for s in servers if ident.get(s) == (s.url, s.restarts) and s.state in (LIVE, STALE)]
+
             t0 = time.monotonic()
             user_paused = self._paused.is_set()
             if not user_paused:
-                targets = self._post_all(targets, "/pause_generation", {"mode": "abort"}, check=False)
+                targets = keep(self._post_all(targets, "/pause_generation", {"mode": "abort"}, check=False))
             try:
-                targets = self._post_all(targets, "/begin_weight_update", {"selector": "all"})
                 try:
+                    targets = keep(self._post_all(targets, "/begin_weight_update", {"selector": "all"}))
                     stats = self._transport.sync(named_tensors, version, self._seen, targets)
                 except BaseException:
-                    self._post_all(targets, "/end_weight_update", {}, check=False)   # the version stays
+                    self._post_all(keep(targets), "/end_weight_update", {}, check=False)   # the version stays
                     raise
-                targets = [s for s in targets if s.state in (LIVE, STALE)]
-                targets = self._post_all(targets, "/end_weight_update", {})
-                targets = self._post_all(targets, "/update_weight_version", {"new_version": str(version)})
-                targets = self._post_all(targets, "/flush_cache", {})
+                targets = keep(targets)
+                targets = keep(self._post_all(targets, "/end_weight_update", {}))
+                targets = keep(self._post_all(targets, "/update_weight_version", {"new_version": str(version)}))
+                targets = keep(self._post_all(targets, "/flush_cache", {}))
             finally:
                 if not user_paused:
                     self._post_all(self.pool.syncable(), "/continue_generation", {}, check=False)
             versions = {s.url: self._server_version(s) for s in targets}
             wrong = {u: v for u, v in versions.items() if v != version}
             if wrong or not versions:
-                raise RuntimeError(f"update_weights: servers report weight versions {wrong or versions}, expected "
-                                   f"{version}")
+                raise RuntimeError(f"update_weights: servers report weight versions {wrong or versions} after the "
+                                   f"sync to version {version}: another client changed them, or every server "
+                                   "died during the sync; see the servers' logs (<run_dir>/sglang/)")
             if stats.get("complete"):
                 self.pool.promote(targets)
             self._weight_version = version
+            self._synced = True
             dt = time.monotonic() - t0
             self.last_sync = dict(stats, method=self.sync_method, seconds=dt, servers=len(versions),
                                   bytes_per_s=stats.get("bytes", 0) / max(dt, 1e-9))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from megatron_entcov.rollout.sglang_http import ServerError, http_json
 
-__all__ = ["replica_server_urls", "router_workers", "colocated_gpu_ids", "this_host_address"]
+__all__ = ["replica_server_urls", "router_workers", "colocated_gpu_ids", "server_tp", "this_host_address"]
 
 
 def this_host_address() -> str:
@@ -57,7 +57,7 @@ def router_workers(router_url: str, timeout_s: float) -> list[str]:
         time.sleep(1.0)
 
 
-def _server_tp(server_args: Sequence[str]) -> int:
+def server_tp(server_args: Sequence[str]) -> int:
     """The ``--tp-size`` (or ``--tp``) in launch flags; 1 when absent."""
     args = list(server_args)
     for i, a in enumerate(args):
@@ -80,7 +80,7 @@ def colocated_gpu_ids(num_servers: int, server_args: Sequence[str], *, local_ran
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
-    tp = _server_tp(server_args)
+    tp = server_tp(server_args)
     ids = [local_rank + i * tp for i in range(num_servers)]
     if ids and ids[-1] + tp > num_gpus:
         raise ValueError(f"rollout.num_servers={num_servers} servers of {tp} GPUs each (rollout.server_args "

@@ -15,7 +15,7 @@ Servers at given URLs are never restarted here (whoever started them supervises 
 probed again at each sync and re-admitted as stale when it answers.
 
 Example:
-    pool = ServerPool(servers, launch=launch_fn, max_restarts=2, current_version=lambda: engine.weight_version)
+    pool = ServerPool(servers, launch=launch_fn, max_restarts=2, synced=lambda: engine_has_synced)
     s = pool.pick(avoid=None)         # least-loaded live server; s.inflight counted
     ... request ...
     pool.release(s)
@@ -64,7 +64,8 @@ class ServerPool:
     """Thread-safe bookkeeping of the engine's servers (module docstring)."""
 
     def __init__(self, servers: list[Server], *, launch: Callable[[Server], SGLangServer] | None,
-                 max_restarts: int, startup_timeout_s: float, current_version: Callable[[], int]):
+                 max_restarts: int, startup_timeout_s: float, synced: Callable[[], bool],
+                 on_ready: Callable[[Server], None] | None = None):
         """
         Args:
             servers: the servers, all live.
@@ -72,14 +73,18 @@ class ServerPool:
                 None = never restart.
             max_restarts: restarts allowed per launched server.
             startup_timeout_s: how long a restarted server may take to answer.
-            current_version: the engine's weight version now (a restarted server that comes up while it is
-                still 0, the initial weights, is live at once; otherwise stale until the next sync).
+            synced: whether a weight sync has succeeded yet (before the first one, a restarted server's
+                initial weights are as current as anyone's: it is live at once; after, stale until the next
+                full sync).
+            on_ready: called with a restarted server once it answers, before it is used (the engine releases
+                its memory there while the others' is released); an exception fails the restart.
         """
         self.servers = servers
         self._launch = launch
         self.max_restarts = int(max_restarts)
         self.startup_timeout_s = float(startup_timeout_s)
-        self._current_version = current_version
+        self._synced = synced
+        self._on_ready = on_ready
         self._lock = threading.Lock()
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -199,6 +204,11 @@ class ServerPool:
                 proc.stop()
                 return
             proc.wait_ready(self.startup_timeout_s)
+            with self._lock:                            # on_ready sends to the new process's URL
+                s.history.append(s.url)
+                s.url = proc.url
+            if self._on_ready is not None:
+                self._on_ready(s)
         except Exception as err:          # noqa: BLE001 - reported in the server's state, never raised
             with self._lock:
                 s.state = DEAD
@@ -209,9 +219,7 @@ class ServerPool:
         with self._lock:
             if self._closed:
                 return
-            s.history.append(s.url)
-            s.url = proc.url
-            s.state = LIVE if self._current_version() == 0 else STALE
+            s.state = STALE if self._synced() else LIVE
         logger.warning("SGLangEngine: server %d restarted at %s after %.1f s (%s)", s.index, s.url,
                        proc.startup_s or 0.0, "live" if s.state == LIVE else "stale until the next weight sync")
 

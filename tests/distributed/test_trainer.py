@@ -124,6 +124,42 @@ def test_sync_probe_catches_a_server_not_on_the_trainers_weights(tmp_path):
     assert "embedded: gap" in results[0]["wrong_weights"]
 
 
+def _generator_failure_worker(rank, world_size, run_dir):
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.rollout.local import LocalEngine
+    from megatron_entcov.trainer import Trainer
+
+    class ServersGone(LocalEngine):
+        """Answers the one-prompt post-sync probe, fails every rollout (as when every server is dead)."""
+
+        def generate(self, prompts, params):
+            if len(prompts) > 1:
+                raise RuntimeError("SGLangEngine: no SGLang server left (test)")
+            return super().generate(prompts, params)
+
+    cfg = load_config(None, TINY + ["parallel.pipeline_model_parallel_size=2", "steps=1", f"output_dir={run_dir}",
+                                    "name=gen_failure"]).resolve(world_size)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    engine = ServersGone(cfg.model, seed=cfg.seed) if ps.tp_rank == 0 and ps.pp_rank == 0 else None
+    trainer = Trainer(cfg, ps, engine=engine)
+    try:
+        trainer.train_step()
+    except RuntimeError as err:
+        return str(err)
+    finally:
+        trainer.close()
+    return None
+
+
+def test_a_failure_on_the_generating_rank_raises_on_every_rank(tmp_path):
+    """Only the generating rank talks to the servers; when it fails, the other ranks must fail with it
+    (parallel.raise_together), not wait forever in the next collective."""
+    errors = run_workers(_generator_failure_worker, 2, args=(str(tmp_path),), timeout=240)
+    assert "no SGLang server left (test)" in errors[0]
+    assert "step 1 rollouts failed on another rank" in errors[1]
+
+
 def _cli(args, run_dir, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "megatron_entcov", *args], cwd=run_dir, env=env,

@@ -79,9 +79,9 @@ class _Proc:
         return 0.1
 
 
-def _pool(servers, launch=None, max_restarts=2, version=0):
+def _pool(servers, launch=None, max_restarts=2, synced=False, on_ready=None):
     return ServerPool(servers, launch=launch, max_restarts=max_restarts, startup_timeout_s=5,
-                      current_version=lambda: version)
+                      synced=lambda: synced, on_ready=on_ready)
 
 
 def test_pick_balances_and_avoids_and_dead_given_servers_come_back_stale(answering):
@@ -120,8 +120,8 @@ def test_no_server_left_names_every_server():
         _pool([a, b]).pick(avoid=None)
 
 
-@pytest.mark.parametrize("version, after", [(0, LIVE), (3, STALE)])
-def test_a_launched_server_that_exits_is_restarted(version, after):
+@pytest.mark.parametrize("synced, after", [(False, LIVE), (True, STALE)])
+def test_a_launched_server_that_exits_is_restarted(synced, after):
     launched = []
 
     def launch(s):
@@ -130,13 +130,15 @@ def test_a_launched_server_that_exits_is_restarted(version, after):
 
     s = Server(url="http://127.0.0.1:1", index=0, proc=_Proc("http://127.0.0.1:1"))
     other = Server(url="http://127.0.0.1:2", index=1, proc=_Proc("http://127.0.0.1:2"))
-    pool = _pool([s, other], launch=launch, max_restarts=1, version=version)
+    ready = []
+    pool = _pool([s, other], launch=launch, max_restarts=1, synced=synced, on_ready=lambda srv: ready.append(srv.url))
     s.proc.exit()
     assert pool.live() == [other]                        # noticed without a request failing
     assert s.state in (RESTARTING, after)
     assert pool.wait_restarts(5)
-    # Initial weights (version 0) are still current: live at once; otherwise stale until the next full sync.
+    # Before the first sync the initial weights are current: live at once; otherwise stale until a full sync.
     assert s.state == after and s.restarts == 1 and s.url == launched[0].url and s.history == ["http://127.0.0.1:1"]
+    assert ready == [launched[0].url]                    # the engine's hook saw the new process before use
     # Restarts used up: the next exit leaves it dead.
     s.state = LIVE
     s.proc.exit()
