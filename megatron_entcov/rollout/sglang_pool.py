@@ -210,6 +210,8 @@ class ServerPool:
             if self._on_ready is not None:
                 self._on_ready(s)
         except Exception as err:          # noqa: BLE001 - reported in the server's state, never raised
+            if s.proc is not old:
+                s.proc.stop()                 # started but unusable: do not leave it holding memory
             with self._lock:
                 s.state = DEAD
                 s.last_error = f"restart failed: {err}"

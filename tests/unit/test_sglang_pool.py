@@ -212,3 +212,16 @@ def test_colocated_servers_go_on_the_replicas_own_gpus():
     assert colocated_gpu_ids(1, ["--tp=4"], local_rank=4, num_gpus=8) == [4]
     with pytest.raises(ValueError, match=r"rollout.num_servers=4 servers of 2 GPUs each .* need GPUs up to 11"):
         colocated_gpu_ids(4, ["--tp-size", "2"], local_rank=4, num_gpus=8)
+
+
+def test_a_restart_whose_ready_hook_fails_leaves_the_server_dead():
+    def hook(s):
+        raise RuntimeError("release_memory_occupation refused")
+
+    s = Server(url="http://127.0.0.1:1", index=0, proc=_Proc("http://127.0.0.1:1"))
+    pool = _pool([s], launch=lambda _: _Proc("http://127.0.0.1:4"), max_restarts=1, synced=True, on_ready=hook)
+    s.proc.exit()
+    pool.live()
+    pool.wait_restarts(5)
+    assert s.state == DEAD and "restart failed: release_memory_occupation refused" in s.last_error
+    assert s.proc.url == "http://127.0.0.1:4" and not s.proc.alive()      # the unusable process was stopped
