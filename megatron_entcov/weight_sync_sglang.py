@@ -138,6 +138,7 @@ class DiskTransport(_Validated):
 
         errors, sent, nbytes, index = [], set(), 0, {}
         out_dir = Path(tempfile.mkdtemp(prefix=f"weights-v{version}-", dir=self.engine.sync_dir))
+        kept = False
         try:
             t0 = time.monotonic()
             for i, bucket in enumerate(self.buckets(named_tensors, errors)):
@@ -151,15 +152,22 @@ class DiskTransport(_Validated):
                 self.finish(errors, seen, sent, version)
             (out_dir / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}))
-            if self.engine.model_dir and (Path(self.engine.model_dir) / "config.json").is_file():
-                shutil.copy(Path(self.engine.model_dir) / "config.json", out_dir / "config.json")
+            if self.engine.model_dir:
+                # config, generation config, tokenizer: what a server launched from this directory also reads
+                for f in Path(self.engine.model_dir).iterdir():
+                    if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
+                        shutil.copy(f, out_dir / f.name)
             t_write = time.monotonic() - t0
             self.engine._post_all(servers, "/update_weights_from_disk",
                                   {"model_path": str(out_dir), "flush_cache": False})
             t_load = time.monotonic() - t0 - t_write
+            complete = self.finish(errors, seen, sent, version)
+            if complete:                         # restarted servers launch from these weights
+                self.engine.keep_weights(out_dir, version)
+                kept = True
         finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        complete = self.finish(errors, seen, sent, version)
+            if not kept:
+                shutil.rmtree(out_dir, ignore_errors=True)
         return {"bytes": nbytes, "tensors": len(sent), "write_s": t_write, "load_s": t_load, "complete": complete}
 
     def close(self) -> None:

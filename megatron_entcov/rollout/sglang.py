@@ -138,6 +138,9 @@ class SGLangEngine:
         self._calls = 0
         self._weight_version = 0
         self._synced = False               # a sync has succeeded: a restarted server's initial weights are stale
+        self._kept: tuple[Path, int] | None = None      # the last complete disk-synced weights (keep_weights)
+        self._kept_lock = threading.Lock()
+        self._private_dirs: list[str] = []
         self._transport = None
         self._seen: set[str] = set()
         self._released: set[str] = set()
@@ -172,7 +175,7 @@ class SGLangEngine:
                 self.model_dir = str(model_dir)
                 servers = []
                 self.pool = ServerPool(servers, launch=None, max_restarts=0, startup_timeout_s=startup_timeout_s,
-                                       synced=lambda: False)      # so that close() reaches them
+                                       is_current=lambda s: True)      # so that close() reaches them
                 for i in range(num_servers):
                     s = Server(url="", index=i)
                     s.proc = self._launch(s)
@@ -183,7 +186,7 @@ class SGLangEngine:
                 local = True
             self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
                                    max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
-                                   synced=lambda: self._synced, on_ready=self._restarted)
+                                   is_current=self._is_current, on_ready=self._restarted)
             self.sync_master_address = sync_master_address or ("127.0.0.1" if local else this_host_address())
             versions = {s.url: self._server_version(s) for s in servers}
             if len(set(versions.values())) != 1:
@@ -201,21 +204,50 @@ class SGLangEngine:
                     self.max_inflight, self.request_timeout_s, sync_method, [round(t, 1) for t in self.startup_s])
 
     def _launch(self, s: Server) -> SGLangServer:
-        """Start a server process for slot ``s`` on a fresh port (not waiting for it)."""
+        """Start a server process for slot ``s`` on a fresh port (not waiting for it): from the last weights
+        the 'disk' transport synced when there are any (a private hard-linked copy, so the next sync may
+        retire them meanwhile), else from the initial model directory."""
         port = free_port()
         args = dict(self._launch_args)
         if self._gpu_ids is not None:          # a restarted server keeps its slot's GPUs
             args["extra_args"] = [*args["extra_args"], "--base-gpu-id", str(self._gpu_ids[s.index])]
-        proc = SGLangServer(self.model_dir, port=port, log_path=self._log_dir / f"server{s.index}-{port}.log",
-                            **args)
+        model_dir, version = self.model_dir, 0
+        with self._kept_lock:
+            if self._kept is not None:
+                src, version = self._kept
+                model_dir = str(_link_tree(src, src.parent / f"{src.name}-restart{s.index}-{port}"))
+                self._private_dirs.append(model_dir)
+        s.weights_version = version
+        proc = SGLangServer(model_dir, port=port, log_path=self._log_dir / f"server{s.index}-{port}.log",
+                            weight_version=version, **args)
         proc.start()
         return proc
 
     def _restarted(self, s: Server) -> None:
-        """A restarted server is ready: while the others' GPU memory is released, release its own too (a
-        colocated server must not hold its memory while the trainer trains)."""
+        """A restarted server is ready: its private weights copy can go; while the others' GPU memory is
+        released, it releases its own too (a colocated server must not hold memory while the trainer trains)."""
+        for d in [d for d in self._private_dirs if s.proc is not None and s.proc.model_dir == d]:
+            shutil.rmtree(d, ignore_errors=True)          # loaded: the server holds the weights now
+            self._private_dirs.remove(d)
         if self._released:
             http_json(s.url, "/release_memory_occupation", {"tags": sorted(self._released)}, timeout=120)
+
+    def keep_weights(self, directory: str | Path | None, version: int | None) -> None:
+        """Called by the 'disk' transport after a complete sync: ``directory`` holds every weight of
+        ``version``; restarted servers launch from it. The previously kept directory is deleted; None
+        forgets (and deletes) it. Only an engine that launches its servers keeps anything."""
+        new = None if directory is None or self.pool is None or self.pool._launch is None else (Path(directory),
+                                                                                                 version)
+        with self._kept_lock:
+            old, self._kept = self._kept, new
+        if old is not None:
+            shutil.rmtree(old[0], ignore_errors=True)
+        if directory is not None and new is None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _is_current(self, s: Server) -> bool:
+        """A restarted server holds the current weights: no sync yet, or it loaded the last synced ones."""
+        return not self._synced or s.weights_version == self._weight_version
 
     @classmethod
     def from_config(cls, cfg, *, dp_rank: int = 0, dp_size: int = 1, **overrides) -> SGLangEngine:
@@ -322,6 +354,9 @@ class SGLangEngine:
                 logger.warning("SGLangEngine: closing the weight transport failed: %s", err)
         if self.pool is not None:
             self.pool.close()
+        self.keep_weights(None, None)
+        for d in self._private_dirs:
+            shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _check_open(self) -> None:
@@ -590,6 +625,7 @@ class SGLangEngine:
                                    "died during the sync; see the servers' logs (<run_dir>/sglang/)")
             if stats.get("complete"):
                 self.pool.promote(targets)
+            self.pool.demote([s for s in self.pool.live() if s not in targets])
             self._weight_version = version
             self._synced = True
             dt = time.monotonic() - t0
@@ -597,3 +633,17 @@ class SGLangEngine:
                                   bytes_per_s=stats.get("bytes", 0) / max(dt, 1e-9))
         logger.info("SGLangEngine: weights v%d to %d servers by %s: %.2f MB in %.2f s", version, len(versions),
                     self.sync_method, stats.get("bytes", 0) / 1e6, dt)
+
+
+def _link_tree(src: Path, dst: Path) -> Path:
+    """A copy of the flat directory ``src`` at ``dst`` made of hard links (no bytes copied; deleting ``src``
+    later leaves it intact); plain copies where the file system refuses links."""
+    import os
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+    return dst

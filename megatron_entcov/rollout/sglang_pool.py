@@ -15,7 +15,7 @@ Servers at given URLs are never restarted here (whoever started them supervises 
 probed again at each sync and re-admitted as stale when it answers.
 
 Example:
-    pool = ServerPool(servers, launch=launch_fn, max_restarts=2, synced=lambda: engine_has_synced)
+    pool = ServerPool(servers, launch=launch_fn, max_restarts=2, is_current=lambda s: s.weights_version == v)
     s = pool.pick(avoid=None)         # least-loaded live server; s.inflight counted
     ... request ...
     pool.release(s)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class Server:
     inflight: int = 0
     failures: int = 0
     restarts: int = 0
+    weights_version: int | None = 0         # version of the weights its process loaded at launch
     last_error: str = ""
     generated_tokens: int = 0
     requests: int = 0
@@ -64,7 +66,7 @@ class ServerPool:
     """Thread-safe bookkeeping of the engine's servers (module docstring)."""
 
     def __init__(self, servers: list[Server], *, launch: Callable[[Server], SGLangServer] | None,
-                 max_restarts: int, startup_timeout_s: float, synced: Callable[[], bool],
+                 max_restarts: int, startup_timeout_s: float, is_current: Callable[[Server], bool],
                  on_ready: Callable[[Server], None] | None = None):
         """
         Args:
@@ -73,9 +75,9 @@ class ServerPool:
                 None = never restart.
             max_restarts: restarts allowed per launched server.
             startup_timeout_s: how long a restarted server may take to answer.
-            synced: whether a weight sync has succeeded yet (before the first one, a restarted server's
-                initial weights are as current as anyone's: it is live at once; after, stale until the next
-                full sync).
+            is_current: whether a restarted server holds the engine's current weights (it loaded the last
+                synced weights, or no sync has happened yet): live at once; otherwise stale until the next
+                full sync.
             on_ready: called with a restarted server once it answers, before it is used (the engine releases
                 its memory there while the others' is released); an exception fails the restart.
         """
@@ -83,7 +85,7 @@ class ServerPool:
         self._launch = launch
         self.max_restarts = int(max_restarts)
         self.startup_timeout_s = float(startup_timeout_s)
-        self._synced = synced
+        self._is_current = is_current
         self._on_ready = on_ready
         self._lock = threading.Lock()
         self._closed = False
@@ -123,6 +125,14 @@ class ServerPool:
                     s.state = LIVE
                     logger.info("SGLangEngine: server %s is live again with the current weights", s.url)
 
+    def demote(self, servers: list[Server]) -> None:
+        """Live servers that missed a sync (they came back during it) are stale until the next one."""
+        with self._lock:
+            for s in servers:
+                if s.state == LIVE:
+                    s.state = STALE
+                    logger.warning("SGLangEngine: server %s missed the last weight sync; stale until the next", s.url)
+
     def restarting(self) -> list[Server]:
         with self._lock:
             return [s for s in self.servers if s.state == RESTARTING]
@@ -130,7 +140,12 @@ class ServerPool:
     # ------------------------------------------------------------------------------------------------ requests
 
     def pick(self, avoid: Server | None) -> Server:
-        """The least-loaded live server (another than ``avoid`` when there is one); counts it in flight."""
+        """The least-loaded live server (another than ``avoid`` when there is one); counts it in flight. With
+        none live but one restarting, waits for it (up to the start-up time-out): a server restarted from the
+        current weights serves at once."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.live() and self.restarting() and time.monotonic() < deadline and not self._closed:
+            time.sleep(0.2)
         live = self.live()
         with self._lock:
             live = [s for s in live if s.state == LIVE]
@@ -221,7 +236,7 @@ class ServerPool:
         with self._lock:
             if self._closed:
                 return
-            s.state = STALE if self._synced() else LIVE
+            s.state = LIVE if self._is_current(s) else STALE
         logger.warning("SGLangEngine: server %d restarted at %s after %.1f s (%s)", s.index, s.url,
                        proc.startup_s or 0.0, "live" if s.state == LIVE else "stale until the next weight sync")
 

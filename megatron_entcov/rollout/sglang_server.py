@@ -116,7 +116,7 @@ class SGLangServer:
     def __init__(self, model_dir: str | Path, *, port: int, host: str = "127.0.0.1", python: str | None = None,
                  device: str = "cpu", dtype: str | None = None, max_total_tokens: int | None = 4096,
                  extra_args: Sequence[str] = (), log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None, num_threads: int | None = None):
+                 env: dict[str, str] | None = None, num_threads: int | None = None, weight_version: int = 0):
         """
         Args:
             model_dir: HF model directory (config.json, safetensors, tokenizer files).
@@ -132,6 +132,7 @@ class SGLangServer:
             log_path: file for the server's stdout+stderr (default: /tmp/sglang-<port>.log).
             env: the server's environment (default: this process's).
             num_threads: OMP_NUM_THREADS of a CPU server (default: half the cores, at least 1).
+            weight_version: the version the server reports for the weights in model_dir.
         """
         self.model_dir = str(model_dir)
         self.host, self.port = host, int(port)
@@ -139,6 +140,7 @@ class SGLangServer:
         self.device = device
         self.dtype = dtype
         self.num_threads = num_threads
+        self.weight_version = int(weight_version)
         self.max_total_tokens = max_total_tokens
         self.extra_args = list(extra_args)
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/sglang-{self.port}.log")
@@ -154,7 +156,7 @@ class SGLangServer:
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_dir, "--device", self.device,
-               "--host", self.host, "--port", str(self.port), "--weight-version", "0"]
+               "--host", self.host, "--port", str(self.port), "--weight-version", str(self.weight_version)]
         if self.device == "cpu":
             # --sleep-on-idle: an idle scheduler otherwise spins a whole core, taken from a colocated trainer.
             cmd += ["--model-impl", "transformers", "--sleep-on-idle"]

@@ -1,6 +1,6 @@
 """SGLangEngine with two real servers: a server killed mid-rollout loses no sample (its requests fail over to
-the other); the engine restarts it, keeps it out of generation until a weight sync has given it the current
-weights, then uses it again; with no server left generate raises a clear error.
+the other); the engine restarts it from the last synced weights and uses it again; with every server dead a
+rollout waits for their restarts; with no server left and none restarting, generate raises a clear error.
 
 Run: make test-sglang
 """
@@ -50,21 +50,25 @@ def test_killed_server_loses_no_sample_and_is_restarted(tiny_cfg, model_dirs, tm
         print(f"\n[sglang] failover: killed after {done_at_kill}/{len(PROMPTS)} requests; "
               f"{survivor.requests} served by the survivor")
 
-        # The restarted server loaded the initial weights ('a'): stale, so no rollout goes to it yet.
+        # The engine restarted it from the weights of the last disk sync (version 1): live at once, and it
+        # computes exactly like the survivor.
         assert eng.wait_restarts(300), [s.last_error for s in eng.servers]
-        assert victim.state == "stale" and victim.url != first_url, (victim.state, victim.url)
-        assert [s["state"] for s in eng.health()["servers"]] == ["stale", "live"]
-        served = survivor.requests
-        assert len(eng.generate(PROMPTS[:4], params)) == 4 and survivor.requests == served + 4
-
-        # The next sync sends every tensor: the restarted server is live again and computes like the survivor.
-        eng.update_weights(buckets(load_state_dict(model_dirs["a"])), version=2)
-        assert [s.state for s in eng.servers] == ["live", "live"]
+        assert victim.state == "live" and victim.url != first_url, (victim.state, victim.url)
         greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16, seed=0)
         (url0, p0), (url1, p1) = eng.probe(PROMPTS[0], greedy)
         assert {url0, url1} == {victim.url, survivor.url}
-        assert p0.weight_version == p1.weight_version == 2 and p0.response_ids == p1.response_ids
+        assert p0.weight_version == p1.weight_version == 1 and p0.response_ids == p1.response_ids
         assert max(abs(a - b) for a, b in zip(p0.rollout_logprobs, p1.rollout_logprobs)) < 1e-4
+
+        # Every server dead at once: generate waits for the restarts (from the synced weights) and completes.
+        eng.pool.max_restarts = 2
+        for s in eng.servers:
+            s.proc.kill()
+        out = eng.generate(PROMPTS[:4], params)
+        assert len(out) == 4 and all(s.weight_version == 1 for s in out)
+        assert eng.wait_restarts(300)
+        assert [s.state for s in eng.servers] == ["live", "live"] and survivor.restarts == 1
+        print("[sglang] both servers killed: the rollout waited for a restart and completed")
 
         # No restarts left: with both servers killed, a clear error.
         eng.pool.max_restarts = 0

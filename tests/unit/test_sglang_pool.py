@@ -80,8 +80,9 @@ class _Proc:
 
 
 def _pool(servers, launch=None, max_restarts=2, synced=False, on_ready=None):
+    """``synced``: a sync has happened since the restarted processes' weights (they come back stale)."""
     return ServerPool(servers, launch=launch, max_restarts=max_restarts, startup_timeout_s=5,
-                      synced=lambda: synced, on_ready=on_ready)
+                      is_current=lambda s: not synced, on_ready=on_ready)
 
 
 def test_pick_balances_and_avoids_and_dead_given_servers_come_back_stale(answering):
@@ -225,3 +226,27 @@ def test_a_restart_whose_ready_hook_fails_leaves_the_server_dead():
     pool.wait_restarts(5)
     assert s.state == DEAD and "restart failed: release_memory_occupation refused" in s.last_error
     assert s.proc.url == "http://127.0.0.1:4" and not s.proc.alive()      # the unusable process was stopped
+
+
+def test_pick_waits_for_a_restart_when_no_server_is_live():
+    import time as _time
+
+    class _SlowProc(_Proc):
+        def wait_ready(self, timeout_s):
+            _time.sleep(0.5)
+            return 0.5
+
+    s = Server(url="http://127.0.0.1:1", index=0, proc=_Proc("http://127.0.0.1:1"))
+    pool = _pool([s], launch=lambda _: _SlowProc("http://127.0.0.1:5"), max_restarts=1)
+    s.proc.exit()
+    t0 = _time.monotonic()
+    assert pool.pick(avoid=None) is s                   # blocked until the restarted server was live
+    assert _time.monotonic() - t0 >= 0.4 and s.url == "http://127.0.0.1:5"
+    pool.release(s)
+    # A restart that comes back stale (it missed a sync) ends the wait with the clear error instead.
+    t = Server(url="http://127.0.0.1:6", index=0, proc=_Proc("http://127.0.0.1:6"))
+    pool = _pool([t], launch=lambda _: _SlowProc("http://127.0.0.1:7"), max_restarts=1, synced=True)
+    t.proc.exit()
+    with pytest.raises(NoServerLeftError, match="waiting for the next weight sync"):
+        pool.pick(avoid=None)
+    pool.demote([])                                     # no-op on an empty list
