@@ -119,19 +119,18 @@ class ServerPool:
 
     def promote(self, servers: list[Server]) -> None:
         """A sync of every tensor reached these servers and their versions check out: stale ones are live."""
-        with self._lock:
-            for s in servers:
-                if s.state == STALE:
-                    s.state = LIVE
-                    logger.info("SGLangEngine: server %s is live again with the current weights", s.url)
+        self._move(servers, STALE, LIVE, "is live again with the current weights")
 
     def demote(self, servers: list[Server]) -> None:
         """Live servers that missed a sync (they came back during it) are stale until the next one."""
+        self._move(servers, LIVE, STALE, "missed the last weight sync; stale until the next")
+
+    def _move(self, servers: list[Server], old: str, new: str, why: str) -> None:
         with self._lock:
             for s in servers:
-                if s.state == LIVE:
-                    s.state = STALE
-                    logger.warning("SGLangEngine: server %s missed the last weight sync; stale until the next", s.url)
+                if s.state == old:
+                    s.state = new
+                    logger.warning("SGLangEngine: server %s %s", s.url, why)
 
     def restarting(self) -> list[Server]:
         with self._lock:
