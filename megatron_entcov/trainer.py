@@ -139,7 +139,8 @@ class Trainer:
         error = _attempt(engine.resume_memory, ["weights"]) if release else None
         nbytes = self.weight_sync.push(engine, self.weight_version, error=error)   # raises on every rank
         dt = time.monotonic() - t0
-        raise_together(_attempt(engine.resume_memory) if release else None, "resuming the servers' memory")
+        if self.cfg.rollout.release_memory:           # same on every rank: no collective when off
+            raise_together(_attempt(engine.resume_memory) if release else None, "resuming the servers' memory")
         stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
         if self.cfg.rollout.sync_verify == "probe":
             t1 = time.monotonic()

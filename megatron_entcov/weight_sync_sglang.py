@@ -224,7 +224,6 @@ class DistributedTransport(_Validated):
             self.close()                 # the servers changed (one died or came back): form a new group
             self._init_group(servers)
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
-        by_url = {s.url: s for s in servers}
         try:
             for bucket in self.buckets(named_tensors, errors):
                 n_buckets += 1
@@ -238,11 +237,8 @@ class DistributedTransport(_Validated):
                     # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
                     torch.distributed.broadcast(t, src=0, group=self.pg)
                     nbytes += t.numel() * t.element_size()
-                for url, reply in fan.failures().items():
-                    err = reply.get("error")
-                    if getattr(err, "retryable", False) and url in by_url:
-                        self.engine.pool.mark_failure(by_url[url], err)
-                fan.check()
+                self.engine._settle(fan, servers, check=False)    # marks a server that died
+                fan.check()                                        # and fails the sync for any failure
                 sent.update(n for n, _ in bucket)
         except BaseException as err:
             # A broadcast group cannot lose a member mid-sync: this sync fails (a dead server is marked, and

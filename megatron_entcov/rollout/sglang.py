@@ -163,9 +163,14 @@ class SGLangEngine:
             if router_url:
                 self.router = Server(url=router_url.rstrip("/"), index=-1)
                 server_urls = list(server_urls or []) or router_workers(self.router.url, startup_timeout_s)
+            servers: list[Server] = []
+            # Built first, so that close() reaches servers launched before a failure.
+            self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
+                                   max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
+                                   is_current=self._is_current, on_ready=self._restarted)
             if server_urls:
                 self.model_dir = None
-                servers = [Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls)]
+                servers.extend(Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls))
                 for s in servers:
                     self._wait_url(s.url, startup_timeout_s)
                 local = all("127.0.0.1" in s.url or "localhost" in s.url for s in servers)
@@ -173,9 +178,6 @@ class SGLangEngine:
                 if model_dir is None:
                     model_dir = write_hf_model_dir(model_cfg, self._tmp / "init_model", seed=seed)
                 self.model_dir = str(model_dir)
-                servers = []
-                self.pool = ServerPool(servers, launch=None, max_restarts=0, startup_timeout_s=startup_timeout_s,
-                                       is_current=lambda s: True)      # so that close() reaches them
                 for i in range(num_servers):
                     s = Server(url="", index=i)
                     s.proc = self._launch(s)
@@ -184,9 +186,6 @@ class SGLangEngine:
                 # Start all, then wait: start-ups overlap.
                 self.startup_s = [s.proc.wait_ready(startup_timeout_s) for s in servers]
                 local = True
-            self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
-                                   max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
-                                   is_current=self._is_current, on_ready=self._restarted)
             self.sync_master_address = sync_master_address or ("127.0.0.1" if local else this_host_address())
             versions = {s.url: self._server_version(s) for s in servers}
             if len(set(versions.values())) != 1:
@@ -226,18 +225,17 @@ class SGLangEngine:
     def _restarted(self, s: Server) -> None:
         """A restarted server is ready: its private weights copy can go; while the others' GPU memory is
         released, it releases its own too (a colocated server must not hold memory while the trainer trains)."""
-        for d in [d for d in self._private_dirs if s.proc is not None and s.proc.model_dir == d]:
-            shutil.rmtree(d, ignore_errors=True)          # loaded: the server holds the weights now
-            self._private_dirs.remove(d)
+        if s.proc.model_dir in self._private_dirs:        # loaded: the server holds the weights now
+            shutil.rmtree(s.proc.model_dir, ignore_errors=True)
+            self._private_dirs.remove(s.proc.model_dir)
         if self._released:
             http_json(s.url, "/release_memory_occupation", {"tags": sorted(self._released)}, timeout=120)
 
     def keep_weights(self, directory: str | Path | None, version: int | None) -> None:
         """Called by the 'disk' transport after a complete sync: ``directory`` holds every weight of
         ``version``; restarted servers launch from it. The previously kept directory is deleted; None
-        forgets (and deletes) it. Only an engine that launches its servers keeps anything."""
-        new = None if directory is None or self.pool is None or self.pool._launch is None else (Path(directory),
-                                                                                                 version)
+        forgets (and deletes) it. Only an engine that launches its servers (it has a model_dir) keeps anything."""
+        new = None if directory is None or self.model_dir is None else (Path(directory), version)
         with self._kept_lock:
             old, self._kept = self._kept, new
         if old is not None:
@@ -389,15 +387,21 @@ class SGLangEngine:
         by_url = {s.url: s for s in servers}
         fan = Fanout(list(by_url), path, (lambda u: payload(by_url[u])) if callable(payload) else payload,
                      timeout=timeout)
+        return self._settle(fan, servers, check=check)
+
+    def _settle(self, fan: Fanout, servers: list[Server], *, check: bool = True) -> list[Server]:
+        """Wait for a fan-out to ``servers`` (``_post_all``'s second half, for callers that work while the
+        servers wait): mark the failed ones (dead ones drop out), raise for other failures with ``check``."""
+        by_url = {s.url: s for s in servers}
         bad = fan.failures()
         for url, reply in bad.items():
             err = reply.get("error")
-            if isinstance(err, ServerError) and err.retryable:
+            if isinstance(err, ServerError) and err.retryable and url in by_url:
                 self.pool.mark_failure(by_url[url], err)
         standing = [s for s in servers if s.state in (LIVE, STALE)]
-        real = {u: r for u, r in bad.items() if by_url[u] in standing}
+        real = {u: r for u, r in bad.items() if by_url.get(u) in standing}
         if check and real:
-            raise RuntimeError(f"SGLangEngine: {path} failed on " + "; ".join(
+            raise RuntimeError(f"SGLangEngine: {fan.path} failed on " + "; ".join(
                 f"{u}: {r.get('error') or r.get('message') or r}" for u, r in real.items()))
         return standing
 
@@ -542,7 +546,7 @@ class SGLangEngine:
     def _memory_call(self, path: str, tags: list[str]) -> None:
         """Live servers must succeed; stale ones (a restarted server, released on start-up; a re-admitted one,
         whose memory state is its own) are told without checking."""
-        servers = self.pool.syncable()
+        servers = self.pool.standing()
         self._post_all([s for s in servers if s.state == LIVE], path, {"tags": tags})
         self._post_all([s for s in servers if s.state == STALE], path, {"tags": tags}, check=False)
 
@@ -616,7 +620,7 @@ class SGLangEngine:
                 targets = keep(self._post_all(targets, "/flush_cache", {}))
             finally:
                 if not user_paused:
-                    self._post_all(self.pool.syncable(), "/continue_generation", {}, check=False)
+                    self._post_all(self.pool.standing(), "/continue_generation", {}, check=False)
             versions = {s.url: self._server_version(s) for s in targets}
             wrong = {u: v for u, v in versions.items() if v != version}
             if wrong or not versions:

@@ -101,10 +101,15 @@ class ServerPool:
         with self._lock:
             return [s for s in self.servers if s.state == LIVE]
 
-    def syncable(self) -> list[Server]:
-        """Servers a weight sync goes to: live ones and stale ones (given URLs that answer again are re-admitted
-        as stale here)."""
+    def standing(self) -> list[Server]:
+        """Live and stale servers: those that answer (no probing of dead ones)."""
         self.live()
+        with self._lock:
+            return [s for s in self.servers if s.state in (LIVE, STALE)]
+
+    def syncable(self) -> list[Server]:
+        """Servers a weight sync goes to: ``standing()``, after re-admitting (as stale) given URLs that answer
+        again."""
         for s in self.servers:
             if s.state == DEAD and s.proc is None:
                 try:
@@ -114,8 +119,7 @@ class ServerPool:
                 with self._lock:
                     s.state = STALE
                 logger.warning("SGLangEngine: server %s answers again; it gets the next weight sync", s.url)
-        with self._lock:
-            return [s for s in self.servers if s.state in (LIVE, STALE)]
+        return self.standing()
 
     def promote(self, servers: list[Server]) -> None:
         """A sync of every tensor reached these servers and their versions check out: stale ones are live."""
