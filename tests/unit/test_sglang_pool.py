@@ -249,4 +249,13 @@ def test_pick_waits_for_a_restart_when_no_server_is_live():
     t.proc.exit()
     with pytest.raises(NoServerLeftError, match="waiting for the next weight sync"):
         pool.pick(avoid=None)
-    pool.demote([])                                     # no-op on an empty list
+    # A live server that missed a sync is demoted; promote brings a stale one back, and leaves others alone.
+    u = Server(url="http://127.0.0.1:8", index=1, proc=_Proc("http://127.0.0.1:8"))
+    pool = _pool([u])
+    pool.demote([u])
+    assert u.state == STALE and pool.standing() == [u] and pool.live() == []
+    pool.promote([u])
+    assert u.state == LIVE
+    u.state = DEAD
+    pool.promote([u])
+    assert u.state == DEAD
