@@ -50,7 +50,7 @@ _STEP_FMT = "step_{:06d}"
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """One sharded state dict over all model chunks. Sharded tensor keys are global (layer numbers with
     pipeline offsets, full TP shapes), so a checkpoint loads into any tp/pp/vpp layout."""
-    from megatron_entcov.model import unwrap_model
+    from megatron_entcov.policy.model import unwrap_model
 
     if len(chunks) == 1:
         return unwrap_model(chunks[0]).sharded_state_dict()
@@ -78,7 +78,7 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     Raises ValueError when the directory holds no dist checkpoint or its tensors do not fit the model.
     """
     from megatron.core import dist_checkpointing
-    from megatron_entcov.model import unwrap_model
+    from megatron_entcov.policy.model import unwrap_model
 
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():

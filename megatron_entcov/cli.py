@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_entcov.net import free_port
+
 __all__ = ["main"]
 
 DEFAULT_QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
@@ -44,17 +46,9 @@ def _relaunch(nproc: int) -> int:
         elif not a.startswith("--nproc="):
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()), "-m", "megatron_entcov", *argv]
+           str(free_port()), "-m", "megatron_entcov", *argv]
     env = dict(os.environ, MEGATRON_ENTCOV_LAUNCHED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup_logging() -> None:
@@ -169,10 +163,10 @@ def _cmd_fit_law(args) -> int:
 
 def _cmd_convert(args, rest) -> int:
     if args.direction == "hf-to-megatron":
-        from megatron_entcov.convert_to_megatron import main_hf_to_megatron
+        from megatron_entcov.weights.to_megatron import main_hf_to_megatron
 
         return main_hf_to_megatron(rest)
-    from megatron_entcov.convert_to_hf import main_megatron_to_hf
+    from megatron_entcov.weights.to_hf import main_megatron_to_hf
 
     return main_megatron_to_hf(rest)
 

@@ -623,7 +623,7 @@ class RunConfig:
                   f"the probe ({SYNC_PROBE_PROMPT_LEN} prompt tokens + sync_probe_tokens) must fit in "
                   f"model.max_position_embeddings={m.max_position_embeddings}; lower it")
         if r.engine == "sglang" and r.server_device == "cuda" and not r.server_urls and not r.router_url:
-            from megatron_entcov.rollout.sglang_placement import server_tp
+            from megatron_entcov.rollout.sglang.placement import server_tp
 
             need = r.num_servers * server_tp(r.server_args)
             if need > tp * pp:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["reduce_sum_metrics", "MetricsLogger", "Progress", "read_scalars"]
+__all__ = ["reduce_sum_metrics", "MetricsLogger", "Progress", "iter_progress", "read_scalars"]
 
 # The console line shows these (when present), in this order.
 _CONSOLE_KEYS = (
@@ -67,6 +67,23 @@ def reduce_sum_metrics(local: dict[str, float | torch.Tensor], ps: "ParallelStat
                 vec[i] = float(local[k])
     dist.all_reduce(vec)
     return dict(zip(keys, vec.tolist()))
+
+
+def iter_progress(iterable, total: int, desc: str, enabled: bool = True):
+    """Yield from ``iterable`` with a tqdm bar on stderr (a log line every ~10% without tqdm)."""
+    if not enabled:
+        yield from iterable
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        step = max(total // 10, 1)
+        for i, item in enumerate(iterable):
+            if i % step == 0:
+                logger.info("%s: %d/%d", desc, i, total)
+            yield item
+        return
+    yield from tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr)
 
 
 class Progress:

@@ -23,10 +23,12 @@ import torch.distributed as dist
 
 from megatron_entcov.compat import cpu as cpu_compat
 from megatron_entcov.config import ParallelConfig
+from megatron_entcov.net import free_port
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelState", "init_parallel", "destroy_parallel", "resolve_backend", "seed_everything", "raise_together"]
+__all__ = ["ParallelState", "init_parallel", "destroy_parallel", "resolve_backend", "seed_everything", "raise_together",
+           "fail_together"]
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,16 @@ class ParallelState:
         return self.pp_rank == self.pp_size - 1
 
     @property
-    def is_dp_leader(self) -> bool:
-        """tp_rank 0 on the last pipeline stage: the rank that owns per-sample results of a dp replica."""
+    def owns_results(self) -> bool:
+        """tp_rank 0 on the last pipeline stage: the one rank per data-parallel replica that counts the
+        replica's per-token results (losses, entropies) into summed metrics; other ranks hold copies."""
         return self.tp_rank == 0 and self.is_last_stage
+
+    @property
+    def is_generator(self) -> bool:
+        """tp_rank 0 on the first pipeline stage: the one rank per data-parallel replica that holds the rollout
+        engine (talks to its servers, scores rewards) and counts generation statistics."""
+        return self.tp_rank == 0 and self.pp_rank == 0
 
 
 def resolve_backend(requested: str) -> str:
@@ -88,18 +97,10 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) -> ParallelState:
@@ -180,6 +181,31 @@ def seed_everything(seed: int, ps: ParallelState) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         cpu_compat.model_parallel_manual_seed(seed, tp_rank=ps.tp_rank)
+
+
+class fail_together:
+    """Context manager form of :func:`raise_together`: an exception in the body on any rank raises on every
+    rank when the block ends. Collective over the world: every rank enters the block, whatever work its
+    role gives it inside. Exceptions that are not ``Exception`` (KeyboardInterrupt, SystemExit) pass at once.
+
+    Example:
+        with fail_together(f"step {step} rollouts"):
+            if ps.is_generator:
+                exp = collect_experience(...)      # only this rank talks to the servers
+        exp = broadcast_experience(exp, ps)         # every rank gets here, or every rank raised
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> "fail_together":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and not isinstance(exc, Exception):
+            return False
+        raise_together(exc, self.what)
+        return False
 
 
 def raise_together(error: BaseException | None, what: str) -> None:

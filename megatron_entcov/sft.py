@@ -19,20 +19,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.batch import pack_samples
+from megatron_entcov.policy.batch import pack_samples
 from megatron_entcov.checkpoint import Checkpointer
 from megatron_entcov.config import RunConfig
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.metrics import MetricsLogger, reduce_sum_metrics
-from megatron_entcov.model import build_model
-from megatron_entcov.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
+from megatron_entcov.policy.model import build_model
+from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.parallel import ParallelState
-from megatron_entcov.pipeline import run_microbatches
-from megatron_entcov.policy_forward import PolicyForward
+from megatron_entcov.policy.pipeline import run_microbatches
+from megatron_entcov.policy.forward import PolicyForward
 from megatron_entcov.rewards import score
 from megatron_entcov.rollout.types import Sample, SamplingParams
 from megatron_entcov.tokenizer import load_tokenizer
-from megatron_entcov.weight_sync import WeightSync
+from megatron_entcov.weights.sync import WeightSync
 
 logger = logging.getLogger(__name__)
 

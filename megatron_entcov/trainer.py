@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.batch import TrainBatch, pack_samples
+from megatron_entcov.policy.batch import TrainBatch, pack_samples
 from megatron_entcov.checkpoint import Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.data import PromptDataset, PromptLoader
@@ -34,14 +34,14 @@ from megatron_entcov.experience import (broadcast_experience, collect_experience
                                         server_throughput, summed_over_replicas)
 from megatron_entcov.losses.policy import compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
-from megatron_entcov.model import build_model
-from megatron_entcov.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
+from megatron_entcov.policy.model import build_model
+from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.parallel import ParallelState, raise_together
-from megatron_entcov.pipeline import run_microbatches
-from megatron_entcov.policy_forward import PolicyForward
-from megatron_entcov.sync_probe import verify_sync
+from megatron_entcov.policy.pipeline import run_microbatches
+from megatron_entcov.policy.forward import PolicyForward
+from megatron_entcov.weights.probe import verify_sync
 from megatron_entcov.tokenizer import load_tokenizer
-from megatron_entcov.weight_sync import WeightSync
+from megatron_entcov.weights.sync import WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Trainer:
             model_dir, _ = resolve_model_dir(ck.load, field="checkpoint.load")
             load_model(self.chunks, model_dir)
         elif self.cfg.model.hf_dir:
-            from megatron_entcov.convert import load_hf_weights
+            from megatron_entcov.weights.shards import load_hf_weights
 
             load_hf_weights(self.chunks, self.cfg.model, self.cfg.model.hf_dir, self.ps)
         self._sync_weights()

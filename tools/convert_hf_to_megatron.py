@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_entcov.convert_to_megatron import main_hf_to_megatron  # noqa: E402
+from megatron_entcov.weights.to_megatron import main_hf_to_megatron  # noqa: E402
 
 # The guard matters: dist_checkpointing starts a spawn-context Manager, which re-imports __main__.
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_entcov.convert_to_hf import main_megatron_to_hf  # noqa: E402
+from megatron_entcov.weights.to_hf import main_megatron_to_hf  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main_megatron_to_hf())

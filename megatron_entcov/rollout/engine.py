@@ -1,8 +1,9 @@
-"""The rollout engine protocol: what the trainer and the weight sync may call on any engine.
+"""The rollout engine contract: what the trainer and the weight sync may call on any engine.
 
 Two implementations: :class:`~megatron_entcov.rollout.local.LocalEngine` (a Hugging Face copy of the policy in
 the trainer process; default, CPU) and the SGLang engine (HTTP to SGLang servers; production). The trainer
-only talks to this protocol, so swapping engines changes no trainer code.
+only talks to this base class, so swapping engines changes no trainer code; capabilities only some engines
+have (probing each server, server counters, releasing GPU memory) have defaults here.
 
 Semantics every engine keeps:
 - ``generate`` returns one :class:`Sample` per prompt entry, in the order given (``Sample.index`` is the
@@ -21,7 +22,7 @@ Semantics every engine keeps:
 - ``close`` releases the engine (servers, memory); any later call but ``close`` and ``health`` may raise.
 
 Example:
-    engine = LocalEngine(cfg.model, seed=cfg.run.seed)      # or SGLangEngine(...)
+    engine = LocalEngine(cfg.model, seed=cfg.seed)          # or SGLangEngine.from_config(cfg)
     samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
     ... train ...
     engine.pause(); engine.update_weights(hf_named_tensors(), version=step + 1); engine.resume()
@@ -31,53 +32,80 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import operator
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol, Union, runtime_checkable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Union
 
 import torch
 
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
-__all__ = ["NamedTensors", "RolloutEngine", "iter_named_tensors"]
+__all__ = ["NamedTensors", "RolloutEngine", "iter_named_tensors", "validate_prompts"]
 
 NamedTensors = Union[Iterable[tuple[str, torch.Tensor]], Iterable[list[tuple[str, torch.Tensor]]],
                      Mapping[str, torch.Tensor]]
 """What update_weights accepts: (name, tensor) pairs, buckets (lists of pairs), or a name -> tensor mapping."""
 
 
-@runtime_checkable
-class RolloutEngine(Protocol):
-    """Generates responses with log-probs and receives new weights (semantics in the module docstring)."""
+class RolloutEngine(abc.ABC):
+    """Generates responses with log-probs and receives new weights (semantics in the module docstring).
 
+    Subclasses implement the seven required members. The optional capabilities (``probe``, ``server_stats``,
+    ``release_memory`` / ``resume_memory``) have defaults that are right for an engine without servers, so
+    callers use them on any engine without ``hasattr`` checks.
+    """
+
+    # ---------------------------------------------------------------- required
+
+    @abc.abstractmethod
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         """One Sample per prompt entry (token ids, no padding), in order."""
-        ...
 
+    @abc.abstractmethod
     def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
         """Load HF-named full tensors (pairs or buckets); afterwards weight_version == version."""
-        ...
 
+    @abc.abstractmethod
     def pause(self) -> None:
         """Stop generating: in-flight responses end with 'abort'; generate raises until resume()."""
-        ...
 
+    @abc.abstractmethod
     def resume(self) -> None:
         """Allow generation again."""
-        ...
 
+    @abc.abstractmethod
     def health(self) -> dict:
         """{"ok": bool, "weight_version": int, ...engine-specific keys}."""
-        ...
 
     @property
+    @abc.abstractmethod
     def weight_version(self) -> int:
         """Version of the weights that generate() uses now (0 = initial weights)."""
-        ...
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release resources; idempotent."""
-        ...
+
+    # ---------------------------------------------------------------- optional capabilities
+
+    def probe(self, prompt: list[int], params: SamplingParams) -> list[tuple[str, Sample]]:
+        """One response to ``prompt`` from every generating unit, as ``[(name, sample)]``: the post-sync
+        check (weights/probe.py) compares each one's log-probs with the trainer's. Default: one ``generate``
+        call, named 'embedded' (an engine without servers has one unit)."""
+        return [("embedded", self.generate([prompt], params)[0])]
+
+    def server_stats(self) -> list[dict]:
+        """Cumulative per-server counters, cheap (no I/O): dicts with name, url, state, generated_tokens,
+        requests, restarts. Default: [] (no servers)."""
+        return []
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated GPU engines give their accelerator memory to the trainer between rollouts; generate
+        raises until resume_memory(). Default: nothing to release."""
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back what release_memory gave (weights before a sync, the rest after). Default: nothing."""
 
 
 def _is_pair(item) -> bool:

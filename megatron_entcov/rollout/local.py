@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -44,14 +43,14 @@ from collections.abc import Sequence
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.rollout.engine import NamedTensors, iter_named_tensors, validate_prompts
-from megatron_entcov.rollout.types import Sample, SamplingParams
+from megatron_entcov.dtypes import dtype_name, torch_dtype
+from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, iter_named_tensors, validate_prompts
+from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
 __all__ = ["LocalEngine", "sample_tokens", "truncate_logits"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
@@ -107,13 +106,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers, stable across processes and Python versions."""
-    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class LocalEngine:
+class LocalEngine(RolloutEngine):
     """Embedded rollout engine on a Hugging Face copy of the policy (module docstring). Thread-safe: generate
     and update_weights hold one lock; pause() may be called from another thread to abort a running generate."""
 
@@ -132,12 +125,9 @@ class LocalEngine:
         """
         from transformers import AutoModelForCausalLM
 
-        from megatron_entcov.hf_config import to_hf_config
+        from megatron_entcov.weights.hf_config import to_hf_config
 
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"LocalEngine dtype={dtype!r} is invalid: choose one of {', '.join(_DTYPES)}")
-            dtype = _DTYPES[dtype]
+        dtype = torch_dtype(dtype, field="LocalEngine dtype")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"LocalEngine max_batch_size={max_batch_size!r} is invalid: must be an integer >= 1")
         if not isinstance(seed, int) or seed < 0:
@@ -147,8 +137,7 @@ class LocalEngine:
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.seed = seed
-        dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
-        hf_cfg = to_hf_config(model_cfg, torch_dtype=dtype_name)
+        hf_cfg = to_hf_config(model_cfg, torch_dtype=dtype_name(dtype))
         # Random init drawn from `seed` on the CPU RNG, without disturbing the caller's RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -303,9 +292,9 @@ class LocalEngine:
             # An explicit params.seed makes the call a pure function of (seed, weights, prompts): a resumed
             # run repeats it exactly. Without one, successive calls differ through the call counter.
             if params.seed is None:
-                generator.manual_seed(_mix_seed(self.seed, version, self._calls))
+                generator.manual_seed(mix_seed(self.seed, version, self._calls))
             else:
-                generator.manual_seed(_mix_seed(params.seed, version))
+                generator.manual_seed(mix_seed(params.seed, version))
             self._calls += 1
             # Similar lengths together: less padding. The stable sort keeps the batching deterministic.
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -23,11 +23,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINISH_REASONS", "SamplingParams", "Sample"]
+__all__ = ["FINISH_REASONS", "SamplingParams", "Sample", "mix_seed"]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers, stable across processes and Python versions (every engine's
+    per-call and per-request seeds come from here)."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 FINISH_REASONS = ("stop", "length", "abort")
 """Why a response ended: 'stop' = a stop token was generated (and is the last entry of response_ids);

@@ -82,7 +82,7 @@ def _full_logits(chunks, ps, cfg, ids):
     broadcast from the last stage: every rank returns [2B, T, V]."""
     import torch.distributed as dist
 
-    from megatron_entcov.pipeline import run_microbatches
+    from megatron_entcov.policy.pipeline import run_microbatches
 
     pos = torch.arange(T).expand(2 * B, T).contiguous()
     mbs = [dict(input_ids=ids[i * B:(i + 1) * B], position_ids=pos[i * B:(i + 1) * B]) for i in range(2)]
@@ -111,9 +111,9 @@ def _worker(rank, world_size, tmp, models):
 
     from megatron_entcov.checkpoint import load_model, save_model
     from megatron_entcov.config import ModelConfig, ParallelConfig
-    from megatron_entcov.convert import iter_hf_weights, load_hf_weights
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
-    from megatron_entcov.model import build_model
+    from megatron_entcov.weights.shards import iter_hf_weights, load_hf_weights
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
+    from megatron_entcov.policy.model import build_model
     from megatron_entcov.parallel import init_parallel
 
     res = {}
@@ -175,7 +175,7 @@ def test_load_hf_weights_directly_at_tp2_pp2(setup, name):
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_round_trip_is_bitwise_equal(setup, name, tp, pp):
     """HF -> Megatron -> (load and re-save at tp x pp) -> HF gives back every tensor exactly."""
-    from megatron_entcov.convert_to_hf import convert_megatron_to_hf
+    from megatron_entcov.weights.to_hf import convert_megatron_to_hf
 
     tmp, models, _ = setup
     want = _read_safetensors(Path(models[name]["hf_dir"]))
@@ -213,7 +213,7 @@ def test_export_from_root_with_dtype_loads_in_transformers(setup):
     """The import's checkpoint root exports on its own (config and tokenizer from its hf/ copy), in bf16."""
     import transformers
 
-    from megatron_entcov.convert_to_hf import convert_megatron_to_hf
+    from megatron_entcov.weights.to_hf import convert_megatron_to_hf
 
     tmp, models, _ = setup
     # Imported in bf16 (--dtype), exported with the checkpoint's dtype: the bf16 cast of the original.
@@ -249,7 +249,7 @@ def test_export_from_root_with_dtype_loads_in_transformers(setup):
 def test_export_errors(setup):
     import yaml
 
-    from megatron_entcov.convert_to_hf import convert_megatron_to_hf, main_megatron_to_hf
+    from megatron_entcov.weights.to_hf import convert_megatron_to_hf, main_megatron_to_hf
 
     tmp, models, _ = setup
     ckpt = tmp / "qwen2_mcore"

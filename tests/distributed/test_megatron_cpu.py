@@ -46,7 +46,7 @@ def _full_logits(chunks, ps, cfg):
     result is broadcast from the last stage so every rank returns the same [2B, T, V] tensor."""
     import torch.distributed as dist
 
-    from megatron_entcov.pipeline import run_microbatches
+    from megatron_entcov.policy.pipeline import run_microbatches
 
     def loss_fn(batch, logits):
         return logits.sum() * 0.0, {"logits": logits.detach().float()}
@@ -66,7 +66,7 @@ def _full_logits(chunks, ps, cfg):
 
 
 def _layout(cfg):
-    from megatron_entcov.model import build_model
+    from megatron_entcov.policy.model import build_model
     from megatron_entcov.parallel import init_parallel
 
     ps = init_parallel(cfg.parallel, seed=SEED)
@@ -75,8 +75,8 @@ def _layout(cfg):
 
 def _worker(rank, world_size, tmp):
     from megatron_entcov.checkpoint import load_model, save_model
-    from megatron_entcov.optimizer import build_optimizer, wrap_ddp, zero_grads
-    from megatron_entcov.pipeline import run_microbatches
+    from megatron_entcov.policy.optimizer import build_optimizer, wrap_ddp, zero_grads
+    from megatron_entcov.policy.pipeline import run_microbatches
 
     res = {}
     # Reference: tp=1, pp=1 (dp=4), saved as a dist checkpoint.
@@ -119,7 +119,7 @@ def _worker(rank, world_size, tmp):
     trained = _full_logits(chunks, ps, cfg)
     # The tied embedding: first-stage word embeddings == last-stage output weights after the step.
     import torch.distributed as dist
-    from megatron_entcov.model import unwrap_model
+    from megatron_entcov.policy.model import unwrap_model
 
     model = unwrap_model(chunks[0])
     w = model.shared_embedding_or_output_weight().detach().clone()

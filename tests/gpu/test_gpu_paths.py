@@ -32,7 +32,7 @@ def test_transformer_engine_spec_matches_local_spec(tmp_path):
     tmp = str(tmp_path)
     from megatron_entcov.checkpoint import load_model, save_model
     from megatron_entcov.config import load_config
-    from megatron_entcov.model import build_model
+    from megatron_entcov.policy.model import build_model
     from megatron_entcov.parallel import destroy_parallel, init_parallel
 
     outs = {}

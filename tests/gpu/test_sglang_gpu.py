@@ -28,7 +28,7 @@ PROMPTS = [[2, 5, 6, 14, 7, 8, 17], [2, 9, 16, 4, 17], [2, 13, 15, 11, 17], [2, 
 
 
 def _gpu_server_python() -> str:
-    from megatron_entcov.rollout.sglang_server import default_server_python
+    from megatron_entcov.rollout.sglang.server import default_server_python
 
     python = default_server_python("cuda")
     ok = Path(python).is_file() and subprocess.run([python, "-c", "import sgl_kernel"], capture_output=True).returncode == 0
@@ -48,8 +48,8 @@ def tiny_cfg():
 def model_dirs(tmp_path_factory, tiny_cfg):
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.hf_config import to_hf_config
-    from megatron_entcov.rollout.sglang_server import write_hf_model_dir
+    from megatron_entcov.weights.hf_config import to_hf_config
+    from megatron_entcov.rollout.sglang.server import write_hf_model_dir
 
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(to_hf_config(tiny_cfg)).named_parameters()}

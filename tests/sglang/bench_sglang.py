@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_entcov.config import ModelConfig  # noqa: E402
 from megatron_entcov.rollout.sglang import SGLangEngine  # noqa: E402
-from megatron_entcov.rollout.sglang_server import write_hf_model_dir  # noqa: E402
+from megatron_entcov.rollout.sglang.server import write_hf_model_dir  # noqa: E402
 from megatron_entcov.rollout.types import SamplingParams  # noqa: E402
 
 

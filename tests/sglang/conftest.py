@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.rollout.sglang_server import default_server_python
+from megatron_entcov.rollout.sglang.server import default_server_python
 
 # A tiny random Qwen2 (QKV bias) in float32, the character tokenizer's ids inside its vocabulary.
 TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
@@ -39,7 +39,7 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tiny_cfg) -> dict[str, Path]:
     """Two HF model directories of the same architecture with different random weights ('a' and 'b')."""
-    from megatron_entcov.rollout.sglang_server import write_hf_model_dir
+    from megatron_entcov.rollout.sglang.server import write_hf_model_dir
 
     root = tmp_path_factory.mktemp("sglang_models")
     return {name: write_hf_model_dir(tiny_cfg, root / name, state_dict=_peaky_weights(tiny_cfg, seed))
@@ -52,7 +52,7 @@ def _peaky_weights(cfg: ModelConfig, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.hf_config import to_hf_config
+    from megatron_entcov.weights.hf_config import to_hf_config
 
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):

@@ -29,8 +29,9 @@ class Router:
     def __enter__(self) -> "Router":
         import subprocess
 
-        from megatron_entcov.rollout.sglang_placement import router_workers
-        from megatron_entcov.rollout.sglang_server import default_server_python, free_port
+        from megatron_entcov.rollout.sglang.placement import router_workers
+        from megatron_entcov.net import free_port
+        from megatron_entcov.rollout.sglang.server import default_server_python
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,7 +28,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 __all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "DEFAULT_GPU_SERVER_PYTHON", "default_server_python",
-           "free_port", "SGLangServer",
+           "SGLangServer",
            "write_hf_model_dir"]
 
 SGLANG_VERSION = "0.5.23"
@@ -52,13 +51,6 @@ def default_server_python(device: str = "cpu") -> str:
     return DEFAULT_SERVER_PYTHON
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (the OS picks it; a race with other processes is possible but rare)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed: int = 0,
                        tokenizer=None) -> Path:
     """Write a Hugging Face model directory an SGLang server can load: config.json, model.safetensors and
@@ -76,7 +68,7 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.hf_config import to_hf_config
+    from megatron_entcov.weights.hf_config import to_hf_config
     from megatron_entcov.tokenizer import build_char_tokenizer, save_tokenizer
 
     out_dir = Path(out_dir)

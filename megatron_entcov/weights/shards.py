@@ -1,8 +1,8 @@
-"""Hugging Face weights into a built Megatron model, and its weights out under Hugging Face names.
+"""This rank's Megatron shards <-> full Hugging Face-named tensors: weights into a built model, and out of it.
 
-The in-memory weight paths training uses, on the declarative key map (:mod:`megatron_entcov.convert_map`);
-reading Hugging Face files is :mod:`megatron_entcov.hf_checkpoint`, the offline checkpoint tools are
-:mod:`megatron_entcov.convert_to_megatron` and :mod:`megatron_entcov.convert_to_hf`:
+The in-memory weight paths training uses, on the declarative key map (:mod:`megatron_entcov.weights.hf_map`);
+reading Hugging Face files is :mod:`megatron_entcov.weights.hf_checkpoint`, the offline checkpoint tools are
+:mod:`megatron_entcov.weights.to_megatron` and :mod:`megatron_entcov.weights.to_hf`:
 
 - :func:`load_hf_weights`: Hugging Face weights into this rank's shards of a built model (any tp/pp/vpp);
   the trainer's start from ``model.hf_dir`` and the hf-to-megatron import.
@@ -18,15 +18,16 @@ Example:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.convert_map import RULES, WeightRule, match_megatron_name, tp_shard, tp_unshard, to_hf, to_megatron
-from megatron_entcov.hf_checkpoint import HFCheckpoint
+from megatron_entcov.metrics import iter_progress
+from megatron_entcov.weights.hf_map import (EMBEDDING_RULE, RULES, WeightRule, match_megatron_name, to_hf, to_megatron,
+                                             tp_shard, tp_unshard)
+from megatron_entcov.weights.hf_checkpoint import HFCheckpoint
 
 if TYPE_CHECKING:
     from megatron_entcov.parallel import ParallelState
@@ -36,23 +37,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_hf_weights", "iter_hf_weights"]
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool = True):
-    """tqdm when installed, else a log line every ~10%."""
-    if not enabled:
-        yield from iterable
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        step = max(total // 10, 1)
-        for i, item in enumerate(iterable):
-            if i % step == 0:
-                logger.info("%s: %d/%d", desc, i, total)
-            yield item
-        return
-    yield from tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr)
-
-
 # --------------------------------------------------------------------------------------------------
 # Megatron model side: HF weights into a built model, HF-named weights out of it
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +44,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool = True):
 
 def _local_entries(chunks, cfg: ModelConfig, *, skip_tied_output: bool):
     """(rule, global layer or None, param) for every parameter of this rank's chunks."""
-    from megatron_entcov.model import unwrap_model
+    from megatron_entcov.policy.model import unwrap_model
 
     entries = []
     for chunk in chunks:
@@ -78,10 +62,6 @@ def _local_entries(chunks, cfg: ModelConfig, *, skip_tied_output: bool):
     return entries
 
 
-def _embedding_rule() -> WeightRule:
-    return RULES[0]
-
-
 @torch.no_grad()
 def load_hf_weights(chunks, model_cfg: ModelConfig, hf: HFCheckpoint | str | Path, ps: "ParallelState", *,
                     progress: bool = False) -> None:
@@ -92,10 +72,10 @@ def load_hf_weights(chunks, model_cfg: ModelConfig, hf: HFCheckpoint | str | Pat
     """
     hf = hf if isinstance(hf, HFCheckpoint) else HFCheckpoint(hf)
     entries = _local_entries(chunks, model_cfg, skip_tied_output=False)
-    for rule, layer, param in _progress(entries, len(entries), "hf -> megatron", progress):
+    for rule, layer, param in iter_progress(entries, len(entries), "hf -> megatron", progress):
         names = rule.hf_names(layer)
         if rule.megatron == "output_layer.weight" and model_cfg.tie_word_embeddings:
-            names = _embedding_rule().hf_names()
+            names = EMBEDDING_RULE.hf_names()
         padded = param.shape[0] * ps.tp_size if rule.kind == "vocab" else 0
         full = to_megatron(rule, [hf.get(n) for n in names], model_cfg, padded)
         shard = tp_shard(rule, full, ps.tp_rank, ps.tp_size)

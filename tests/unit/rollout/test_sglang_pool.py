@@ -12,10 +12,10 @@ import pytest
 
 from megatron_entcov.experience import server_throughput, summed_over_replicas
 from megatron_entcov.rollout.sglang import SGLangEngine
-from megatron_entcov.rollout.sglang_placement import replica_server_urls
-from megatron_entcov.rollout.sglang_http import Fanout, NoServerLeftError, ServerError
-from megatron_entcov.rollout.sglang_pool import DEAD, LIVE, RESTARTING, STALE, Server, ServerPool
-from megatron_entcov.rollout.sglang_server import free_port
+from megatron_entcov.rollout.sglang.placement import replica_server_urls
+from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError
+from megatron_entcov.rollout.sglang.pool import DEAD, LIVE, RESTARTING, STALE, Server, ServerPool
+from megatron_entcov.net import free_port
 
 
 class _Answering(http.server.BaseHTTPRequestHandler):
@@ -205,7 +205,7 @@ def test_per_server_throughput_and_replica_sums():
 
 
 def test_colocated_servers_go_on_the_replicas_own_gpus():
-    from megatron_entcov.rollout.sglang_placement import colocated_gpu_ids
+    from megatron_entcov.rollout.sglang.placement import colocated_gpu_ids
 
     # Replica whose generating rank is local rank 4 (tp 4 training, 8 GPUs): its GPUs are 4..7.
     assert colocated_gpu_ids(4, [], local_rank=4, num_gpus=8) == [4, 5, 6, 7]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from megatron_entcov.rollout.sglang_http import ServerError, http_json
+from megatron_entcov.rollout.sglang.http import ServerError, http_json
 
 __all__ = ["replica_server_urls", "router_workers", "colocated_gpu_ids", "server_tp", "this_host_address"]
 

@@ -6,8 +6,8 @@ hf-to-megatron tool) and the source of config.json for the export. This module r
 (one file, or shards with an index), :func:`load_hf_model_config` turns config.json into a
 :class:`~megatron_entcov.config.ModelConfig` (ValueError for an unsupported architecture), and
 :func:`check_hf_checkpoint` checks every tensor the map needs against the shapes config.json implies. It
-holds no Megatron code: the weight map is :mod:`megatron_entcov.convert_map`, the copies into a built model
-:mod:`megatron_entcov.convert`.
+holds no Megatron code: the weight map is :mod:`megatron_entcov.weights.hf_map`, the copies into a built model
+:mod:`megatron_entcov.weights.shards`.
 
 Example:
     cfg = load_hf_model_config("/models/Qwen2.5-7B", dtype="bfloat16")
@@ -25,25 +25,15 @@ from pathlib import Path
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.convert_map import expected_hf_shapes
-from megatron_entcov.hf_config import SUPPORTED_ARCHITECTURES, model_fields_from_hf
+from megatron_entcov.dtypes import DTYPES, dtype_name
+from megatron_entcov.weights.hf_map import expected_hf_shapes
+from megatron_entcov.weights.hf_config import SUPPORTED_ARCHITECTURES, model_fields_from_hf
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HFCheckpoint", "load_hf_model_config", "check_hf_checkpoint"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-def _dtype_name(name: str | None) -> str | None:
-    if name is None:
-        return None
-    name = _DTYPE_ALIASES.get(str(name), str(name)).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"--dtype {name!r} is not supported: choose one of {', '.join(_DTYPES)}")
-    return name
 
 
 class HFCheckpoint:
@@ -139,7 +129,7 @@ def load_hf_model_config(hf_dir: str | Path, *, dtype: str | None = None,
 
     fields = model_fields_from_hf(AutoConfig.from_pretrained(hf_dir))
     source = raw.get("dtype") or raw.get("torch_dtype")
-    params_dtype = _dtype_name(dtype) or (source if source in _DTYPES else "float32")
+    params_dtype = dtype_name(dtype) or (source if source in DTYPES else "float32")
     return ModelConfig(**fields, params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
 

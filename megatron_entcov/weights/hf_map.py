@@ -3,9 +3,9 @@
 One :class:`WeightRule` per Megatron tensor says which Hugging Face tensors it is made of, how they combine
 (``kind``), which dim is split over tensor-parallel ranks and under which key it is stored in a Megatron dist
 checkpoint. The functions below are pure tensor moves (no arithmetic), so a round trip is bitwise exact.
-Reading Hugging Face files is :mod:`megatron_entcov.hf_checkpoint`, tensor/pipeline gathers into and out of a
-built model :mod:`megatron_entcov.convert`, the command-line tools :mod:`megatron_entcov.convert_to_megatron`
-and :mod:`megatron_entcov.convert_to_hf`.
+Reading Hugging Face files is :mod:`megatron_entcov.weights.hf_checkpoint`, tensor/pipeline gathers into and out of a
+built model :mod:`megatron_entcov.weights.shards`, the command-line tools :mod:`megatron_entcov.weights.to_megatron`
+and :mod:`megatron_entcov.weights.to_hf`.
 
 Megatron layouts (megatron-core 0.16, local and Transformer Engine specs):
 - Fused QKV ``linear_qkv.weight`` [G * (h/G + 2) * d, H]: for each query group g in order, the q heads of the
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "WeightRule",
     "RULES",
+    "EMBEDDING_RULE",
     "active_rules",
     "match_megatron_name",
     "hf_names",
@@ -125,6 +126,9 @@ RULES: tuple[WeightRule, ...] = (
     WeightRule(megatron="output_layer.weight", hf=("lm_head.weight",), kind="vocab", tp_dim=0,
                ckpt_key="output_layer.weight", when="untied"),
 )
+
+EMBEDDING_RULE = RULES[0]
+"""The input embedding (vocabulary-parallel); a tied output layer reads it too."""
 
 
 def _pattern(template: str) -> re.Pattern:

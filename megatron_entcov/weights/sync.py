@@ -37,7 +37,7 @@ class WeightSync:
         Collective over the world: a failure on the generating rank (the engine's, or ``error`` from what the
         caller did just before) raises on every rank, after the gather collectives have run to the end on
         all of them (parallel.raise_together), so no rank is left blocked."""
-        from megatron_entcov.convert import iter_hf_weights
+        from megatron_entcov.weights.shards import iter_hf_weights
         from megatron_entcov.parallel import raise_together
 
         sent = 0

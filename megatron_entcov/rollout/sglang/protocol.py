@@ -6,27 +6,20 @@ until set), ours are integers; per-request sampling seeds are mixed from the cal
 index so repeated prompts differ.
 
 Example:
-    payload = generate_payload(prompt, params, seed=mix_seed(base, i))
+    payload = generate_payload(prompt, params, seed=request_seed(base, i))
     sample = parse_generate(http_json(url, "/generate", payload, timeout=60), prompt, index=i)
 """
 
 from __future__ import annotations
 
-from megatron_entcov.rollout.sglang_http import ServerError
-from megatron_entcov.rollout.types import Sample, SamplingParams
+from megatron_entcov.rollout.sglang.http import ServerError
+from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
-__all__ = ["mix_seed", "sampling_payload", "generate_payload", "parse_generate", "parse_version"]
+__all__ = ["request_seed", "sampling_payload", "generate_payload", "parse_generate", "parse_version"]
 
-_MASK64 = (1 << 63) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix-style), stable across processes."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h ^= h >> 31
-    return h & ((1 << 31) - 1)          # SGLang stores seeds in int32 tensors on some paths
+def request_seed(*parts: int) -> int:
+    """A per-request sampling seed that fits SGLang's int32 seed tensors."""
+    return mix_seed(*parts) & ((1 << 31) - 1)
 
 
 def generate_payload(prompt: list[int], params: SamplingParams, *, seed: int) -> dict:

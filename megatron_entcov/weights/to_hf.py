@@ -5,7 +5,7 @@ tokenizer files. It streams one layer at a time straight from the checkpoint fil
 reader, no process group, no model): peak memory is about two output shards plus a few copies of the largest
 tensor, whatever the model size. :func:`resolve_megatron_checkpoint` and :func:`load_checkpoint_model_config`
 find the dist checkpoint and its ModelConfig from a model/ dir, a step dir or a checkpoints root. The other
-direction is :mod:`megatron_entcov.convert_to_megatron` (whose output-directory rules this tool shares).
+direction is :mod:`megatron_entcov.weights.to_megatron` (whose output-directory rules this tool shares).
 
 Example:
     convert_megatron_to_hf("/ckpts/qwen7b", "/models/qwen7b-rl", dtype="bfloat16")
@@ -30,12 +30,14 @@ import torch
 import yaml
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.convert import _embedding_rule, _progress
-from megatron_entcov.convert_map import active_rules, megatron_shape, to_hf
-from megatron_entcov.convert_to_megatron import (_MODEL_CONFIG_FILE, _check_output, _copy_hf_side_files,
-                                                 _finish_output, _setup_logging, _tmp_dir)
-from megatron_entcov.hf_checkpoint import _DTYPES, _dtype_name, load_hf_model_config
-from megatron_entcov.hf_config import to_hf_config
+from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, megatron_shape, to_hf
+from megatron_entcov.dtypes import torch_dtype
+from megatron_entcov.logs import setup_tool_logging
+from megatron_entcov.metrics import iter_progress
+from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_output, copy_hf_side_files,
+                                                     finish_output, tmp_dir)
+from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
+from megatron_entcov.weights.hf_config import to_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def load_checkpoint_model_config(model_dir: Path, step_dir: Path | None, *, mode
     model_config.yaml of the step, else the run's resolved_config.yaml, else ``hf_config_dir``'s config.json."""
     candidates = [Path(model_config)] if model_config else []
     for base in filter(None, (step_dir, model_dir)):
-        candidates.append(base / _MODEL_CONFIG_FILE)
+        candidates.append(base / MODEL_CONFIG_FILE)
     if step_dir is not None:
         candidates.append(step_dir.parent.parent / "resolved_config.yaml")  # <run>/checkpoints/step_x
     for file in candidates:
@@ -210,7 +212,7 @@ def _check_megatron_checkpoint(reader: _DistCheckpointReader, cfg: ModelConfig) 
         if rule.ckpt_key not in keys:
             raise ValueError(f"missing tensor {rule.ckpt_key!r} in the Megatron checkpoint {str(reader.directory)!r}"
                              + (" (the model config says tie_word_embeddings=false)" if rule.when == "untied" else ""))
-    padded = reader.shape(_embedding_rule().ckpt_key)[0]
+    padded = reader.shape(EMBEDDING_RULE.ckpt_key)[0]
     if padded < cfg.vocab_size:
         raise ValueError(f"shape mismatch: the checkpoint's vocabulary has {padded} rows < vocab_size={cfg.vocab_size}")
     for rule in active_rules(cfg):
@@ -252,11 +254,11 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
             raise ValueError(f"--hf-config-dir {str(hf_config_dir)!r} describes another model: (hf, checkpoint) = {diff}")
     reader = _DistCheckpointReader(model_dir)
     _check_megatron_checkpoint(reader, cfg)
-    out_dtype = _DTYPES[_dtype_name(dtype)] if dtype else reader.dtype(_embedding_rule().ckpt_key)
+    out_dtype = torch_dtype(dtype) if dtype else reader.dtype(EMBEDDING_RULE.ckpt_key)
     max_bytes = _parse_size(max_shard_size)
-    _check_output(out, force)
+    check_output(out, force)
 
-    tmp = _tmp_dir(out)
+    tmp = tmp_dir(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -265,7 +267,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
     order = [(r, None) for r in rules if r.megatron.startswith("embedding.")]
     order += [(r, layer) for layer in range(cfg.num_layers) for r in rules if r.per_layer]
     order += [(r, None) for r in rules if not r.per_layer and not r.megatron.startswith("embedding.")]
-    for rule, layer in _progress(order, len(order), "megatron -> hf", progress):
+    for rule, layer in iter_progress(order, len(order), "megatron -> hf", progress):
         full = reader.read(rule.ckpt_key, layer)
         for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, cfg)):
             writer.add(name, tensor.to(out_dtype))
@@ -273,14 +275,14 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
 
     dtype_name = str(out_dtype).removeprefix("torch.")
     if hf_config_dir is not None:
-        _copy_hf_side_files(Path(hf_config_dir), tmp, config=True)
+        copy_hf_side_files(Path(hf_config_dir), tmp, config=True)
         raw = json.loads((tmp / "config.json").read_text())
         raw.pop("torch_dtype", None)
         raw["dtype"] = dtype_name
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     else:
         to_hf_config(cfg, torch_dtype=dtype_name).save_pretrained(tmp)
-    _finish_output(tmp, out)
+    finish_output(tmp, out)
     logger.info("convert: wrote %s (%s, %d files)", out, dtype_name, len(writer.files))
     return out
 
@@ -302,7 +304,7 @@ def main_megatron_to_hf(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", default=None, help="YAML with a model: section, if the checkpoint has none")
     parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_tool_logging()
     try:
         convert_megatron_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                hf_config_dir=args.hf_config_dir, model_config=args.model_config, force=args.force)

@@ -51,7 +51,7 @@ def expected_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape of the policy's Hugging Face model (built on the meta device: no memory)."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.hf_config import to_hf_config
+    from megatron_entcov.weights.hf_config import to_hf_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(to_hf_config(model_cfg))
@@ -190,8 +190,8 @@ class DistributedTransport(_Validated):
         from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
                                                         rendezvous)
 
-        from megatron_entcov.rollout.sglang_http import Fanout, http_json
-        from megatron_entcov.rollout.sglang_server import free_port
+        from megatron_entcov.rollout.sglang.http import Fanout, http_json
+        from megatron_entcov.net import free_port
 
         tp = [int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers]
         world = 1 + sum(tp)
@@ -218,7 +218,7 @@ class DistributedTransport(_Validated):
                     len(servers), world, addr, port)
 
     def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list) -> dict:
-        from megatron_entcov.rollout.sglang_http import Fanout
+        from megatron_entcov.rollout.sglang.http import Fanout
 
         if self.pg is None or [s.url for s in servers] != self.servers:
             self.close()                 # the servers changed (one died or came back): form a new group
@@ -254,7 +254,7 @@ class DistributedTransport(_Validated):
     def close(self) -> None:
         if self.pg is None:
             return
-        from megatron_entcov.rollout.sglang_http import Fanout
+        from megatron_entcov.rollout.sglang.http import Fanout
 
         # Servers that died answer nothing; a live one leaves the old group so a new one can form.
         for url, reply in Fanout(self.servers, "/destroy_weights_update_group", {"group_name": self.group_name},
@@ -290,7 +290,7 @@ class TensorTransport(_Validated):
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
     def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list) -> dict:
-        from megatron_entcov.rollout.sglang_http import http_json
+        from megatron_entcov.rollout.sglang.http import http_json
 
         tp = {s: int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1)) for s in servers}
         errors, sent, nbytes, n_buckets = [], set(), 0, 0

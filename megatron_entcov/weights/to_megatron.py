@@ -4,12 +4,12 @@
 ``step_000000/{model/, model_config.yaml, hf/, trainer_state.json, COMPLETE}``) that ``checkpoint.load`` /
 :class:`~megatron_entcov.checkpoint.Checkpointer` accept. The model is built at tp=1, pp=1 on the ``meta``
 device, allocated without initialisation and filled tensor by tensor from the safetensors files
-(:func:`megatron_entcov.convert.load_hf_weights`), then saved as a Megatron dist checkpoint. A dist checkpoint
+(:func:`megatron_entcov.weights.shards.load_hf_weights`), then saved as a Megatron dist checkpoint. A dist checkpoint
 is layout-free (global keys, layers stacked, TP shards as offsets), so it loads at any tp/pp; ``--tp`` only
 fixes the vocabulary padding (``ModelConfig.padded_vocab_size(tp)``) and is checked against the head/layer
 counts with ``--pp``. Peak host memory: one copy of the model plus a few copies of the largest tensor
 (docs/conversion.md). The output-directory rules both tools share live here too: never overwrite silently;
-write to a temporary sibling and rename. The other direction is :mod:`megatron_entcov.convert_to_hf`.
+write to a temporary sibling and rename. The other direction is :mod:`megatron_entcov.weights.to_hf`.
 
 Example:
     convert_hf_to_megatron("/models/Qwen2.5-7B", "/ckpts/qwen7b", tp=4, pp=1)
@@ -34,61 +34,15 @@ import torch
 import yaml
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
-from megatron_entcov.convert import load_hf_weights
-from megatron_entcov.hf_checkpoint import HFCheckpoint, check_hf_checkpoint, load_hf_model_config
+from megatron_entcov.logs import setup_tool_logging
+from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_output, copy_hf_side_files,
+                                                     finish_output, tmp_dir)
+from megatron_entcov.weights.hf_checkpoint import HFCheckpoint, check_hf_checkpoint, load_hf_model_config
+from megatron_entcov.weights.shards import load_hf_weights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["convert_hf_to_megatron", "main_hf_to_megatron"]
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                    "generation_config.json")
-_STEP_DIR = "step_000000"
-_MODEL_CONFIG_FILE = "model_config.yaml"
-
-
-# --------------------------------------------------------------------------------------------------
-# Output directories: never overwrite silently; write to a temporary sibling and rename
-# --------------------------------------------------------------------------------------------------
-
-
-def _holds_checkpoint(path: Path) -> bool:
-    markers = ("config.json", "model.safetensors", "model.safetensors.index.json", "latest", "metadata.json",
-               "COMPLETE", "model")
-    return any((path / m).exists() for m in markers) or any(path.glob("*.safetensors")) or any(path.glob("step_*"))
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
-    if not any(out.iterdir()):
-        return
-    if not _holds_checkpoint(out):
-        raise ValueError(f"--out {str(out)!r} is a non-empty directory that holds no checkpoint; refusing to "
-                         "replace it (even with --force): choose a new or empty directory")
-    if not force:
-        raise ValueError(f"--out {str(out)!r} already holds a checkpoint; pass --force to replace it")
-
-
-def _tmp_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp"
-
-
-def _finish_output(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def _copy_hf_side_files(src: Path, dst: Path, *, config: bool) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in _TOKENIZER_FILES + (("config.json",) if config else ()):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
 
 # --------------------------------------------------------------------------------------------------
 # HF -> Megatron
@@ -123,7 +77,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     import torch.distributed as dist
 
     from megatron_entcov.checkpoint import save_model
-    from megatron_entcov.model import build_model
+    from megatron_entcov.policy.model import build_model
     from megatron_entcov.parallel import destroy_parallel, init_parallel
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -131,7 +85,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     _check_layout(cfg, tp, pp)
     hf = HFCheckpoint(hf_dir)
     check_hf_checkpoint(hf, cfg)
-    _check_output(out, force)
+    check_output(out, force)
 
     own_group = not dist.is_initialized()
     parallel = ParallelConfig(backend="gloo")
@@ -147,8 +101,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
             chunks = build_model(build_cfg, parallel, dataclasses.replace(ps, device=torch.device("meta")))
         chunks = [c.to_empty(device="cpu") for c in chunks]
         load_hf_weights(chunks, build_cfg, hf, ps, progress=progress and ps.is_rank0)
-        tmp = _tmp_dir(out)
-        step = tmp / _STEP_DIR
+        tmp = tmp_dir(out)
+        step = tmp / STEP_DIR
         if ps.is_rank0:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -159,14 +113,14 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         del chunks
         if ps.is_rank0:
             info = {"source": str(hf_dir), "tp": tp, "pp": pp, "padded_vocab_size": padded}
-            (step / _MODEL_CONFIG_FILE).write_text(
-                "# ModelConfig of this checkpoint (written by megatron_entcov.convert_to_megatron)\n"
+            (step / MODEL_CONFIG_FILE).write_text(
+                "# ModelConfig of this checkpoint (written by megatron_entcov.weights.to_megatron)\n"
                 + yaml.safe_dump({"model": dataclasses.asdict(cfg), "conversion": info}, sort_keys=False))
-            _copy_hf_side_files(hf_dir, step / "hf", config=True)
+            copy_hf_side_files(hf_dir, step / "hf", config=True)
             (step / "trainer_state.json").write_text(json.dumps({"step": 0, "converted_from": str(hf_dir)}, indent=1))
             (step / "COMPLETE").write_text("")
-            (tmp / "latest").write_text(_STEP_DIR)
-            _finish_output(tmp, out)
+            (tmp / "latest").write_text(STEP_DIR)
+            finish_output(tmp, out)
             logger.info("convert: wrote %s (%d layers, vocab %d padded to %d for tp=%d, %s)", out, cfg.num_layers,
                         cfg.vocab_size, padded, tp, cfg.params_dtype)
         if dist.get_world_size() > 1:
@@ -182,11 +136,6 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main_hf_to_megatron(argv: list[str] | None = None) -> int:
     """``megatron-entcov convert hf-to-megatron``: returns the exit code (2 on a bad input)."""
     parser = argparse.ArgumentParser(prog="megatron-entcov convert hf-to-megatron",
@@ -199,7 +148,7 @@ def main_hf_to_megatron(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_tool_logging()
     try:
         convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, force=args.force)

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_entcov.batch import TrainBatch
+from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.ops.vocab_parallel import logprobs_and_entropy
-from megatron_entcov.pipeline import run_microbatches
+from megatron_entcov.policy.pipeline import run_microbatches
 
 if TYPE_CHECKING:
     from megatron_entcov.parallel import ParallelState

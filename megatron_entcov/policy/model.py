@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
+from megatron_entcov.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from megatron_entcov.parallel import ParallelState
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_transformer_config", "build_layer_spec", "build_model", "uses_transformer_engine", "unwrap_model", "te_available"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def te_available() -> bool:
@@ -46,7 +45,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig):
     """Megatron TransformerConfig for this model and layout (the only place it is built)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dtype = _DTYPES[model.params_dtype]
+    dtype = torch_dtype(model.params_dtype, field="model.params_dtype")
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=model.num_layers,

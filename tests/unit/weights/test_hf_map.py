@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.convert_map import (RULES, active_rules, expected_hf_shapes, hf_names, match_megatron_name,
+from megatron_entcov.weights.hf_map import (RULES, active_rules, expected_hf_shapes, hf_names, match_megatron_name,
                                          pack_qkv, to_hf, to_megatron, tp_shard, tp_unshard, unpack_qkv)
 
 QWEN = ModelConfig(num_layers=2, hidden_size=8, ffn_hidden_size=12, num_attention_heads=4, num_query_groups=2,
@@ -99,7 +99,7 @@ def test_hf_names_follow_the_features():
 
 
 def test_parse_size():
-    from megatron_entcov.convert_to_hf import _parse_size
+    from megatron_entcov.weights.to_hf import _parse_size
 
     assert _parse_size("5GB") == 5 * 10**9 and _parse_size("2GiB") == 2 * 2**30
     assert _parse_size("500kb") == 500_000 and _parse_size("123") == 123
@@ -115,7 +115,7 @@ def test_parse_size():
 def _write_hf(directory, cfg=QWEN, drop=None, reshape=None):
     from safetensors.torch import save_file
 
-    from megatron_entcov.hf_config import to_hf_config
+    from megatron_entcov.weights.hf_config import to_hf_config
 
     directory.mkdir(parents=True, exist_ok=True)
     to_hf_config(cfg).save_pretrained(directory)
@@ -127,7 +127,7 @@ def _write_hf(directory, cfg=QWEN, drop=None, reshape=None):
 
 
 def test_unsupported_architecture(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron, main_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron, main_hf_to_megatron
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"],
@@ -139,7 +139,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_sliding_window_and_rope_scaling_are_refused(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
 
     hf = _write_hf(tmp_path / "hf")
     raw = json.loads((hf / "config.json").read_text())
@@ -154,7 +154,7 @@ def test_sliding_window_and_rope_scaling_are_refused(tmp_path):
 
 
 def test_missing_tensor(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
 
     hf = _write_hf(tmp_path / "hf", drop="model.layers.1.self_attn.k_proj.bias")
     with pytest.raises(ValueError, match="missing tensor 'model.layers.1.self_attn.k_proj.bias'"):
@@ -162,7 +162,7 @@ def test_missing_tensor(tmp_path):
 
 
 def test_shape_mismatch(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
 
     hf = _write_hf(tmp_path / "hf", reshape="model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match=r"shape mismatch for 'model.layers.0.mlp.up_proj.weight'.*\(12, 8\)"):
@@ -170,7 +170,7 @@ def test_shape_mismatch(tmp_path):
 
 
 def test_layout_must_fit_the_model(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
 
     hf = _write_hf(tmp_path / "hf")
     with pytest.raises(ValueError, match="--tp=3 must divide num_attention_heads=4"):
@@ -180,7 +180,7 @@ def test_layout_must_fit_the_model(tmp_path):
 
 
 def test_pytorch_bin_weights_are_refused(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
 
     hf = _write_hf(tmp_path / "hf")
     (hf / "model.safetensors").rename(hf / "pytorch_model.bin")
@@ -189,7 +189,7 @@ def test_pytorch_bin_weights_are_refused(tmp_path):
 
 
 def test_existing_output_directory(tmp_path):
-    from megatron_entcov.convert_to_megatron import convert_hf_to_megatron
+    from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
 
     hf = _write_hf(tmp_path / "hf")
     out = tmp_path / "out"

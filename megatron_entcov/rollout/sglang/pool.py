@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from megatron_entcov.rollout.sglang_http import NoServerLeftError, ServerError, http_json
-from megatron_entcov.rollout.sglang_server import SGLangServer
+from megatron_entcov.rollout.sglang.http import NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang.server import SGLangServer
 
 logger = logging.getLogger(__name__)
 

@@ -46,13 +46,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatron_entcov.rollout.engine import NamedTensors, validate_prompts
-from megatron_entcov.rollout.sglang_http import Fanout, NoServerLeftError, ServerError, http_json
-from megatron_entcov.rollout.sglang_placement import (colocated_gpu_ids, replica_server_urls, router_workers,
+from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts
+from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, router_workers,
                                                       this_host_address)
-from megatron_entcov.rollout.sglang_pool import LIVE, STALE, Server, ServerPool
-from megatron_entcov.rollout.sglang_protocol import generate_payload, mix_seed, parse_generate, parse_version
-from megatron_entcov.rollout.sglang_server import SGLangServer, default_server_python, free_port, write_hf_model_dir
+from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
+from megatron_entcov.rollout.sglang.protocol import generate_payload, parse_generate, request_seed, parse_version
+from megatron_entcov.net import free_port
+from megatron_entcov.rollout.sglang.server import SGLangServer, default_server_python, write_hf_model_dir
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 """What /release_memory_occupation can give back (sglang/srt/constants.py)."""
 
 
-class SGLangEngine:
+class SGLangEngine(RolloutEngine):
     """Rollouts from SGLang servers over HTTP (module docstring); implements ``RolloutEngine``."""
 
     def __init__(self, model_cfg, *, model_dir: str | Path | None = None, server_urls: Sequence[str] | None = None,
@@ -109,7 +110,7 @@ class SGLangEngine:
             log_dir: server logs (default: a temporary directory).
             seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
         """
-        from megatron_entcov.weight_sync_sglang import SYNC_METHODS
+        from megatron_entcov.rollout.sglang.transports import SYNC_METHODS
 
         if sync_method not in SYNC_METHODS:
             raise ValueError(f"SGLangEngine sync_method={sync_method!r} is invalid: choose one of "
@@ -421,10 +422,10 @@ class SGLangEngine:
             return []
         call = self._calls
         self._calls += 1
-        base = mix_seed(self.seed, call) if params.seed is None else int(params.seed)
+        base = request_seed(self.seed, call) if params.seed is None else int(params.seed)
         t0 = time.monotonic()
         before = {x["name"]: x["generated_tokens"] for x in self.server_stats()}
-        futures = [self._pool.submit(self._generate_one, i, p, generate_payload(p, params, seed=mix_seed(base, i)))
+        futures = [self._pool.submit(self._generate_one, i, p, generate_payload(p, params, seed=request_seed(base, i)))
                    for i, p in enumerate(prompts)]
         samples, first_error = [], None
         for f in futures:                      # wait for all, so no request outlives the call
@@ -581,7 +582,7 @@ class SGLangEngine:
             raise
 
     def _update_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        from megatron_entcov.weight_sync_sglang import build_transport, expected_shapes
+        from megatron_entcov.rollout.sglang.transports import build_transport, expected_shapes
 
         self._check_open()
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
