@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_entcov.losses.advantages import compute_group_advantages
+from megatron_entcov.policy.batch import TrainBatch, pack_samples
 from megatron_entcov.rewards import score
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
@@ -31,8 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Experience", "collect_experience", "broadcast_experience", "server_counters", "server_throughput",
-           "summed_over_replicas"]
+__all__ = ["Experience", "collect_experience", "broadcast_experience", "agree_loader_cursor", "to_train_batch"]
 
 
 @dataclass
@@ -147,33 +147,22 @@ def broadcast_experience(exp: Experience | None, ps: "ParallelState") -> Experie
                       advantages=data["advantages"], stats=data["stats"])
 
 
-def server_counters(engine) -> list[dict]:
-    """The engine's cumulative per-server counters (``server_stats()``); [] for an engine without servers."""
-    stats = getattr(engine, "server_stats", None)
-    return stats() if stats is not None else []
+def agree_loader_cursor(loader) -> None:
+    """Replicas may consume different numbers of prompt batches (dynamic sampling refills): move every
+    loader to the furthest cursor so the checkpointed cursor is valid for all of them (collective)."""
+    cursor = torch.tensor([loader.cursor], dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(cursor, op=dist.ReduceOp.MAX)
+    loader.cursor = int(cursor)
 
 
-def server_throughput(before: list[dict], after: list[dict], seconds: float, dp_rank: int,
-                      dp_size: int) -> dict[str, float]:
-    """Per-server generation throughput of one step's rollouts (tokens each server generated over the
-    rollout wall time), live servers and restarts. Keys name the server by its slot (or 'router' for requests
-    that went through an sglang-router), and by the replica when there are several:
-    ``rollout/server1/tokens_per_s`` or ``rollout/dp0/server1/tokens_per_s``."""
-    if not after:
-        return {}
-    prefix = f"rollout/dp{dp_rank}/" if dp_size > 1 else "rollout/"
-    was = {b["name"]: b for b in before}
-    out: dict[str, float] = {}
-    for a in after:
-        tokens = a["generated_tokens"] - was.get(a["name"], {}).get("generated_tokens", 0)
-        out[f"{prefix}{a['name']}/tokens_per_s"] = tokens / max(seconds, 1e-9)
-    # Sums over replicas (metrics are summed over ranks): servers live, restarts so far.
-    out["rollout/live_servers"] = float(sum(a["state"] == "live" for a in after))
-    out["rollout/server_restarts"] = float(sum(a["restarts"] for a in after))
-    return out
-
-
-def summed_over_replicas(key: str) -> bool:
-    """Whether a generation statistic is a total over replicas (server counts, per-replica server keys) rather
-    than a mean (everything else: each replica reports its share, value / dp)."""
-    return key in ("rollout/live_servers", "rollout/server_restarts") or key.startswith("rollout/dp")
+def to_train_batch(exp: Experience, ps: "ParallelState", *, pad_id: int) -> TrainBatch:
+    """This replica's samples as training rows (collective: token keys use the step's global longest row,
+    sample ids are global, so Clip-Cov/KL-Cov tie-breaks do not depend on the data-parallel split)."""
+    n_local = len(exp.samples)
+    longest = torch.tensor([max(len(s.prompt_ids) + len(s.response_ids) for s in exp.samples)])
+    if dist.is_initialized():
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    ids = [ps.dp_rank * n_local + i for i in range(n_local)]
+    return pack_samples(exp.samples, exp.advantages, pad_id=pad_id, sample_ids=ids,
+                        key_stride=int(longest) + ps.tp_size, multiple_of=ps.tp_size)

@@ -19,16 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.policy.batch import pack_samples
 from megatron_entcov.checkpoint import Checkpointer
 from megatron_entcov.config import RunConfig
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.metrics import MetricsLogger, reduce_sum_metrics
-from megatron_entcov.policy.model import build_model
-from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.parallel import ParallelState
-from megatron_entcov.policy.pipeline import run_microbatches
-from megatron_entcov.policy.forward import PolicyForward
+from megatron_entcov.policy.actor import Actor
+from megatron_entcov.policy.batch import TrainBatch, pack_samples
 from megatron_entcov.rewards import score
 from megatron_entcov.rollout.types import Sample, SamplingParams
 from megatron_entcov.tokenizer import load_tokenizer
@@ -65,61 +62,55 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
     if s.batch_size % ps.dp_size or (s.batch_size // ps.dp_size) % cfg.optim.micro_batch_size:
         raise ValueError(f"sft.batch_size={s.batch_size} must split over data_parallel_size={ps.dp_size} ranks "
                          f"into micro-batches of optim.micro_batch_size={cfg.optim.micro_batch_size}")
-    scfg = _sft_config(cfg)
     run_dir = Path(cfg.run_dir) / "sft"
     tokenizer = load_tokenizer(cfg.model.hf_dir)
-    chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), scfg)
-    optimizer, scheduler = build_optimizer(chunks, scfg)
-    policy = PolicyForward(chunks, cfg.model, ps, temperature=1.0, use_compile=cfg.loss.compile_logprob_kernels)
+    actor = Actor(_sft_config(cfg), ps, temperature=1.0)
     dataset = PromptDataset.from_config(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                         seed=cfg.seed)
     loader = PromptLoader(dataset, batch_size=s.batch_size, dp_rank=ps.dp_rank, dp_size=ps.dp_size,
                           seed=cfg.seed + 1, shuffle=True)
     metrics = MetricsLogger(run_dir, ps, enabled=cfg.metrics.tensorboard, log_interval=max(s.steps // 10, 1),
                             print_fn=print_fn)
-    mbs = cfg.optim.micro_batch_size
     t0 = time.monotonic()
     for step in range(1, s.steps + 1):
-        items = loader.next_batch()
-        samples = _answer_samples(items, tokenizer)
+        samples = _answer_samples(loader.next_batch(), tokenizer)
         batch = pack_samples(samples, torch.zeros(len(samples)), pad_id=tokenizer.pad_token_id,
                              sample_ids=list(range(len(samples))), key_stride=10**6, multiple_of=ps.tp_size)
-        count = batch.loss_mask.sum().float().reshape(1)
-        if dist.is_initialized():
-            dist.all_reduce(count, group=ps.dp_group)
-        sums = {"nll": 0.0}
-
-        def loss_fn(mb, logits):
-            lp, _ = policy.token_stats(logits, mb["labels"])
-            mask = mb["loss_mask"].float()
-            nll = -(lp * mask).sum() / count
-            sums["nll"] += float(nll.detach())
-            return nll, {}
-
-        micro = [m.as_model_input() for m in batch.split(batch.num_rows // mbs)]
-        zero_grads(chunks, optimizer)
-        run_microbatches(chunks, micro, loss_fn, ps=ps, forward_only=False)
-        applied, grad_norm = optimizer_step(optimizer)
-        if applied:
-            scheduler.step(1)
-        local = {"sft/loss": sums["nll"]} if ps.is_last_stage and ps.tp_rank == 0 else {}
-        totals = reduce_sum_metrics(local, ps)
-        totals["sft/grad_norm"] = grad_norm
-        totals["sft/lr"] = float(optimizer.param_groups[0]["lr"])
+        result = actor.train_step(batch, _nll_loss_fn(_global_count(batch, ps)), label=f"sft step {step}")
+        totals = reduce_sum_metrics(result.metrics if ps.owns_results else {}, ps)
+        totals["sft/grad_norm"] = result.grad_norm
+        totals["sft/lr"] = actor.lr
         metrics.log(step, totals)
     train_time = time.monotonic() - t0
     ckpt = Checkpointer(run_dir / "checkpoints", ps, keep_last=1)
-    path = ckpt.save(s.steps, chunks, trainer_state={"step": s.steps, "kind": "sft"})
-    accuracy = _greedy_accuracy(cfg, ps, chunks, tokenizer, dataset) if s.eval_size else None
+    path = ckpt.save(s.steps, actor.chunks, trainer_state={"step": s.steps, "kind": "sft"})
+    accuracy = _greedy_accuracy(cfg, ps, actor.chunks, tokenizer, dataset) if s.eval_size else None
     metrics.close()
     return {"checkpoint": str(path), "accuracy": accuracy, "loss": totals.get("sft/loss"), "time_s": train_time}
+
+
+def _global_count(batch: TrainBatch, ps: ParallelState) -> torch.Tensor:
+    """Answer tokens of the step over every data-parallel replica (the loss denominator)."""
+    count = batch.loss_mask.sum().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(count, group=ps.dp_group)
+    return count
+
+
+def _nll_loss_fn(count: torch.Tensor):
+    """Token-mean negative log-likelihood of the answer tokens; each micro-batch returns its share."""
+
+    def loss_fn(mb, logprobs, entropy):
+        nll = -(logprobs * mb["loss_mask"].float()).sum() / count
+        return nll, {"sft/loss": float(nll.detach())}
+    return loss_fn
 
 
 def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, dataset) -> float:
     """Greedy accuracy on held-out prompts (indices past anything SFT trains on), via the embedded engine."""
     from megatron_entcov.rollout.local import LocalEngine
 
-    is_generator = ps.rank == 0
+    is_generator = ps.rank == 0      # one engine for the whole run: rank 0 scores the held-out prompts
     engine = LocalEngine(cfg.model, seed=cfg.seed) if is_generator else None
     WeightSync(chunks, cfg.model, ps, bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20)).push(engine, 1)
     acc = torch.zeros(1)

@@ -6,9 +6,9 @@ One step, as the paper's released recipe (arXiv 2505.22617; reference section 6)
   2. old log-probs and entropy of the sampled tokens under the current weights (forward only);
   3. for each optimizer mini-batch: token selection from the global covariance (losses/policy.py), the
      policy loss over micro-batches through the pipeline schedule, one optimizer step (skipped, and
-     reported, when the gradient norm is not finite);
+     reported, when the gradient norm is not finite; policy/actor.py);
   4. weight sync to the rollout engine, metrics, the online entropy-law fit, a checkpoint.
-No loss math lives here: it is in losses/ and ops/.
+No loss math lives here: it is in losses/ and ops/. Model, optimizer and train step are the Actor's.
 
 Example:
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
@@ -25,31 +25,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.policy.batch import TrainBatch, pack_samples
 from megatron_entcov.checkpoint import Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
-from megatron_entcov.experience import (broadcast_experience, collect_experience, server_counters,
-                                        server_throughput, summed_over_replicas)
-from megatron_entcov.losses.policy import compute_token_selection, policy_loss, warn_if_kl_cov_inert
+from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
+                                        to_train_batch)
+from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
-from megatron_entcov.policy.model import build_model
-from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
-from megatron_entcov.parallel import ParallelState, raise_together
-from megatron_entcov.policy.pipeline import run_microbatches
-from megatron_entcov.policy.forward import PolicyForward
-from megatron_entcov.weights.probe import verify_sync
+from megatron_entcov.parallel import ParallelState, fail_together
+from megatron_entcov.policy.actor import Actor, StepResult
+from megatron_entcov.policy.batch import TrainBatch
+from megatron_entcov.rollout.engine import build_engine
+from megatron_entcov.rollout.server_metrics import server_throughput, summed_over_replicas
 from megatron_entcov.tokenizer import load_tokenizer
+from megatron_entcov.weights.probe import verify_sync
 from megatron_entcov.weights.sync import WeightSync
+from megatron_entcov.weights.shards import load_hf_weights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer"]
-
-
-def _masked_share(values: torch.Tensor, mask: torch.Tensor, global_count: float) -> float:
-    return float((values * mask).sum()) / max(global_count, 1.0)
 
 
 class Trainer:
@@ -66,223 +62,197 @@ class Trainer:
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                              f"({len(self.tokenizer)} tokens); set model.vocab_size >= {len(self.tokenizer)}")
-        self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
-        self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
-        self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=cfg.sampling.temperature,
-                                    use_compile=cfg.loss.compile_logprob_kernels)
+        self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last)
         dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                             seed=cfg.seed)
         self.loader = PromptLoader(dataset, batch_size=cfg.rollout.prompts_per_step, dp_rank=ps.dp_rank,
                                    dp_size=ps.dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
-        # One generating rank per data-parallel replica: tp_rank 0 of the first stage.
-        self.is_generator = ps.tp_rank == 0 and ps.pp_rank == 0
         self.engine = engine
-        error = None
-        if self.is_generator and self.engine is None:
-            try:
-                self.engine = _build_engine(cfg, ps)
-            except Exception as err:                  # noqa: BLE001 - raised on every rank just below
-                error = err
-        raise_together(error, "starting the rollout engine")
-        self.weight_sync = WeightSync(self.chunks, cfg.model, ps, bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20))
+        with fail_together("starting the rollout engine"):
+            if ps.is_generator and self.engine is None:
+                self.engine = build_engine(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+        self.weight_sync = WeightSync(self.actor.chunks, cfg.model, ps,
+                                      bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,
                                      log_interval=cfg.metrics.log_interval)
         self.law = OnlineEntropyLaw(min_points=cfg.metrics.law_fit_min_points)
         self.step = 0
-        self.optimizer_steps = 0
-        self.skipped_steps = 0
         self.weight_version = 0
         self._load_initial_state()
 
-    # ---------------------------------------------------------------- state
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict[str, float]:
+        """Rollouts, old log-probs, one optimizer step per mini-batch, weight sync; returns the step's metrics."""
+        cfg, ps = self.cfg, self.ps
+        clock = {"start": time.monotonic()}
+        batch, exp_stats = self._experience_batch()
+        clock["train"] = time.monotonic()
+        batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch)       # None off the last stage
+        local = self._batch_metrics(batch, exp_stats)
+        num_mini = cfg.optim.num_mini_batches
+        progress = Progress(f"step {self.step + 1} train", num_mini, enabled=ps.is_rank0)
+        for index, mini in enumerate(batch.split(num_mini)):
+            selection = self._token_selection(mini, index)
+            result = self.actor.train_step(mini, self._policy_loss_fn(selection),
+                                           label=f"step {self.step} mini-batch {index}")
+            self._add_update_metrics(local, result, num_mini)
+            progress.update()
+        progress.close()
+        if cfg.metrics.measure_entropy_change:
+            local.update(self._measured_entropy_change(batch))
+        clock["sync"] = time.monotonic()
+        self.weight_version += 1
+        sync_stats = self._sync_weights()
+        clock["end"] = time.monotonic()
+        totals = reduce_sum_metrics(local, ps)
+        totals.update(sync_stats)
+        totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0)))
+        totals.update(self.law.update(totals.get("entropy/mean"), totals.get("reward/mean"),
+                                      totals.get("entropy/delta_measured"), totals.get("cov/mean")))
+        return totals
+
+    def _experience_batch(self) -> tuple[TrainBatch, dict]:
+        """This replica's rollouts as training rows, on every rank of its model-parallel group."""
+        with fail_together(f"step {self.step + 1} rollouts"):
+            exp = self._rollouts() if self.ps.is_generator else None
+        exp = broadcast_experience(exp, self.ps)
+        agree_loader_cursor(self.loader)
+        return to_train_batch(exp, self.ps, pad_id=self.tokenizer.pad_token_id), exp.stats
+
+    def _rollouts(self) -> Experience:
+        """Generate and score this replica's prompts (the generating rank only), with per-server throughput."""
+        before = self.engine.server_stats()
+        exp = collect_experience(self.cfg, self.engine, self.tokenizer, self.loader, step=self.step,
+                                 dp_rank=self.ps.dp_rank)
+        exp.stats.update(server_throughput(before, self.engine.server_stats(), exp.stats["perf/rollout_time(s)"],
+                                           self.ps.dp_rank, self.ps.dp_size))
+        if self.cfg.rollout.release_memory:           # colocated GPU servers: the trainer gets their memory
+            self.engine.release_memory()
+        return exp
+
+    def _token_selection(self, mini: TrainBatch, index: int) -> TokenSelection | None:
+        """Clip-Cov / KL-Cov tokens of a mini-batch, from the global covariance (on the last stage; None
+        elsewhere). Later mini-batches see updated weights: the paper's covariance uses the current policy."""
+        cfg = self.cfg
+        current = mini.old_logprobs
+        if index > 0 and cfg.loss.selection_logprobs == "current":
+            current, _ = self.actor.logprobs(mini)
+        if not self.ps.is_last_stage:
+            return None
+        return compute_token_selection(cfg.loss, current, mini.old_logprobs, mini.advantages, mini.loss_mask,
+                                       token_keys=mini.token_keys, group=self.ps.dp_group,
+                                       step=self.actor.optimizer_steps, seed=cfg.seed)
+
+    def _policy_loss_fn(self, selection: TokenSelection | None):
+        loss_cfg, step = self.cfg.loss, self.actor.optimizer_steps
+
+        def loss_fn(mb, logprobs, entropy):
+            return policy_loss(loss_cfg, logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
+                               entropy=entropy, step=step, selection=selection.rows(mb["rows"]))
+        return loss_fn
+
+    # ---------------------------------------------------------------- metrics
+    def _batch_metrics(self, batch: TrainBatch, exp_stats: dict) -> dict[str, float]:
+        """This rank's shares of the step's generation and token statistics (summed over ranks later)."""
+        ps = self.ps
+        local: dict[str, float] = {}
+        # Generation statistics: one share per replica (replicas have equal batch sizes, so shares average).
+        if ps.is_generator:
+            for k, v in exp_stats.items():
+                local[k] = v if summed_over_replicas(k) else v / ps.dp_size
+        self._mask = batch.loss_mask.float()
+        counts = torch.tensor([self._mask.sum()])
+        if dist.is_initialized():
+            dist.all_reduce(counts, group=ps.dp_group)
+        self._num_tokens = float(counts)
+        if ps.owns_results:
+            local["entropy/mean"] = self._masked_share(batch.old_entropy)
+            local["rollout/logprob_gap"] = self._masked_share((batch.rollout_logprobs - batch.old_logprobs).abs())
+            local["perf/tokens"] = float(self._mask.sum())
+        return local
+
+    def _masked_share(self, values: torch.Tensor) -> float:
+        return float((values * self._mask).sum()) / max(self._num_tokens, 1.0)
+
+    def _add_update_metrics(self, local: dict[str, float], result: StepResult, num_mini: int) -> None:
+        """Losses return shares of the mini-batch value: average the mini-batches."""
+        if self.ps.owns_results:
+            for k, v in result.metrics.items():
+                local[k] = local.get(k, 0.0) + v / num_mini
+        if self.ps.is_rank0:
+            norm = result.grad_norm if math.isfinite(result.grad_norm) else 0.0
+            local["train/grad_norm"] = local.get("train/grad_norm", 0.0) + norm / num_mini
+            local["train/skipped_updates"] = local.get("train/skipped_updates", 0.0) + (0.0 if result.applied else 1.0)
+
+    def _measured_entropy_change(self, batch: TrainBatch) -> dict[str, float]:
+        _, new_entropy = self.actor.logprobs(batch)
+        if not self.ps.owns_results:
+            return {}
+        return {"entropy/delta_measured": self._masked_share(new_entropy - batch.old_entropy)}
+
+    def _step_metrics(self, clock: dict[str, float], tokens: float) -> dict[str, float]:
+        step_time = clock["end"] - clock["start"]
+        return {"train/lr": self.actor.lr,
+                "perf/train_time(s)": clock["sync"] - clock["train"],
+                "perf/sync_time(s)": clock["end"] - clock["sync"],
+                "perf/step_time(s)": step_time,
+                "perf/tokens_per_s": tokens / max(step_time, 1e-9),
+                "train/weight_version": float(self.weight_version)}
+
+    # ---------------------------------------------------------------- weights and state
+    def _sync_weights(self) -> dict[str, float]:
+        """Push the weights to the engine (colocated servers get their weight memory back first and their
+        KV cache after), then verify the sync (weights/probe.py) when rollout.sync_verify is 'probe'."""
+        engine = self.engine if self.ps.is_generator else None
+        release = self.cfg.rollout.release_memory
+        t0 = time.monotonic()
+        nbytes = self.weight_sync.push(engine, self.weight_version,
+                                       prepare=(lambda: engine.resume_memory(["weights"])) if release else None)
+        dt = time.monotonic() - t0
+        if release:                                   # same on every rank: no collective when off
+            with fail_together("resuming the servers' memory"):
+                if engine is not None:
+                    engine.resume_memory()
+        stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
+        if self.cfg.rollout.sync_verify == "probe":
+            t1 = time.monotonic()
+            stats.update(verify_sync(engine, self.actor.policy, self.ps, self.cfg, version=self.weight_version,
+                                     vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)))
+            stats["sync/probe_time(s)"] = time.monotonic() - t1
+        return stats
+
     def _load_initial_state(self) -> None:
-        ck = self.cfg.checkpoint
+        ck, actor = self.cfg.checkpoint, self.actor
         latest = self.checkpointer.find_latest() if ck.resume else None
         if latest is not None:
-            state = self.checkpointer.load(latest, self.chunks, optimizer=self.optimizer)
+            state = self.checkpointer.load(latest, actor.chunks, optimizer=actor.optimizer)
             self.step = state["step"]
-            self.optimizer_steps = state["optimizer_steps"]
-            self.skipped_steps = state.get("skipped_steps", 0)
+            actor.optimizer_steps = state["optimizer_steps"]
+            actor.skipped_steps = state.get("skipped_steps", 0)
             self.weight_version = state["weight_version"]
             self.loader.load_state_dict(state["loader"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            actor.scheduler.load_state_dict(state["scheduler"])
             self.law.load_state_dict(state["law"])
             if self.ps.is_rank0:
                 logger.info("resumed from %s at step %d", latest, self.step)
         elif ck.load:
             model_dir, _ = resolve_model_dir(ck.load, field="checkpoint.load")
-            load_model(self.chunks, model_dir)
+            load_model(actor.chunks, model_dir)
         elif self.cfg.model.hf_dir:
-            from megatron_entcov.weights.shards import load_hf_weights
-
-            load_hf_weights(self.chunks, self.cfg.model, self.cfg.model.hf_dir, self.ps)
+            load_hf_weights(actor.chunks, self.cfg.model, self.cfg.model.hf_dir, self.ps)
         self._sync_weights()
 
     def _trainer_state(self) -> dict:
         return {
             "step": self.step,
-            "optimizer_steps": self.optimizer_steps,
-            "skipped_steps": self.skipped_steps,
+            "optimizer_steps": self.actor.optimizer_steps,
+            "skipped_steps": self.actor.skipped_steps,
             "weight_version": self.weight_version,
             "loader": self.loader.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.actor.scheduler.state_dict(),
             "law": self.law.state_dict(),
         }
-
-    def _sync_weights(self) -> dict[str, float]:
-        """Push the weights to the engine (colocated servers get their weight memory back first and their
-        KV cache after), then verify the sync (sync_probe.py) when rollout.sync_verify is 'probe'."""
-        engine = self.engine if self.is_generator else None
-        release = self.cfg.rollout.release_memory and engine is not None
-        t0 = time.monotonic()
-        error = _attempt(engine.resume_memory, ["weights"]) if release else None
-        nbytes = self.weight_sync.push(engine, self.weight_version, error=error)   # raises on every rank
-        dt = time.monotonic() - t0
-        if self.cfg.rollout.release_memory:           # same on every rank: no collective when off
-            raise_together(_attempt(engine.resume_memory) if release else None, "resuming the servers' memory")
-        stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
-        if self.cfg.rollout.sync_verify == "probe":
-            t1 = time.monotonic()
-            stats.update(verify_sync(engine, self.policy, self.ps, self.cfg, version=self.weight_version,
-                                     vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)))
-            stats["sync/probe_time(s)"] = time.monotonic() - t1
-        return stats
-
-    def _sync_loader_cursor(self) -> None:
-        """Replicas may consume different numbers of prompt batches (dynamic sampling refills): move every
-        loader to the furthest cursor so the checkpointed cursor is valid for all of them."""
-        cursor = torch.tensor([self.loader.cursor], dtype=torch.long)
-        if dist.is_initialized():
-            dist.all_reduce(cursor, op=dist.ReduceOp.MAX)
-        self.loader.cursor = int(cursor)
-
-    # ---------------------------------------------------------------- one step
-    def _experience_batch(self) -> tuple[TrainBatch, dict]:
-        cfg, ps = self.cfg, self.ps
-        exp, error = None, None
-        if self.is_generator:
-            try:
-                before = server_counters(self.engine)
-                exp = collect_experience(cfg, self.engine, self.tokenizer, self.loader, step=self.step,
-                                         dp_rank=ps.dp_rank)
-                exp.stats.update(server_throughput(before, server_counters(self.engine),
-                                                   exp.stats["perf/rollout_time(s)"], ps.dp_rank, ps.dp_size))
-                if cfg.rollout.release_memory:        # colocated GPU servers: the trainer gets their memory
-                    self.engine.release_memory()
-            except Exception as err:                  # noqa: BLE001 - raised on every rank just below
-                error = err
-        raise_together(error, f"step {self.step + 1} rollouts")
-        exp = broadcast_experience(exp, ps)
-        self._sync_loader_cursor()
-        n_local = len(exp.samples)
-        longest = torch.tensor([max(len(s.prompt_ids) + len(s.response_ids) for s in exp.samples)])
-        if dist.is_initialized():
-            dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        ids = [ps.dp_rank * n_local + i for i in range(n_local)]
-        batch = pack_samples(exp.samples, exp.advantages, pad_id=self.tokenizer.pad_token_id, sample_ids=ids,
-                             key_stride=int(longest) + ps.tp_size, multiple_of=ps.tp_size)
-        return batch, exp.stats
-
-    def _train_mini_batch(self, mini: TrainBatch, index: int, local: dict[str, float]) -> None:
-        cfg, ps = self.cfg, self.ps
-        mbs = cfg.optim.micro_batch_size
-        selection = None
-        if ps.is_last_stage:
-            current = mini.old_logprobs
-        # Later mini-batches see updated weights: the paper's covariance uses the current policy.
-        if index > 0 and cfg.loss.selection_logprobs == "current":
-            current, _ = self.policy.forward(mini, mbs)
-        if ps.is_last_stage:
-            selection = compute_token_selection(cfg.loss, current, mini.old_logprobs, mini.advantages,
-                                                mini.loss_mask, token_keys=mini.token_keys, group=ps.dp_group,
-                                                step=self.optimizer_steps, seed=cfg.seed)
-        sums: dict[str, torch.Tensor] = {}
-
-        def loss_fn(mb, logits):
-            lp, ent = self.policy.token_stats(logits, mb["labels"])
-            loss, metrics = policy_loss(cfg.loss, lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                                        entropy=ent, step=self.optimizer_steps,
-                                        selection=selection.rows(mb["rows"]))
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            return loss, {}
-
-        parts = mini.num_rows // mbs
-        micro = []
-        for i, m in enumerate(mini.split(parts)):
-            d = m.as_model_input()
-            d["rows"] = slice(i * mbs, (i + 1) * mbs)
-            micro.append(d)
-        zero_grads(self.chunks, self.optimizer)
-        run_microbatches(self.chunks, micro, loss_fn, ps=ps, forward_only=False)
-        applied, grad_norm = optimizer_step(self.optimizer)
-        if applied:
-            self.scheduler.step(1)
-            self.optimizer_steps += 1
-        else:
-            self.skipped_steps += 1
-            logger.warning("step %d mini-batch %d: gradient norm %s is not finite; update skipped", self.step,
-                           index, grad_norm)
-            zero_grads(self.chunks, self.optimizer)
-        nm = cfg.optim.num_mini_batches
-        # Losses return shares of the mini-batch value; average the mini-batches.
-        contribute = ps.is_last_stage and ps.tp_rank == 0
-        for k, v in sums.items():
-            if contribute:
-                local[k] = local.get(k, 0.0) + float(v) / nm
-        if ps.is_rank0:
-            local["train/grad_norm"] = local.get("train/grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm)
-                                                                          else 0.0) / nm
-            local["train/skipped_updates"] = local.get("train/skipped_updates", 0.0) + (0.0 if applied else 1.0)
-
-    def train_step(self) -> dict[str, float]:
-        cfg, ps = self.cfg, self.ps
-        t_step = time.monotonic()
-        batch, exp_stats = self._experience_batch()
-        t_train = time.monotonic()
-        old_lp, old_ent = self.policy.forward(batch, cfg.optim.micro_batch_size)
-        if ps.is_last_stage:
-            batch.old_logprobs, batch.old_entropy = old_lp, old_ent
-        local: dict[str, float] = {}
-        # Generation statistics: one share per replica (replicas have equal batch sizes, so shares average).
-        if self.is_generator:
-            for k, v in exp_stats.items():
-                local[k] = v if summed_over_replicas(k) else v / ps.dp_size
-        token_owner = ps.is_last_stage and ps.tp_rank == 0
-        mask = batch.loss_mask.float()
-        counts = torch.tensor([mask.sum()])
-        if dist.is_initialized():
-            dist.all_reduce(counts, group=ps.dp_group)
-        n_tok = float(counts)
-        if token_owner:
-            local["entropy/mean"] = _masked_share(old_ent, mask, n_tok)
-            local["rollout/logprob_gap"] = _masked_share((batch.rollout_logprobs - old_lp).abs(), mask, n_tok)
-            local["perf/tokens"] = float(mask.sum())
-        progress = Progress(f"step {self.step + 1} train", cfg.optim.num_mini_batches, enabled=ps.is_rank0)
-        for index, mini in enumerate(batch.split(cfg.optim.num_mini_batches)):
-            self._train_mini_batch(mini, index, local)
-            progress.update()
-        progress.close()
-        if cfg.metrics.measure_entropy_change:
-            _, new_ent = self.policy.forward(batch, cfg.optim.micro_batch_size)
-            if token_owner:
-                local["entropy/delta_measured"] = _masked_share(new_ent - old_ent, mask, n_tok)
-        t_sync = time.monotonic()
-        self.weight_version += 1
-        sync_stats = self._sync_weights()
-        t_end = time.monotonic()
-        totals = reduce_sum_metrics(local, ps)
-        totals.update({k: v for k, v in sync_stats.items()})
-        totals["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        totals["perf/train_time(s)"] = t_sync - t_train
-        totals["perf/sync_time(s)"] = t_end - t_sync
-        totals["perf/step_time(s)"] = t_end - t_step
-        totals["perf/tokens_per_s"] = totals.get("perf/tokens", 0.0) / max(t_end - t_step, 1e-9)
-        totals["train/weight_version"] = float(self.weight_version)
-        totals.update(self.law.update(totals.get("entropy/mean"), totals.get("reward/mean"),
-                                      totals.get("entropy/delta_measured"), totals.get("cov/mean")))
-        return totals
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
@@ -294,7 +264,7 @@ class Trainer:
             self.metrics.log(self.step, last)
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.steps:
-                self.checkpointer.save(self.step, self.chunks, optimizer=self.optimizer,
+                self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
                                        trainer_state=self._trainer_state())
         self.metrics.close()
         return last
@@ -302,22 +272,3 @@ class Trainer:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
-
-
-def _attempt(fn, *args) -> Exception | None:
-    """Run ``fn(*args)``; return its exception instead of raising (for raise_together)."""
-    try:
-        fn(*args)
-    except Exception as err:                          # noqa: BLE001 - the caller raises it on every rank
-        return err
-    return None
-
-
-def _build_engine(cfg: RunConfig, ps: ParallelState):
-    if cfg.rollout.engine == "local":
-        from megatron_entcov.rollout.local import LocalEngine
-
-        return LocalEngine(cfg.model, seed=cfg.seed)
-    from megatron_entcov.rollout.sglang import SGLangEngine
-
-    return SGLangEngine.from_config(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size)

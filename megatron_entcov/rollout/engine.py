@@ -41,7 +41,7 @@ import torch
 
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
-__all__ = ["NamedTensors", "RolloutEngine", "iter_named_tensors", "validate_prompts"]
+__all__ = ["NamedTensors", "RolloutEngine", "build_engine", "iter_named_tensors", "validate_prompts"]
 
 NamedTensors = Union[Iterable[tuple[str, torch.Tensor]], Iterable[list[tuple[str, torch.Tensor]]],
                      Mapping[str, torch.Tensor]]
@@ -152,3 +152,15 @@ def validate_prompts(prompts, params: SamplingParams, model_cfg) -> list[list[in
                              f"max_position_embeddings={model_cfg.max_position_embeddings}")
         out.append(p)
     return out
+
+
+def build_engine(cfg, *, dp_rank: int = 0, dp_size: int = 1) -> RolloutEngine:
+    """The engine ``cfg.rollout.engine`` names, for data-parallel replica ``dp_rank`` (call it on the replica's
+    generating rank only: it may launch servers)."""
+    if cfg.rollout.engine == "local":
+        from megatron_entcov.rollout.local import LocalEngine
+
+        return LocalEngine(cfg.model, seed=cfg.seed)
+    from megatron_entcov.rollout.sglang import SGLangEngine
+
+    return SGLangEngine.from_config(cfg, dp_rank=dp_rank, dp_size=dp_size)

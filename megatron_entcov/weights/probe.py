@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_entcov.policy.batch import pack_samples
 from megatron_entcov.config import SYNC_PROBE_PROMPT_LEN
+from megatron_entcov.parallel import fail_together
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -59,10 +60,7 @@ def probe_prompt(vocab_limit: int, length: int = PROBE_PROMPT_LEN, seed: int = 0
 def _query(engine, cfg: "RunConfig", version: int, vocab_limit: int) -> list[tuple[str, Sample]]:
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=1.0, top_k=-1,
                             max_new_tokens=cfg.rollout.sync_probe_tokens, seed=version)
-    prompt = probe_prompt(vocab_limit, seed=cfg.seed)
-    if hasattr(engine, "probe"):
-        return engine.probe(prompt, params)
-    return [("embedded", engine.generate([prompt], params)[0])]
+    return engine.probe(probe_prompt(vocab_limit, seed=cfg.seed), params)
 
 
 def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunConfig", *, version: int,
@@ -78,17 +76,11 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
         {'sync/probe_gap': largest |server - trainer| log-prob over all servers and probe tokens,
          'sync/probe_tokens': probe tokens compared (all replicas)}
     """
-    from megatron_entcov.parallel import raise_together
-
     tol = cfg.rollout.sync_verify_tol
     payload: list = [None]
-    error = None
-    if engine is not None:
-        try:
+    with fail_together(f"the weight-sync probe at version {version}"):
+        if engine is not None:
             payload[0] = [(url, s.to_dict()) for url, s in _query(engine, cfg, version, vocab_limit)]
-        except Exception as err:          # noqa: BLE001 - raised on every rank just below
-            error = err
-    raise_together(error, f"the weight-sync probe at version {version}")
     mp_size = dist.get_world_size(ps.mp_group) if ps.mp_group is not None and dist.is_initialized() else 1
     if mp_size > 1:
         dist.broadcast_object_list(payload, src=dist.get_global_rank(ps.mp_group, 0), group=ps.mp_group)
@@ -116,7 +108,7 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
         # Agree on the verdict (MAX) and count tokens: every rank raises or none does.
         worst = verdict[:2].clone()
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        count = verdict[2:].clone() if ps.tp_rank == 0 and ps.pp_rank == 0 else torch.zeros(1, dtype=torch.float64)
+        count = verdict[2:].clone() if ps.is_generator else torch.zeros(1, dtype=torch.float64)
         dist.all_reduce(count)
         verdict = torch.cat([worst, count])
     gap, bad_version, tokens = float(verdict[0]), bool(verdict[1]), float(verdict[2])

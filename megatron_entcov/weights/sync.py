@@ -1,7 +1,7 @@
 """Weight sync: Megatron shards -> full Hugging Face-named tensors -> the rollout engine, in bounded buckets.
 
 Every rank of a model-parallel group takes part in gathering (tensor-parallel all-gather, pipeline
-broadcast: convert.iter_hf_weights); the generating rank hands each bucket to its engine as it arrives, so
+broadcast: weights/shards.py iter_hf_weights); the generating rank hands each bucket to its engine as it arrives, so
 at most ``bucket_bytes`` of full tensors are alive at once. The engine's weight version is set to the
 trainer's after the last bucket and checked.
 
@@ -13,9 +13,11 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from megatron_entcov.config import ModelConfig
+from megatron_entcov.parallel import fail_together
+from megatron_entcov.weights.shards import iter_hf_weights
 
 if TYPE_CHECKING:
     from megatron_entcov.parallel import ParallelState
@@ -31,15 +33,13 @@ class WeightSync:
     def __init__(self, chunks, model_cfg: ModelConfig, ps: "ParallelState", *, bucket_bytes: int):
         self.chunks, self.model_cfg, self.ps, self.bucket_bytes = chunks, model_cfg, ps, bucket_bytes
 
-    def push(self, engine, version: int, *, error: BaseException | None = None) -> int:
+    def push(self, engine, version: int, *, prepare: Callable[[], None] | None = None) -> int:
         """Gather and send every weight; returns the bytes sent (0 on ranks without an engine).
 
-        Collective over the world: a failure on the generating rank (the engine's, or ``error`` from what the
-        caller did just before) raises on every rank, after the gather collectives have run to the end on
-        all of them (parallel.raise_together), so no rank is left blocked."""
-        from megatron_entcov.weights.shards import iter_hf_weights
-        from megatron_entcov.parallel import raise_together
-
+        Collective over the world. On the generating rank, ``prepare()`` runs first (e.g. colocated servers
+        take back their weight memory). A failure there or in the engine raises on every rank, after the
+        gather collectives have run to the end on all of them (parallel.fail_together), so no rank is left
+        blocked."""
         sent = 0
         buckets = iter_hf_weights(self.chunks, self.model_cfg, self.ps, bucket_bytes=self.bucket_bytes)
 
@@ -49,15 +49,16 @@ class WeightSync:
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 yield bucket
 
-        if engine is not None and error is None:
+        with fail_together(f"weight sync to version {version}"):
             try:
-                engine.update_weights(counted(), version)
-                if engine.weight_version != version:
-                    raise RuntimeError(f"weight sync: engine reports version {engine.weight_version}, expected "
-                                       f"{version}")
-            except Exception as err:          # noqa: BLE001 - raised below, on every rank
-                error = err
-        for _ in buckets:                     # take part in (the rest of) the collectives
-            pass
-        raise_together(error, f"weight sync to version {version}")
+                if engine is not None:
+                    if prepare is not None:
+                        prepare()
+                    engine.update_weights(counted(), version)
+                    if engine.weight_version != version:
+                        raise RuntimeError(f"weight sync: engine reports version {engine.weight_version}, "
+                                           f"expected {version}")
+            finally:
+                for _ in buckets:             # take part in (the rest of) the collectives
+                    pass
         return sent

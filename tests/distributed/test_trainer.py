@@ -49,14 +49,14 @@ def _step_worker(rank, world_size, run_dir):
         f"output_dir={run_dir}", "name=tp2pp2"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)
-    before = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()}
+    before = {n: p.detach().clone() for c in trainer.actor.chunks for n, p in c.named_parameters()}
     metrics = trainer.train_step()
     trainer.metrics.log(1, metrics)
     trainer.metrics.close()
-    unchanged = [n for c in trainer.chunks for n, p in c.named_parameters() if torch.equal(before[n], p)]
+    unchanged = [n for c in trainer.actor.chunks for n, p in c.named_parameters() if torch.equal(before[n], p)]
     trainer.close()
     return {"unchanged": unchanged, "n_params": len(before), "metrics": metrics if ps.is_rank0 else None,
-            "skipped": trainer.skipped_steps}
+            "skipped": trainer.actor.skipped_steps}
 
 
 def test_one_rl_step_tp2_pp2_trains_every_parameter(tmp_path):
@@ -91,11 +91,11 @@ def _probe_worker(rank, world_size, run_dir):
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)                 # its initial sync passed the probe, or this raised
     vocab = min(len(trainer.tokenizer), cfg.model.vocab_size)
-    out = {"ok": verify_sync(trainer.engine, trainer.policy, ps, cfg, version=0, vocab_limit=vocab)}
+    out = {"ok": verify_sync(trainer.engine, trainer.actor.policy, ps, cfg, version=0, vocab_limit=vocab)}
 
     def expect_failure(version):
         try:
-            verify_sync(trainer.engine, trainer.policy, ps, cfg, version=version, vocab_limit=vocab)
+            verify_sync(trainer.engine, trainer.actor.policy, ps, cfg, version=version, vocab_limit=vocab)
         except SyncVerificationError as err:
             return str(err)
         return None
@@ -250,11 +250,11 @@ def _nan_worker(rank, world_size, run_dir):
 
     trainer_mod.policy_loss = poisoned
     trainer = trainer_mod.Trainer(cfg, ps)
-    before = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()}
+    before = {n: p.detach().clone() for c in trainer.actor.chunks for n, p in c.named_parameters()}
     metrics = trainer.train_step()
-    changed = [n for c in trainer.chunks for n, p in c.named_parameters() if not torch.equal(before[n], p)]
+    changed = [n for c in trainer.actor.chunks for n, p in c.named_parameters() if not torch.equal(before[n], p)]
     trainer.close()
-    return {"changed": changed, "skipped": trainer.skipped_steps, "optimizer_steps": trainer.optimizer_steps,
+    return {"changed": changed, "skipped": trainer.actor.skipped_steps, "optimizer_steps": trainer.actor.optimizer_steps,
             "reported": metrics.get("train/skipped_updates")}
 
 

@@ -1,0 +1,116 @@
+"""The Actor: the Megatron policy of one run and the two things done with it, forward and one optimizer step.
+
+Shared by RL (trainer.py) and SFT (sft.py), so building the model, its DDP wrapping, optimizer and schedule,
+the micro-batch split, the pipeline schedule, and the skip of a non-finite update exist once. Losses stay
+with their callers: a ``loss_fn(micro_batch, logprobs, entropy) -> (loss, metrics)`` gets the log-probs and
+entropies of the micro-batch's labels (temperature and vocabulary padding already applied, policy/forward.py)
+and returns its share of the caller's global loss (normalised by the caller's global denominator).
+
+Example:
+    actor = Actor(cfg, ps, temperature=cfg.sampling.temperature)
+    logprobs, entropy = actor.logprobs(batch)                      # no grad; None off the last stage
+    result = actor.train_step(mini_batch, loss_fn)                 # one optimizer step (or a reported skip)
+    result.applied, result.grad_norm, result.metrics               # metrics summed over micro-batches
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from megatron_entcov.policy.batch import TrainBatch
+from megatron_entcov.policy.forward import PolicyForward
+from megatron_entcov.policy.model import build_model
+from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
+from megatron_entcov.policy.pipeline import run_microbatches
+
+if TYPE_CHECKING:
+    from megatron_entcov.config import RunConfig
+    from megatron_entcov.parallel import ParallelState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Actor", "StepResult", "LossFn"]
+
+LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+"""``loss_fn(micro_batch, logprobs [b, T], entropy [b, T]) -> (loss scalar, metrics of detached scalars)``.
+``micro_batch`` is :meth:`TrainBatch.as_model_input` plus ``rows``, its row slice within the mini-batch."""
+
+
+@dataclass
+class StepResult:
+    """One optimizer step of the Actor."""
+
+    applied: bool
+    """False when the global gradient norm was not finite: nothing was applied, the gradients were dropped."""
+    grad_norm: float
+    """Global gradient norm before clipping (the same on every rank)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The loss function's metrics summed over this rank's micro-batches (last pipeline stage; {} elsewhere)."""
+
+
+class Actor:
+    """Model chunks (Megatron DDP), optimizer and learning-rate schedule of one run. All methods are collective
+    over the model-parallel group (and the data-parallel group for ``train_step``)."""
+
+    def __init__(self, cfg: "RunConfig", ps: "ParallelState", *, temperature: float):
+        """
+        Args:
+            cfg: the run config (model, parallel layout, ``optim``; SFT passes its own optimizer settings).
+            ps: the parallel state.
+            temperature: the sampling temperature the log-probs are taken at (1.0 for SFT).
+        """
+        self.cfg, self.ps = cfg, ps
+        self.micro_batch_size = cfg.optim.micro_batch_size
+        self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
+        self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=temperature,
+                                    use_compile=cfg.loss.compile_logprob_kernels)
+        self.optimizer_steps = 0
+        """Applied optimizer steps (the schedules' step)."""
+        self.skipped_steps = 0
+        """Updates skipped because the gradient norm was not finite."""
+
+    def logprobs(self, batch: TrainBatch, micro_batch_size: int | None = None):
+        """Forward only: (logprobs, entropy) [N, T] float32 of ``batch.labels`` on the last pipeline stage,
+        (None, None) elsewhere."""
+        return self.policy.forward(batch, micro_batch_size or self.micro_batch_size)
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, label: str = "") -> StepResult:
+        """Forward and backward over ``batch`` in micro-batches of ``micro_batch_size`` rows, then one optimizer
+        step, unless the global gradient norm is not finite: then nothing is applied, the gradients are
+        dropped, a warning names ``label``, and ``skipped_steps`` counts it (every rank decides alike)."""
+        mbs = self.micro_batch_size
+        sums: dict = {}
+
+        def scored(mb, logits):
+            logprobs, entropy = self.policy.token_stats(logits, mb["labels"])
+            loss, metrics = loss_fn(mb, logprobs, entropy)
+            for key, value in metrics.items():       # summed as returned (detached tensors: no host sync)
+                sums[key] = sums.get(key, 0.0) + value
+            return loss, {}
+
+        micro = []
+        for i, part in enumerate(batch.split(batch.num_rows // mbs)):
+            mb = part.as_model_input()
+            mb["rows"] = slice(i * mbs, (i + 1) * mbs)
+            micro.append(mb)
+        zero_grads(self.chunks, self.optimizer)
+        run_microbatches(self.chunks, micro, scored, ps=self.ps, forward_only=False)
+        applied, grad_norm = optimizer_step(self.optimizer)
+        if applied:
+            self.scheduler.step(1)
+            self.optimizer_steps += 1
+        else:
+            self.skipped_steps += 1
+            logger.warning("%s: gradient norm %s is not finite; update skipped", label or "train step", grad_norm)
+            zero_grads(self.chunks, self.optimizer)
+        return StepResult(applied=applied, grad_norm=grad_norm, metrics={k: float(v) for k, v in sums.items()})
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return float(self.optimizer.param_groups[0]["lr"])
