@@ -84,6 +84,9 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
     rollout_lp = torch.zeros(n, t, dtype=torch.float32)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
+        if p == 0:
+            raise ValueError(f"sample {i} has an empty prompt: the first response token needs a prompt token's "
+                             "logits to be scored; every prompt needs at least one token")
         if len(s.rollout_logprobs) != r:
             raise ValueError(f"sample {i}: {r} response tokens but {len(s.rollout_logprobs)} log-probs")
         tokens[i, :p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)

@@ -149,7 +149,7 @@ def _import_check(spec: str) -> Callable[[str, str], bool | None]:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_main() -> None:
+def worker_main() -> None:
     """Worker loop: read {"pred", "gold", "timeout_s"} lines from stdin, write {"status", "correct"} lines."""
     spec = sys.argv[1]
     # The protocol owns the real stdout; anything a library prints goes to stderr instead.
@@ -195,7 +195,7 @@ def _worker_main() -> None:
 class _Worker:
     def __init__(self, check: str, env: dict[str, str]) -> None:
         cmd = [sys.executable, "-c",
-               "from megatron_entcov.rewards.math_reward import _worker_main; _worker_main()", check]
+               "from megatron_entcov.rewards.math_reward import worker_main; worker_main()", check]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.fd = self.proc.stdout.fileno()
         self.buffer = b""

@@ -2,7 +2,7 @@
 
 Why a Hugging Face copy rather than the Megatron model itself:
 - it works for any tensor/pipeline layout: the trainer gathers full HF-named tensors through the same weight
-  sync path (``weight_sync.py``) that feeds SGLang servers, so tp>1 and pp>1 need no special generation code
+  sync path (``weights/sync.py``) that feeds SGLang servers, so tp>1 and pp>1 need no special generation code
   (a pipeline-parallel Megatron model cannot run a token-by-token decode without a cross-stage schedule);
 - it has a KV cache (transformers ``DynamicCache``), so each decode step runs the model on one new token per
   sequence instead of re-running the whole prefix;

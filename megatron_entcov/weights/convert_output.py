@@ -9,12 +9,15 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["TOKENIZER_FILES", "STEP_DIR", "MODEL_CONFIG_FILE", "holds_checkpoint", "check_output", "tmp_dir",
-           "finish_output", "copy_hf_side_files"]
+           "finish_output", "copy_hf_side_files", "converter_parser", "run_converter"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -58,3 +61,25 @@ def copy_hf_side_files(src: Path, dst: Path, *, config: bool) -> None:
     for name in TOKENIZER_FILES + (("config.json",) if config else ()):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+def converter_parser(direction: str, description: str, *, out_help: str) -> argparse.ArgumentParser:
+    """The converters' shared command line: ``--out``, ``--dtype`` and ``--force``; the caller adds its input."""
+    parser = argparse.ArgumentParser(prog=f"megatron-entcov convert {direction}", description=description)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--dtype", default=None, help="float32|bfloat16|float16; default: the checkpoint's")
+    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    return parser
+
+
+def run_converter(convert: Callable[[], object]) -> int:
+    """Run a converter with the tools' logging; a bad input (ValueError) is one line on stderr and exit code 2."""
+    from megatron_entcov.logs import setup_tool_logging
+
+    setup_tool_logging()
+    try:
+        convert()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

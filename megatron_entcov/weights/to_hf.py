@@ -17,13 +17,11 @@ Command line (``tools/convert_megatron_to_hf.py`` and ``megatron-entcov convert 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -32,10 +30,9 @@ import yaml
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, megatron_shape, to_hf
 from megatron_entcov.dtypes import torch_dtype
-from megatron_entcov.logs import setup_tool_logging
 from megatron_entcov.metrics import iter_progress
-from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_output, copy_hf_side_files,
-                                                     finish_output, tmp_dir)
+from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_output, converter_parser,
+                                                     copy_hf_side_files, finish_output, run_converter, tmp_dir)
 from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
 from megatron_entcov.weights.hf_config import to_hf_config
 
@@ -294,21 +291,13 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
 
 def main_megatron_to_hf(argv: list[str] | None = None) -> int:
     """``megatron-entcov convert megatron-to-hf``: returns the exit code (2 on a bad input)."""
-    parser = argparse.ArgumentParser(prog="megatron-entcov convert megatron-to-hf",
-                                     description="Megatron dist checkpoint (any tp/pp) -> Hugging Face safetensors")
+    parser = converter_parser("megatron-to-hf", "Megatron dist checkpoint (any tp/pp) -> Hugging Face safetensors",
+                              out_help="output Hugging Face directory")
     parser.add_argument("--ckpt", required=True, help="model/ dist checkpoint, step dir, or checkpoints root")
-    parser.add_argument("--out", required=True, help="output Hugging Face directory")
-    parser.add_argument("--dtype", default=None, help="float32|bfloat16|float16; default: the checkpoint's")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--hf-config-dir", default=None, help="copy config.json and tokenizer files from here")
     parser.add_argument("--model-config", default=None, help="YAML with a model: section, if the checkpoint has none")
-    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args(argv)
-    setup_tool_logging()
-    try:
-        convert_megatron_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                               hf_config_dir=args.hf_config_dir, model_config=args.model_config, force=args.force)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_converter(lambda: convert_megatron_to_hf(
+        args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        hf_config_dir=args.hf_config_dir, model_config=args.model_config, force=args.force))

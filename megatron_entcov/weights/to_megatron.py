@@ -21,22 +21,18 @@ Command line (``tools/convert_hf_to_megatron.py`` and ``megatron-entcov convert 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
-from megatron_entcov.logs import setup_tool_logging
-from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_output, copy_hf_side_files,
-                                                     finish_output, tmp_dir)
+from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_output, converter_parser,
+                                                     copy_hf_side_files, finish_output, run_converter, tmp_dir)
 from megatron_entcov.weights.hf_checkpoint import HFCheckpoint, check_hf_checkpoint, load_hf_model_config
 from megatron_entcov.weights.shards import load_hf_weights
 
@@ -138,21 +134,13 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
 
 def main_hf_to_megatron(argv: list[str] | None = None) -> int:
     """``megatron-entcov convert hf-to-megatron``: returns the exit code (2 on a bad input)."""
-    parser = argparse.ArgumentParser(prog="megatron-entcov convert hf-to-megatron",
-                                     description="Hugging Face (Qwen2/Qwen2.5, Llama) -> Megatron dist checkpoint")
+    parser = converter_parser("hf-to-megatron", "Hugging Face (Qwen2/Qwen2.5, Llama) -> Megatron dist checkpoint",
+                              out_help="output checkpoint root (latest, step_000000/model/ ...)")
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json, safetensors)")
-    parser.add_argument("--out", required=True, help="output checkpoint root (latest, step_000000/model/ ...)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to train at (vocab padding)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train at (checked only)")
-    parser.add_argument("--dtype", default=None, help="float32|bfloat16|float16; default: the checkpoint's")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args(argv)
-    setup_tool_logging()
-    try:
-        convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, force=args.force)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_converter(lambda: convert_hf_to_megatron(
+        args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, force=args.force))

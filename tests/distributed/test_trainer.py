@@ -113,7 +113,7 @@ def _probe_worker(rank, world_size, run_dir):
 
 
 def test_sync_probe_catches_a_server_not_on_the_trainers_weights(tmp_path):
-    """The post-sync probe (sync_probe.py) at pp=2: it passes on a correct sync, and on every rank it fails when
+    """The post-sync probe (weights/probe.py) at pp=2: it passes on a correct sync, and on every rank it fails when
     the engine reports another version or computes with a tensor the trainer does not hold."""
     results = run_workers(_probe_worker, 2, args=(str(tmp_path),), timeout=300)
     for rank, res in enumerate(results):
