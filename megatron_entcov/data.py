@@ -358,7 +358,7 @@ class PromptDataset:
 
 def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
                   seed: int) -> PromptDataset:
-    """The dataset DataConfig describes; max_prompt_len = rollout.max_prompt_len, seed = run.seed."""
+    """The dataset DataConfig describes; max_prompt_len = rollout.max_prompt_len, seed = the run's top-level seed."""
     if cfg.source == "arithmetic":
         task = ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops,
                               num_operands=cfg.arithmetic_operands)
@@ -385,7 +385,7 @@ class PromptLoader:
         dataset: the PromptDataset.
         batch_size: prompts per step over all ranks (rollout.prompts_per_step); divisible by dp_size.
         dp_rank, dp_size: this rank and the data-parallel size.
-        seed: seed of the per-epoch permutations (run.seed).
+        seed: seed of the per-epoch permutations (the config's top-level seed).
         shuffle: permute each epoch (DataConfig.shuffle); ignored by the arithmetic task, whose problems are
             already random draws by index.
 

@@ -89,7 +89,8 @@ class Trainer:
         batch, exp_stats = self._experience_batch()
         clock["train"] = time.monotonic()
         batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch)       # None off the last stage
-        local = self._batch_metrics(batch, exp_stats)
+        tokens = _TokenMean(batch.loss_mask, self.ps)
+        local = self._batch_metrics(batch, exp_stats, tokens)
         num_mini = cfg.optim.num_mini_batches
         progress = Progress(f"step {self.step + 1} train", num_mini, enabled=ps.is_rank0)
         for index, mini in enumerate(batch.split(num_mini)):
@@ -100,7 +101,7 @@ class Trainer:
             progress.update()
         progress.close()
         if cfg.metrics.measure_entropy_change:
-            local.update(self._measured_entropy_change(batch))
+            local.update(self._measured_entropy_change(batch, tokens))
         clock["sync"] = time.monotonic()
         self.weight_version += 1
         sync_stats = self._sync_weights()
@@ -153,7 +154,7 @@ class Trainer:
         return loss_fn
 
     # ---------------------------------------------------------------- metrics
-    def _batch_metrics(self, batch: TrainBatch, exp_stats: dict) -> dict[str, float]:
+    def _batch_metrics(self, batch: TrainBatch, exp_stats: dict, tokens: "_TokenMean") -> dict[str, float]:
         """This rank's shares of the step's generation and token statistics (summed over ranks later)."""
         ps = self.ps
         local: dict[str, float] = {}
@@ -161,19 +162,11 @@ class Trainer:
         if ps.is_generator:
             for k, v in exp_stats.items():
                 local[k] = v if summed_over_replicas(k) else v / ps.dp_size
-        self._mask = batch.loss_mask.float()
-        counts = torch.tensor([self._mask.sum()])
-        if dist.is_initialized():
-            dist.all_reduce(counts, group=ps.dp_group)
-        self._num_tokens = float(counts)
         if ps.owns_results:
-            local["entropy/mean"] = self._masked_share(batch.old_entropy)
-            local["rollout/logprob_gap"] = self._masked_share((batch.rollout_logprobs - batch.old_logprobs).abs())
-            local["perf/tokens"] = float(self._mask.sum())
+            local["entropy/mean"] = tokens.share(batch.old_entropy)
+            local["rollout/logprob_gap"] = tokens.share((batch.rollout_logprobs - batch.old_logprobs).abs())
+            local["perf/tokens"] = tokens.local_count
         return local
-
-    def _masked_share(self, values: torch.Tensor) -> float:
-        return float((values * self._mask).sum()) / max(self._num_tokens, 1.0)
 
     def _add_update_metrics(self, local: dict[str, float], result: StepResult, num_mini: int) -> None:
         """Losses return shares of the mini-batch value: average the mini-batches."""
@@ -185,11 +178,11 @@ class Trainer:
             local["train/grad_norm"] = local.get("train/grad_norm", 0.0) + norm / num_mini
             local["train/skipped_updates"] = local.get("train/skipped_updates", 0.0) + (0.0 if result.applied else 1.0)
 
-    def _measured_entropy_change(self, batch: TrainBatch) -> dict[str, float]:
+    def _measured_entropy_change(self, batch: TrainBatch, tokens: "_TokenMean") -> dict[str, float]:
         _, new_entropy = self.actor.logprobs(batch)
         if not self.ps.owns_results:
             return {}
-        return {"entropy/delta_measured": self._masked_share(new_entropy - batch.old_entropy)}
+        return {"entropy/delta_measured": tokens.share(new_entropy - batch.old_entropy)}
 
     def _step_metrics(self, clock: dict[str, float], tokens: float) -> dict[str, float]:
         step_time = clock["end"] - clock["start"]
@@ -272,3 +265,20 @@ class Trainer:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+class _TokenMean:
+    """A token mean over the step's valid response tokens, as this rank's share: the sum over its own tokens
+    divided by the count over the data-parallel group (collective at construction), so shares add up over
+    the replicas to the global mean."""
+
+    def __init__(self, loss_mask: torch.Tensor, ps: ParallelState):
+        self.mask = loss_mask.float()
+        self.local_count = float(self.mask.sum())
+        count = torch.tensor([self.mask.sum()])
+        if dist.is_initialized():
+            dist.all_reduce(count, group=ps.dp_group)
+        self.global_count = float(count)
+
+    def share(self, values: torch.Tensor) -> float:
+        return float((values * self.mask).sum()) / max(self.global_count, 1.0)

@@ -15,7 +15,7 @@ then lower than its sampling log-prob by log(mass kept by the truncation). Impor
 log-probs are then biased; the released settings (top_p = 1, top_k = -1) avoid this.
 
 Example:
-    params = SamplingParams.from_config(cfg.sampling, seed=cfg.run.seed + step)
+    params = SamplingParams.from_config(cfg.sampling, seed=cfg.seed + step)
     samples = engine.generate(prompt_ids, params)            # list[Sample], one per prompt entry, in order
     wire = [s.to_dict() for s in samples]; back = [Sample.from_dict(d) for d in wire]
 """
