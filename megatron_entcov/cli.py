@@ -1,12 +1,14 @@
 """The `megatron-entcov` command.
 
-    megatron-entcov train      --config X.yaml [--set a.b=v ...] [--nproc N] [--resume]
-    megatron-entcov sft        --config X.yaml [--set ...] [--nproc N]
-    megatron-entcov quickstart [--config configs/quickstart.yaml] [--set ...]   SFT warm start, then RL
+    megatron-entcov train      --config X.yaml [--set a.b=v ...] [--nproc N] [--resume] [LOG]
+    megatron-entcov sft        --config X.yaml [--set ...] [--nproc N] [LOG]
+    megatron-entcov quickstart [--config configs/quickstart.yaml] [--set ...] [LOG]   SFT warm start, then RL
     megatron-entcov fit-law    RUN_DIR [--out DIR]
     megatron-entcov convert    hf-to-megatron|megatron-to-hf ...
     megatron-entcov bench      vocab-parallel|entropy-dynamics [args]
 
+LOG: `--verbose` also shows third-party internals (Megatron's config reprs, parameter lists, expected
+warnings) that are filtered by default; `--log-level debug|info|warning|error` (debug implies --verbose).
 Multi-process runs: `--nproc N` re-launches the command under torchrun on this machine; on clusters,
 launch `python -m megatron_entcov train ...` with torchrun/srun yourself (slurm/*.sbatch).
 """
@@ -14,12 +16,12 @@ launch `python -m megatron_entcov train ...` with torchrun/srun yourself (slurm/
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from megatron_entcov.logs import LEVELS, setup_logging
 from megatron_entcov.net import free_port
 
 __all__ = ["main"]
@@ -33,6 +35,11 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set loss.name=kl_cov (repeatable)")
     p.add_argument("--nproc", type=int, default=None, help="launch N local processes with torchrun")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything: third-party INFO records (Megatron config reprs, parameter lists) "
+                        "and expected library warnings, filtered by default")
+    p.add_argument("--log-level", choices=LEVELS, default="info",
+                   help="level of the run's log on rank 0 (other ranks: warning and above); debug implies --verbose")
 
 
 def _relaunch(nproc: int) -> int:
@@ -49,17 +56,6 @@ def _relaunch(nproc: int) -> int:
            str(free_port()), "-m", "megatron_entcov", *argv]
     env = dict(os.environ, MEGATRON_ENTCOV_LAUNCHED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
-
-
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
 
 
 def _load(args, resume: bool = False):
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return (_cmd_convert if args.command == "convert" else _cmd_bench)(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _setup_logging()
+    setup_logging(verbose=getattr(args, "verbose", False), level=getattr(args, "log_level", None))
     if getattr(args, "nproc", None) and args.nproc > 1 and not os.environ.get("MEGATRON_ENTCOV_LAUNCHED"):
         return _relaunch(args.nproc)
     handlers = {"train": _cmd_train, "sft": _cmd_sft, "quickstart": _cmd_quickstart, "fit-law": _cmd_fit_law}

@@ -1,27 +1,128 @@
 """Logging set-up for the command line and the tools: the project's messages at INFO, third-party noise
 filtered at its source logger (``--verbose`` shows everything).
 
+The project's own loggers are ``megatron_entcov.*``; they are never quietened. What is quietened by default
+is listed below, each entry scoped to the logger or module that emits it:
+
+* ``QUIET_LOGGERS``: third-party loggers whose INFO records are internals (a whole config repr on one line,
+  every parameter name of every gradient bucket); they are set to WARNING, so their warnings still show.
+* ``QUIET_WARNINGS``: Python warnings that are expected on this project's set-ups and ask nothing of the
+  user (deprecations inside Megatron's checkpoint loader, the Apex fallback); each filter names the module
+  the warning is attributed to, so the same warning from anywhere else still shows.
+
+``verbose=True`` (``--verbose``) drops both lists; ``level="debug"`` (``--log-level debug``) also does.
+Ranks other than 0 log at WARNING or above whatever the level, so an N-rank run prints its info once.
+
 Example:
-    setup_logging(verbose=args.verbose)        # megatron-entcov train / sft / quickstart
-    setup_tool_logging()                        # the converters
+    setup_logging(verbose=args.verbose, level=args.log_level)   # megatron-entcov train / sft / quickstart
+    setup_tool_logging()                                        # the converters
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 
-__all__ = ["setup_logging", "setup_tool_logging"]
+__all__ = ["LEVELS", "QUIET_LOGGERS", "QUIET_WARNINGS", "setup_logging", "setup_tool_logging"]
+
+LEVELS = ("debug", "info", "warning", "error")
+"""Values of ``--log-level``."""
+
+QUIET_LOGGERS: dict[str, str] = {
+    "megatron.core.distributed.distributed_data_parallel":
+        "'Setting up DistributedDataParallel with config DistributedDataParallelConfig(...)', one long line",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "'Params for bucket N': every parameter name, one line each, for every model built",
+    "megatron.core.distributed.fsdp":
+        "'Detected Megatron Core, using Megatron-FSDP' at import, though Megatron-FSDP is not used",
+    "megatron.core.optimizer":
+        "'Setting up optimizer with config OptimizerConfig(...)', one long line",
+    "megatron.core.optimizer_param_scheduler":
+        "'> learning rate decay style: ...'",
+    "tensorboard":
+        "'No path found after <event file>' when the summary writer closes",
+}
+"""Third-party logger -> what it prints at INFO; set to WARNING unless verbose."""
+
+QUIET_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # Megatron's torch checkpoint strategy calls torch's deprecated load_state_dict on every load.
+    (FutureWarning, r"megatron\.core\.dist_checkpointing\.", r""),
+    # Megatron's distributed checkpoints are built on ShardedTensor; torch's planner says so on every load.
+    (FutureWarning, r"torch\.distributed\.checkpoint\.",
+     r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    # Import-time fallbacks when Apex / Transformer Engine are not installed (the CPU path never has them).
+    (UserWarning, r"megatron\.core\.", r"Apex is not installed"),
+    (UserWarning, r"megatron\.core\.", r"Transformer Engine and Apex are not installed"),
+    # TransformerConfig's own default cuda_graph_scope="full" warns that "full" is deprecated.
+    (UserWarning, r"megatron\.core\.transformer\.transformer_config$", r"full scope is deprecated"),
+)
+"""(category, module regex, message regex) of Python warnings ignored unless verbose; the module regex must
+match the module the warning is attributed to (``warnings.filterwarnings(module=...)``)."""
+
+_HANDLER_FLAG = "_megatron_entcov_handler"
+_installed_filters: list[tuple] = []
 
 
-def setup_logging(*, verbose: bool = False) -> None:
-    """Configure the root logger for a (possibly multi-rank) run: INFO on rank 0, WARNING elsewhere."""
+def _parse_level(level: str | int | None) -> int:
+    if level is None:
+        return logging.INFO
+    if isinstance(level, int):
+        return level
+    name = level.strip().lower()
+    if name not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    return getattr(logging, name.upper())
+
+
+def _quiet_third_party(quiet: bool) -> None:
+    """Apply (quiet=True) or undo (quiet=False) QUIET_LOGGERS and QUIET_WARNINGS."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+    for entry in _installed_filters:
+        try:
+            warnings.filters.remove(entry)
+        except ValueError:
+            pass
+    _installed_filters.clear()
+    if quiet:
+        for category, module, message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+            _installed_filters.append(warnings.filters[0])
+    else:
+        mutated = getattr(warnings, "_filters_mutated", None)  # forget warnings already ignored once
+        if mutated is not None:
+            mutated()
+
+
+def _install_handler(fmt: str, datefmt: str | None) -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, _HANDLER_FLAG, False)]:
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
+    setattr(handler, _HANDLER_FLAG, True)
+    root.addHandler(handler)
+
+
+def setup_logging(*, verbose: bool = False, level: str | int | None = None) -> None:
+    """Configure logging for a (possibly multi-rank) run; safe to call again (it replaces its own handler).
+
+    level: "debug" | "info" | "warning" | "error" (default "info") on rank 0; other ranks (env RANK) log at
+    WARNING or above. verbose, or level "debug", keeps third-party INFO records and expected warnings too.
+    """
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    lvl = _parse_level(level)
+    logging.getLogger().setLevel(lvl if rank == 0 else max(lvl, logging.WARNING))
+    _install_handler(f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    _quiet_third_party(not (verbose or lvl <= logging.DEBUG))
 
 
-def setup_tool_logging() -> None:
+def setup_tool_logging(*, verbose: bool = False) -> None:
     """Configure logging for a one-process tool (the converters), unless the caller already did."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().handlers:
+        return
+    logging.getLogger().setLevel(logging.INFO)
+    _install_handler("%(asctime)s %(levelname)s %(name)s: %(message)s", None)
+    _quiet_third_party(not verbose)

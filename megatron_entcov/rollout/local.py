@@ -155,7 +155,7 @@ class LocalEngine(RolloutEngine):
         self._closed = False
         n_params = sum(p.numel() for p in self._params.values())
         logger.info("LocalEngine: %s (%.2fM params, %s, %s), max_batch_size=%d, seed=%d, attention=%s",
-                    type(model).__name__, n_params / 1e6, dtype_name, self.device, max_batch_size, seed,
+                    type(model).__name__, n_params / 1e6, dtype_name(dtype), self.device, max_batch_size, seed,
                     attn_implementation)
 
     # ------------------------------------------------------------------------------------------------ state
