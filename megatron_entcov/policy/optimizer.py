@@ -5,7 +5,9 @@ Example:
     opt, sched = build_optimizer(chunks, cfg)
     zero_grads(chunks, opt)
     run_microbatches(chunks, mbs, loss_fn, ps=ps, forward_only=False)
-    ok, grad_norm, _ = opt.step(); sched.step(1)
+    applied, grad_norm = optimizer_step(opt)      # skipped when the norm is not finite
+    if applied:
+        sched.step(1)
 """
 
 from __future__ import annotations
@@ -104,14 +106,23 @@ def optimizer_step(optimizer) -> tuple[bool, float]:
     """Step unless the global gradient norm is not finite (then nothing is applied).
 
     Megatron's fp32 optimizer has no overflow check of its own: a NaN gradient would be applied. The norm
-    is global (reduced over model- and data-parallel ranks), so every rank takes the same decision.
+    is global (reduced over model- and data-parallel ranks), so every rank takes the same decision. This is
+    Megatron's ``step()`` taken apart so the gradients are prepared and their norm reduced once per step
+    (calling ``step()`` after our own check would do both again).
 
     Returns:
         (applied, grad_norm): grad_norm before clipping; applied is False for a skipped step.
     """
-    found_inf = optimizer.prepare_grads()
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():
+        return False, float("nan")
     grad_norm = float(optimizer.get_grad_norm())
-    if found_inf or not math.isfinite(grad_norm):
+    if not math.isfinite(grad_norm):
         return False, grad_norm
-    applied, _, _ = optimizer.step()
-    return bool(applied), grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if params and part.config.clip_grad > 0.0 and not getattr(part, "is_stub_optimizer", False):
+            clip_grad_by_total_norm_fp32(params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
