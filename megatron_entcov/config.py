@@ -28,6 +28,8 @@ __all__ = [
     "ModelConfig",
     "ParallelConfig",
     "RolloutConfig",
+    "SGLangConfig",
+    "WeightSyncConfig",
     "SamplingConfig",
     "ScheduleConfig",
     "LossConfig",
@@ -42,6 +44,8 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "dump_config",
+    "server_tp",
+    "MOVED_KEYS",
 ]
 
 
@@ -75,7 +79,7 @@ def _check_choice(field_name: str, value: Any, choices: tuple) -> None:
 
 
 SYNC_PROBE_PROMPT_LEN = 8
-"""Tokens in the post-sync probe's prompt (sync_probe.py)."""
+"""Tokens in the post-sync probe's prompt (weights/probe.py)."""
 
 # --------------------------------------------------------------------------------------------------
 # Component configs
@@ -187,6 +191,89 @@ class ParallelConfig:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
 
+def server_tp(server_args: list[str] | tuple[str, ...]) -> int:
+    """GPUs per launched SGLang server: the ``--tp-size`` (or ``--tp``) in its launch flags; 1 when absent.
+
+    Raises ValueError naming ``rollout.sglang.server_args`` when the value is not a positive integer."""
+    args = list(server_args)
+    value = None
+    for i, a in enumerate(args):
+        if a in ("--tp-size", "--tp") and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(("--tp-size=", "--tp=")):
+            value = a.split("=", 1)[1]
+        else:
+            continue
+        break
+    if value is None:
+        return 1
+    try:
+        tp = int(value)
+    except ValueError:
+        tp = 0
+    if tp < 1:
+        _fail("rollout.sglang.server_args", args, f"its --tp-size {value!r} must be a positive integer")
+    return tp
+
+
+@dataclass(kw_only=True)
+class SGLangConfig:
+    """The SGLang rollout engine (rollout.engine=sglang): where its servers are, how they are launched and
+    reached, and how the weights travel to them (docs/sglang.md)."""
+
+    server_urls: list[str] = field(default_factory=list)
+    """URLs of running servers, split between data-parallel replicas (replica r gets every dp-th from r);
+    empty = each replica launches num_servers locally (or uses router_url's workers)."""
+    router_url: str = ""
+    """An sglang-router in front of the servers; generation goes through it, weight syncs go to its workers
+    (server_urls, else the router's /workers). dp=1 only."""
+    num_servers: int = 1
+    """Servers each replica launches when server_urls is empty."""
+    request_timeout_s: float = 600.0
+    """Time-out of one generate request, in seconds; a timed-out request is retried on another server."""
+    server_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of launched servers; 'auto' = cuda when this process sees a GPU, else cpu."""
+    server_args: list[str] = field(default_factory=list)
+    """More sglang.launch_server flags for launched servers, e.g. ["--tp-size", "2", "--mem-fraction-static",
+    "0.4"]."""
+    max_total_tokens: int = 0
+    """KV-cache tokens per launched server; 0 = 4096 on CPU, SGLang's own choice on GPU."""
+    max_inflight: int = 64
+    """Most generate requests in flight over one replica's servers."""
+    max_server_restarts: int = 2
+    """Restarts of a launched server that dies (it rejoins after the next weight sync); 0 = off."""
+    release_memory: bool = False
+    """Colocated GPU servers: release their GPU memory while the trainer trains and resume it around the
+    weight sync (launches with --enable-memory-saver; needs CUDA)."""
+    sync_method: Literal["disk", "distributed", "tensor"] = "disk"
+    """Weight transport: 'disk' (safetensors + update_weights_from_disk; any topology), 'distributed'
+    (gloo/NCCL broadcast group; servers on other nodes), 'tensor' (serialized tensors; colocated)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("rollout.sglang.num_servers", self.num_servers)
+        _check_positive("rollout.sglang.request_timeout_s", self.request_timeout_s)
+        _check_choice("rollout.sglang.server_device", self.server_device, ("auto", "cpu", "cuda"))
+        _check_positive("rollout.sglang.max_total_tokens", self.max_total_tokens, allow_zero=True)
+        _check_positive("rollout.sglang.max_inflight", self.max_inflight)
+        _check_positive("rollout.sglang.max_server_restarts", self.max_server_restarts, allow_zero=True)
+        _check_choice("rollout.sglang.sync_method", self.sync_method, ("disk", "distributed", "tensor"))
+        for i, arg in enumerate(self.server_args):
+            if not isinstance(arg, str):
+                _fail(f"rollout.sglang.server_args[{i}]", arg, "must be a string (one command-line token)")
+        server_tp(self.server_args)
+        if self.router_url and not str(self.router_url).startswith(("http://", "https://")):
+            _fail("rollout.sglang.router_url", self.router_url,
+                  "must be an http(s):// URL, e.g. http://router-node:30000")
+        for i, url in enumerate(self.server_urls):
+            if not str(url).startswith(("http://", "https://")):
+                _fail(f"rollout.sglang.server_urls[{i}]", url,
+                      "must be an http(s):// URL, e.g. http://rollout-node:30000")
+        if self.release_memory and self.server_device == "cpu":
+            _fail("rollout.sglang.release_memory", self.release_memory,
+                  "needs GPU servers (SGLang's memory saver is CUDA-only); set rollout.sglang.server_device=cuda "
+                  "or false")
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     """Where rollouts come from and how many."""
@@ -204,72 +291,39 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal (no signal) and refill from new prompts (DAPO)."""
     max_refill_rounds: int = 4
     """With dynamic_sampling, the most extra generation rounds per step before training on what is there."""
-    server_urls: list[str] = field(default_factory=list)
-    """SGLang engine: URLs of running servers, split between data-parallel replicas (replica r gets every dp-th
-    from r); empty = each replica launches num_servers locally (or uses router_url's workers)."""
-    router_url: str = ""
-    """SGLang engine: an sglang-router in front of the servers; generation goes through it, weight syncs go to its
-    workers (server_urls, else the router's /workers). dp=1 only."""
-    num_servers: int = 1
-    """SGLang engine: servers to launch when server_urls is empty."""
-    request_timeout_s: float = 600.0
-    """SGLang engine: time-out of one generate request, in seconds."""
-    sync_bucket_mb: float = 256.0
-    """Weight sync: the most megabytes of full (gathered) tensors held and sent at once."""
-    sync_method: Literal["disk", "distributed", "tensor"] = "disk"
-    """SGLang engine weight transport: 'disk' (safetensors + update_weights_from_disk; any topology),
-    'distributed' (gloo/NCCL broadcast group; servers on other nodes), 'tensor' (serialized tensors; colocated)."""
-    sync_verify: Literal["probe", "version"] = "probe"
-    """Check of every weight sync: 'version' = each server reports the trainer's weight version; 'probe' = that,
-    and each server's log-probs on a fixed probe prompt match the trainer's within sync_verify_tol."""
-    sync_verify_tol: float = 1e-3
-    """Largest |server - trainer| log-prob gap the probe accepts. float32 servers on CPU agree to ~1e-6; bf16
-    GPU servers differ by up to ~0.05 per token, so raise it there (0.1 still catches a tensor not loaded)."""
-    sync_probe_tokens: int = 16
-    """Tokens each server generates for the probe."""
-    server_device: Literal["auto", "cpu", "cuda"] = "auto"
-    """SGLang engine: device of launched servers; 'auto' = cuda when this process sees a GPU, else cpu."""
-    server_args: list[str] = field(default_factory=list)
-    """SGLang engine: more sglang.launch_server flags for launched servers, e.g. ["--tp-size", "2",
-    "--mem-fraction-static", "0.4"]."""
-    max_total_tokens: int = 0
-    """SGLang engine: KV-cache tokens per launched server; 0 = 4096 on CPU, SGLang's own choice on GPU."""
-    max_inflight: int = 64
-    """SGLang engine: most generate requests in flight over one replica's servers."""
-    max_server_restarts: int = 2
-    """SGLang engine: restarts of a launched server that dies (it rejoins after the next weight sync); 0 = off."""
-    release_memory: bool = False
-    """SGLang engine, colocated GPU servers: release their GPU memory while the trainer trains and resume it
-    around the weight sync (launches with --enable-memory-saver; needs CUDA)."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    """The SGLang engine's servers and weight transport (used when engine is 'sglang')."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.engine", self.engine, ("local", "sglang"))
-        for name in ("prompts_per_step", "n_samples_per_prompt", "max_prompt_len", "num_servers"):
+        for name in ("prompts_per_step", "n_samples_per_prompt", "max_prompt_len"):
             _check_positive(f"rollout.{name}", getattr(self, name))
         _check_positive("rollout.max_refill_rounds", self.max_refill_rounds, allow_zero=True)
-        _check_positive("rollout.request_timeout_s", self.request_timeout_s)
-        _check_positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
-        _check_choice("rollout.sync_method", self.sync_method, ("disk", "distributed", "tensor"))
-        _check_choice("rollout.sync_verify", self.sync_verify, ("probe", "version"))
-        _check_positive("rollout.sync_verify_tol", self.sync_verify_tol)
-        _check_positive("rollout.sync_probe_tokens", self.sync_probe_tokens)
-        _check_choice("rollout.server_device", self.server_device, ("auto", "cpu", "cuda"))
-        _check_positive("rollout.max_total_tokens", self.max_total_tokens, allow_zero=True)
-        _check_positive("rollout.max_inflight", self.max_inflight)
-        _check_positive("rollout.max_server_restarts", self.max_server_restarts, allow_zero=True)
-        for i, arg in enumerate(self.server_args):
-            if not isinstance(arg, str):
-                _fail(f"rollout.server_args[{i}]", arg, "must be a string (one command-line token)")
-        if self.router_url and not str(self.router_url).startswith(("http://", "https://")):
-            _fail("rollout.router_url", self.router_url, "must be an http(s):// URL, e.g. http://router-node:30000")
-        for i, url in enumerate(self.server_urls):
-            if not str(url).startswith(("http://", "https://")):
-                _fail(f"rollout.server_urls[{i}]", url, "must be an http(s):// URL, e.g. http://rollout-node:30000")
-        if self.release_memory and self.engine != "sglang":
-            _fail("rollout.release_memory", self.release_memory, "applies to rollout.engine=sglang only; set false")
-        if self.release_memory and self.server_device == "cpu":
-            _fail("rollout.release_memory", self.release_memory,
-                  "needs GPU servers (SGLang's memory saver is CUDA-only); set rollout.server_device=cuda or false")
+        if self.sglang.release_memory and self.engine != "sglang":
+            _fail("rollout.sglang.release_memory", self.sglang.release_memory,
+                  "applies to rollout.engine=sglang only; set false")
+
+
+@dataclass(kw_only=True)
+class WeightSyncConfig:
+    """Pushing the trainer's weights to the rollout engine after each step, and checking they arrived."""
+
+    bucket_mb: float = 256.0
+    """The most megabytes of full (gathered) tensors held and sent at once."""
+    verify: Literal["probe", "version"] = "probe"
+    """Check of every sync: 'version' = each server reports the trainer's weight version; 'probe' = that, and
+    each server's log-probs on a fixed probe prompt match the trainer's within verify_tol (weights/probe.py)."""
+    verify_tol: float = 1e-3
+    """Largest |server - trainer| log-prob gap the probe accepts. float32 servers on CPU agree to ~1e-6; bf16
+    GPU servers differ by up to ~0.05 per token, so raise it there (0.1 still catches a tensor not loaded)."""
+    probe_tokens: int = 16
+    """Tokens each server generates for the probe."""
+
+    def __post_init__(self) -> None:
+        _check_positive("weight_sync.bucket_mb", self.bucket_mb)
+        _check_choice("weight_sync.verify", self.verify, ("probe", "version"))
+        _check_positive("weight_sync.verify_tol", self.verify_tol)
+        _check_positive("weight_sync.probe_tokens", self.probe_tokens)
 
 
 @dataclass(kw_only=True)
@@ -480,7 +534,7 @@ class DataConfig:
     arithmetic_operands: int = 2
     """Synthetic task difficulty: operands per problem (>= 2)."""
     shuffle: bool = True
-    """Shuffle the prompt order (with run.seed) every epoch."""
+    """Shuffle the prompt order (with the top-level seed) every epoch."""
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("arithmetic", "file"))
@@ -572,6 +626,8 @@ class RunConfig:
     """Parallel layout."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine and batch shape."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Weight push to the rollout engine after each step, and its check."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling parameters."""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -617,21 +673,20 @@ class RunConfig:
             _fail("model.max_position_embeddings", m.max_position_embeddings,
                   f"must be >= rollout.max_prompt_len + sampling.max_new_tokens = "
                   f"{self.rollout.max_prompt_len + self.sampling.max_new_tokens}")
-        r = self.rollout
-        if r.sync_verify == "probe" and SYNC_PROBE_PROMPT_LEN + r.sync_probe_tokens > m.max_position_embeddings:
-            _fail("rollout.sync_probe_tokens", r.sync_probe_tokens,
-                  f"the probe ({SYNC_PROBE_PROMPT_LEN} prompt tokens + sync_probe_tokens) must fit in "
+        w = self.weight_sync
+        if w.verify == "probe" and SYNC_PROBE_PROMPT_LEN + w.probe_tokens > m.max_position_embeddings:
+            _fail("weight_sync.probe_tokens", w.probe_tokens,
+                  f"the probe ({SYNC_PROBE_PROMPT_LEN} prompt tokens + probe_tokens) must fit in "
                   f"model.max_position_embeddings={m.max_position_embeddings}; lower it")
-        if r.engine == "sglang" and r.server_device == "cuda" and not r.server_urls and not r.router_url:
-            from megatron_entcov.rollout.sglang.placement import server_tp
-
-            need = r.num_servers * server_tp(r.server_args)
+        r, sg = self.rollout, self.rollout.sglang
+        if r.engine == "sglang" and sg.server_device == "cuda" and not sg.server_urls and not sg.router_url:
+            need = sg.num_servers * server_tp(sg.server_args)
             if need > tp * pp:
-                _fail("rollout.num_servers", r.num_servers,
-                      f"launched GPU servers go on their replica's own GPUs: {r.num_servers} servers x "
-                      f"{server_tp(r.server_args)} GPUs (rollout.server_args --tp-size) = {need} > the replica's "
-                      f"parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}; launch "
-                      "fewer or smaller servers, or start them elsewhere (rollout.server_urls)")
+                _fail("rollout.sglang.num_servers", sg.num_servers,
+                      f"launched GPU servers go on their replica's own GPUs: {sg.num_servers} servers x "
+                      f"{server_tp(sg.server_args)} GPUs (rollout.sglang.server_args --tp-size) = {need} > the "
+                      f"replica's parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}; "
+                      "launch fewer or smaller servers, or start them elsewhere (rollout.sglang.server_urls)")
 
     def resolve(self, world_size: int) -> "RunConfig":
         """Check the layout against the world size and fill the derived fields. Returns self."""
@@ -726,10 +781,27 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {path}")
 
 
+MOVED_KEYS = {
+    **{f"rollout.{k}": f"rollout.sglang.{k}" for k in (
+        "server_urls", "router_url", "num_servers", "request_timeout_s", "server_device", "server_args",
+        "max_total_tokens", "max_inflight", "max_server_restarts", "release_memory", "sync_method")},
+    "rollout.sync_bucket_mb": "weight_sync.bucket_mb",
+    "rollout.sync_verify": "weight_sync.verify",
+    "rollout.sync_verify_tol": "weight_sync.verify_tol",
+    "rollout.sync_probe_tokens": "weight_sync.probe_tokens",
+}
+"""Old dotted key -> its new place; a config (YAML or --set) still using an old key fails naming the new one."""
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
+    moved = [f"{prefix}.{k}" if prefix else k for k in unknown]
+    moved = [(old, MOVED_KEYS[old]) for old in moved if old in MOVED_KEYS]
+    if moved:
+        raise ValueError("; ".join(f"{old} moved: use {new}" for old, new in moved)
+                         + " (the config sections were regrouped; see configs/README.md)")
     if unknown:
         where = prefix or "top level"
         raise ValueError(f"unknown config key(s) {', '.join(repr(k) for k in unknown)} in {where}; "

@@ -73,7 +73,7 @@ class Trainer:
             if ps.is_generator and self.engine is None:
                 self.engine = build_engine(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
         self.weight_sync = WeightSync(self.actor.chunks, cfg.model, ps,
-                                      bucket_bytes=int(cfg.rollout.sync_bucket_mb * 2**20))
+                                      bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,
                                      log_interval=cfg.metrics.log_interval)
         self.law = OnlineEntropyLaw(min_points=cfg.metrics.law_fit_min_points)
@@ -128,7 +128,7 @@ class Trainer:
                                  dp_rank=self.ps.dp_rank)
         exp.stats.update(server_throughput(before, self.engine.server_stats(), exp.stats["perf/rollout_time(s)"],
                                            self.ps.dp_rank, self.ps.dp_size))
-        if self.cfg.rollout.release_memory:           # colocated GPU servers: the trainer gets their memory
+        if self.cfg.rollout.sglang.release_memory:    # colocated GPU servers: the trainer gets their memory
             self.engine.release_memory()
         return exp
 
@@ -196,9 +196,9 @@ class Trainer:
     # ---------------------------------------------------------------- weights and state
     def _sync_weights(self) -> dict[str, float]:
         """Push the weights to the engine (colocated servers get their weight memory back first and their
-        KV cache after), then verify the sync (weights/probe.py) when rollout.sync_verify is 'probe'."""
+        KV cache after), then verify the sync (weights/probe.py) when weight_sync.verify is 'probe'."""
         engine = self.engine if self.ps.is_generator else None
-        release = self.cfg.rollout.release_memory
+        release = self.cfg.rollout.sglang.release_memory
         t0 = time.monotonic()
         nbytes = self.weight_sync.push(engine, self.weight_version,
                                        prepare=(lambda: engine.resume_memory(["weights"])) if release else None)
@@ -208,7 +208,7 @@ class Trainer:
                 if engine is not None:
                     engine.resume_memory()
         stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
-        if self.cfg.rollout.sync_verify == "probe":
+        if self.cfg.weight_sync.verify == "probe":
             t1 = time.monotonic()
             stats.update(verify_sync(engine, self.actor.policy, self.ps, self.cfg, version=self.weight_version,
                                      vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)))

@@ -44,7 +44,7 @@ $(SGLANG_VENV)/.installed:
 	$(SGLANG_PY) -c 'import torch, sglang.srt.entrypoints.http_server; assert torch.__version__.startswith("$(SGLANG_TORCH)"), torch.__version__'
 	touch $@
 
-# sglang-router (a Rust binary wheel) in the same venv: the engine's rollout.router_url path is tested with it.
+# sglang-router (a Rust binary wheel) in the same venv: the engine's rollout.sglang.router_url path is tested with it.
 # A separate stamp, so a venv cached before the router was added gets it without a rebuild.
 $(SGLANG_VENV)/.router-$(SGLANG_ROUTER_VERSION): $(SGLANG_VENV)/.installed
 	$(SGLANG_PY) -m pip install -q --no-deps "sglang-router==$(SGLANG_ROUTER_VERSION)"

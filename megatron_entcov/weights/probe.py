@@ -2,7 +2,7 @@
 
 A version number only says a server was told about a sync. The probe says the new weights are the ones it
 computes with: after the sync, every server (``engine.probe``; one sample per server, no failover) samples
-``rollout.sync_probe_tokens`` tokens from a fixed probe prompt, and the trainer recomputes the log-probs of
+``weight_sync.probe_tokens`` tokens from a fixed probe prompt, and the trainer recomputes the log-probs of
 exactly those tokens with its own (just synced) weights. A tensor that was not loaded, loaded into the wrong
 place, or a server left on older weights shows up as a gap far above float rounding; the run stops with the
 servers and gaps named, before a single rollout uses the wrong weights. ``sync/probe_gap`` is logged every
@@ -11,7 +11,7 @@ step either way.
 The probe needs no reference weights and holds for any server layout (tensor-parallel servers, fused QKV,
 any transport), unlike a parameter checksum, whose names and shards are server-internal. What it cannot do
 is tell one optimizer step's drift from bf16 noise on a large model: there it confirms the right tensors went
-to the right places, and the version check confirms the step (``rollout.sync_verify_tol`` documents the
+to the right places, and the version check confirms the step (``weight_sync.verify_tol`` documents the
 scales).
 
 Collective over the world: every rank calls ``verify_sync`` after the sync; generating ranks query their
@@ -59,14 +59,14 @@ def probe_prompt(vocab_limit: int, length: int = PROBE_PROMPT_LEN, seed: int = 0
 
 def _query(engine, cfg: "RunConfig", version: int, vocab_limit: int) -> list[tuple[str, Sample]]:
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=1.0, top_k=-1,
-                            max_new_tokens=cfg.rollout.sync_probe_tokens, seed=version)
+                            max_new_tokens=cfg.weight_sync.probe_tokens, seed=version)
     return engine.probe(probe_prompt(vocab_limit, seed=cfg.seed), params)
 
 
 def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunConfig", *, version: int,
                 vocab_limit: int) -> dict[str, float]:
     """Probe every server after the sync to ``version``; raises SyncVerificationError on every rank when a
-    server's gap exceeds ``cfg.rollout.sync_verify_tol`` or it reports another version.
+    server's gap exceeds ``cfg.weight_sync.verify_tol`` or it reports another version.
 
     Args:
         engine: this rank's engine (None on ranks that do not generate).
@@ -76,7 +76,7 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
         {'sync/probe_gap': largest |server - trainer| log-prob over all servers and probe tokens,
          'sync/probe_tokens': probe tokens compared (all replicas)}
     """
-    tol = cfg.rollout.sync_verify_tol
+    tol = cfg.weight_sync.verify_tol
     payload: list = [None]
     with fail_together(f"the weight-sync probe at version {version}"):
         if engine is not None:
@@ -120,10 +120,10 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
             detail = "see the generating rank's error for the servers"
         raise SyncVerificationError(
             f"weight sync to version {version} failed its probe: largest |server - trainer| log-prob gap {gap:.3g} "
-            f"(rollout.sync_verify_tol={tol:g}){', a server reports another version' if bad_version else ''} "
+            f"(weight_sync.verify_tol={tol:g}){', a server reports another version' if bad_version else ''} "
             f"[{detail}]. The servers do not compute with the trainer's weights: a tensor not loaded or loaded "
             "into the wrong place, a stale server, or a dtype mismatch (bf16 servers need a larger "
-            "rollout.sync_verify_tol, see configs/README.md)")
+            "weight_sync.verify_tol, see configs/README.md)")
     if tokens == 0:
         logger.warning("weight sync probe: every probe response was empty (end-of-sequence at once); nothing "
                        "compared at version %d", version)

@@ -87,7 +87,7 @@ def _probe_worker(rank, world_size, run_dir):
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["parallel.pipeline_model_parallel_size=2", "steps=1", f"output_dir={run_dir}",
-                                    "name=probe", "rollout.sync_probe_tokens=8"]).resolve(world_size)
+                                    "name=probe", "weight_sync.probe_tokens=8"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)                 # its initial sync passed the probe, or this raised
     vocab = min(len(trainer.tokenizer), cfg.model.vocab_size)

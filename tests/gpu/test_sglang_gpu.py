@@ -62,11 +62,13 @@ def model_dirs(tmp_path_factory, tiny_cfg):
     return out
 
 
-def _engine(cfg, model_dir, tmp_path, **kw):
+def _engine(cfg, model_dir, tmp_path, **sglang_fields):
+    from megatron_entcov.config import SGLangConfig
     from megatron_entcov.rollout.sglang import SGLangEngine
 
-    return SGLangEngine(cfg, model_dir=model_dir, device="cuda", server_python=_gpu_server_python(),
-                        max_total_tokens=None, server_args=GPU_ARGS, request_timeout_s=120, log_dir=tmp_path, **kw)
+    sglang = SGLangConfig(server_device="cuda", server_args=GPU_ARGS, request_timeout_s=120, max_inflight=32,
+                          **sglang_fields)
+    return SGLangEngine(cfg, sglang, model_dir=model_dir, server_python=_gpu_server_python(), log_dir=tmp_path)
 
 
 def _cuda_buckets(model_dir, size=3):
@@ -154,16 +156,17 @@ def test_colocated_rl_steps_release_memory_and_sync_by_cuda_ipc(tmp_path):
         "model.max_position_embeddings=64", "model.add_qkv_bias=true", "parallel.backend=nccl",
         "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
         "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=1e-2",
-        "loss.name=clip_cov", "loss.entropy_coef=0.01", "rollout.engine=sglang", "rollout.server_device=cuda",
-        "rollout.release_memory=true", "rollout.sync_method=tensor",
-        "rollout.server_args=[--attention-backend, torch_native, --sampling-backend, pytorch, --disable-cuda-graph, "
-        "--mem-fraction-static, '0.15']", "steps=2", f"output_dir={tmp_path}", "name=colocated"]).resolve(1)
+        "loss.name=clip_cov", "loss.entropy_coef=0.01", "rollout.engine=sglang", "rollout.sglang.server_device=cuda",
+        "rollout.sglang.release_memory=true", "rollout.sglang.sync_method=tensor",
+        "rollout.sglang.server_args=[--attention-backend, torch_native, --sampling-backend, pytorch, "
+        "--disable-cuda-graph, --mem-fraction-static, '0.15']", "steps=2", f"output_dir={tmp_path}",
+        "name=colocated"]).resolve(1)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)
     try:
         metrics = [trainer.train_step() for _ in range(2)]
         for m in metrics:
-            assert m["rollout/logprob_gap"] < 1e-3 and m["sync/probe_gap"] < cfg.rollout.sync_verify_tol, m
+            assert m["rollout/logprob_gap"] < 1e-3 and m["sync/probe_gap"] < cfg.weight_sync.verify_tol, m
         assert trainer.engine.health()["weight_version"] == trainer.weight_version == 2
     finally:
         trainer.close()

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_entcov.config import ModelConfig  # noqa: E402
+from megatron_entcov.config import ModelConfig, SGLangConfig  # noqa: E402
 from megatron_entcov.rollout.sglang import SGLangEngine  # noqa: E402
 from megatron_entcov.rollout.sglang.server import write_hf_model_dir  # noqa: E402
 from megatron_entcov.rollout.types import SamplingParams  # noqa: E402
@@ -51,7 +51,8 @@ def main() -> None:
             size += t.numel() * 4
         buckets.append(cur)
         t0 = time.monotonic()
-        eng = SGLangEngine(cfg, model_dir=model_dir, num_servers=1, sync_method="disk")
+        eng = SGLangEngine(cfg, SGLangConfig(server_device="cpu", num_servers=1, sync_method="disk"),
+                           model_dir=model_dir)
         print(f"start-up: {time.monotonic() - t0:.1f} s (server ready {eng.startup_s[0]:.1f} s)")
         try:
             prompts = [[2, 5 + i % 10, 14, 4 + (3 * i) % 10, 17] for i in range(args.prompts)]
@@ -64,7 +65,8 @@ def main() -> None:
             print(f"generate: {len(out)} prompts x {args.new_tokens} tokens: {n / dt:.0f} tokens/s ({dt:.2f} s)")
             urls = [s.url for s in eng.servers]
             for method in ("disk", "distributed", "tensor"):
-                other = eng if method == "disk" else SGLangEngine(cfg, server_urls=urls, sync_method=method)
+                other = eng if method == "disk" else SGLangEngine(
+                    cfg, SGLangConfig(server_device="cpu", server_urls=urls, sync_method=method))
                 for rep in range(2):
                     v = other.weight_version + 1
                     other.update_weights(iter(buckets), version=v)

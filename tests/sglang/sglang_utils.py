@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_entcov.config import SGLangConfig
+
+
+def cpu_servers(**fields) -> SGLangConfig:
+    """The engine's ``rollout.sglang`` section for CPU servers (its default device, 'auto', would launch on a
+    GPU where there is one, with this venv's CPU-only SGLang)."""
+    return SGLangConfig(server_device="cpu", **fields)
+
 
 def load_state_dict(model_dir: Path) -> dict:
     from safetensors.torch import load_file

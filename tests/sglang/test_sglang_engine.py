@@ -15,7 +15,7 @@ import torch
 
 from megatron_entcov.rollout.sglang import SGLangEngine
 from megatron_entcov.rollout.types import SamplingParams
-from sglang_utils import buckets, load_state_dict
+from sglang_utils import buckets, cpu_servers, load_state_dict
 
 pytestmark = pytest.mark.sglang
 
@@ -28,8 +28,8 @@ LOGPROB_TOL = 1e-4      # float32 server vs float32 transformers forward; measur
 
 @pytest.fixture(scope="module")
 def engine_a(tiny_cfg, model_dirs, tmp_path_factory):
-    eng = SGLangEngine(tiny_cfg, model_dir=model_dirs["a"], num_servers=1, request_timeout_s=120,
-                       log_dir=tmp_path_factory.mktemp("logs_a"))
+    eng = SGLangEngine(tiny_cfg, cpu_servers(num_servers=1, request_timeout_s=120, max_inflight=32),
+                       model_dir=model_dirs["a"], log_dir=tmp_path_factory.mktemp("logs_a"))
     print(f"\n[sglang] server start-up: {eng.startup_s[0]:.1f} s")
     yield eng
     eng.close()
@@ -38,8 +38,8 @@ def engine_a(tiny_cfg, model_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine_b(tiny_cfg, model_dirs, tmp_path_factory):
     """The reference: a server started from weights 'b' on disk."""
-    eng = SGLangEngine(tiny_cfg, model_dir=model_dirs["b"], num_servers=1, request_timeout_s=120,
-                       log_dir=tmp_path_factory.mktemp("logs_b"))
+    eng = SGLangEngine(tiny_cfg, cpu_servers(num_servers=1, request_timeout_s=120, max_inflight=32),
+                       model_dir=model_dirs["b"], log_dir=tmp_path_factory.mktemp("logs_b"))
     yield eng
     eng.close()
 
@@ -146,7 +146,7 @@ def test_update_weights_by_method_matches_server_started_from_disk(method, engin
                                                                    tiny_cfg):
     # A second engine on the same running server (the server_urls path); 'distributed' syncs through a gloo
     # group, 'tensor' through shared memory.
-    eng = SGLangEngine(tiny_cfg, server_urls=[engine_a.servers[0].url], sync_method=method)
+    eng = SGLangEngine(tiny_cfg, cpu_servers(server_urls=[engine_a.servers[0].url], sync_method=method))
     try:
         v = eng.weight_version
         assert v == engine_a.weight_version
@@ -166,13 +166,13 @@ def test_update_weights_by_method_matches_server_started_from_disk(method, engin
 
 
 def test_generation_through_an_sglang_router(engine_a, greedy_refs, model_dirs, tiny_cfg, tmp_path):
-    """rollout.router_url: generation goes through a real sglang-router; the weight sync goes to its worker
+    """rollout.sglang.router_url: generation goes through a real sglang-router; the weight sync goes to its worker
     (found at the router's /workers), which the router then serves from."""
     from sglang_utils import Router
 
     worker = engine_a.servers[0].url
     with Router([worker], tmp_path / "router.log") as router:
-        eng = SGLangEngine(tiny_cfg, router_url=router.url)
+        eng = SGLangEngine(tiny_cfg, cpu_servers(router_url=router.url))
         try:
             assert [s.url for s in eng.servers] == [worker]
             v = eng.weight_version

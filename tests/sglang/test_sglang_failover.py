@@ -21,11 +21,12 @@ PROMPTS = [[2, 5 + i % 10, 14, 4 + (3 * i) % 10, 17] for i in range(24)]
 
 
 def test_killed_server_loses_no_sample_and_is_restarted(tiny_cfg, model_dirs, tmp_path):
-    from sglang_utils import buckets, load_state_dict
+    from sglang_utils import buckets, cpu_servers, load_state_dict
 
     # max_inflight=4: requests go out in waves, so the kill lands mid-rollout with work left on both servers.
-    eng = SGLangEngine(tiny_cfg, model_dir=model_dirs["a"], num_servers=2, max_inflight=4, request_timeout_s=120,
-                       backoff_s=0.2, max_restarts=1, log_dir=tmp_path)
+    eng = SGLangEngine(tiny_cfg, cpu_servers(num_servers=2, max_inflight=4, request_timeout_s=120,
+                                             max_server_restarts=1),
+                       model_dir=model_dirs["a"], backoff_s=0.2, log_dir=tmp_path)
     try:
         eng.update_weights(buckets(load_state_dict(model_dirs["b"])), version=1)
         params = SamplingParams(temperature=1.0, max_new_tokens=64, seed=5)

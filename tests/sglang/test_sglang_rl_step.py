@@ -32,8 +32,11 @@ def _rl_step_worker(rank, world_size, run_dir, method):
 
     cfg = load_config(None, TINY + ["steps=2", f"output_dir={run_dir}", "name=sglang"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
-    engine = SGLangEngine(cfg.model, num_servers=1, sync_method=method, seed=cfg.seed,
-                          request_timeout_s=cfg.rollout.request_timeout_s, log_dir=f"{run_dir}/sglang_logs")
+    from sglang_utils import cpu_servers
+
+    engine = SGLangEngine(cfg.model, cpu_servers(num_servers=1, sync_method=method, max_inflight=32,
+                                                 request_timeout_s=cfg.rollout.sglang.request_timeout_s),
+                          seed=cfg.seed, log_dir=f"{run_dir}/sglang_logs")
     trainer = Trainer(cfg, ps, engine=engine)       # syncs its weights to the server (version 0)
     metrics = [trainer.train_step() for _ in range(2)]   # each step ends with a sync (version += 1)
     health = engine.health()
@@ -63,7 +66,8 @@ def _dp_worker(rank, world_size, run_dir):
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["steps=1", f"output_dir={run_dir}", "name=sglang_dp2", "rollout.engine=sglang",
-                                    "rollout.num_servers=1", "rollout.request_timeout_s=120"]).resolve(world_size)
+                                    "rollout.sglang.num_servers=1", "rollout.sglang.request_timeout_s=120",
+                                    "rollout.sglang.server_device=cpu"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)            # each replica's generating rank launches its own server (from_config)
     metrics = trainer.train_step()

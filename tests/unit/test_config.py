@@ -6,7 +6,10 @@ import pytest
 import yaml
 
 from megatron_entcov.config import (
+    MOVED_KEYS,
     RunConfig,
+    SGLangConfig,
+    WeightSyncConfig,
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -26,12 +29,20 @@ def test_defaults_are_valid_and_documented():
 
     from megatron_entcov import config as config_mod
 
-    for section in [RunConfig] + [type(getattr(cfg, f.name)) for f in dataclasses.fields(RunConfig)
-                                  if dataclasses.is_dataclass(getattr(cfg, f.name))]:
+    def sections(obj):            # every nested section, depth first (rollout.sglang included)
+        yield type(obj)
+        for f in dataclasses.fields(obj):
+            if dataclasses.is_dataclass(getattr(obj, f.name)):
+                yield from sections(getattr(obj, f.name))
+
+    seen = set()
+    for section in sections(cfg):
+        seen.add(section)
         src = inspect.getsource(section)
         for f in dataclasses.fields(section):
             after = src.split(f"\n    {f.name}:", 1)[1].split("\n", 2)[1].strip()
             assert after.startswith('"""'), f"{section.__name__}.{f.name} has no docstring line"
+    assert {SGLangConfig, WeightSyncConfig} <= seen
     assert config_mod.__doc__
 
 
@@ -65,25 +76,85 @@ def test_yaml_and_overrides(tmp_path):
     (["sampling.top_p=0"], r"sampling.top_p=0.0 is invalid"),
     (["data.source=file"], r"data.path=None is invalid: data.source='file' needs a jsonl or parquet path"),
     (["rollout.engine=vllm"], r"rollout.engine='vllm' is invalid"),
-    (["rollout.sync_verify=checksum"], r"rollout.sync_verify='checksum' is invalid: choose one of 'probe', 'version'"),
-    (["rollout.sync_verify_tol=0"], r"rollout.sync_verify_tol=0.0 is invalid: must be > 0"),
-    (["rollout.server_device=tpu"], r"rollout.server_device='tpu' is invalid"),
-    (["rollout.max_server_restarts=-1"], r"rollout.max_server_restarts=-1 is invalid: must be >= 0"),
-    (["rollout.release_memory=true"], r"rollout.release_memory=True is invalid: applies to rollout.engine=sglang"),
-    (["rollout.engine=sglang", "rollout.release_memory=true", "rollout.server_device=cpu"],
-     r"rollout.release_memory=True is invalid: needs GPU servers .* rollout.server_device=cuda"),
-    (["rollout.sync_probe_tokens=100000"], r"rollout.sync_probe_tokens=100000 is invalid: the probe \(8 prompt tokens"),
-    (["rollout.engine=sglang", "rollout.server_device=cuda", "rollout.num_servers=2"],
-     r"rollout.num_servers=2 is invalid: launched GPU servers go on their replica's own GPUs: 2 servers x 1"),
-    (["rollout.router_url=router:30000"], r"rollout.router_url='router:30000' is invalid: must be an http"),
-    (["rollout.server_urls=[node:1]"], r"rollout.server_urls\[0\]='node:1' is invalid: must be an http"),
-    (["rollout.server_args=[--tp-size, 2]"], r"rollout.server_args\[1\]=2 has the wrong type: expected a string"),
+    (["weight_sync.verify=checksum"], r"weight_sync.verify='checksum' is invalid: choose one of 'probe', 'version'"),
+    (["weight_sync.verify_tol=0"], r"weight_sync.verify_tol=0.0 is invalid: must be > 0"),
+    (["weight_sync.bucket_mb=-1"], r"weight_sync.bucket_mb=-1.0 is invalid: must be > 0"),
+    (["rollout.sglang.server_device=tpu"], r"rollout.sglang.server_device='tpu' is invalid"),
+    (["rollout.sglang.max_server_restarts=-1"], r"rollout.sglang.max_server_restarts=-1 is invalid: must be >= 0"),
+    (["rollout.sglang.num_servers=0"], r"rollout.sglang.num_servers=0 is invalid: must be > 0"),
+    (["rollout.sglang.sync_method=nfs"], r"rollout.sglang.sync_method='nfs' is invalid: choose one of 'disk'"),
+    (["rollout.sglang.release_memory=true"],
+     r"rollout.sglang.release_memory=True is invalid: applies to rollout.engine=sglang"),
+    (["rollout.engine=sglang", "rollout.sglang.release_memory=true", "rollout.sglang.server_device=cpu"],
+     r"rollout.sglang.release_memory=True is invalid: needs GPU servers .* rollout.sglang.server_device=cuda"),
+    (["weight_sync.probe_tokens=100000"], r"weight_sync.probe_tokens=100000 is invalid: the probe \(8 prompt tokens"),
+    (["rollout.engine=sglang", "rollout.sglang.server_device=cuda", "rollout.sglang.num_servers=2"],
+     r"rollout.sglang.num_servers=2 is invalid: launched GPU servers go on their replica's own GPUs: 2 servers x 1"),
+    (["rollout.sglang.router_url=router:30000"], r"rollout.sglang.router_url='router:30000' is invalid: must be an"),
+    (["rollout.sglang.server_urls=[node:1]"], r"rollout.sglang.server_urls\[0\]='node:1' is invalid: must be an"),
+    (["rollout.sglang.server_args=[--tp-size, 2]"],
+     r"rollout.sglang.server_args\[1\]=2 has the wrong type: expected a string"),
+    (["rollout.sglang.server_args=[--tp-size, two]"],
+     r"rollout.sglang.server_args=\['--tp-size', 'two'\] is invalid: its --tp-size 'two' must be a positive"),
     (["model.max_position_embeddings=16"], r"model.max_position_embeddings=16 is invalid: must be >= "
                                            r"rollout.max_prompt_len"),
 ])
 def test_bad_values_name_field_value_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))
+def test_moved_keys_fail_naming_the_new_key(old, new, tmp_path):
+    """Every key that moved fails, in a YAML file and in --set alike, with its new place named; the new key
+    takes the same value."""
+    value = {"server_urls": "[http://a:1]", "server_args": "[--tp-size, '1']", "router_url": "http://r:1",
+             "server_device": "cpu", "sync_method": "tensor", "release_memory": "true",
+             "sync_verify": "version"}.get(old.rsplit(".", 1)[1], "3")
+    message = rf"{old} moved: use {new} \(the config sections were regrouped"
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [f"{old}={value}"])
+    section, key = old.split(".")
+    (tmp_path / "old.yaml").write_text(f"# test\n{section}:\n  {key}: {value}\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(tmp_path / "old.yaml")
+    cfg, default = load_config(None, ["rollout.engine=sglang", f"{new}={value}"]), RunConfig()
+    for part in new.split("."):
+        cfg, default = getattr(cfg, part), getattr(default, part)
+    assert cfg == yaml.safe_load(value) != default
+
+
+def test_two_moved_keys_are_both_named():
+    with pytest.raises(ValueError, match=r"rollout.num_servers moved: use rollout.sglang.num_servers; "
+                                         r"rollout.sync_bucket_mb moved: use weight_sync.bucket_mb"):
+        load_config(None, ["rollout.sync_bucket_mb=64", "rollout.num_servers=2"])
+
+
+def test_sglang_and_weight_sync_sections():
+    cfg = load_config(None, ["rollout.engine=sglang", "rollout.sglang.num_servers=3", "rollout.sglang.max_inflight=8",
+                             "rollout.sglang.server_args=[--tp-size, '2']", "rollout.sglang.sync_method=distributed",
+                             "weight_sync.bucket_mb=64", "weight_sync.verify=version", "weight_sync.verify_tol=0.1",
+                             "weight_sync.probe_tokens=4"])
+    sg = cfg.rollout.sglang
+    assert (sg.num_servers, sg.max_inflight, sg.server_args, sg.sync_method) == (3, 8, ["--tp-size", "2"],
+                                                                                "distributed")
+    assert (sg.request_timeout_s, sg.server_device, sg.max_server_restarts) == (600.0, "auto", 2)   # defaults
+    w = cfg.weight_sync
+    assert (w.bucket_mb, w.verify, w.verify_tol, w.probe_tokens) == (64.0, "version", 0.1, 4)
+    assert isinstance(w.bucket_mb, float)
+    # The sections round-trip through the resolved dump like every other.
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
+    # With verify='version' the probe does not run, so it need not fit the context.
+    load_config(None, ["weight_sync.verify=version", "weight_sync.probe_tokens=100000"])
+
+
+def test_server_tp_reads_the_launch_flags():
+    from megatron_entcov.config import server_tp
+
+    assert server_tp([]) == 1 and server_tp(["--mem-fraction-static", "0.5"]) == 1
+    assert server_tp(["--tp-size", "4"]) == 4 and server_tp(["--tp=2", "--dp", "3"]) == 2
+    with pytest.raises(ValueError, match=r"rollout.sglang.server_args=\['--tp', '0'\] is invalid"):
+        server_tp(["--tp", "0"])
 
 
 def test_world_size_checks():

@@ -1,9 +1,10 @@
 """The SGLang rollout engine: the rollout protocol (``rollout/engine.py``) over HTTP to SGLang servers.
 
-Servers are launched and supervised here (``num_servers`` local children from the server venv built by
-``make sglang-env``; ``rollout/sglang_server.py``), reached at given URLs (started elsewhere, e.g. a SLURM job
-component), or sit behind an ``sglang-router``. The trainer process never imports sglang: requests are JSON
-over stdlib ``urllib`` (``rollout/sglang_http.py``; the wire format is ``rollout/sglang_protocol.py``).
+Servers are launched and supervised here (``rollout.sglang.num_servers`` local children from the server venv
+built by ``make sglang-env``; ``rollout/sglang/server.py``), reached at given URLs (started elsewhere, e.g. a
+SLURM job component), or sit behind an ``sglang-router``. The trainer process never imports sglang: requests
+are JSON over stdlib ``urllib`` (``rollout/sglang/http.py``; the wire format is ``rollout/sglang/protocol.py``).
+The engine is configured by one ``SGLangConfig`` section (``rollout.sglang`` in a run config).
 
 Generation: one ``/generate`` request per prompt entry (n=1; the caller repeats a prompt n times), token ids in,
 token ids and log-probs out. The servers run with ``--skip-tokenizer-init``, so only ``stop_token_ids`` (and
@@ -12,22 +13,22 @@ of ``max_inflight`` workers (the bound on in-flight work over all servers); each
 the fewest requests in flight (or to the router). A failed request (connection error, time-out, HTTP 5xx, or
 an 'abort' the engine did not ask for) is retried with exponential backoff on another server; a dead server's
 requests go to the others, and a launched server that died is restarted and rejoins after the next full sync
-(``rollout/sglang_pool.py``); when no server is left, ``generate`` raises NoServerLeftError naming each one.
+(``rollout/sglang/pool.py``); when no server is left, ``generate`` raises NoServerLeftError naming each one.
 
 Log-probs: SGLang returns log(softmax(logits / temperature)) of the sampled token over the full vocabulary,
 before top-p/top-k (sampler.py, standard path), the definition in ``rollout/types.py``. Exception: greedy
 requests (top_k=1) get log_softmax(logits) WITHOUT the temperature; the engine rejects top_k=1 with a
 temperature other than 1 rather than return log-probs with another definition.
 
-Weights (``update_weights``): transports in ``megatron_entcov/weight_sync_sglang.py`` ('disk', 'distributed',
-'tensor'). Every sync is wrapped per server in pause_generation -> begin_weight_update -> transport ->
-end_weight_update -> update_weight_version -> flush_cache -> continue_generation, and every server's
-``/model_info`` weight_version must then equal ``version``. ``probe`` sends one request to every server (the
-trainer's post-sync check, ``sync_probe.py``). Colocated GPU servers release and resume their memory around
+Weights (``update_weights``): transports in ``rollout/sglang/transports.py`` ('disk', 'distributed', 'tensor').
+Every sync is wrapped per server in pause_generation -> begin_weight_update -> transport -> end_weight_update
+-> update_weight_version -> flush_cache -> continue_generation, and every server's ``/model_info``
+weight_version must then equal ``version``. ``probe`` sends one request to every server (the trainer's
+post-sync check, ``weights/probe.py``). Colocated GPU servers release and resume their memory around
 training (``release_memory`` / ``resume_memory``).
 
 Example:
-    engine = SGLangEngine(cfg.model, num_servers=2, model_dir=None)    # writes a random-init HF dir, launches
+    engine = SGLangEngine(cfg.model, SGLangConfig(num_servers=2))     # writes a random-init HF dir, launches
     samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
     engine.update_weights(iter_hf_weights(...), version=step + 1)       # pause, load, set version, resume
     assert engine.health()["weight_version"] == step + 1
@@ -36,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shutil
@@ -46,14 +48,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts
-from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json
-from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, router_workers,
-                                                      this_host_address)
-from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
-from megatron_entcov.rollout.sglang.protocol import generate_payload, parse_generate, request_seed, parse_version
+from megatron_entcov.config import SGLangConfig
 from megatron_entcov.net import free_port
-from megatron_entcov.rollout.sglang.server import SGLangServer, default_server_python, write_hf_model_dir
+from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts
+from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json, wait_answering
+from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, resolve_device,
+                                                      router_workers, this_host_address)
+from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
+from megatron_entcov.rollout.sglang.protocol import generate_payload, parse_generate, parse_version, request_seed
+from megatron_entcov.rollout.sglang.server import (SGLangServer, default_server_python, link_model_dir,
+                                                   write_hf_model_dir)
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,71 +71,52 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 class SGLangEngine(RolloutEngine):
     """Rollouts from SGLang servers over HTTP (module docstring); implements ``RolloutEngine``."""
 
-    def __init__(self, model_cfg, *, model_dir: str | Path | None = None, server_urls: Sequence[str] | None = None,
-                 num_servers: int = 1, server_python: str | None = None, device: str = "cpu",
-                 max_total_tokens: int | None = 4096, server_args: Sequence[str] = (),
-                 request_timeout_s: float = 600.0, max_inflight: int = 32, max_retries: int = 3,
-                 backoff_s: float = 0.5, startup_timeout_s: float = 600.0, max_restarts: int = 2,
-                 release_memory: bool = False, router_url: str | None = None, gpu_ids: Sequence[int] | None = None,
-                 sync_method: str = "disk",
-                 sync_dir: str | Path | None = None,
-                 sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0):
+    def __init__(self, model_cfg, sglang: SGLangConfig | None = None, *, model_dir: str | Path | None = None,
+                 gpu_ids: Sequence[int] | None = None, sync_dir: str | Path | None = None,
+                 sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0,
+                 server_python: str | None = None, startup_timeout_s: float = 600.0, backoff_s: float = 0.5,
+                 max_retries: int = 3):
         """
         Args:
             model_cfg: ModelConfig of the policy (vocabulary, lengths, dtype for weight syncs).
+            sglang: the servers and the weight transport (config.py, ``rollout.sglang``): ``server_urls`` are
+                THIS engine's servers (``from_config`` splits a run's between replicas); empty = launch
+                ``num_servers``. None = ``SGLangConfig()``. ``server_device='auto'`` is resolved here.
             model_dir: HF model directory the launched servers load; None = write one with random weights and
                 the character tokenizer into a temporary directory (the trainer syncs its weights before the
-                first rollout). Ignored with server_urls.
-            server_urls: URLs of running servers; empty/None = launch ``num_servers`` local servers.
-            num_servers: servers to launch (each a separate process with its own KV cache).
-            server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
-            device: server device, 'cpu' or 'cuda'.
-            max_total_tokens: KV-cache tokens per launched server (None = SGLang's default; keep it set on CPU).
-            server_args: more ``sglang.launch_server`` flags for launched servers (e.g. ``--tp-size 2``).
-            request_timeout_s: time-out of one /generate request (seconds); a timed-out request is retried.
-            max_inflight: most /generate requests in flight over all servers.
-            max_retries: retries of one request after failures on live servers (failover away from a dead
-                server does not count).
-            backoff_s: first retry delay; doubles per retry, with jitter.
-            startup_timeout_s: how long a launched server may take to answer.
-            max_restarts: restarts per launched server that dies (sglang_pool.py); 0 = never restart.
-            release_memory: colocated GPU servers: launch with ``--enable-memory-saver`` so ``release_memory`` /
-                ``resume_memory`` can give their GPU memory to the trainer between rollouts (needs CUDA).
+                first rollout). Ignored with server URLs.
             gpu_ids: GPU servers: the first GPU of each launched server (``--base-gpu-id``; a server with
                 ``--tp-size k`` takes k GPUs from there); None = SGLang's default, GPU 0.
-            router_url: an ``sglang-router`` in front of the servers: generation goes through it (it balances
-                and fails over by itself), weight syncs and probes go to its workers directly (the router does
-                not forward them). Workers are ``server_urls`` when given, else the router's ``/workers``.
-            sync_method: 'disk', 'distributed' or 'tensor' (weight_sync_sglang.py).
             sync_dir: where the 'disk' method writes its temporary safetensors (default: the system temp dir;
                 the servers must be able to read it: local servers or a shared file system).
             sync_master_address: address the servers reach this process at for 'distributed' (default
                 127.0.0.1 when every server is local, else this host's address).
             log_dir: server logs (default: a temporary directory).
             seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
+            server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
+            startup_timeout_s: how long a launched server may take to answer.
+            backoff_s: first retry delay of a failed request; doubles per retry, with jitter.
+            max_retries: retries of one request after failures on live servers (failover away from a dead
+                server does not count).
         """
-        from megatron_entcov.rollout.sglang.transports import SYNC_METHODS
-
-        if sync_method not in SYNC_METHODS:
-            raise ValueError(f"SGLangEngine sync_method={sync_method!r} is invalid: choose one of "
-                             f"{', '.join(map(repr, SYNC_METHODS))}")
-        if max_inflight < 1 or max_retries < 0 or request_timeout_s <= 0 or max_restarts < 0:
-            raise ValueError(f"SGLangEngine: invalid limits max_inflight={max_inflight} (must be >= 1), max_retries="
-                             f"{max_retries} (>= 0), request_timeout_s={request_timeout_s} (> 0), max_restarts="
-                             f"{max_restarts} (>= 0): set rollout.max_inflight / request_timeout_s / "
-                             "max_server_restarts accordingly")
-        if release_memory and device != "cuda":
-            raise ValueError(f"SGLangEngine: release_memory=True needs GPU servers (device='cuda', got {device!r}); "
-                             "SGLang's memory saver does not exist on CPU: set rollout.release_memory=false")
+        cfg = sglang if sglang is not None else SGLangConfig()
+        device = resolve_device(cfg.server_device)
+        if max_retries < 0 or backoff_s < 0 or startup_timeout_s <= 0:
+            raise ValueError(f"SGLangEngine: max_retries={max_retries} (must be >= 0), backoff_s={backoff_s} "
+                             f"(>= 0), startup_timeout_s={startup_timeout_s} (> 0): pass valid limits")
+        if cfg.release_memory and device != "cuda":
+            raise ValueError(f"SGLangEngine: rollout.sglang.release_memory=True needs GPU servers (server_device "
+                             f"resolved to {device!r}); SGLang's memory saver does not exist on CPU: set "
+                             "rollout.sglang.release_memory=false")
         self.model_cfg = model_cfg
-        self.request_timeout_s = float(request_timeout_s)
-        self.max_inflight = int(max_inflight)
+        self.request_timeout_s = float(cfg.request_timeout_s)
+        self.max_inflight = int(cfg.max_inflight)
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.seed = int(seed)
-        self.sync_method = sync_method
+        self.sync_method = cfg.sync_method
         self.sync_dir = str(sync_dir) if sync_dir else None
-        self.release_memory_enabled = bool(release_memory)
+        self.release_memory_enabled = bool(cfg.release_memory)
         self._tmp = Path(tempfile.mkdtemp(prefix="sglang-engine-"))
         self._sync_lock = threading.Lock()     # one sync at a time
         self._paused = threading.Event()
@@ -152,34 +137,37 @@ class SGLangEngine(RolloutEngine):
         self.router: Server | None = None
         self._router_lock = threading.Lock()
         self._launch_args = dict(python=server_python or default_server_python(device), device=device,
-                                 dtype=model_cfg.params_dtype, max_total_tokens=max_total_tokens,
-                                 extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if release_memory
-                                                                        else []), *server_args])
+                                 dtype=model_cfg.params_dtype,
+                                 max_total_tokens=cfg.max_total_tokens or (4096 if device == "cpu" else None),
+                                 extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"]
+                                                                        if cfg.release_memory else []),
+                                             *cfg.server_args])
         self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
         self._gpu_ids = list(gpu_ids) if gpu_ids is not None else None
-        if self._gpu_ids is not None and not server_urls and len(self._gpu_ids) != num_servers:
+        server_urls = list(cfg.server_urls)
+        if self._gpu_ids is not None and not server_urls and len(self._gpu_ids) != cfg.num_servers:
             raise ValueError(f"SGLangEngine: gpu_ids={self._gpu_ids} names {len(self._gpu_ids)} GPUs for "
-                             f"num_servers={num_servers}: give one first GPU per server")
+                             f"rollout.sglang.num_servers={cfg.num_servers}: give one first GPU per server")
         try:
-            if router_url:
-                self.router = Server(url=router_url.rstrip("/"), index=-1)
-                server_urls = list(server_urls or []) or router_workers(self.router.url, startup_timeout_s)
+            if cfg.router_url:
+                self.router = Server(url=cfg.router_url.rstrip("/"), index=-1)
+                server_urls = server_urls or router_workers(self.router.url, startup_timeout_s)
             servers: list[Server] = []
             # Built first, so that close() reaches servers launched before a failure.
             self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
-                                   max_restarts=max_restarts, startup_timeout_s=startup_timeout_s,
+                                   max_restarts=cfg.max_server_restarts, startup_timeout_s=startup_timeout_s,
                                    is_current=self._is_current, on_ready=self._restarted)
             if server_urls:
                 self.model_dir = None
                 servers.extend(Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls))
                 for s in servers:
-                    self._wait_url(s.url, startup_timeout_s)
+                    wait_answering(s.url, startup_timeout_s)
                 local = all("127.0.0.1" in s.url or "localhost" in s.url for s in servers)
             else:
                 if model_dir is None:
                     model_dir = write_hf_model_dir(model_cfg, self._tmp / "init_model", seed=seed)
                 self.model_dir = str(model_dir)
-                for i in range(num_servers):
+                for i in range(cfg.num_servers):
                     s = Server(url="", index=i)
                     s.proc = self._launch(s)
                     s.url = s.proc.url
@@ -192,7 +180,7 @@ class SGLangEngine(RolloutEngine):
             if len(set(versions.values())) != 1:
                 raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}; they hold "
                                    "different weights: restart them from one checkpoint, or give only servers of "
-                                   "one run in rollout.server_urls")
+                                   "one run in rollout.sglang.server_urls")
             self._weight_version = next(iter(versions.values()))
         except BaseException:
             self.close()
@@ -201,7 +189,8 @@ class SGLangEngine(RolloutEngine):
         logger.info("SGLangEngine: %d servers %s (%s%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
                     len(servers), [s.url for s in servers], "launched" if not server_urls else "given",
                     f", generation through the router {self.router.url}" if self.router else "",
-                    self.max_inflight, self.request_timeout_s, sync_method, [round(t, 1) for t in self.startup_s])
+                    self.max_inflight, self.request_timeout_s, self.sync_method,
+                    [round(t, 1) for t in self.startup_s])
 
     def _launch(self, s: Server) -> SGLangServer:
         """Start a server process for slot ``s`` on a fresh port (not waiting for it): from the last weights
@@ -215,7 +204,7 @@ class SGLangEngine(RolloutEngine):
         with self._kept_lock:
             if self._kept is not None:
                 src, version = self._kept
-                model_dir = str(_link_tree(src, src.parent / f"{src.name}-restart{s.index}-{port}"))
+                model_dir = str(link_model_dir(src, src.parent / f"{src.name}-restart{s.index}-{port}"))
                 self._private_dirs.append(model_dir)
         s.weights_version = version
         proc = SGLangServer(model_dir, port=port, log_path=self._log_dir / f"server{s.index}-{port}.log",
@@ -250,7 +239,7 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def from_config(cls, cfg, *, dp_rank: int = 0, dp_size: int = 1, **overrides) -> SGLangEngine:
-        """The engine a run config asks for (``cfg.rollout``), for data-parallel replica ``dp_rank``.
+        """The engine a run config asks for (``cfg.rollout.sglang``), for data-parallel replica ``dp_rank``.
 
         Launched servers (no ``server_urls``): ``num_servers`` per replica, loading ``cfg.model.hf_dir`` (or
         random weights: the trainer syncs before the first rollout), logging into ``<run_dir>/sglang/``; GPU
@@ -259,32 +248,22 @@ class SGLangEngine(RolloutEngine):
         pushes its weights to its own servers; two replicas syncing one server would interleave).
         ``overrides`` go to the constructor.
         """
-        r = cfg.rollout
-        urls = list(r.server_urls)
-        if r.router_url and dp_size > 1:
-            raise ValueError(f"rollout.router_url={r.router_url!r} with {dp_size} data-parallel replicas: a router "
-                             "spreads every replica's requests over all its workers, including those another replica "
-                             "is syncing; give each replica its own servers (rollout.server_urls, no router) or use dp=1")
-        device = r.server_device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        log_dir = Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else "")
+        sg = cfg.rollout.sglang
+        if sg.router_url and dp_size > 1:
+            raise ValueError(f"rollout.sglang.router_url={sg.router_url!r} with {dp_size} data-parallel replicas: "
+                             "a router spreads every replica's requests over all its workers, including those "
+                             "another replica is syncing; give each replica its own servers "
+                             "(rollout.sglang.server_urls, no router) or use dp=1")
+        device = resolve_device(sg.server_device)
         gpu_ids = None
-        if device == "cuda" and not urls and not r.router_url:
-            gpu_ids = colocated_gpu_ids(r.num_servers, list(r.server_args))
-        kwargs = dict(model_dir=cfg.model.hf_dir, server_urls=replica_server_urls(urls, dp_rank, dp_size) or None,
-                      num_servers=r.num_servers, device=device,
-                      max_total_tokens=r.max_total_tokens or (4096 if device == "cpu" else None),
-                      server_args=list(r.server_args), request_timeout_s=r.request_timeout_s,
-                      max_inflight=r.max_inflight, max_restarts=r.max_server_restarts,
-                      release_memory=r.release_memory, router_url=r.router_url or None, gpu_ids=gpu_ids,
-                      seed=cfg.seed + 7 * dp_rank,
-                      sync_method=r.sync_method,
-                      log_dir=log_dir)
+        if device == "cuda" and not sg.server_urls and not sg.router_url:
+            gpu_ids = colocated_gpu_ids(sg.num_servers, list(sg.server_args))
+        replica = dataclasses.replace(sg, server_device=device,
+                                      server_urls=replica_server_urls(sg.server_urls, dp_rank, dp_size))
+        kwargs = dict(model_dir=cfg.model.hf_dir, gpu_ids=gpu_ids, seed=cfg.seed + 7 * dp_rank,
+                      log_dir=Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else ""))
         kwargs.update(overrides)
-        return cls(cfg.model, **kwargs)
+        return cls(cfg.model, replica, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -306,11 +285,11 @@ class SGLangEngine(RolloutEngine):
     def pause(self) -> None:
         """In-flight responses end with 'abort' (servers abort them); generate raises until resume()."""
         self._paused.set()
-        self._post_all(self.live_servers(), "/pause_generation", {"mode": "abort"}, check=False)
+        self.pool.post_all(self.live_servers(), "/pause_generation", {"mode": "abort"}, check=False)
 
     def resume(self) -> None:
         self._paused.clear()
-        self._post_all(self.live_servers(), "/continue_generation", {}, check=False)
+        self.pool.post_all(self.live_servers(), "/continue_generation", {}, check=False)
 
     def health(self) -> dict:
         servers = []
@@ -364,47 +343,8 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------ servers
 
-    @staticmethod
-    def _wait_url(url: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                http_json(url, "/model_info", timeout=10)
-                return
-            except ServerError as err:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"SGLang server {url} did not answer within {timeout_s:.0f} s: {err}") from None
-                time.sleep(2.0)
-
     def _server_version(self, s: Server, timeout: float = 30.0) -> int:
         return parse_version(http_json(s.url, "/model_info", timeout=timeout).get("weight_version"))
-
-    def _post_all(self, servers: list[Server], path: str, payload, *, timeout: float = 600.0,
-                  check: bool = True) -> list[Server]:
-        """POST to ``servers`` concurrently; returns those still standing. A server that failed and is now
-        dead (process gone, /model_info unanswered) is dropped (and restarted when launched here); with
-        ``check``, any other failure (an error reply, HTTP 4xx, a time-out on a server that still answers)
-        raises RuntimeError naming the server."""
-        by_url = {s.url: s for s in servers}
-        fan = Fanout(list(by_url), path, (lambda u: payload(by_url[u])) if callable(payload) else payload,
-                     timeout=timeout)
-        return self._settle(fan, servers, check=check)
-
-    def _settle(self, fan: Fanout, servers: list[Server], *, check: bool = True) -> list[Server]:
-        """Wait for a fan-out to ``servers`` (``_post_all``'s second half, for callers that work while the
-        servers wait): mark the failed ones (dead ones drop out), raise for other failures with ``check``."""
-        by_url = {s.url: s for s in servers}
-        bad = fan.failures()
-        for url, reply in bad.items():
-            err = reply.get("error")
-            if isinstance(err, ServerError) and err.retryable and url in by_url:
-                self.pool.mark_failure(by_url[url], err)
-        standing = [s for s in servers if s.state in (LIVE, STALE)]
-        real = {u: r for u, r in bad.items() if by_url.get(u) in standing}
-        if check and real:
-            raise RuntimeError(f"SGLangEngine: {fan.path} failed on " + "; ".join(
-                f"{u}: {r.get('error') or r.get('message') or r}" for u, r in real.items()))
-        return standing
 
     # ------------------------------------------------------------------------------------------------ generate
 
@@ -498,7 +438,7 @@ class SGLangEngine(RolloutEngine):
 
     def probe(self, prompt: Sequence[int], params: SamplingParams) -> list[tuple[str, Sample]]:
         """Send one request to EVERY live server (no failover): ``[(url, sample)]``. The weight-sync check
-        (sync_probe.py) compares each server's log-probs with the trainer's."""
+        (weights/probe.py) compares each server's log-probs with the trainer's."""
         self._check_open()
         params, prompts = self._check_request([prompt], params)
         payload = generate_payload(prompts[0], params, seed=int(params.seed or 0))
@@ -548,13 +488,13 @@ class SGLangEngine(RolloutEngine):
         """Live servers must succeed; stale ones (a restarted server, released on start-up; a re-admitted one,
         whose memory state is its own) are told without checking."""
         servers = self.pool.standing()
-        self._post_all([s for s in servers if s.state == LIVE], path, {"tags": tags})
-        self._post_all([s for s in servers if s.state == STALE], path, {"tags": tags}, check=False)
+        self.pool.post_all([s for s in servers if s.state == LIVE], path, {"tags": tags})
+        self.pool.post_all([s for s in servers if s.state == STALE], path, {"tags": tags}, check=False)
 
     def _memory_tags(self, tags, what: str) -> list[str]:
         if not self.release_memory_enabled:
             raise RuntimeError(f"{what}: the servers were not launched with --enable-memory-saver; set "
-                               "rollout.release_memory=true (GPU servers only)")
+                               "rollout.sglang.release_memory=true (GPU servers only)")
         tags = list(MEMORY_TAGS if tags is None else tags)
         bad = [t for t in tags if t not in MEMORY_TAGS]
         if bad:
@@ -571,7 +511,7 @@ class SGLangEngine(RolloutEngine):
         shapes raise ValueError naming the tensor; on any error the iterable is first run to its end (a
         producer running gather collectives must not be left hanging) and the version is unchanged. The first
         sync must send every tensor. A server that dies during the sync is dropped from it (the others still
-        get the weights; with 'distributed' the sync fails instead: see weight_sync_sglang.py); a restarted
+        get the weights; with 'distributed' the sync fails instead: see transports.py); a restarted
         server gets the next sync that sends every tensor, and is live again after it.
         """
         try:
@@ -582,7 +522,7 @@ class SGLangEngine(RolloutEngine):
             raise
 
     def _update_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        from megatron_entcov.rollout.sglang.transports import build_transport, expected_shapes
+        from megatron_entcov.rollout.sglang.transports import TransportContext, build_transport, expected_shapes
 
         self._check_open()
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
@@ -592,7 +532,10 @@ class SGLangEngine(RolloutEngine):
                                "resume_memory(['weights']) first")
         with self._sync_lock:
             if self._transport is None:
-                self._transport = build_transport(self.sync_method, self, expected_shapes(self.model_cfg))
+                self._transport = build_transport(self.sync_method, TransportContext(
+                    model_cfg=self.model_cfg, pool=self.pool, shapes=expected_shapes(self.model_cfg),
+                    sync_dir=self.sync_dir, model_dir=self.model_dir, master_address=self.sync_master_address,
+                    keep_weights=self.keep_weights))
             targets = self.pool.syncable()
             if not targets:
                 raise NoServerLeftError("update_weights: no SGLang server left: " + "; ".join(
@@ -607,21 +550,21 @@ class SGLangEngine(RolloutEngine):
             t0 = time.monotonic()
             user_paused = self._paused.is_set()
             if not user_paused:
-                targets = keep(self._post_all(targets, "/pause_generation", {"mode": "abort"}, check=False))
+                targets = keep(self.pool.post_all(targets, "/pause_generation", {"mode": "abort"}, check=False))
             try:
                 try:
-                    targets = keep(self._post_all(targets, "/begin_weight_update", {"selector": "all"}))
+                    targets = keep(self.pool.post_all(targets, "/begin_weight_update", {"selector": "all"}))
                     stats = self._transport.sync(named_tensors, version, self._seen, targets)
                 except BaseException:
-                    self._post_all(keep(targets), "/end_weight_update", {}, check=False)   # the version stays
+                    self.pool.post_all(keep(targets), "/end_weight_update", {}, check=False)   # the version stays
                     raise
                 targets = keep(targets)
-                targets = keep(self._post_all(targets, "/end_weight_update", {}))
-                targets = keep(self._post_all(targets, "/update_weight_version", {"new_version": str(version)}))
-                targets = keep(self._post_all(targets, "/flush_cache", {}))
+                targets = keep(self.pool.post_all(targets, "/end_weight_update", {}))
+                targets = keep(self.pool.post_all(targets, "/update_weight_version", {"new_version": str(version)}))
+                targets = keep(self.pool.post_all(targets, "/flush_cache", {}))
             finally:
                 if not user_paused:
-                    self._post_all(self.pool.standing(), "/continue_generation", {}, check=False)
+                    self.pool.post_all(self.pool.standing(), "/continue_generation", {}, check=False)
             versions = {s.url: self._server_version(s) for s in targets}
             wrong = {u: v for u, v in versions.items() if v != version}
             if wrong or not versions:
@@ -638,17 +581,3 @@ class SGLangEngine(RolloutEngine):
                                   bytes_per_s=stats.get("bytes", 0) / max(dt, 1e-9))
         logger.info("SGLangEngine: weights v%d to %d servers by %s: %.2f MB in %.2f s", version, len(versions),
                     self.sync_method, stats.get("bytes", 0) / 1e6, dt)
-
-
-def _link_tree(src: Path, dst: Path) -> Path:
-    """A copy of the flat directory ``src`` at ``dst`` made of hard links (no bytes copied; deleting ``src``
-    later leaves it intact); plain copies where the file system refuses links."""
-    import os
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copy2(f, dst / f.name)
-    return dst

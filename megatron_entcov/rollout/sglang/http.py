@@ -1,5 +1,6 @@
-"""HTTP to SGLang servers: one JSON call (``http_json``), and one call fanned out to many servers at once
-(``Fanout``), with the errors the engine and the weight transports raise.
+"""HTTP to SGLang servers: one JSON call (``http_json``), waiting for a server to answer (``wait_answering``),
+and one call fanned out to many servers at once (``Fanout``), with the errors the engine and the weight
+transports raise.
 
 The trainer never imports sglang (its torch differs from the servers'), so this is stdlib ``urllib`` + JSON.
 A fan-out runs one thread per server, so a slow server does not serialise the others; the weight transports
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 
-__all__ = ["ServerError", "NoServerLeftError", "http_json", "Fanout"]
+__all__ = ["ServerError", "NoServerLeftError", "http_json", "wait_answering", "Fanout"]
 
 
 class ServerError(RuntimeError):
@@ -58,6 +60,20 @@ def http_json(url: str, path: str, payload: dict | None = None, *, timeout: floa
         return json.loads(body)
     except json.JSONDecodeError:          # some routes (/flush_cache) answer plain text
         return {"text": body.decode(errors="replace")}
+
+
+def wait_answering(url: str, timeout_s: float) -> None:
+    """Block until the server at ``url`` answers ``/model_info`` (a server started elsewhere may still be
+    loading); RuntimeError naming it after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            http_json(url, "/model_info", timeout=10)
+            return
+        except ServerError as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SGLang server {url} did not answer within {timeout_s:.0f} s: {err}") from None
+            time.sleep(2.0)
 
 
 class Fanout:

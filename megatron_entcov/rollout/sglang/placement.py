@@ -1,11 +1,11 @@
-"""Where a replica's SGLang servers are: its share of given URLs, a router's workers, the GPUs of the servers
-it launches, and the address servers reach the trainer at.
+"""Where a replica's SGLang servers are: its share of given URLs, a router's workers, the device and GPUs of
+the servers it launches, and the address servers reach the trainer at.
 
 Each data-parallel replica's generating rank runs its own engine; nothing here talks to another replica, so
 the placement is a pure function of the config, the replica's rank and the node it runs on.
 
 Example:
-    urls = replica_server_urls(cfg.rollout.server_urls, dp_rank=1, dp_size=2)     # urls[1::2]
+    urls = replica_server_urls(cfg.rollout.sglang.server_urls, dp_rank=1, dp_size=2)     # urls[1::2]
     gpus = colocated_gpu_ids(num_servers=4, server_args=[], local_rank=4, num_gpus=8)   # [4, 5, 6, 7]
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from megatron_entcov.config import server_tp
 from megatron_entcov.rollout.sglang.http import ServerError, http_json
 
-__all__ = ["replica_server_urls", "router_workers", "colocated_gpu_ids", "server_tp", "this_host_address"]
+__all__ = ["replica_server_urls", "router_workers", "resolve_device", "colocated_gpu_ids", "this_host_address"]
 
 
 def this_host_address() -> str:
@@ -27,13 +28,14 @@ def this_host_address() -> str:
 
 
 def replica_server_urls(urls: Sequence[str], dp_rank: int, dp_size: int) -> list[str]:
-    """Data-parallel replica ``dp_rank``'s share of ``rollout.server_urls``: every dp_size-th URL from its rank
-    (each replica syncs and generates on its own servers only). ValueError when there are fewer than dp_size."""
+    """Data-parallel replica ``dp_rank``'s share of ``rollout.sglang.server_urls``: every dp_size-th URL from its
+    rank (each replica syncs and generates on its own servers only). ValueError when there are fewer than
+    dp_size."""
     urls = list(urls)
     if urls and len(urls) < dp_size:
-        raise ValueError(f"rollout.server_urls has {len(urls)} servers for {dp_size} data-parallel replicas; each "
-                         f"replica needs its own: give at least {dp_size} (or leave server_urls empty to launch "
-                         "rollout.num_servers per replica)")
+        raise ValueError(f"rollout.sglang.server_urls has {len(urls)} servers for {dp_size} data-parallel replicas; "
+                         f"each replica needs its own: give at least {dp_size} (or leave server_urls empty to launch "
+                         "rollout.sglang.num_servers per replica)")
     return urls[dp_rank::dp_size]
 
 
@@ -52,20 +54,18 @@ def router_workers(router_url: str, timeout_s: float) -> list[str]:
         except (ServerError, KeyError, TypeError, AttributeError) as err:
             last = err
         if time.monotonic() > deadline:
-            raise RuntimeError(f"rollout.router_url={router_url!r}: no healthy worker listed at /workers within "
+            raise RuntimeError(f"rollout.sglang.router_url={router_url!r}: no healthy worker listed at /workers within "
                                f"{timeout_s:.0f} s ({last}); check the router's --worker-urls") from None
         time.sleep(1.0)
 
 
-def server_tp(server_args: Sequence[str]) -> int:
-    """The ``--tp-size`` (or ``--tp``) in launch flags; 1 when absent."""
-    args = list(server_args)
-    for i, a in enumerate(args):
-        if a in ("--tp-size", "--tp") and i + 1 < len(args):
-            return int(args[i + 1])
-        if a.startswith(("--tp-size=", "--tp=")):
-            return int(a.split("=", 1)[1])
-    return 1
+def resolve_device(server_device: str) -> str:
+    """``rollout.sglang.server_device`` made concrete: 'auto' = 'cuda' when this process sees a GPU, else 'cpu'."""
+    if server_device != "auto":
+        return server_device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def colocated_gpu_ids(num_servers: int, server_args: Sequence[str], *, local_rank: int | None = None,
@@ -83,7 +83,8 @@ def colocated_gpu_ids(num_servers: int, server_args: Sequence[str], *, local_ran
     tp = server_tp(server_args)
     ids = [local_rank + i * tp for i in range(num_servers)]
     if ids and ids[-1] + tp > num_gpus:
-        raise ValueError(f"rollout.num_servers={num_servers} servers of {tp} GPUs each (rollout.server_args "
-                         f"--tp-size) from GPU {local_rank} need GPUs up to {ids[-1] + tp - 1}, but this node has "
-                         f"{num_gpus}: launch fewer servers per replica, or start them elsewhere (server_urls)")
+        raise ValueError(f"rollout.sglang.num_servers={num_servers} servers of {tp} GPUs each (rollout.sglang."
+                         f"server_args --tp-size) from GPU {local_rank} need GPUs up to {ids[-1] + tp - 1}, but this "
+                         f"node has {num_gpus}: launch fewer servers per replica, or start them elsewhere "
+                         "(rollout.sglang.server_urls)")
     return ids

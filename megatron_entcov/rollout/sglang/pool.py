@@ -14,12 +14,17 @@ A server is in one of four states:
 Servers at given URLs are never restarted here (whoever started them supervises them), but a dead one is
 probed again at each sync and re-admitted as stale when it answers.
 
+Calls that go to every server at once (the steps of a weight sync, the weight transports' requests) go
+through ``post_all`` / ``settle``: a server whose call failed and that no longer answers is marked dead and
+dropped from the returned list; any other failure raises.
+
 Example:
     pool = ServerPool(servers, launch=launch_fn, max_restarts=2, is_current=lambda s: s.weights_version == v)
     s = pool.pick(avoid=None)         # least-loaded live server; s.inflight counted
     ... request ...
     pool.release(s)
     pool.mark_failure(s, err)         # dead? then restarted in the background when it was launched here
+    servers = pool.post_all(pool.standing(), "/flush_cache", {})     # those still standing afterwards
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from megatron_entcov.rollout.sglang.http import NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json
 from megatron_entcov.rollout.sglang.server import SGLangServer
 
 logger = logging.getLogger(__name__)
@@ -187,6 +192,36 @@ class ServerPool:
                 dead = probe_err.retryable
         if dead:
             self._declare_dead(s, str(err))
+
+    # ------------------------------------------------------------------------------------------------ fan-out
+
+    def post_all(self, servers: list[Server], path: str, payload: dict | Callable[[Server], dict], *,
+                 timeout: float = 600.0, check: bool = True) -> list[Server]:
+        """POST ``path`` to ``servers`` concurrently (``payload``: one dict, or a function of the server) and
+        ``settle`` the replies: returns the servers still standing (live or stale) afterwards."""
+        by_url = {s.url: s for s in servers}
+        fan = Fanout(list(by_url), path, (lambda u: payload(by_url[u])) if callable(payload) else payload,
+                     timeout=timeout)
+        return self.settle(fan, servers, check=check)
+
+    def settle(self, fan: Fanout, servers: list[Server], *, check: bool = True) -> list[Server]:
+        """Wait for a fan-out to ``servers`` (started by the caller, who may work while the servers wait on it):
+        each server whose call failed retryably is ``mark_failure``d, so a dead one drops out (and is restarted
+        when launched here). Returns the servers still standing. With ``check``, any other failure of a
+        standing server (an error reply, HTTP 4xx, a time-out on a server that still answers) raises
+        RuntimeError naming the server and the path."""
+        by_url = {s.url: s for s in servers}
+        bad = fan.failures()
+        for url, reply in bad.items():
+            err = reply.get("error")
+            if isinstance(err, ServerError) and err.retryable and url in by_url:
+                self.mark_failure(by_url[url], err)
+        standing = [s for s in servers if s.state in (LIVE, STALE)]
+        real = {u: r for u, r in bad.items() if by_url.get(u) in standing}
+        if check and real:
+            raise RuntimeError(f"SGLangEngine: {fan.path} failed on " + "; ".join(
+                f"{u}: {r.get('error') or r.get('message') or r}" for u, r in real.items()))
+        return standing
 
     # ------------------------------------------------------------------------------------------------ restarts
 

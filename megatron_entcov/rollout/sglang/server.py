@@ -1,4 +1,5 @@
-"""SGLang server processes: launch, wait until ready, stop; plus the Hugging Face model directory a server loads.
+"""SGLang server processes: launch, wait until ready, stop; plus the Hugging Face model directory a server loads
+(written from a config, or a private hard-linked copy of synced weights for a restarted server).
 
 The servers run from their OWN virtual environment (``make sglang-env``; sglang pins a torch that cannot share
 the trainer's), so this module never imports sglang: a server is a child process started with that venv's
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,8 +30,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 __all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "DEFAULT_GPU_SERVER_PYTHON", "default_server_python",
-           "SGLangServer",
-           "write_hf_model_dir"]
+           "SGLangServer", "write_hf_model_dir", "link_model_dir"]
 
 SGLANG_VERSION = "0.5.23"
 SGLANG_TORCH = "2.14.1"
@@ -100,6 +101,19 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
     else:
         save_tokenizer(tokenizer, out_dir)
     return out_dir
+
+
+def link_model_dir(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the flat model directory ``src`` at ``dst`` made of hard links (no bytes copied; deleting
+    ``src`` later leaves it intact); plain copies where the file system refuses links."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+    return dst
 
 
 class SGLangServer:

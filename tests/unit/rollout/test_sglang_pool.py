@@ -1,61 +1,20 @@
-"""The SGLang engine's bookkeeping without SGLang: server states and restarts (sglang_pool.py), the split of
-server URLs between data-parallel replicas, per-server throughput metrics, and the errors raised before any
-server is contacted. The real servers are exercised in tests/sglang (make test-sglang); here a stdlib HTTP
-server answers /model_info where a live server must answer, and a small stand-in plays a launched process."""
+"""The SGLang engine's bookkeeping without SGLang: server states and restarts (rollout/sglang/pool.py), the
+fan-out that drops dead servers, the split of server URLs between data-parallel replicas, per-server throughput
+metrics, and the errors raised before any server is contacted. The real servers are exercised in tests/sglang
+(make test-sglang); here the fake server of conftest.py answers where a live server must answer, and a small
+stand-in plays a launched process."""
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
 
-from megatron_entcov.experience import server_throughput, summed_over_replicas
-from megatron_entcov.rollout.sglang import SGLangEngine
-from megatron_entcov.rollout.sglang.placement import replica_server_urls
-from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError
-from megatron_entcov.rollout.sglang.pool import DEAD, LIVE, RESTARTING, STALE, Server, ServerPool
+from megatron_entcov.rollout.server_metrics import server_throughput, summed_over_replicas
+from megatron_entcov.config import SGLangConfig
 from megatron_entcov.net import free_port
-
-
-class _Answering(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):                                    # noqa: N802 - http.server's spelling
-        body = b'{"weight_version": "0"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET                                     # noqa: N815
-
-    def log_message(self, *args):
-        pass
-
-
-class _HTTP:
-    """A stdlib HTTP server on ``port`` answering every path with 200 + JSON, until stopped."""
-
-    def __init__(self, port: int):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Answering)
-        self.url = f"http://127.0.0.1:{port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def answering():
-    servers = []
-
-    def start(port=None):
-        servers.append(_HTTP(port or free_port()))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
+from megatron_entcov.rollout.sglang import SGLangEngine
+from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError
+from megatron_entcov.rollout.sglang.placement import replica_server_urls
+from megatron_entcov.rollout.sglang.pool import DEAD, LIVE, RESTARTING, STALE, Server, ServerPool
 
 
 class _Proc:
@@ -85,8 +44,8 @@ def _pool(servers, launch=None, max_restarts=2, synced=False, on_ready=None):
                       is_current=lambda s: not synced, on_ready=on_ready)
 
 
-def test_pick_balances_and_avoids_and_dead_given_servers_come_back_stale(answering):
-    up = answering()
+def test_pick_balances_and_avoids_and_dead_given_servers_come_back_stale(fake_server):
+    up = fake_server()
     down_port = free_port()
     a, b = Server(url=up.url, index=0), Server(url=f"http://127.0.0.1:{down_port}", index=1)
     pool = _pool([a, b])
@@ -103,7 +62,7 @@ def test_pick_balances_and_avoids_and_dead_given_servers_come_back_stale(answeri
     pool.release(a)
     assert pool.syncable() == [a]
     # The dead server answers again (restarted by whoever runs it): stale, synced next, never picked before.
-    answering(down_port)
+    fake_server(port=down_port)
     assert pool.syncable() == [a, b] and b.state == STALE
     assert all(pool.pick(avoid=a) is a for _ in range(3))
     pool.promote([a, b])
@@ -123,10 +82,17 @@ def test_no_server_left_names_every_server():
 
 @pytest.mark.parametrize("synced, after", [(False, LIVE), (True, STALE)])
 def test_a_launched_server_that_exits_is_restarted(synced, after):
-    launched = []
+    import threading
+
+    launched, started = [], threading.Event()
+
+    class _HeldProc(_Proc):              # ready only once the test has seen the restart under way
+        def wait_ready(self, timeout_s):
+            assert started.wait(5)
+            return super().wait_ready(timeout_s)
 
     def launch(s):
-        launched.append(_Proc(f"http://127.0.0.1:{free_port()}"))
+        launched.append(_HeldProc(f"http://127.0.0.1:{free_port()}"))
         return launched[-1]
 
     s = Server(url="http://127.0.0.1:1", index=0, proc=_Proc("http://127.0.0.1:1"))
@@ -135,7 +101,8 @@ def test_a_launched_server_that_exits_is_restarted(synced, after):
     pool = _pool([s, other], launch=launch, max_restarts=1, synced=synced, on_ready=lambda srv: ready.append(srv.url))
     s.proc.exit()
     assert pool.live() == [other]                        # noticed without a request failing
-    assert s.state in (RESTARTING, after)
+    assert s.state == RESTARTING
+    started.set()
     assert pool.wait_restarts(5)
     # Before the first sync the initial weights are current: live at once; otherwise stale until a full sync.
     assert s.state == after and s.restarts == 1 and s.url == launched[0].url and s.history == ["http://127.0.0.1:1"]
@@ -158,8 +125,8 @@ def test_a_restart_that_fails_leaves_the_server_dead_with_the_reason():
     assert s.state == DEAD and "restart failed: exited (rc=1)" in s.last_error
 
 
-def test_fanout_reports_each_failed_server(answering):
-    up = answering()
+def test_fanout_reports_each_failed_server(fake_server):
+    up = fake_server()
     down = f"http://127.0.0.1:{free_port()}"
     fan = Fanout([up.url, down], "/flush_cache", {}, timeout=5)
     assert set(fan.failures()) == {down}
@@ -172,21 +139,49 @@ def test_server_urls_are_split_between_replicas():
     urls = [f"http://n:{p}" for p in range(5)]
     assert replica_server_urls(urls, 0, 2) == urls[0::2] and replica_server_urls(urls, 1, 2) == urls[1::2]
     assert replica_server_urls([], 1, 4) == []
-    with pytest.raises(ValueError, match="rollout.server_urls has 1 servers for 2 data-parallel replicas"):
+    with pytest.raises(ValueError, match="rollout.sglang.server_urls has 1 servers for 2 data-parallel replicas"):
         replica_server_urls(urls[:1], 0, 2)
 
 
-def test_engine_errors_before_any_server_is_contacted():
+def test_engine_errors_before_any_server_is_contacted(monkeypatch):
+    import torch
+
     from megatron_entcov.config import ModelConfig, load_config
 
-    with pytest.raises(ValueError, match=r"release_memory=True needs GPU servers \(device='cuda'"):
-        SGLangEngine(ModelConfig(), release_memory=True, device="cpu")
-    cfg = load_config(None, ["rollout.engine=sglang", "rollout.router_url=http://router:30000"])
-    with pytest.raises(ValueError, match=r"rollout.router_url='http://router:30000' with 2 data-parallel replicas"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)       # 'auto' resolves to cpu
+    with pytest.raises(ValueError, match=r"rollout.sglang.release_memory=True needs GPU servers \(server_device "
+                                         r"resolved to 'cpu'\).*set rollout.sglang.release_memory=false"):
+        SGLangEngine(ModelConfig(), SGLangConfig(release_memory=True))
+    with pytest.raises(ValueError, match=r"max_retries=-1 \(must be >= 0\)"):
+        SGLangEngine(ModelConfig(), max_retries=-1)
+    with pytest.raises(ValueError, match=r"gpu_ids=\[0\] names 1 GPUs for rollout.sglang.num_servers=2"):
+        SGLangEngine(ModelConfig(), SGLangConfig(num_servers=2), gpu_ids=[0])
+    cfg = load_config(None, ["rollout.engine=sglang", "rollout.sglang.router_url=http://router:30000"])
+    with pytest.raises(ValueError, match=r"rollout.sglang.router_url='http://router:30000' with 2 data-parallel "
+                                         r"replicas"):
         SGLangEngine.from_config(cfg, dp_rank=0, dp_size=2)
-    cfg = load_config(None, ["rollout.engine=sglang", "rollout.server_urls=[http://a:1]"])
-    with pytest.raises(ValueError, match="rollout.server_urls has 1 servers for 2 data-parallel replicas"):
+    cfg = load_config(None, ["rollout.engine=sglang", "rollout.sglang.server_urls=[http://a:1]"])
+    with pytest.raises(ValueError, match="rollout.sglang.server_urls has 1 servers for 2 data-parallel replicas"):
         SGLangEngine.from_config(cfg, dp_rank=1, dp_size=2)
+
+
+def test_from_config_gives_each_replica_its_share_of_the_servers(fake_server, tmp_path):
+    """from_config reads rollout.sglang: replica r is built with server_urls[r::dp] and the section's limits."""
+    from megatron_entcov.config import load_config
+
+    servers = [fake_server() for _ in range(3)]
+    cfg = load_config(None, ["rollout.engine=sglang", f"output_dir={tmp_path}", "rollout.sglang.max_inflight=3",
+                             "rollout.sglang.request_timeout_s=7", "rollout.sglang.sync_method=tensor",
+                             "rollout.sglang.server_urls=[" + ", ".join(s.url for s in servers) + "]"])
+    engines = [SGLangEngine.from_config(cfg, dp_rank=r, dp_size=2) for r in range(2)]
+    try:
+        assert [[s.url for s in e.servers] for e in engines] == [[servers[0].url, servers[2].url], [servers[1].url]]
+        assert all((e.max_inflight, e.request_timeout_s, e.sync_method) == (3, 7.0, "tensor") for e in engines)
+        assert engines[1].seed == cfg.seed + 7 and engines[0].weight_version == 0
+        assert cfg.rollout.sglang.server_urls == [s.url for s in servers]       # the run's config is untouched
+    finally:
+        for e in engines:
+            e.close()
 
 
 def test_per_server_throughput_and_replica_sums():
@@ -211,7 +206,8 @@ def test_colocated_servers_go_on_the_replicas_own_gpus():
     assert colocated_gpu_ids(4, [], local_rank=4, num_gpus=8) == [4, 5, 6, 7]
     assert colocated_gpu_ids(2, ["--tp-size", "2"], local_rank=0, num_gpus=8) == [0, 2]
     assert colocated_gpu_ids(1, ["--tp=4"], local_rank=4, num_gpus=8) == [4]
-    with pytest.raises(ValueError, match=r"rollout.num_servers=4 servers of 2 GPUs each .* need GPUs up to 11"):
+    with pytest.raises(ValueError, match=r"rollout.sglang.num_servers=4 servers of 2 GPUs each .* need GPUs up "
+                                         r"to 11"):
         colocated_gpu_ids(4, ["--tp-size", "2"], local_rank=4, num_gpus=8)
 
 
@@ -259,3 +255,22 @@ def test_pick_waits_for_a_restart_when_no_server_is_live():
     u.state = DEAD
     pool.promote([u])
     assert u.state == DEAD
+
+
+def test_post_all_drops_dead_servers_and_raises_for_other_failures(fake_server):
+    up, refusing = fake_server(), fake_server(routes={"/flush_cache": {"success": False, "message": "busy"}})
+    a, b = Server(url=up.url, index=0), Server(url=refusing.url, index=1)
+    dead = Server(url=f"http://127.0.0.1:{free_port()}", index=2)
+    pool = _pool([a, b, dead])
+    # A payload per server; the dead one is marked (dead: /model_info does not answer) and dropped.
+    standing = pool.post_all([a, b, dead], "/update_weight_version", lambda s: {"new_version": str(s.index)})
+    assert standing == [a, b] and dead.state == DEAD and "Connection" in dead.last_error
+    assert up.bodies("/update_weight_version") == [{"new_version": "0"}]
+    assert refusing.bodies("/update_weight_version") == [{"new_version": "1"}]
+    # A server that answers but refuses fails the call (check) or stays standing (no check).
+    with pytest.raises(RuntimeError, match=rf"/flush_cache failed on {refusing.url}: busy"):
+        pool.post_all([a, b], "/flush_cache", {})
+    assert pool.post_all([a, b], "/flush_cache", {}, check=False) == [a, b] and b.state == LIVE
+    # settle: the caller started the fan-out itself (and worked while the servers waited).
+    fan = Fanout([a.url, b.url], "/flush_cache", {}, timeout=5)
+    assert pool.settle(fan, [a, b], check=False) == [a, b]
