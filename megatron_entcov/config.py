@@ -2,8 +2,10 @@
 
 One ``@dataclass(kw_only=True)`` per component, nested in :class:`RunConfig`. A YAML file is a sparse
 override of the defaults; unknown keys, wrong types and out-of-range values raise ``ValueError`` naming the
-field (as a dotted path), the value and the fix. Checks that need the world size (parallel layout) live in
-:meth:`RunConfig.resolve`.
+field (as a dotted path), the value and the fix; a float field must be finite (``.inf``/``nan`` fail). With
+``model.hf_dir`` set, the architecture fields of ``model`` the config does not set are taken from that directory's
+config.json and the ones it sets are checked against it (:func:`config_from_dict`). Checks that need the world size
+(parallel layout) live in :meth:`RunConfig.resolve`.
 
 Example:
     cfg = load_config("configs/quickstart.yaml", overrides=["loss.name=kl_cov", "optim.lr=1e-5"])
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import subprocess
 import types
 import typing
@@ -117,13 +120,16 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     """Share the input embedding with the output layer (Qwen2.5 <= 3B: True; 7B+: False; Llama-3 8B: False)."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU."""
+    """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU. float16 describes converted checkpoints
+    only: a run rejects it (training has no loss scaling)."""
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation (ignored when weights are loaded)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer spec: 'auto' uses Transformer Engine when importable and a GPU is present, else the local spec."""
     hf_dir: str | None = None
-    """Hugging Face model directory (config, tokenizer, weights) the run starts from; None = random init."""
+    """Hugging Face model directory (config, tokenizer, weights) the run starts from; None = random init. Its
+    config.json gives the architecture fields above that the config leaves out; those it sets must agree
+    (max_position_embeddings may be smaller)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -491,6 +497,9 @@ class OptimConfig:
     """Optimizer steps per rollout batch (KL-Cov needs > 1 to act). Released: 8."""
     micro_batch_size: int = 4
     """Sequences per forward/backward micro-batch on one data-parallel rank."""
+    max_consecutive_skipped: int = 5
+    """Stop the run with an error after this many optimizer steps in a row were skipped (non-finite loss or
+    gradient norm), before the step is checkpointed; 0 = never stop."""
 
     def __post_init__(self) -> None:
         _check_choice("optim.optimizer", self.optimizer, ("adam", "sgd"))
@@ -507,6 +516,7 @@ class OptimConfig:
         _check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
         _check_positive("optim.num_mini_batches", self.num_mini_batches)
         _check_positive("optim.micro_batch_size", self.micro_batch_size)
+        _check_positive("optim.max_consecutive_skipped", self.max_consecutive_skipped, allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -608,6 +618,16 @@ class SFTConfig:
         _check_positive("sft.eval_size", self.eval_size, allow_zero=True)
 
 
+RUN_NAME_RULE = ("a run name is one directory name under output_dir: not empty, not '.' or '..', without '/', "
+                 "'\\' or control characters, not starting with '-'")
+"""The rule :attr:`RunConfig.name` follows, quoted in its error message."""
+
+
+def _is_run_name(name: str) -> bool:
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and not name.startswith("-")
+            and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name))
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A whole run: every component config plus run-level settings."""
@@ -644,8 +664,8 @@ class RunConfig:
     """Optional supervised warm start (megatron-entcov sft / quickstart)."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            _fail("name", self.name, "use a non-empty name without '/'")
+        if not _is_run_name(self.name):
+            _fail("name", self.name, f"{RUN_NAME_RULE}; e.g. name=qwen2.5-7b-kl-cov")
         _check_positive("steps", self.steps)
         self.validate()
 
@@ -656,6 +676,11 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-section checks that do not need the world size."""
         m, p = self.model, self.parallel
+        if m.params_dtype == "float16":
+            _fail("model.params_dtype", m.params_dtype,
+                  "set model.params_dtype=bfloat16 on GPU (or float32): training in float16 needs loss scaling, which "
+                  "this trainer does not do (Megatron would unscale the unscaled gradients by 2^-32); float16 stays "
+                  "available for exported checkpoints (convert --dtype float16)")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if m.num_attention_heads % tp:
             _fail("parallel.tensor_model_parallel_size", tp,
@@ -765,7 +790,10 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}={value!r} has the wrong type: expected a number")
-        return float(value)
+        value = float(value)
+        if not math.isfinite(value) and _ITEM_INDEX.sub("", path) not in NON_FINITE_FLOAT_FIELDS:
+            raise ValueError(f"{path}={value!r} is invalid: must be a finite number (not inf or nan)")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{path}={value!r} has the wrong type: expected an integer")
@@ -779,6 +807,13 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             raise ValueError(f"{path}={value!r} has the wrong type: expected a string")
         return value
     raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+NON_FINITE_FLOAT_FIELDS: frozenset[str] = frozenset()
+"""Dotted float fields that may be inf or nan (list items without their [i]); every other float field must be
+finite. None today: no field gives inf a meaning (use 0 where a field documents 0 as off)."""
+
+_ITEM_INDEX = re.compile(r"\[\d+\]")
 
 
 MOVED_KEYS = {
@@ -826,7 +861,29 @@ def config_from_dict(data: dict | None) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"a config must be a mapping at the top level, got {type(data).__name__}")
-    return _build(RunConfig, data)
+    return _build(RunConfig, _with_hf_model_fields(data))
+
+
+def _with_hf_model_fields(data: dict) -> dict:
+    """With ``model.hf_dir`` set: the architecture fields the (sparse) config leaves out come from the directory's
+    config.json, and those it sets must agree with it (ValueError naming each field, both values and the fix).
+
+    A directory that does not exist here is left to the start of the run (the Actor checks the whole
+    ModelConfig: weights/hf_config.py ``check_model_matches_hf``), so a config for another machine still loads.
+    """
+    model = data.get("model")
+    hf_dir = model.get("hf_dir") if isinstance(model, dict) else None
+    if not hf_dir or not isinstance(hf_dir, str) or not Path(hf_dir).exists():
+        return data
+    from megatron_entcov.weights.hf_config import hf_mismatches, read_hf_model_fields   # transformers, lazily
+
+    hf_fields = read_hf_model_fields(hf_dir)
+    hints = typing.get_type_hints(ModelConfig)
+    given = {k: _coerce(f"model.{k}", model[k], hints[k]) for k in hf_fields if k in model}
+    problems = hf_mismatches(given, hf_fields, Path(hf_dir) / "config.json")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return {**data, "model": {**{k: v for k, v in hf_fields.items() if k not in model}, **model}}
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -26,6 +26,7 @@ from megatron_entcov.policy.forward import PolicyForward
 from megatron_entcov.policy.model import build_model
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.policy.pipeline import run_microbatches
+from megatron_entcov.weights.hf_config import check_model_matches_hf
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
@@ -33,11 +34,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Actor", "StepResult", "LossFn"]
+__all__ = ["Actor", "StepResult", "LossFn", "TrainingDivergedError"]
 
 LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 """``loss_fn(micro_batch, logprobs [b, T], entropy [b, T]) -> (loss scalar, metrics of detached scalars)``.
 ``micro_batch`` is :meth:`TrainBatch.as_model_input` plus ``rows``, its row slice within the mini-batch."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """``optim.max_consecutive_skipped`` optimizer steps in a row were skipped (raised on every rank alike)."""
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Actor:
         """
         self.cfg, self.ps = cfg, ps
         self.micro_batch_size = cfg.optim.micro_batch_size
+        check_model_matches_hf(cfg.model)            # a model.hf_dir run builds config.json's architecture
         self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
         self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=temperature,
@@ -73,6 +79,8 @@ class Actor:
         """Applied optimizer steps (the schedules' step)."""
         self.skipped_steps = 0
         """Updates skipped because the gradient norm was not finite."""
+        self.consecutive_skipped = 0
+        """Updates skipped since the last applied one; at ``optim.max_consecutive_skipped`` train_step raises."""
 
     def logprobs(self, batch: TrainBatch, micro_batch_size: int | None = None):
         """Forward only: (logprobs, entropy) [N, T] float32 of ``batch.labels`` on the last pipeline stage,
@@ -82,7 +90,12 @@ class Actor:
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, label: str = "") -> StepResult:
         """Forward and backward over ``batch`` in micro-batches of ``micro_batch_size`` rows, then one optimizer
         step, unless the global gradient norm is not finite: then nothing is applied, the gradients are
-        dropped, a warning names ``label``, and ``skipped_steps`` counts it (every rank decides alike)."""
+        dropped, a warning names ``label``, and ``skipped_steps`` counts it (every rank decides alike).
+
+        Raises:
+            TrainingDivergedError: this was the ``optim.max_consecutive_skipped``-th skip in a row (on every
+                rank, since the decision is global), so the caller stops before saving anything of this step.
+        """
         mbs = self.micro_batch_size
         sums: dict = {}
 
@@ -104,10 +117,20 @@ class Actor:
         if applied:
             self.scheduler.step(1)
             self.optimizer_steps += 1
+            self.consecutive_skipped = 0
         else:
             self.skipped_steps += 1
+            self.consecutive_skipped += 1
             logger.warning("%s: gradient norm %s is not finite; update skipped", label or "train step", grad_norm)
             zero_grads(self.chunks, self.optimizer)
+            limit = self.cfg.optim.max_consecutive_skipped
+            if limit and self.consecutive_skipped >= limit:
+                raise TrainingDivergedError(
+                    f"{label or 'train step'}: {self.consecutive_skipped} optimizer steps in a row were skipped "
+                    f"(gradient norm {grad_norm}: the loss or the gradients are not finite); stopping at "
+                    f"optim.max_consecutive_skipped={limit} before anything of this step is saved. Resume from the "
+                    "newest checkpoint after the cause is fixed (e.g. a lower optim.lr), or raise "
+                    "optim.max_consecutive_skipped (0 = never stop)")
         return StepResult(applied=applied, grad_norm=grad_norm, metrics={k: float(v) for k, v in sums.items()})
 
     @property

@@ -27,7 +27,7 @@ import torch
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.dtypes import DTYPES, dtype_name
 from megatron_entcov.weights.hf_map import expected_hf_shapes
-from megatron_entcov.weights.hf_config import SUPPORTED_ARCHITECTURES, model_fields_from_hf
+from megatron_entcov.weights.hf_config import read_hf_model_fields
 
 logger = logging.getLogger(__name__)
 
@@ -114,20 +114,8 @@ def load_hf_model_config(hf_dir: str | Path, *, dtype: str | None = None,
     ``dtype`` None keeps the checkpoint's dtype (config.json ``dtype``/``torch_dtype``, else float32).
     """
     hf_dir = Path(hf_dir)
-    cfg_file = hf_dir / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"--hf-dir {str(hf_dir)!r} has no config.json")
-    raw = json.loads(cfg_file.read_text())
-    archs = raw.get("architectures") or []
-    if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()):
-        raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {str(cfg_file)!r}: "
-                         f"supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if raw.get("use_sliding_window"):
-        raise ValueError(f"use_sliding_window=true in {str(cfg_file)!r} is not supported (Megatron attends to the "
-                         "whole context)")
-    from transformers import AutoConfig
-
-    fields = model_fields_from_hf(AutoConfig.from_pretrained(hf_dir))
+    fields = read_hf_model_fields(hf_dir, field="--hf-dir")       # the same fields a run's config derives
+    raw = json.loads((hf_dir / "config.json").read_text())
     source = raw.get("dtype") or raw.get("torch_dtype")
     params_dtype = dtype_name(dtype) or (source if source in DTYPES else "float32")
     return ModelConfig(**fields, params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)

@@ -3,18 +3,29 @@
 Used by checkpoint conversion, by the embedded rollout engine (which runs a Hugging Face copy of the policy)
 and by SGLang servers (which load a Hugging Face directory).
 
+A run with ``model.hf_dir`` takes its architecture from that directory's config.json: the config loader fills
+the ``model.*`` fields the user did not set from :func:`read_hf_model_fields` and checks the ones they did set
+with :func:`hf_mismatches`; the Actor checks the whole ModelConfig again at start
+(:func:`check_model_matches_hf`), for configs built without the loader.
+
 Example:
     hf_cfg = to_hf_config(cfg.model)                     # transformers.Qwen2Config or LlamaConfig
     fields = model_fields_from_hf(AutoConfig.from_pretrained(d))   # dict for ModelConfig(**fields)
+    fields = read_hf_model_fields(d)                     # the same from d/config.json, with its checks
+    check_model_matches_hf(cfg.model)                    # ValueError naming each field that differs
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 from megatron_entcov.config import ModelConfig
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "to_hf_config", "model_fields_from_hf", "hf_architecture"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "HF_KEYS", "to_hf_config", "model_fields_from_hf", "hf_architecture",
+           "read_hf_model_fields", "hf_mismatches", "check_model_matches_hf"]
 
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 
@@ -91,3 +102,107 @@ def model_fields_from_hf(hf_cfg) -> dict[str, Any]:
         add_qkv_bias=is_qwen2,
         tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
     )
+
+
+HF_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+    "kv_channels": "head_dim",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rotary_base": "rope_theta",
+    "norm_epsilon": "rms_norm_eps",
+    "add_qkv_bias": "architectures",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+"""ModelConfig field -> the config.json key it comes from (the fields :func:`model_fields_from_hf` returns)."""
+
+
+def read_hf_model_fields(hf_dir: str | Path, *, field: str = "model.hf_dir") -> dict[str, Any]:
+    """The ModelConfig fields of ``hf_dir/config.json`` (:func:`model_fields_from_hf`).
+
+    ValueError, naming ``field`` and the directory, when there is no config.json, it is not JSON, or it
+    describes an architecture the trainer cannot build (not Qwen2/Llama, sliding-window attention, ...).
+    """
+    hf_dir = Path(hf_dir)
+    cfg_file = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise ValueError(f"{field}={str(hf_dir)!r} is not a directory: point it at a Hugging Face model directory "
+                         "(config.json, tokenizer, safetensors weights)")
+    if not cfg_file.is_file():
+        raise ValueError(f"{field}={str(hf_dir)!r} has no config.json: point it at a Hugging Face model directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{field}={str(hf_dir)!r}: {str(cfg_file)!r} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{field}={str(hf_dir)!r}: {str(cfg_file)!r} is not a JSON object")
+    archs = raw.get("architectures") or []
+    if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()):
+        raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {str(cfg_file)!r}: "
+                         f"supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"use_sliding_window=true in {str(cfg_file)!r} is not supported (Megatron attends to the "
+                         "whole context)")
+    from transformers import AutoConfig
+
+    try:
+        return model_fields_from_hf(AutoConfig.from_pretrained(hf_dir))
+    except ValueError as exc:
+        raise ValueError(f"{str(cfg_file)!r}: {exc}") from None
+
+
+def _yaml(value: Any) -> str:
+    """A value as it is written in a config file or after --set (true/false, null)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def hf_mismatches(values: dict[str, Any], hf_fields: dict[str, Any], cfg_file: str | Path) -> list[str]:
+    """One message for each ``model.<field>`` in ``values`` that contradicts ``hf_fields`` (config.json's).
+
+    Every field must equal config.json's, except ``max_position_embeddings``, which may be smaller (the run's
+    context; no weight depends on it), and ``kv_channels``, which compares as the per-head dimension (null means
+    hidden_size // num_attention_heads).
+    """
+    problems = []
+    hf_head_dim = hf_fields["hidden_size"] // hf_fields["num_attention_heads"]
+    for name, value in values.items():
+        if name not in hf_fields:
+            continue
+        want, key, shown = hf_fields[name], HF_KEYS[name], value
+        if name == "kv_channels":
+            value, want = value or hf_head_dim, want or hf_head_dim
+        if isinstance(want, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            same = math.isclose(value, want, rel_tol=1e-9, abs_tol=0.0)
+        else:
+            same = value == want
+        if name == "max_position_embeddings" and value <= want:
+            continue
+        if same:
+            continue
+        has = f"{key}={_yaml(want)}"
+        fix = f"set model.{name}={_yaml(want)} or remove it"
+        if name == "add_qkv_bias":
+            has = f"a {'Qwen2 architecture (QKV bias)' if want else 'Llama architecture (no QKV bias)'}"
+        elif name == "max_position_embeddings":
+            fix = (f"set model.max_position_embeddings <= {want} (the run's context may be shorter, not longer) "
+                   "or remove it")
+        problems.append(f"model.{name}={_yaml(shown)} but {cfg_file} has {has}: {fix}")
+    return problems
+
+
+def check_model_matches_hf(model: ModelConfig) -> None:
+    """When ``model.hf_dir`` is set, every architecture field of ``model`` agrees with its config.json
+    (:func:`hf_mismatches`); ValueError naming each field that does not, both values and the fix."""
+    if not model.hf_dir:
+        return
+    fields = read_hf_model_fields(model.hf_dir)
+    values = {name: getattr(model, name) for name in fields}
+    problems = hf_mismatches(values, fields, Path(model.hf_dir) / "config.json")
+    if problems:
+        raise ValueError("; ".join(problems))

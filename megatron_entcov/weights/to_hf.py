@@ -4,8 +4,10 @@
 tokenizer files. It streams one layer at a time straight from the checkpoint files (torch.distributed.checkpoint's
 reader, no process group, no model): peak memory is about two output shards plus a few copies of the largest
 tensor, whatever the model size. :func:`resolve_megatron_checkpoint` and :func:`load_checkpoint_model_config`
-find the dist checkpoint and its ModelConfig from a model/ dir, a step dir or a checkpoints root. The other
-direction is :mod:`megatron_entcov.weights.to_megatron` (whose output-directory rules this tool shares).
+find the dist checkpoint and its ModelConfig from a model/ dir, a step dir or a checkpoints root. The
+output-directory rules (never an input, never overwritten silently, written aside and renamed, a full disk named
+as such) are :mod:`megatron_entcov.weights.convert_output`. The other direction is
+:mod:`megatron_entcov.weights.to_megatron`.
 
 Example:
     convert_megatron_to_hf("/ckpts/qwen7b", "/models/qwen7b-rl", dtype="bfloat16")
@@ -19,20 +21,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, megatron_shape, to_hf
+from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, expected_hf_shapes, megatron_shape, to_hf
 from megatron_entcov.dtypes import torch_dtype
 from megatron_entcov.metrics import iter_progress
-from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_output, converter_parser,
-                                                     copy_hf_side_files, finish_output, run_converter, tmp_dir)
+from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_free_space, check_output,
+                                                     converter_parser, copy_hf_side_files, run_converter,
+                                                     writing_output)
 from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
 from megatron_entcov.weights.hf_config import to_hf_config
 
@@ -54,15 +57,20 @@ def resolve_megatron_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return resolve_model_dir(path, field="--ckpt")
 
 
-def load_checkpoint_model_config(model_dir: Path, step_dir: Path | None, *, model_config: str | Path | None = None,
-                                 hf_config_dir: str | Path | None = None) -> ModelConfig:
-    """The ModelConfig of a checkpoint: ``model_config`` (a YAML with a ``model:`` section), else
-    model_config.yaml of the step, else the run's resolved_config.yaml, else ``hf_config_dir``'s config.json."""
+def _model_config_candidates(model_dir: Path, step_dir: Path | None, model_config: str | Path | None) -> list[Path]:
     candidates = [Path(model_config)] if model_config else []
     for base in filter(None, (step_dir, model_dir)):
         candidates.append(base / MODEL_CONFIG_FILE)
     if step_dir is not None:
         candidates.append(step_dir.parent.parent / "resolved_config.yaml")  # <run>/checkpoints/step_x
+    return candidates
+
+
+def load_checkpoint_model_config(model_dir: Path, step_dir: Path | None, *, model_config: str | Path | None = None,
+                                 hf_config_dir: str | Path | None = None) -> ModelConfig:
+    """The ModelConfig of a checkpoint: ``model_config`` (a YAML with a ``model:`` section), else
+    model_config.yaml of the step, else the run's resolved_config.yaml, else ``hf_config_dir``'s config.json."""
+    candidates = _model_config_candidates(model_dir, step_dir, model_config)
     for file in candidates:
         if file.is_file():
             data = yaml.safe_load(file.read_text()) or {}
@@ -235,13 +243,25 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
     config.json and tokenizer files come from ``hf_config_dir``, else from the hf/ copy the import stored
     in the step dir, else config.json is generated from the ModelConfig. ``dtype`` None keeps the
     checkpoint's dtype. Not collective: call it on one process. Raises ValueError for an unsupported
-    architecture, a missing tensor, a shape mismatch or an output directory that already holds a checkpoint.
+    architecture, a missing tensor, a shape mismatch, an ``out`` that is, contains or lies inside an input
+    (``ckpt``, ``hf_config_dir`` or the hf/ copy used, the model config file read; even with ``force``) or an
+    output directory that already holds a checkpoint (unless ``force``); NoSpaceLeft (an OSError, errno
+    ENOSPC) when the filesystem of ``out`` is too small, up front or during the write. A failed write leaves
+    ``out`` as it was.
     """
     model_dir, step_dir = resolve_megatron_checkpoint(ckpt)
     out = Path(out)
-    cfg = load_checkpoint_model_config(model_dir, step_dir, model_config=model_config, hf_config_dir=hf_config_dir)
+    config_file = next((f for f in _model_config_candidates(model_dir, step_dir, model_config) if f.is_file()), None)
+    explicit_hf_config = hf_config_dir is not None
     if hf_config_dir is None and step_dir is not None and (step_dir / "hf" / "config.json").is_file():
         hf_config_dir = step_dir / "hf"
+    inputs = [("--ckpt", ckpt), ("dist checkpoint of --ckpt", model_dir),
+              ("--hf-config-dir" if explicit_hf_config else "hf/ config copy of --ckpt", hf_config_dir),
+              ("--model-config", model_config),
+              ("model config of --ckpt", config_file if config_file is not None and model_config is None else None)]
+    check_output(out, force, inputs=inputs)
+    cfg = load_checkpoint_model_config(model_dir, step_dir, model_config=model_config,
+                                       hf_config_dir=hf_config_dir if explicit_hf_config else None)
     if hf_config_dir is not None:
         hf_cfg = load_hf_model_config(hf_config_dir)
         keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -253,33 +273,30 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
     _check_megatron_checkpoint(reader, cfg)
     out_dtype = torch_dtype(dtype) if dtype else reader.dtype(EMBEDDING_RULE.ckpt_key)
     max_bytes = _parse_size(max_shard_size)
-    check_output(out, force)
-
-    tmp = tmp_dir(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    writer = _ShardedSafetensorsWriter(tmp, max_bytes)
-    rules = active_rules(cfg)
-    order = [(r, None) for r in rules if r.megatron.startswith("embedding.")]
-    order += [(r, layer) for layer in range(cfg.num_layers) for r in rules if r.per_layer]
-    order += [(r, None) for r in rules if not r.per_layer and not r.megatron.startswith("embedding.")]
-    for rule, layer in iter_progress(order, len(order), "megatron -> hf", progress):
-        full = reader.read(rule.ckpt_key, layer)
-        for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, cfg)):
-            writer.add(name, tensor.to(out_dtype))
-    writer.finish()
+    needed = sum(math.prod(shape) for shape in expected_hf_shapes(cfg).values()) * out_dtype.itemsize
+    check_free_space(out, needed)
 
     dtype_name = str(out_dtype).removeprefix("torch.")
-    if hf_config_dir is not None:
-        copy_hf_side_files(Path(hf_config_dir), tmp, config=True)
-        raw = json.loads((tmp / "config.json").read_text())
-        raw.pop("torch_dtype", None)
-        raw["dtype"] = dtype_name
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    else:
-        to_hf_config(cfg, torch_dtype=dtype_name).save_pretrained(tmp)
-    finish_output(tmp, out)
+    # Written into .NAME.tmp, renamed to out once complete; removed on any failure (out stays as it was).
+    with writing_output(out, needed=needed) as tmp:
+        writer = _ShardedSafetensorsWriter(tmp, max_bytes)
+        rules = active_rules(cfg)
+        order = [(r, None) for r in rules if r.megatron.startswith("embedding.")]
+        order += [(r, layer) for layer in range(cfg.num_layers) for r in rules if r.per_layer]
+        order += [(r, None) for r in rules if not r.per_layer and not r.megatron.startswith("embedding.")]
+        for rule, layer in iter_progress(order, len(order), "megatron -> hf", progress):
+            full = reader.read(rule.ckpt_key, layer)
+            for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, cfg)):
+                writer.add(name, tensor.to(out_dtype))
+        writer.finish()
+        if hf_config_dir is not None:
+            copy_hf_side_files(Path(hf_config_dir), tmp, config=True)
+            raw = json.loads((tmp / "config.json").read_text())
+            raw.pop("torch_dtype", None)
+            raw["dtype"] = dtype_name
+            (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        else:
+            to_hf_config(cfg, torch_dtype=dtype_name).save_pretrained(tmp)
     logger.info("convert: wrote %s (%s, %d files)", out, dtype_name, len(writer.files))
     return out
 

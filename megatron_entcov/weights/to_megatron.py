@@ -8,8 +8,9 @@ device, allocated without initialisation and filled tensor by tensor from the sa
 is layout-free (global keys, layers stacked, TP shards as offsets), so it loads at any tp/pp; ``--tp`` only
 fixes the vocabulary padding (``ModelConfig.padded_vocab_size(tp)``) and is checked against the head/layer
 counts with ``--pp``. Peak host memory: one copy of the model plus a few copies of the largest tensor
-(docs/conversion.md). The output-directory rules both tools share live here too: never overwrite silently;
-write to a temporary sibling and rename. The other direction is :mod:`megatron_entcov.weights.to_hf`.
+(docs/conversion.md). The output-directory rules both tools share (never an input, never overwritten silently,
+written to a temporary sibling and renamed, a full disk named as such) are in
+:mod:`megatron_entcov.weights.convert_output`. The other direction is :mod:`megatron_entcov.weights.to_hf`.
 
 Example:
     convert_hf_to_megatron("/models/Qwen2.5-7B", "/ckpts/qwen7b", tp=4, pp=1)
@@ -24,16 +25,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
+import math
 from pathlib import Path
 
 import torch
 import yaml
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
-from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_output, converter_parser,
-                                                     copy_hf_side_files, finish_output, run_converter, tmp_dir)
+from megatron_entcov.dtypes import torch_dtype
+from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_free_space, check_output,
+                                                     converter_parser, copy_hf_side_files, run_converter,
+                                                     writing_output)
 from megatron_entcov.weights.hf_checkpoint import HFCheckpoint, check_hf_checkpoint, load_hf_model_config
+from megatron_entcov.weights.hf_map import expected_hf_shapes
 from megatron_entcov.weights.shards import load_hf_weights
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,12 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
         raise ValueError(f"--pp={pp} must divide num_layers={cfg.num_layers}")
 
 
+def _checkpoint_bytes(cfg: ModelConfig) -> int:
+    """The tensor bytes the dist checkpoint holds, without the vocabulary padding (a lower bound)."""
+    itemsize = torch_dtype(cfg.params_dtype).itemsize
+    return sum(math.prod(shape) for shape in expected_hf_shapes(cfg).values()) * itemsize
+
+
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
                            dtype: str | None = None, make_vocab_size_divisible_by: int = 128,
                            force: bool = False, progress: bool = True) -> Path:
@@ -67,8 +77,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     ``allow_shape_mismatch``, so other paddings load too). Runs in one process; when torch.distributed is
     already initialised it is collective: every rank builds the whole model, the write is shared, and
     Megatron's parallel state is left at tp=1, pp=1 (call ``init_parallel`` again afterwards).
-    Raises ValueError for an unsupported architecture, a missing tensor, a shape mismatch, a bad layout or
-    an output directory that already holds a checkpoint (unless ``force``).
+    Raises ValueError for an unsupported architecture, a missing tensor, a shape mismatch, a bad layout, an
+    ``out`` that is, contains or lies inside ``hf_dir`` (even with ``force``) or an output directory that
+    already holds a checkpoint (unless ``force``); NoSpaceLeft (an OSError, errno ENOSPC) when the filesystem
+    of ``out`` is too small, up front or during the write. A failed write leaves ``out`` as it was.
     """
     import torch.distributed as dist
 
@@ -77,11 +89,13 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     from megatron_entcov.parallel import destroy_parallel, init_parallel
 
     hf_dir, out = Path(hf_dir), Path(out)
+    check_output(out, force, inputs=[("--hf-dir", hf_dir)])
     cfg = load_hf_model_config(hf_dir, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     _check_layout(cfg, tp, pp)
     hf = HFCheckpoint(hf_dir)
     check_hf_checkpoint(hf, cfg)
-    check_output(out, force)
+    needed = _checkpoint_bytes(cfg)
+    check_free_space(out, needed)
 
     own_group = not dist.is_initialized()
     parallel = ParallelConfig(backend="gloo")
@@ -97,26 +111,26 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
             chunks = build_model(build_cfg, parallel, dataclasses.replace(ps, device=torch.device("meta")))
         chunks = [c.to_empty(device="cpu") for c in chunks]
         load_hf_weights(chunks, build_cfg, hf, ps, progress=progress and ps.is_rank0)
-        tmp = tmp_dir(out)
-        step = tmp / STEP_DIR
+        # Rank 0 prepares .NAME.tmp, renames it to out once complete, and removes it on any failure.
+        with writing_output(out, owner=ps.is_rank0, needed=needed) as tmp:
+            step = tmp / STEP_DIR
+            if ps.is_rank0:
+                (step / "model").mkdir(parents=True)
+            if dist.get_world_size() > 1:
+                dist.barrier()
+            save_model(chunks, step / "model")
+            del chunks
+            if ps.is_rank0:
+                info = {"source": str(hf_dir), "tp": tp, "pp": pp, "padded_vocab_size": padded}
+                (step / MODEL_CONFIG_FILE).write_text(
+                    "# ModelConfig of this checkpoint (written by megatron_entcov.weights.to_megatron)\n"
+                    + yaml.safe_dump({"model": dataclasses.asdict(cfg), "conversion": info}, sort_keys=False))
+                copy_hf_side_files(hf_dir, step / "hf", config=True)
+                (step / "trainer_state.json").write_text(
+                    json.dumps({"step": 0, "converted_from": str(hf_dir)}, indent=1))
+                (step / "COMPLETE").write_text("")
+                (tmp / "latest").write_text(STEP_DIR)
         if ps.is_rank0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (step / "model").mkdir(parents=True)
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        save_model(chunks, step / "model")
-        del chunks
-        if ps.is_rank0:
-            info = {"source": str(hf_dir), "tp": tp, "pp": pp, "padded_vocab_size": padded}
-            (step / MODEL_CONFIG_FILE).write_text(
-                "# ModelConfig of this checkpoint (written by megatron_entcov.weights.to_megatron)\n"
-                + yaml.safe_dump({"model": dataclasses.asdict(cfg), "conversion": info}, sort_keys=False))
-            copy_hf_side_files(hf_dir, step / "hf", config=True)
-            (step / "trainer_state.json").write_text(json.dumps({"step": 0, "converted_from": str(hf_dir)}, indent=1))
-            (step / "COMPLETE").write_text("")
-            (tmp / "latest").write_text(STEP_DIR)
-            finish_output(tmp, out)
             logger.info("convert: wrote %s (%d layers, vocab %d padded to %d for tp=%d, %s)", out, cfg.num_layers,
                         cfg.vocab_size, padded, tp, cfg.params_dtype)
         if dist.get_world_size() > 1:

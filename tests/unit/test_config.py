@@ -98,6 +98,11 @@ def test_yaml_and_overrides(tmp_path):
      r"rollout.sglang.server_args=\['--tp-size', 'two'\] is invalid: its --tp-size 'two' must be a positive"),
     (["model.max_position_embeddings=16"], r"model.max_position_embeddings=16 is invalid: must be >= "
                                            r"rollout.max_prompt_len"),
+    (["optim.lr=.inf"], r"optim.lr=inf is invalid: must be a finite number \(not inf or nan\)"),
+    (["sampling.temperature=nan"], r"sampling.temperature=nan is invalid: must be a finite number"),
+    (["name=.."], r"name='\.\.' is invalid: a run name is one directory name under output_dir"),
+    (["model.params_dtype=float16"], r"model.params_dtype='float16' is invalid: set model.params_dtype=bfloat16"),
+    (["optim.max_consecutive_skipped=-2"], r"optim.max_consecutive_skipped=-2 is invalid: must be >= 0"),
 ])
 def test_bad_values_name_field_value_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
