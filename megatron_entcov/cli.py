@@ -1,6 +1,6 @@
 """The `megatron-entcov` command.
 
-    megatron-entcov train      --config X.yaml [--set a.b=v ...] [--nproc N] [--resume] [LOG]
+    megatron-entcov train      --config X.yaml [--set a.b=v ...] [--nproc N] [--resume | --auto-resume] [LOG]
     megatron-entcov sft        --config X.yaml [--set ...] [--nproc N] [LOG]
     megatron-entcov quickstart [--config configs/quickstart.yaml] [--set ...] [LOG]   SFT warm start, then RL
     megatron-entcov fit-law    RUN_DIR [--out DIR]
@@ -10,23 +10,50 @@
 LOG: `--verbose` also shows third-party internals (Megatron's config reprs, parameter lists, expected
 warnings) that are filtered by default; `--log-level debug|info|warning|error` (debug implies --verbose).
 Multi-process runs: `--nproc N` re-launches the command under torchrun on this machine; on clusters,
-launch `python -m megatron_entcov train ...` with torchrun/srun yourself (slurm/*.sbatch).
+launch `python -m megatron_entcov train ...` with torchrun/srun yourself (slurm/*.sbatch). The launcher checks
+the config against N first (an impossible layout: one line, exit 2) and keeps every rendezvous socket on
+127.0.0.1 (it hosts torchrun's c10d store itself; rank 0 hosts the process-group store on MASTER_ADDR).
+
+Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 ("checkpoint and stop", for preemption notices) makes `train`
+(and the RL part of `quickstart`) finish the step in flight on every rank, save a checkpoint of it (always,
+whatever checkpoint.save_interval says), close the rollout engine and exit with 128 + the signal number (143
+SIGTERM, 130 SIGINT, 138 SIGUSR1); `--resume` continues from that step. A second SIGTERM/SIGINT stops at once
+without saving. `sft` and the quickstart's SFT part stop at once (exit 128 + signal). Under `--nproc` the
+launcher forwards the signal to the ranks (not to torchrun, which would also signal their checkpoint
+workers), waits up to `--stop-timeout` seconds (default 300), then kills every process it started; the ranks
+exit 0 after a stop and the launcher returns 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from megatron_entcov.launch import (DEFAULT_STOP_TIMEOUT, LAUNCHED_ENV, argv_without_nproc, supervise,
+                                    torchrun_command)
 from megatron_entcov.logs import LEVELS, setup_logging
-from megatron_entcov.net import free_port
+from megatron_entcov.stop import (StopNow, StopSignals, start_checkpoint_queue, stop_checkpoint_queue,
+                                  stop_exit_code)
 
 __all__ = ["main"]
 
 DEFAULT_QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+def _nproc(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give the number of local processes, "
+                                         "e.g. --nproc 2") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a number of processes: give N >= 1 (omit --nproc for "
+                                         "one process)")
+    return n
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -34,7 +61,10 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
                    help="YAML file (sparse overrides of the defaults); omitted = the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set loss.name=kl_cov (repeatable)")
-    p.add_argument("--nproc", type=int, default=None, help="launch N local processes with torchrun")
+    p.add_argument("--nproc", type=_nproc, default=None, help="launch N local processes with torchrun")
+    p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+                   help="--nproc: after SIGTERM/SIGINT/SIGUSR1, how long the ranks get to finish their step and "
+                        f"save a checkpoint before they are killed (default {DEFAULT_STOP_TIMEOUT:.0f})")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show everything: third-party INFO records (Megatron config reprs, parameter lists) "
                         "and expected library warnings, filtered by default")
@@ -42,29 +72,39 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
                    help="level of the run's log on rank 0 (other ranks: warning and above); debug implies --verbose")
 
 
-def _relaunch(nproc: int) -> int:
-    """Re-run this exact command under torchrun with N processes (local machine)."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "megatron_entcov", *argv]
-    env = dict(os.environ, MEGATRON_ENTCOV_LAUNCHED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+def _launch(args, argv: list[str]) -> int:
+    """Check the config for ``args.nproc`` processes, then run this command under torchrun and supervise it
+    (:func:`supervise`). A config that does not fit raises ValueError before anything is started."""
+    cfg = _load(args, resume=getattr(args, "resume", False))
+    cfg.resolve(args.nproc)
+    if args.stop_timeout < 0:
+        raise ValueError(f"--stop-timeout {args.stop_timeout:g} must be >= 0 seconds")
+    from megatron_entcov.parallel import loopback_store
+
+    store, port = loopback_store()          # lives as long as this process: torchrun's rendezvous
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **{LAUNCHED_ENV: "1"})
+    try:
+        return supervise(torchrun_command(args.nproc, port, argv_without_nproc(argv)), env,
+                         stop_timeout=args.stop_timeout)
+    finally:
+        del store
 
 
 def _load(args, resume: bool = False):
+    """The run config from --config and --set; ``--resume`` sets checkpoint.resume, and ``--auto-resume`` sets it
+    when the run directory already belongs to a run (its run.json exists), so a requeued job continues and a
+    first launch starts."""
     from megatron_entcov.config import load_config
+    from megatron_entcov.run_dir import RUN_FILE
 
     overrides = list(args.overrides)
     if resume:
         overrides.append("checkpoint.resume=true")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "auto_resume", False) and not cfg.checkpoint.resume and (cfg.run_dir / RUN_FILE).is_file():
+        cfg = load_config(args.config, [*overrides, "checkpoint.resume=true"])
+    return cfg
 
 
 def _init(cfg):
@@ -74,9 +114,22 @@ def _init(cfg):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.resolve(world)
+    start_checkpoint_queue()
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     assert dist.get_world_size() == world
     return ps
+
+
+def _stopped(trainer, cfg, ps) -> int:
+    """After a stop at a step boundary: one line on rank 0, the exit code (see _stop_exit_code)."""
+    from megatron_entcov.parallel import destroy_parallel
+
+    signum = trainer.stop_signal
+    if ps.is_rank0:
+        print(f"stopped by {signal.Signals(signum).name} after step {trainer.step} of {cfg.steps}; its checkpoint is "
+              f"in {Path(cfg.run_dir) / 'checkpoints'}; continue with --resume", flush=True)
+    destroy_parallel()
+    return stop_exit_code(signum)
 
 
 def _cmd_train(args) -> int:
@@ -84,12 +137,15 @@ def _cmd_train(args) -> int:
     from megatron_entcov.trainer import Trainer
 
     cfg = _load(args, resume=args.resume)
+    _STOPS.graceful = True       # a stop signal from here on ends the RL loop at a step boundary
     ps = _init(cfg)
     trainer = Trainer(cfg, ps)
     try:
         last = trainer.train()
     finally:
         trainer.close()
+    if getattr(trainer, "stop_signal", 0):
+        return _stopped(trainer, cfg, ps)
     if ps.is_rank0:
         print(f"done: {cfg.steps} steps; run directory {cfg.run_dir}; reward {last.get('reward/mean', float('nan')):.3f}")
     destroy_parallel()
@@ -114,6 +170,7 @@ def _cmd_quickstart(args) -> int:
 
     from megatron_entcov.law_report import write_law_report
     from megatron_entcov.parallel import destroy_parallel
+    from megatron_entcov.run_dir import RunDir
     from megatron_entcov.sft import run_sft
     from megatron_entcov.trainer import Trainer
 
@@ -121,18 +178,28 @@ def _cmd_quickstart(args) -> int:
     cfg = _load(args)
     ps = _init(cfg)
     t0 = time.monotonic()
-    sft = None
-    if cfg.sft.steps and not cfg.checkpoint.load:
-        sft = run_sft(cfg, ps)
-        cfg.checkpoint.load = sft["checkpoint"]
-        if ps.is_rank0:
-            print(f"[quickstart] SFT warm start: {cfg.sft.steps} steps, greedy accuracy {sft['accuracy']:.3f}",
-                  flush=True)
-    trainer = Trainer(cfg, ps)
+    # The run directory (SFT in <run_dir>/sft, RL in <run_dir>) is one run: a re-run into it is refused with
+    # the fixes (RunDir), never overwritten; --set checkpoint.resume=true continues its RL part.
+    run = RunDir.open(cfg.run_dir, ps, resume=cfg.checkpoint.resume)
+    trainer = None
     try:
-        trainer.train()
-    finally:
-        trainer.close()
+        sft = None
+        if cfg.sft.steps and not cfg.checkpoint.load and not cfg.checkpoint.resume:
+            sft = run_sft(cfg, ps)
+            cfg.checkpoint.load = sft["checkpoint"]
+            if ps.is_rank0:
+                print(f"[quickstart] SFT warm start: {cfg.sft.steps} steps, greedy accuracy {sft['accuracy']:.3f}",
+                      flush=True)
+        trainer = Trainer(cfg, ps, run=run)
+        _STOPS.graceful = True   # from here a stop signal ends the RL loop at a step boundary
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:  # failed before RL started (no Trainer): the corrected command may start in this directory
+        run.close(failed_to_start=trainer is None)
+    if getattr(trainer, "stop_signal", 0):
+        return _stopped(trainer, cfg, ps)
     if ps.is_rank0:
         summary = write_law_report(cfg.run_dir)
         run_dir = Path(cfg.run_dir).resolve()
@@ -176,12 +243,19 @@ def _cmd_bench(args, rest) -> int:
     return subprocess.call([sys.executable, str(root / script), *rest])
 
 
+_STOPS = StopSignals()
+"""The stop-signal handlers of this training process (installed by main for train/sft/quickstart)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-entcov", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="RL training")
     _add_config_args(p, required=False)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue the run when its directory already holds one, else start it (batch jobs that "
+                        "may be requeued)")
     p = sub.add_parser("sft", help="supervised warm start")
     _add_config_args(p, required=False)
     p = sub.add_parser("quickstart", help="CPU quickstart: SFT warm start then RL, then the law plot")
@@ -189,10 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit-law", help="fit R = -a exp(H) + b to a run and plot it")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
-    p = sub.add_parser("convert", help="Hugging Face <-> Megatron checkpoints", add_help=False)
+    # convert/bench hand everything after the direction/benchmark to its own parser (its --help included).
+    p = sub.add_parser("convert", help="Hugging Face <-> Megatron checkpoints",
+                       description="Convert checkpoints. hf-to-megatron: a Hugging Face directory -> a Megatron "
+                                   "dist checkpoint root; megatron-to-hf: a Megatron checkpoint (any tp/pp) -> a "
+                                   "Hugging Face directory. Their options: megatron-entcov convert DIRECTION --help "
+                                   "(docs/conversion.md).")
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
-    p = sub.add_parser("bench", help="benchmarks from bench/", add_help=False)
-    p.add_argument("which", choices=["vocab-parallel", "entropy-dynamics"])
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the direction's options, e.g. --hf-dir X --out Y (see DIRECTION --help)").required = False
+    p = sub.add_parser("bench", help="benchmarks from bench/",
+                       description="Run a benchmark script from bench/. Its options: megatron-entcov bench "
+                                   "BENCHMARK --help.")
+    p.add_argument("which", choices=["vocab-parallel", "entropy-dynamics"], metavar="BENCHMARK",
+                   help="vocab-parallel | entropy-dynamics")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the benchmark's options").required = False
     return parser
 
 
@@ -201,16 +286,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in ("convert", "bench"):
-        return (_cmd_convert if args.command == "convert" else _cmd_bench)(args, rest)
+        if rest:  # options before the subcommand; those after it are in args.args
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return (_cmd_convert if args.command == "convert" else _cmd_bench)(args, args.args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(verbose=getattr(args, "verbose", False), level=getattr(args, "log_level", None))
-    if getattr(args, "nproc", None) and args.nproc > 1 and not os.environ.get("MEGATRON_ENTCOV_LAUNCHED"):
-        return _relaunch(args.nproc)
+    if args.command == "quickstart":
+        args.config = args.config or str(DEFAULT_QUICKSTART)
+    launch = (getattr(args, "nproc", None) or 1) > 1 and not os.environ.get(LAUNCHED_ENV)
     handlers = {"train": _cmd_train, "sft": _cmd_sft, "quickstart": _cmd_quickstart, "fit-law": _cmd_fit_law}
+    training = args.command in ("train", "sft", "quickstart") and not launch
+    if training:
+        _STOPS.graceful = False
+        _STOPS.install()
     try:
+        if launch:
+            return _launch(args, argv)
         return handlers[args.command](args)
     except ValueError as exc:
         # Bad configs and inputs: one clear line, no traceback.
         print(f"megatron-entcov {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except StopNow as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-entcov {args.command}: stopped at once by {stop}; nothing saved since the last "
+                  "checkpoint", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        if training:
+            _STOPS.restore()
+            stop_checkpoint_queue()

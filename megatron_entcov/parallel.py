@@ -9,6 +9,12 @@ Example:
     logits = model(tokens, positions, None)            # Megatron uses the groups set up here
     logprobs, entropy = logprobs_and_entropy(logits, labels, ps.tp_group)
     destroy_parallel()
+
+Rendezvous: the process-group store never listens on all interfaces when this module can help it. A
+one-process run without launcher variables uses an in-memory store (no socket at all); otherwise rank 0 hosts
+the TCPStore on MASTER_ADDR's interface only (127.0.0.1 under ``--nproc``), unless torchrun's agent hosts it
+(``TORCHELASTIC_USE_AGENT_STORE=True``: then its binding is torch's, all interfaces). See :func:`loopback_store`
+for the ``--nproc`` launcher's side.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +30,11 @@ import torch.distributed as dist
 
 from megatron_entcov.compat import cpu as cpu_compat
 from megatron_entcov.config import ParallelConfig
-from megatron_entcov.net import free_port
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ParallelState", "init_parallel", "destroy_parallel", "resolve_backend", "seed_everything", "raise_together",
-           "fail_together"]
+           "fail_together", "loopback_store"]
 
 
 @dataclass(frozen=True)
@@ -93,14 +99,77 @@ def resolve_backend(requested: str) -> str:
 def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if dist.is_initialized():
         return
-    # Single-process runs need no launcher: fill the env:// rendezvous with a local default.
+    # Single-process runs need no launcher.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        store = dist.HashStore()               # one process: nothing to meet over a socket
+    else:
+        store = dist.PrefixStore("default_pg", _rendezvous_store(rank, world_size, timeout))  # as env:// names it
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket | None:
+    """A listening TCP socket on ``host``'s address only (not the wildcard), or None when ``host`` is not an
+    address of this machine (or does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+            return sock
+        except OSError:
+            sock.close()
+    return None
+
+
+def _hosted_store(host: str, sock: socket.socket, world_size: int | None, timeout: datetime.timedelta):
+    """A TCPStore server on an already bound and listening socket (torch binds all interfaces otherwise)."""
+    port = sock.getsockname()[1]
+    try:
+        store = dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=world_size is not None,
+                              multi_tenant=True, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()                              # the store's server owns the descriptor now
+    return store
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The env:// rendezvous store (MASTER_ADDR/MASTER_PORT), built as torch builds it except that rank 0's
+    server listens on MASTER_ADDR's interface only."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch the ranks with "
+                         "torchrun or srun (slurm/*.sbatch), or use --nproc N on one machine")
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if hosts:
+        sock = _listen_socket(host, int(port))
+        if sock is not None:
+            return _hosted_store(host, sock, world_size, timeout)
+        logger.warning("rendezvous: MASTER_ADDR=%s is not an address of this machine; the store listens on all "
+                       "interfaces", host)
+    return dist.TCPStore(host, int(port), world_size, hosts, timeout, multi_tenant=True)
+
+
+def loopback_store(timeout: datetime.timedelta = datetime.timedelta(minutes=30)):
+    """(store, port): a TCPStore server on 127.0.0.1 only, on a port the OS picks. The ``--nproc`` launcher
+    hosts torchrun's c10d rendezvous in it (torchrun's own servers would listen on all interfaces)."""
+    sock = _listen_socket("127.0.0.1", 0)
+    if sock is None:
+        raise RuntimeError("cannot listen on 127.0.0.1 (no loopback interface?)")
+    port = sock.getsockname()[1]
+    return _hosted_store("127.0.0.1", sock, None, timeout), port
 
 
 def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) -> ParallelState:

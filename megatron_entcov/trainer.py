@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.checkpoint import Checkpointer, load_model, resolve_model_dir
+from megatron_entcov.checkpoint import CheckpointError, Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
@@ -38,6 +38,8 @@ from megatron_entcov.policy.actor import Actor, StepResult
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.rollout.engine import build_engine
 from megatron_entcov.rollout.server_metrics import server_throughput, summed_over_replicas
+from megatron_entcov.run_dir import RunDir
+from megatron_entcov.stop import agree_stop
 from megatron_entcov.tokenizer import load_tokenizer
 from megatron_entcov.weights.probe import verify_sync
 from megatron_entcov.weights.sync import WeightSync
@@ -51,9 +53,24 @@ __all__ = ["Trainer"]
 class Trainer:
     """Builds every component from a RunConfig and runs the RL loop. All methods are collective."""
 
-    def __init__(self, cfg: RunConfig, ps: ParallelState, *, engine=None):
+    def __init__(self, cfg: RunConfig, ps: ParallelState, *, engine=None, run: RunDir | None = None):
+        """``run``: the run directory already opened by the caller (the quickstart opens it before its SFT
+        warm start); None = open (lock, identity) ``cfg.run_dir`` here and release it in :meth:`close`."""
         self.cfg, self.ps = cfg, ps
         self.run_dir = Path(cfg.run_dir)
+        self.engine = engine
+        # Ownership first, before anything is written: refuses another run's directory, or one in use.
+        self._owns_run = run is None
+        self.run = run if run is not None else RunDir.open(self.run_dir, ps, resume=cfg.checkpoint.resume)
+        try:
+            self._build(engine)
+        except BaseException:
+            if self._owns_run:  # a new run that failed to start gives its directory back (no checkpoint yet)
+                self.run.close(failed_to_start=True)
+            raise
+
+    def _build(self, engine) -> None:
+        cfg, ps = self.cfg, self.ps
         if ps.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "resolved_config.yaml")
@@ -63,7 +80,8 @@ class Trainer:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                              f"({len(self.tokenizer)} tokens); set model.vocab_size >= {len(self.tokenizer)}")
         self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last,
+                                         run_id=self.run.run_id)
         dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                             seed=cfg.seed)
         self.loader = PromptLoader(dataset, batch_size=cfg.rollout.prompts_per_step, dp_rank=ps.dp_rank,
@@ -96,7 +114,7 @@ class Trainer:
         for index, mini in enumerate(batch.split(num_mini)):
             selection = self._token_selection(mini, index)
             result = self.actor.train_step(mini, self._policy_loss_fn(selection),
-                                           label=f"step {self.step} mini-batch {index}")
+                                           label=f"step {self.step + 1} mini-batch {index}")
             self._add_update_metrics(local, result, num_mini)
             progress.update()
         progress.close()
@@ -217,9 +235,13 @@ class Trainer:
 
     def _load_initial_state(self) -> None:
         ck, actor = self.cfg.checkpoint, self.actor
-        latest = self.checkpointer.find_latest() if ck.resume else None
-        if latest is not None:
-            state = self.checkpointer.load(latest, actor.chunks, optimizer=actor.optimizer)
+        # RunDir.open refused a resume without a complete checkpoint; load_latest falls back past broken steps.
+        loaded = self.checkpointer.load_latest(actor.chunks, optimizer=actor.optimizer) if ck.resume else None
+        if ck.resume and loaded is None:
+            raise CheckpointError(f"checkpoint.resume=true but {str(self.checkpointer.root)!r} holds no complete "
+                                  "checkpoint of this run; drop --resume to start a new run")
+        if loaded is not None:
+            latest, state = loaded
             self.step = state["step"]
             actor.optimizer_steps = state["optimizer_steps"]
             actor.skipped_steps = state.get("skipped_steps", 0)
@@ -227,6 +249,11 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             actor.scheduler.load_state_dict(state["scheduler"])
             self.law.load_state_dict(state["law"])
+            if self.step >= self.cfg.steps:  # else the loop would not run and report no metrics at all
+                raise ValueError(f"steps={self.cfg.steps} but run {self.run.run_id} in {str(self.run_dir)!r} is "
+                                 f"already at step {self.step} ({latest.name}): nothing to train; continue it "
+                                 f"with --set steps=<more than {self.step}>, or start a new run with --set "
+                                 "name=<new name>")
             if self.ps.is_rank0:
                 logger.info("resumed from %s at step %d", latest, self.step)
         elif ck.load:
@@ -249,9 +276,22 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
+        """Run the steps left; returns the last step's metrics. Before every step the ranks agree on stop
+        requests (``stop.agree_stop``: a signal, see stop.py): on one, the loop checkpoints the
+        last completed step (whatever ``checkpoint.save_interval`` says; nothing when it is already saved or no
+        step ran) and returns early with ``self.stop_signal`` set to the signal number (0 otherwise)."""
         cfg = self.cfg
         last: dict[str, float] = {}
+        self.stop_signal = 0
+        saved_step = self.step                      # the loaded checkpoint, or the initial weights
         while self.step < cfg.steps:
+            self.stop_signal = agree_stop(self.ps)
+            if self.stop_signal:
+                if self.step != saved_step:
+                    self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
+                                           trainer_state=self._trainer_state())
+                logger.info("stopped by signal %d after step %d of %d", self.stop_signal, self.step, cfg.steps)
+                break
             last = self.train_step()
             self.step += 1
             self.metrics.log(self.step, last)
@@ -259,12 +299,18 @@ class Trainer:
                     or self.step == cfg.steps:
                 self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
                                        trainer_state=self._trainer_state())
+                saved_step = self.step
         self.metrics.close()
         return last
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
+        """Stop the rollout engine and release the run directory (when this Trainer opened it)."""
+        try:
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            if self._owns_run:
+                self.run.close()
 
 
 class _TokenMean:
