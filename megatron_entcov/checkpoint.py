@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import logging
@@ -62,6 +61,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_entcov.disk import nearest_existing_dir, no_space_in
 
 if TYPE_CHECKING:
     from megatron_entcov.parallel import ParallelState
@@ -123,20 +124,6 @@ def _by_rank(errors: list[tuple[int, str]], world: int | None) -> str:
         return errors[0][1]
     return "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}: {text}"
                      for text, ranks in groups.items())
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        stack += [e.__cause__, e.__context__]
-        if isinstance(e, _checkpoint_exception_type()):
-            stack += [pair[0] for pair in e._failures.values()]
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -400,12 +387,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 class Checkpointer:
     """Saves and loads complete checkpoints under one root; see the module docstring for the layout.
 
@@ -482,9 +463,7 @@ class Checkpointer:
             torch.save(_rng_state(), tmp / "rng" / f"rank_{self.ps.rank:05d}.pt")
         except _load_errors() as exc:
             error = exc
-        message = self._agree(None if error is None else _describe(error))
-        if message is not None:
-            self._fail_save(step, tmp, message, error)
+        self._agree_saved(step, tmp, error)
         if self.ps.is_rank0:
             try:
                 meta = dict(trainer_state or {})
@@ -498,9 +477,7 @@ class Checkpointer:
                 os.replace(tmp, final)
             except OSError as exc:
                 error = exc
-        message = self._agree(None if error is None else _describe(error))
-        if message is not None:
-            self._fail_save(step, tmp, message, error)
+        self._agree_saved(step, tmp, error)
         if self.ps.is_rank0:
             try:
                 _write_atomic(self.root / "latest", final.name)
@@ -512,6 +489,12 @@ class Checkpointer:
         logger.info("checkpoint: saved %s", final)
         return final
 
+    def _agree_saved(self, step: int, tmp: Path, error: BaseException | None) -> None:
+        """Collective: when any rank failed a part of the save, fail it on every rank (``_fail_save``)."""
+        message = self._agree(None if error is None else _describe(error))
+        if message is not None:
+            self._fail_save(step, tmp, message, error)
+
     def _check_space(self, step: int) -> None:
         """Refuse before writing when the disk has less free space than this run's newest checkpoint took (a
         save that runs out of space midway can leave ranks in different collectives)."""
@@ -519,7 +502,7 @@ class Checkpointer:
         if not ours:
             return
         need = _tree_bytes(ours[-1])
-        free = shutil.disk_usage(_nearest_existing(self.root)).free
+        free = shutil.disk_usage(nearest_existing_dir(self.root)).free
         if free < need:
             raise CheckpointError(
                 f"not enough space in {str(self.root)!r}: {_mib(free)} free, the previous checkpoint "
@@ -531,11 +514,11 @@ class Checkpointer:
         full = False
         usage = None
         try:
-            usage = shutil.disk_usage(_nearest_existing(tmp))
+            usage = shutil.disk_usage(nearest_existing_dir(tmp))
         except OSError:
             pass
         if error is not None:
-            full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _chain(error))
+            full = no_space_in(error)[0]
         full = full or "No space left on device" in message or "ENOSPC" in message or (
             usage is not None and usage.free < max(2**20, usage.total // 1000))
         _barrier()

@@ -308,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         # Bad configs and inputs: one clear line, no traceback.
         print(f"megatron-entcov {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from megatron_entcov.policy.actor import TrainingDivergedError
+
+        if not isinstance(exc, TrainingDivergedError):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-entcov {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
     except StopNow as stop:
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron-entcov {args.command}: stopped at once by {stop}; nothing saved since the last "

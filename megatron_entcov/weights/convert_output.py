@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from megatron_entcov.disk import format_bytes, free_bytes, nearest_existing_dir, no_space_in
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TOKENIZER_FILES", "STEP_DIR", "MODEL_CONFIG_FILE", "NoSpaceLeft", "holds_checkpoint", "check_output",
@@ -147,74 +149,18 @@ def check_output(out: Path, force: bool, inputs: Iterable[tuple[str, str | Path]
 # --------------------------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # unreachable
-
-
-def _existing_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.is_dir() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def free_bytes(path: str | Path) -> int | None:
-    """Bytes free to this user on the filesystem that holds ``path`` (or its nearest existing ancestor)."""
-    try:
-        return shutil.disk_usage(_existing_dir(Path(path))).free
-    except OSError:
-        return None
-
-
 def check_free_space(out: Path, needed: int) -> None:
     """NoSpaceLeft when the filesystem that will hold ``out`` has less than ``needed`` bytes free."""
     out = Path(out)
-    where = _existing_dir(out.parent)
+    where = nearest_existing_dir(out.parent)
     free = free_bytes(where)
     if free is None or free >= needed:
         return
     both = (" (the existing checkpoint at --out is replaced only after the new one is complete, so both must fit)"
             if out.exists() else "")
-    raise NoSpaceLeft(f"no space left for --out {str(out)!r}: the conversion writes about {_fmt_bytes(needed)} but "
-                      f"the filesystem of {str(where)!r} has {_fmt_bytes(free)} free{both}; nothing was written. "
+    raise NoSpaceLeft(f"no space left for --out {str(out)!r}: the conversion writes about {format_bytes(needed)} but "
+                      f"the filesystem of {str(where)!r} has {format_bytes(free)} free{both}; nothing was written. "
                       "Free space there or choose another --out", where)
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, its causes and contexts, and the per-rank failures a torch CheckpointException carries."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            for failure in failures.values():
-                failure = failure[0] if isinstance(failure, tuple) and failure else failure
-                if isinstance(failure, BaseException):
-                    todo.append(failure)
-        todo += [x for x in getattr(e, "exceptions", ()) or () if isinstance(x, BaseException)]
-
-
-_NO_SPACE_TEXT = ("no space left on device", "os error 28", "storagefull", "enospc")
-
-
-def _no_space_in(exc: BaseException) -> tuple[bool, str | None]:
-    """(errno ENOSPC or its text somewhere in the chain, the file name an OSError names, if any)."""
-    found, filename = False, None
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.filename and filename is None:
-            filename = str(e.filename)
-        if getattr(e, "errno", None) == errno.ENOSPC or any(t in str(e).lower() for t in _NO_SPACE_TEXT):
-            found = True
-    return found, filename
 
 
 def _first_line(exc: BaseException) -> str:
@@ -299,7 +245,7 @@ def writing_output(out: Path, *, owner: bool = True, needed: int | None = None) 
     except BaseException as exc:
         full, filename = False, None
         if not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, ValueError, NoSpaceLeft)):
-            full, filename = _no_space_in(exc)
+            full, filename = no_space_in(exc)
             free = free_bytes(tmp if tmp.exists() else out.parent)
             full = full or (free is not None and free < FULL_BELOW_BYTES)
         if owner and os.path.lexists(tmp):
@@ -312,13 +258,13 @@ def writing_output(out: Path, *, owner: bool = True, needed: int | None = None) 
         if not full:
             raise
         free = free_bytes(out.parent)
-        size = f"; the conversion writes about {_fmt_bytes(needed)}" if needed else ""
+        size = f"; the conversion writes about {format_bytes(needed)}" if needed else ""
         kept = (" and the existing checkpoint at --out is unchanged" if os.path.lexists(out) else "")
         removed = "was removed" if owner else "is removed by rank 0"
         raise NoSpaceLeft(
             f"no space left on device while writing --out {str(out)!r} (at {filename or str(tmp)!r}: "
             f"{_first_line(exc)}){size}. The unfinished {str(tmp)!r} {removed}{kept}; "
-            f"{_fmt_bytes(free) + ' are free there now' if free is not None else 'free space unknown'}. "
+            f"{format_bytes(free) + ' are free there now' if free is not None else 'free space unknown'}. "
             "Free space on that filesystem or choose another --out", filename or tmp) from exc
 
 
