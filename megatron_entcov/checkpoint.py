@@ -152,14 +152,9 @@ def _marker(path: Path) -> dict:
 
 
 def find_latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (per ``latest``, checked for COMPLETE), or None."""
-    root = Path(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if _STEP_RE.match(path.name) and (path / "COMPLETE").is_file():
-            return path
-        logger.warning("checkpoint: %s names %s, which is not complete; scanning", pointer, path)
+    """The newest complete checkpoint under ``root``, or None. The COMPLETE markers decide, not the ``latest``
+    pointer: a process killed between renaming a complete step into place and moving the pointer leaves the
+    pointer one step behind, and that newer step is still a valid checkpoint."""
     complete = list_complete_steps(root)
     return complete[-1][1] if complete else None
 

@@ -192,3 +192,11 @@ def test_a_truncated_or_missing_file_is_named(tmp_path):
     (tmp_path / "common.pt").unlink()
     with pytest.raises(CheckpointError, match=r"common.pt' is missing"):
         check_dist_checkpoint(tmp_path)
+
+
+def test_a_lagging_latest_pointer_does_not_hide_a_newer_complete_step(tmp_path):
+    # A process killed between renaming step 2 into place and moving `latest` leaves the pointer at step 1.
+    _marked(tmp_path, "step_000001", "r")
+    _marked(tmp_path, "step_000002", "r")
+    (tmp_path / "latest").write_text("step_000001")
+    assert find_latest(tmp_path).name == "step_000002"
