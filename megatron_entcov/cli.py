@@ -3,7 +3,7 @@
     megatron-entcov train      --config X.yaml [--set a.b=v ...] [--nproc N] [--resume | --auto-resume] [LOG]
     megatron-entcov sft        --config X.yaml [--set ...] [--nproc N] [LOG]
     megatron-entcov quickstart [--config configs/quickstart.yaml] [--set ...] [LOG]   SFT warm start, then RL
-    megatron-entcov fit-law    RUN_DIR [--out DIR]
+    megatron-entcov fit-law    RUN_DIR [--out DIR] [--source auto|eval|train]
     megatron-entcov convert    hf-to-megatron|megatron-to-hf ...
     megatron-entcov bench      vocab-parallel|entropy-dynamics [args]
 
@@ -204,8 +204,8 @@ def _cmd_quickstart(args) -> int:
         summary = write_law_report(cfg.run_dir)
         run_dir = Path(cfg.run_dir).resolve()
         print(f"[quickstart] finished in {time.monotonic() - t0:.0f} s")
-        print(f"[quickstart] reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}, "
-              f"entropy {summary['entropy_first']:.3f} -> {summary['entropy_last']:.3f}")
+        print(f"[quickstart] {summary['reward_tag']} {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}, "
+              f"{summary['entropy_tag']} {summary['entropy_first']:.3f} -> {summary['entropy_last']:.3f}")
         print(f"[quickstart] TensorBoard logs: {run_dir / 'tensorboard'}  "
               f"(tensorboard --logdir {run_dir / 'tensorboard'})")
         print(f"[quickstart] entropy-reward law plot: {summary['png']} "
@@ -217,9 +217,10 @@ def _cmd_quickstart(args) -> int:
 def _cmd_fit_law(args) -> int:
     from megatron_entcov.law_report import write_law_report
 
-    summary = write_law_report(args.run_dir, args.out)
+    summary = write_law_report(args.run_dir, args.out, source=args.source)
     print(f"R = -{summary['a']:.4g} * exp(H) + {summary['b']:.4g}  (R^2 {summary['r2']:.3f}, "
-          f"{summary['num_points']} points); predicted ceiling {summary['predicted_ceiling']:.4f}")
+          f"{summary['num_points']} points of {summary['entropy_tag']} / {summary['reward_tag']}); predicted "
+          f"ceiling {summary['predicted_ceiling']:.4f}")
     print(f"wrote {summary['png']} and {Path(summary['png']).with_suffix('.json')}")
     return 0
 
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit-law", help="fit R = -a exp(H) + b to a run and plot it")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.add_argument("--source", choices=("auto", "eval", "train"), default="auto",
+                   help="points to fit: held-out evaluations (eval/entropy, eval/accuracy), training rollouts "
+                        "(entropy/mean, reward/mean_all), or auto: eval when the run logged evaluations")
     # convert/bench hand everything after the direction/benchmark to its own parser (its --help included).
     p = sub.add_parser("convert", help="Hugging Face <-> Megatron checkpoints",
                        description="Convert checkpoints. hf-to-megatron: a Hugging Face directory -> a Megatron "

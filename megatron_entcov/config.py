@@ -409,6 +409,10 @@ class LossConfig:
     """PPO upper clip epsilon (clip-higher, DAPO): ratio <= 1 + clip_ratio_high. Clip-Cov released: 1.0."""
     clip_ratio_c: float = 10.0
     """Dual-clip constant (> 1): for A < 0 the loss is capped at -A * clip_ratio_c. Released: 10."""
+    clip_cov_dual_clip: bool = False
+    """Clip-Cov only: also apply the dual clip (loss.clip_ratio_c) and keep dual-clipped tokens out of the
+    candidates. Off = as released (the paper's code and verl's clip_cov apply no dual clip: a token with A < 0
+    and ratio > clip_ratio_c keeps its gradient)."""
     clip_cov_ratio: float = 2e-4
     """Clip-Cov: share r of valid tokens whose gradient is detached; chosen = max(int(r * N_valid), 1)."""
     clip_cov_lb: float = 1.0
@@ -545,9 +549,17 @@ class DataConfig:
     """Synthetic task difficulty: operands per problem (>= 2)."""
     shuffle: bool = True
     """Shuffle the prompt order (with the top-level seed) every epoch."""
+    held_out_share: float = 0.1
+    """Arithmetic task: share of the problem space held out by content (a hash of the problem text, the same
+    for every seed) for evaluation; SFT and RL never train on these problems."""
+    held_out_rows: int = 0
+    """File source: the last this many rows of data.path are held out for evaluation (never trained on);
+    0 = no held-out split (evaluate on a separate file: eval.source='file')."""
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("arithmetic", "file"))
+        _check_range("data.held_out_share", self.held_out_share, 0.0, 1.0, hi_open=True)
+        _check_positive("data.held_out_rows", self.held_out_rows, allow_zero=True)
         _check_choice("data.reward", self.reward, ("arithmetic", "math"))
         if self.source == "file" and not self.path:
             _fail("data.path", self.path, "data.source='file' needs a jsonl or parquet path")
@@ -587,12 +599,56 @@ class MetricsConfig:
     law_fit_min_points: int = 5
     """Fit R = -a*exp(H) + b online once this many (H, R) points exist."""
     measure_entropy_change: bool = True
-    """After each step, recompute the entropy of the step's own tokens (one extra forward) to log the
-    measured entropy change beside the covariance prediction."""
+    """After each step, recompute the entropy of (a subset of) the step's own tokens with the updated weights
+    to log the measured entropy change beside the covariance prediction (one extra forward)."""
+    entropy_change_samples: int = 0
+    """Samples of the step (global; the first ones of every data-parallel replica's share) the measured entropy
+    change uses; 0 = all. A subset bounds the extra forward's cost on large batches."""
+    law_reward: Literal["auto", "eval", "train"] = "auto"
+    """What the online R = -a*exp(H) + b fit uses as R: 'eval' = held-out eval/accuracy (as the paper fits
+    downstream accuracy; needs eval.interval > 0), 'train' = every sample's training reward
+    (reward/mean_all), 'auto' = eval when evaluation runs, else train."""
 
     def __post_init__(self) -> None:
         _check_positive("metrics.log_interval", self.log_interval)
+        _check_positive("metrics.entropy_change_samples", self.entropy_change_samples, allow_zero=True)
+        _check_choice("metrics.law_reward", self.law_reward, ("auto", "eval", "train"))
         _check_range("metrics.law_fit_min_points", self.law_fit_min_points, 3, 10**9)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Periodic held-out evaluation during RL (evaluation.py): greedy accuracy, pass@k, entropy, length."""
+
+    interval: int = 0
+    """Evaluate before the first step, every this many steps and after the last; 0 = never."""
+    source: Literal["held_out", "file"] = "held_out"
+    """'held_out' = the data set's held-out split (data.held_out_share / data.held_out_rows: disjoint from
+    training), 'file' = eval.path (same format and keys as data.path)."""
+    path: str | None = None
+    """jsonl or parquet evaluation file (eval.source='file')."""
+    num_prompts: int = 64
+    """Evaluation prompts (the first ones of the split or file)."""
+    n_samples: int = 8
+    """Sampled responses per prompt for pass@k (unbiased estimator from n samples), besides the greedy one."""
+    temperature: float = 1.0
+    """Sampling temperature of the n samples (top_p/top_k from the sampling section)."""
+    pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """k values of eval/pass@k; each in [1, eval.n_samples]."""
+
+    def __post_init__(self) -> None:
+        _check_positive("eval.interval", self.interval, allow_zero=True)
+        _check_choice("eval.source", self.source, ("held_out", "file"))
+        if self.source == "file" and not self.path:
+            _fail("eval.path", self.path, "eval.source='file' needs a jsonl or parquet path")
+        _check_positive("eval.num_prompts", self.num_prompts)
+        _check_positive("eval.n_samples", self.n_samples)
+        _check_positive("eval.temperature", self.temperature)
+        if not self.pass_k:
+            _fail("eval.pass_k", self.pass_k, "list at least one k, e.g. [1, 4, 8]")
+        for k in self.pass_k:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_samples:
+                _fail("eval.pass_k", self.pass_k, f"every k must be an integer in [1, eval.n_samples={self.n_samples}]")
 
 
 @dataclass(kw_only=True)
@@ -660,6 +716,8 @@ class RunConfig:
     """Checkpointing."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Monitoring."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic held-out evaluation during RL."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Optional supervised warm start (megatron-entcov sft / quickstart)."""
 
@@ -703,6 +761,13 @@ class RunConfig:
             _fail("weight_sync.probe_tokens", w.probe_tokens,
                   f"the probe ({SYNC_PROBE_PROMPT_LEN} prompt tokens + probe_tokens) must fit in "
                   f"model.max_position_embeddings={m.max_position_embeddings}; lower it")
+        if self.metrics.law_reward == "eval" and not self.eval.interval:
+            _fail("metrics.law_reward", "eval", "fitting the law on eval accuracy needs evaluation: set eval.interval > 0 "
+                  "(or metrics.law_reward=train)")
+        if self.eval.interval and self.eval.source == "held_out" and self.data.source == "file" \
+                and not self.data.held_out_rows:
+            _fail("eval.source", "held_out", "a data file has no held-out split unless data.held_out_rows > 0; set "
+                  "data.held_out_rows=<rows> (they are then never trained on) or eval.source=file with eval.path")
         r, sg = self.rollout, self.rollout.sglang
         if r.engine == "sglang" and sg.server_device == "cuda" and not sg.server_urls and not sg.router_url:
             need = sg.num_servers * server_tp(sg.server_args)

@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -233,13 +234,25 @@ class PromptDataset:
 
     Build with `PromptDataset.from_arithmetic`, `PromptDataset.from_file` or `build_dataset(DataConfig, ...)`.
     `get(i)` returns the PromptItem of global index i, or None when its prompt is longer than max_prompt_len.
-    `size` is the number of rows, None for the (infinite) arithmetic task.
+    `size` is the number of training rows, None for the (infinite) arithmetic task.
+
+    Held-out split (evaluation data never trained on): for the arithmetic task, the problems whose text hashes
+    below ``held_out_share`` (:meth:`is_held_out`; by content, so a problem drawn again under another index is
+    still held out, and the same for every seed); for a file, its last ``held_out_rows`` rows (``size``
+    excludes them, so no loader reaches them). :meth:`held_out` lists them.
     """
 
     def __init__(self, rows: _Rows, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
-                 chat_template: bool = False) -> None:
+                 chat_template: bool = False, held_out_share: float = 0.0, held_out_rows: int = 0) -> None:
         if max_prompt_len < 1:
             raise ValueError(f"rollout.max_prompt_len={max_prompt_len} must be >= 1")
+        if rows.size is not None and held_out_rows and not 0 < held_out_rows < rows.size:
+            raise ValueError(f"data.held_out_rows={held_out_rows} must be below the {rows.size} rows of "
+                             f"{rows.name}; hold out fewer rows")
+        if not 0.0 <= held_out_share < 1.0:
+            raise ValueError(f"data.held_out_share={held_out_share} must lie in [0, 1)")
+        self.held_out_share = float(held_out_share) if rows.size is None else 0.0
+        self.held_out_rows = int(held_out_rows) if rows.size is not None else 0
         self.rows = rows
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
@@ -250,8 +263,14 @@ class PromptDataset:
 
     @property
     def size(self) -> int | None:
-        """Number of rows; None for the infinite arithmetic task."""
-        return self.rows.size
+        """Number of training rows (a file's rows less its held-out ones); None for the arithmetic task."""
+        return None if self.rows.size is None else self.rows.size - self.held_out_rows
+
+    def is_held_out(self, index: int) -> bool:
+        """Whether row ``index`` belongs to the held-out split (never trained on)."""
+        if self.rows.size is not None:
+            return index >= self.rows.size - self.held_out_rows
+        return self.held_out_share > 0 and _content_share(self.rows.row(index)[0]) < self.held_out_share
 
     @property
     def name(self) -> str:
@@ -270,9 +289,10 @@ class PromptDataset:
 
     @classmethod
     def from_arithmetic(cls, task: ArithmeticTask, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
-                        chat_template: bool = False) -> PromptDataset:
+                        chat_template: bool = False, held_out_share: float = 0.0) -> PromptDataset:
         """The infinite arithmetic stream. Raises ValueError when its longest prompt exceeds max_prompt_len."""
-        ds = cls(_ArithmeticRows(task), tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template)
+        ds = cls(_ArithmeticRows(task), tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
+                 held_out_share=held_out_share)
         longest = len(ds.encode(task.longest_prompt())[1])
         if longest > max_prompt_len:
             raise ValueError(f"rollout.max_prompt_len={max_prompt_len} is shorter than the longest arithmetic "
@@ -284,7 +304,7 @@ class PromptDataset:
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
                   prompt_key: str = "prompt", answer_key: str = "answer",
-                  chat_template: bool = False) -> PromptDataset:
+                  chat_template: bool = False, held_out_rows: int = 0) -> PromptDataset:
         """A .jsonl or .parquet file, every row validated now (ValueError naming file and row on a bad one)."""
         path = Path(path)
         if not path.is_file():
@@ -300,7 +320,8 @@ class PromptDataset:
             raise ValueError(f"data.path={str(path)!r}: the file has no rows")
         logger.info("data: %s, %d rows (prompt_key=%r, answer_key=%r, chat template: %s)", path, rows.size,
                     prompt_key, answer_key, chat_template)
-        return cls(rows, tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template)
+        return cls(rows, tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
+                   held_out_rows=held_out_rows)
 
     def render(self, prompt: Prompt) -> str:
         """The prompt text the model sees (see the module docstring)."""
@@ -316,36 +337,46 @@ class PromptDataset:
         ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
         return text, list(ids)
 
-    HELD_OUT_START = 1 << 48
-    """First arithmetic problem index of `held_out`; a loader would need 2^48 prompts to reach it."""
+    HELD_OUT_SEARCH = 200_000
+    """Arithmetic problems scanned for distinct held-out ones before :meth:`held_out` gives up."""
 
     def held_out(self, n: int) -> list[PromptItem]:
-        """`n` evaluation prompts, the same on every call.
+        """The first `n` prompts of the held-out split (disjoint from training), the same on every call.
 
-        Arithmetic task: problems HELD_OUT_START, HELD_OUT_START + 1, ...: indices no training loader reaches.
-        They are held out by index, not by content: with few digits the problem space is small (2 digits and
-        '+-': 20,000 problems), so some will also occur in training. File: the last `n` rows that fit
-        max_prompt_len. A file has no split, so these rows are trained on too; evaluate on a separate file.
-        Over-long prompts are passed over.
+        Arithmetic task: distinct held-out problems (by text) in problem order; with few digits the problem
+        space is small (1 digit and '+-*': 300 problems, so about 300 * held_out_share held out). File: the
+        held-out rows in file order. Over-long prompts are passed over.
 
         Raises:
-            ValueError: n < 1, or the file has fewer than n usable rows.
+            ValueError: n < 1, no held-out split, or fewer than n usable held-out prompts (naming the fix).
         """
         if n < 1:
             raise ValueError(f"held_out: n={n} must be >= 1")
-        if self.size is None:
-            candidates: range = range(self.HELD_OUT_START, self.HELD_OUT_START + 100 * n)
+        if self.rows.size is None:
+            if not self.held_out_share:
+                raise ValueError("data.held_out_share=0: the arithmetic task has no held-out split; set "
+                                 "data.held_out_share > 0 (e.g. 0.1)")
+            candidates: range = range(self.HELD_OUT_SEARCH)
+            fix = "raise data.held_out_share or data.arithmetic_digits"
         else:
-            candidates = range(self.size - 1, -1, -1)
-        items = []
+            if not self.held_out_rows:
+                raise ValueError(f"{self.name} has no held-out split: set data.held_out_rows=<rows> (the file's "
+                                 "last rows are then never trained on), or evaluate on a separate file")
+            candidates = range(self.size, self.rows.size)
+            fix = "raise data.held_out_rows"
+        items, seen = [], set()
         for index in candidates:
+            if not self.is_held_out(index):
+                continue
             item = self.get(index)
-            if item is not None:
+            if item is not None and item.prompt_text not in seen:
+                seen.add(item.prompt_text)
                 items.append(item)
                 if len(items) == n:
-                    return items if self.size is None else items[::-1]
-        raise ValueError(f"held_out: {self.name} has fewer than {n} prompts within rollout.max_prompt_len="
-                         f"{self.max_prompt_len}")
+                    return items
+        raise ValueError(f"held_out: {self.name} has {len(items)} distinct held-out prompts within "
+                         f"rollout.max_prompt_len={self.max_prompt_len}, fewer than the {n} asked for; ask for "
+                         f"fewer (eval.num_prompts / sft.eval_size) or {fix}")
 
     def get(self, index: int) -> PromptItem | None:
         """PromptItem of global index `index`, or None when the prompt has more than max_prompt_len tokens."""
@@ -356,6 +387,13 @@ class PromptDataset:
         return PromptItem(prompt_ids=ids, prompt_text=text, answer=answer, index=index)
 
 
+def _content_share(prompt: Prompt) -> float:
+    """A uniform number in [0, 1) from a prompt's content only (the held-out split of the arithmetic task)."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    digest = hashlib.sha256(("held-out/" + text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
                   seed: int) -> PromptDataset:
     """The dataset DataConfig describes; max_prompt_len = rollout.max_prompt_len, seed = the run's top-level seed."""
@@ -363,13 +401,13 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_pr
         task = ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops,
                               num_operands=cfg.arithmetic_operands)
         return PromptDataset.from_arithmetic(task, tokenizer, max_prompt_len=max_prompt_len,
-                                             chat_template=cfg.chat_template)
+                                             chat_template=cfg.chat_template, held_out_share=cfg.held_out_share)
     if cfg.source == "file":
         if not cfg.path:
             raise ValueError("data.path is required with data.source='file'")
         return PromptDataset.from_file(cfg.path, tokenizer, max_prompt_len=max_prompt_len,
                                        prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
-                                       chat_template=cfg.chat_template)
+                                       chat_template=cfg.chat_template, held_out_rows=cfg.held_out_rows)
     raise ValueError(f"data.source={cfg.source!r} is invalid: choose 'arithmetic' or 'file'")
 
 
@@ -458,7 +496,10 @@ class PromptLoader:
         return self._order
 
     def _take(self, index: int) -> PromptItem | None:
-        """The item of `index`, or None (skipped, counted and, the first few times, logged) if over-long."""
+        """The item of `index`, or None: held out for evaluation (passed over silently), or over-long
+        (skipped, counted and, the first few times, logged)."""
+        if self.dataset.held_out_share and self.dataset.is_held_out(index):
+            return None
         item = self.dataset.get(index)
         if item is None:
             self.num_skipped += 1

@@ -1,5 +1,7 @@
 """`megatron-entcov fit-law RUN_DIR`: fit R = -a*exp(H) + b to a run's logged (entropy, reward) points and
-write a PNG of R against H with the fitted curve, plus a JSON with the fit and the predicted ceiling.
+write a PNG of R against H with the fitted curve, plus a JSON with the fit and the predicted ceiling. The
+points are the held-out evaluations when the run logged them (eval/entropy, eval/accuracy), else the training
+rollouts (entropy/mean, reward/mean_all); ``--source`` chooses.
 
 Example:
     summary = write_law_report("runs/quickstart")   # -> runs/quickstart/entropy_law.{png,json}
@@ -15,15 +17,35 @@ import numpy as np
 from megatron_entcov.entropy_law import fit_entropy_law
 from megatron_entcov.metrics import read_scalars
 
-__all__ = ["write_law_report"]
+__all__ = ["LAW_SOURCES", "law_tags", "write_law_report"]
 
 
-def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
-                     entropy_tag: str = "entropy/mean", reward_tag: str = "reward/mean") -> dict:
-    """Fit the law on the run's per-step (H, R) and write entropy_law.png / entropy_law.json."""
+LAW_SOURCES = {"eval": ("eval/entropy", "eval/accuracy"), "train": ("entropy/mean", "reward/mean_all")}
+"""(entropy tag, reward tag) of each source of the law's points: held-out evaluation (entropy and greedy accuracy
+of the same weights on the held-out prompts; what the paper fits) or the training rollouts (every sample)."""
+
+
+def law_tags(scalars: dict, source: str = "auto") -> tuple[str, str]:
+    """The (entropy, reward) tags to fit: 'auto' = 'eval' when the run logged evaluations, else 'train'."""
+    if source == "auto":
+        source = "eval" if LAW_SOURCES["eval"][1] in scalars else "train"
+    if source not in LAW_SOURCES:
+        raise ValueError(f"law source {source!r} is invalid: choose auto, eval or train")
+    h, r = LAW_SOURCES[source]
+    if source == "train" and r not in scalars and "reward/mean" in scalars:
+        r = "reward/mean"            # runs logged before reward/mean_all existed
+    return h, r
+
+
+def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *, source: str = "auto",
+                     entropy_tag: str | None = None, reward_tag: str | None = None) -> dict:
+    """Fit the law on the run's (H, R) points and write entropy_law.png / entropy_law.json. ``source`` picks
+    the tags (:func:`law_tags`); explicit ``entropy_tag`` / ``reward_tag`` override them."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
     scalars = read_scalars(run_dir)
+    default_h, default_r = law_tags(scalars, source)
+    entropy_tag, reward_tag = entropy_tag or default_h, reward_tag or default_r
     for tag in (entropy_tag, reward_tag):
         if tag not in scalars:
             raise ValueError(f"run {str(run_dir)!r} has no '{tag}' scalars; is it an RL run directory?")
@@ -33,7 +55,8 @@ def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     H = np.array([h[s] for s in steps])
     R = np.array([r[s] for s in steps])
     fit = fit_entropy_law(H, R)
-    summary = {"run_dir": str(run_dir), "num_points": len(steps), "a": fit.a, "b": fit.b, "r2": fit.r2,
+    summary = {"run_dir": str(run_dir), "entropy_tag": entropy_tag, "reward_tag": reward_tag,
+               "num_points": len(steps), "a": fit.a, "b": fit.b, "r2": fit.r2,
                "residual_std": fit.residual_std, "predicted_ceiling": fit.ceiling,
                "entropy_first": float(H[0]), "entropy_last": float(H[-1]),
                "reward_first": float(R[0]), "reward_last": float(R[-1])}
@@ -50,8 +73,8 @@ def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     grid = np.linspace(0.0, max(H.max(), 1e-3) * 1.05, 200)
     ax.plot(grid, fit.predict(grid), "r-", label=f"R = -{fit.a:.3g} exp(H) + {fit.b:.3g}  (R²={fit.r2:.2f})")
     ax.axhline(fit.ceiling, color="gray", ls="--", lw=1, label=f"ceiling at H=0: {fit.ceiling:.3f}")
-    ax.set_xlabel("policy entropy H (nats/token)")
-    ax.set_ylabel("reward R")
+    ax.set_xlabel(f"policy entropy H ({entropy_tag}, nats/token)")
+    ax.set_ylabel(f"R ({reward_tag})")
     ax.legend(fontsize=8)
     fig.colorbar(sc, ax=ax, label="step")
     fig.tight_layout()

@@ -29,8 +29,9 @@ from megatron_entcov.checkpoint import CheckpointError, Checkpointer, load_model
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
+from megatron_entcov.evaluation import Evaluator
 from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
-                                        to_train_batch)
+                                        dp_gather, shard_experience, to_train_batch)
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
 from megatron_entcov.parallel import ParallelState, fail_together
@@ -94,7 +95,10 @@ class Trainer:
                                       bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,
                                      log_interval=cfg.metrics.log_interval)
+        self.evaluator = Evaluator(cfg, ps, self.tokenizer, dataset) if cfg.eval.interval else None
         self.law = OnlineEntropyLaw(min_points=cfg.metrics.law_fit_min_points)
+        self.law_on_eval = cfg.metrics.law_reward == "eval" or (cfg.metrics.law_reward == "auto"
+                                                                and self.evaluator is not None)
         self.step = 0
         self.weight_version = 0
         self._load_initial_state()
@@ -104,58 +108,69 @@ class Trainer:
         """Rollouts, old log-probs, one optimizer step per mini-batch, weight sync; returns the step's metrics."""
         cfg, ps = self.cfg, self.ps
         clock = {"start": time.monotonic()}
-        batch, exp_stats = self._experience_batch()
+        batch, exp = self._experience_batch()
         clock["train"] = time.monotonic()
         batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch)       # None off the last stage
         tokens = _TokenMean(batch.loss_mask, self.ps)
-        local = self._batch_metrics(batch, exp_stats, tokens)
+        local = self._batch_metrics(batch, exp, tokens)
         num_mini = cfg.optim.num_mini_batches
         progress = Progress(f"step {self.step + 1} train", num_mini, enabled=ps.is_rank0)
+        applied = 0
+        selection_time = 0.0
         for index, mini in enumerate(batch.split(num_mini)):
+            t0 = time.monotonic()
             selection = self._token_selection(mini, index)
+            selection_time += time.monotonic() - t0
             result = self.actor.train_step(mini, self._policy_loss_fn(selection),
                                            label=f"step {self.step + 1} mini-batch {index}")
+            applied += result.applied
             self._add_update_metrics(local, result, num_mini)
             progress.update()
         progress.close()
-        if cfg.metrics.measure_entropy_change:
-            local.update(self._measured_entropy_change(batch, tokens))
+        if cfg.metrics.measure_entropy_change and applied:
+            local.update(self._measured_entropy_change(batch))
         clock["sync"] = time.monotonic()
-        self.weight_version += 1
-        sync_stats = self._sync_weights()
+        sync_stats: dict[str, float] = {}
+        if applied:          # a step whose every update was skipped left the weights as the engine has them
+            self.weight_version += 1
+            sync_stats = self._sync_weights()
         clock["end"] = time.monotonic()
         totals = reduce_sum_metrics(local, ps)
         totals.update(sync_stats)
-        totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0)))
-        totals.update(self.law.update(totals.get("entropy/mean"), totals.get("reward/mean"),
-                                      totals.get("entropy/delta_measured"), totals.get("cov/mean")))
+        totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0), selection_time))
         return totals
 
-    def _experience_batch(self) -> tuple[TrainBatch, dict]:
-        """This replica's rollouts as training rows, on every rank of its model-parallel group."""
+    def _experience_batch(self) -> tuple[TrainBatch, Experience]:
+        """This replica's rows of the step's global experience as training rows, on every rank of its
+        model-parallel group."""
         with fail_together(f"step {self.step + 1} rollouts"):
             exp = self._rollouts() if self.ps.is_generator else None
         exp = broadcast_experience(exp, self.ps)
         agree_loader_cursor(self.loader)
-        return to_train_batch(exp, self.ps, pad_id=self.tokenizer.pad_token_id), exp.stats
+        return to_train_batch(exp, self.ps, pad_id=self.tokenizer.pad_token_id), exp
 
     def _rollouts(self) -> Experience:
-        """Generate and score this replica's prompts (the generating rank only), with per-server throughput."""
+        """Generate and score the step's global batch with the other replicas (the generating ranks only), with
+        per-server throughput; returns this replica's rows of it."""
+        ps = self.ps
         before = self.engine.server_stats()
         exp = collect_experience(self.cfg, self.engine, self.tokenizer, self.loader, step=self.step,
-                                 dp_rank=self.ps.dp_rank)
-        exp.stats.update(server_throughput(before, self.engine.server_stats(), exp.stats["perf/rollout_time(s)"],
-                                           self.ps.dp_rank, self.ps.dp_size))
+                                 dp_rank=ps.dp_rank, dp_size=ps.dp_size, gather=dp_gather(ps))
+        exp.replica_stats.update(server_throughput(before, self.engine.server_stats(),
+                                                   exp.replica_stats["perf/replica_rollout_time(s)"],
+                                                   ps.dp_rank, ps.dp_size))
         if self.cfg.rollout.sglang.release_memory:    # colocated GPU servers: the trainer gets their memory
             self.engine.release_memory()
-        return exp
+        return shard_experience(exp, num_mini_batches=self.cfg.optim.num_mini_batches, dp_rank=ps.dp_rank,
+                                dp_size=ps.dp_size)
 
     def _token_selection(self, mini: TrainBatch, index: int) -> TokenSelection | None:
         """Clip-Cov / KL-Cov tokens of a mini-batch, from the global covariance (on the last stage; None
         elsewhere). Later mini-batches see updated weights: the paper's covariance uses the current policy."""
         cfg = self.cfg
         current = mini.old_logprobs
-        if index > 0 and cfg.loss.selection_logprobs == "current":
+        # PPO chooses no token: its cov/* metrics use the old log-probs and cost no forward.
+        if index > 0 and cfg.loss.selection_logprobs == "current" and cfg.loss.name != "ppo":
             current, _ = self.actor.logprobs(mini)
         if not self.ps.is_last_stage:
             return None
@@ -172,14 +187,14 @@ class Trainer:
         return loss_fn
 
     # ---------------------------------------------------------------- metrics
-    def _batch_metrics(self, batch: TrainBatch, exp_stats: dict, tokens: "_TokenMean") -> dict[str, float]:
+    def _batch_metrics(self, batch: TrainBatch, exp: Experience, tokens: "_TokenMean") -> dict[str, float]:
         """This rank's shares of the step's generation and token statistics (summed over ranks later)."""
         ps = self.ps
         local: dict[str, float] = {}
-        # Generation statistics: one share per replica (replicas have equal batch sizes, so shares average).
-        if ps.is_generator:
-            for k, v in exp_stats.items():
-                local[k] = v if summed_over_replicas(k) else v / ps.dp_size
+        if ps.is_rank0:                  # global statistics, the same on every generating rank: counted once
+            local.update(exp.stats)
+        if ps.is_generator:              # server counters: totals over replicas, or per-replica keys
+            local.update({k: v for k, v in exp.replica_stats.items() if summed_over_replicas(k)})
         if ps.owns_results:
             local["entropy/mean"] = tokens.share(batch.old_entropy)
             local["rollout/logprob_gap"] = tokens.share((batch.rollout_logprobs - batch.old_logprobs).abs())
@@ -196,15 +211,23 @@ class Trainer:
             local["train/grad_norm"] = local.get("train/grad_norm", 0.0) + norm / num_mini
             local["train/skipped_updates"] = local.get("train/skipped_updates", 0.0) + (0.0 if result.applied else 1.0)
 
-    def _measured_entropy_change(self, batch: TrainBatch, tokens: "_TokenMean") -> dict[str, float]:
-        _, new_entropy = self.actor.logprobs(batch)
+    def _measured_entropy_change(self, batch: TrainBatch) -> dict[str, float]:
+        """Entropy change of the step's tokens (or the first metrics.entropy_change_samples of them, shared over
+        the replicas) under the updated weights: one extra forward over those rows."""
+        rows = _subset_rows(batch.num_rows, self.cfg.metrics.entropy_change_samples, self.ps.dp_size,
+                            self.actor.micro_batch_size)
+        subset = batch.rows(slice(0, rows))
+        _, new_entropy = self.actor.logprobs(subset, min(rows, self.actor.micro_batch_size))
+        tokens = _TokenMean(subset.loss_mask, self.ps)
         if not self.ps.owns_results:
             return {}
-        return {"entropy/delta_measured": tokens.share(new_entropy - batch.old_entropy)}
+        return {"entropy/delta_measured": tokens.share(new_entropy - subset.old_entropy)}
 
-    def _step_metrics(self, clock: dict[str, float], tokens: float) -> dict[str, float]:
+    def _step_metrics(self, clock: dict[str, float], tokens: float, selection_time: float) -> dict[str, float]:
         step_time = clock["end"] - clock["start"]
         return {"train/lr": self.actor.lr,
+                "perf/selection_time(s)": selection_time,
+                "perf/selection_frac": selection_time / max(step_time, 1e-9),
                 "perf/train_time(s)": clock["sync"] - clock["train"],
                 "perf/sync_time(s)": clock["end"] - clock["sync"],
                 "perf/step_time(s)": step_time,
@@ -292,8 +315,14 @@ class Trainer:
                                            trainer_state=self._trainer_state())
                 logger.info("stopped by signal %d after step %d of %d", self.stop_signal, self.step, cfg.steps)
                 break
+            if self.step == 0 and self.evaluator is not None:     # the starting weights, as step 0
+                self.metrics.log(0, self._evaluate({}))
             last = self.train_step()
             self.step += 1
+            if self.evaluator is not None and self.evaluator.due(self.step):
+                last = self._evaluate(last)
+            else:
+                last.update(self._law_update(last))
             self.metrics.log(self.step, last)
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.steps:
@@ -303,6 +332,23 @@ class Trainer:
         self.metrics.close()
         return last
 
+    def _evaluate(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Held-out evaluation of the weights the engine holds (after this step's sync), merged into the step's
+        metrics with the law update."""
+        metrics = {**metrics, **self.evaluator.run(self.engine, self.actor)}
+        metrics.update(self._law_update(metrics))
+        return metrics
+
+    def _law_update(self, m: dict[str, float]) -> dict[str, float]:
+        """One step of the online entropy law: (H, R) = (eval/entropy, eval/accuracy) on evaluation steps when
+        the law fits held-out accuracy (both measured on the same weights and prompts), else (entropy/mean,
+        reward/mean_all) of the step's rollouts; plus the measured-vs-predicted entropy change."""
+        if self.law_on_eval:
+            h, r = m.get("eval/entropy"), m.get("eval/accuracy")
+        else:
+            h, r = m.get("entropy/mean"), m.get("reward/mean_all")
+        return self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"))
+
     def close(self) -> None:
         """Stop the rollout engine and release the run directory (when this Trainer opened it)."""
         try:
@@ -311,6 +357,17 @@ class Trainer:
         finally:
             if self._owns_run:
                 self.run.close()
+
+
+def _subset_rows(num_rows: int, samples: int, dp_size: int, micro_batch_size: int) -> int:
+    """Rows of each replica that a metric measured on ``samples`` of the step's samples (0 = all) uses: the
+    replica's share, rounded up to whole micro-batches."""
+    if not samples:
+        return num_rows
+    share = -(-samples // dp_size)
+    if share >= micro_batch_size:
+        share = -(-share // micro_batch_size) * micro_batch_size
+    return min(num_rows, share)
 
 
 class _TokenMean:

@@ -6,9 +6,10 @@ sections 3-4). Per valid token t, with ratio_t = exp(log pi_t - log pi_old_t):
 
     PPO       pg1 = -A ratio,  pg2 = -A clamp(ratio, 1 - eps_low, 1 + eps_high)         (clip-higher, DAPO)
               L_t = max(pg1, pg2);  for A < 0: L_t = min(L_t, -A c)                     (dual clip, c > 1)
-    Clip-Cov  L_t as PPO, except the chosen tokens: L_t -> stop_grad(L_t).
-              Candidates: valid, clip_cov_lb < cov_t < clip_cov_ub, and not already clipped by PPO (low, high
-              or dual clip active). Chosen: a uniform random n = max(int(r * N), 1) of them (all if fewer).
+    Clip-Cov  L_t = max(pg1, pg2) (no dual clip, as released), except the chosen tokens: L_t -> stop_grad(L_t).
+              Candidates: valid, clip_cov_lb < cov_t < clip_cov_ub, and not already clipped by PPO (low or
+              high clip active). Chosen: a uniform random n = max(int(r * N), 1) of them (all if fewer).
+              With loss.clip_cov_dual_clip the dual clip applies too and dual-clipped tokens are no candidates.
     KL-Cov    L_t = -A ratio (no clipping) for every valid token, + beta |log pi_t - log pi_old_t| on the
               top k = max(int(k_share * N), 1) tokens by cov_t.
     bonus     loss -= entropy_coef * agg(H_t)
@@ -19,8 +20,8 @@ Deviations from the released code (verl core_algos), each on purpose:
   ranks) instead of per micro-batch per GPU; the chosen set depends only on the global batch, the seed and
   the step (see ops/covariance.py for the exact global select).
 * Clip-Cov: the chosen tokens' term is detached (value kept, gradient exactly 0); verl multiplies it by 0.
-  The gradient is identical; only the logged loss differs. Clip-Cov also applies the dual clip, as the paper's
-  released settings list it (c = 10), and excludes dual-clipped tokens from the candidates.
+  The gradient is identical; only the logged loss differs. Clip-Cov applies no dual clip by default, as the
+  paper's code (its dual-clip lines are commented out) and verl's clip_cov; loss.clip_cov_dual_clip opts in.
 * A ratio annealed to exactly 0 chooses no token. The released ``max(int(r N), 1)`` floor would keep touching
   one token forever, so annealing to 0 would never give back the unbiased PPO loss.
 * Non-finite log-probs at padding cannot leak NaN: the log-ratio is masked before exp.
@@ -65,6 +66,7 @@ __all__ = [
     "num_to_choose",
     "policy_loss",
     "ppo_terms",
+    "uses_dual_clip",
     "warn_if_kl_cov_inert",
 ]
 
@@ -126,11 +128,16 @@ def num_to_choose(ratio: float, num_valid: Tensor) -> Tensor:
     return torch.where(num_valid > 0, n, torch.zeros_like(n))
 
 
+def uses_dual_clip(cfg: LossConfig) -> bool:
+    """PPO always applies the dual clip; Clip-Cov only with loss.clip_cov_dual_clip; KL-Cov never clips."""
+    return cfg.name == "ppo" or (cfg.name == "clip_cov" and cfg.clip_cov_dual_clip)
+
+
 def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor) -> dict[str, Tensor]:
-    """Per-token PPO quantities (clip-higher + dual clip) from the masked log-ratio.
+    """Per-token PPO quantities (clip-higher, + the dual clip where :func:`uses_dual_clip`) from the log-ratio.
 
     Args:
-        cfg: LossConfig (clip_ratio_low, clip_ratio_high, clip_ratio_c).
+        cfg: LossConfig (name, clip_ratio_low, clip_ratio_high, clip_ratio_c, clip_cov_dual_clip).
         log_ratio: [B, T] log pi - log pi_old (0 at invalid tokens). advantages: [B, T].
 
     Returns:
@@ -142,9 +149,13 @@ def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor) -> dict[st
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
     clipped = torch.maximum(pg1, pg2)
-    cap = -advantages * cfg.clip_ratio_c
     negative = advantages < 0
-    pg = torch.where(negative, torch.minimum(clipped, cap), clipped)
+    if uses_dual_clip(cfg):
+        cap = -advantages * cfg.clip_ratio_c
+        pg = torch.where(negative, torch.minimum(clipped, cap), clipped)
+        clip_dual = negative & (cap < clipped)
+    else:
+        pg, clip_dual = clipped, torch.zeros_like(negative)
     clip_active = pg2 > pg1
     return {
         "ratio": ratio,
@@ -152,7 +163,7 @@ def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor) -> dict[st
         "pg_clipped": pg,
         "clip_low": (clip_active & negative).detach(),
         "clip_high": (clip_active & (advantages > 0)).detach(),
-        "clip_dual": (negative & (cap < clipped)).detach(),
+        "clip_dual": clip_dual.detach(),
     }
 
 
@@ -250,8 +261,7 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         logprobs: [B, T] float log pi of the sampled tokens under the current policy (requires grad).
         old_logprobs: [B, T] log pi_old from rollout time (no grad). advantages: [B, T] (no grad).
         mask: [B, T] bool/0-1 valid response tokens. Values at invalid positions are ignored (may be inf).
-        entropy: [B, T] per-token entropy (differentiable); required when cfg.entropy_coef > 0, else only used
-            for the entropy/mean metric.
+        entropy: [B, T] per-token entropy (differentiable); required when cfg.entropy_coef > 0, else unused.
         group: data-parallel group; used only when ``selection`` is None (then this call is the whole local
             mini-batch). None = single process.
         step: optimizer step: coefficient annealing and the random choice.
@@ -271,7 +281,8 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         train/loss, train/pg_loss, train/entropy_bonus, train/ppo_kl, train/clip_frac_low,
         train/clip_frac_high, train/clip_frac_dual, train/clip_cov_frac, train/kl_cov_frac, cov/mean,
         cov/q10, cov/q50, cov/q90, cov/q99, coef/clip_cov_ratio, coef/kl_cov_ratio, coef/kl_cov_coef,
-        coef/entropy_coef, and entropy/mean when ``entropy`` is given.
+        coef/entropy_coef. The step's entropy is the trainer's (entropy/mean, from the rollout batch's
+        forward); a loss-level copy summed over mini-batches would count it again.
     """
     _check_inputs(cfg, logprobs, old_logprobs, advantages, mask)
     if cfg.entropy_coef > 0 and entropy is None:
@@ -349,8 +360,6 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
             metrics[_quantile_key(level)] = (q.double() * share).float()
         for name, value in coefs.items():
             metrics[f"coef/{name}"] = (share * value).float()
-        if entropy is not None:
-            metrics["entropy/mean"] = token_mean(entropy)
     return loss, metrics
 
 

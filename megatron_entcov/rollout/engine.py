@@ -10,6 +10,14 @@ Semantics every engine keeps:
   position); a caller wanting n responses per prompt repeats the prompt n times. Token ids in, token ids and
   log-probs out: no re-tokenisation. Log-probs as defined in ``rollout/types.py`` (temperature-scaled, full
   vocabulary, before top-p/top-k).
+- ``generate(prompts, params, seeds=[...])`` gives each prompt entry its own seed (one integer >= 0 per entry;
+  ``validate_seeds``): entry i's randomness is then a function of ``seeds[i]`` (and the weights) only, not of
+  the other entries, their order, how the engine batches them or which replica/engine generates them, so a
+  data-parallel layout in which replica r generates its share with the same seeds gets exactly the samples one
+  process generating everything would (up to float rounding of batched kernels; see each engine). The same
+  seed on the same prompt repeats the same sample: callers give repeated prompts different seeds (e.g.
+  ``mix_seed(step, prompt_id, k)``). ``params.seed`` is then not used. ``seeds=None`` keeps the per-call
+  randomness: from ``params.seed`` when set, else from the engine seed and its call counter.
 - ``update_weights`` takes Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``), full
   (unsharded) tensors with the UNPADDED vocabulary, as an iterable of ``(name, tensor)`` pairs or of buckets
   (lists of pairs), possibly a generator that gathers tensors lazily. One call is one sync: when it returns,
@@ -24,6 +32,7 @@ Semantics every engine keeps:
 Example:
     engine = LocalEngine(cfg.model, seed=cfg.seed)          # or SGLangEngine.from_config(cfg)
     samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
+    samples = engine.generate(prompts, params, seeds=[mix_seed(step, i) for i in range(len(prompts))])
     ... train ...
     engine.pause(); engine.update_weights(hf_named_tensors(), version=step + 1); engine.resume()
     assert engine.health()["weight_version"] == step + 1
@@ -41,7 +50,8 @@ import torch
 
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
-__all__ = ["NamedTensors", "RolloutEngine", "build_engine", "iter_named_tensors", "validate_prompts"]
+__all__ = ["NamedTensors", "RolloutEngine", "build_engine", "iter_named_tensors", "validate_prompts",
+           "validate_seeds"]
 
 NamedTensors = Union[Iterable[tuple[str, torch.Tensor]], Iterable[list[tuple[str, torch.Tensor]]],
                      Mapping[str, torch.Tensor]]
@@ -59,8 +69,18 @@ class RolloutEngine(abc.ABC):
     # ---------------------------------------------------------------- required
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
-        """One Sample per prompt entry (token ids, no padding), in order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 seeds: Sequence[int] | None = None) -> list[Sample]:
+        """One Sample per prompt entry (token ids, no padding), in order.
+
+        Args:
+            prompts: token ids per entry; a prompt wanting n responses is repeated n times.
+            params: sampling parameters for every entry.
+            seeds: None, or one integer >= 0 per prompt entry (check with ``validate_seeds``): entry i's
+                sample is then a function of (prompt i, seeds[i], weights) only, whatever the batching, order
+                or split of the entries between calls, engines or replicas; ``params.seed`` is not used. None =
+                per-call randomness from ``params.seed`` (else the engine's seed and call counter), as before.
+        """
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
@@ -151,6 +171,36 @@ def validate_prompts(prompts, params: SamplingParams, model_cfg) -> list[list[in
                              f"{params.max_new_tokens} at most {max_len} fit in "
                              f"max_position_embeddings={model_cfg.max_position_embeddings}")
         out.append(p)
+    return out
+
+
+def validate_seeds(seeds, num_prompts: int) -> list[int] | None:
+    """``generate``'s per-entry ``seeds`` as a list of ints (None stays None): one integer >= 0 per prompt
+    entry, else ValueError naming ``seeds``, the bad entry and the fix. Shared by every engine."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes, Mapping)) or not isinstance(seeds, Iterable):
+        raise ValueError(f"generate: seeds is a {type(seeds).__name__}; pass a sequence of integers >= 0, one per "
+                         "prompt entry, or seeds=None")
+    seeds = list(seeds)
+    if len(seeds) != num_prompts:
+        raise ValueError(f"generate: seeds has {len(seeds)} entries for {num_prompts} prompt entries; pass exactly "
+                         "one seed per prompt entry (a repeated prompt needs its own seed per repeat), or "
+                         "seeds=None")
+    out = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_floating_point():
+            s = s.item()
+        try:
+            v = None if isinstance(s, bool) else operator.index(s)
+        except TypeError:
+            v = None
+        if v is None or v < 0:
+            raise ValueError(f"generate: seeds[{i}]={s!r} is invalid: every seed must be an integer >= 0 "
+                             "(e.g. rollout.types.mix_seed(step, prompt_id, k), which is always >= 0)")
+        out.append(v)
     return out
 
 

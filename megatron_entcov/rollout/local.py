@@ -20,16 +20,25 @@ then decoded one token per step with the KV cache. A sequence that emits a stop 
 Log-probs are defined in ``rollout/types.py``: ``log_softmax(logits / temperature)`` of the full vocabulary at
 the sampled token, in float32, before top-p/top-k.
 
-Determinism: a call's randomness comes from one ``torch.Generator`` seeded from (``params.seed``,
-``weight_version``) when the caller gives a seed (the trainer does, per step: a resumed run repeats its calls
-exactly), else from (engine seed, ``weight_version``, the engine's call counter). Two engines with the same
-weights, seeds and ``max_batch_size`` return identical samples; the random initial weights are a function of
-``seed``.
+Determinism: sampling is Gumbel-max (``sample_tokens``); greedy decoding (top_k=1) uses no randomness.
+- With per-entry ``seeds`` (``generate(..., seeds=[...])``): the noise of entry i at response position t is
+  drawn from a generator seeded with ``mix_seed(seeds[i], weight_version, t)`` and nothing else, so an entry's
+  sample does not depend on the other entries, their order, the length sort, ``max_batch_size``, or which call
+  or engine (with the same weights) generates it: data-parallel replicas that each generate their share with
+  the same seeds reproduce one process generating everything. Only the numerics of batched kernels (a row's
+  logits computed next to other, padded rows) can differ, in the last bits of the float32 log-probs; a token
+  could flip only at an exact near-tie of the perturbed logits.
+- Without seeds: one ``torch.Generator`` per call draws the noise of the whole batch, seeded from
+  (``params.seed``, ``weight_version``) when the caller gives a seed (a resumed run repeats its calls exactly),
+  else from (engine seed, ``weight_version``, the engine's call counter). Two engines with the same weights,
+  seeds and ``max_batch_size`` return identical samples, but a row's noise depends on its batch and position.
+The random initial weights are a function of the engine ``seed``.
 
 Example:
     engine = LocalEngine(cfg.model, seed=cfg.seed)
     engine.update_weights(hf_named_tensors, version=0)       # pairs or buckets, HF names, full tensors
     samples = engine.generate([[1, 5, 7], [1, 5, 7], [1, 9]], SamplingParams(max_new_tokens=16))
+    samples = engine.generate([[1, 5, 7], [1, 5, 7], [1, 9]], SamplingParams(max_new_tokens=16), seeds=[3, 4, 5])
     engine.pause(); engine.update_weights(new_tensors, version=1); engine.resume()
     engine.close()
 """
@@ -44,13 +53,13 @@ import torch
 
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.dtypes import dtype_name, torch_dtype
-from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, iter_named_tensors, validate_prompts
+from megatron_entcov.rollout.engine import (NamedTensors, RolloutEngine, iter_named_tensors, validate_prompts,
+                                            validate_seeds)
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
 __all__ = ["LocalEngine", "sample_tokens", "truncate_logits"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
@@ -80,18 +89,24 @@ def truncate_logits(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -
     return torch.full_like(logits, float("-inf")).scatter_(-1, sorted_idx, kept)
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,
+                  row_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row and return its rollout log-prob.
 
     Args:
         logits: [B, V] raw logits of the full (unpadded) vocabulary, any float dtype.
         params: temperature, top_k, top_p are used.
-        generator: source of randomness (on logits' device); None = torch's global generator.
+        generator: source of randomness (on logits' device); None = torch's global generator (or a fresh one
+            with ``row_seeds``).
+        row_seeds: None, or one seed per row: row r's noise is then drawn from ``generator`` reseeded with
+            ``row_seeds[r]`` (its state is overwritten), so each row's token is a function of its own logits and
+            seed only, whatever the other rows are.
     Returns:
         tokens [B] int64 and logprobs [B] float32 = log_softmax(logits / temperature)[token] over the full
         vocabulary, BEFORE top-k/top-p truncation (the trainer's recomputation; see rollout/types.py).
     """
+    if row_seeds is not None and len(row_seeds) != logits.shape[0]:
+        raise ValueError(f"sample_tokens: {len(row_seeds)} row_seeds for {logits.shape[0]} rows; pass one per row")
     scaled = logits.float() / params.temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
     if params.top_k == 1:
@@ -100,7 +115,16 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
         candidates = truncate_logits(scaled, params.top_k, params.top_p)
         # Gumbel-max: argmax(z + G) with G = -log(-log U) is a draw from softmax(z); -inf stays excluded.
         # U is kept inside (0, 1) so that G is finite.
-        u = torch.rand(candidates.shape, generator=generator, device=candidates.device)
+        if row_seeds is None:
+            u = torch.rand(candidates.shape, generator=generator, device=candidates.device)
+        else:
+            if generator is None:
+                generator = torch.Generator(device=candidates.device)
+            vocab = candidates.shape[-1]
+            u = torch.empty_like(candidates)
+            for r, seed in enumerate(row_seeds):    # the same draw as torch.rand(V) from a fresh generator
+                generator.manual_seed(seed)
+                u[r] = torch.rand(vocab, generator=generator, device=candidates.device)
         u.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
         tokens = (candidates - torch.log(-torch.log(u))).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -266,7 +290,8 @@ class LocalEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------ generate
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 seeds: Sequence[int] | None = None) -> list[Sample]:
         """One Sample per prompt entry, in order (``Sample.index`` = position in ``prompts``).
 
         Args:
@@ -274,13 +299,17 @@ class LocalEngine(RolloutEngine):
                 n responses is repeated n times. len(prompt) + max_new_tokens must not exceed
                 model_cfg.max_position_embeddings.
             params: sampling parameters for every entry.
+            seeds: None, or one integer >= 0 per entry: entry i's noise at response position t then comes from
+                ``mix_seed(seeds[i], weight_version, t)`` only (module docstring, Determinism), and
+                ``params.seed`` is not used. None = one generator per call (params.seed, else the call counter).
         Raises:
-            ValueError for a bad prompt (naming its index), RuntimeError when paused or closed.
+            ValueError for a bad prompt (naming its index) or bad seeds, RuntimeError when paused or closed.
         """
         self._check_open()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate: params is a {type(params).__name__}; expected SamplingParams")
         prompts = validate_prompts(prompts, params, self.model_cfg)
+        seeds = validate_seeds(seeds, len(prompts))
         if self._paused.is_set():
             raise RuntimeError("generate: the engine is paused; call resume() first")
         if not prompts:
@@ -289,19 +318,20 @@ class LocalEngine(RolloutEngine):
             self._check_open()
             version = self._weight_version
             generator = torch.Generator(device=self.device)
-            # An explicit params.seed makes the call a pure function of (seed, weights, prompts): a resumed
-            # run repeats it exactly. Without one, successive calls differ through the call counter.
-            if params.seed is None:
-                generator.manual_seed(mix_seed(self.seed, version, self._calls))
-            else:
-                generator.manual_seed(mix_seed(params.seed, version))
+            # Per-entry seeds: the generator is reseeded per row and step (_generate_batch). Else an explicit
+            # params.seed makes the call a pure function of (seed, weights, prompts): a resumed run repeats it
+            # exactly. Without one, successive calls differ through the call counter.
+            if seeds is None:
+                generator.manual_seed(mix_seed(self.seed, version, self._calls) if params.seed is None
+                                      else mix_seed(params.seed, version))
             self._calls += 1
             # Similar lengths together: less padding. The stable sort keeps the batching deterministic.
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             samples: list[Sample | None] = [None] * len(prompts)
             for start in range(0, len(order), self.max_batch_size):
                 idx = order[start:start + self.max_batch_size]
-                results = self._generate_batch([prompts[i] for i in idx], params, generator)
+                results = self._generate_batch([prompts[i] for i in idx], params, generator,
+                                               None if seeds is None else [seeds[i] for i in idx], version)
                 for i, (response, logprobs, reason) in zip(idx, results):
                     samples[i] = Sample(prompt_ids=list(prompts[i]), response_ids=response,
                                         rollout_logprobs=logprobs, finish_reason=reason, weight_version=version,
@@ -315,8 +345,10 @@ class LocalEngine(RolloutEngine):
                           past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
-                        generator: torch.Generator) -> list[tuple[list[int], list[float], str]]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+                        seeds: list[int] | None = None,
+                        version: int = 0) -> list[tuple[list[int], list[float], str]]:
+        """``seeds``: per-row seeds (aligned with ``prompts``), or None for the call's ``generator`` state."""
         from transformers import DynamicCache
 
         dev = self.device
@@ -339,6 +371,7 @@ class LocalEngine(RolloutEngine):
         lengths = [max_new] * batch
         reasons = ["length"] * batch
         rows = torch.arange(batch, device=dev)          # original row of each still-active row
+        active_seeds = None if seeds is None else list(seeds)      # the seed of each still-active row
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=dev)
 
         if self._paused.is_set():
@@ -350,7 +383,10 @@ class LocalEngine(RolloutEngine):
                 for r in rows.tolist():
                     lengths[r], reasons[r] = step, "abort"
                 break
-            tokens, logprobs = sample_tokens(logits, params, generator)
+            row_seeds = None
+            if active_seeds is not None and params.top_k != 1:    # greedy draws no noise: skip the hashing
+                row_seeds = [mix_seed(seed, version, step) for seed in active_seeds]
+            tokens, logprobs = sample_tokens(logits, params, generator, row_seeds=row_seeds)
             out_tokens[rows, step] = tokens
             out_logprobs[rows, step] = logprobs
             if stop_ids.numel():
@@ -364,6 +400,8 @@ class LocalEngine(RolloutEngine):
                     # Drop finished rows from the cache and the batch: they cost nothing from here on.
                     cache.batch_select_indices(keep)
                     rows, tokens = rows[keep], tokens[keep]
+                    if active_seeds is not None:
+                        active_seeds = [active_seeds[k] for k in keep.tolist()]
                     attention_mask, next_pos = attention_mask[keep], next_pos[keep]
             if step == max_new - 1:
                 break

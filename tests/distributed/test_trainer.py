@@ -133,10 +133,10 @@ def _generator_failure_worker(rank, world_size, run_dir):
     class ServersGone(LocalEngine):
         """Answers the one-prompt post-sync probe, fails every rollout (as when every server is dead)."""
 
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, *, seeds=None):
             if len(prompts) > 1:
                 raise RuntimeError("SGLangEngine: no SGLang server left (test)")
-            return super().generate(prompts, params)
+            return super().generate(prompts, params, seeds=seeds)
 
     cfg = load_config(None, TINY + ["parallel.pipeline_model_parallel_size=2", "steps=1", f"output_dir={run_dir}",
                                     "name=gen_failure"]).resolve(world_size)

@@ -296,17 +296,51 @@ def test_cursor_is_one_monotonic_int_and_settable(file_ds):
     b.cursor = max(a.cursor, b.cursor)  # what the trainer's all-reduce MAX does
     assert (b.epoch, b.offset) == (1, 4)
     assert _indices(a.next_global_batch()) == _indices(b.next_global_batch())
-    ds = build_dataset(DataConfig(), file_ds.tokenizer, max_prompt_len=64, seed=0)
+    ds = build_dataset(DataConfig(held_out_share=0.0), file_ds.tokenizer, max_prompt_len=64, seed=0)
     inf = PromptLoader(ds, batch_size=2)
     inf.cursor = 10
     assert _indices(inf.next_global_batch()) == [10, 11] and inf.cursor == 12
 
 
-def test_held_out(file_ds, tok):
-    ds = build_dataset(DataConfig(), tok, max_prompt_len=64, seed=0)
-    items = ds.held_out(3)
-    assert [it.index for it in items] == [PromptDataset.HELD_OUT_START + i for i in range(3)]
-    assert items == ds.held_out(3)
-    assert [it.index for it in file_ds.held_out(2)] == [8, 9]
-    with pytest.raises(ValueError, match="fewer than 11 prompts"):
-        file_ds.held_out(11)
+def _one_digit_problems_held_out(share):
+    """Every 1-digit '+-*' problem text, and the held-out ones by an independent sha256 of the text."""
+    import hashlib
+
+    texts = {f"{a}{op}{b}=" for a in range(10) for op in "+-*" for b in range(10)}
+    held = {t for t in texts
+            if int.from_bytes(hashlib.sha256(("held-out/" + t).encode()).digest()[:8], "big") / 2**64 < share}
+    return texts, held
+
+
+def test_arithmetic_held_out_split_is_disjoint_from_training(tok):
+    cfg = DataConfig(arithmetic_digits=1, arithmetic_ops="+-*", held_out_share=0.2)
+    ds = build_dataset(cfg, tok, max_prompt_len=16, seed=3)
+    texts, held = _one_digit_problems_held_out(0.2)
+    assert 30 < len(held) < 90                           # about 0.2 of the 300 problems
+    items = ds.held_out(len(held))
+    assert {it.prompt_text for it in items} == held      # every held-out problem, once
+    assert items == ds.held_out(len(held))               # the same on every call
+    with pytest.raises(ValueError, match="distinct held-out prompts.*data.held_out_share"):
+        ds.held_out(len(held) + 1)
+    loader = PromptLoader(ds, batch_size=64, seed=3)
+    trained = {it.prompt_text for _ in range(40) for it in loader.next_global_batch()}
+    assert trained == texts - held                       # 2,560 draws reach every training problem, no held-out one
+    assert loader.num_skipped == 0                       # held-out problems are not counted as over-long skips
+    with pytest.raises(ValueError, match="data.held_out_share=0"):
+        build_dataset(DataConfig(held_out_share=0.0), tok, max_prompt_len=16, seed=0).held_out(1)
+
+
+def test_file_held_out_rows(file_ds, tmp_path, tok):
+    with pytest.raises(ValueError, match="data.held_out_rows"):
+        file_ds.held_out(1)                              # no split: evaluating would score trained-on rows
+    path = _write_jsonl(tmp_path / "ten.jsonl", [{"prompt": f"{i}+0=", "answer": str(i)} for i in range(10)])
+    ds = _file_dataset(path, tok, held_out_rows=3)
+    assert ds.size == 7
+    assert [it.index for it in ds.held_out(3)] == [7, 8, 9]
+    loader = PromptLoader(ds, batch_size=2, seed=0)
+    seen = {i for _ in range(20) for i in _indices(loader.next_global_batch())}
+    assert seen == set(range(7))
+    with pytest.raises(ValueError, match="fewer than the 4 asked for"):
+        ds.held_out(4)
+    with pytest.raises(ValueError, match="data.held_out_rows=10"):
+        _file_dataset(path, tok, held_out_rows=10)

@@ -1,14 +1,16 @@
 """collect_experience on one process with a scripted engine: rewards and GRPO group advantages against a hand
 computation, dynamic sampling (drop, refill, shortfall) and its statistics, and the per-round/per-replica seeds."""
 
+import hashlib
 import math
+import threading
 
 import pytest
 import torch
 
 from megatron_entcov.config import load_config
 from megatron_entcov.data import PromptLoader, build_dataset
-from megatron_entcov.experience import collect_experience
+from megatron_entcov.experience import collect_experience, shard_rows
 from megatron_entcov.rewards.arithmetic import ArithmeticTask
 from megatron_entcov.rollout.engine import RolloutEngine
 from megatron_entcov.rollout.types import Sample
@@ -27,10 +29,12 @@ class ScriptedEngine(RolloutEngine):
     def __init__(self, tok, answers, script):
         self.tok, self.answers, self.script = tok, answers, script
         self.calls = []  # (prompts, params) per generate call
+        self.seeds = []  # the per-entry seeds of each call (None when not given); the script draws no randomness
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, *, seeds=None):
         call = len(self.calls)
         self.calls.append((prompts, params))
+        self.seeds.append(None if seeds is None else list(seeds))
         groups = self.script[min(call, len(self.script) - 1)]
         assert len(prompts) == len(groups) * N
         out = []
@@ -201,25 +205,136 @@ def test_shortfall_filled_with_degenerate_groups(tok, refills):
     assert exp.stats["reward/degenerate_group_frac"] == pytest.approx(degenerate[0] / degenerate[1])
 
 
-def _seeds(tok, *, step, dp_rank, seed=1234):
-    # Every group degenerate: all 1 + 2 rounds run, the shortfall is the whole batch.
-    cfg, engine, loader, _ = _setup(tok, [[ALL_RIGHT, ALL_WRONG]], prompts=2, dynamic=True, refills=2,
-                                    dp_rank=dp_rank, dp_size=2, seed=seed)
-    exp = collect_experience(cfg, engine, tok, loader, step=step, dp_rank=dp_rank)
-    assert exp.stats["rollout/refill_shortfall"] == 2.0
-    assert exp.advantages.tolist() == [0.0] * (2 * N)
-    return [params.seed for _, params in engine.calls]
+def _seeds(tok, *, step, dp_rank, dp_size, seed=1234):
+    """The per-sample seeds one replica passes to its engine, round by round (every group degenerate, so all
+    1 + 2 rounds run); the gather fakes the other replicas with copies of this one's payload."""
+    cfg, engine, loader, _ = _setup(tok, [[ALL_RIGHT] * (2 // dp_size) + [ALL_WRONG] * (2 // dp_size)],
+                                    prompts=4 // dp_size, dynamic=True, refills=2, dp_size=dp_size, seed=seed)
+    exp = collect_experience(cfg, engine, tok, loader, step=step, dp_rank=dp_rank, dp_size=dp_size,
+                             gather=lambda payload: [payload] * dp_size)
+    assert exp.stats["rollout/refill_shortfall"] == 4.0
+    return engine.seeds
 
 
-def test_seeds_per_round_replica_and_step(tok):
-    base = _seeds(tok, step=5, dp_rank=0)
-    assert len(base) == 3 and len(set(base)) == 3  # one seed per round, all different
-    assert all(isinstance(x, int) and x >= 0 for x in base)
-    assert _seeds(tok, step=5, dp_rank=0) == base  # same (seed, step, dp_rank): same seeds
-    other_rank = _seeds(tok, step=5, dp_rank=1)
-    other_step = _seeds(tok, step=6, dp_rank=0)
-    other_seed = _seeds(tok, step=5, dp_rank=0, seed=99)
-    for other in (other_rank, other_step, other_seed):
-        assert len(set(other)) == 3
-        assert not set(other) & set(base)
-    assert not set(other_rank) & set(other_step)
+def _independent_seed(*parts):
+    return int.from_bytes(hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()[:8], "little") \
+        & ((1 << 63) - 1)
+
+
+def test_sample_seeds_depend_on_global_position_not_on_the_layout(tok):
+    one = _seeds(tok, step=5, dp_rank=0, dp_size=1)
+    assert len(one) == 3                                   # three rounds of 4 prompts x N samples
+    for round_idx, seeds in enumerate(one):
+        assert seeds == [_independent_seed(1234, 5, round_idx, g, j) for g in range(4) for j in range(N)]
+    halves = [_seeds(tok, step=5, dp_rank=r, dp_size=2) for r in range(2)]
+    assert [a + b for a, b in zip(*halves)] == one         # replica r generates prompts 2r, 2r + 1 of each round
+    assert not set(_seeds(tok, step=6, dp_rank=0, dp_size=1)[0]) & set(one[0])
+    assert not set(_seeds(tok, step=5, dp_rank=0, dp_size=1, seed=99)[0]) & set(one[0])
+
+
+class SeededEngine(ScriptedEngine):
+    """The outcome of a response is a function of its seed only (as with a real engine's per-request seeds):
+    seed % 4 -> right, wrong, wrong, unparseable; lengths vary with the outcome."""
+
+    def generate(self, prompts, params, *, seeds=None):
+        assert seeds is not None and len(seeds) == len(prompts)
+        out = []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            outcome = {0: C, 1: W, 2: W, 3: X}[seed % 4]
+            answer = self.answers[tuple(prompt)]
+            text = {C: answer, W: str(int(answer) + 1), X: "="}[outcome]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            out.append(Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=[-0.5] * len(ids),
+                              finish_reason="stop", weight_version=0, index=i))
+        return out
+
+
+def _collect_as_replicas(tok, dp_size, *, prompts=8, dynamic=True):
+    """collect_experience on dp_size replicas (threads) whose gather exchanges their real payloads."""
+    barrier = threading.Barrier(dp_size)
+    slots = [None] * dp_size
+    results = [None] * dp_size
+
+    def replica(rank):
+        cfg, engine, loader, _ = _setup(tok, [[]], prompts=prompts // dp_size, dynamic=dynamic, refills=3,
+                                        dp_size=dp_size)
+        engine = SeededEngine(tok, engine.answers, [[]])
+
+        def gather(payload):
+            slots[rank] = payload
+            barrier.wait()
+            parts = list(slots)
+            barrier.wait()
+            return parts
+        results[rank] = collect_experience(cfg, engine, tok, loader, step=2, dp_rank=rank, dp_size=dp_size,
+                                           gather=gather)
+
+    threads = [threading.Thread(target=replica, args=(r,)) for r in range(dp_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_global_experience_is_the_same_for_every_data_parallel_size(tok, dynamic):
+    (single,) = _collect_as_replicas(tok, 1, dynamic=dynamic)
+    if dynamic:
+        assert single.stats["reward/degenerate_group_frac"] > 0   # the refill path ran
+    for dp in (2, 4):
+        for exp in _collect_as_replicas(tok, dp, dynamic=dynamic):
+            assert [x.to_dict() for x in exp.samples] == [x.to_dict() for x in single.samples]
+            assert torch.equal(exp.rewards, single.rewards) and torch.equal(exp.advantages, single.advantages)
+            timeless = {k: v for k, v in exp.stats.items() if "time" not in k}
+            assert timeless == {k: v for k, v in single.stats.items() if "time" not in k}
+    # reward/mean_all counts every generated response, dropped groups too; reward/mean only the kept ones.
+    assert single.stats["reward/mean"] == pytest.approx(single.rewards.mean().item())
+    if not dynamic:
+        assert single.stats["reward/mean_all"] == pytest.approx(single.stats["reward/mean"])
+
+
+def test_a_failing_replica_fails_every_replica(tok):
+    class Failing(SeededEngine):
+        def generate(self, prompts, params, *, seeds=None):
+            raise OSError("server gone")
+
+    barrier = threading.Barrier(2)
+    slots, errors = [None, None], [None, None]
+
+    def replica(rank):
+        cfg, engine, loader, _ = _setup(tok, [[]], prompts=2, dp_size=2)
+        engine = (Failing if rank == 1 else SeededEngine)(tok, engine.answers, [[]])
+
+        def gather(payload):
+            slots[rank] = payload
+            barrier.wait()
+            parts = list(slots)
+            barrier.wait()
+            return parts
+        try:
+            collect_experience(cfg, engine, tok, loader, step=0, dp_rank=rank, dp_size=2, gather=gather)
+        except Exception as err:
+            errors[rank] = err
+
+    threads = [threading.Thread(target=replica, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert isinstance(errors[1], OSError)
+    assert isinstance(errors[0], RuntimeError) and "replica 1: OSError: server gone" in str(errors[0])
+
+
+@pytest.mark.parametrize("dp, mini", [(1, 2), (2, 2), (2, 1), (4, 2)])
+def test_shard_rows_gives_each_replica_its_slice_of_every_mini_batch(dp, mini):
+    rows = 16
+    shards = [shard_rows(rows, num_mini_batches=mini, dp_rank=r, dp_size=dp) for r in range(dp)]
+    per_mini = rows // mini
+    for i in range(mini):
+        # Global mini-batch i is rows [i * per_mini, (i + 1) * per_mini) whatever dp is: the replicas' i-th
+        # chunks (what TrainBatch.split(mini) gives each of them) are its consecutive pieces, in rank order.
+        chunks = [s[i * (per_mini // dp):(i + 1) * (per_mini // dp)] for s in shards]
+        assert sum(chunks, []) == list(range(i * per_mini, (i + 1) * per_mini))
+    with pytest.raises(ValueError, match="do not split"):
+        shard_rows(10, num_mini_batches=2, dp_rank=0, dp_size=4)

@@ -14,6 +14,9 @@ the fewest requests in flight (or to the router). A failed request (connection e
 an 'abort' the engine did not ask for) is retried with exponential backoff on another server; a dead server's
 requests go to the others, and a launched server that died is restarted and rejoins after the next full sync
 (``rollout/sglang/pool.py``); when no server is left, ``generate`` raises NoServerLeftError naming each one.
+Each request carries a ``sampling_seed``: ``request_seed(seeds[i])`` when the caller gives per-entry ``seeds``
+(an entry's sample then does not depend on the call, the order, the server or the replica that runs it, up to
+the servers' batched numerics), else mixed from the call's seed and the entry's index (``protocol.py``).
 
 Log-probs: SGLang returns log(softmax(logits / temperature)) of the sampled token over the full vocabulary,
 before top-p/top-k (sampler.py, standard path), the definition in ``rollout/types.py``. Exception: greedy
@@ -50,12 +53,13 @@ from pathlib import Path
 
 from megatron_entcov.config import SGLangConfig
 from megatron_entcov.net import free_port
-from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts
+from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts, validate_seeds
 from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json, wait_answering
 from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, resolve_device,
                                                       router_workers, this_host_address)
 from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
-from megatron_entcov.rollout.sglang.protocol import generate_payload, parse_generate, parse_version, request_seed
+from megatron_entcov.rollout.sglang.protocol import (generate_payload, generate_payloads, parse_generate,
+                                                     parse_version, request_seed)
 from megatron_entcov.rollout.sglang.server import (SGLangServer, default_server_python, link_model_dir,
                                                    write_hf_model_dir)
 from megatron_entcov.rollout.types import Sample, SamplingParams
@@ -348,16 +352,23 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------ generate
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 seeds: Sequence[int] | None = None) -> list[Sample]:
         """One Sample per prompt entry, in order (``Sample.index`` = position in ``prompts``).
 
+        Args:
+            seeds: None, or one integer >= 0 per entry: request i's ``sampling_seed`` is then
+                ``request_seed(seeds[i])``, whatever the entry's index, call, server or replica
+                (``protocol.request_seeds``); ``params.seed`` is not used. None = ``request_seed(base, i)`` with
+                base = params.seed, else mixed from the engine seed and its call counter.
         Raises:
-            ValueError for a bad prompt (naming its index) or top_k=1 with temperature != 1; RuntimeError when
-            paused, released or closed, NoServerLeftError when every server died, ServerError when a request
-            failed more than ``max_retries`` times on live servers.
+            ValueError for a bad prompt (naming its index), bad seeds or top_k=1 with temperature != 1;
+            RuntimeError when paused, released or closed, NoServerLeftError when every server died, ServerError
+            when a request failed more than ``max_retries`` times on live servers.
         """
         self._check_open()
         params, prompts = self._check_request(prompts, params)
+        seeds = validate_seeds(seeds, len(prompts))
         if not prompts:
             return []
         call = self._calls
@@ -365,8 +376,9 @@ class SGLangEngine(RolloutEngine):
         base = request_seed(self.seed, call) if params.seed is None else int(params.seed)
         t0 = time.monotonic()
         before = {x["name"]: x["generated_tokens"] for x in self.server_stats()}
-        futures = [self._pool.submit(self._generate_one, i, p, generate_payload(p, params, seed=request_seed(base, i)))
-                   for i, p in enumerate(prompts)]
+        payloads = generate_payloads(prompts, params, base=base, seeds=seeds)
+        futures = [self._pool.submit(self._generate_one, i, p, payload)
+                   for i, (p, payload) in enumerate(zip(prompts, payloads))]
         samples, first_error = [], None
         for f in futures:                      # wait for all, so no request outlives the call
             try:

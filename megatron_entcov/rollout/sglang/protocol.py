@@ -2,20 +2,27 @@
 
 Token ids in (``input_ids``), token ids and log-probs out (``output_ids``, ``meta_info.output_token_logprobs``,
 checked to name the same tokens), no re-tokenisation; SGLang keeps weight versions as strings ('default'
-until set), ours are integers; per-request sampling seeds are mixed from the call's seed and the entry's
-index so repeated prompts differ.
+until set), ours are integers. Per-request sampling seeds (``request_seeds``): with the caller's per-entry
+seeds, ``request_seed(seeds[i])``, a function of the entry's own seed only (not of its index, its call or its
+replica: data-parallel replicas reproduce one process); without them, mixed from the call's seed and the
+entry's index so repeated prompts differ.
 
 Example:
     payload = generate_payload(prompt, params, seed=request_seed(base, i))
+    payloads = generate_payloads(prompts, params, base=base, seeds=seeds)     # what SGLangEngine.generate sends
     sample = parse_generate(http_json(url, "/generate", payload, timeout=60), prompt, index=i)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from megatron_entcov.rollout.sglang.http import ServerError
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
-__all__ = ["request_seed", "sampling_payload", "generate_payload", "parse_generate", "parse_version"]
+__all__ = ["request_seed", "request_seeds", "sampling_payload", "generate_payload", "generate_payloads",
+           "parse_generate", "parse_version"]
+
 
 def request_seed(*parts: int) -> int:
     """A per-request sampling seed that fits SGLang's int32 seed tensors."""
@@ -26,6 +33,24 @@ def generate_payload(prompt: list[int], params: SamplingParams, *, seed: int) ->
     """The /generate body for one prompt entry (n = 1), asking for the sampled tokens' log-probs."""
     return {"input_ids": list(prompt), "sampling_params": dict(sampling_payload(params), sampling_seed=int(seed)),
             "return_logprob": True, "logprob_start_len": -1}
+
+
+def request_seeds(num_prompts: int, *, base: int, seeds: Sequence[int] | None = None) -> list[int]:
+    """The ``sampling_seed`` of each of a call's requests: ``request_seed(seeds[i])`` with per-entry seeds
+    (validated by the caller, one per entry), else ``request_seed(base, i)`` (``base``: the call's seed)."""
+    if seeds is None:
+        return [request_seed(base, i) for i in range(num_prompts)]
+    if len(seeds) != num_prompts:
+        raise ValueError(f"request_seeds: seeds has {len(seeds)} entries for {num_prompts} prompt entries; pass "
+                         "one seed per prompt entry, or seeds=None")
+    return [request_seed(s) for s in seeds]
+
+
+def generate_payloads(prompts: Sequence[list[int]], params: SamplingParams, *, base: int,
+                      seeds: Sequence[int] | None = None) -> list[dict]:
+    """The /generate bodies of one ``generate`` call, in order (seeds as in ``request_seeds``)."""
+    return [generate_payload(p, params, seed=seed)
+            for p, seed in zip(prompts, request_seeds(len(prompts), base=base, seeds=seeds))]
 
 
 def sampling_payload(params: SamplingParams) -> dict:

@@ -1,0 +1,96 @@
+"""One RL step gives the same updated weights for every parallel layout.
+
+From the same Hugging Face weights and seed, one full trainer step (rollouts on the embedded engine, old
+log-probs, two optimizer mini-batches with KL-Cov token selection and an entropy bonus, weight sync) runs on one
+process and on tp2 + sequence parallelism, pp2 with virtual stages, dp2 (SGD), a different micro-batch split,
+and dp2 with the distributed optimizer (Adam, against one-process Adam). Every updated parameter, gathered
+under its Hugging Face name, must equal the one-process result to float tolerance (summation order differs
+between layouts; nothing else may). The step must also have moved the weights, by far more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_workers
+
+pytestmark = pytest.mark.distributed
+
+MODEL = ["model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
+         "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
+         "model.max_position_embeddings=64", "model.add_qkv_bias=true"]
+STEP = ["rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
+        "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=1e-2",
+        "optim.clip_grad=0", "loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "loss.entropy_coef=0.01",
+        "metrics.tensorboard=false", "metrics.measure_entropy_change=false", "weight_sync.verify=version",
+        "steps=1", "data.arithmetic_digits=1"]
+SGD = ["optim.optimizer=sgd"]
+ADAM = ["optim.optimizer=adam", "optim.lr=1e-3"]
+
+ONE_PROCESS = {"ref_sgd": SGD, "mbs1_sgd": SGD + ["optim.micro_batch_size=1"], "ref_adam": ADAM}
+TWO_PROCESSES = {
+    "tp2_sp": SGD + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "pp2_vpp2": SGD + ["parallel.pipeline_model_parallel_size=2",
+                       "parallel.virtual_pipeline_model_parallel_size=2"],
+    "dp2": SGD,
+    "dp2_mbs4": SGD + ["optim.micro_batch_size=4"],
+    "dp2_distopt": ADAM + ["parallel.use_distributed_optimizer=true"],
+}
+REFERENCE = {name: "ref_adam" if "distopt" in name else "ref_sgd" for name in [*ONE_PROCESS, *TWO_PROCESSES]}
+
+
+def _one_step(world_size, overrides, hf_dir, out_dir, name):
+    """One trainer step on this layout; rank 0 returns the updated weights under their HF names."""
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.trainer import Trainer
+    from megatron_entcov.weights.shards import iter_hf_weights
+
+    cfg = load_config(None, MODEL + STEP + overrides + [f"model.hf_dir={hf_dir}", f"output_dir={out_dir}",
+                                                        f"name={name}"]).resolve(world_size)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    trainer = Trainer(cfg, ps)
+    try:
+        metrics = trainer.train_step()
+        # numpy: tensors would travel back through shared memory that dies with the worker.
+        weights = {n: t.detach().float().numpy().copy()
+                   for bucket in iter_hf_weights(trainer.actor.chunks, cfg.model, ps) for n, t in bucket}
+    finally:
+        trainer.close()
+    assert trainer.actor.skipped_steps == 0, f"{name}: an update was skipped"
+    return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac")} if ps.is_rank0 else None
+
+
+def _worker(rank, world_size, layouts, hf_dir, out_dir):
+    return {name: _one_step(world_size, overrides, hf_dir, out_dir, name) for name, overrides in layouts.items()}
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    from megatron_entcov.config import load_config
+    from megatron_entcov.rollout.sglang.server import write_hf_model_dir
+
+    tmp = tmp_path_factory.mktemp("layouts")
+    model_cfg = load_config(None, MODEL + ["rollout.max_prompt_len=16", "sampling.max_new_tokens=6"]).model
+    hf_dir = write_hf_model_dir(model_cfg, tmp / "hf", seed=7)
+    from safetensors.torch import load_file
+
+    initial = {k: v.float() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
+    out = run_workers(_worker, 1, args=(ONE_PROCESS, str(hf_dir), str(tmp / "runs")), timeout=400)[0]
+    out.update(run_workers(_worker, 2, args=(TWO_PROCESSES, str(hf_dir), str(tmp / "runs")), timeout=600)[0])
+    return initial, out
+
+
+@pytest.mark.parametrize("layout", [name for name in [*ONE_PROCESS, *TWO_PROCESSES] if not name.startswith("ref")])
+def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
+    initial, results = steps
+    ref, got = results[REFERENCE[layout]], results[layout]
+    assert ref["kl_cov_frac"] > 0 and got["kl_cov_frac"] == pytest.approx(ref["kl_cov_frac"], abs=1e-6)
+    assert set(got["weights"]) == set(ref["weights"])
+    moved = max((torch.from_numpy(ref["weights"][n]) - initial[n]).abs().max().item()
+                for n in ref["weights"] if n in initial)
+    assert moved > 1e-4, f"the reference step barely moved the weights ({moved})"
+    for name, expected in ref["weights"].items():
+        torch.testing.assert_close(torch.from_numpy(got["weights"][name]), torch.from_numpy(expected), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{layout}: {name} differs from one process: {m}")
