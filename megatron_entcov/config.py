@@ -664,7 +664,8 @@ class SFTConfig:
     warmup_steps: int = 10
     """Linear learning-rate warm-up of SFT."""
     eval_size: int = 64
-    """Held-out prompts decoded greedily at the end of SFT to report accuracy; 0 = skip."""
+    """Held-out prompts (the data set's held-out split, never trained on) decoded greedily at the end of SFT to
+    report accuracy; 0 = skip."""
 
     def __post_init__(self) -> None:
         _check_positive("sft.steps", self.steps, allow_zero=True)

@@ -1,6 +1,7 @@
 """Monitoring: metric reduction over ranks, TensorBoard event files and the console line (rank 0 only).
 
-Metric keys are ``section/name(unit)``: train/, rollout/, reward/, entropy/, cov/, coef/, law/, sync/, perf/.
+Metric keys are ``section/name(unit)``: train/, rollout/, reward/, entropy/, cov/, coef/, law/, sync/, perf/,
+eval/.
 Every rank calls :func:`reduce_sum_metrics` (a collective); only ``ps.is_rank0`` writes.
 
 Example:
@@ -42,7 +43,11 @@ _CONSOLE_KEYS = (
     ("train/grad_norm", "gnorm", "{:.2e}"),
     ("sft/loss", "loss", "{:.4f}"),
     ("perf/step_time(s)", "t", "{:.1f}s"),
+    ("eval/accuracy", "eval acc", "{:.3f}"),
+    ("eval/entropy", "eval H", "{:.3f}"),
 )
+_CONSOLE_PREFIXES = (("eval/pass@", "pass@", "{:.3f}"),)
+"""Families shown after the fixed keys, one entry per key in sorted order (eval/pass@1, eval/pass@4, ...)."""
 
 
 def reduce_sum_metrics(local: dict[str, float | torch.Tensor], ps: "ParallelState | None",
@@ -136,6 +141,9 @@ class MetricsLogger:
             for key, short, fmt in _CONSOLE_KEYS:
                 if key in metrics:
                     parts.append(f"{short} {fmt.format(metrics[key])}")
+            for prefix, short, fmt in _CONSOLE_PREFIXES:
+                family = sorted((k for k in metrics if k.startswith(prefix)), key=lambda k: (len(k), k))
+                parts.extend(f"{short}{k[len(prefix):]} {fmt.format(metrics[k])}" for k in family)
             self.print_fn(" | ".join(parts), flush=True)
 
     def close(self) -> None:

@@ -67,6 +67,8 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
     actor = Actor(_sft_config(cfg), ps, temperature=1.0)
     dataset = PromptDataset.from_config(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                         seed=cfg.seed)
+    # Fail before training, not after it, when the held-out split cannot give sft.eval_size prompts.
+    eval_items = dataset.held_out(s.eval_size) if s.eval_size else None
     loader = PromptLoader(dataset, batch_size=s.batch_size, dp_rank=ps.dp_rank, dp_size=ps.dp_size,
                           seed=cfg.seed + 1, shuffle=True)
     metrics = MetricsLogger(run_dir, ps, enabled=cfg.metrics.tensorboard, log_interval=max(s.steps // 10, 1),
@@ -84,7 +86,7 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
     train_time = time.monotonic() - t0
     ckpt = Checkpointer(run_dir / "checkpoints", ps, keep_last=1)
     path = ckpt.save(s.steps, actor.chunks, trainer_state={"step": s.steps, "kind": "sft"})
-    accuracy = _greedy_accuracy(cfg, ps, actor.chunks, tokenizer, dataset) if s.eval_size else None
+    accuracy = _greedy_accuracy(cfg, ps, actor.chunks, tokenizer, eval_items) if eval_items else None
     metrics.close()
     return {"checkpoint": str(path), "accuracy": accuracy, "loss": totals.get("sft/loss"), "time_s": train_time}
 
@@ -106,8 +108,9 @@ def _nll_loss_fn(count: torch.Tensor):
     return loss_fn
 
 
-def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, dataset) -> float:
-    """Greedy accuracy on held-out prompts (indices past anything SFT trains on), via the embedded engine."""
+def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, items) -> float:
+    """Greedy accuracy on the held-out prompts (the data set's held-out split: never trained on), via the
+    embedded engine."""
     from megatron_entcov.rollout.local import LocalEngine
 
     is_generator = ps.rank == 0      # one engine for the whole run: rank 0 scores the held-out prompts
@@ -115,7 +118,6 @@ def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, datas
     WeightSync(chunks, cfg.model, ps, bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20)).push(engine, 1)
     acc = torch.zeros(1)
     if is_generator:
-        items = dataset.held_out(cfg.sft.eval_size)
         params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=cfg.sampling.max_new_tokens,
                                 stop_token_ids=(tokenizer.eos_token_id,), seed=0)
         outs = engine.generate([it.prompt_ids for it in items], params)

@@ -2,8 +2,8 @@
 
 From the same Hugging Face weights and seed, one full trainer step (rollouts on the embedded engine, old
 log-probs, two optimizer mini-batches with KL-Cov token selection and an entropy bonus, weight sync) runs on one
-process and on tp2 + sequence parallelism, pp2 with virtual stages, dp2 (SGD), a different micro-batch split,
-and dp2 with the distributed optimizer (Adam, against one-process Adam). Every updated parameter, gathered
+process and on tp2 + sequence parallelism with the compiled log-prob kernels, pp2 with virtual stages, dp2 (SGD),
+different micro-batch splits, and dp2 with the distributed optimizer (Adam, against one-process Adam). Every updated parameter, gathered
 under its Hugging Face name, must equal the one-process result to float tolerance (summation order differs
 between layouts; nothing else may). The step must also have moved the weights, by far more than the tolerance.
 """
@@ -30,7 +30,9 @@ ADAM = ["optim.optimizer=adam", "optim.lr=1e-3"]
 
 ONE_PROCESS = {"ref_sgd": SGD, "mbs1_sgd": SGD + ["optim.micro_batch_size=1"], "ref_adam": ADAM}
 TWO_PROCESSES = {
-    "tp2_sp": SGD + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    # As every Qwen config: sequence parallelism with the compiled log-prob kernels (against eager, one process).
+    "tp2_sp_compiled": SGD + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                              "loss.compile_logprob_kernels=true"],
     "pp2_vpp2": SGD + ["parallel.pipeline_model_parallel_size=2",
                        "parallel.virtual_pipeline_model_parallel_size=2"],
     "dp2": SGD,

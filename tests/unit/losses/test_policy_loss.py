@@ -345,3 +345,20 @@ def test_no_host_sync_in_selection_and_loss(monkeypatch):
             loss.backward()
     monkeypatch.undo()
     assert lp.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, dual", [("ppo", False), ("clip_cov", False), ("clip_cov", True)])
+def test_dual_clip_is_ppo_only_unless_clip_cov_opts_in(name, dual):
+    """t3 (A=-1, ratio 4 > c=3): PPO caps its loss at 3 (no gradient); Clip-Cov as released does not (loss 4,
+    gradient d(-A ratio)/dlogp = 4); loss.clip_cov_dual_clip=true caps it as PPO does."""
+    logp, old, adv, mask = _ppo_batch()
+    cfg = LossConfig(name=name, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                     clip_cov_dual_clip=dual, clip_cov_ratio=1e-6, clip_cov_lb=100.0, clip_cov_ub=200.0)
+    loss, metrics = policy_loss(cfg, logp, old, adv, mask)
+    loss.backward()
+    capped = name == "ppo" or dual
+    t3 = 3.0 if capped else 4.0
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.6 + t3 + 1.1) / 5, abs=1e-6)
+    assert logp.grad[1, 0].item() == pytest.approx(0.0 if capped else 4.0 / 5, abs=1e-6)
+    assert metrics["train/clip_frac_dual"].item() == pytest.approx(1 / 5 if capped else 0.0)
+    assert metrics["train/clip_cov_frac"].item() == 0.0     # bounds (100, 200): no candidate
