@@ -255,7 +255,9 @@ def _nan_worker(rank, world_size, run_dir):
     changed = [n for c in trainer.actor.chunks for n, p in c.named_parameters() if not torch.equal(before[n], p)]
     trainer.close()
     return {"changed": changed, "skipped": trainer.actor.skipped_steps, "optimizer_steps": trainer.actor.optimizer_steps,
-            "reported": metrics.get("train/skipped_updates")}
+            "reported": metrics.get("train/skipped_updates"), "weight_version": trainer.weight_version,
+            "engine_version": trainer.engine.weight_version, "logged_version": metrics.get("train/weight_version"),
+            "synced": "sync/bytes" in metrics}
 
 
 def test_non_finite_step_is_skipped_and_reported(tmp_path):
@@ -263,3 +265,6 @@ def test_non_finite_step_is_skipped_and_reported(tmp_path):
     assert res["changed"] == [], f"a NaN step was applied to {res['changed']}"
     assert res["skipped"] == 2 and res["optimizer_steps"] == 0  # both mini-batches skipped
     assert res["reported"] == 2.0
+    # Nothing was applied: the engine already holds these weights, so no new version and no sync.
+    assert res["weight_version"] == res["engine_version"] == res["logged_version"] == 0
+    assert not res["synced"]
