@@ -5,7 +5,7 @@
     megatron-entcov quickstart [--config configs/quickstart.yaml] [--set ...] [LOG]   SFT warm start, then RL
     megatron-entcov fit-law    RUN_DIR [--out DIR] [--source auto|eval|train]
     megatron-entcov convert    hf-to-megatron|megatron-to-hf ...
-    megatron-entcov bench      vocab-parallel|entropy-dynamics [args]
+    megatron-entcov bench      vocab-parallel|entropy-dynamics|selection-overhead [args]
 
 LOG: `--verbose` also shows third-party internals (Megatron's config reprs, parameter lists, expected
 warnings) that are filtered by default; `--log-level debug|info|warning|error` (debug implies --verbose).
@@ -237,7 +237,8 @@ def _cmd_convert(args, rest) -> int:
 
 def _cmd_bench(args, rest) -> int:
     root = Path(__file__).resolve().parent.parent / "bench"
-    script = {"vocab-parallel": "vocab_parallel.py", "entropy-dynamics": "entropy_dynamics.py"}[args.which]
+    script = {"vocab-parallel": "vocab_parallel.py", "entropy-dynamics": "entropy_dynamics.py",
+              "selection-overhead": "selection_overhead.py"}[args.which]
     if not (root / script).is_file():
         print(f"bench/{script} is not in this installation (benchmarks live in the source tree)", file=sys.stderr)
         return 2
@@ -279,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks from bench/",
                        description="Run a benchmark script from bench/. Its options: megatron-entcov bench "
                                    "BENCHMARK --help.")
-    p.add_argument("which", choices=["vocab-parallel", "entropy-dynamics"], metavar="BENCHMARK",
-                   help="vocab-parallel | entropy-dynamics")
+    p.add_argument("which", choices=["vocab-parallel", "entropy-dynamics", "selection-overhead"],
+                   metavar="BENCHMARK", help="vocab-parallel | entropy-dynamics | selection-overhead")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the benchmark's options").required = False
     return parser
 
