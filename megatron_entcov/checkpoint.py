@@ -69,8 +69,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Checkpointer", "CheckpointError", "model_sharded_state_dict", "save_model", "load_model", "find_latest",
-           "list_complete_steps", "resolve_model_dir", "check_dist_checkpoint"]
+__all__ = ["Checkpointer", "CheckpointError", "model_sharded_state_dict", "optimizer_sharded_state_dict", "save_model",
+           "load_model", "find_latest", "list_complete_steps", "resolve_model_dir", "check_dist_checkpoint"]
 
 _STEP_FMT = "step_{:06d}"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -260,6 +260,44 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     if len(chunks) == 1:
         return unwrap_model(chunks[0]).sharded_state_dict()
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+# The distributed optimizer's state format in a dist checkpoint. Without it, megatron-core 0.16's
+# DistributedOptimizer.sharded_state_dict defaults to the deprecated 'fully_sharded_model_space', whose
+# ShardedTensors carry a flattened_range that the same version's ShardedTensor refuses at save ("ShardedTensor.
+# flattened_range is not supported"). 'dp_reshardable' is Megatron-LM's own default: each rank writes its shard
+# without any gather (memory-bounded at any scale); it reshards across data-parallel sizes, not tp/pp (Megatron-LM's
+# opt-in 'fully_reshardable' does, by gathering a whole optimizer state per data-parallel group: ~12 bytes per
+# parameter of a tp/pp shard, at save and on every rank at load). The other Megatron optimizers ignore this metadata.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def optimizer_sharded_state_dict(optimizer, chunks: list[torch.nn.Module], *, is_loading: bool = False) -> dict:
+    """The optimizer's sharded state dict for a dist checkpoint save (or, with ``is_loading``, a load)."""
+    return optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=is_loading,
+                                        metadata=dict(_OPTIMIZER_METADATA))
+
+
+def _optimizer_format(optimizer) -> str:
+    """'distributed' (Megatron's distributed optimizer: state in data-parallel shards of buckets) or
+    'per_parameter' (the other Megatron optimizers: state keyed like the model's tensors, any layout)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(p, DistributedOptimizer) for p in parts) else "per_parameter"
+
+
+def _load_optimizer(optimizer, chunks: list[torch.nn.Module], directory: Path) -> None:
+    """Load an optimizer dist checkpoint (collective). Under no_grad: with float32 params the distributed
+    optimizer's main params are views of the model's leaf Parameters, and its load copies into them in place,
+    which autograd refuses otherwise ("a view of a leaf Variable that requires grad is being used in an
+    in-place operation"); nothing in a load is meant to be differentiated."""
+    from megatron.core import dist_checkpointing
+
+    sd = optimizer_sharded_state_dict(optimizer, chunks, is_loading=True)
+    state = dist_checkpointing.load(sd, str(directory))
+    with torch.no_grad():
+        optimizer.load_state_dict(state)
 
 
 def _barrier() -> None:
@@ -453,8 +491,7 @@ class Checkpointer:
         try:
             dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / "model"))
             if optimizer is not None:
-                dist_checkpointing.save(optimizer.sharded_state_dict(model_sharded_state_dict(chunks)),
-                                        str(tmp / "optimizer"))
+                dist_checkpointing.save(optimizer_sharded_state_dict(optimizer, chunks), str(tmp / "optimizer"))
             torch.save(_rng_state(), tmp / "rng" / f"rank_{self.ps.rank:05d}.pt")
         except _load_errors() as exc:
             error = exc
@@ -465,6 +502,8 @@ class Checkpointer:
                 meta["run_id"] = self.run_id
                 meta["world_size"] = self.ps.world_size
                 meta["layout"] = {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}
+                if optimizer is not None:
+                    meta["optimizer_format"] = _optimizer_format(optimizer)
                 _write_atomic(tmp / "trainer_state.json", json.dumps(meta, indent=1, sort_keys=True))
                 _write_atomic(tmp / "COMPLETE", json.dumps({"run_id": self.run_id, "step": step}))
                 if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
@@ -551,8 +590,6 @@ class Checkpointer:
         are restored when the layout (world size, tp, pp) matches the saving run and every rank's RNG file
         loads; otherwise every rank keeps its seeded streams, with a warning saying why.
         """
-        from megatron.core import dist_checkpointing
-
         path = Path(path)
         meta: dict = {}
         error = None
@@ -568,6 +605,7 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer state; load it without one")
             check_dist_checkpoint(path / "model")
             if optimizer is not None:
+                self._check_optimizer_fits(path, meta, optimizer)
                 check_dist_checkpoint(path / "optimizer")
         except CheckpointError as exc:
             error = str(exc)
@@ -579,8 +617,7 @@ class Checkpointer:
         self._raise_if(self._agree(error))
         if optimizer is not None:
             try:
-                sd = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True)
-                optimizer.load_state_dict(dist_checkpointing.load(sd, str(path / "optimizer")))
+                _load_optimizer(optimizer, chunks, path / "optimizer")
             except _load_errors() as exc:
                 error = f"cannot load {str(path / 'optimizer')!r}: {_describe(exc, 600)}"
             self._raise_if(self._agree(error))
@@ -589,6 +626,31 @@ class Checkpointer:
         _barrier()
         logger.info("checkpoint: loaded %s (step %s)", path, meta.get("step"))
         return meta
+
+    def _check_optimizer_fits(self, path: Path, meta: dict, optimizer) -> None:
+        """CheckpointError naming the way out when the saved optimizer state cannot load into ``optimizer``: the
+        other kind of optimizer, or the distributed optimizer's shards of another tp/pp layout. (Checkpoints
+        written before the format was recorded hold the per-parameter kind: the distributed one could not save.)"""
+        saved, current = meta.get("optimizer_format", "per_parameter"), _optimizer_format(optimizer)
+        flag = {"distributed": "true", "per_parameter": "false"}
+        if saved not in flag:
+            raise CheckpointError(f"{str(path)!r} holds optimizer state of unknown format {saved!r} (this version "
+                                  f"writes {sorted(flag)})")
+        weights_only = (f"or start a new run from its weights alone (--set checkpoint.load={str(path)!r}, a fresh "
+                        "optimizer state)")
+        if saved != current:
+            raise CheckpointError(
+                f"{str(path)!r} holds the optimizer state of parallel.use_distributed_optimizer={flag[saved]}, this "
+                f"run has use_distributed_optimizer={flag[current]}: resume with "
+                f"parallel.use_distributed_optimizer={flag[saved]}, {weights_only}")
+        layout = meta.get("layout") or {}
+        here = {"tp": self.ps.tp_size, "pp": self.ps.pp_size}
+        if current == "distributed" and any(layout.get(k) != v for k, v in here.items()):
+            raise CheckpointError(
+                f"{str(path)!r} holds distributed-optimizer shards of tp={layout.get('tp')} pp={layout.get('pp')}, "
+                f"which load only at that tp and pp (any data-parallel size), not at tp={here['tp']} pp={here['pp']}: "
+                f"resume with parallel.tensor_model_parallel_size={layout.get('tp')} and "
+                f"parallel.pipeline_model_parallel_size={layout.get('pp')}, {weights_only}")
 
     @staticmethod
     def _raise_if(message: str | None) -> None:

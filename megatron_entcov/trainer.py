@@ -284,6 +284,10 @@ class Trainer:
             load_model(actor.chunks, model_dir)
         elif self.cfg.model.hf_dir:
             load_hf_weights(actor.chunks, self.cfg.model, self.cfg.model.hf_dir, self.ps)
+        if loaded is None and (ck.load or self.cfg.model.hf_dir):
+            # bf16 training keeps fp32 main copies inside the optimizer (distributed or not), built from the
+            # random init: refresh them, or the first step would write the random weights back.
+            actor.optimizer.reload_model_params()
         self._sync_weights()
 
     def _trainer_state(self) -> dict:

@@ -28,6 +28,12 @@ Fixes (module -> error prevented):
     scalars and `param.grad.type() == 'torch.cuda.FloatTensor'` assertions -> CUDA error / AssertionError.
     The stand-in maps the device; only while clip_grad_by_total_norm_fp32 and the mixed-precision
     optimizer's constructor run, Tensor.type() reports CPU float tensors with their CUDA names.
+    The distributed optimizer's constructor (``parallel.use_distributed_optimizer=true``) sorts the
+    params into its fp32 / 16-bit shard groups by `model_param.type()` against the CUDA names in
+    `_build_model_and_main_param_groups`, and raises for anything else -> "TypeError: Wrapped parameters
+    must be one of torch.cuda.FloatTensor, ... Received torch.FloatTensor". It gets the same scope, so a
+    CPU float32 param lands in the fp32 group it would be in on GPU. Its step (DDP's grad reduce-scatter,
+    the shard update, the param all-gather) needs nothing more than fixes 2 and 6.
  7. transformer.torch_norm.WrappedTorchNorm asserts `not config.sequence_parallel` (apex-less local spec)
     -> AssertionError under sequence parallelism. The norm itself is correct under SP as long as its
     params are marked `sequence_parallel=True` so Megatron all-reduces their grads over TP; the patched
@@ -334,7 +340,7 @@ def _scoped_tensor_methods(fn, replacements):
 
 def _patch_tensor_method_scopes() -> None:
     from megatron.core.models.common.language_module import language_module
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
     lm = language_module.LanguageModule
     lm.setup_embeddings_and_output_layer = _scoped_tensor_methods(
@@ -345,6 +351,8 @@ def _patch_tensor_method_scopes() -> None:
         optimizer.clip_grad_by_total_norm_fp32 = wrapped  # imported by name there
     f16 = optimizer.Float16OptimizerWithFloat16Params
     f16.__init__ = _scoped_tensor_methods(f16.__init__, {"type": _cpu_tensor_type})
+    dist_opt = distrib_optimizer.DistributedOptimizer
+    dist_opt.__init__ = _scoped_tensor_methods(dist_opt.__init__, {"type": _cpu_tensor_type})
 
 
 # Fix 7: WrappedTorchNorm under sequence parallelism.

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from megatron_entcov.compat import distrib_optimizer as distrib_optimizer_compat
 from megatron_entcov.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: RunConfig) -> list[torch.nn.Mod
 def build_optimizer(chunks: list[torch.nn.Module], cfg: RunConfig):
     """Megatron optimizer (Adam or SGD, grad clipping, optional distributed optimizer) and its LR schedule.
 
+    The distributed optimizer (``parallel.use_distributed_optimizer``) shards the Adam state over data-parallel
+    ranks; with torch's Adam (no TE/apex) it needs compat/distrib_optimizer.py for its checkpoint resume.
+
     Returns:
         (optimizer, scheduler): ``optimizer.step()`` returns (update_successful, grad_norm, num_zeros);
         ``scheduler.step(1)`` advances the learning rate by one optimizer step.
@@ -55,6 +59,8 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: RunConfig):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    if cfg.parallel.use_distributed_optimizer:
+        distrib_optimizer_compat.apply()  # its checkpoint resume with torch's Adam (no TE/apex)
     o = cfg.optim
     dtype = chunks[0].config.params_dtype
     if dtype != torch.float32 and not torch.cuda.is_available():
@@ -109,6 +115,12 @@ def optimizer_step(optimizer) -> tuple[bool, float]:
     is global (reduced over model- and data-parallel ranks), so every rank takes the same decision. This is
     Megatron's ``step()`` taken apart so the gradients are prepared and their norm reduced once per step
     (calling ``step()`` after our own check would do both again).
+
+    With the distributed optimizer nothing is skipped either: DDP's ``finish_grad_sync`` (run by the schedule
+    through ``finalize_model_grads``) has reduce-scattered the gradients, so ``prepare_grads`` hands each rank
+    its shard; the norm of the shards is reduced over all ranks, so clipping the shards by it clips like the
+    whole; and ``step_with_ready_grads`` updates this rank's shard, then all-gathers the parameters
+    (``overlap_param_gather`` is off in ``wrap_ddp``), so every rank holds the whole updated model on return.
 
     Returns:
         (applied, grad_norm): grad_norm before clipping; applied is False for a skipped step.

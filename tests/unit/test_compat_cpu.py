@@ -73,3 +73,27 @@ def test_refuses_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CPU-only"):
         cpu.apply()
+
+
+def test_distributed_optimizer_constructor_sees_cuda_type_names():
+    """The distributed optimizer sorts its params by ``param.type()`` against the CUDA names in its constructor
+    (else "TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ..."): the whole constructor
+    runs in the scope, and Tensor.type is restored when it raises."""
+    cpu.apply()
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class ProbeConfig:  # the constructor reads its config first
+        def __getattr__(self, name):
+            seen["type"] = torch.ones(1).type()
+            raise Stop(name)
+
+    before = torch.Tensor.type
+    with pytest.raises(Stop):
+        DistributedOptimizer(None, ProbeConfig(), None, None, [], {}, None, None, 0, 0)
+    assert seen["type"] == "torch.cuda.FloatTensor"
+    assert torch.Tensor.type is before and torch.ones(1).type() == "torch.FloatTensor"
