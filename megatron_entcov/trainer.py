@@ -38,7 +38,7 @@ from megatron_entcov.parallel import ParallelState, fail_together
 from megatron_entcov.policy.actor import Actor, StepResult
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.rollout.engine import build_engine
-from megatron_entcov.rollout.server_metrics import server_throughput, summed_over_replicas
+from megatron_entcov.rollout.server_metrics import server_throughput
 from megatron_entcov.run_dir import RunDir
 from megatron_entcov.stop import agree_stop
 from megatron_entcov.tokenizer import load_tokenizer
@@ -193,8 +193,8 @@ class Trainer:
         local: dict[str, float] = {}
         if ps.is_rank0:                  # global statistics, the same on every generating rank: counted once
             local.update(exp.stats)
-        if ps.is_generator:              # server counters: totals over replicas, or per-replica keys
-            local.update({k: v for k, v in exp.replica_stats.items() if summed_over_replicas(k)})
+        if ps.is_generator:              # server counters: totals over replicas, or keyed by replica (dp > 1)
+            local.update({k: v for k, v in exp.replica_stats.items() if k != "perf/replica_rollout_time(s)"})
         if ps.owns_results:
             local["entropy/mean"] = tokens.share(batch.old_entropy)
             local["rollout/logprob_gap"] = tokens.share((batch.rollout_logprobs - batch.old_logprobs).abs())

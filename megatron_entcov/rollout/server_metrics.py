@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["server_throughput", "summed_over_replicas"]
+__all__ = ["server_throughput"]
 
 
 def server_throughput(before: list[dict], after: list[dict], seconds: float, dp_rank: int,
@@ -29,9 +29,3 @@ def server_throughput(before: list[dict], after: list[dict], seconds: float, dp_
     out["rollout/live_servers"] = float(sum(a["state"] == "live" for a in after))
     out["rollout/server_restarts"] = float(sum(a["restarts"] for a in after))
     return out
-
-
-def summed_over_replicas(key: str) -> bool:
-    """Whether a generation statistic is a total over replicas (server counts, per-replica server keys) rather
-    than a mean (everything else: each replica reports its share, value / dp)."""
-    return key in ("rollout/live_servers", "rollout/server_restarts") or key.startswith("rollout/dp")
