@@ -206,8 +206,8 @@ def _cmd_quickstart(args) -> int:
         print(f"[quickstart] finished in {time.monotonic() - t0:.0f} s")
         print(f"[quickstart] {summary['reward_tag']} {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}, "
               f"{summary['entropy_tag']} {summary['entropy_first']:.3f} -> {summary['entropy_last']:.3f}")
-        print(f"[quickstart] TensorBoard logs: {run_dir / 'tensorboard'}  "
-              f"(tensorboard --logdir {run_dir / 'tensorboard'})")
+        print(f"[quickstart] TensorBoard logs: {run_dir / 'tensorboard'} (RL) and {run_dir / 'sft' / 'tensorboard'} "
+              f"(SFT); every run of {run_dir.parent} side by side: tensorboard --logdir {run_dir.parent}")
         print(f"[quickstart] entropy-reward law plot: {summary['png']} "
               f"(a={summary['a']:.3g}, b={summary['b']:.3g}, ceiling {summary['predicted_ceiling']:.3f})")
     destroy_parallel()

@@ -33,6 +33,7 @@ from megatron_entcov.evaluation import Evaluator
 from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
                                         dp_gather, shard_experience, to_train_batch)
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
+from megatron_entcov.losses.schedules import annealed_coefficients
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
 from megatron_entcov.parallel import ParallelState, fail_together
 from megatron_entcov.policy.actor import Actor, StepResult
@@ -117,7 +118,10 @@ class Trainer:
         progress = Progress(f"step {self.step + 1} train", num_mini, enabled=ps.is_rank0)
         applied = 0
         selection_time = 0.0
+        coefs: dict[str, float] = {}
         for index, mini in enumerate(batch.split(num_mini)):
+            for name, value in annealed_coefficients(cfg.loss, self.actor.optimizer_steps).items():
+                coefs[f"coef/{name}"] = coefs.get(f"coef/{name}", 0.0) + value / num_mini
             t0 = time.monotonic()
             selection = self._token_selection(mini, index)
             selection_time += time.monotonic() - t0
@@ -136,6 +140,9 @@ class Trainer:
             sync_stats = self._sync_weights()
         clock["end"] = time.monotonic()
         totals = reduce_sum_metrics(local, ps)
+        # Exact coefficients (the mean of the mini-batches' annealed values, the same on every rank); the loss's
+        # own coef/* are sums of per-token shares, which carry float noise a constant should not show.
+        totals.update(coefs)
         totals.update(sync_stats)
         totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0), selection_time))
         return totals
