@@ -37,15 +37,15 @@ class ScriptedEngine(RolloutEngine):
         self.seeds.append(None if seeds is None else list(seeds))
         groups = self.script[min(call, len(self.script) - 1)]
         assert len(prompts) == len(groups) * N
-        out = []
-        for i, prompt in enumerate(prompts):
-            outcome = groups[i // N][i % N]
-            answer = self.answers[tuple(prompt)]
-            text = {C: answer, W: str(int(answer) + 1), X: "="}[outcome]
-            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            out.append(Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=[-0.5] * len(ids),
-                              finish_reason="stop", weight_version=0, index=i))
-        return out
+        return [self.respond(prompt, groups[i // N][i % N], i) for i, prompt in enumerate(prompts)]
+
+    def respond(self, prompt, outcome, index):
+        """The Sample of one scripted outcome: the right answer, a wrong integer or unparseable text."""
+        answer = self.answers[tuple(prompt)]
+        text = {C: answer, W: str(int(answer) + 1), X: "="}[outcome]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=[-0.5] * len(ids),
+                      finish_reason="stop", weight_version=0, index=index)
 
     def update_weights(self, named_tensors, version):
         raise NotImplementedError
@@ -238,43 +238,44 @@ class SeededEngine(ScriptedEngine):
 
     def generate(self, prompts, params, *, seeds=None):
         assert seeds is not None and len(seeds) == len(prompts)
-        out = []
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            outcome = {0: C, 1: W, 2: W, 3: X}[seed % 4]
-            answer = self.answers[tuple(prompt)]
-            text = {C: answer, W: str(int(answer) + 1), X: "="}[outcome]
-            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            out.append(Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=[-0.5] * len(ids),
-                              finish_reason="stop", weight_version=0, index=i))
-        return out
+        return [self.respond(prompt, {0: C, 1: W, 2: W, 3: X}[seed % 4], i)
+                for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
 
 
 def _collect_as_replicas(tok, dp_size, *, prompts=8, dynamic=True):
     """collect_experience on dp_size replicas (threads) whose gather exchanges their real payloads."""
-    barrier = threading.Barrier(dp_size)
-    slots = [None] * dp_size
     results = [None] * dp_size
 
-    def replica(rank):
+    def replica(rank, gather):
         cfg, engine, loader, _ = _setup(tok, [[]], prompts=prompts // dp_size, dynamic=dynamic, refills=3,
                                         dp_size=dp_size)
         engine = SeededEngine(tok, engine.answers, [[]])
+        results[rank] = collect_experience(cfg, engine, tok, loader, step=2, dp_rank=rank, dp_size=dp_size,
+                                           gather=gather)
 
+    _run_replicas(replica, dp_size)
+    return results
+
+
+def _run_replicas(replica, dp_size):
+    """Run ``replica(rank, gather)`` on dp_size threads whose gather exchanges their real payloads."""
+    barrier = threading.Barrier(dp_size)
+    slots = [None] * dp_size
+
+    def gather_of(rank):
         def gather(payload):
             slots[rank] = payload
             barrier.wait()
             parts = list(slots)
             barrier.wait()
             return parts
-        results[rank] = collect_experience(cfg, engine, tok, loader, step=2, dp_rank=rank, dp_size=dp_size,
-                                           gather=gather)
+        return gather
 
-    threads = [threading.Thread(target=replica, args=(r,)) for r in range(dp_size)]
+    threads = [threading.Thread(target=replica, args=(r, gather_of(r))) for r in range(dp_size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    return results
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -299,29 +300,17 @@ def test_a_failing_replica_fails_every_replica(tok):
         def generate(self, prompts, params, *, seeds=None):
             raise OSError("server gone")
 
-    barrier = threading.Barrier(2)
-    slots, errors = [None, None], [None, None]
+    errors = [None, None]
 
-    def replica(rank):
+    def replica(rank, gather):
         cfg, engine, loader, _ = _setup(tok, [[]], prompts=2, dp_size=2)
         engine = (Failing if rank == 1 else SeededEngine)(tok, engine.answers, [[]])
-
-        def gather(payload):
-            slots[rank] = payload
-            barrier.wait()
-            parts = list(slots)
-            barrier.wait()
-            return parts
         try:
             collect_experience(cfg, engine, tok, loader, step=0, dp_rank=rank, dp_size=2, gather=gather)
         except Exception as err:
             errors[rank] = err
 
-    threads = [threading.Thread(target=replica, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    _run_replicas(replica, 2)
     assert isinstance(errors[1], OSError)
     assert isinstance(errors[0], RuntimeError) and "replica 1: OSError: server gone" in str(errors[0])
 
