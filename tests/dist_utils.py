@@ -19,6 +19,17 @@ import traceback
 import torch.multiprocessing as mp
 
 
+TINY_MODEL = [
+    "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
+    "model.max_position_embeddings=64",
+]
+"""Config overrides of the tiny 2-layer policy the distributed tests train."""
+TINY_STEP = ["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
+             "sampling.max_new_tokens=6", "optim.micro_batch_size=2"]
+"""... and of its small step: 4 prompts x 2 samples of at most 6 tokens, micro-batches of 2."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

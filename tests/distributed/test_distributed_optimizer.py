@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_workers
+from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -27,12 +27,8 @@ B, T = 2, 8        # rows per micro-batch, tokens per row; 2 micro-batches per s
 RTOL, ATOL = 1e-5, 1e-6
 
 # A tiny model; Adam with a clip below the gradient norm (~0.2) so clipping with the global norm is exercised.
-TINY = [
-    "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
-    "model.max_position_embeddings=64", "model.add_qkv_bias=true", "rollout.max_prompt_len=16",
-    "sampling.max_new_tokens=6", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
-    "optim.micro_batch_size=2", "optim.optimizer=adam", "optim.lr=1e-2", "optim.weight_decay=0.01",
+TINY = TINY_MODEL + TINY_STEP + [
+    "model.add_qkv_bias=true", "optim.optimizer=adam", "optim.lr=1e-2", "optim.weight_decay=0.01",
     "optim.clip_grad=0.05",
 ]
 

@@ -21,18 +21,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dist_utils import TINY_MODEL, TINY_STEP
+
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # A tiny policy on the synthetic arithmetic task (see test_trainer.py); a console line every step.
-TINY = [
-    "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
-    "model.max_position_embeddings=64", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
-    "rollout.max_prompt_len=16", "sampling.max_new_tokens=6", "optim.micro_batch_size=2",
-    "optim.num_mini_batches=2", "metrics.log_interval=1", "metrics.tensorboard=false",
-]
+TINY = TINY_MODEL + TINY_STEP + ["optim.num_mini_batches=2", "metrics.log_interval=1", "metrics.tensorboard=false"]
 STARTUP_S = 300      # bounds on waits (a loaded 2-core machine), not speed assertions
 STOP_S = 240
 GONE_S = 30
