@@ -47,6 +47,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "dump_config",
+    "source_revision",
     "server_tp",
     "MOVED_KEYS",
 ]
@@ -609,8 +610,18 @@ class MetricsConfig:
     downstream accuracy; needs eval.interval > 0), 'train' = every sample's training reward
     (reward/mean_all), 'auto' = eval when evaluation runs, else train."""
 
+    histogram_tokens: int = 4096
+    """Tokens per step whose covariance and entropy TensorBoard shows as histograms (cov/tokens, entropy/tokens;
+    cov/chosen_tokens, entropy/chosen_tokens for the tokens Clip-Cov detached or KL-Cov penalised): a uniform
+    sample of the global batch, the same for every parallel layout (token_histograms.py); 0 = no histograms."""
+    law_image_interval: int = 10
+    """Draw the law's (H, R) points with the fitted R = -a*exp(H) + b and its ceiling as a TensorBoard image
+    (law/fit) every this many steps and after the last one; 0 = never."""
+
     def __post_init__(self) -> None:
         _check_positive("metrics.log_interval", self.log_interval)
+        _check_positive("metrics.histogram_tokens", self.histogram_tokens, allow_zero=True)
+        _check_positive("metrics.law_image_interval", self.law_image_interval, allow_zero=True)
         _check_positive("metrics.entropy_change_samples", self.entropy_change_samples, allow_zero=True)
         _check_choice("metrics.law_reward", self.law_reward, ("auto", "eval", "train"))
         _check_range("metrics.law_fit_min_points", self.law_fit_min_points, 3, 10**9)
@@ -1020,13 +1031,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data)
 
 
-def _git_sha() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_sha() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def source_revision() -> str:
+    """The code a run used: '<git sha>', with ' (uncommitted changes)' when tracked files differ from it, or
+    'unknown (not a git checkout)' for an installed package (its version is in megatron_entcov.__version__)."""
+    sha = _git_sha()
+    if sha is None:
+        return "unknown (not a git checkout)"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return sha + (" (uncommitted changes)" if dirty else "")
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

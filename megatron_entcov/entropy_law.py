@@ -154,10 +154,14 @@ class OnlineEntropyLaw:
     def __init__(self, min_points: int = 5):
         self.min_points = min_points
         self.points: list[tuple[float, float]] = []
+        self.point_steps: list[int] = []
+        """The step of each (H, R) point (for the law image)."""
         self.dynamics: list[tuple[float, float]] = []
 
     def update(self, entropy: float | None, reward: float | None, delta_h: float | None,
-               cov: float | None) -> dict[str, float]:
+               cov: float | None, *, step: int | None = None) -> dict[str, float]:
+        """Add the step's point(s) and return the refreshed law/* and entropy/delta_* metrics. ``step``
+        labels the (H, R) point (default: its index)."""
         out: dict[str, float] = {}
         if delta_h is not None and cov is not None:
             prev = np.asarray(self.dynamics, dtype=np.float64).reshape(-1, 2)
@@ -171,18 +175,25 @@ class OnlineEntropyLaw:
                 out["entropy/delta_corr"] = float(np.corrcoef(arr[:, 0], arr[:, 1])[0, 1])
         if entropy is not None and reward is not None and math.isfinite(entropy) and math.isfinite(reward):
             self.points.append((float(entropy), float(reward)))
-            if len(self.points) >= self.min_points:
-                h, r = zip(*self.points)
-                try:
-                    fit = fit_entropy_law(h, r)
-                except ValueError:
-                    return out
+            self.point_steps.append(len(self.points) - 1 if step is None else int(step))
+            fit = self.fit()
+            if fit is not None:
                 out.update({"law/a": fit.a, "law/b": fit.b, "law/r2": fit.r2, "law/ceiling": fit.ceiling})
         return out
 
+    def fit(self) -> EntropyLawFit | None:
+        """The current fit (None before ``min_points`` points or when they do not determine one)."""
+        if len(self.points) < self.min_points:
+            return None
+        try:
+            return fit_entropy_law(*zip(*self.points))
+        except ValueError:
+            return None
+
     def state_dict(self) -> dict:
-        return {"points": list(self.points), "dynamics": list(self.dynamics)}
+        return {"points": list(self.points), "point_steps": list(self.point_steps), "dynamics": list(self.dynamics)}
 
     def load_state_dict(self, state: dict) -> None:
         self.points = [tuple(p) for p in state.get("points", [])]
+        self.point_steps = list(state.get("point_steps", range(len(self.points))))  # older checkpoints: index
         self.dynamics = [tuple(p) for p in state.get("dynamics", [])]

@@ -250,7 +250,8 @@ def agree_loader_cursor(loader) -> None:
 
 
 def to_train_batch(exp: Experience, ps: "ParallelState", *, pad_id: int) -> TrainBatch:
-    """This replica's samples as training rows (token keys from global sample ids and the global longest row,
-    so Clip-Cov/KL-Cov tie-breaks do not depend on the data-parallel split)."""
+    """This replica's samples as training rows (token keys from global sample ids and the global longest sample,
+    so Clip-Cov/KL-Cov tie-breaks and random choices depend neither on the data-parallel split nor on the
+    padding that tensor parallelism adds)."""
     return pack_samples(exp.samples, exp.advantages, pad_id=pad_id, sample_ids=exp.sample_ids,
-                        key_stride=exp.key_stride + ps.tp_size, multiple_of=ps.tp_size)
+                        key_stride=exp.key_stride, multiple_of=ps.tp_size)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_entcov.entropy_law import fit_entropy_law
+from megatron_entcov.entropy_law import EntropyLawFit, fit_entropy_law
 from megatron_entcov.metrics import read_scalars
 
-__all__ = ["LAW_SOURCES", "law_tags", "write_law_report"]
+__all__ = ["LAW_SOURCES", "law_figure", "law_image", "law_tags", "write_law_report"]
 
 
 LAW_SOURCES = {"eval": ("eval/entropy", "eval/accuracy"), "train": ("entropy/mean", "reward/mean_all")}
@@ -63,22 +63,56 @@ def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "entropy_law.json").write_text(json.dumps(summary, indent=1))
 
+    fig = law_figure(H, R, steps, fit, entropy_label=entropy_tag, reward_label=reward_tag)
+    fig.savefig(out_dir / "entropy_law.png", dpi=120)
+    _close(fig)
+    summary["png"] = str(out_dir / "entropy_law.png")
+    return summary
+
+
+def law_figure(entropies, rewards, steps, fit: EntropyLawFit | None, *, entropy_label: str, reward_label: str,
+               title: str | None = None):
+    """A matplotlib Figure: the (H, R) points coloured by step, the fitted R = -a exp(H) + b over [0, max H]
+    and the predicted ceiling at H = 0 (no curve when ``fit`` is None). Close it with matplotlib's
+    ``plt.close(fig)`` (or let :func:`law_image` do it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    H, R = np.asarray(entropies, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    sc = ax.scatter(H, R, c=steps, cmap="viridis", s=18, label="steps")
-    grid = np.linspace(0.0, max(H.max(), 1e-3) * 1.05, 200)
-    ax.plot(grid, fit.predict(grid), "r-", label=f"R = -{fit.a:.3g} exp(H) + {fit.b:.3g}  (R²={fit.r2:.2f})")
-    ax.axhline(fit.ceiling, color="gray", ls="--", lw=1, label=f"ceiling at H=0: {fit.ceiling:.3f}")
-    ax.set_xlabel(f"policy entropy H ({entropy_tag}, nats/token)")
-    ax.set_ylabel(f"R ({reward_tag})")
+    sc = ax.scatter(H, R, c=list(steps), cmap="viridis", s=18, label="steps")
+    if fit is not None:
+        grid = np.linspace(0.0, max(H.max(), 1e-3) * 1.05, 200)
+        sign = "+" if fit.b >= 0 else "-"
+        ax.plot(grid, fit.predict(grid), "r-",
+                label=f"R = {-fit.a:.3g} exp(H) {sign} {abs(fit.b):.3g}  (R²={fit.r2:.2f})")
+        ax.axhline(fit.ceiling, color="gray", ls="--", lw=1, label=f"ceiling at H=0: {fit.ceiling:.3f}")
+    ax.set_xlabel(f"policy entropy H ({entropy_label}, nats/token)")
+    ax.set_ylabel(f"R ({reward_label})")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.colorbar(sc, ax=ax, label="step")
     fig.tight_layout()
-    fig.savefig(out_dir / "entropy_law.png", dpi=120)
+    return fig
+
+
+def law_image(entropies, rewards, steps, fit: EntropyLawFit | None, *, entropy_label: str, reward_label: str,
+              title: str | None = None) -> np.ndarray:
+    """:func:`law_figure` rendered to a [H, W, 3] uint8 array (a TensorBoard image summary, dataformats HWC)."""
+    fig = law_figure(entropies, rewards, steps, fit, entropy_label=entropy_label, reward_label=reward_label,
+                     title=title)
+    try:
+        fig.set_dpi(100)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        _close(fig)
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
-    summary["png"] = str(out_dir / "entropy_law.png")
-    return summary

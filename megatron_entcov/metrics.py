@@ -2,7 +2,9 @@
 
 Metric keys are ``section/name(unit)``: train/, rollout/, reward/, entropy/, cov/, coef/, law/, sync/, perf/,
 eval/.
-Every rank calls :func:`reduce_sum_metrics` (a collective); only ``ps.is_rank0`` writes.
+Every rank calls :func:`reduce_sum_metrics` (a collective); only ``ps.is_rank0`` writes. Besides scalars the
+logger writes the custom-scalars layout, text, images and histograms that dashboard.py, law_report.py and
+token_histograms.py build.
 
 Example:
     logger = MetricsLogger(run_dir, ps, enabled=cfg.metrics.tensorboard)
@@ -145,6 +147,36 @@ class MetricsLogger:
                 family = sorted((k for k in metrics if k.startswith(prefix)), key=lambda k: (len(k), k))
                 parts.extend(f"{short}{k[len(prefix):]} {fmt.format(metrics[k])}" for k in family)
             self.print_fn(" | ".join(parts), flush=True)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this logger writes event files (rank 0 with TensorBoard on): build costly summaries only then."""
+        return self.writer is not None
+
+    def layout(self, layout: dict) -> None:
+        """A custom-scalars layout (dashboard.entropy_control_layout)."""
+        if self.writer is not None:
+            self.writer.add_custom_scalars(layout)
+            self.writer.flush()
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, markdown, step)
+            self.writer.flush()
+
+    def image(self, step: int, tag: str, hwc) -> None:
+        """An RGB image, [H, W, 3] uint8."""
+        if self.writer is not None:
+            self.writer.add_image(tag, hwc, step, dataformats="HWC")
+            self.writer.flush()
+
+    def histograms(self, step: int, values: dict) -> None:
+        """One histogram per tag (64 equal-width bins between the sample's min and max); empty arrays skipped."""
+        if self.writer is not None and values:
+            for tag, array in values.items():
+                if len(array):
+                    self.writer.add_histogram(tag, array, step, bins=64)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

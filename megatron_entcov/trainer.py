@@ -27,9 +27,11 @@ import torch.distributed as dist
 
 from megatron_entcov.checkpoint import CheckpointError, Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
+from megatron_entcov.dashboard import config_markdown, entropy_control_layout, source_markdown
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
 from megatron_entcov.evaluation import Evaluator
+from megatron_entcov.law_report import LAW_SOURCES, law_image
 from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
                                         dp_gather, shard_experience, to_train_batch)
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
@@ -42,6 +44,7 @@ from megatron_entcov.rollout.engine import build_engine
 from megatron_entcov.rollout.server_metrics import server_throughput
 from megatron_entcov.run_dir import RunDir
 from megatron_entcov.stop import agree_stop
+from megatron_entcov.token_histograms import TokenHistograms
 from megatron_entcov.tokenizer import load_tokenizer
 from megatron_entcov.weights.probe import verify_sync
 from megatron_entcov.weights.sync import WeightSync
@@ -100,6 +103,8 @@ class Trainer:
         self.law = OnlineEntropyLaw(min_points=cfg.metrics.law_fit_min_points)
         self.law_on_eval = cfg.metrics.law_reward == "eval" or (cfg.metrics.law_reward == "auto"
                                                                 and self.evaluator is not None)
+        self.step_histograms: dict = {}
+        """The last step's sampled token values (rank 0; token_histograms.py), written beside its scalars."""
         self.step = 0
         self.weight_version = 0
         self._load_initial_state()
@@ -117,14 +122,20 @@ class Trainer:
         num_mini = cfg.optim.num_mini_batches
         progress = Progress(f"step {self.step + 1} train", num_mini, enabled=ps.is_rank0)
         applied = 0
-        selection_time = 0.0
+        selection_time = histogram_time = 0.0
         coefs: dict[str, float] = {}
+        histograms = TokenHistograms(cfg.metrics.histogram_tokens, num_mini_batches=num_mini, seed=cfg.seed,
+                                     step=self.step + 1, ps=ps, sample_chosen=cfg.loss.name != "ppo")
         for index, mini in enumerate(batch.split(num_mini)):
             for name, value in annealed_coefficients(cfg.loss, self.actor.optimizer_steps).items():
                 coefs[f"coef/{name}"] = coefs.get(f"coef/{name}", 0.0) + value / num_mini
             t0 = time.monotonic()
             selection = self._token_selection(mini, index)
-            selection_time += time.monotonic() - t0
+            t1 = time.monotonic()
+            selection_time += t1 - t0
+            if selection is not None:                     # the last pipeline stage
+                histograms.add(mini, selection)
+                histogram_time += time.monotonic() - t1
             result = self.actor.train_step(mini, self._policy_loss_fn(selection),
                                            label=f"step {self.step + 1} mini-batch {index}")
             applied += result.applied
@@ -139,12 +150,17 @@ class Trainer:
             self.weight_version += 1
             sync_stats = self._sync_weights()
         clock["end"] = time.monotonic()
+        t0 = time.monotonic()
+        self.step_histograms = histograms.gather()
+        histogram_time += time.monotonic() - t0
         totals = reduce_sum_metrics(local, ps)
         # Exact coefficients (the mean of the mini-batches' annealed values, the same on every rank); the loss's
         # own coef/* are sums of per-token shares, which carry float noise a constant should not show.
         totals.update(coefs)
         totals.update(sync_stats)
         totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0), selection_time))
+        if histograms.enabled:
+            totals["perf/histogram_time(s)"] = histogram_time
         return totals
 
     def _experience_batch(self) -> tuple[TrainBatch, Experience]:
@@ -318,6 +334,8 @@ class Trainer:
         last: dict[str, float] = {}
         self.stop_signal = 0
         saved_step = self.step                      # the loaded checkpoint, or the initial weights
+        self._write_run_info()
+        drawn_step = -1
         while self.step < cfg.steps:
             self.stop_signal = agree_stop(self.ps)
             if self.stop_signal:
@@ -335,13 +353,39 @@ class Trainer:
             else:
                 last.update(self._law_update(last))
             self.metrics.log(self.step, last)
+            self.metrics.histograms(self.step, self.step_histograms)
+            if cfg.metrics.law_image_interval and (self.step % cfg.metrics.law_image_interval == 0
+                                                   or self.step == cfg.steps):
+                drawn_step = self._draw_law()
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.steps:
                 self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
                                        trainer_state=self._trainer_state())
                 saved_step = self.step
+        if cfg.metrics.law_image_interval and drawn_step != self.step:    # stopped early: the law as it ended
+            self._draw_law()
         self.metrics.close()
         return last
+
+    def _write_run_info(self) -> None:
+        """The dashboard layout, the resolved config and the code revision, at the step the run (re)starts."""
+        if self.metrics.writes:
+            self.metrics.layout(entropy_control_layout())
+            self.metrics.text(self.step, "run/config", config_markdown(self.cfg))
+            self.metrics.text(self.step, "run/source", source_markdown(self.ps.world_size))
+
+    def _draw_law(self) -> int:
+        """The law's points so far with its fit and ceiling as the image law/fit at this step (rank 0)."""
+        if self.metrics.writes and self.law.points:
+            fit = self.law.fit()
+            h_tag, r_tag = LAW_SOURCES["eval" if self.law_on_eval else "train"]
+            title = f"step {self.step}: {len(self.law.points)} points" + (
+                f", ceiling {fit.ceiling:.3f}, R² {fit.r2:.2f}" if fit is not None
+                else f" (fit from {self.law.min_points})")
+            h, r = zip(*self.law.points)
+            self.metrics.image(self.step, "law/fit", law_image(h, r, self.law.point_steps, fit, entropy_label=h_tag,
+                                                                reward_label=r_tag, title=title))
+        return self.step
 
     def _evaluate(self, metrics: dict[str, float]) -> dict[str, float]:
         """Held-out evaluation of the weights the engine holds (after this step's sync), merged into the step's
@@ -358,7 +402,7 @@ class Trainer:
             h, r = m.get("eval/entropy"), m.get("eval/accuracy")
         else:
             h, r = m.get("entropy/mean"), m.get("reward/mean_all")
-        return self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"))
+        return self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"), step=self.step)
 
     def close(self) -> None:
         """Stop the rollout engine and release the run directory (when this Trainer opened it)."""

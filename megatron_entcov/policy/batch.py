@@ -67,8 +67,8 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
         advantages: [N] one scalar per sample (broadcast to its response tokens).
         pad_id: token id written into padding (any valid id; padding is masked out).
         sample_ids: a globally unique id per sample (e.g. its index in the step's global batch).
-        key_stride: the row length used to build token keys (the step's global maximum length, so keys do not
-            collide between samples packed on different ranks).
+        key_stride: the row length used to build token keys (the step's global maximum sample length, so keys
+            of real tokens do not collide between samples packed on different ranks).
         multiple_of: pad T up to a multiple of this (sequence parallelism needs a multiple of tp).
     """
     if len(samples) != advantages.shape[0] or len(samples) != len(sample_ids):
@@ -76,8 +76,10 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     t = max(lengths)
     t = -(-t // multiple_of) * multiple_of
-    if t > key_stride:
-        raise ValueError(f"key_stride={key_stride} is shorter than the longest row {t}")
+    if max(lengths) > key_stride:
+        # Keys of real tokens stay below key_stride (padding past it is never a valid token), so the keys do
+        # not depend on the padding multiple (tensor parallelism), only on sample ids and positions.
+        raise ValueError(f"key_stride={key_stride} is shorter than the longest sample {max(lengths)}")
     n = len(samples)
     tokens = torch.full((n, t + 1), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(n, t, dtype=torch.bool)

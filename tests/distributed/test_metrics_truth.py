@@ -45,6 +45,8 @@ LAW_MIN_POINTS = 3
 PROBE_TOKENS = 16
 STEPS, STEPS_DP2 = 3, 2
 EOS = 1
+SEED = 1234                    # the config's default seed
+HIST_TOKENS = 10               # 5 per mini-batch: fewer than a mini-batch's tokens, so it is a real sample
 
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
          "model.num_query_groups=2", f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
@@ -58,7 +60,8 @@ RL = [f"rollout.prompts_per_step={PROMPTS}", f"rollout.n_samples_per_prompt={N}"
       "data.arithmetic_digits=1", "data.arithmetic_ops=+", "data.held_out_share=0.2",
       "eval.interval=1", f"eval.num_prompts={EVAL_PROMPTS}", f"eval.n_samples={EVAL_N}",
       f"eval.pass_k=[{','.join(map(str, PASS_K))}]", f"metrics.law_fit_min_points={LAW_MIN_POINTS}",
-      f"weight_sync.probe_tokens={PROBE_TOKENS}", "metrics.log_interval=100"]
+      f"weight_sync.probe_tokens={PROBE_TOKENS}", "metrics.log_interval=100",
+      f"metrics.histogram_tokens={HIST_TOKENS}", f"seed={SEED}"]
 
 # ------------------------------------------------------------------------------- our own text and verifier
 CHARS = "0123456789+-*= \n"    # ids 4.. (tokenizer.py); ids 0-3 are <pad> <eos> <bos> <unk>
@@ -136,8 +139,9 @@ def _run_worker(rank, world_size, hf_dir, out_dir, name, steps, record):
     # As rollout.engine.build_engine builds the local engine, on the generating rank of each replica.
     engine = RecordingEngine(cfg.model, seed=cfg.seed) if ps.is_generator else None
     trainer = Trainer(cfg, ps, engine=engine)
-    logs, snapshots = [], {}
+    logs, snapshots, histograms = [], {}, {}
     real_step, real_eval, real_log = trainer.train_step, trainer.evaluator.run, trainer.metrics.log
+    real_histograms = trainer.metrics.histograms
 
     def train_step():
         step = trainer.step + 1
@@ -156,7 +160,12 @@ def _run_worker(rank, world_size, hf_dir, out_dir, name, steps, record):
         logs.append((step, {k: float(v) for k, v in metrics.items()}))
         real_log(step, metrics)
 
+    def write_histograms(step, values):
+        histograms[step] = {tag: np.asarray(v, dtype=np.float64).tolist() for tag, v in values.items()}
+        real_histograms(step, values)
+
     trainer.train_step, trainer.evaluator.run, trainer.metrics.log = train_step, evaluate, log
+    trainer.metrics.histograms = write_histograms
     try:
         trainer.train()
     finally:
@@ -164,7 +173,7 @@ def _run_worker(rank, world_size, hf_dir, out_dir, name, steps, record):
     if not ps.is_rank0:
         return None
     return {"logs": logs, "calls": engine.calls if record else [], "snapshots": snapshots,
-            "run_dir": str(cfg.run_dir)}
+            "histograms": histograms, "run_dir": str(cfg.run_dir)}
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -354,7 +363,7 @@ def truth(run1, warm_dir):
             expected[("eval", step)] = {"prompts": prompts, "greedy": mine_greedy, "greedy_call": greedy,
                                         "sampled_call": sampled, "sampled": responses, "entropies": entropies}
     return {"logged": logged, "expected": expected, "calls": calls, "run_dir": run1["run_dir"],
-            "snapshots": run1["snapshots"]}
+            "snapshots": run1["snapshots"], "histograms": run1["histograms"]}
 
 
 def _close(got, want, tol=1e-6, what=""):
@@ -378,7 +387,7 @@ CHECKED_TAGS = {
     "sync/bytes", "sync/time(s)", "sync/GBps", "sync/probe_gap", "sync/probe_tokens", "sync/probe_time(s)",
     "perf/tokens", "perf/tokens_per_s", "perf/step_time(s)", "perf/train_time(s)", "perf/sync_time(s)",
     "perf/rollout_time(s)", "perf/reward_time(s)", "perf/selection_time(s)", "perf/selection_frac",
-    "perf/eval_time(s)",
+    "perf/eval_time(s)", "perf/histogram_time(s)",
 }
 
 
@@ -548,6 +557,80 @@ def test_law_fit_and_entropy_dynamics_equal_numpy_fits(truth):
     assert "law/a" in logged[STEPS] and "entropy/delta_corr" in logged[STEPS]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """The splitmix64 finaliser (Steele, Lea, Flood 2014) on unsigned 64-bit ints, written here from its
+    definition."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _sample_rank(key: int, step: int) -> int:
+    """The documented sample order of a token (token_histograms.py): splitmix64(key XOR salt), salt =
+    splitmix64(splitmix64(stream seed) XOR step), stream seed = the histogram seed of the run seed."""
+    from megatron_entcov.token_histograms import histogram_seed
+
+    salt = _splitmix64(_splitmix64(histogram_seed(SEED) & _MASK64) ^ step)
+    return _splitmix64(key ^ salt)
+
+
+def _expected_histograms(e, step, logged):
+    """The step's sampled (key, cov, entropy) per tag, redone from the recorded samples: token key = kept-batch
+    index * longest sample + position; the HIST_TOKENS / NUM_MINI tokens of each global mini-batch with the
+    smallest sample order; among KL-Cov's chosen tokens (the top max(int(r N), 1) by covariance) the same."""
+    m = PROMPTS * N // NUM_MINI
+    stride = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in e["batch"])
+    per_mini = -(-HIST_TOKENS // NUM_MINI)
+    want = {"all": [], "chosen": []}
+    for i in range(NUM_MINI):
+        rows = range(i * m, (i + 1) * m)
+        keys = np.concatenate([[r * stride + len(e["batch"][r]["prompt_ids"]) - 1 + j
+                                for j in range(e["lengths"][r])] for r in rows]).astype(np.int64)
+        lp = np.concatenate([e["logprobs"][r] for r in rows])
+        adv = np.concatenate([np.full(e["lengths"][r], e["advantages"][r]) for r in rows])
+        ent = np.concatenate([e["entropy"][r] for r in rows])
+        cov = (lp - lp.mean()) * (adv - adv.mean())
+        order = np.array([_sample_rank(int(k), step) for k in keys], dtype=np.uint64)
+        top = np.argsort(-cov, kind="stable")[:max(int(KL_COV_RATIO * len(cov)), 1)]
+        for name, candidates in (("all", np.arange(len(keys))), ("chosen", top)):
+            picked = candidates[np.argsort(order[candidates], kind="stable")[:per_mini]]
+            want[name].extend((int(keys[t]), cov[t], ent[t]) for t in picked)
+    return {name: sorted(rows) for name, rows in want.items()}
+
+
+def test_token_histograms_are_the_documented_sample_of_the_true_values(truth):
+    """cov/tokens and entropy/tokens hold, per global mini-batch, the HIST_TOKENS / NUM_MINI tokens with the
+    smallest splitmix64 order, in token-key order (so the two arrays pair up token by token); the chosen_*
+    arrays the same among KL-Cov's chosen tokens; TensorBoard holds them as histograms with these statistics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(truth["run_dir"] + "/tensorboard", size_guidance={"histograms": 0})
+    acc.Reload()
+    assert sorted(truth["histograms"]) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        got, e = truth["histograms"][step], truth["expected"][step]
+        want = _expected_histograms(e, step, truth["logged"][step])
+        assert len(want["all"]) == HIST_TOKENS < e["perf/tokens"], "the sample is the whole batch: the check is void"
+        for name, prefix in (("all", ""), ("chosen", "chosen_")):
+            cov = np.array([c for _, c, _ in want[name]])
+            ent = np.array([h for _, _, h in want[name]])
+            np.testing.assert_allclose(got[f"cov/{prefix}tokens"], cov, atol=1e-5, err_msg=f"step {step} {name}")
+            np.testing.assert_allclose(got[f"entropy/{prefix}tokens"], ent, atol=1e-4, err_msg=f"step {step} {name}")
+            for tag in (f"cov/{prefix}tokens", f"entropy/{prefix}tokens"):
+                (event,) = [ev for ev in acc.Histograms(tag) if ev.step == step]
+                h, values = event.histogram_value, np.array(got[tag])
+                assert h.num == len(values) == sum(h.bucket), (step, tag)
+                assert (h.min, h.max) == pytest.approx((values.min(), values.max()), abs=1e-6), (step, tag)
+                assert h.sum == pytest.approx(values.sum(), abs=1e-5) and \
+                    h.sum_squares == pytest.approx((values ** 2).sum(), abs=1e-5), (step, tag)
+        # KL-Cov chooses the highest covariances: the chosen sample lies in the upper tail of the batch.
+        assert min(got["cov/chosen_tokens"]) >= np.median(got["cov/tokens"]), step
+
+
 def test_sync_and_perf_metrics(truth):
     snapshot = truth["snapshots"][("train", 1)]
     # Tied embeddings: lm_head.weight is the embedding, sent once.
@@ -569,6 +652,7 @@ def test_sync_and_perf_metrics(truth):
         _close(got["perf/tokens_per_s"], got["perf/tokens"] / got["perf/step_time(s)"], 1e-6, "tokens_per_s")
         _close(got["perf/selection_frac"], got["perf/selection_time(s)"] / got["perf/step_time(s)"], 1e-6,
                "selection_frac")
+        assert got["perf/histogram_time(s)"] <= got["perf/step_time(s)"]
 
 
 DP_EQUAL_SECTIONS = ("reward/", "rollout/", "eval/", "cov/", "law/", "coef/", "data/")
@@ -595,4 +679,8 @@ def test_two_data_parallel_replicas_log_what_one_process_logs(truth, run2):
         if step:
             # One probe per replica, counted over both.
             assert metrics["sync/probe_tokens"] == 2 * PROBE_TOKENS
+            # The histogram sample is a function of the token keys: the same tokens, in the same order.
+            for tag, values in truth["histograms"][step].items():
+                np.testing.assert_allclose(run2["histograms"][step][tag], values, atol=1e-5, err_msg=tag)
+                compared += 1
     assert compared > 60

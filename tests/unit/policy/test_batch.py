@@ -133,11 +133,21 @@ def test_pack_errors():
         pack_samples(samples, ADV[:2], pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6)
     with pytest.raises(ValueError, match="3 samples, 3 advantages, 2 ids"):
         pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1], key_stride=6)
-    with pytest.raises(ValueError, match="key_stride=5 is shorter than the longest row 6"):
+    with pytest.raises(ValueError, match="key_stride=5 is shorter than the longest sample 6"):
         pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=5)
-    # The rounded T counts: 6 rounds up to 8 with multiple_of=4.
-    with pytest.raises(ValueError, match="key_stride=6 is shorter than the longest row 8"):
-        pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, multiple_of=4)
+
+
+def test_valid_token_keys_do_not_depend_on_the_tensor_parallel_padding():
+    """Padding to a multiple of tp lengthens rows, not the key stride: the keys of the tokens Clip-Cov and
+    KL-Cov choose among (and the histogram sample) are the same at tp1 and tp4, so are the choices."""
+    samples = _samples()
+    plain = pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6)
+    padded = pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, multiple_of=4)
+    assert padded.input_ids.shape == (3, 8)
+    assert torch.equal(padded.loss_mask[:, :6], plain.loss_mask) and not padded.loss_mask[:, 6:].any()
+    assert torch.equal(padded.token_keys[padded.loss_mask], plain.token_keys[plain.loss_mask])
+    valid = plain.token_keys[plain.loss_mask]
+    assert valid.unique().numel() == valid.numel()
     assert pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=8,
                         multiple_of=4).input_ids.shape == (3, 8)
     # Sample validates its own lengths; a later mutation is caught by pack_samples.
