@@ -1,6 +1,6 @@
 """Entropy under plain GRPO vs Clip-Cov vs KL-Cov on the quickstart task, from one shared SFT warm start.
 
-    python bench/quickstart_compare.py --out runs/compare [--steps 150]
+    python bench/quickstart_compare.py --out runs/compare [--steps 150] [--set key=value ...]
 
 Runs the SFT warm start of configs/quickstart.yaml once, then RL from that checkpoint with
 configs/quickstart_{grpo,clip_cov,kl_cov}.yaml (same seed, data order and step count), reads each run's
@@ -8,7 +8,8 @@ TensorBoard scalars and writes compare.png (training entropy per step, held-out 
 compare.json (per method: mean entropy and reward over every generated sample over the first and last 20
 steps, the step at which entropy first fell below 75% of its start, held-out greedy accuracy and pass@k at
 the start and end, and R = -a exp(H) + b fitted on the held-out evaluations). Takes about 8-10 minutes on 2
-CPU cores.
+CPU cores. The runs are siblings (--out/{sft/sft,grpo,clip_cov,kl_cov}): `tensorboard --logdir runs` overlays
+them on every chart and on the "Entropy control" dashboard (CUSTOM SCALARS tab).
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def main() -> int:
     parser.add_argument("--out", default="runs/compare", help="output directory (runs are written below it)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per method (default: the config's)")
     parser.add_argument("--report-only", action="store_true", help="only summarise runs already under --out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the SFT run and every RL run (repeatable)")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     common = ["--set", f"output_dir={out}"] + (["--set", f"steps={args.steps}"] if args.steps else [])
+    common += [x for kv in args.overrides for x in ("--set", kv)]
     sft_ckpt = out / "sft" / "sft" / "checkpoints"
     for method, config in ({} if args.report_only else METHODS).items():
         if method == "grpo":
@@ -94,6 +98,8 @@ def main() -> int:
     fig.savefig(out / "compare.png", dpi=110)
     print(json.dumps(summary, indent=1))
     print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}")
+    print(f"the runs side by side (CUSTOM SCALARS tab: the Entropy control dashboard): "
+          f"tensorboard --logdir {out.parent}")
     return 0
 
 

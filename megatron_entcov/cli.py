@@ -209,7 +209,10 @@ def _cmd_quickstart(args) -> int:
         print(f"[quickstart] TensorBoard logs: {run_dir / 'tensorboard'} (RL) and {run_dir / 'sft' / 'tensorboard'} "
               f"(SFT); every run of {run_dir.parent} side by side: tensorboard --logdir {run_dir.parent}")
         print(f"[quickstart] entropy-reward law plot: {summary['png']} "
-              f"(a={summary['a']:.3g}, b={summary['b']:.3g}, ceiling {summary['predicted_ceiling']:.3f})")
+              f"(a={summary['a']:.3g}, b={summary['b']:.3g}, ceiling {summary['predicted_ceiling']:.3f}); "
+              "in TensorBoard: the law/fit image")
+        print(f"[quickstart] open it: tensorboard --logdir {run_dir.parent}, then the CUSTOM SCALARS tab "
+              "(http://localhost:6006/#custom_scalars) for the Entropy control dashboard")
     destroy_parallel()
     return 0
 

@@ -17,7 +17,7 @@ import numpy as np
 from megatron_entcov.entropy_law import EntropyLawFit, fit_entropy_law
 from megatron_entcov.metrics import read_scalars
 
-__all__ = ["LAW_SOURCES", "law_figure", "law_image", "law_tags", "write_law_report"]
+__all__ = ["LAW_SOURCES", "law_figure", "law_image", "law_snapshot", "law_tags", "write_law_report"]
 
 
 LAW_SOURCES = {"eval": ("eval/entropy", "eval/accuracy"), "train": ("entropy/mean", "reward/mean_all")}
@@ -110,6 +110,21 @@ def law_image(entropies, rewards, steps, fit: EntropyLawFit | None, *, entropy_l
         return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     finally:
         _close(fig)
+
+
+def law_snapshot(entropies, rewards, steps, *, min_points: int, step: int, source: str) -> np.ndarray:
+    """The image the trainer logs as ``law/fit`` at ``step``: the law's (H, R) points so far (``source``: 'eval'
+    or 'train', see LAW_SOURCES), with the least-squares fit and its ceiling once ``min_points`` exist."""
+    fit = None
+    if len(entropies) >= min_points:
+        try:
+            fit = fit_entropy_law(entropies, rewards)
+        except ValueError:
+            fit = None
+    h_tag, r_tag = LAW_SOURCES[source]
+    title = f"step {step}: {len(entropies)} points" + (
+        f", ceiling {fit.ceiling:.3f}, R² {fit.r2:.2f}" if fit is not None else f" (fit from {min_points})")
+    return law_image(entropies, rewards, steps, fit, entropy_label=h_tag, reward_label=r_tag, title=title)
 
 
 def _close(fig) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_entcov.checkpoint import Checkpointer
-from megatron_entcov.config import RunConfig
+from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.dashboard import config_markdown, source_markdown
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.metrics import MetricsLogger, reduce_sum_metrics
@@ -74,6 +74,8 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
                           seed=cfg.seed + 1, shuffle=True)
     metrics = MetricsLogger(run_dir, ps, enabled=cfg.metrics.tensorboard, log_interval=max(s.steps // 10, 1),
                             print_fn=print_fn)
+    if ps.is_rank0:
+        dump_config(cfg, run_dir / "resolved_config.yaml")
     if metrics.writes:
         metrics.text(0, "run/config", config_markdown(cfg))
         metrics.text(0, "run/source", source_markdown(ps.world_size))

@@ -31,7 +31,7 @@ from megatron_entcov.dashboard import config_markdown, entropy_control_layout, s
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
 from megatron_entcov.evaluation import Evaluator
-from megatron_entcov.law_report import LAW_SOURCES, law_image
+from megatron_entcov.law_report import law_snapshot
 from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
                                         dp_gather, shard_experience, to_train_batch)
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
@@ -377,14 +377,10 @@ class Trainer:
     def _draw_law(self) -> int:
         """The law's points so far with its fit and ceiling as the image law/fit at this step (rank 0)."""
         if self.metrics.writes and self.law.points:
-            fit = self.law.fit()
-            h_tag, r_tag = LAW_SOURCES["eval" if self.law_on_eval else "train"]
-            title = f"step {self.step}: {len(self.law.points)} points" + (
-                f", ceiling {fit.ceiling:.3f}, R² {fit.r2:.2f}" if fit is not None
-                else f" (fit from {self.law.min_points})")
             h, r = zip(*self.law.points)
-            self.metrics.image(self.step, "law/fit", law_image(h, r, self.law.point_steps, fit, entropy_label=h_tag,
-                                                                reward_label=r_tag, title=title))
+            self.metrics.image(self.step, "law/fit", law_snapshot(
+                h, r, self.law.point_steps, min_points=self.law.min_points, step=self.step,
+                source="eval" if self.law_on_eval else "train"))
         return self.step
 
     def _evaluate(self, metrics: dict[str, float]) -> dict[str, float]:

@@ -103,6 +103,8 @@ def test_yaml_and_overrides(tmp_path):
     (["name=.."], r"name='\.\.' is invalid: a run name is one directory name under output_dir"),
     (["model.params_dtype=float16"], r"model.params_dtype='float16' is invalid: set model.params_dtype=bfloat16"),
     (["optim.max_consecutive_skipped=-2"], r"optim.max_consecutive_skipped=-2 is invalid: must be >= 0"),
+    (["metrics.histogram_tokens=-1"], r"metrics.histogram_tokens=-1 is invalid: must be >= 0"),
+    (["metrics.law_image_interval=-5"], r"metrics.law_image_interval=-5 is invalid: must be >= 0"),
 ])
 def test_bad_values_name_field_value_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):

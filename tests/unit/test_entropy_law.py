@@ -99,3 +99,36 @@ def test_fit_errors():
         fit_entropy_law([0.1, 0.2, 0.3], [0.5, 0.4])
     with pytest.raises(ValueError, match="non-finite"):
         fit_entropy_law([0.1, math.nan, 0.3], [0.5, 0.4, 0.3])
+
+
+def test_online_law_keeps_the_step_of_each_point_and_its_fit_across_a_checkpoint():
+    from megatron_entcov.entropy_law import OnlineEntropyLaw
+
+    law = OnlineEntropyLaw(min_points=3)
+    h = np.array([1.2, 0.9, 0.7, 0.5])
+    r = -0.3 * np.exp(h) + 1.1
+    for step, (hi, ri) in zip((0, 10, 20, 30), zip(h, r)):
+        metrics = law.update(float(hi), float(ri), None, None, step=step)
+    assert law.point_steps == [0, 10, 20, 30]
+    assert law.fit().a == pytest.approx(0.3) and metrics["law/ceiling"] == pytest.approx(0.8)
+    again = OnlineEntropyLaw(min_points=3)
+    again.load_state_dict(law.state_dict())
+    assert again.point_steps == law.point_steps and again.fit().b == pytest.approx(1.1)
+    # A checkpoint written before steps were kept: the points are numbered by their index.
+    old = OnlineEntropyLaw(min_points=3)
+    old.load_state_dict({"points": law.points, "dynamics": []})
+    assert old.point_steps == [0, 1, 2, 3]
+    assert OnlineEntropyLaw(min_points=3).fit() is None
+
+
+def test_law_snapshot_draws_the_points_and_the_fit_only_once_it_exists():
+    from megatron_entcov.law_report import law_snapshot
+
+    h = [1.2, 0.9, 0.7]
+    r = [0.2, 0.5, 0.6]
+    early = law_snapshot(h[:2], r[:2], [0, 1], min_points=3, step=1, source="eval")
+    fitted = law_snapshot(h, r, [0, 1, 2], min_points=3, step=2, source="eval")
+    assert early.dtype == np.uint8 and early.ndim == 3 and early.shape[2] == 3
+    assert early.shape == fitted.shape
+    red = lambda img: ((img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)).sum()  # noqa: E731
+    assert red(early) == 0 and red(fitted) > 100, "the fitted curve (red) is drawn once min_points exist"
