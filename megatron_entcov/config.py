@@ -613,7 +613,8 @@ class MetricsConfig:
     histogram_tokens: int = 4096
     """Tokens per step whose covariance and entropy TensorBoard shows as histograms (cov/tokens, entropy/tokens;
     cov/chosen_tokens, entropy/chosen_tokens for the tokens Clip-Cov detached or KL-Cov penalised): a uniform
-    sample of the global batch, the same for every parallel layout (token_histograms.py); 0 = no histograms."""
+    sample of the global batch, the same for every parallel layout (token_histograms.py); 0 = no histograms.
+    Nothing is sampled with metrics.tensorboard=false."""
     law_image_interval: int = 10
     """Draw the law's (H, R) points with the fitted R = -a*exp(H) + b and its ceiling as a TensorBoard image
     (law/fit) every this many steps and after the last one; 0 = never."""

@@ -7,7 +7,8 @@ One step, as the paper's released recipe (arXiv 2505.22617; reference section 6)
   3. for each optimizer mini-batch: token selection from the global covariance (losses/policy.py), the
      policy loss over micro-batches through the pipeline schedule, one optimizer step (skipped, and
      reported, when the gradient norm is not finite; policy/actor.py);
-  4. weight sync to the rollout engine, metrics, the online entropy-law fit, a checkpoint.
+  4. weight sync to the rollout engine, metrics (scalars; token histograms; the law image every
+     metrics.law_image_interval steps), the online entropy-law fit, a checkpoint.
 No loss math lives here: it is in losses/ and ops/. Model, optimizer and train step are the Actor's.
 
 Example:
@@ -31,9 +32,9 @@ from megatron_entcov.dashboard import config_markdown, entropy_control_layout, s
 from megatron_entcov.data import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
 from megatron_entcov.evaluation import Evaluator
-from megatron_entcov.law_report import law_snapshot
 from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
                                         dp_gather, shard_experience, to_train_batch)
+from megatron_entcov.law_report import law_snapshot
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.losses.schedules import annealed_coefficients
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
@@ -124,7 +125,8 @@ class Trainer:
         applied = 0
         selection_time = histogram_time = 0.0
         coefs: dict[str, float] = {}
-        histograms = TokenHistograms(cfg.metrics.histogram_tokens, num_mini_batches=num_mini, seed=cfg.seed,
+        histograms = TokenHistograms(cfg.metrics.histogram_tokens if cfg.metrics.tensorboard else 0,
+                                     num_mini_batches=num_mini, seed=cfg.seed,
                                      step=self.step + 1, ps=ps, sample_chosen=cfg.loss.name != "ppo")
         for index, mini in enumerate(batch.split(num_mini)):
             for name, value in annealed_coefficients(cfg.loss, self.actor.optimizer_steps).items():

@@ -6,6 +6,7 @@ process and on tp2 + sequence parallelism with the compiled log-prob kernels, pp
 different micro-batch splits, and dp2 with the distributed optimizer (Adam, against one-process Adam). Every updated parameter, gathered
 under its Hugging Face name, must equal the one-process result to float tolerance (summation order differs
 between layouts; nothing else may). The step must also have moved the weights, by far more than the tolerance.
+The TensorBoard token histograms must hold the same sampled tokens (a function of the token keys only).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ MODEL = ["model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64
 STEP = ["rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
         "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=1e-2",
         "optim.clip_grad=0", "loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "loss.entropy_coef=0.01",
-        "metrics.tensorboard=false", "metrics.measure_entropy_change=false", "weight_sync.verify=version",
+        "metrics.tensorboard=true", "metrics.histogram_tokens=12", "metrics.measure_entropy_change=false",
+        "weight_sync.verify=version",
         "steps=1", "data.arithmetic_digits=1"]
 SGD = ["optim.optimizer=sgd"]
 ADAM = ["optim.optimizer=adam", "optim.lr=1e-3"]
@@ -61,7 +63,10 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     finally:
         trainer.close()
     assert trainer.actor.skipped_steps == 0, f"{name}: an update was skipped"
-    return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac")} if ps.is_rank0 else None
+    if not ps.is_rank0:
+        return None
+    return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac"), "tokens": metrics["perf/tokens"],
+            "histograms": {tag: values.copy() for tag, values in trainer.step_histograms.items()}}
 
 
 def _worker(rank, world_size, layouts, hf_dir, out_dir):
@@ -93,6 +98,13 @@ def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
     moved = max((torch.from_numpy(ref["weights"][n]) - initial[n]).abs().max().item()
                 for n in ref["weights"] if n in initial)
     assert moved > 1e-4, f"the reference step barely moved the weights ({moved})"
+    # The histogram sample: fewer tokens than the step has, the same ones (in key order) on every layout.
+    assert set(got["histograms"]) == set(ref["histograms"]) == {"cov/tokens", "entropy/tokens", "cov/chosen_tokens",
+                                                                  "entropy/chosen_tokens"}
+    assert len(ref["histograms"]["cov/tokens"]) == 12 < ref["tokens"]
+    for tag, expected in ref["histograms"].items():
+        torch.testing.assert_close(torch.from_numpy(got["histograms"][tag]), torch.from_numpy(expected), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m, tag=tag: f"{layout}: histogram {tag}: {m}")
     for name, expected in ref["weights"].items():
         torch.testing.assert_close(torch.from_numpy(got["weights"][name]), torch.from_numpy(expected), rtol=1e-5, atol=1e-6,
                                    msg=lambda m, name=name: f"{layout}: {name} differs from one process: {m}")
