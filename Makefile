@@ -1,6 +1,7 @@
 # Set-up and entry points. A fresh machine with Python 3.11 needs only:
 #   make quickstart   # venv + install + CPU quickstart run
 #   make test         # venv + install + tests (what CI runs through .ci/run): core suite + real SGLang servers
+#                     # + slurm/*.sbatch on a throw-away local SLURM cluster (root + apt-get; mk/slurm.mk)
 #   make test-gpu     # GPU machines only (mk/gpu.mk): the @pytest.mark.gpu tests
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -11,6 +12,7 @@ PYTEST_FLAGS ?=
 
 include mk/sglang.mk
 include mk/gpu.mk
+include mk/slurm.mk
 
 $(VENV)/.installed: setup.py requirements/cpu.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -28,11 +30,12 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(PY) -m megatron_entcov quickstart
 
-# Everything CI runs: the core suite, then the tests against real SGLang servers (builds their venv once).
-test: test-core test-sglang
+# Everything CI runs: the core suite, the tests against real SGLang servers (builds their venv once), then the
+# job scripts under a local SLURM cluster.
+test: test-core test-sglang test-slurm
 
 test-core: setup
-	$(PY) -m pytest -m "not gpu and not slow and not sglang" $(PYTEST_FLAGS)
+	$(PY) -m pytest -m "not gpu and not slow and not sglang and not slurm" $(PYTEST_FLAGS)
 
 test-slow: setup
 	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_FLAGS)

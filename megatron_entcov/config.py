@@ -300,12 +300,26 @@ class RolloutConfig:
     """With dynamic_sampling, the most extra generation rounds per step before training on what is there."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """The SGLang engine's servers and weight transport (used when engine is 'sglang')."""
+    sync_dir: str = ""
+    """Directory the 'disk' weight transport (rollout.sglang.sync_method=disk) writes each sync's safetensors
+    to, for the servers to load: an absolute path on storage the trainer and every server node mount at the
+    same path (servers on other nodes cannot read the trainer's temporary directory). '' = the system
+    temporary directory (servers on the trainer's node only)."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.engine", self.engine, ("local", "sglang"))
         for name in ("prompts_per_step", "n_samples_per_prompt", "max_prompt_len"):
             _check_positive(f"rollout.{name}", getattr(self, name))
         _check_positive("rollout.max_refill_rounds", self.max_refill_rounds, allow_zero=True)
+        if self.sync_dir:
+            if not str(self.sync_dir).startswith("/") or any(ord(c) < 32 for c in str(self.sync_dir)):
+                _fail("rollout.sync_dir", self.sync_dir,
+                      "must be an absolute path that the trainer and every server node mount at the same place, "
+                      "e.g. /shared/scratch/entcov-sync (or '' for servers on the trainer's node)")
+            if self.engine != "sglang" or self.sglang.sync_method != "disk":
+                _fail("rollout.sync_dir", self.sync_dir,
+                      f"applies to rollout.engine=sglang with rollout.sglang.sync_method=disk (got engine="
+                      f"{self.engine!r}, sync_method={self.sglang.sync_method!r}); unset it (rollout.sync_dir='')")
         if self.sglang.release_memory and self.engine != "sglang":
             _fail("rollout.sglang.release_memory", self.sglang.release_memory,
                   "applies to rollout.engine=sglang only; set false")

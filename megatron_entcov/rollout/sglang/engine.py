@@ -250,6 +250,7 @@ class SGLangEngine(RolloutEngine):
         servers go on this replica's own GPUs (``colocated_gpu_ids``).
         Given URLs are split between the replicas: replica r gets ``server_urls[r::dp_size]`` (each replica
         pushes its weights to its own servers; two replicas syncing one server would interleave).
+        The 'disk' transport writes under ``rollout.sync_dir`` (shared storage for servers on other nodes).
         ``overrides`` go to the constructor.
         """
         sg = cfg.rollout.sglang
@@ -265,7 +266,8 @@ class SGLangEngine(RolloutEngine):
         replica = dataclasses.replace(sg, server_device=device,
                                       server_urls=replica_server_urls(sg.server_urls, dp_rank, dp_size))
         kwargs = dict(model_dir=cfg.model.hf_dir, gpu_ids=gpu_ids, seed=cfg.seed + 7 * dp_rank,
-                      log_dir=Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else ""))
+                      log_dir=Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else ""),
+                      sync_dir=cfg.rollout.sync_dir or None)
         kwargs.update(overrides)
         return cls(cfg.model, replica, **kwargs)
 

@@ -247,8 +247,7 @@ class DistributedTransport(Transport):
 
     def _init_group(self, servers: list[Server]) -> list[Server]:
         """Form the group with the servers that answer; returns them (rank order)."""
-        from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
-                                                        rendezvous)
+        from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
         from megatron_entcov.net import free_port
 
@@ -264,8 +263,11 @@ class DistributedTransport(Transport):
         fan = Fanout([s.url for s in servers], "/init_weights_update_group", lambda url: {
             "master_address": addr, "master_port": port, "rank_offset": offsets[url], "world_size": world,
             "group_name": self.group_name, "backend": self.backend}, timeout=self.timeout.total_seconds())
-        # Same construction as sglang's init_custom_process_group, so both sides meet in one store namespace.
-        store, _, _ = next(rendezvous(f"tcp://{addr}:{port}", 0, world, timeout=self.timeout))
+        # The store server the servers' tcp:// rendezvous joins, built as torch's rendezvous builds it for rank 0
+        # but directly: under torchrun (TORCHELASTIC_USE_AGENT_STORE) rendezvous would make this process a client
+        # of a store that nobody hosts on this port, and the sync would hang.
+        store = torch.distributed.TCPStore(addr, port, world, True, self.timeout, wait_for_workers=False,
+                                           multi_tenant=True)
         store.set_timeout(self.timeout)
         store = PrefixStore(self.group_name, store)
         pg, _ = _new_process_group_helper(world, 0, [], Backend(self.backend), store, group_name=self.group_name,

@@ -283,6 +283,22 @@ def test_distributed_broadcasts_every_tensor_to_a_group_member(tied_bf16, fake_s
     assert transport.pg is None
 
 
+def test_distributed_sync_under_torchrun_hosts_its_own_store(tied_bf16, fake_server, monkeypatch):
+    """torchrun sets TORCHELASTIC_USE_AGENT_STORE=True; torch's tcp:// rendezvous then makes even rank 0 a client
+    of a store nobody hosts on the sync's port (the sync hung on SLURM jobs). The transport hosts its own."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    member = _GroupMember()
+    up = fake_server(routes=member.routes())
+    servers, ctx = _setup(tied_bf16, [up.url], master_address="127.0.0.1")
+    transport = DistributedTransport(ctx, backend="gloo", timeout_s=20)   # fails in 20 s instead of hanging
+    try:
+        weights = _weights(ctx.shapes)
+        assert transport.sync(_buckets(weights), version=1, seen=set(), servers=servers)["complete"]
+        _assert_equal(member.received, _sent(weights))
+    finally:
+        transport.close()
+
+
 def test_the_config_offers_exactly_the_transports_there_are(tied_bf16):
     import typing
 
