@@ -144,7 +144,7 @@ def run_finished(cfg) -> bool:
 def _serve(cfg, port_base: int, log_dir: str | None, startup_timeout_s: float) -> int:
     """One SGLang server for this task (port ``port_base + SLURM_LOCALID``, first GPU ``SLURM_LOCALID *
     --tp-size``), listening on every interface, launched like the engine launches its own
-    (``SGLangEngine._launch_args``); kept until SIGTERM/SIGINT (then stopped, exit 0) or its exit (its code)."""
+    (``server_launch_args``); kept until SIGTERM/SIGINT (then stopped, exit 0) or its exit (its code)."""
     import shutil
     import socket
     import tempfile
@@ -152,7 +152,7 @@ def _serve(cfg, port_base: int, log_dir: str | None, startup_timeout_s: float) -
 
     from megatron_entcov.config import server_tp
     from megatron_entcov.rollout.sglang.placement import resolve_device
-    from megatron_entcov.rollout.sglang.server import SGLangServer, default_server_python, write_hf_model_dir
+    from megatron_entcov.rollout.sglang.server import SGLangServer, server_launch_args, write_hf_model_dir
 
     sg = cfg.rollout.sglang
     local_id = int(os.environ.get("SLURM_LOCALID", "0"))
@@ -165,14 +165,11 @@ def _serve(cfg, port_base: int, log_dir: str | None, startup_timeout_s: float) -
     else:  # random weights of the policy's architecture: the trainer pushes its own before the first rollout
         tmp = tempfile.mkdtemp(prefix=f"entcov-sglang-{port}-")
         model_dir = str(write_hf_model_dir(cfg.model, Path(tmp) / "model", seed=cfg.seed))
-    extra = ["--skip-tokenizer-init", *sg.server_args]
+    args = server_launch_args(sg, cfg.model, device)     # release_memory: refused by check_remote_servers
     if device == "cuda":
-        extra += ["--base-gpu-id", str(local_id * server_tp(sg.server_args))]
+        args["extra_args"] += ["--base-gpu-id", str(local_id * server_tp(sg.server_args))]
     log_path = Path(log_dir or ".") / f"sglang-{node}-{port}.log"
-    server = SGLangServer(model_dir, port=port, host="0.0.0.0", python=default_server_python(device), device=device,
-                          dtype=cfg.model.params_dtype,
-                          max_total_tokens=sg.max_total_tokens or (4096 if device == "cpu" else None),
-                          extra_args=extra, log_path=log_path)
+    server = SGLangServer(model_dir, port=port, host="0.0.0.0", log_path=log_path, **args)
     class _Stop(Exception):
         pass
 

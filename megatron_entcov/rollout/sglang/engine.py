@@ -60,7 +60,7 @@ from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica
 from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
 from megatron_entcov.rollout.sglang.protocol import (generate_payload, generate_payloads, parse_generate,
                                                      parse_version, request_seed)
-from megatron_entcov.rollout.sglang.server import (SGLangServer, default_server_python, link_model_dir,
+from megatron_entcov.rollout.sglang.server import (SGLangServer, link_model_dir, server_launch_args,
                                                    write_hf_model_dir)
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
@@ -140,12 +140,7 @@ class SGLangEngine(RolloutEngine):
         self.pool: ServerPool | None = None
         self.router: Server | None = None
         self._router_lock = threading.Lock()
-        self._launch_args = dict(python=server_python or default_server_python(device), device=device,
-                                 dtype=model_cfg.params_dtype,
-                                 max_total_tokens=cfg.max_total_tokens or (4096 if device == "cpu" else None),
-                                 extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"]
-                                                                        if cfg.release_memory else []),
-                                             *cfg.server_args])
+        self._launch_args = server_launch_args(cfg, model_cfg, device, python=server_python)
         self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
         self._gpu_ids = list(gpu_ids) if gpu_ids is not None else None
         server_urls = list(cfg.server_urls)

@@ -30,7 +30,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 __all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "DEFAULT_GPU_SERVER_PYTHON", "default_server_python",
-           "SGLangServer", "write_hf_model_dir", "link_model_dir"]
+           "server_launch_args", "SGLangServer", "write_hf_model_dir", "link_model_dir"]
 
 SGLANG_VERSION = "0.5.23"
 SGLANG_TORCH = "2.14.1"
@@ -50,6 +50,16 @@ def default_server_python(device: str = "cpu") -> str:
     if device == "cuda" and Path(DEFAULT_GPU_SERVER_PYTHON).is_file():
         return DEFAULT_GPU_SERVER_PYTHON
     return DEFAULT_SERVER_PYTHON
+
+
+def server_launch_args(sg, model_cfg, device: str, *, python: str | None = None) -> dict:
+    """The :class:`SGLangServer` keyword arguments (besides model dir, port and log) of every server a run
+    launches, the engine's own and the SLURM server nodes' alike: ``sg`` is rollout.sglang, ``model_cfg`` the
+    model section, ``device`` the resolved server device."""
+    return dict(python=python or default_server_python(device), device=device, dtype=model_cfg.params_dtype,
+                max_total_tokens=sg.max_total_tokens or (4096 if device == "cpu" else None),
+                extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if sg.release_memory else []),
+                            *sg.server_args])
 
 
 def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed: int = 0,
