@@ -282,7 +282,8 @@ def _rollout_batch(scale: dict, seed: int):
                               finish_reason="length" if r == cap else "stop", weight_version=0, index=i))
     rewards = (torch.rand(num, generator=g) < 0.5).float()
     adv = compute_group_advantages(rewards, group_size=N_SAMPLES).advantages
-    return pack_samples(samples, adv, pad_id=0, sample_ids=list(range(num)), key_stride=t, multiple_of=1)
+    return pack_samples(samples, adv, pad_id=0, sample_ids=list(range(num)), key_stride=t, multiple_of=1,
+                        device="cpu")
 
 
 def _qwen_tensors(rows: int, t: int, row_offset: int, seed: int):

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.disk import nearest_existing_dir, no_space_in
 
 if TYPE_CHECKING:
@@ -301,8 +302,7 @@ def _load_optimizer(optimizer, chunks: list[torch.nn.Module], directory: Path) -
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
@@ -451,7 +451,7 @@ class Checkpointer:
         if error is not None:
             raw = error.encode()[:_MSG_BYTES] or b"?"
             buf[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32)
-        dist.all_reduce(buf)       # SUM: each row is written by one rank only
+        collectives.all_reduce(buf)       # SUM: each row is written by one rank only
         rows = buf.cpu()
         errors = []
         for r in range(world):

@@ -159,7 +159,7 @@ class Evaluator:
         ps = self.ps
         batch = pack_samples(exp.samples, exp.advantages, pad_id=self.tokenizer.pad_token_id,
                              sample_ids=exp.sample_ids, key_stride=exp.key_stride + ps.tp_size,
-                             multiple_of=ps.tp_size)
+                             multiple_of=ps.tp_size, device=ps.device)
         rows = batch.num_rows
         mbs = max(d for d in range(1, min(actor.micro_batch_size, rows) + 1) if rows % d == 0)
         _, entropy = actor.logprobs(batch, mbs)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.losses.advantages import compute_group_advantages
 from megatron_entcov.policy.batch import TrainBatch, pack_samples
 from megatron_entcov.rewards import score
@@ -61,7 +62,7 @@ def dp_gather(ps: "ParallelState") -> Gather:
         if ps.dp_size == 1 or not dist.is_initialized():
             return [payload]
         out: list = [None] * ps.dp_size
-        dist.all_gather_object(out, payload, group=ps.dp_group)
+        collectives.all_gather_object(out, payload, group=ps.dp_group)
         return out
     return gather
 
@@ -233,7 +234,7 @@ def broadcast_experience(exp: Experience | None, ps: "ParallelState") -> Experie
                       "advantages": exp.advantages, "sample_ids": exp.sample_ids, "key_stride": exp.key_stride,
                       "stats": exp.stats, "replica_stats": exp.replica_stats}
     # One pickled object per step (a few MB at most for CPU runs; GPU runs use the same path once per step).
-    dist.broadcast_object_list(payload, src=src, group=ps.mp_group)
+    collectives.broadcast_object_list(payload, src=src, group=ps.mp_group)
     data = payload[0]
     return Experience(samples=[Sample.from_dict(d) for d in data["samples"]], rewards=data["rewards"],
                       advantages=data["advantages"], sample_ids=data["sample_ids"], key_stride=data["key_stride"],
@@ -243,9 +244,7 @@ def broadcast_experience(exp: Experience | None, ps: "ParallelState") -> Experie
 def agree_loader_cursor(loader) -> None:
     """Only the generating ranks draw prompts: move every rank's loader to the furthest cursor so that the
     checkpointed cursor is valid whichever rank saves it (collective)."""
-    cursor = torch.tensor([loader.cursor], dtype=torch.long)
-    if dist.is_initialized():
-        dist.all_reduce(cursor, op=dist.ReduceOp.MAX)
+    cursor = collectives.reduce_values([loader.cursor], op="max", dtype=torch.long)
     loader.cursor = int(cursor)
 
 
@@ -254,4 +253,4 @@ def to_train_batch(exp: Experience, ps: "ParallelState", *, pad_id: int) -> Trai
     so Clip-Cov/KL-Cov tie-breaks and random choices depend neither on the data-parallel split nor on the
     padding that tensor parallelism adds)."""
     return pack_samples(exp.samples, exp.advantages, pad_id=pad_id, sample_ids=exp.sample_ids,
-                        key_stride=exp.key_stride, multiple_of=ps.tp_size)
+                        key_stride=exp.key_stride, multiple_of=ps.tp_size, device=ps.device)

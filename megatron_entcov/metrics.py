@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from megatron_entcov import collectives
 
 if TYPE_CHECKING:
     from megatron_entcov.parallel import ParallelState
@@ -63,17 +64,12 @@ def reduce_sum_metrics(local: dict[str, float | torch.Tensor], ps: "ParallelStat
     if ps is None or not dist.is_initialized() or dist.get_world_size() == 1:
         return {k: float(v) for k, v in local.items()} if contribute else {}
     keys_per_rank: list = [None] * dist.get_world_size()
-    dist.all_gather_object(keys_per_rank, sorted(local) if contribute else [])
+    collectives.all_gather_object(keys_per_rank, sorted(local) if contribute else [])
     keys = sorted(set().union(*keys_per_rank))
     if not keys:
         return {}
-    vec = torch.zeros(len(keys), dtype=torch.float64)
-    if contribute:
-        for i, k in enumerate(keys):
-            if k in local:
-                vec[i] = float(local[k])
-    dist.all_reduce(vec)
-    return dict(zip(keys, vec.tolist()))
+    values = [float(local[k]) if contribute and k in local else 0.0 for k in keys]
+    return dict(zip(keys, collectives.reduce_values(values).tolist()))
 
 
 def iter_progress(iterable, total: int, desc: str, enabled: bool = True):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_entcov import collectives, device_audit
 from megatron_entcov.compat import cpu as cpu_compat
 from megatron_entcov.config import ParallelConfig
 
@@ -181,6 +182,8 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
     backend = resolve_backend(cfg.backend)
     if not torch.cuda.is_available():
         cpu_compat.apply()
+    if device_audit.armed():
+        device_audit.arm()                      # a simulated accelerator: see megatron_entcov/device_audit.py
     _init_process_group(backend, timeout_minutes)
     world_size = dist.get_world_size()
     mp = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
@@ -202,7 +205,10 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         # The gloo copies are only needed by the distributed optimizer's checkpoint path.
         create_gloo_process_groups=backend == "gloo" or cfg.use_distributed_optimizer,
     )
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = device_audit.current_device()  # the host, or the audit's simulated accelerator
     ps = ParallelState(
         rank=dist.get_rank(),
         world_size=world_size,
@@ -289,9 +295,7 @@ def raise_together(error: BaseException | None, what: str) -> None:
             except Exception as e: err = e
         raise_together(err, "rollout")            # then the broadcast that every rank joins
     """
-    failed = torch.tensor([1.0 if error is not None else 0.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failed = collectives.reduce_values([1.0 if error is not None else 0.0], op="max")
     if error is not None:
         raise error
     if failed.item():
@@ -306,3 +310,4 @@ def destroy_parallel() -> None:
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    device_audit.disarm()

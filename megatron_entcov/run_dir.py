@@ -298,10 +298,10 @@ def _write_identity(run_file: Path, identity: dict) -> None:
 
 
 def _broadcast(payload: dict, ps: "ParallelState | None") -> dict:
-    import torch.distributed as dist  # here, so a lock alone needs no torch
-
-    if ps is None or not dist.is_initialized() or dist.get_world_size() == 1:
+    if ps is None:
         return payload
+    from megatron_entcov import collectives  # here, so a lock alone needs no torch
+
     box = [payload]
-    dist.broadcast_object_list(box, src=0, device=ps.device)
+    collectives.broadcast_object_list(box, src=0)
     return box[0]

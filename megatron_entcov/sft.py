@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.checkpoint import Checkpointer
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.dashboard import config_markdown, source_markdown
@@ -83,7 +83,8 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
     for step in range(1, s.steps + 1):
         samples = _answer_samples(loader.next_batch(), tokenizer)
         batch = pack_samples(samples, torch.zeros(len(samples)), pad_id=tokenizer.pad_token_id,
-                             sample_ids=list(range(len(samples))), key_stride=10**6, multiple_of=ps.tp_size)
+                             sample_ids=list(range(len(samples))), key_stride=10**6, multiple_of=ps.tp_size,
+                             device=ps.device)
         result = actor.train_step(batch, _nll_loss_fn(_global_count(batch, ps)), label=f"sft step {step}")
         totals = reduce_sum_metrics(result.metrics if ps.owns_results else {}, ps)
         totals["sft/grad_norm"] = result.grad_norm
@@ -100,9 +101,7 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
 def _global_count(batch: TrainBatch, ps: ParallelState) -> torch.Tensor:
     """Answer tokens of the step over every data-parallel replica (the loss denominator)."""
     count = batch.loss_mask.sum().float().reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(count, group=ps.dp_group)
-    return count
+    return collectives.all_reduce(count, group=ps.dp_group)
 
 
 def _nll_loss_fn(count: torch.Tensor):
@@ -122,7 +121,7 @@ def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, items
     is_generator = ps.rank == 0      # one engine for the whole run: rank 0 scores the held-out prompts
     engine = LocalEngine(cfg.model, seed=cfg.seed) if is_generator else None
     WeightSync(chunks, cfg.model, ps, bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20)).push(engine, 1)
-    acc = torch.zeros(1)
+    acc = torch.zeros(1, dtype=torch.float64)
     if is_generator:
         params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=cfg.sampling.max_new_tokens,
                                 stop_token_ids=(tokenizer.eos_token_id,), seed=0)
@@ -131,6 +130,5 @@ def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, items
         rewards, _ = score(cfg.data.reward, texts, [it.answer for it in items], timeout_s=cfg.data.reward_timeout_s)
         acc[0] = sum(r >= 1.0 for r in rewards) / len(rewards)
         engine.close()
-    if dist.is_initialized():
-        dist.broadcast(acc, src=0)
-    return float(acc)
+    # Rank 0 scored; a MAX over zeros elsewhere is its value on every rank.
+    return float(collectives.reduce_values(acc, op="max"))

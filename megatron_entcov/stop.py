@@ -18,9 +18,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.launch import LAUNCHED_ENV
 
 if TYPE_CHECKING:
@@ -51,10 +50,7 @@ def clear_stop() -> None:
 def agree_stop(ps: "ParallelState | None") -> int:
     """Collective over the world: 0 when no rank has a stop request, else the same signal number on every
     rank (the largest requested), so that all ranks stop after the same step. One one-element all-reduce."""
-    flag = torch.tensor([float(_stop_signal)], device=ps.device if ps is not None else "cpu")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
+    return int(collectives.reduce_values([float(_stop_signal)], op="max").item())
 
 
 class StopNow(KeyboardInterrupt):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.ops.covariance import global_random_choice_mask, selection_salt
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class TokenHistograms:
             everyone = [mine]
         else:
             everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-            dist.gather_object(mine, everyone, dst=0)
+            collectives.gather_object(mine, everyone, dst=0)
             if dist.get_rank() != 0:
                 return {}
         out = {}

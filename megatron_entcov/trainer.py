@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.checkpoint import CheckpointError, Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.dashboard import config_markdown, entropy_control_layout, source_markdown
@@ -431,10 +431,7 @@ class _TokenMean:
     def __init__(self, loss_mask: torch.Tensor, ps: ParallelState):
         self.mask = loss_mask.float()
         self.local_count = float(self.mask.sum())
-        count = torch.tensor([self.mask.sum()])
-        if dist.is_initialized():
-            dist.all_reduce(count, group=ps.dp_group)
-        self.global_count = float(count)
+        self.global_count = float(collectives.reduce_values([self.local_count], group=ps.dp_group))
 
     def share(self, values: torch.Tensor) -> float:
         return float((values * self.mask).sum()) / max(self.global_count, 1.0)

@@ -52,6 +52,8 @@ import types
 
 import torch
 
+from megatron_entcov import device_audit
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["apply", "is_applied", "model_parallel_manual_seed", "CpuRNGStatesTracker"]
@@ -97,14 +99,15 @@ _TORCH_STANDIN_MODULES = (
 
 
 def _map_device(device):
+    # device_audit.current_device(): the CPU, or the simulated accelerator when the device audit is armed.
     if device is None:
         return None
     if isinstance(device, int):
-        return torch.device("cpu")
+        return device_audit.current_device()
     if isinstance(device, str) and device.startswith("cuda"):
-        return torch.device("cpu")
+        return device_audit.current_device()
     if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
+        return device_audit.current_device()
     return device
 
 
@@ -119,7 +122,7 @@ class _CpuCuda:
 
     @staticmethod
     def current_device():
-        return torch.device("cpu")
+        return device_audit.current_device()
 
     @staticmethod
     def synchronize(device=None):

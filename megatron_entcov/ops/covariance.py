@@ -52,8 +52,8 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+from megatron_entcov import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def global_sum(x: Tensor, group=None) -> Tensor:
     if group is None:
         return x
     out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    collectives.all_reduce(out, op="sum", group=group)
     return out
 
 

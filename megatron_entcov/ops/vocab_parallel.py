@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from megatron_entcov import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         z_at_idx = logits2d.gather(1, idx[:, None]).squeeze(1).float()
         if tp_size > 1:
             m_global = m.clone()
-            dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=tp_group)
+            collectives.all_reduce(m_global, op="max", group=tp_group)
         else:
             m_global = m
         # Rescale this shard's sums to the global max. A shard whose row is all -inf (vocab padding) has
@@ -194,7 +195,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         z_label = torch.where(in_shard, z_at_idx, 0.0)  # only the owning rank contributes the label logit
         packed = torch.stack([scale * s0, scale * (s1 + delta * s0), z_label])  # [3, T]
         if tp_size > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+            collectives.all_reduce(packed, op="sum", group=tp_group)
         sum_exp, sum_exp_shift, z_label = packed.unbind(0)
         log_sum_exp = torch.log(sum_exp)
         mean_shift = sum_exp_shift / sum_exp  # E_pi[z - M] <= 0

@@ -6,7 +6,8 @@ log-prob of the token at position p+1 comes from the logits at position p, so ``
 before any padding, so the causal mask alone is correct.
 
 Example:
-    batch = pack_samples(samples, advantages, pad_id=0, step=step, sample_ids=ids, multiple_of=tp)
+    batch = pack_samples(samples, advantages, pad_id=0, sample_ids=ids, key_stride=longest, multiple_of=tp,
+                         device=ps.device)
     for mini in batch.split(num_mini_batches):
         micro_batches = mini.split(num_micro)         # list of TrainBatch with equal [b, T]
 """
@@ -53,14 +54,19 @@ class TrainBatch:
         size = self.num_rows // parts
         return [self.rows(slice(i * size, (i + 1) * size)) for i in range(parts)]
 
+    def to(self, device: torch.device) -> "TrainBatch":
+        """Every tensor on ``device`` (one copy each; the model and device collectives read them there)."""
+        return TrainBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                             for f in fields(self)})
+
     def as_model_input(self) -> dict:
         """The dict a pipeline micro-batch carries (see pipeline.run_microbatches)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int, sample_ids: list[int],
-                 key_stride: int, multiple_of: int = 1) -> TrainBatch:
-    """Pack samples into right-padded rows.
+                 key_stride: int, device: torch.device | str, multiple_of: int = 1) -> TrainBatch:
+    """Pack samples into right-padded rows on ``device``.
 
     Args:
         samples: the rollouts of this rank, in order.
@@ -69,6 +75,8 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
         sample_ids: a globally unique id per sample (e.g. its index in the step's global batch).
         key_stride: the row length used to build token keys (the step's global maximum sample length, so keys
             of real tokens do not collide between samples packed on different ranks).
+        device: where the rows go: ``ps.device`` for the model (built on the host, copied once per tensor).
+            Keyword-only and required, so no caller can leave a batch on the host by forgetting it.
         multiple_of: pad T up to a multiple of this (sequence parallelism needs a multiple of tp).
     """
     if len(samples) != advantages.shape[0] or len(samples) != len(sample_ids):
@@ -105,4 +113,4 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
         advantages=advantages.float()[:, None].expand(n, t) * loss_mask,
         rollout_logprobs=rollout_lp,
         token_keys=ids[:, None] * key_stride + positions[None, :],
-    )
+    ).to(device)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.policy.batch import pack_samples
 from megatron_entcov.config import SYNC_PROBE_PROMPT_LEN
 from megatron_entcov.parallel import fail_together
@@ -83,7 +84,7 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
             payload[0] = [(url, s.to_dict()) for url, s in _query(engine, cfg, version, vocab_limit)]
     mp_size = dist.get_world_size(ps.mp_group) if ps.mp_group is not None and dist.is_initialized() else 1
     if mp_size > 1:
-        dist.broadcast_object_list(payload, src=dist.get_global_rank(ps.mp_group, 0), group=ps.mp_group)
+        collectives.broadcast_object_list(payload, src=dist.get_global_rank(ps.mp_group, 0), group=ps.mp_group)
     probes = [(url, Sample.from_dict(d)) for url, d in payload[0]]
     samples = [s for _, s in probes]
     n = len(samples)
@@ -92,24 +93,22 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
     reps = -(-ps.pp_size // n) if ps.pp_size > 1 else 1
     longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     batch = pack_samples(samples * reps, torch.zeros(n * reps), pad_id=0, sample_ids=list(range(n * reps)),
-                         key_stride=longest + ps.tp_size, multiple_of=ps.tp_size)
+                         key_stride=longest + ps.tp_size, multiple_of=ps.tp_size, device=ps.device)
     lp, _ = policy.forward(batch, micro_batch_size=1 if ps.pp_size > 1 else n)
     gaps = torch.zeros(n, dtype=torch.float64)
     if ps.is_last_stage:
         diff = ((batch.rollout_logprobs - lp).abs() * batch.loss_mask).double()[:n]
-        gaps = diff.amax(dim=1) if diff.numel() else gaps
+        gaps = diff.amax(dim=1).cpu() if diff.numel() else gaps
     if mp_size > 1:
-        dist.all_reduce(gaps, op=dist.ReduceOp.MAX, group=ps.mp_group)
+        gaps = collectives.reduce_values(gaps, op="max", group=ps.mp_group)
     wrong_version = [url for url, s in probes if s.weight_version != version]
     tokens = float(batch.loss_mask[:n].sum())
     verdict = torch.tensor([float(gaps.max()) if n else 0.0, float(bool(wrong_version)), tokens],
                            dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Agree on the verdict (MAX) and count tokens: every rank raises or none does.
-        worst = verdict[:2].clone()
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        count = verdict[2:].clone() if ps.is_generator else torch.zeros(1, dtype=torch.float64)
-        dist.all_reduce(count)
+        worst = collectives.reduce_values(verdict[:2], op="max")
+        count = collectives.reduce_values(verdict[2:] if ps.is_generator else [0.0])
         verdict = torch.cat([worst, count])
     gap, bad_version, tokens = float(verdict[0]), bool(verdict[1]), float(verdict[2])
     if gap > tol or bad_version:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_entcov import collectives
 from megatron_entcov.config import ModelConfig, ParallelConfig
 from megatron_entcov.dtypes import torch_dtype
 from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_free_space, check_output,
@@ -116,8 +117,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
             step = tmp / STEP_DIR
             if ps.is_rank0:
                 (step / "model").mkdir(parents=True)
-            if dist.get_world_size() > 1:
-                dist.barrier()
+            collectives.barrier()
             save_model(chunks, step / "model")
             del chunks
             if ps.is_rank0:
@@ -133,8 +133,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         if ps.is_rank0:
             logger.info("convert: wrote %s (%d layers, vocab %d padded to %d for tp=%d, %s)", out, cfg.num_layers,
                         cfg.vocab_size, padded, tp, cfg.params_dtype)
-        if dist.get_world_size() > 1:
-            dist.barrier()
+        collectives.barrier()
     finally:
         if own_group:
             destroy_parallel()
