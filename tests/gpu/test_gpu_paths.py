@@ -1,5 +1,8 @@
 """GPU-only paths: the vocab-parallel op on CUDA, NCCL process groups, the Transformer Engine layer spec.
-Skipped without CUDA (CPU CI); run them with `pytest -m gpu` on a GPU machine."""
+Skipped without CUDA (CPU CI); run them with `pytest -m gpu` on a GPU machine. The Transformer Engine test skips
+without TE, and fails instead under ENTCOV_GPU_REQUIRE=te (`make test-gpu` installs TE; tests/gpu/conftest.py)."""
+
+import importlib
 
 import pytest
 import torch
@@ -26,8 +29,16 @@ def test_vocab_parallel_op_on_cuda_matches_float64_reference():
     torch.testing.assert_close(z.grad.double(), ref.grad, atol=2e-2, rtol=2e-2)
 
 
-def test_transformer_engine_spec_matches_local_spec(tmp_path):
-    pytest.importorskip("transformer_engine")
+def _te_missing() -> str | None:
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as e:  # noqa: BLE001 - a broken TE install is as missing as an absent one
+        return f"transformer_engine.pytorch does not import ({type(e).__name__}: {e}); `make test-gpu` installs it"
+    return None
+
+
+def test_transformer_engine_spec_matches_local_spec(tmp_path, gpu_need):
+    gpu_need("te", _te_missing())
     # One process, NCCL: init_parallel fills the env:// rendezvous for a single rank itself.
     tmp = str(tmp_path)
     from megatron_entcov.checkpoint import load_model, save_model

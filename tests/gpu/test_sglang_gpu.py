@@ -2,9 +2,10 @@
 mode's memory release/resume, and RL steps with colocated servers that give their memory to the trainer.
 
 Needs a CUDA GPU, a CUDA build of torch in the trainer venv and the FULL SGLang install (CUDA kernels):
-`make test-gpu` builds both (mk/gpu.mk). Each check mirrors a CPU test in tests/sglang: a synced server must
-generate exactly what a server started from the same weights on disk generates (float32 and torch-native
-attention on both sides, so the comparison is exact up to float rounding).
+`make test-gpu` builds both (mk/gpu.mk). Without that venv the tests skip, and fail instead under
+ENTCOV_GPU_REQUIRE=sglang, which `make test-gpu` sets (tests/gpu/conftest.py). Each check mirrors a CPU test in
+tests/sglang: a synced server must generate exactly what a server started from the same weights on disk
+generates (float32 and torch-native attention on both sides, so the comparison is exact up to float rounding).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ GPU_ARGS = ["--attention-backend", "torch_native", "--sampling-backend", "pytorc
 PROMPTS = [[2, 5, 6, 14, 7, 8, 17], [2, 9, 16, 4, 17], [2, 13, 15, 11, 17], [2, 6, 14, 6, 17]]
 
 
-def _gpu_server_python() -> str:
+@pytest.fixture(scope="module")
+def server_python(gpu_need) -> str:
+    """The SGLang GPU venv's python; skips without it, or fails under ENTCOV_GPU_REQUIRE=sglang (conftest.py)."""
     from megatron_entcov.rollout.sglang.server import default_server_python
 
     python = default_server_python("cuda")
     ok = Path(python).is_file() and subprocess.run([python, "-c", "import sgl_kernel"], capture_output=True).returncode == 0
-    if not ok:
-        pytest.skip(f"no SGLang GPU venv ({python} cannot import sgl_kernel): run `make sglang-env-gpu`")
+    gpu_need("sglang", None if ok else f"no SGLang GPU venv ({python} cannot import sgl_kernel): run "
+                                       "`make sglang-env-gpu`")
     return python
 
 
@@ -62,13 +65,13 @@ def model_dirs(tmp_path_factory, tiny_cfg):
     return out
 
 
-def _engine(cfg, model_dir, tmp_path, **sglang_fields):
+def _engine(cfg, model_dir, tmp_path, server_python, **sglang_fields):
     from megatron_entcov.config import SGLangConfig
     from megatron_entcov.rollout.sglang import SGLangEngine
 
     sglang = SGLangConfig(server_device="cuda", server_args=GPU_ARGS, request_timeout_s=120, max_inflight=32,
                           **sglang_fields)
-    return SGLangEngine(cfg, sglang, model_dir=model_dir, server_python=_gpu_server_python(), log_dir=tmp_path)
+    return SGLangEngine(cfg, sglang, model_dir=model_dir, server_python=server_python, log_dir=tmp_path)
 
 
 def _cuda_buckets(model_dir, size=3):
@@ -91,9 +94,9 @@ def _assert_same(samples, ref, tol=1e-4):
 
 
 @pytest.fixture(scope="module")
-def reference_b(tiny_cfg, model_dirs, tmp_path_factory):
+def reference_b(tiny_cfg, model_dirs, tmp_path_factory, server_python):
     """Greedy outputs of a GPU server started from weights 'b' on disk."""
-    eng = _engine(tiny_cfg, model_dirs["b"], tmp_path_factory.mktemp("ref_logs"))
+    eng = _engine(tiny_cfg, model_dirs["b"], tmp_path_factory.mktemp("ref_logs"), server_python)
     try:
         return eng.generate(PROMPTS, _greedy())
     finally:
@@ -103,9 +106,9 @@ def reference_b(tiny_cfg, model_dirs, tmp_path_factory):
 @pytest.mark.parametrize("method, transport_attr, expected", [("tensor", "device", "cuda"),
                                                               ("distributed", "backend", "nccl")])
 def test_gpu_sync_matches_a_server_started_from_disk(method, transport_attr, expected, tiny_cfg, model_dirs,
-                                                      reference_b, tmp_path):
+                                                      reference_b, tmp_path, server_python):
     """'tensor' sends CUDA IPC handles of GPU tensors; 'distributed' broadcasts over an NCCL group."""
-    eng = _engine(tiny_cfg, model_dirs["a"], tmp_path, sync_method=method)
+    eng = _engine(tiny_cfg, model_dirs["a"], tmp_path, server_python, sync_method=method)
     try:
         eng.update_weights(_cuda_buckets(model_dirs["b"]), version=1)
         assert getattr(eng._transport, transport_attr) == expected
@@ -118,8 +121,8 @@ def test_gpu_sync_matches_a_server_started_from_disk(method, transport_attr, exp
         eng.close()
 
 
-def test_release_and_resume_memory_gives_the_gpu_back(tiny_cfg, model_dirs, reference_b, tmp_path):
-    eng = _engine(tiny_cfg, model_dirs["a"], tmp_path, sync_method="tensor", release_memory=True)
+def test_release_and_resume_memory_gives_the_gpu_back(tiny_cfg, model_dirs, reference_b, tmp_path, server_python):
+    eng = _engine(tiny_cfg, model_dirs["a"], tmp_path, server_python, sync_method="tensor", release_memory=True)
     try:
         free_before, total = torch.cuda.mem_get_info()
         eng.release_memory()
@@ -142,10 +145,10 @@ def test_release_and_resume_memory_gives_the_gpu_back(tiny_cfg, model_dirs, refe
         eng.close()
 
 
-def test_colocated_rl_steps_release_memory_and_sync_by_cuda_ipc(tmp_path):
+def test_colocated_rl_steps_release_memory_and_sync_by_cuda_ipc(tmp_path, server_python):
     """The colocated recipe on one GPU: servers on the training GPU, memory released while training, weights
-    pushed as CUDA IPC tensors, the post-sync probe and the rollout/trainer log-prob gap both tight."""
-    _gpu_server_python()
+    pushed as CUDA IPC tensors, the post-sync probe and the rollout/trainer log-prob gap both tight. (The trainer
+    finds the same GPU venv itself; ``server_python`` only makes sure it exists.)"""
     from megatron_entcov.config import load_config
     from megatron_entcov.parallel import destroy_parallel, init_parallel
     from megatron_entcov.trainer import Trainer
