@@ -255,6 +255,12 @@ class SGLangConfig:
     sync_method: Literal["disk", "distributed", "tensor"] = "disk"
     """Weight transport: 'disk' (safetensors + update_weights_from_disk; any topology), 'distributed'
     (gloo/NCCL broadcast group; servers on other nodes), 'tensor' (serialized tensors; colocated)."""
+    sync_master_addr: str = ""
+    """sync_method='distributed': the address of this (the generating) process that the servers connect to
+    when the weight-update group forms, an IP address or host name without port. '' = chosen then: 127.0.0.1
+    when every server is on this host, else the local address of the route to the servers' host (never a
+    loopback address: a loopback value with servers on another host is replaced, with a warning). Set it when
+    the servers reach this host at another address (e.g. another network)."""
 
     def __post_init__(self) -> None:
         _check_positive("rollout.sglang.num_servers", self.num_servers)
@@ -264,6 +270,16 @@ class SGLangConfig:
         _check_positive("rollout.sglang.max_inflight", self.max_inflight)
         _check_positive("rollout.sglang.max_server_restarts", self.max_server_restarts, allow_zero=True)
         _check_choice("rollout.sglang.sync_method", self.sync_method, ("disk", "distributed", "tensor"))
+        if self.sync_master_addr:
+            addr = str(self.sync_master_addr)
+            if any(c.isspace() or c in "/@[]" for c in addr) or "://" in addr or addr.count(":") == 1:
+                _fail("rollout.sglang.sync_master_addr", self.sync_master_addr,
+                      "must be an IP address or host name of this machine, without scheme or port, e.g. 10.0.0.5 "
+                      "(or '' to choose it from the route to the servers)")
+            if self.sync_method != "distributed":
+                _fail("rollout.sglang.sync_master_addr", self.sync_master_addr,
+                      f"applies to rollout.sglang.sync_method=distributed (got {self.sync_method!r}); unset it "
+                      "(rollout.sglang.sync_master_addr='')")
         for i, arg in enumerate(self.server_args):
             if not isinstance(arg, str):
                 _fail(f"rollout.sglang.server_args[{i}]", arg, "must be a string (one command-line token)")

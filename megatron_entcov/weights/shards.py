@@ -6,23 +6,26 @@ reading Hugging Face files is :mod:`megatron_entcov.weights.hf_checkpoint`, the 
 
 - :func:`load_hf_weights`: Hugging Face weights into this rank's shards of a built model (any tp/pp/vpp);
   the trainer's start from ``model.hf_dir`` and the hf-to-megatron import.
-- :func:`iter_hf_weights`: this model's weights as (hf_name, full tensor) buckets, gathered over tp and pp,
-  for weight sync to rollout engines.
+- :func:`iter_hf_weights`: this model's weights as (hf_name, full tensor) buckets, gathered over tp and pp:
+  to the generating rank only for weight sync to rollout engines (``dst="generator"``), or to every rank.
 
 Example:
     load_hf_weights(chunks, cfg.model, "/models/Qwen2.5-7B", ps)                  # any tp/pp, not collective
-    for bucket in iter_hf_weights(chunks, cfg.model, ps, bucket_bytes=1 << 30):   # every tp x pp rank
-        send(bucket)                                    # [(hf_name, full tensor), ...]
+    for bucket in iter_hf_weights(chunks, cfg.model, ps, bucket_bytes=1 << 30,    # every tp x pp rank
+                                  dst="generator"):
+        send(bucket)                          # [(hf_name, full tensor), ...]; only where ps.is_generator
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
+import torch.distributed as dist
 
+from megatron_entcov import collectives
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.metrics import iter_progress
 from megatron_entcov.weights.hf_map import (EMBEDDING_RULE, RULES, WeightRule, match_megatron_name, to_hf, to_megatron,
@@ -85,67 +88,178 @@ def load_hf_weights(chunks, model_cfg: ModelConfig, hf: HFCheckpoint | str | Pat
         param.copy_(shard)
 
 
-def _gather_tp(rule: WeightRule, local: torch.Tensor, ps: "ParallelState") -> torch.Tensor:
+def _full_shape(rule: WeightRule, param: torch.Tensor, ps: "ParallelState") -> tuple[int, ...]:
+    shape = list(param.shape)
+    if rule.tp_dim is not None:
+        shape[rule.tp_dim] *= ps.tp_size
+    return tuple(shape)
+
+
+def _stage_meta(local, ps: "ParallelState") -> list[tuple[int, int | None, tuple[int, ...], str]]:
+    """(rule index, global layer, full shape, dtype name) of each of this stage's tensors, in order."""
+    return [(RULES.index(rule), layer, _full_shape(rule, param, ps), str(param.dtype).removeprefix("torch."))
+            for rule, layer, param in local]
+
+
+def _empty(shape, dtype_name: str, ps: "ParallelState") -> torch.Tensor:
+    """A receive buffer on the device collectives of ``ps`` carry (NCCL: this rank's GPU)."""
+    return torch.empty(shape, dtype=getattr(torch, dtype_name), device=ps.device)
+
+
+def _all_gather_tp(rule: WeightRule, local: torch.Tensor, ps: "ParallelState") -> torch.Tensor:
+    """The full tensor on every tp rank ('all')."""
     if rule.tp_dim is None or ps.tp_size == 1:
         return local
-    import torch.distributed as dist
-
-    shards = [torch.empty_like(local) for _ in range(ps.tp_size)]
-    dist.all_gather(shards, local.contiguous(), group=ps.tp_group)
+    local = local.to(ps.device).contiguous()
+    shards = [torch.empty(local.shape, dtype=local.dtype, device=ps.device) for _ in range(ps.tp_size)]
+    collectives.all_gather(shards, local, group=ps.tp_group)
     return tp_unshard(rule, shards)
+
+
+def _gather_tp_to_first(rule: WeightRule, local: torch.Tensor, ps: "ParallelState") -> torch.Tensor | None:
+    """The full tensor on tp rank 0 of the stage, None on the others ('generator'). Other tp ranks send their
+    shard once; a replicated tensor (norms) needs no communication."""
+    if ps.tp_size == 1:
+        return local
+    if rule.tp_dim is None:
+        return local if ps.tp_rank == 0 else None
+    local = local.to(ps.device).contiguous()
+    dst = dist.get_global_rank(ps.tp_group, 0)
+    if ps.tp_rank != 0:
+        collectives.gather(local, None, dst=dst, group=ps.tp_group)
+        return None
+    if rule.tp_dim == 0 and rule.kind != "gate_up":
+        # Shards of a dim-0 split are contiguous row blocks of the full tensor: receive them in place, so the
+        # largest tensors (embedding, output layer) are not held twice (shards + their concatenation).
+        full = torch.empty((local.shape[0] * ps.tp_size, *local.shape[1:]), dtype=local.dtype, device=ps.device)
+        collectives.gather(local, list(full.chunk(ps.tp_size, dim=0)), dst=dst, group=ps.tp_group)
+        return full
+    shards = [torch.empty(local.shape, dtype=local.dtype, device=ps.device) for _ in range(ps.tp_size)]
+    collectives.gather(local, shards, dst=dst, group=ps.tp_group)
+    return tp_unshard(rule, shards)
+
+
+class _Buckets:
+    """Groups (hf_name, tensor) pairs into lists of at most ``limit`` bytes (a larger tensor comes alone)."""
+
+    def __init__(self, model_cfg: ModelConfig, limit: int, dtype: torch.dtype | None):
+        self.model_cfg, self.limit, self.dtype = model_cfg, limit, dtype
+        self.bucket: list[tuple[str, torch.Tensor]] = []
+        self.size = 0
+
+    def add(self, rule: WeightRule, layer: int | None, full: torch.Tensor):
+        """Yields the full buckets that adding this Megatron tensor's HF tensors closes."""
+        for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, self.model_cfg)):
+            if self.dtype is not None:
+                tensor = tensor.to(self.dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.bucket and self.size + nbytes > self.limit:
+                yield self.bucket
+                self.bucket, self.size = [], 0
+            self.bucket.append((name, tensor))
+            self.size += nbytes
+
+    def rest(self):
+        if self.bucket:
+            yield self.bucket
+            self.bucket, self.size = [], 0
 
 
 @torch.no_grad()
 def iter_hf_weights(chunks, model_cfg: ModelConfig, ps: "ParallelState", *, bucket_bytes: int = 1 << 30,
-                    dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                    dtype: torch.dtype | None = None,
+                    dst: Literal["all", "generator"] = "all") -> Iterator[list[tuple[str, torch.Tensor]]]:
     """This model's weights under Hugging Face names, as full tensors, in buckets of at most ``bucket_bytes``.
 
-    Collective over the model-parallel group: call it on every rank of a tp x pp replica (each data-parallel
-    replica runs independently). Every rank receives every tensor: TP shards are all-gathered within the tp
-    group, then each pipeline stage broadcasts its layers (global layer numbers) over the pp group, stage by
-    stage. Memory is bounded by one bucket plus one tensor. Tensors are on the parameters' device in their
-    dtype (or ``dtype``), vocabulary padding stripped; they may alias the parameters: do not modify them.
-    A tensor larger than ``bucket_bytes`` comes alone in its bucket. Tied embeddings yield no lm_head.weight.
+    Collective over the model-parallel group: call it on every rank of a tp x pp replica and run it to its end
+    (each data-parallel replica runs independently, within its own groups). Where the full tensors go:
+
+    - ``dst="generator"`` (weight sync): only the replica's generating rank (``ps.is_generator``: tp rank 0 of
+      the first stage) receives them; every other rank yields nothing. Within each stage the other tp ranks
+      send their shard to the stage's tp rank 0 (a gather); the first stage's tp rank 0 is the generating rank,
+      and each later stage's tp rank 0 sends each gathered tensor point to point to the generating rank (its
+      pipeline group: the tp-rank-0 ranks of every stage), stage by stage. A later stage's tp rank 0 so holds
+      one full tensor at a time, in flight; no other rank holds any.
+    - ``dst="all"``: every rank receives every tensor: TP shards are all-gathered within the tp group, then each
+      pipeline stage broadcasts its full layers over the pp group (for callers that need the whole model on
+      every rank: tests, layout comparisons).
+
+    Memory is bounded by one bucket plus one tensor on the receiving ranks (on GPUs a sending stage waits for
+    its sends after every ``bucket_bytes`` of them, so queued sends stay bounded too). Tensors are on the
+    parameters' device in their dtype (or ``dtype``), vocabulary padding stripped; they may alias the
+    parameters: do not modify them. A tensor larger than ``bucket_bytes`` comes alone in its bucket. Tied
+    embeddings yield no lm_head.weight. Communication goes through :mod:`megatron_entcov.collectives`, tensors
+    on ``ps.device``.
 
     Yields:
-        lists of (hf_name, tensor), in checkpoint order within each pipeline stage.
+        lists of (hf_name, tensor), pipeline stage by stage, in checkpoint order within each stage; the same
+        names in the same order for both ``dst``.
     """
-    import torch.distributed as dist
-
+    if dst not in ("all", "generator"):
+        raise ValueError(f"iter_hf_weights: dst={dst!r} is invalid; choose 'generator' (only the generating rank "
+                         "receives the full tensors: weight sync) or 'all' (every rank does)")
     local = _local_entries(chunks, model_cfg, skip_tied_output=True)
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
+    buckets = _Buckets(model_cfg, bucket_bytes, dtype)
+    if dst == "all":
+        yield from _to_all(local, buckets, ps)
+    else:
+        yield from _to_generator(local, buckets, ps, bucket_bytes)
+    yield from buckets.rest()
+
+
+def _to_all(local, buckets: _Buckets, ps: "ParallelState"):
     for stage in range(ps.pp_size):
         src = dist.get_global_rank(ps.pp_group, stage) if ps.pp_size > 1 else None
         mine = ps.pp_rank == stage
-        if mine:
-            meta = []
-            for rule, layer, param in local:
-                shape = list(param.shape)
-                if rule.tp_dim is not None:
-                    shape[rule.tp_dim] *= ps.tp_size
-                meta.append((RULES.index(rule), layer, tuple(shape), str(param.dtype).removeprefix("torch.")))
+        meta = _stage_meta(local, ps) if mine else None
         if ps.pp_size > 1:
-            box = [meta if mine else None]
-            dist.broadcast_object_list(box, src=src, group=ps.pp_group)
+            box = collectives.broadcast_object_list([meta], src=src, group=ps.pp_group)
             meta = box[0]
         for i, (rule_index, layer, shape, dtype_name) in enumerate(meta):
             rule = RULES[rule_index]
-            if mine:
-                full = _gather_tp(rule, local[i][2].detach(), ps)
-            else:
-                full = torch.empty(shape, dtype=getattr(torch, dtype_name), device=ps.device)
+            full = _all_gather_tp(rule, local[i][2].detach(), ps) if mine else _empty(shape, dtype_name, ps)
             if ps.pp_size > 1:
-                full = full.contiguous()
-                dist.broadcast(full, src=src, group=ps.pp_group)
-            for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, model_cfg)):
-                if dtype is not None:
-                    tensor = tensor.to(dtype)
-                nbytes = tensor.numel() * tensor.element_size()
-                if bucket and size + nbytes > bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-                bucket.append((name, tensor))
-                size += nbytes
-    if bucket:
-        yield bucket
+                full = full.to(ps.device).contiguous()
+                collectives.broadcast(full, src=src, group=ps.pp_group)
+            yield from buckets.add(rule, layer, full)
+
+
+def _to_generator(local, buckets: _Buckets, ps: "ParallelState", bucket_bytes: int):
+    generator = ps.is_generator
+    # The tp-rank-0 ranks of every stage share one pipeline group, whose first member is the generating rank;
+    # the other tp ranks' pipeline groups take no part after the tp gathers.
+    relay = ps.tp_rank == 0 and not generator
+    metas = None
+    if ps.pp_size > 1 and ps.tp_rank == 0:
+        # Every later stage's tensor list (shapes, dtypes, layers), to the generating rank, in one gather.
+        metas = [None] * ps.pp_size if generator else None
+        collectives.gather_object(_stage_meta(local, ps), metas, dst=dist.get_global_rank(ps.pp_group, 0),
+                                  group=ps.pp_group)
+    if generator:
+        for rule, layer, param in local:
+            yield from buckets.add(rule, layer, _gather_tp_to_first(rule, param.detach(), ps))
+        for stage in range(1, ps.pp_size):
+            src = dist.get_global_rank(ps.pp_group, stage)
+            for rule_index, layer, shape, dtype_name in metas[stage]:
+                full = collectives.recv(_empty(shape, dtype_name, ps), src=src, group=ps.pp_group)
+                yield from buckets.add(RULES[rule_index], layer, full)
+        return
+    sent = 0
+    for rule, layer, param in local:
+        full = _gather_tp_to_first(rule, param.detach(), ps)
+        if not relay:                 # a tp rank > 0: its shard went to its stage's tp rank 0
+            continue
+        full = full.to(ps.device).contiguous()
+        collectives.send(full, dst=dist.get_global_rank(ps.pp_group, 0), group=ps.pp_group)
+        sent += full.numel() * full.element_size()
+        if sent >= bucket_bytes:
+            _wait_for_sends(ps)
+            sent = 0
+    _wait_for_sends(ps)
+
+
+def _wait_for_sends(ps: "ParallelState") -> None:
+    """NCCL sends return once queued on the GPU and keep their tensors alive until done: wait for them, so a
+    stage that runs ahead of the generating rank does not pile up full tensors (gloo sends are synchronous)."""
+    if ps.device.type == "cuda":
+        torch.cuda.current_stream(ps.device).synchronize()

@@ -1,9 +1,11 @@
 """Weight sync: Megatron shards -> full Hugging Face-named tensors -> the rollout engine, in bounded buckets.
 
-Every rank of a model-parallel group takes part in gathering (tensor-parallel all-gather, pipeline
-broadcast: weights/shards.py iter_hf_weights); the generating rank hands each bucket to its engine as it arrives, so
-at most ``bucket_bytes`` of full tensors are alive at once. The engine's weight version is set to the
-trainer's after the last bucket and checked.
+Every rank of a model-parallel group takes part in gathering, and only the generating rank (``ps.is_generator``)
+receives the full tensors (weights/shards.py ``iter_hf_weights(dst="generator")``: tensor-parallel shards gathered
+to each stage's tp rank 0, later stages sending theirs point to point to the generating rank). The generating rank
+hands each bucket to its engine as it arrives, so at most ``bucket_bytes`` of full tensors are alive at once;
+the other ranks only send. The engine's weight version is set to the trainer's after the last bucket and
+checked.
 
 Example:
     sync = WeightSync(chunks, cfg.model, ps, bucket_bytes=256 << 20)
@@ -36,12 +38,14 @@ class WeightSync:
     def push(self, engine, version: int, *, prepare: Callable[[], None] | None = None) -> int:
         """Gather and send every weight; returns the bytes sent (0 on ranks without an engine).
 
-        Collective over the world. On the generating rank, ``prepare()`` runs first (e.g. colocated servers
-        take back their weight memory). A failure there or in the engine raises on every rank, after the
-        gather collectives have run to the end on all of them (parallel.fail_together), so no rank is left
-        blocked."""
+        Collective over the world; only the generating rank (the one with ``engine``) receives the full
+        tensors, the others send their shards. On the generating rank, ``prepare()`` runs first (e.g.
+        colocated servers take back their weight memory). A failure there or in the engine raises on every
+        rank, after the gather collectives have run to the end on all of them (parallel.fail_together), so no
+        rank is left blocked."""
         sent = 0
-        buckets = iter_hf_weights(self.chunks, self.model_cfg, self.ps, bucket_bytes=self.bucket_bytes)
+        buckets = iter_hf_weights(self.chunks, self.model_cfg, self.ps, bucket_bytes=self.bucket_bytes,
+                                  dst="generator")
 
         def counted():
             nonlocal sent
@@ -51,6 +55,10 @@ class WeightSync:
 
         with fail_together(f"weight sync to version {version}"):
             try:
+                if engine is not None and not self.ps.is_generator:
+                    raise ValueError(f"WeightSync.push: an engine was given on rank {self.ps.rank} (tp rank "
+                                     f"{self.ps.tp_rank}, pp rank {self.ps.pp_rank}), which receives no weights; "
+                                     "only the generating rank (ps.is_generator) holds one: pass None elsewhere")
                 if engine is not None:
                     if prepare is not None:
                         prepare()

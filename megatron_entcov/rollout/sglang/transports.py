@@ -12,14 +12,19 @@ through the engine's ``ServerPool`` (rollout/sglang/pool.py), which marks a serv
 - 'distributed': at the first sync, a process group is formed between this process (rank 0) and every server's
   TP ranks (``/init_weights_update_group``, gloo on CPU, NCCL on GPU); per bucket, every server is sent
   ``/update_weights_from_distributed {names, dtypes, shapes}`` while this process broadcasts each tensor in the
-  same order. No file system, one copy per tensor; servers on other nodes need ``master_address`` (the
-  engine's ``sync_master_address``) reachable from them.
-- 'tensor': per bucket, ``/update_weights_from_tensor`` with the bucket pickled the way sglang's
-  MultiprocessingSerializer does it (multiprocessing's ForkingPickler + base64; plain stdlib + torch, no sglang
-  import): CPU tensors travel through shared memory (torch's 'file_system' sharing strategy, which this
-  transport sets process-wide: the default 'file_descriptor' strategy makes the server's scheduler die), CUDA
-  tensors as CUDA IPC handles. Colocated servers only (same host). The sender keeps each bucket alive until
-  every server has answered.
+  same order. No file system, one copy per tensor. The servers reach this process at ``master_address`` (the
+  engine's ``sync_master_address``); by default (:func:`choose_master_address`) the local address of the route
+  to the servers' host, never a loopback address when a server is on another host.
+- 'tensor': per bucket, ``/update_weights_from_tensor`` with one payload per server tensor-parallel rank, the
+  bucket pickled the way sglang's MultiprocessingSerializer does it (multiprocessing's ForkingPickler + base64;
+  plain stdlib + torch, no sglang import): CPU tensors travel through shared memory (torch's 'file_system'
+  sharing strategy, which this transport sets process-wide: the default 'file_descriptor' strategy makes the
+  server's scheduler die), CUDA tensors as CUDA IPC handles. On GPUs each server rank gets handles to a copy of
+  the bucket on its own GPU (``base_gpu_id + tp_rank * gpu_id_step`` from ``/server_info``; the copy on the
+  trainer's own GPU is the bucket itself), with the device named by its UUID as sglang's patched torch
+  reductions name it (``monkey_patch_torch_reductions``, applied by the receiving scheduler), so no server
+  rank opens a context on another GPU and a server that renumbers its devices still finds it. Colocated
+  servers only (same host). The sender keeps each bucket and its copies alive until every server has answered.
 
 Every transport validates names and shapes against the HF model (``expected_shapes``) before sending, converts
 to the model dtype, drops ``lm_head.weight`` of a tied model (the server shares the embedding), and drains the
@@ -36,9 +41,13 @@ Example:
 from __future__ import annotations
 
 import abc
+import base64
+import io
+import ipaddress
 import json
 import logging
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -47,6 +56,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -56,8 +66,9 @@ from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNC_METHODS", "TransportContext", "expected_shapes", "build_transport", "DiskTransport",
-           "DistributedTransport", "TensorTransport"]
+__all__ = ["SYNC_METHODS", "TransportContext", "expected_shapes", "build_transport", "choose_master_address",
+           "route_address", "server_gpu_ids", "rank_payloads", "copy_bucket_to_gpu", "serialize_cuda_ipc",
+           "DiskTransport", "DistributedTransport", "TensorTransport"]
 
 SYNC_METHODS = ("disk", "distributed", "tensor")
 
@@ -78,8 +89,9 @@ class TransportContext:
     model_dir: str | None = None
     """'disk': the launched servers' initial model directory; its config and tokenizer files are copied into
     each synced directory, so a server can launch from it. None = servers at given URLs."""
-    master_address: str = "127.0.0.1"
-    """'distributed': the address the servers reach this process at."""
+    master_address: str | None = None
+    """'distributed': the address the servers reach this process at (``rollout.sglang.sync_master_addr``);
+    None = chosen when the group forms (:func:`choose_master_address`)."""
     keep_weights: Callable[[Path, int], None] | None = None
     """'disk': called with (directory, version) after a sync that sent every tensor; the callee owns the
     directory from then on (restarted servers launch from it). None = the directory is deleted."""
@@ -108,6 +120,110 @@ def build_transport(method: str, ctx: TransportContext) -> "Transport":
     return classes[method](ctx)
 
 
+# ---------------------------------------------------------------------------------------------- master address
+
+
+def _is_loopback(address: str) -> bool:
+    """An IP address in 127.0.0.0/8 or ::1, or a name that resolves only to such addresses (localhost)."""
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(address, None, type=socket.SOCK_DGRAM)}
+    except OSError:
+        return False
+    return bool(resolved) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in resolved)
+
+
+def _is_this_host(host: str) -> bool:
+    """``host`` names this machine: it resolves to a loopback address, or to one this machine can bind."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False                     # unresolvable here: not provably local
+    for family, kind, proto, _, sockaddr in infos:
+        if _is_loopback(sockaddr[0]):
+            return True
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind((sockaddr[0], 0, *sockaddr[2:]))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def route_address(host: str, port: int = 9) -> str | None:
+    """The local address this machine sends from to reach ``host``: a UDP socket "connected" to it (connect on
+    UDP sends no packet; the kernel just picks the route and source address). None when there is no route or
+    ``host`` does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.connect(sockaddr)
+                return sock.getsockname()[0]
+        except OSError:
+            continue
+    return None
+
+
+def _hostname_address() -> str | None:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+
+
+def choose_master_address(server_urls: list[str], configured: str | None = None, *,
+                          is_this_host: Callable[[str], bool] = _is_this_host,
+                          route: Callable[[str], str | None] = route_address,
+                          hostname_address: Callable[[], str | None] = _hostname_address) -> str:
+    """The address the 'distributed' transport's servers reach this process at (its rendezvous store).
+
+    - ``configured`` (``rollout.sglang.sync_master_addr``), unless it is a loopback address while a server is
+      on another host (no other host can reach it: this host's name resolving to 127.0.1.1, as Debian-style
+      hosts set it up, is the usual way to get one); then the address is chosen as below, with a warning.
+    - every server on this host: 127.0.0.1;
+    - else the local address of the route to the first server on another host (what it sees this process
+      as), falling back to this host's name resolved when there is no route;
+    - never a loopback address when a server is on another host: ValueError naming the config field.
+
+    ``is_this_host``, ``route`` and ``hostname_address`` are the network look-ups (parameters for tests).
+    """
+    hosts = []
+    for url in server_urls:
+        host = urlsplit(url).hostname
+        if not host:
+            raise ValueError(f"weight sync 'distributed': server URL {url!r} has no host; expected http://host:port")
+        hosts.append(host)
+    remote = [h for h in hosts if not is_this_host(h)]
+    if configured and not (remote and _is_loopback(configured)):
+        return configured
+    if not remote:
+        return "127.0.0.1"
+    routed = route(remote[0])
+    chosen, how = routed, f"the local address of the route to {remote[0]}"
+    if chosen is None or _is_loopback(chosen):
+        named = hostname_address()
+        chosen, how = named, "this host's name resolved"
+        if chosen is None or _is_loopback(chosen):
+            raise ValueError(
+                f"weight sync 'distributed': server {remote[0]} is on another host, and no address of this host "
+                f"that it can reach was found (route to it: {'none' if routed is None else routed}; this host's "
+                f"name resolves to {named}): set rollout.sglang.sync_master_addr to an address of this host that "
+                "the servers reach (e.g. its address on the cluster network)")
+    if configured:
+        logger.warning("weight sync: sync_master_addr=%s is a loopback address, unreachable from server %s on "
+                       "another host; using %s (%s) instead. Set rollout.sglang.sync_master_addr to an address "
+                       "of this host the servers reach", configured, remote[0], chosen, how)
+    return chosen
+
+
 class Transport(abc.ABC):
     """The common part: iterate buckets, validate, convert; raise after draining. Subclasses implement
     ``sync``, and ``close`` when they hold something between syncs."""
@@ -129,13 +245,13 @@ class Transport(abc.ABC):
     def close(self) -> None:
         """Release what the transport holds between syncs (a process group); idempotent."""
 
-    def tp_sizes(self, servers: list[Server]) -> dict[Server, int]:
-        """Each standing server's tensor-parallel size (``/server_info``): its ranks in a group, its payload
-        count. A server that does not answer is marked by the pool and left out when it is dead."""
+    def server_infos(self, servers: list[Server]) -> dict[Server, dict]:
+        """Each standing server's ``/server_info`` (its launch arguments: ``tp_size``, ``base_gpu_id``, ...). A
+        server that does not answer is marked by the pool and left out when it is dead."""
         out = {}
         for s in servers:
             try:
-                out[s] = int(http_json(s.url, "/server_info", timeout=30).get("tp_size", 1))
+                out[s] = http_json(s.url, "/server_info", timeout=30)
             except ServerError as err:
                 if not err.retryable:
                     raise
@@ -143,6 +259,11 @@ class Transport(abc.ABC):
                 if s.state in (LIVE, STALE):
                     raise
         return out
+
+    def tp_sizes(self, servers: list[Server]) -> dict[Server, int]:
+        """Each standing server's tensor-parallel size (``/server_info``): its ranks in a group, its payload
+        count. A server that does not answer is marked by the pool and left out when it is dead."""
+        return {s: int(info.get("tp_size", 1)) for s, info in self.server_infos(servers).items()}
 
     def buckets(self, named_tensors: NamedTensors, errors: list):
         """Yield lists of (name, contiguous tensor in the model dtype on ``self.device``); bad tensors go to
@@ -257,7 +378,7 @@ class DistributedTransport(Transport):
             raise RuntimeError("weight sync 'distributed': no server answers /server_info to form a group with")
         tp = [tp_of[s] for s in servers]
         world = 1 + sum(tp)
-        addr, port = self.ctx.master_address, free_port()
+        addr, port = choose_master_address([s.url for s in servers], self.ctx.master_address), free_port()
         offsets = {s.url: 1 + sum(tp[:i]) for i, s in enumerate(servers)}
         # Both sides block on the rendezvous: the servers' joins run while this process joins below.
         fan = Fanout([s.url for s in servers], "/init_weights_update_group", lambda url: {
@@ -299,7 +420,7 @@ class DistributedTransport(Transport):
                              timeout=self.timeout.total_seconds())
                 for _, t in bucket:
                     # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
-                    torch.distributed.broadcast(t, src=0, group=self.pg)
+                    self._broadcast(t)
                     nbytes += t.numel() * t.element_size()
                 self.ctx.pool.settle(fan, servers, check=False)    # marks a server that died
                 fan.check()                                         # and fails the sync for any failure
@@ -315,6 +436,20 @@ class DistributedTransport(Transport):
         complete = self.finish(errors, seen, sent, version)
         return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}
 
+    def _broadcast(self, t: torch.Tensor) -> None:
+        """Broadcast ``t`` from this process (rank 0) over the servers' group. The group lives outside torch's
+        default world (this process may have none, e.g. an engine used on its own), which megatron_entcov.
+        collectives' functions require, so the group object is called directly, after the same device check."""
+        from megatron_entcov.collectives import DevicePlacementError
+
+        if t.is_cuda != (self.backend == "nccl"):
+            raise DevicePlacementError(f"weight sync 'distributed': a {t.device} tensor {tuple(t.shape)} for the "
+                                       f"{self.backend} group with the servers (NCCL takes CUDA tensors, gloo host "
+                                       "tensors)")
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([t], opts).wait()
+
     def close(self) -> None:
         if self.pg is None:
             return
@@ -329,22 +464,136 @@ class DistributedTransport(Transport):
         self.pg = None
 
 
-class TensorTransport(Transport):
-    """/update_weights_from_tensor with ForkingPickler payloads (shared memory on CPU, CUDA IPC on GPU)."""
+# ---------------------------------------------------------------------------------------------- tensor payloads
 
-    def __init__(self, ctx: TransportContext):
+
+Bucket = list  # [(hf_name, tensor), ...]
+
+
+def server_gpu_ids(info: dict, url: str) -> list[int]:
+    """The GPU of each tensor-parallel rank of an SGLang server, from its ``/server_info``: SGLang puts tp rank r
+    of a one-node, one-stage server on ``base_gpu_id + r * gpu_id_step`` (its engine's scheduler launch). These
+    are indices in the server's launch numbering, which is this process's for the colocated servers the engine
+    launches (they inherit its CUDA_VISIBLE_DEVICES). ValueError for layouts one payload per tp rank cannot
+    serve (pipeline stages, several nodes)."""
+    tp = int(info.get("tp_size", 1))
+    pp, nnodes = int(info.get("pp_size", 1)), int(info.get("nnodes", 1))
+    if pp != 1 or nnodes != 1:
+        raise ValueError(f"weight sync 'tensor' to {url}: the server runs pp_size={pp} over nnodes={nnodes}; CUDA "
+                         "IPC payloads go one per tensor-parallel rank of a one-node server: launch it with "
+                         "--pp-size 1 on one node, or set rollout.sglang.sync_method to 'distributed' or 'disk'")
+    base, step = int(info.get("base_gpu_id", 0)), int(info.get("gpu_id_step", 1))
+    return [base + r * step for r in range(tp)]
+
+
+def rank_payloads(bucket: Bucket, gpus: list[int | None], *, place: Callable[[Bucket, int], Bucket],
+                  serialize: Callable[[Bucket], str], copies: dict) -> list[str]:
+    """``serialized_named_tensors`` for one server: entry r is the bucket on ``gpus[r]``, serialized for tp rank
+    r alone (sglang's scheduler deserializes only its own entry; one IPC handle opened by two ranks would break
+    the sender's CUDA-IPC reference counts).
+
+    Args:
+        bucket: [(name, tensor), ...] as the trainer produced it (on its own device).
+        gpus: the GPU of each tp rank (:func:`server_gpu_ids`), or None where the bucket is sent as it is (CPU
+            shared memory).
+        place: (bucket, gpu) -> the bucket on that GPU (:func:`copy_bucket_to_gpu`).
+        serialize: a bucket -> its base64 payload (:func:`serialize_cuda_ipc`, ``TensorTransport.serialize``).
+        copies: gpu -> that GPU's copy, shared by every server rank on the GPU (and across servers); the caller
+            keeps it alive until every server has answered: the IPC handles point into it.
+    """
+    payloads = []
+    for gpu in gpus:
+        if gpu is None:
+            placed = bucket
+        else:
+            if gpu not in copies:
+                copies[gpu] = place(bucket, gpu)
+            placed = copies[gpu]
+        payloads.append(serialize(placed))
+    return payloads
+
+
+def copy_bucket_to_gpu(bucket: Bucket, gpu: int) -> Bucket:
+    """The bucket on GPU ``gpu`` (tensors already there are not copied), the copies complete when it returns."""
+    device = torch.device("cuda", gpu)
+    out = [(name, t.to(device)) for name, t in bucket]
+    torch.cuda.synchronize(device)
+    return out
+
+
+_REDUCE_TENSOR_DEVICE_ARG = 6
+"""Index of the device in the arguments torch's ``reduce_tensor`` gives ``rebuild_cuda_tensor`` (what sglang's
+patch_torch.py rewrites too)."""
+
+
+def _with_device_uuid(rebuild, args: tuple, uuid_of: Callable[[int], str]) -> tuple:
+    """``reduce_tensor``'s arguments with a CUDA tensor's device index replaced by its GPU's UUID."""
+    from torch.multiprocessing import reductions
+
+    if rebuild is not reductions.rebuild_cuda_tensor:
+        return args                       # a host tensor: shared memory, no device
+    index = args[_REDUCE_TENSOR_DEVICE_ARG]
+    if not isinstance(index, int):
+        raise RuntimeError(f"torch's reduce_tensor gave {type(index).__name__} {index!r} where the CUDA device index "
+                           f"was expected (argument {_REDUCE_TENSOR_DEVICE_ARG}); this torch changed its layout")
+    return (*args[:_REDUCE_TENSOR_DEVICE_ARG], uuid_of(index), *args[_REDUCE_TENSOR_DEVICE_ARG + 1:])
+
+
+def _cuda_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _reduce_tensor_with_device_uuid(tensor: torch.Tensor):
+    from torch.multiprocessing import reductions
+
+    rebuild, args = reductions.reduce_tensor(tensor)
+    return rebuild, _with_device_uuid(rebuild, args, _cuda_uuid)
+
+
+def serialize_cuda_ipc(obj) -> str:
+    """What sglang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` produces after its
+    ``monkey_patch_torch_reductions`` (as sglang's own senders run it): CUDA tensors as IPC handles whose device
+    is the GPU's UUID, not this process's device index. The receiving scheduler applies the same patch before it
+    deserializes, and maps the UUID to its own index: right even when its device numbering differs from ours.
+    This process's torch is left unpatched (the reduction is set on this pickler only)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions with ForkingPickler
+
+    buf = io.BytesIO()
+    pickler = ForkingPickler(buf)
+    pickler.dispatch_table[torch.Tensor] = _reduce_tensor_with_device_uuid
+    pickler.dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class TensorTransport(Transport):
+    """/update_weights_from_tensor with ForkingPickler payloads, one per server tp rank (shared memory on CPU,
+    CUDA IPC handles to a copy on each rank's own GPU)."""
+
+    def __init__(self, ctx: TransportContext, *, place: Callable[[Bucket, int], Bucket] | None = None,
+                 serialize: Callable[[Bucket], str] | None = None):
+        """
+        Args:
+            place: (bucket, gpu index) -> the bucket on that GPU; default :func:`copy_bucket_to_gpu` when this
+                process has CUDA. Given (a test on CPU), payloads are built per server GPU as on a GPU machine.
+            serialize: bucket -> payload; default :func:`serialize_cuda_ipc` with CUDA, else
+                :meth:`serialize` (plain ForkingPickler: shared memory).
+        """
         super().__init__(ctx)
         import torch.multiprocessing as tmp
 
         # Registers torch's tensor reductions with ForkingPickler; file_system: see the module docstring.
         tmp.set_sharing_strategy("file_system")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cuda = torch.cuda.is_available()
+        self.device = "cuda" if cuda else "cpu"
+        self.per_gpu = cuda or place is not None
+        self.place = place or copy_bucket_to_gpu
+        self.serialize_bucket = serialize or (serialize_cuda_ipc if cuda else self.serialize)
 
     @staticmethod
     def serialize(obj) -> str:
         """What sglang's MultiprocessingSerializer.serialize(obj, output_str=True) produces."""
-        import base64
-        import io
         from multiprocessing.reduction import ForkingPickler
 
         buf = io.BytesIO()
@@ -352,18 +601,24 @@ class TensorTransport(Transport):
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
     def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list[Server]) -> dict:
-        tp = self.tp_sizes(servers)
-        servers = list(tp)
+        infos = self.server_infos(servers)
+        servers = list(infos)
+        gpus = {s: server_gpu_ids(info, s.url) if self.per_gpu else [None] * int(info.get("tp_size", 1))
+                for s, info in infos.items()}
         errors, sent, nbytes, n_buckets = [], set(), 0, 0
         for bucket in self.buckets(named_tensors, errors):
             n_buckets += 1
-            # `bucket` (on self.device) stays alive until every server has answered: CUDA IPC handles and
-            # shared-memory files point into it.
-            payload = self.serialize(bucket)
-            servers = self.ctx.pool.post_all(servers, "/update_weights_from_tensor", lambda s: {
-                "serialized_named_tensors": [payload] * tp[s], "load_format": None, "flush_cache": False})
+            # `bucket` and `copies` stay alive until every server has answered: CUDA IPC handles and
+            # shared-memory files point into them.
+            copies: dict = {}
+            bodies = {s: {"serialized_named_tensors": rank_payloads(bucket, gpus[s], place=self.place,
+                                                                    serialize=self.serialize_bucket, copies=copies),
+                          "load_format": None, "flush_cache": False} for s in servers}
+            servers = self.ctx.pool.post_all(servers, "/update_weights_from_tensor", lambda s: bodies[s])
             sent.update(n for n, _ in bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            copies.clear()                # free this bucket's GPU copies before the next bucket is gathered
+            bodies.clear()
             del bucket
         complete = self.finish(errors, seen, sent, version)
         return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}

@@ -200,6 +200,7 @@ def test_tensor_posts_one_payload_per_server_tp_rank_that_unpickles_to_the_tenso
     _assert_equal(received, _sent(weights))
     bodies = tp2.bodies("/update_weights_from_tensor")
     assert len(bodies) == len(buckets) == stats["buckets"]
+    # One payload per tp rank (on CPU both are the same shared-memory handles).
     assert all(len(b["serialized_named_tensors"]) == 2 and b["serialized_named_tensors"][0] ==
                b["serialized_named_tensors"][1] and b["load_format"] is None and b["flush_cache"] is False
                for b in bodies)
@@ -256,7 +257,7 @@ class _GroupMember:
 def test_distributed_broadcasts_every_tensor_to_a_group_member(tied_bf16, fake_server):
     member = _GroupMember()
     up = fake_server(routes=member.routes())
-    servers, ctx = _setup(tied_bf16, [up.url, _dead_url()], master_address="127.0.0.1")
+    servers, ctx = _setup(tied_bf16, [up.url, _dead_url()])   # master address chosen: every server is local
     transport = DistributedTransport(ctx, backend="gloo")      # what build_transport picks without a GPU
     assert transport.device == "cpu"
     try:
