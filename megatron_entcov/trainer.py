@@ -49,6 +49,9 @@ from megatron_entcov.token_histograms import TokenHistograms
 from megatron_entcov.tokenizer import load_tokenizer
 from megatron_entcov.weights.probe import verify_sync
 from megatron_entcov.weights.sync import WeightSync
+from megatron_entcov.memory_metrics import PhaseMemory
+from megatron_entcov.policy.model import check_loaded
+from megatron_entcov.policy.offload import TrainerOffload
 from megatron_entcov.weights.shards import load_hf_weights
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ class Trainer:
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                              f"({len(self.tokenizer)} tokens); set model.vocab_size >= {len(self.tokenizer)}")
-        self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature)
+        self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature, load_weights=self._weights_source() != "random")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last,
                                          run_id=self.run.run_id)
         dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
@@ -106,6 +109,10 @@ class Trainer:
                                                                 and self.evaluator is not None)
         self.step_histograms: dict = {}
         """The last step's sampled token values (rank 0; token_histograms.py), written beside its scalars."""
+        self.offload = TrainerOffload(self.actor.chunks, self.actor.optimizer,
+                                      enabled=cfg.rollout.sglang.release_memory)
+        """Colocated servers: the trainer's state goes to the host while they hold the GPU (policy/offload.py)."""
+        self.memory = PhaseMemory(ps)
         self.step = 0
         self.weight_version = 0
         self._load_initial_state()
@@ -117,6 +124,7 @@ class Trainer:
         clock = {"start": time.monotonic()}
         batch, exp = self._experience_batch()
         clock["train"] = time.monotonic()
+        self.memory.begin("train")
         batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch)       # None off the last stage
         tokens = _TokenMean(batch.loss_mask, self.ps)
         local = self._batch_metrics(batch, exp, tokens)
@@ -146,11 +154,14 @@ class Trainer:
         progress.close()
         if cfg.metrics.measure_entropy_change and applied:
             local.update(self._measured_entropy_change(batch))
+        self.memory.end("train")
         clock["sync"] = time.monotonic()
+        self.memory.begin("sync")
         sync_stats: dict[str, float] = {}
         if applied:          # a step whose every update was skipped left the weights as the engine has them
             self.weight_version += 1
             sync_stats = self._sync_weights()
+        self.memory.end("sync")
         clock["end"] = time.monotonic()
         t0 = time.monotonic()
         self.step_histograms = histograms.gather()
@@ -160,6 +171,7 @@ class Trainer:
         # own coef/* are sums of per-token shares, which carry float noise a constant should not show.
         totals.update(coefs)
         totals.update(sync_stats)
+        totals.update(self.memory.collect())
         totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0), selection_time))
         if histograms.enabled:
             totals["perf/histogram_time(s)"] = histogram_time
@@ -167,11 +179,15 @@ class Trainer:
 
     def _experience_batch(self) -> tuple[TrainBatch, Experience]:
         """This replica's rows of the step's global experience as training rows, on every rank of its
-        model-parallel group."""
+        model-parallel group. Colocated servers: the trainer's state is on the host meanwhile."""
+        self.memory.begin("rollout")
+        self.offload.offload(weights=True)
         with fail_together(f"step {self.step + 1} rollouts"):
             exp = self._rollouts() if self.ps.is_generator else None
         exp = broadcast_experience(exp, self.ps)
         agree_loader_cursor(self.loader)
+        self.memory.end("rollout", offloaded_bytes=self.offload.host_bytes if self.offload.enabled else None)
+        self.offload.reload()                  # the servers released their memory at the end of _rollouts
         return to_train_batch(exp, self.ps, pad_id=self.tokenizer.pad_token_id), exp
 
     def _rollouts(self) -> Experience:
@@ -265,6 +281,7 @@ class Trainer:
         KV cache after), then verify the sync (weights/probe.py) when weight_sync.verify is 'probe'."""
         engine = self.engine if self.ps.is_generator else None
         release = self.cfg.rollout.sglang.release_memory
+        self.offload.offload(weights=False)   # colocated: gradients and optimizer state leave before servers resume
         t0 = time.monotonic()
         nbytes = self.weight_sync.push(engine, self.weight_version,
                                        prepare=(lambda: engine.resume_memory(["weights"])) if release else None)
@@ -280,6 +297,17 @@ class Trainer:
                                      vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)))
             stats["sync/probe_time(s)"] = time.monotonic() - t1
         return stats
+
+    def _weights_source(self) -> str:
+        """Where the initial weights come from: 'resume' (this run's checkpoint), 'checkpoint' (checkpoint.load),
+        'hf' (model.hf_dir's safetensors) or 'random'. Decides the build (no random init when loading) and
+        :meth:`_load_initial_state`."""
+        ck = self.cfg.checkpoint
+        if ck.resume:
+            return "resume"
+        if ck.load:
+            return "checkpoint"
+        return "hf" if self.cfg.model.hf_dir else "random"
 
     def _load_initial_state(self) -> None:
         ck, actor = self.cfg.checkpoint, self.actor
@@ -309,6 +337,9 @@ class Trainer:
             load_model(actor.chunks, model_dir)
         elif self.cfg.model.hf_dir:
             load_hf_weights(actor.chunks, self.cfg.model, self.cfg.model.hf_dir, self.ps)
+        if self._weights_source() != "random":
+            check_loaded(actor.chunks, {"resume": "the resumed checkpoint", "checkpoint": "checkpoint.load",
+                                        "hf": "model.hf_dir"}[self._weights_source()])
         if loaded is None and (ck.load or self.cfg.model.hf_dir):
             # bf16 training keeps fp32 main copies inside the optimizer (distributed or not), built from the
             # random init: refresh them, or the first step would write the random weights back.
@@ -342,8 +373,7 @@ class Trainer:
             self.stop_signal = agree_stop(self.ps)
             if self.stop_signal:
                 if self.step != saved_step:
-                    self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
-                                           trainer_state=self._trainer_state())
+                    self._save()
                 logger.info("stopped by signal %d after step %d of %d", self.stop_signal, self.step, cfg.steps)
                 break
             if self.step == 0 and self.evaluator is not None:     # the starting weights, as step 0
@@ -361,13 +391,30 @@ class Trainer:
                 drawn_step = self._draw_law()
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.steps:
-                self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
-                                       trainer_state=self._trainer_state())
+                self._save()
                 saved_step = self.step
         if cfg.metrics.law_image_interval and drawn_step != self.step:    # stopped early: the law as it ended
             self._draw_law()
         self.metrics.close()
         return last
+
+    def _save(self) -> None:
+        """Checkpoint the current step. Colocated servers keep their (synced) weights but give back their KV
+        cache and CUDA graphs while the optimizer state is on the device for the save."""
+        colocated = self.offload.enabled
+        engine = self.engine if self.ps.is_generator else None
+        if colocated:
+            with fail_together("releasing the servers' KV cache for a checkpoint"):
+                if engine is not None:
+                    engine.release_memory(["kv_cache", "cuda_graph"])
+        self.offload.reload()
+        self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
+                               trainer_state=self._trainer_state())
+        if colocated:
+            self.offload.offload(weights=False)
+            with fail_together("resuming the servers' KV cache after a checkpoint"):
+                if engine is not None:
+                    engine.resume_memory()
 
     def _write_run_info(self) -> None:
         """The dashboard layout, the resolved config and the code revision, at the step the run (re)starts."""

@@ -61,17 +61,19 @@ class Actor:
     """Model chunks (Megatron DDP), optimizer and learning-rate schedule of one run. All methods are collective
     over the model-parallel group (and the data-parallel group for ``train_step``)."""
 
-    def __init__(self, cfg: "RunConfig", ps: "ParallelState", *, temperature: float):
+    def __init__(self, cfg: "RunConfig", ps: "ParallelState", *, temperature: float, load_weights: bool = False):
         """
         Args:
             cfg: the run config (model, parallel layout, ``optim``; SFT passes its own optimizer settings).
             ps: the parallel state.
             temperature: the sampling temperature the log-probs are taken at (1.0 for SFT).
+            load_weights: the caller loads every weight next (checkpoint, Hugging Face): skip the random
+                initialisation (policy.model.build_model) and call ``policy.model.check_loaded`` after loading.
         """
         self.cfg, self.ps = cfg, ps
         self.micro_batch_size = cfg.optim.micro_batch_size
         check_model_matches_hf(cfg.model)            # a model.hf_dir run builds config.json's architecture
-        self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
+        self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps, load_weights=load_weights), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
         self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=temperature,
                                     use_compile=cfg.loss.compile_logprob_kernels)

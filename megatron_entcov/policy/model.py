@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_transformer_config", "build_layer_spec", "build_model", "uses_transformer_engine", "unwrap_model", "te_available"]
+__all__ = ["build_transformer_config", "build_layer_spec", "build_model", "check_loaded", "uses_transformer_engine",
+           "unwrap_model", "te_available"]
 
 
 def te_available() -> bool:
@@ -41,8 +42,11 @@ def te_available() -> bool:
     return True
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig):
-    """Megatron TransformerConfig for this model and layout (the only place it is built)."""
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, initialize: bool = True):
+    """Megatron TransformerConfig for this model and layout (the only place it is built).
+
+    ``initialize=False``: parameters are allocated on the device and left uninitialised, for weights that
+    will be loaded (see :func:`build_model`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch_dtype(model.params_dtype, field="model.params_dtype")
@@ -74,10 +78,11 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig):
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
-        # Initialise full weights on CPU with one seed and slice them: the TP shards are then exact
-        # slices of the tp=1 weights (tests compare layouts), and nothing touches a GPU at build time.
-        use_cpu_initialization=True,
-        perform_initialization=True,
+        # Random weights: initialise full weights on CPU with one seed and slice them, so the TP shards are
+        # exact slices of the tp=1 weights (tests compare layouts). Weights that will be loaded: allocate
+        # straight on the device and skip initialisation (at 7B-32B a host init per rank takes minutes).
+        use_cpu_initialization=initialize,
+        perform_initialization=initialize,
         # Fused kernels are CUDA-only; on GPU they are left at Megatron's defaults.
         **(dict(
             gradient_accumulation_fusion=False,
@@ -115,15 +120,18 @@ def build_layer_spec(model: ModelConfig):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState") -> list[torch.nn.Module]:
+def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState", *,
+                load_weights: bool = False) -> list[torch.nn.Module]:
     """Build this rank's model chunks (one per virtual pipeline stage; a list of one without interleaving).
 
-    The modules are on ``ps.device`` in ``model.params_dtype``; weights are random (seeded by
-    ``init_parallel``) until a checkpoint or Hugging Face weights are loaded.
+    The modules are on ``ps.device`` in ``model.params_dtype``. Without ``load_weights`` the weights are random
+    (seeded by ``init_parallel``). With it the caller will load every weight (a checkpoint, Hugging Face
+    weights): nothing is initialised, the parameters are allocated on the device and filled with NaN, and
+    :func:`check_loaded` afterwards names any parameter the load missed.
     """
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(model, parallel)
+    config = build_transformer_config(model, parallel, initialize=not load_weights)
     spec = build_layer_spec(model)
     vocab = model.padded_vocab_size(ps.tp_size)
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
@@ -145,12 +153,27 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
             rotary_base=int(model.rotary_base),
             **kwargs,
         )
-        chunks.append(gpt.to(ps.device))
+        gpt = gpt.to(ps.device)
+        if load_weights:
+            with torch.no_grad():
+                for p in gpt.parameters():
+                    p.fill_(float("nan"))         # a memset; a weight the load misses cannot pass for trained
+        chunks.append(gpt)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info("model: %d layers, hidden %d, vocab %d (padded %d), %s, %d params on this rank",
                 model.num_layers, model.hidden_size, model.vocab_size, vocab,
                 "TE spec" if uses_transformer_engine(model) else "local spec", n_params)
     return chunks
+
+
+def check_loaded(chunks, source: str) -> None:
+    """Raise naming the parameters still NaN after loading ``source`` into a model built with
+    ``load_weights=True`` (one device reduction per parameter, once at start-up)."""
+    missed = [n for c in chunks for n, p in unwrap_model(c).named_parameters() if bool(torch.isnan(p).any())]
+    if missed:
+        shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+        raise ValueError(f"{source} left {len(missed)} parameter(s) unset (NaN): {shown}; the weights do not "
+                         "cover this model (architecture or layout mismatch)")
 
 
 def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
