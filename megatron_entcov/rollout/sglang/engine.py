@@ -56,7 +56,7 @@ from megatron_entcov.net import free_port
 from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts, validate_seeds
 from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json, wait_answering
 from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, resolve_device,
-                                                      router_workers, this_host_address)
+                                                      router_workers)
 from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
 from megatron_entcov.rollout.sglang.protocol import (generate_payload, generate_payloads, parse_generate,
                                                      parse_version, request_seed)
@@ -93,8 +93,9 @@ class SGLangEngine(RolloutEngine):
                 ``--tp-size k`` takes k GPUs from there); None = SGLang's default, GPU 0.
             sync_dir: where the 'disk' method writes its temporary safetensors (default: the system temp dir;
                 the servers must be able to read it: local servers or a shared file system).
-            sync_master_address: address the servers reach this process at for 'distributed' (default
-                127.0.0.1 when every server is local, else this host's address).
+            sync_master_address: address the servers reach this process at for 'distributed' (default:
+                ``rollout.sglang.sync_master_addr``, else transports.choose_master_address: 127.0.0.1 when every
+                server is local, else the local address of the route to the first remote server).
             log_dir: server logs (default: a temporary directory).
             seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
             server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
@@ -161,7 +162,6 @@ class SGLangEngine(RolloutEngine):
                 servers.extend(Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls))
                 for s in servers:
                     wait_answering(s.url, startup_timeout_s)
-                local = all("127.0.0.1" in s.url or "localhost" in s.url for s in servers)
             else:
                 if model_dir is None:
                     model_dir = write_hf_model_dir(model_cfg, self._tmp / "init_model", seed=seed)
@@ -173,8 +173,8 @@ class SGLangEngine(RolloutEngine):
                     servers.append(s)
                 # Start all, then wait: start-ups overlap.
                 self.startup_s = [s.proc.wait_ready(startup_timeout_s) for s in servers]
-                local = True
-            self.sync_master_address = sync_master_address or ("127.0.0.1" if local else this_host_address())
+            # None: transports.choose_master_address picks the address the route to the servers leaves from.
+            self.sync_master_address = sync_master_address or cfg.sync_master_addr or None
             versions = {s.url: self._server_version(s) for s in servers}
             if len(set(versions.values())) != 1:
                 raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}; they hold "

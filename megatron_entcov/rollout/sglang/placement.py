@@ -1,5 +1,5 @@
 """Where a replica's SGLang servers are: its share of given URLs, a router's workers, the device and GPUs of
-the servers it launches, and the address servers reach the trainer at.
+the servers it launches (the address they reach the trainer at: transports.choose_master_address).
 
 Each data-parallel replica's generating rank runs its own engine; nothing here talks to another replica, so
 the placement is a pure function of the config, the replica's rank and the node it runs on.
@@ -17,14 +17,7 @@ from collections.abc import Sequence
 from megatron_entcov.config import server_tp
 from megatron_entcov.rollout.sglang.http import ServerError, http_json
 
-__all__ = ["replica_server_urls", "router_workers", "resolve_device", "colocated_gpu_ids", "this_host_address"]
-
-
-def this_host_address() -> str:
-    """This host's address as the other nodes resolve its name (for the distributed weight transport)."""
-    import socket
-
-    return socket.gethostbyname(socket.gethostname())
+__all__ = ["replica_server_urls", "router_workers", "resolve_device", "colocated_gpu_ids"]
 
 
 def replica_server_urls(urls: Sequence[str], dp_rank: int, dp_size: int) -> list[str]:
