@@ -428,7 +428,7 @@ class SGLangEngine(RolloutEngine):
                 if not err.retryable:
                     raise
                 if s is not self.router:
-                    self.pool.mark_failure(s, err)
+                    self.pool.mark_failure(s, err, generation=True)
                 avoid = s
                 if s.alive:                   # failover from a dead server does not use up the retries
                     retries += 1

@@ -3,8 +3,10 @@
 A server is in one of four states:
 
 - ``live``: serves generation and receives every weight sync.
-- ``dead``: its process exited, or it stopped answering (connection refused, time-out on ``/model_info``);
-  its requests fail over to the live servers.
+- ``dead``: its process exited, or it stopped answering (connection refused, time-out on ``/model_info``),
+  or its scheduler hangs: a generation request failed and ``/health_generate`` (one token through the
+  scheduler) fails too while the HTTP front end still answers ``/model_info``; its requests fail over to the
+  live servers (a launched one is killed and restarted).
 - ``restarting``: a server this engine launched died and is being started again (at most ``max_restarts``
   times per server, in a background thread, on a fresh port; its log goes next to the old one).
 - ``stale``: answering, but its weights are not the trainer's: a restarted server (it loaded the initial
@@ -72,7 +74,7 @@ class ServerPool:
 
     def __init__(self, servers: list[Server], *, launch: Callable[[Server], SGLangServer] | None,
                  max_restarts: int, startup_timeout_s: float, is_current: Callable[[Server], bool],
-                 on_ready: Callable[[Server], None] | None = None):
+                 on_ready: Callable[[Server], None] | None = None, health_timeout_s: float = 60.0):
         """
         Args:
             servers: the servers, all live.
@@ -85,6 +87,8 @@ class ServerPool:
                 full sync.
             on_ready: called with a restarted server once it answers, before it is used (the engine releases
                 its memory there while the others' is released); an exception fails the restart.
+            health_timeout_s: how long ``/health_generate`` may take after a failed generation request before
+                the server counts as hung (SGLang itself answers 503 after 20 s without a scheduler reply).
         """
         self.servers = servers
         self._launch = launch
@@ -92,6 +96,7 @@ class ServerPool:
         self.startup_timeout_s = float(startup_timeout_s)
         self._is_current = is_current
         self._on_ready = on_ready
+        self.health_timeout_s = float(health_timeout_s)
         self._lock = threading.Lock()
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -175,8 +180,11 @@ class ServerPool:
                 s.requests += 1
                 s.generated_tokens += tokens
 
-    def mark_failure(self, s: Server, err: Exception) -> None:
-        """Count a failure; a server whose process exited or whose /model_info does not answer is dead."""
+    def mark_failure(self, s: Server, err: Exception, *, generation: bool = False) -> None:
+        """Count a failure; a server whose process exited or whose /model_info does not answer is dead. With
+        ``generation`` (a /generate request failed retryably), one whose scheduler does not answer
+        /health_generate either is dead too: a hung scheduler behind a live HTTP front end would otherwise
+        take every request it is given until each times out."""
         with self._lock:
             s.failures += 1
             s.last_error = str(err)
@@ -190,8 +198,17 @@ class ServerPool:
                 http_json(s.url, "/model_info", timeout=10)
             except ServerError as probe_err:
                 dead = probe_err.retryable
+        why = str(err)
+        if not dead and generation and getattr(err, "retryable", True):
+            # Not during a weight sync (a paused scheduler does not answer): only after a generation failure.
+            # SGLang answers 503 itself after SGLANG_HEALTH_CHECK_TIMEOUT (20 s) without a scheduler reply.
+            try:
+                http_json(s.url, "/health_generate", timeout=self.health_timeout_s)
+            except ServerError as probe_err:
+                dead = probe_err.retryable
+                why = f"its scheduler does not answer (/model_info does; /health_generate: {probe_err}) after {err}"
         if dead:
-            self._declare_dead(s, str(err))
+            self._declare_dead(s, why)
 
     # ------------------------------------------------------------------------------------------------ fan-out
 

@@ -274,3 +274,32 @@ def test_post_all_drops_dead_servers_and_raises_for_other_failures(fake_server):
     # settle: the caller started the fan-out itself (and worked while the servers waited).
     fan = Fanout([a.url, b.url], "/flush_cache", {}, timeout=5)
     assert pool.settle(fan, [a, b], check=False) == [a, b]
+
+
+def test_a_hung_scheduler_behind_a_live_front_end_is_dead_after_a_generation_failure(fake_server):
+    # /model_info answers (SGLang's HTTP process), /health_generate does not (SGLang answers 503 after its own
+    # 20 s without a scheduler reply; the fake answers 500 at once).
+    def hung(body):
+        raise RuntimeError("Health check failed: no response from the scheduler")
+    hung_server = fake_server(routes={"/health_generate": hung})
+    healthy = fake_server()
+    a, b = Server(url=hung_server.url, index=0), Server(url=healthy.url, index=1)
+    launched = []
+    pool = _pool([a, b], launch=lambda s: launched.append(s) or _Proc(f"http://127.0.0.1:{free_port()}"))
+    a.proc = _Proc(a.url)
+    # A failure outside generation (a weight-sync call: the scheduler may be paused) leaves it live.
+    pool.mark_failure(a, ServerError(a.url, "/update_weights_from_tensor", "timed out"))
+    assert a.state == LIVE and ("GET", "/health_generate", None) not in hung_server.requests
+    # A request the server rejected (4xx) says nothing about its scheduler.
+    pool.mark_failure(a, ServerError(a.url, "/generate", "HTTP 400", status=400, retryable=False),
+                      generation=True)
+    assert a.state == LIVE
+    # A timed-out generation request: the scheduler is probed, fails, and the server is dead and restarted.
+    pool.mark_failure(a, ServerError(a.url, "/generate", "timed out"), generation=True)
+    assert ("GET", "/health_generate", None) in hung_server.requests
+    assert a.state in (RESTARTING, LIVE) and a.restarts == 1
+    assert pool.wait_restarts(5) and launched == [a]
+    assert a.state == LIVE and a.url != hung_server.url
+    # The healthy server's scheduler answers: a failed request there does not kill it.
+    pool.mark_failure(b, ServerError(b.url, "/generate", "timed out"), generation=True)
+    assert b.state == LIVE and ("GET", "/health_generate", None) in healthy.requests
