@@ -62,6 +62,8 @@ def entropy_control_layout() -> dict:
                 "Multiline", [r"perf/tokens_per_s$", r"rollout/server[0-9]+/tokens_per_s$"]],
             "dynamic sampling: degenerate groups, refills": [
                 "Multiline", [r"reward/degenerate_group_frac$", r"rollout/refill_"]],
+            "memory per phase (GiB): GPU allocated, reserved, peak; host RSS; offloaded to the host": [
+                "Multiline", [r"mem/"]],
         },
     }
 
