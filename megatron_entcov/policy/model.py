@@ -78,10 +78,11 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
-        # Random weights: initialise full weights on CPU with one seed and slice them, so the TP shards are
-        # exact slices of the tp=1 weights (tests compare layouts). Weights that will be loaded: allocate
-        # straight on the device and skip initialisation (at 7B-32B a host init per rank takes minutes).
-        use_cpu_initialization=initialize,
+        # Weights that will be loaded: allocated straight on the device, never initialised (at 7B-32B a host
+        # init per rank takes minutes). Random weights on a GPU: initialised there (Megatron's model-parallel
+        # RNG). Random weights on CPU: full weights initialised with one seed and sliced, so the TP shards are
+        # exact slices of the tp=1 weights (the layout tests compare them).
+        use_cpu_initialization=initialize and on_cpu,
         perform_initialization=initialize,
         # Fused kernels are CUDA-only; on GPU they are left at Megatron's defaults.
         **(dict(

@@ -113,7 +113,7 @@ def _worker(rank, world_size, tmp, models):
     from megatron_entcov.config import ModelConfig, ParallelConfig
     from megatron_entcov.weights.shards import iter_hf_weights, load_hf_weights
     from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
-    from megatron_entcov.policy.model import build_model
+    from megatron_entcov.policy.model import build_model, check_loaded
     from megatron_entcov.parallel import init_parallel
 
     res = {}
@@ -127,8 +127,10 @@ def _worker(rank, world_size, tmp, models):
         for tp, pp in LAYOUTS:
             parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
             ps = init_parallel(parallel, seed=3)
-            chunks = build_model(model_cfg, parallel, ps)
+            # Built as the trainer builds a model it loads: no random init, NaN until loaded.
+            chunks = build_model(model_cfg, parallel, ps, load_weights=True)
             load_model(chunks, f"{tmp}/{name}_mcore/step_000000/model")
+            check_loaded(chunks, "the converted checkpoint")
             res[f"{name}_tp{tp}pp{pp}"] = _rel_err(_full_logits(chunks, ps, model_cfg, m["ids"]), m["logits"])
             save_model(chunks, f"{tmp}/{name}_tp{tp}pp{pp}")
             if (tp, pp) == (2, 2):
@@ -143,8 +145,9 @@ def _worker(rank, world_size, tmp, models):
                 res[f"{name}_iter"] = got
                 res[f"{name}_iter_sizes"] = sizes
                 # Hugging Face weights straight into a tp=2 x pp=2 model (no dist checkpoint).
-                chunks = build_model(model_cfg, parallel, ps)
+                chunks = build_model(model_cfg, parallel, ps, load_weights=True)
                 load_hf_weights(chunks, model_cfg, m["hf_dir"], ps)
+                check_loaded(chunks, "model.hf_dir")
                 res[f"{name}_direct_tp2pp2"] = _rel_err(_full_logits(chunks, ps, model_cfg, m["ids"]), m["logits"])
         # Interleaved pipeline (2 chunks per stage): layer numbers are global, not per chunk.
         parallel = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)

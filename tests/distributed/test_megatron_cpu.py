@@ -171,3 +171,43 @@ def test_tied_embedding_stays_in_sync_across_stages(results):
 def test_checkpoint_saved_at_tp2_pp2_loads_elsewhere(results, layout):
     for rank, res in enumerate(results):
         assert res[layout] < LOGIT_ATOL, f"rank {rank}: {layout} outputs differ by {res[layout]:.3g}"
+
+
+
+def _load_worker(rank, world_size):
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.policy.model import build_model, check_loaded
+
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+                             "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=32"])
+    ps = init_parallel(cfg.resolve(world_size).parallel, seed=0)
+    chunks = build_model(cfg.model, cfg.parallel, ps, load_weights=True)
+    params = dict(chunks[0].named_parameters())
+    out = {"all_nan": all(bool(torch.isnan(p).all()) for p in params.values())}
+    with torch.no_grad():
+        for name, p in params.items():
+            if "linear_fc2" not in name:
+                p.fill_(0.5)
+    try:
+        check_loaded(chunks, "model.hf_dir")
+        out["partial"] = "passed"
+    except ValueError as err:
+        out["partial"] = str(err)
+    with torch.no_grad():
+        for p in params.values():
+            p.fill_(0.5)
+    check_loaded(chunks, "model.hf_dir")
+    random = build_model(cfg.model, cfg.parallel, ps)[0]
+    out["random_finite"] = all(bool(torch.isfinite(p).all()) for p in random.parameters())
+    return out
+
+
+def test_a_model_built_for_loading_is_not_initialised_and_names_what_a_load_missed():
+    """build_model(load_weights=True) skips Megatron's random init (NaN until loaded); check_loaded names every
+    parameter a load left unset, and passes once every weight is written."""
+    out = run_workers(_load_worker, 1)[0]
+    assert out["all_nan"] and out["random_finite"]
+    assert out["partial"] == ("model.hf_dir left 2 parameter(s) unset (NaN): decoder.layers.0.mlp.linear_fc2.weight, "
+                              "decoder.layers.1.mlp.linear_fc2.weight; the weights do not cover this model "
+                              "(architecture or layout mismatch)")
