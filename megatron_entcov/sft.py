@@ -119,7 +119,7 @@ def _greedy_accuracy(cfg: RunConfig, ps: ParallelState, chunks, tokenizer, items
     from megatron_entcov.rollout.local import LocalEngine
 
     is_generator = ps.rank == 0      # one engine for the whole run: rank 0 scores the held-out prompts
-    engine = LocalEngine(cfg.model, seed=cfg.seed) if is_generator else None
+    engine = LocalEngine(cfg.model, seed=cfg.seed, device=ps.device) if is_generator else None
     WeightSync(chunks, cfg.model, ps, bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20)).push(engine, 1)
     acc = torch.zeros(1, dtype=torch.float64)
     if is_generator:

@@ -98,7 +98,7 @@ class Trainer:
         self.engine = engine
         with fail_together("starting the rollout engine"):
             if ps.is_generator and self.engine is None:
-                self.engine = build_engine(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+                self.engine = build_engine(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size, device=ps.device)
         self.weight_sync = WeightSync(self.actor.chunks, cfg.model, ps,
                                       bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,

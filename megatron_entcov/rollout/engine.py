@@ -204,13 +204,14 @@ def validate_seeds(seeds, num_prompts: int) -> list[int] | None:
     return out
 
 
-def build_engine(cfg, *, dp_rank: int = 0, dp_size: int = 1) -> RolloutEngine:
+def build_engine(cfg, *, dp_rank: int = 0, dp_size: int = 1, device="cpu") -> RolloutEngine:
     """The engine ``cfg.rollout.engine`` names, for data-parallel replica ``dp_rank`` (call it on the replica's
-    generating rank only: it may launch servers)."""
+    generating rank only: it may launch servers). The embedded engine generates on ``device`` (the trainer's:
+    ``ps.device``)."""
     if cfg.rollout.engine == "local":
         from megatron_entcov.rollout.local import LocalEngine
 
-        return LocalEngine(cfg.model, seed=cfg.seed)
+        return LocalEngine(cfg.model, seed=cfg.seed, device=device)
     from megatron_entcov.rollout.sglang import SGLangEngine
 
     return SGLangEngine.from_config(cfg, dp_rank=dp_rank, dp_size=dp_size)

@@ -157,7 +157,7 @@ class LocalEngine(RolloutEngine):
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"LocalEngine seed={seed!r} is invalid: must be an integer >= 0")
         self.model_cfg = model_cfg
-        self.device = torch.device(device)
+        self.device = device if isinstance(device, torch.device) else torch.device(device)   # keep ps.device itself
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.seed = seed
