@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+import psutil
 import pytest
 
 from megatron_entcov.rollout.sglang import NoServerLeftError, SGLangEngine
@@ -70,6 +71,24 @@ def test_killed_server_loses_no_sample_and_is_restarted(tiny_cfg, model_dirs, tm
         assert eng.wait_restarts(300)
         assert [s.state for s in eng.servers] == ["live", "live"] and survivor.restarts == 1
         print("[sglang] both servers killed: the rollout waited for a restart and completed")
+
+        # A hung scheduler behind a live HTTP front end (SIGSTOP: /model_info still answers): its requests time
+        # out, /health_generate fails, the server is declared dead, killed and restarted; no sample is lost.
+        eng.pool.max_restarts = 3
+        eng.request_timeout_s = 15
+        hung = eng.servers[0]
+        hung_url = hung.url
+        schedulers = [c for c in psutil.Process(hung.proc.proc.pid).children(recursive=True)
+                      if "sglang::scheduler" in " ".join([c.name()] + c.cmdline())]
+        assert schedulers, "no sglang::scheduler process found under the server"
+        for c in schedulers:
+            c.suspend()
+        out = eng.generate(PROMPTS[:8], params)
+        assert [s.index for s in out] == list(range(8)) and all(s.weight_version == 1 for s in out)
+        assert "its scheduler does not answer" in hung.last_error, hung.last_error
+        assert eng.wait_restarts(300) and hung.state == "live" and hung.url != hung_url
+        assert hung.restarts == 3
+        print("[sglang] hung scheduler: declared dead after /health_generate failed, restarted")
 
         # No restarts left: with both servers killed, a clear error.
         eng.pool.max_restarts = 0

@@ -207,6 +207,9 @@ class ServerPool:
             except ServerError as probe_err:
                 dead = probe_err.retryable
                 why = f"its scheduler does not answer (/model_info does; /health_generate: {probe_err}) after {err}"
+                if dead:
+                    with self._lock:
+                        s.last_error = why
         if dead:
             self._declare_dead(s, why)
 
