@@ -450,7 +450,7 @@ class Checkpointer:
         buf = torch.zeros(world, _MSG_BYTES, dtype=torch.int32, device=self.ps.device)
         if error is not None:
             raw = error.encode()[:_MSG_BYTES] or b"?"
-            buf[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32)
+            buf[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32, device=buf.device)
         collectives.all_reduce(buf)       # SUM: each row is written by one rank only
         rows = buf.cpu()
         errors = []

@@ -12,8 +12,8 @@ runs) host tensors. Two kinds of traffic cross the groups:
   call site never has to know the backend. One small copy each way per call: a few per step.
 
 On CPU the checks are trivially met; armed with ``ENTCOV_DEVICE_AUDIT=1`` (:mod:`megatron_entcov.device_audit`)
-they judge each tensor as NCCL would, and ``tests/unit/test_collectives_audit.py`` keeps every
-``torch.distributed`` collective of the package inside this module.
+they judge each tensor as NCCL would, and a ``torch.distributed`` collective called from any other module of
+the package raises.
 
 Object collectives (:func:`broadcast_object_list`, :func:`all_gather_object`, :func:`gather_object`) pickle
 on the host; torch moves the bytes to the current CUDA device itself for NCCL.
@@ -158,7 +158,7 @@ def reduce_values(values: torch.Tensor | Sequence[float], *, group=None, op="sum
     host = torch.as_tensor(values, dtype=dtype, device="cpu")
     if not is_distributed(group):
         return host.clone()
-    buf = host.to(group_device(group))
+    buf = host.to(group_device(group), copy=True)     # never the caller's tensor, whatever the backend
     all_reduce(buf, group=group, op=op)
     return buf.cpu()
 

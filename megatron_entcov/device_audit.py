@@ -14,7 +14,9 @@ an NCCL collective goes unnoticed until the first GPU run. Armed (``ENTCOV_DEVIC
 - An operation mixing a device tensor with a host tensor of one or more dimensions raises, as CUDA would
   (0-dim host scalars and index arguments are allowed, as on CUDA; ``.to``/``copy_`` are the explicit moves).
 - :mod:`megatron_entcov.collectives` asks :func:`placement` of every tensor it hands to a process group and
-  requires ``"device"``, as NCCL would.
+  requires ``"device"``, as NCCL would; and a ``torch.distributed`` collective called straight from any other
+  module of this package raises, naming the caller (it would bypass that check). Megatron's and torch's own
+  calls are theirs to get right and are not judged.
 
 It costs a Python call per torch operation: for tests (``tests/distributed/test_device_audit.py`` runs
 training steps armed), never for training runs. What it cannot see: code that builds a tensor with an
@@ -28,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -44,8 +47,12 @@ AUDIT_DEVICE = torch.device("cpu")
 _ATTR = "_entcov_placement"
 _DEVICE_GETTER = torch._C.TensorBase.__dict__["device"]
 _MOVES = {"to", "cuda", "cpu", "copy_", "type", "new_tensor", "set_"}
-_INDEXING = {"__getitem__", "__setitem__", "index_select", "index_put_", "index_put", "index_add_",
-             "index_copy_", "index_fill_", "masked_fill_", "masked_fill"}
+_INDEXING = {"__getitem__", "__setitem__", "index_put_", "index_put"}
+"""The calls CUDA lets take host index tensors (index_select, masked_fill and the like do not)."""
+_NO_HOST_SCALARS = {"cat", "stack", "concat", "concatenate", "hstack", "vstack", "where"}
+"""Calls that refuse even a 0-dim host tensor next to device tensors (elementwise ops accept one)."""
+_TO_HOST = {"numpy", "__array__"}
+"""Reading a device tensor as numpy: CUDA tensors must be copied with .cpu() first."""
 _HOST_FACTORIES = {"from_numpy", "as_tensor", "tensor", "frombuffer"}
 
 
@@ -76,6 +83,8 @@ def arm() -> None:
         _mode = DeviceAudit()
         _mode.__enter__()
         torch._C._nn._parse_to = _parse_to_keeping_identity
+        for name in _GUARDED:
+            setattr(torch.distributed, name, _guarded(name, _REAL_COLLECTIVES[name]))
 
 
 def disarm() -> None:
@@ -85,9 +94,33 @@ def disarm() -> None:
         mode, _mode = _mode, None
         mode.__exit__(None, None, None)
         torch._C._nn._parse_to = _REAL_PARSE_TO
+        for name in _GUARDED:
+            setattr(torch.distributed, name, _REAL_COLLECTIVES[name])
 
 
 _REAL_PARSE_TO = torch._C._nn._parse_to
+
+_GUARDED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "gather", "scatter", "reduce",
+            "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend",
+            "irecv", "batch_isend_irecv", "barrier", "broadcast_object_list", "all_gather_object",
+            "gather_object", "scatter_object_list")
+_REAL_COLLECTIVES = {name: getattr(torch.distributed, name) for name in _GUARDED
+                     if hasattr(torch.distributed, name)}
+_GUARDED = tuple(_REAL_COLLECTIVES)
+_OWNER = "megatron_entcov.collectives"
+
+
+def _guarded(name: str, real):
+    def call(*args, **kwargs):
+        frame = sys._getframe(1)
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("megatron_entcov") and module != _OWNER:
+            raise DevicePlacementError(
+                f"{module} (line {frame.f_lineno}) calls torch.distributed.{name} directly, past the device check "
+                f"of megatron_entcov/collectives.py; call collectives.{name} (host metadata: reduce_values)")
+        return real(*args, **kwargs)
+    call.__wrapped__ = real
+    return call
 
 
 def _parse_to_keeping_identity(*args, **kwargs):
@@ -169,6 +202,9 @@ class DeviceAudit(TorchFunctionMode):
             return AUDIT_DEVICE if placement(args[0]) == "device" else out
         tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         places = [placement(t) for t in tensors]
+        if name in _TO_HOST and places and places[0] == "device":
+            raise DevicePlacementError(f"{name}: {_describe(tensors[0])} read as numpy; on a GPU this fails (can't "
+                                       "convert a CUDA tensor to numpy). Copy it with .cpu() first")
         if name in _MOVES:
             where = _target_of_move(name, args, kwargs, places[0] if places else None)
         else:
@@ -200,7 +236,7 @@ class DeviceAudit(TorchFunctionMode):
         if name in _INDEXING and args and isinstance(args[0], torch.Tensor):
             # CUDA accepts host index tensors and masks; the indexed tensor and a value must match.
             judged = [args[0]] + [a for a in args[2:] if isinstance(a, torch.Tensor)]
-        host = [t for t in judged if placement(t) == "host" and t.dim() > 0]
+        host = [t for t in judged if placement(t) == "host" and (t.dim() > 0 or name in _NO_HOST_SCALARS)]
         device = [t for t in judged if placement(t) == "device"]
         if host and device:
             raise DevicePlacementError(

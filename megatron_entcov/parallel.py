@@ -185,6 +185,7 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
     if device_audit.armed():
         device_audit.arm()                      # a simulated accelerator: see megatron_entcov/device_audit.py
     _init_process_group(backend, timeout_minutes)
+    backend = dist.get_backend()               # a caller's own process group (tests: gloo) decides the device
     world_size = dist.get_world_size()
     mp = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
     if world_size % mp:

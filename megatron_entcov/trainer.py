@@ -161,6 +161,8 @@ class Trainer:
         if applied:          # a step whose every update was skipped left the weights as the engine has them
             self.weight_version += 1
             sync_stats = self._sync_weights()
+        elif cfg.rollout.sglang.release_memory:
+            sync_stats = self._sync_weights()     # unless colocated servers dropped theirs after generating
         self.memory.end("sync")
         clock["end"] = time.monotonic()
         t0 = time.monotonic()
@@ -181,7 +183,7 @@ class Trainer:
         """This replica's rows of the step's global experience as training rows, on every rank of its
         model-parallel group. Colocated servers: the trainer's state is on the host meanwhile."""
         self.memory.begin("rollout")
-        self.offload.offload(weights=True)
+        self._make_room(weights=True)
         with fail_together(f"step {self.step + 1} rollouts"):
             exp = self._rollouts() if self.ps.is_generator else None
         exp = broadcast_experience(exp, self.ps)
@@ -281,12 +283,13 @@ class Trainer:
         KV cache after), then verify the sync (weights/probe.py) when weight_sync.verify is 'probe'."""
         engine = self.engine if self.ps.is_generator else None
         release = self.cfg.rollout.sglang.release_memory
-        self.offload.offload(weights=False)   # colocated: gradients and optimizer state leave before servers resume
+        self._make_room(weights=False)        # colocated: gradients and optimizer state leave before servers resume
         t0 = time.monotonic()
         nbytes = self.weight_sync.push(engine, self.weight_version,
                                        prepare=(lambda: engine.resume_memory(["weights"])) if release else None)
         dt = time.monotonic() - t0
         if release:                                   # same on every rank: no collective when off
+            self._make_room(weights=False)            # the sync's buffers too, on every rank, before the KV cache
             with fail_together("resuming the servers' memory"):
                 if engine is not None:
                     engine.resume_memory()
@@ -407,14 +410,27 @@ class Trainer:
             with fail_together("releasing the servers' KV cache for a checkpoint"):
                 if engine is not None:
                     engine.release_memory(["kv_cache", "cuda_graph"])
-        self.offload.reload()
-        self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
-                               trainer_state=self._trainer_state())
-        if colocated:
-            self.offload.offload(weights=False)
-            with fail_together("resuming the servers' KV cache after a checkpoint"):
-                if engine is not None:
-                    engine.resume_memory()
+        try:
+            self.offload.reload(parts=("optimizer", "weights"))      # the gradient buffers stay freed
+            self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
+                                   trainer_state=self._trainer_state())
+        finally:
+            if colocated:
+                self._make_room(weights=False)
+                with fail_together("resuming the servers' KV cache after a checkpoint"):
+                    if engine is not None:
+                        engine.resume_memory()
+
+    def _make_room(self, *, weights: bool) -> None:
+        """Colocated servers: offload the trainer's state (policy/offload.py), hand the cached blocks back to the
+        driver, and wait for every rank to have done so before any server takes memory back (collective when
+        offloading is on; nothing otherwise)."""
+        if not self.offload.enabled:
+            return
+        self.offload.offload(weights=weights)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        collectives.barrier()
 
     def _write_run_info(self) -> None:
         """The dashboard layout, the resolved config and the code revision, at the step the run (re)starts."""

@@ -42,11 +42,15 @@ def te_available() -> bool:
     return True
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, initialize: bool = True):
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, initialize: bool = True,
+                             device: torch.device | None = None):
     """Megatron TransformerConfig for this model and layout (the only place it is built).
 
-    ``initialize=False``: parameters are allocated on the device and left uninitialised, for weights that
-    will be loaded (see :func:`build_model`)."""
+    ``initialize=False``: parameters are left uninitialised, for weights that will be loaded (see
+    :func:`build_model`). ``device``: where the model is built (``ps.device``; None = this machine's default):
+    on a CUDA device Megatron allocates (and initialises) there, elsewhere on the host, which under a
+    ``torch.device("meta")`` context allocates nothing (the converter's builds)."""
+    on_device = (device.type == "cuda") if device is not None else torch.cuda.is_available()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch_dtype(model.params_dtype, field="model.params_dtype")
@@ -82,7 +86,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
         # init per rank takes minutes). Random weights on a GPU: initialised there (Megatron's model-parallel
         # RNG). Random weights on CPU: full weights initialised with one seed and sliced, so the TP shards are
         # exact slices of the tp=1 weights (the layout tests compare them).
-        use_cpu_initialization=initialize and on_cpu,
+        use_cpu_initialization=not on_device,
         perform_initialization=initialize,
         # Fused kernels are CUDA-only; on GPU they are left at Megatron's defaults.
         **(dict(
@@ -132,7 +136,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
     """
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(model, parallel, initialize=not load_weights)
+    config = build_transformer_config(model, parallel, initialize=not load_weights, device=ps.device)
     spec = build_layer_spec(model)
     vocab = model.padded_vocab_size(ps.tp_size)
     vpp = parallel.virtual_pipeline_model_parallel_size or 1

@@ -116,9 +116,10 @@ class TrainerOffload:
     def _grads(self) -> list[torch.Tensor]:
         out = []
         for c in self.chunks:
-            for buf in list(getattr(c, "buffers", [])) + list(getattr(c, "expert_parallel_buffers", []) or []):
-                if getattr(buf, "grad_data", None) is not None:
-                    out.append(buf.grad_data)
+            # Megatron DDP's lists of param-and-grad buffers (``buffers`` is a method on a plain nn.Module).
+            bufs = [b for attr in ("buffers", "expert_parallel_buffers")
+                    for b in (getattr(c, attr, None) if isinstance(getattr(c, attr, None), (list, tuple)) else ())]
+            out += [b.grad_data for b in bufs if getattr(b, "grad_data", None) is not None]
         out += [p.main_grad for p in self._weights() if getattr(p, "main_grad", None) is not None]
         return out
 
@@ -162,14 +163,14 @@ class TrainerOffload:
         return any((m.device, m.storage.data_ptr(), m.nbytes) == key for moved in self._moved.values()
                    for m in moved)
 
-    def reload(self) -> None:
-        """Everything offloaded back on the device (weights and optimizer state as they were, zeroed gradient
-        buffers)."""
-        if not self._moved:
+    def reload(self, parts: tuple[str, ...] | None = None) -> None:
+        """The offloaded ``parts`` (default: all) back on the device: weights and optimizer state as they were,
+        gradient buffers zeroed."""
+        names = [n for n in self._moved if parts is None or n in parts]
+        if not names:
             return
-        for moved in self._moved.values():
-            for m in moved:
+        for name in names:
+            for m in self._moved.pop(name):
                 m.restore()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._moved.clear()

@@ -109,7 +109,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         # Built on the meta device, then allocated without initialisation: no random init of a 32B model,
         # and at most one copy of it in memory.
         with torch.device("meta"):
-            chunks = build_model(build_cfg, parallel, dataclasses.replace(ps, device=torch.device("meta")))
+            chunks = build_model(build_cfg, parallel, dataclasses.replace(ps, device=torch.device("meta")),
+                                 load_weights=True)
         chunks = [c.to_empty(device="cpu") for c in chunks]
         load_hf_weights(chunks, build_cfg, hf, ps, progress=progress and ps.is_rank0)
         # Rank 0 prepares .NAME.tmp, renames it to out once complete, and removes it on any failure.

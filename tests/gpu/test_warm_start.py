@@ -32,7 +32,7 @@ def _worker(rank, world_size, hf_dir, out_dir):
     trainer = Trainer(cfg, ps)
     try:
         trainer.train_step()
-        return {n: t.float().numpy().copy() for bucket in iter_hf_weights(trainer.actor.chunks, cfg.model, ps)
+        return {n: t.float().cpu().numpy().copy() for bucket in iter_hf_weights(trainer.actor.chunks, cfg.model, ps)
                 for n, t in bucket}
     finally:
         trainer.close()

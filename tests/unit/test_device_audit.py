@@ -50,6 +50,19 @@ def test_what_cuda_accepts_passes(audit):
     assert placement(w.to(torch.float64)) == "device"        # a dtype change stays put
 
 
+def test_what_cuda_refuses_raises(audit):
+    w = torch.arange(6.0, device=AUDIT_DEVICE).reshape(2, 3)
+    with pytest.raises(DevicePlacementError, match="index_select"):
+        w.index_select(0, torch.tensor([1, 0]))               # CUDA takes no host index here (only [] indexing)
+    with pytest.raises(DevicePlacementError, match="masked_fill"):
+        w.masked_fill(torch.tensor([[True, False, True], [False, True, False]]), 0.0)
+    with pytest.raises(DevicePlacementError, match="stack"):
+        torch.stack([w[0, 0], torch.tensor(1.0)])             # not even a 0-dim host tensor
+    with pytest.raises(DevicePlacementError, match="numpy: device tensor \\(2, 3\\).*\\.cpu\\(\\) first"):
+        w.numpy()
+    assert w.cpu().numpy().shape == (2, 3)
+
+
 def test_collectives_refuse_host_tensors_under_the_audit(audit):
     with pytest.raises(DevicePlacementError, match="all_reduce: a host tensor \\(2,\\)"):
         collectives.all_reduce(torch.zeros(2))
@@ -96,3 +109,22 @@ def test_helper_checks_backends_without_the_audit(monkeypatch):
 def test_unknown_reduce_op_is_named():
     with pytest.raises(ValueError, match="'mean' is not one of"):
         collectives._op("mean")
+
+
+def test_a_direct_collective_from_the_package_raises_naming_the_caller(audit):
+    # Code in a megatron_entcov module (not collectives.py) that calls torch.distributed itself.
+    namespace = {"__name__": "megatron_entcov.somewhere", "torch": torch}
+    exec("def sum_flags(t):\n    torch.distributed.all_reduce(t)\n", namespace)
+    with pytest.raises(DevicePlacementError, match=r"megatron_entcov.somewhere \(line 2\) calls "
+                                                   r"torch.distributed.all_reduce directly.*collectives.all_reduce"):
+        namespace["sum_flags"](torch.zeros(1, device=AUDIT_DEVICE))
+    # The same call from outside the package (here: a test) goes to torch as it is.
+    assert torch.distributed.all_reduce.__wrapped__ is device_audit._REAL_COLLECTIVES["all_reduce"]
+
+
+def test_disarm_restores_the_collectives():
+    real = torch.distributed.all_reduce
+    device_audit.arm()
+    assert torch.distributed.all_reduce is not real
+    device_audit.disarm()
+    assert torch.distributed.all_reduce is real
