@@ -479,6 +479,12 @@ class LossConfig:
     """Annealing of kl_cov_coef (base = kl_cov_coef)."""
     entropy_coef_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Annealing of entropy_coef (base = entropy_coef)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (TIS) of the rollout/trainer mismatch: the policy-gradient surrogate of each
+    token is weighted by w = min(exp(old_logprob - rollout_logprob), tis_cap), detached, where old_logprob is the
+    trainer's recomputed log pi_old and rollout_logprob the engine's (the tokens were sampled by the engine's
+    numerics, e.g. SGLang in bf16). Penalties (KL-Cov, entropy bonus) are not reweighted. 0 = off (default);
+    > 0 = the cap C, e.g. 2.0. Logged as train/is_ratio_mean, train/tis_weight_mean, train/tis_clip_frac."""
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSS_NAMES)
@@ -502,6 +508,9 @@ class LossConfig:
                 _fail(f"loss.{coef}_schedule.kind", sched.kind, f"'exponential' needs loss.{coef} > 0")
             if coef.endswith("_ratio") and sched.kind != "constant" and sched.end > 1.0:
                 _fail(f"loss.{coef}_schedule.end", sched.end, "a token share must lie in [0, 1]")
+        if not (isinstance(self.tis_cap, (int, float)) and math.isfinite(self.tis_cap) and self.tis_cap >= 0):
+            _fail("loss.tis_cap", self.tis_cap, "must be a finite number >= 0: 0 turns truncated importance "
+                  "sampling off, > 0 is the cap on the weight (e.g. 2.0)")
 
 
 @dataclass(kw_only=True)

@@ -226,7 +226,8 @@ class Trainer:
 
         def loss_fn(mb, logprobs, entropy):
             return policy_loss(loss_cfg, logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                               entropy=entropy, step=step, selection=selection.rows(mb["rows"]))
+                               entropy=entropy, step=step, selection=selection.rows(mb["rows"]),
+                               rollout_logprobs=mb["rollout_logprobs"])
         return loss_fn
 
     # ---------------------------------------------------------------- metrics

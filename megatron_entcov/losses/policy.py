@@ -13,6 +13,9 @@ sections 3-4). Per valid token t, with ratio_t = exp(log pi_t - log pi_old_t):
     KL-Cov    L_t = -A ratio (no clipping) for every valid token, + beta |log pi_t - log pi_old_t| on the
               top k = max(int(k_share * N), 1) tokens by cov_t.
     bonus     loss -= entropy_coef * agg(H_t)
+    TIS       (loss.tis_cap = C > 0) the policy-gradient surrogate above (not the KL-Cov penalty, not the bonus)
+              is multiplied by w_t = stop_grad(min(exp(log pi_old_t - log mu_t), C)), mu the rollout engine's
+              sampling policy (truncated importance sampling of the rollout/trainer mismatch).
 with cov_t from :func:`megatron_entcov.ops.covariance.token_covariance` and N the global valid-token count.
 
 Deviations from the released code (verl core_algos), each on purpose:
@@ -244,7 +247,7 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
 def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                 entropy: Tensor | None = None, group=None, step: int = 0, generator: torch.Generator | None = None,
                 selection: TokenSelection | None = None, token_keys: Tensor | None = None,
-                seed: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                seed: int | None = None, rollout_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss of ``cfg.name`` (+ entropy bonus) for one micro-batch, normalised by GLOBAL denominators.
 
     Contract: let the optimizer mini-batch be split over the ranks of ``group`` and, on each rank, into row
@@ -272,6 +275,9 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
             then be the whole local mini-batch.
         token_keys: [B, T] int64 unique global token keys; used only when selection is None (see
             compute_token_selection). seed: run seed for the Clip-Cov random choice.
+        rollout_logprobs: [B, T] log-probs of the sampled tokens under the rollout engine's numerics (no grad);
+            required when cfg.tis_cap > 0 (truncated importance sampling weight min(exp(old - rollout), C) per
+            token), else unused. Invalid positions are ignored.
 
     Returns:
         (loss, metrics). loss: 0-dim tensor. metrics: detached 0-dim float32 tensors, each already this
@@ -281,8 +287,11 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         train/loss, train/pg_loss, train/entropy_bonus, train/ppo_kl, train/clip_frac_low,
         train/clip_frac_high, train/clip_frac_dual, train/clip_cov_frac, train/kl_cov_frac, cov/mean,
         cov/q10, cov/q50, cov/q90, cov/q99, coef/clip_cov_ratio, coef/kl_cov_ratio, coef/kl_cov_coef,
-        coef/entropy_coef. The step's entropy is the trainer's (entropy/mean, from the rollout batch's
-        forward); a loss-level copy summed over mini-batches would count it again.
+        coef/entropy_coef; with cfg.tis_cap > 0 also train/is_ratio_mean (mean untruncated exp(old - rollout)),
+        train/tis_weight_mean (mean truncated weight w) and train/tis_clip_frac (share of tokens where the cap
+        applied). No max is logged: the metrics are SUM-reduced, and a max does not sum. The step's entropy is
+        the trainer's (entropy/mean, from the rollout batch's forward); a loss-level copy summed over mini-batches
+        would count it again.
     """
     _check_inputs(cfg, logprobs, old_logprobs, advantages, mask)
     if cfg.entropy_coef > 0 and entropy is None:
@@ -290,6 +299,13 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
                          "(from ops.vocab_parallel.logprobs_and_entropy)")
     if entropy is not None and entropy.shape != logprobs.shape:
         raise ValueError(f"entropy has shape {tuple(entropy.shape)}, expected {tuple(logprobs.shape)}")
+    if cfg.tis_cap > 0:
+        if rollout_logprobs is None:
+            raise ValueError(f"loss.tis_cap={cfg.tis_cap} > 0 needs the rollout engine's log-probs: pass "
+                             "rollout_logprobs=[B, T] (TrainBatch.rollout_logprobs), or set loss.tis_cap=0")
+        if rollout_logprobs.shape != logprobs.shape:
+            raise ValueError(f"rollout_logprobs has shape {tuple(rollout_logprobs.shape)}, expected "
+                             f"{tuple(logprobs.shape)} like logprobs")
     if selection is None:
         if seed is None:
             seed = generator.initial_seed() if generator is not None else 0
@@ -314,6 +330,7 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
     terms = ppo_terms(cfg, log_ratio, advantages)
     zeros = torch.zeros_like(valid)
     clip_low, clip_high, clip_dual = zeros, zeros, zeros
+    penalty = None
     if cfg.name == "ppo":
         pg = terms["pg_clipped"]
         clip_low, clip_high, clip_dual = terms["clip_low"], terms["clip_high"], terms["clip_dual"]
@@ -321,8 +338,27 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         pg = torch.where(selection.clip_cov_mask, terms["pg_clipped"].detach(), terms["pg_clipped"])
         clip_low, clip_high, clip_dual = terms["clip_low"], terms["clip_high"], terms["clip_dual"]
     else:  # kl_cov: unclipped surrogate everywhere, |log-ratio| penalty on the top-k tokens by covariance.
+        pg = terms["pg_unclipped"]
         penalty = coefs["kl_cov_coef"] * log_ratio.abs()
-        pg = terms["pg_unclipped"] + torch.where(selection.kl_cov_mask, penalty, torch.zeros_like(penalty))
+        penalty = torch.where(selection.kl_cov_mask, penalty, torch.zeros_like(penalty))
+
+    is_ratio = tis_weight = None
+    if cfg.tis_cap > 0:
+        # Truncated importance sampling: the tokens were sampled from the engine's policy mu, not from the
+        # trainer's pi_old, so the surrogate's gradient estimator is reweighted by pi_old / mu, truncated at C to
+        # bound its variance (bias only where the cap applies). Only the policy-gradient term: it is the one
+        # that is an expectation over the sampling distribution. The KL-Cov penalty and the entropy bonus are
+        # functions of the current policy on the given tokens, not estimators of an expectation under pi_old,
+        # so they are left as they are. Per-token and computed from per-token values only, hence invariant to
+        # the batch layout; detached (a weight, not a gradient path). Masked before exp like log_ratio.
+        with torch.no_grad():
+            is_log_ratio = torch.where(valid, old_logprobs.detach() - rollout_logprobs.detach(),
+                                       torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device))
+            is_ratio = torch.exp(is_log_ratio)
+            tis_weight = torch.clamp(is_ratio, max=cfg.tis_cap).to(logprobs.dtype)
+        pg = pg * tis_weight
+    if penalty is not None:
+        pg = pg + penalty
 
     pg_loss = agg(pg)
     loss = pg_loss
@@ -356,6 +392,10 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
             "train/kl_cov_frac": frac(selection.kl_cov_mask),
             "cov/mean": token_mean(selection.covariance),
         }
+        if is_ratio is not None:
+            metrics["train/is_ratio_mean"] = token_mean(is_ratio)
+            metrics["train/tis_weight_mean"] = token_mean(tis_weight)
+            metrics["train/tis_clip_frac"] = frac(is_ratio > cfg.tis_cap)
         for level, q in zip(selection.quantile_levels, selection.cov_quantiles):
             metrics[_quantile_key(level)] = (q.double() * share).float()
         for name, value in coefs.items():

@@ -105,6 +105,9 @@ def test_yaml_and_overrides(tmp_path):
     (["optim.max_consecutive_skipped=-2"], r"optim.max_consecutive_skipped=-2 is invalid: must be >= 0"),
     (["metrics.histogram_tokens=-1"], r"metrics.histogram_tokens=-1 is invalid: must be >= 0"),
     (["metrics.law_image_interval=-5"], r"metrics.law_image_interval=-5 is invalid: must be >= 0"),
+    (["loss.tis_cap=-1"], r"loss.tis_cap=-1.0 is invalid: must be a finite number >= 0: 0 turns truncated"),
+    (["loss.tis_cap=nan"], r"loss.tis_cap=nan is invalid: must be a finite number"),
+    (["loss.tis_cap=.inf"], r"loss.tis_cap=inf is invalid: must be a finite number"),
 ])
 def test_bad_values_name_field_value_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
