@@ -101,9 +101,10 @@ def disarm() -> None:
 _REAL_PARSE_TO = torch._C._nn._parse_to
 
 _GUARDED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "gather", "scatter", "reduce",
-            "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend",
-            "irecv", "batch_isend_irecv", "barrier", "broadcast_object_list", "all_gather_object",
-            "gather_object", "scatter_object_list")
+            "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv",
+            "batch_isend_irecv", "barrier", "broadcast_object_list", "all_gather_object", "gather_object",
+            "scatter_object_list")
+"""isend/irecv are left alone: torch.distributed.P2POp (Megatron's pipeline) accepts them by identity."""
 _REAL_COLLECTIVES = {name: getattr(torch.distributed, name) for name in _GUARDED
                      if hasattr(torch.distributed, name)}
 _GUARDED = tuple(_REAL_COLLECTIVES)

@@ -172,8 +172,11 @@ def _run_worker(rank, world_size, hf_dir, out_dir, name, steps, record):
         trainer.close()
     if not ps.is_rank0:
         return None
+    import resource
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30     # Linux: KiB
     return {"logs": logs, "calls": engine.calls if record else [], "snapshots": snapshots,
-            "histograms": histograms, "run_dir": str(cfg.run_dir)}
+            "histograms": histograms, "run_dir": str(cfg.run_dir), "peak_rss_gib": peak_rss}
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -363,7 +366,7 @@ def truth(run1, warm_dir):
             expected[("eval", step)] = {"prompts": prompts, "greedy": mine_greedy, "greedy_call": greedy,
                                         "sampled_call": sampled, "sampled": responses, "entropies": entropies}
     return {"logged": logged, "expected": expected, "calls": calls, "run_dir": run1["run_dir"],
-            "snapshots": run1["snapshots"], "histograms": run1["histograms"]}
+            "snapshots": run1["snapshots"], "histograms": run1["histograms"], "peak_rss_gib": run1["peak_rss_gib"]}
 
 
 def _close(got, want, tol=1e-6, what=""):
@@ -388,6 +391,7 @@ CHECKED_TAGS = {
     "perf/tokens", "perf/tokens_per_s", "perf/step_time(s)", "perf/train_time(s)", "perf/sync_time(s)",
     "perf/rollout_time(s)", "perf/reward_time(s)", "perf/selection_time(s)", "perf/selection_frac",
     "perf/eval_time(s)", "perf/histogram_time(s)",
+    "mem/rollout/host_rss(GiB)", "mem/train/host_rss(GiB)", "mem/sync/host_rss(GiB)",
 }
 
 
@@ -653,6 +657,12 @@ def test_sync_and_perf_metrics(truth):
         _close(got["perf/selection_frac"], got["perf/selection_time(s)"] / got["perf/step_time(s)"], 1e-6,
                "selection_frac")
         assert got["perf/histogram_time(s)"] <= got["perf/step_time(s)"]
+        # Resident host memory at the end of each phase: at most the process's peak (getrusage, independent of
+        # psutil), and at least what torch and Megatron alone take. No GPU figures on CPU, no offload without
+        # colocated servers.
+        for phase in ("rollout", "train", "sync"):
+            assert 0.2 < got[f"mem/{phase}/host_rss(GiB)"] <= truth["peak_rss_gib"] * (1 + 1e-9)
+            assert f"mem/{phase}/allocated(GiB)" not in got and "mem/offloaded(GiB)" not in got
 
 
 DP_EQUAL_SECTIONS = ("reward/", "rollout/", "eval/", "cov/", "law/", "coef/", "data/")

@@ -120,12 +120,15 @@ def test_tis_reweights_only_the_surrogate_not_kl_cov_penalty_or_entropy_bonus():
     logp, old, rollout, adv, mask = _batch(seed=3)
     entropy_base = torch.rand(logp.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     kw = dict(name="kl_cov", kl_cov_ratio=0.3, kl_cov_coef=0.7, entropy_coef=0.01)
+    # One token selection for both runs (keys decide KL-Cov's ties, not the order tests run in).
+    keys = torch.arange(logp.numel()).view(logp.shape)
+    sel = compute_token_selection(LossConfig(**kw), logp, old, adv, mask, token_keys=keys, seed=0)
     out = {}
     for on in (False, True):
         lp = logp.clone().requires_grad_(True)
         ent = entropy_base.clone().requires_grad_(True)
         cfg = LossConfig(**kw, tis_cap=cap if on else 0.0)
-        loss, metrics = policy_loss(cfg, lp, old, adv, mask, entropy=ent, rollout_logprobs=rollout)
+        loss, metrics = policy_loss(cfg, lp, old, adv, mask, entropy=ent, rollout_logprobs=rollout, selection=sel)
         loss.backward()
         out[on] = (loss.detach(), lp.grad, ent.grad, metrics)
     assert out[False][3]["train/kl_cov_frac"].item() > 0.25      # the penalty is on ~30% of the tokens
