@@ -540,7 +540,13 @@ class OptimConfig:
     num_mini_batches: int = 1
     """Optimizer steps per rollout batch (KL-Cov needs > 1 to act). Released: 8."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward micro-batch on one data-parallel rank."""
+    """Sequences per forward/backward micro-batch on one data-parallel rank (unused when
+    max_tokens_per_micro_batch > 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch: > 0 packs each rank's samples back to back into rows of at most this many
+    tokens (THD packed sequences; balanced first-fit, so the number of micro-batches varies per step and rank)
+    instead of micro_batch_size padded rows; 0 = off. Must hold the longest sample (rollout.max_prompt_len +
+    sampling.max_new_tokens) and be a multiple of parallel.tensor_model_parallel_size."""
     max_consecutive_skipped: int = 5
     """Stop the run with an error after this many optimizer steps in a row were skipped (non-finite loss or
     gradient norm), before the step is checkpointed; 0 = never stop."""
@@ -560,6 +566,7 @@ class OptimConfig:
         _check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
         _check_positive("optim.num_mini_batches", self.num_mini_batches)
         _check_positive("optim.micro_batch_size", self.micro_batch_size)
+        _check_positive("optim.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, allow_zero=True)
         _check_positive("optim.max_consecutive_skipped", self.max_consecutive_skipped, allow_zero=True)
 
 
@@ -808,6 +815,15 @@ class RunConfig:
             _fail("model.max_position_embeddings", m.max_position_embeddings,
                   f"must be >= rollout.max_prompt_len + sampling.max_new_tokens = "
                   f"{self.rollout.max_prompt_len + self.sampling.max_new_tokens}")
+        budget, longest = self.optim.max_tokens_per_micro_batch, self.rollout.max_prompt_len + self.sampling.max_new_tokens
+        if budget and budget < longest:
+            _fail("optim.max_tokens_per_micro_batch", budget,
+                  f"a micro-batch must hold the longest sample, rollout.max_prompt_len + sampling.max_new_tokens = "
+                  f"{longest}; set it to >= {longest} (or 0 for row micro-batches)")
+        if budget and budget % tp:
+            _fail("optim.max_tokens_per_micro_batch", budget,
+                  f"must be a multiple of parallel.tensor_model_parallel_size={tp} (sequence parallelism splits the "
+                  f"packed row); use {budget - budget % tp + tp}")
         w = self.weight_sync
         if w.verify == "probe" and SYNC_PROBE_PROMPT_LEN + w.probe_tokens > m.max_position_embeddings:
             _fail("weight_sync.probe_tokens", w.probe_tokens,
@@ -846,7 +862,10 @@ class RunConfig:
         if total % self.optim.num_mini_batches:
             _fail("optim.num_mini_batches", self.optim.num_mini_batches,
                   f"must divide rollout.prompts_per_step * n_samples_per_prompt = {total}")
-        if per_mini % (dp * self.optim.micro_batch_size):
+        if self.optim.max_tokens_per_micro_batch and per_mini % dp:
+            _fail("optim.num_mini_batches", self.optim.num_mini_batches,
+                  f"a mini-batch of {per_mini} sequences does not split over data_parallel_size={dp}")
+        if not self.optim.max_tokens_per_micro_batch and per_mini % (dp * self.optim.micro_batch_size):
             _fail("optim.micro_batch_size", self.optim.micro_batch_size,
                   f"a mini-batch of {per_mini} sequences must split evenly over data_parallel_size={dp} "
                   f"ranks of micro_batch_size sequences; choose a divisor of {per_mini // dp}"

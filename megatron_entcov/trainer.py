@@ -125,7 +125,8 @@ class Trainer:
         batch, exp = self._experience_batch()
         clock["train"] = time.monotonic()
         self.memory.begin("train")
-        batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch)       # None off the last stage
+        # None off the last stage; packed as each mini-batch's training step will pack it.
+        batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=cfg.optim.num_mini_batches)
         tokens = _TokenMean(batch.loss_mask, self.ps)
         local = self._batch_metrics(batch, exp, tokens)
         num_mini = cfg.optim.num_mini_batches
@@ -226,8 +227,8 @@ class Trainer:
 
         def loss_fn(mb, logprobs, entropy):
             return policy_loss(loss_cfg, logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                               entropy=entropy, step=step, selection=selection.rows(mb["rows"]),
-                               rollout_logprobs=mb["rollout_logprobs"])
+                               entropy=entropy, step=step, selection=selection.view(mb["view"]),
+                               rollout_logprobs=mb["rollout_logprobs"], segment_ids=mb.get("segment_ids"))
         return loss_fn
 
     # ---------------------------------------------------------------- metrics

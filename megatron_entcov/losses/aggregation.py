@@ -10,8 +10,8 @@ and every rank then gives exactly the single-process full-batch value (up to flo
     seq-mean-token-sum:   sum_s (sum_t m_st x_st) / N_seq        N_seq: global number of sequences with >= 1
     seq-mean-token-mean:  sum_s (sum_t m_st x_st / sum_t m_st) / N_seq      valid token (empty rows do not count)
 
-Micro-batches are row slices, so every sequence is whole inside one micro-batch and the per-sequence
-terms are local.
+Every sequence is whole inside one micro-batch (a row slice, or a packed row whose ``segment_ids`` tell the
+sequences apart), so the per-sequence terms are local.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def count_valid(mask: Tensor) -> tuple[Tensor, Tensor]:
     return mask.sum(dtype=torch.int64), mask.any(dim=-1).sum(dtype=torch.int64)
 
 
-def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_seqs: Tensor) -> Tensor:
+def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_seqs: Tensor,
+              segment_ids: Tensor | None = None) -> Tensor:
     """Aggregate per-token values [B, T] to a scalar with global denominators.
 
     Args:
@@ -44,6 +45,8 @@ def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_
         agg: one of AGG_MODES.
         num_valid: int64 0-dim tensor, global valid-token count of the optimizer mini-batch (token-mean).
         num_seqs: int64 0-dim tensor, global count of sequences with >= 1 valid token (seq-mean-*).
+        segment_ids: [B, T] int64 sequence of each token, when a row holds several (packed micro-batches);
+            None = one sequence per row.
 
     Returns:
         0-dim tensor in values' dtype; this slice's share of the global aggregate (0 for an empty batch).
@@ -55,6 +58,14 @@ def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_
     if agg == "seq-mean-token-sum":
         return masked.sum() / num_seqs.clamp(min=1).to(values.dtype)
     if agg == "seq-mean-token-mean":
-        per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1).to(values.dtype)
+        if segment_ids is None:
+            sums, counts = masked.sum(dim=-1), mask.sum(dim=-1)
+        else:
+            index = segment_ids.reshape(-1)
+            size = index.numel()               # >= the number of segments; empty ones add 0 (no host sync)
+            sums = masked.new_zeros(size).index_add(0, index, masked.reshape(-1))
+            counts = torch.zeros(size, dtype=torch.int64, device=mask.device).index_add(
+                0, index, mask.reshape(-1).to(torch.int64))
+        per_seq = sums / counts.clamp(min=1).to(values.dtype)
         return per_seq.sum() / num_seqs.clamp(min=1).to(values.dtype)
     raise ValueError(f"loss.agg={agg!r} is invalid: choose one of {', '.join(repr(a) for a in AGG_MODES)}")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -110,8 +111,13 @@ class TokenSelection:
 
     def rows(self, rows: slice | Tensor) -> "TokenSelection":
         """The selection restricted to a row slice (or index tensor) of the rank's mini-batch; globals shared."""
-        return TokenSelection(covariance=self.covariance[rows], clip_cov_mask=self.clip_cov_mask[rows],
-                              kl_cov_mask=self.kl_cov_mask[rows], num_valid=self.num_valid,
+        return self.view(lambda t: t[rows])
+
+    def view(self, view: Callable[[Tensor], Tensor]) -> "TokenSelection":
+        """The per-token tensors mapped by ``view`` (a micro-batch's ``view``: a row slice, or the gather of a
+        packed row, policy/packing.py); globals shared."""
+        return TokenSelection(covariance=view(self.covariance), clip_cov_mask=view(self.clip_cov_mask),
+                              kl_cov_mask=view(self.kl_cov_mask), num_valid=self.num_valid,
                               num_seqs=self.num_seqs, cov_quantiles=self.cov_quantiles,
                               quantile_levels=self.quantile_levels, coefs=self.coefs, step=self.step)
 
@@ -247,7 +253,8 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
 def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                 entropy: Tensor | None = None, group=None, step: int = 0, generator: torch.Generator | None = None,
                 selection: TokenSelection | None = None, token_keys: Tensor | None = None,
-                seed: int | None = None, rollout_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                seed: int | None = None, rollout_logprobs: Tensor | None = None,
+                segment_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss of ``cfg.name`` (+ entropy bonus) for one micro-batch, normalised by GLOBAL denominators.
 
     Contract: let the optimizer mini-batch be split over the ranks of ``group`` and, on each rank, into row
@@ -278,6 +285,9 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         rollout_logprobs: [B, T] log-probs of the sampled tokens under the rollout engine's numerics (no grad);
             required when cfg.tis_cap > 0 (truncated importance sampling weight min(exp(old - rollout), C) per
             token), else unused. Invalid positions are ignored.
+        segment_ids: [B, T] int64 sample index of each token when several samples share a row (a packed
+            micro-batch, policy/packing.py): seq-mean-token-mean then averages per sample, not per row.
+            None = one sample per row.
 
     Returns:
         (loss, metrics). loss: 0-dim tensor. metrics: detached 0-dim float32 tensors, each already this
@@ -321,7 +331,8 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
     valid = mask.bool()
     num_valid, num_seqs = selection.num_valid, selection.num_seqs
     coefs = selection.coefs
-    agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=num_valid, num_seqs=num_seqs)
+    agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=num_valid, num_seqs=num_seqs,
+                            segment_ids=segment_ids)
 
     # Mask before exp: padding may hold -inf/garbage; exp of it would put inf*0 = nan into the gradient.
     log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype,

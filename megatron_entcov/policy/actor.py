@@ -25,6 +25,7 @@ from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.policy.forward import PolicyForward
 from megatron_entcov.policy.model import build_model
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
+from megatron_entcov.policy.packing import micro_batches
 from megatron_entcov.policy.pipeline import run_microbatches
 from megatron_entcov.weights.hf_config import check_model_matches_hf
 
@@ -38,7 +39,9 @@ __all__ = ["Actor", "StepResult", "LossFn", "TrainingDivergedError"]
 
 LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 """``loss_fn(micro_batch, logprobs [b, T], entropy [b, T]) -> (loss scalar, metrics of detached scalars)``.
-``micro_batch`` is :meth:`TrainBatch.as_model_input` plus ``rows``, its row slice within the mini-batch."""
+``micro_batch`` is one of policy.packing.micro_batches: the per-token tensors in the micro-batch's layout (a row
+slice [b, T], or a packed row [1, L] with ``segment_ids``), ``rows`` (the mini-batch rows it holds) and ``view``
+(maps a mini-batch tensor [N, T], e.g. a token selection, into that layout)."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -72,6 +75,8 @@ class Actor:
         """
         self.cfg, self.ps = cfg, ps
         self.micro_batch_size = cfg.optim.micro_batch_size
+        self.max_tokens = cfg.optim.max_tokens_per_micro_batch
+        """Token budget of a packed micro-batch; 0 = row micro-batches of micro_batch_size (policy/packing.py)."""
         check_model_matches_hf(cfg.model)            # a model.hf_dir run builds config.json's architecture
         self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps, load_weights=load_weights), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
@@ -84,13 +89,24 @@ class Actor:
         self.consecutive_skipped = 0
         """Updates skipped since the last applied one; at ``optim.max_consecutive_skipped`` train_step raises."""
 
-    def logprobs(self, batch: TrainBatch, micro_batch_size: int | None = None):
+    def logprobs(self, batch: TrainBatch, micro_batch_size: int | None = None, *, parts: int = 1):
         """Forward only: (logprobs, entropy) [N, T] float32 of ``batch.labels`` on the last pipeline stage,
-        (None, None) elsewhere."""
-        return self.policy.forward(batch, micro_batch_size or self.micro_batch_size)
+        (None, None) elsewhere. ``parts``: the batch's optimizer mini-batches, packed as their training steps
+        will pack them (policy/packing.py)."""
+        return self.policy.forward(batch, micro_batch_size or self.micro_batch_size, parts=parts,
+                                   **self._packing())
+
+    def _packing(self) -> dict:
+        """How policy/packing.py builds this actor's micro-batches: the token budget, the padding multiple of a
+        packed row (the tensor-parallel size, for sequence parallelism) and the multiple of the micro-batch
+        count and one row length (the interleaved schedule)."""
+        interleaved = len(self.chunks) > 1
+        return {"max_tokens": self.max_tokens, "multiple_of": self.ps.tp_size,
+                "count_multiple": self.ps.pp_size if interleaved else 1, "uniform": interleaved}
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, label: str = "") -> StepResult:
-        """Forward and backward over ``batch`` in micro-batches of ``micro_batch_size`` rows, then one optimizer
+        """Forward and backward over ``batch`` in micro-batches (``micro_batch_size`` rows, or packed rows of
+        ``optim.max_tokens_per_micro_batch`` tokens), then one optimizer
         step, unless the global gradient norm is not finite: then nothing is applied, the gradients are
         dropped, a warning names ``label``, and ``skipped_steps`` counts it (every rank decides alike).
 
@@ -108,11 +124,7 @@ class Actor:
                 sums[key] = sums.get(key, 0.0) + value
             return loss, {}
 
-        micro = []
-        for i, part in enumerate(batch.split(batch.num_rows // mbs)):
-            mb = part.as_model_input()
-            mb["rows"] = slice(i * mbs, (i + 1) * mbs)
-            micro.append(mb)
+        micro = micro_batches(batch, micro_batch_size=mbs, **self._packing())
         zero_grads(self.chunks, self.optimizer)
         run_microbatches(self.chunks, micro, scored, ps=self.ps, forward_only=False)
         applied, grad_norm = optimizer_step(self.optimizer)

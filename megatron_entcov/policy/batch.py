@@ -1,4 +1,4 @@
-"""Packing rollout samples into training tensors and splitting them into mini- and micro-batches.
+"""Rollout samples as training tensors (one right-padded row per sample), split into mini- and micro-batches.
 
 A sample (prompt + response) becomes one right-padded row of length T. The model reads ``input_ids``; the
 log-prob of the token at position p+1 comes from the logits at position p, so ``labels[p] = tokens[p+1]`` and
@@ -10,6 +10,10 @@ Example:
                          device=ps.device)
     for mini in batch.split(num_mini_batches):
         micro_batches = mini.split(num_micro)         # list of TrainBatch with equal [b, T]
+
+This row layout is the step's canonical one: token selection, metrics and histograms read it. What the model
+reads per micro-batch is either a row slice of it or, with a token budget, several samples concatenated into
+one row (policy/packing.py), mapped back to these rows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ __all__ = ["TrainBatch", "pack_samples"]
 
 @dataclass
 class TrainBatch:
-    """Rows of packed sequences. Shapes [N, T] unless noted; int64 ids, float32 values, bool masks."""
+    """One sample per right-padded row. Shapes [N, T] unless noted; int64 ids, float32 values, bool masks."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -36,6 +40,9 @@ class TrainBatch:
     token_keys: torch.Tensor
     """Globally unique int64 key per token (sample id * T + position): Clip-Cov/KL-Cov tie-breaks and the
     seeded random choice depend only on these, not on how rows are split."""
+    seq_lengths: torch.Tensor
+    """[N] int64: tokens of each row's sample (prompt + response); the rest of the row is padding. Packed
+    micro-batches (policy/packing.py) take exactly these tokens."""
     old_logprobs: torch.Tensor | None = None
     old_entropy: torch.Tensor | None = None
 
@@ -113,4 +120,5 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
         advantages=advantages.float()[:, None].expand(n, t) * loss_mask,
         rollout_logprobs=rollout_lp,
         token_keys=ids[:, None] * key_stride + positions[None, :],
+        seq_lengths=torch.tensor(lengths, dtype=torch.long),
     ).to(device)

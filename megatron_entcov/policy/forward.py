@@ -13,6 +13,7 @@ import torch
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.ops.vocab_parallel import logprobs_and_entropy
+from megatron_entcov.policy.packing import micro_batches, scatter_rows
 from megatron_entcov.policy.pipeline import run_microbatches
 
 if TYPE_CHECKING:
@@ -51,16 +52,25 @@ class PolicyForward:
         return logprobs_and_entropy(z, labels, self.ps.tp_group, inplace_backward=True,
                                     use_compile=self.use_compile)
 
-    def forward(self, batch: TrainBatch, micro_batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Forward only over ``batch`` in micro-batches: (logprobs, entropy) [N, T] on the last stage, else None."""
+    def forward(self, batch: TrainBatch, micro_batch_size: int, *, max_tokens: int = 0, multiple_of: int = 1,
+                count_multiple: int = 1, parts: int = 1,
+                uniform: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Forward only over ``batch``: (logprobs, entropy) [N, T] on the last stage, else (None, None).
+
+        Micro-batches of ``micro_batch_size`` rows, or with ``max_tokens`` > 0 packed rows of at most that many
+        tokens (policy/packing.py; ``multiple_of``, ``count_multiple``, ``parts``, ``uniform`` as there); either
+        way the result is in ``batch``'s row layout."""
 
         def collect(mb, logits):
             lp, ent = self.token_stats(logits, mb["labels"])
             return lp.sum() * 0.0, {"logprobs": lp.detach(), "entropy": ent.detach()}
 
-        micro = [m.as_model_input() for m in batch.split(batch.num_rows // micro_batch_size)]
+        micro = micro_batches(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                              multiple_of=multiple_of, count_multiple=count_multiple, parts=parts,
+                              uniform=uniform)
         with torch.no_grad():
             outs = run_microbatches(self.chunks, micro, collect, ps=self.ps, forward_only=True)
         if not self.ps.is_last_stage:
             return None, None
-        return torch.cat([o["logprobs"] for o in outs]), torch.cat([o["entropy"] for o in outs])
+        return (scatter_rows(batch, micro, [o["logprobs"] for o in outs]),
+                scatter_rows(batch, micro, [o["entropy"] for o in outs]))

@@ -122,7 +122,12 @@ def build_layer_spec(model: ModelConfig):
 
     if uses_transformer_engine(model):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_entcov.policy.packing import PackedDotProductAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Megatron's local attention refuses packed sequences; this subclass runs it per packed sample.
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState", *,

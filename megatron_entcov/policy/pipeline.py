@@ -24,14 +24,17 @@ if TYPE_CHECKING:
 __all__ = ["run_microbatches", "MicroBatch"]
 
 MicroBatch = dict
-"""A dict with at least ``input_ids`` [b, T] and ``position_ids`` [b, T] (int64); other keys are the caller's."""
+"""A dict with at least ``input_ids`` [b, T] and ``position_ids`` [b, T] (int64), and ``packed_seq_params`` for a
+packed row; other keys are the caller's."""
 
 
 def _forward_step(loss_fn: Callable, data_iterator: Iterator, model: torch.nn.Module):
     batch = next(data_iterator)
-    # attention_mask=None: the local and TE specs then apply the causal mask themselves. Sequences are
-    # right-padded, so padding never precedes a real token and needs no mask of its own.
-    output = model(batch["input_ids"], batch["position_ids"], None)
+    # attention_mask=None: the local and TE specs then apply the causal mask themselves. Row sequences are
+    # right-padded, so padding never precedes a real token and needs no mask of its own; packed rows carry
+    # their sample boundaries in packed_seq_params (policy/packing.py).
+    output = model(batch["input_ids"], batch["position_ids"], None,
+                   packed_seq_params=batch.get("packed_seq_params"))
     return output, functools.partial(loss_fn, batch)
 
 
@@ -47,7 +50,9 @@ def run_microbatches(
 
     Args:
         chunks: this rank's model chunks (DDP-wrapped for training), one per virtual pipeline stage.
-        micro_batches: equal-shape micro-batches (same b and T), identical on all model-parallel ranks.
+        micro_batches: equal-shape row micro-batches [b, T], or packed ones [1, L_i] with ``packed_seq_params``
+            (policy/packing.py), identical on all model-parallel ranks; their number may differ between
+            data-parallel ranks (the gradient reduction runs once, after the last).
         loss_fn: called on the last stage as ``loss_fn(batch, logits)`` with logits [b, T, V/tp];
             returns (loss scalar normalised by the global denominator, dict of outputs to return).
         ps: the parallel state.
@@ -58,13 +63,21 @@ def run_microbatches(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.core.utils import get_model_config
+
     if not micro_batches:
         return []
     b, t = micro_batches[0]["input_ids"].shape
+    packed = "packed_seq_params" in micro_batches[0]
     for i, mb in enumerate(micro_batches):
-        if tuple(mb["input_ids"].shape) != (b, t):
-            raise ValueError(f"micro_batches[{i}] has shape {tuple(mb['input_ids'].shape)}, expected {(b, t)}: "
-                             "pad every micro-batch of a step to the same [b, T]")
+        shape = tuple(mb["input_ids"].shape)
+        if packed != ("packed_seq_params" in mb) or (shape != (b, t) and not (packed and shape[0] == 1)):
+            raise ValueError(f"micro_batches[{i}] has shape {shape}, expected {(b, t)}: pad every row micro-batch "
+                             "of a call to the same [b, T] (only packed micro-batches [1, L] may differ in L)")
+    # Packed rows differ in length: the pipeline stages then send each activation's shape before it.
+    get_model_config(chunks[0]).variable_seq_lengths = any(
+        mb["input_ids"].shape[1] != t for mb in micro_batches) and ps.pp_size > 1
+    t = max(mb["input_ids"].shape[1] for mb in micro_batches)
     num_mb = len(micro_batches)
     # Megatron divides each micro-batch loss by num_microbatches, and DDP averages gradients over dp.
     # The caller's loss is already a share of the global mean: scale both averages back out.
