@@ -49,8 +49,10 @@ def _armed_rl_worker(rank, world_size, run_dir, layout):
 @pytest.mark.parametrize("layout, world", [
     (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2", "loss.name=clip_cov",
       "loss.clip_cov_ratio=0.2"], 4),
-    (["loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "parallel.use_distributed_optimizer=true"], 2),
-], ids=["tp2-pp2-clip_cov", "dp2-kl_cov-distopt"])
+    # Packed micro-batches (index tensors, cu_seqlens, segment ids) under the audit too.
+    (["loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "parallel.use_distributed_optimizer=true",
+      "optim.max_tokens_per_micro_batch=24"], 2),
+], ids=["tp2-pp2-clip_cov", "dp2-kl_cov-distopt-packed"])
 def test_rl_steps_pass_the_device_audit(tmp_path, layout, world):
     results = run_workers(_armed_rl_worker, world, (str(tmp_path), layout), timeout=420)
     for r in results:
