@@ -9,8 +9,8 @@ One step, as the paper's released recipe (arXiv 2505.22617; reference section 6)
      reported, when the gradient norm is not finite; policy/actor.py);
   4. weight sync to the rollout engine, metrics (scalars; token histograms; the law image every
      metrics.law_image_interval steps), the online entropy-law fit, a checkpoint.
-With rollout.overlap, step t+1's experience is generated in a background thread while step 3 runs, with the
-weights from before the update, and the sync waits for it (overlap.py).
+With rollout.overlap, the next step's experience (1) is generated in a background thread while this step's
+optimizer steps (2-3) run, with the weights from before their update; the sync (4) waits for it (overlap.py).
 No loss math lives here: it is in losses/ and ops/. Model, optimizer and train step are the Actor's.
 
 Example:

@@ -205,3 +205,43 @@ def test_resume_after_a_stop_trains_the_prefetched_prompts(tmp_path):
     versions = {s["weight_version"] for s in _merge([r["log"][0]["rows"] for r in resumed]).values()}
     assert versions == {2}                     # regenerated from the checkpoint's weights (the whole run: 1)
     assert {s["weight_version"] for s in _merge([r["log"][2]["rows"] for r in whole]).values()} == {1}
+
+
+def _failing_worker(rank, world_size, run_dir):
+    from megatron_entcov.config import load_config
+    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.trainer import Trainer
+
+    cfg = load_config(None, TINY + ["steps=3", "rollout.overlap=true", f"output_dir={run_dir}",
+                                    "name=failing"]).resolve(world_size)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    trainer = Trainer(cfg, ps)
+    calls = []
+    inner = trainer.engine.generate
+
+    def generate(*args, **kwargs):           # replica 1's second call: step 2's rollouts, in the background
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise ConnectionError("server of replica 1 went away")
+        return inner(*args, **kwargs)
+
+    trainer.engine.generate = generate
+    try:
+        trainer.train_step()
+    except Exception as err:                 # noqa: BLE001 - reported to the test
+        return {"error": f"{type(err).__name__}: {err}", "notes": getattr(err, "__notes__", []),
+                "pending": trainer.prefetch.pending, "version": trainer.weight_version}
+    finally:
+        trainer.close()
+    return {"error": None}
+
+
+def test_an_error_in_the_background_rollout_fails_every_rank_at_the_wait(tmp_path):
+    results = run_workers(_failing_worker, 2, (str(tmp_path),), timeout=400)
+    own, other = results[1], results[0]
+    assert own["error"] == "ConnectionError: server of replica 1 went away"
+    assert any("step index 1" in note for note in own["notes"])
+    # Replica 0's thread learnt it in the round's gather; either way it fails in the same step, before the sync.
+    assert other["error"] is not None and "replica 1" in other["error"]
+    for r in results:
+        assert not r["pending"] and r["version"] == 0      # failed at the wait: no new version, no sync
