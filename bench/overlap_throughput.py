@@ -18,6 +18,11 @@ engine both share the trainer's process and its GIL: torch ops release it, Pytho
 
 This is a measurement script, not a test: it asserts nothing.
 
+Measured (2-core KVM guest shared with other test runs; README "Overlapped rollouts" has the table): SGLang
+server, quiet machine (load ~2): sequential 1.026 s = rollout 0.528 + train/sync 0.498, overlapped 0.634 s =
+1.20 x max, 0.62 x sum (1.62x faster); with another test suite running (load ~4): 1.05-1.06x faster (1.7-1.9 x
+max); embedded engine, load ~2: 0.573 s -> 0.504 s (1.16 x max, 1.14x faster).
+
 API (bench/throughput.py imports it):
     measure_overlap(*, engine="sglang", steps=4, overrides=(), run_dir=None, threads=1) -> dict
         engine: "sglang" (one CPU server launched for the run) or "local" (embedded engine).
