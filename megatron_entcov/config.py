@@ -314,6 +314,13 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal (no signal) and refill from new prompts (DAPO)."""
     max_refill_rounds: int = 4
     """With dynamic_sampling, the most extra generation rounds per step before training on what is there."""
+    overlap: bool = False
+    """Generate step t+1's rollouts in a background thread while step t trains (one step off-policy: they use
+    the weights from before step t's update; the sync still happens at the step boundary, after the wait).
+    Logs rollout/staleness(_max) and perf/overlap_wait(s); pair it with loss.tis_cap (e.g. 2.0) to correct
+    the rollout/trainer mismatch. A checkpoint stores the loader as of the experience trained, so a resumed
+    run regenerates the prefetched prompts (overlap.py). Works with both engines; not with
+    rollout.sglang.release_memory (colocated servers cannot generate while the trainer holds the GPU)."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """The SGLang engine's servers and weight transport (used when engine is 'sglang')."""
     sync_dir: str = ""
@@ -339,6 +346,12 @@ class RolloutConfig:
         if self.sglang.release_memory and self.engine != "sglang":
             _fail("rollout.sglang.release_memory", self.sglang.release_memory,
                   "applies to rollout.engine=sglang only; set false")
+        if self.overlap and self.sglang.release_memory:
+            _fail("rollout.overlap", self.overlap,
+                  "contradicts rollout.sglang.release_memory=true: colocated servers give the GPU to the trainer "
+                  "while it trains, so they cannot generate the next step's rollouts meanwhile; set "
+                  "rollout.overlap=false, or run the servers on GPUs of their own and set "
+                  "rollout.sglang.release_memory=false")
 
 
 @dataclass(kw_only=True)

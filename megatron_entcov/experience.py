@@ -55,14 +55,16 @@ def sample_seed(seed: int, step: int, round_idx: int, prompt_position: int, samp
     return mix_seed(seed, step, round_idx, prompt_position, sample_idx)
 
 
-def dp_gather(ps: "ParallelState") -> Gather:
+def dp_gather(ps: "ParallelState", group=None) -> Gather:
     """The gather of the generating ranks: an all-gather of picklable payloads over their data-parallel group
-    (the generating ranks of all replicas form one, since they share tp_rank 0 and pp_rank 0)."""
+    (the generating ranks of all replicas form one, since they share tp_rank 0 and pp_rank 0), or over
+    ``group``, another group of the same ranks (the background rollouts of rollout.overlap use their own:
+    parallel.build_rollout_group)."""
     def gather(payload: dict) -> list[dict]:
         if ps.dp_size == 1 or not dist.is_initialized():
             return [payload]
         out: list = [None] * ps.dp_size
-        collectives.all_gather_object(out, payload, group=ps.dp_group)
+        collectives.all_gather_object(out, payload, group=ps.dp_group if group is None else group)
         return out
     return gather
 

@@ -35,7 +35,7 @@ from megatron_entcov.config import ParallelConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["ParallelState", "init_parallel", "destroy_parallel", "resolve_backend", "seed_everything", "raise_together",
-           "fail_together", "loopback_store"]
+           "fail_together", "loopback_store", "build_rollout_group"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,24 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
     logger.info("parallel: world=%d tp=%d pp=%d dp=%d backend=%s", world_size, ps.tp_size, ps.pp_size,
                 ps.dp_size, backend)
     return ps
+
+
+def build_rollout_group(ps: ParallelState):
+    """A second group over the generating ranks (tp_rank 0, pp_rank 0 of every replica: the ranks of their
+    data-parallel group), for the background rollout thread of ``rollout.overlap`` (overlap.py): its gathers
+    must not share a group with the main thread's collectives. gloo whatever the world's backend: it carries
+    pickled payloads on the host, and keeps the thread off the training's NCCL streams.
+
+    Collective over the world (every rank calls ``new_group`` in the same order, members or not). Returns the
+    group on a generating rank when dp > 1, else None (one replica gathers nothing)."""
+    if ps.dp_size == 1 or not collectives.is_distributed():
+        return None
+    flags = [0.0] * ps.world_size
+    flags[ps.rank] = 1.0 if ps.is_generator else 0.0
+    members = [r for r, f in enumerate(collectives.reduce_values(flags).tolist()) if f]
+    assert len(members) == ps.dp_size, f"generating ranks {members} != one per replica (dp={ps.dp_size})"
+    group = dist.new_group(ranks=members, backend="gloo")
+    return group if ps.is_generator else None
 
 
 def _embedding_group(mpu):

@@ -9,6 +9,8 @@ One step, as the paper's released recipe (arXiv 2505.22617; reference section 6)
      reported, when the gradient norm is not finite; policy/actor.py);
   4. weight sync to the rollout engine, metrics (scalars; token histograms; the law image every
      metrics.law_image_interval steps), the online entropy-law fit, a checkpoint.
+With rollout.overlap, the next step's experience (1) is generated in a background thread while this step's
+optimizer steps (2-3) run, with the weights from before their update; the sync (4) waits for it (overlap.py).
 No loss math lives here: it is in losses/ and ops/. Model, optimizer and train step are the Actor's.
 
 Example:
@@ -38,7 +40,8 @@ from megatron_entcov.law_report import law_snapshot
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.losses.schedules import annealed_coefficients
 from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
-from megatron_entcov.parallel import ParallelState, fail_together
+from megatron_entcov.overlap import RolloutPrefetch, staleness_sums
+from megatron_entcov.parallel import ParallelState, build_rollout_group, fail_together
 from megatron_entcov.policy.actor import Actor, StepResult
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.rollout.engine import build_engine
@@ -115,6 +118,19 @@ class Trainer:
         self.memory = PhaseMemory(ps)
         self.step = 0
         self.weight_version = 0
+        overlap = cfg.rollout.overlap
+        # Collective on every rank (new_group), in the same place of the build on all of them.
+        self.rollout_group = build_rollout_group(ps) if overlap else None
+        self.prefetch = RolloutPrefetch() if overlap else None
+        """rollout.overlap: the background rollout of the next step (generating ranks; overlap.py)."""
+        self._prefetched: Experience | None = None
+        """The next step's experience (this replica's rows), generated while the last step trained."""
+        self._loader_state: dict | None = None
+        """rollout.overlap: the loader as of the experience the current step trains on, before the prefetch drew
+        the next step's prompts; what a checkpoint stores, so that a resume regenerates those prompts."""
+        if overlap and cfg.loss.tis_cap == 0 and ps.is_rank0:
+            logger.warning("rollout.overlap=true trains on rollouts one weight version old without importance "
+                           "correction; set loss.tis_cap (e.g. 2.0)")
         self._load_initial_state()
 
     # ---------------------------------------------------------------- one step
@@ -123,6 +139,7 @@ class Trainer:
         cfg, ps = self.cfg, self.ps
         clock = {"start": time.monotonic()}
         batch, exp = self._experience_batch()
+        version = self.weight_version            # the trainer's weights at train time (staleness)
         clock["train"] = time.monotonic()
         self.memory.begin("train")
         # None off the last stage; packed as each mini-batch's training step will pack it.
@@ -156,6 +173,12 @@ class Trainer:
         if cfg.metrics.measure_entropy_change and applied:
             local.update(self._measured_entropy_change(batch))
         self.memory.end("train")
+        clock["wait"] = time.monotonic()
+        if self.prefetch is not None:
+            # The engine's weights must not change under the next step's generation: wait, then sync.
+            with fail_together(f"step {self.step + 2} rollouts (generated while step {self.step + 1} trained)"):
+                if self.prefetch.pending:
+                    self._prefetched = self.prefetch.wait()
         clock["sync"] = time.monotonic()
         self.memory.begin("sync")
         sync_stats: dict[str, float] = {}
@@ -170,6 +193,9 @@ class Trainer:
         self.step_histograms = histograms.gather()
         histogram_time += time.monotonic() - t0
         totals = reduce_sum_metrics(local, ps)
+        if self.prefetch is not None:
+            totals.update(self._staleness_metrics(exp, version))
+            totals["perf/overlap_wait(s)"] = clock["sync"] - clock["wait"]
         # Exact coefficients (the mean of the mini-batches' annealed values, the same on every rank); the loss's
         # own coef/* are sums of per-token shares, which carry float noise a constant should not show.
         totals.update(coefs)
@@ -185,21 +211,34 @@ class Trainer:
         model-parallel group. Colocated servers: the trainer's state is on the host meanwhile."""
         self.memory.begin("rollout")
         self._make_room(weights=True)
+        exp, self._prefetched = self._prefetched, None
         with fail_together(f"step {self.step + 1} rollouts"):
-            exp = self._rollouts() if self.ps.is_generator else None
+            if self.ps.is_generator and exp is None:   # the generating ranks agree: all prefetched, or none
+                exp = self._rollouts(self.step)
         exp = broadcast_experience(exp, self.ps)
         agree_loader_cursor(self.loader)
+        if self.prefetch is not None:
+            self._loader_state = self.loader.state_dict()      # before the prefetch draws the next prompts
+            self._start_prefetch()
         self.memory.end("rollout", offloaded_bytes=self.offload.host_bytes if self.offload.enabled else None)
         self.offload.reload()                  # the servers released their memory at the end of _rollouts
         return to_train_batch(exp, self.ps, pad_id=self.tokenizer.pad_token_id), exp
 
-    def _rollouts(self) -> Experience:
-        """Generate and score the step's global batch with the other replicas (the generating ranks only), with
-        per-server throughput; returns this replica's rows of it."""
+    def _start_prefetch(self) -> None:
+        """rollout.overlap: start generating the next step's experience in the background (the generating ranks;
+        not after the last step). Its gathers use the rollout group, never a group the training uses."""
+        if self.ps.is_generator and self.step + 1 < self.cfg.steps:
+            step = self.step + 1
+            self.prefetch.start(lambda: self._rollouts(step, group=self.rollout_group), step=step)
+
+    def _rollouts(self, step: int, group=None) -> Experience:
+        """Generate and score step ``step``'s global batch (0-based: its sampling seeds) with the other replicas
+        (the generating ranks only; gathers over ``group``, None = their data-parallel group), with per-server
+        throughput; returns this replica's rows of it."""
         ps = self.ps
         before = self.engine.server_stats()
-        exp = collect_experience(self.cfg, self.engine, self.tokenizer, self.loader, step=self.step,
-                                 dp_rank=ps.dp_rank, dp_size=ps.dp_size, gather=dp_gather(ps))
+        exp = collect_experience(self.cfg, self.engine, self.tokenizer, self.loader, step=step,
+                                 dp_rank=ps.dp_rank, dp_size=ps.dp_size, gather=dp_gather(ps, group))
         exp.replica_stats.update(server_throughput(before, self.engine.server_stats(),
                                                    exp.replica_stats["perf/replica_rollout_time(s)"],
                                                    ps.dp_rank, ps.dp_size))
@@ -246,6 +285,15 @@ class Trainer:
             local["perf/tokens"] = tokens.local_count
         return local
 
+    def _staleness_metrics(self, exp: Experience, version: int) -> dict[str, float]:
+        """rollout/staleness (mean over the step's global batch) and rollout/staleness_max: the trainer's weight
+        version at train time minus each sample's (collective; each replica's generating rank counts its rows)."""
+        total, count, most = staleness_sums(version, [s.weight_version for s in exp.samples]) \
+            if self.ps.is_generator else (0.0, 0.0, float("-inf"))
+        total, count = collectives.reduce_values([total, count]).tolist()
+        most = float(collectives.reduce_values([most], op="max"))
+        return {"rollout/staleness": total / max(count, 1.0), "rollout/staleness_max": most}
+
     def _add_update_metrics(self, local: dict[str, float], result: StepResult, num_mini: int) -> None:
         """Losses return shares of the mini-batch value: average the mini-batches."""
         if self.ps.owns_results:
@@ -273,7 +321,7 @@ class Trainer:
         return {"train/lr": self.actor.lr,
                 "perf/selection_time(s)": selection_time,
                 "perf/selection_frac": selection_time / max(step_time, 1e-9),
-                "perf/train_time(s)": clock["sync"] - clock["train"],
+                "perf/train_time(s)": clock["wait"] - clock["train"],
                 "perf/sync_time(s)": clock["end"] - clock["sync"],
                 "perf/step_time(s)": step_time,
                 "perf/tokens_per_s": tokens / max(step_time, 1e-9),
@@ -357,7 +405,7 @@ class Trainer:
             "optimizer_steps": self.actor.optimizer_steps,
             "skipped_steps": self.actor.skipped_steps,
             "weight_version": self.weight_version,
-            "loader": self.loader.state_dict(),
+            "loader": self.loader.state_dict() if self._loader_state is None else self._loader_state,
             "scheduler": self.actor.scheduler.state_dict(),
             "law": self.law.state_dict(),
         }
@@ -468,10 +516,13 @@ class Trainer:
         return self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"), step=self.step)
 
     def close(self) -> None:
-        """Stop the rollout engine and release the run directory (when this Trainer opened it)."""
+        """Stop the rollout engine (and a background rollout still running: a step that raised while it
+        generated) and release the run directory (when this Trainer opened it)."""
         try:
             if self.engine is not None:
-                self.engine.close()
+                self.engine.close()            # first: a generation in flight ends with its engine
+            if getattr(self, "prefetch", None) is not None:
+                self.prefetch.close(timeout=30.0)
         finally:
             if self._owns_run:
                 self.run.close()
