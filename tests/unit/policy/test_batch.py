@@ -105,7 +105,8 @@ def test_split_rows_and_model_input():
     b = pack_samples(samples, adv, pad_id=PAD, sample_ids=[0, 1, 2, 3], key_stride=6, device="cpu")
     b.old_logprobs = torch.arange(24, dtype=torch.float32).view(4, 6)
     names = ["input_ids", "position_ids", "labels", "loss_mask", "advantages", "rollout_logprobs",
-             "token_keys", "old_logprobs", "old_entropy"]
+             "token_keys", "seq_lengths", "old_logprobs", "old_entropy"]
+    assert b.seq_lengths.tolist() == [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     for parts, size in ((1, 4), (2, 2), (4, 1)):
         pieces = b.split(parts)
         assert len(pieces) == parts
