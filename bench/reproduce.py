@@ -47,7 +47,7 @@ PASS_K = (1, 2, 4, 8, 16)
 PROFILES: dict[str, dict] = {
     "full": {"sft_steps": 1200, "steps": 60, "set": [
         "rollout.prompts_per_step=32", "eval.interval=5", "eval.num_prompts=64", "eval.n_samples=16"]},
-    "quick": {"sft_steps": 600, "steps": 16, "set": [
+    "quick": {"sft_steps": 1200, "steps": 16, "set": [
         "rollout.prompts_per_step=16", "eval.interval=4", "eval.num_prompts=32", "eval.n_samples=16"]},
     "smoke": {"sft_steps": 20, "steps": 3, "set": [
         "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "sft.batch_size=16",
@@ -108,23 +108,32 @@ def _run(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
 
 
-def run_sft(out: Path, profile: dict) -> tuple[Path, dict]:
-    """SFT once per --out (reused when its checkpoint exists), then the HF export. Returns (checkpoints, info)."""
+def run_sft(out: Path, profile: dict, reuse: Path | None = None) -> tuple[Path, dict]:
+    """SFT once per --out (reused when its checkpoint exists; ``reuse`` = another run's SFT checkpoints, e.g. a
+    full run's for a --quick one: both profiles train the same SFT), then the HF export. Returns (checkpoints,
+    info)."""
     ckpt = out / "sft" / "sft" / "checkpoints"
     info_path = out / "sft_info.json"
-    if info_path.is_file() and ckpt.is_dir():
-        return ckpt, json.loads(info_path.read_text())
-    t0 = time.monotonic()
-    sets = [f"output_dir={out}", "name=sft", f"seed={SFT_SEED}", f"sft.steps={profile['sft_steps']}",
-            *profile["set"]]
-    log = out / "sft.log"
-    _run([sys.executable, "-m", "megatron_entcov", "sft", "--config", str(BASE_CONFIG),
-          *[x for kv in sets for x in ("--set", kv)]], log)
-    sft_time = time.monotonic() - t0
-    accuracy = None
-    for line in log.read_text().splitlines():
-        if "greedy accuracy" in line:
-            accuracy = float(line.rsplit(" ", 1)[1])
+    if info_path.is_file() and (ckpt.is_dir() or reuse is not None):
+        info = json.loads(info_path.read_text())
+        return Path(info["checkpoint"]), info
+    accuracy, sft_time = None, None
+    if reuse is not None:
+        if not (reuse.is_dir() and any(reuse.glob("step_*"))):
+            raise ValueError(f"--sft-checkpoint {reuse}: not an SFT checkpoints directory (with step_* inside); "
+                             f"pass <out>/sft/sft/checkpoints of an earlier run")
+        ckpt = reuse
+    else:
+        t0 = time.monotonic()
+        sets = [f"output_dir={out}", "name=sft", f"seed={SFT_SEED}", f"sft.steps={profile['sft_steps']}",
+                *profile["set"]]
+        log = out / "sft.log"
+        _run([sys.executable, "-m", "megatron_entcov", "sft", "--config", str(BASE_CONFIG),
+              *[x for kv in sets for x in ("--set", kv)]], log)
+        sft_time = time.monotonic() - t0
+        for line in log.read_text().splitlines():
+            if "greedy accuracy" in line:
+                accuracy = float(line.rsplit(" ", 1)[1])
     hf = out / "sft_hf"
     _run([sys.executable, "-m", "megatron_entcov", "convert", "megatron-to-hf", "--ckpt", str(ckpt), "--out",
           str(hf), "--force"], out / "convert.log")
@@ -133,7 +142,7 @@ def run_sft(out: Path, profile: dict) -> tuple[Path, dict]:
     if not (hf / "tokenizer.json").is_file():
         build_char_tokenizer(hf)
     info = {"checkpoint": str(ckpt), "hf_dir": str(hf), "steps": profile["sft_steps"], "time_s": sft_time,
-            "greedy_accuracy_held_out": accuracy}
+            "greedy_accuracy_held_out": accuracy, "reused": reuse is not None}
     info_path.write_text(json.dumps(info, indent=1))
     return ckpt, info
 
@@ -449,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--smoke", action="store_true", help="a tiny end-to-end check (make test)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    parser.add_argument("--sft-checkpoint", type=Path, default=None,
+                        help="reuse this SFT checkpoints directory (<out>/sft/sft/checkpoints of an earlier run)")
     parser.add_argument("--report-only", action="store_true", help="only summarise the runs under --out")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -466,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    sft_ckpt, sft_info = run_sft(out, profile)
+    sft_ckpt, sft_info = run_sft(out, profile, args.sft_checkpoint)
     specs = run_specs(out, profile, args.seeds, args.methods, sft_ckpt)
     if not args.report_only:
         run_all(out, specs, args.jobs)
