@@ -247,8 +247,8 @@ def measure_run(run_dir: Path, steps: int) -> dict:
     for tag in ("train/clip_frac_low", "train/clip_frac_high", "train/clip_cov_frac", "train/kl_cov_frac"):
         share[tag.split("/")[1]] = _series(s, tag)[1].tolist()
 
-    # Entropy drop over the first quarter of RL: the policy's entropy on its own samples at step 1 against the
-    # mean of the steps around the quarter mark (entropy/mean is logged for the step's rollouts, before the update).
+    # Entropy drop over the first quarter of RL: the policy's entropy on its own samples at step 1 (entropy/mean
+    # is logged for the step's rollouts, before its update) against the same at step 1 + steps // 4.
     quarter = max(steps // 4, 1)
     h0 = float(h[0])
     hq = float(h[min(quarter, len(h) - 1)])
