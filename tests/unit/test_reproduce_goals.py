@@ -51,3 +51,13 @@ def test_goals_follow_the_numbers():
     assert not g["kl_cov_entropy_above_grpo_throughout"]
     grpo["seeds"]["1"]["law_ceiling"] = 0.40                   # one seed's ceiling 0.08 away
     assert not r.goals({"grpo": grpo})["grpo_ceiling_within_0.03"]
+
+
+def test_one_seed_leaves_the_spread_goals_undecided():
+    r = _reproduce()
+    one = [1.0, 0.5]
+    grpo = _method(r, [_entry(0.30, 0.50, 0.6, 0.95, 0.32, one, 0.3)])
+    clip = _method(r, [_entry(0.40, 0.70, 0.1, 0.5, 0.9, [1.0, 0.8], 0.6)])
+    g = r.goals({"grpo": grpo, "clip_cov": clip})
+    assert g["clip_cov_beats_grpo_accuracy_by_more_than_spread"] is None
+    assert g["clip_cov_beats_grpo_pass16_by_more_than_spread"] is None
