@@ -52,7 +52,7 @@ PROFILES: dict[str, dict] = {
     "smoke": {"sft_steps": 20, "steps": 3, "set": [
         "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "sft.batch_size=16",
         "sft.eval_size=4", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
-        "optim.micro_batch_size=8", "sampling.max_new_tokens=12", "eval.interval=1", "eval.num_prompts=4",
+        "optim.micro_batch_size=4", "sampling.max_new_tokens=12", "eval.interval=1", "eval.num_prompts=4",
         "eval.n_samples=16"]},
 }
 COMMON_RL = ["checkpoint.save_interval=0", "metrics.entropy_change_samples=64", "metrics.law_image_interval=0",
