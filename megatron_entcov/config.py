@@ -587,16 +587,18 @@ class OptimConfig:
 class DataConfig:
     """Prompt source and verifier."""
 
-    source: Literal["arithmetic", "file"] = "arithmetic"
-    """'arithmetic' = the synthetic verifiable task generated from a seed; 'file' = jsonl/parquet at path."""
+    source: Literal["arithmetic", "countdown", "file"] = "arithmetic"
+    """'arithmetic' = the synthetic verifiable task generated from a seed; 'countdown' = the generated search task
+    with a scratchpad (rewards/countdown.py; SFT trains on its reference traces); 'file' = jsonl/parquet at path."""
     path: str | None = None
     """jsonl or parquet file with prompt/answer columns (e.g. DAPO-Math-17k); needed when source='file'."""
     prompt_key: str = "prompt"
     """Column holding the prompt (a string, or a chat message list)."""
     answer_key: str = "answer"
     """Column holding the reference answer."""
-    reward: Literal["arithmetic", "math"] = "arithmetic"
-    """Verifier from the rewards registry: 'arithmetic' (exact integer) or 'math' (math-verify, boxed)."""
+    reward: Literal["arithmetic", "countdown", "math"] = "arithmetic"
+    """Verifier from the rewards registry: 'arithmetic' (exact integer), 'countdown' (the steps of a countdown
+    solution, simulated) or 'math' (math-verify, boxed)."""
     reward_timeout_s: float = 5.0
     """Per-sample verifier time-out in seconds; a time-out scores 0 and is counted."""
     chat_template: bool = False
@@ -607,6 +609,13 @@ class DataConfig:
     """Synthetic task operators drawn from this string (subset of '+-*')."""
     arithmetic_operands: int = 2
     """Synthetic task difficulty: operands per problem (>= 2)."""
+    countdown_numbers: int = 4
+    """Countdown task: numbers given per problem, 2..6 (num_numbers - 1 steps per solution)."""
+    countdown_max_number: int = 9
+    """Countdown task: the given numbers are drawn from 1..this, 2..99."""
+    countdown_max_value: int = 99
+    """Countdown task: bound of every intermediate value of the generating path and the SFT traces (>= the
+    largest number); the verifier accepts any non-negative intermediate value."""
     shuffle: bool = True
     """Shuffle the prompt order (with the top-level seed) every epoch."""
     held_out_share: float = 0.1
@@ -617,10 +626,10 @@ class DataConfig:
     0 = no held-out split (evaluate on a separate file: eval.source='file')."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, ("arithmetic", "file"))
+        _check_choice("data.source", self.source, ("arithmetic", "countdown", "file"))
         _check_range("data.held_out_share", self.held_out_share, 0.0, 1.0, hi_open=True)
         _check_positive("data.held_out_rows", self.held_out_rows, allow_zero=True)
-        _check_choice("data.reward", self.reward, ("arithmetic", "math"))
+        _check_choice("data.reward", self.reward, ("arithmetic", "countdown", "math"))
         if self.source == "file" and not self.path:
             _fail("data.path", self.path, "data.source='file' needs a jsonl or parquet path")
         _check_positive("data.reward_timeout_s", self.reward_timeout_s)
@@ -628,6 +637,14 @@ class DataConfig:
         _check_range("data.arithmetic_operands", self.arithmetic_operands, 2, 16)
         if not self.arithmetic_ops or set(self.arithmetic_ops) - set("+-*"):
             _fail("data.arithmetic_ops", self.arithmetic_ops, "use a non-empty subset of '+-*'")
+        _check_range("data.countdown_numbers", self.countdown_numbers, 2, 6)
+        _check_range("data.countdown_max_number", self.countdown_max_number, 2, 99)
+        if self.countdown_max_value < self.countdown_max_number:
+            _fail("data.countdown_max_value", self.countdown_max_value,
+                  f"use a value >= data.countdown_max_number={self.countdown_max_number}")
+        if self.source == "countdown" and self.reward != "countdown":
+            _fail("data.reward", self.reward, "data.source='countdown' is scored by its own verifier: set "
+                  "data.reward=countdown")
 
 
 @dataclass(kw_only=True)

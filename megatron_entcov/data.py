@@ -2,6 +2,8 @@
 
 Sources (DataConfig.source):
   - "arithmetic": an infinite stream, problem i = ArithmeticTask(seed, digits, ops).problem(i).
+  - "countdown": an infinite stream, problem i = CountdownTask(seed, ...).problem(i) (rewards/countdown.py); its
+    items carry a reference solution trace (PromptItem.sft_target) for the SFT warm start.
   - "file": a .jsonl (one JSON object per line; blank lines are skipped) or .parquet file. The prompt is read
     from `prompt_key` and the reference answer from `answer_key`. A key may be dotted to reach into nested
     objects: DAPO-Math-17k keeps its answer at "reward_model.ground_truth" and its prompt as a chat message
@@ -55,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from megatron_entcov.rewards.arithmetic import ArithmeticTask
+from megatron_entcov.rewards.countdown import CountdownTask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -79,6 +82,9 @@ class PromptItem:
     """Reference answer for the verifier."""
     index: int
     """Global dataset index (row of the file after blank lines, or problem number of the arithmetic task)."""
+    sft_target: str | None = None
+    """What SFT teaches as the response (before <eos>): a reference chain of thought where the source has one
+    (countdown), else None and SFT teaches ``answer``."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +149,10 @@ class _Rows:
     def where(self, index: int) -> str:
         raise NotImplementedError
 
+    def sft_target(self, index: int) -> str | None:
+        """The reference response SFT trains on, when the source has one other than the answer."""
+        return None
+
 
 class _ArithmeticRows(_Rows):
     def __init__(self, task: ArithmeticTask) -> None:
@@ -153,6 +163,23 @@ class _ArithmeticRows(_Rows):
     def row(self, index: int) -> tuple[Prompt, str]:
         p = self.task.problem(index)
         return p.prompt, p.answer
+
+    def where(self, index: int) -> str:
+        return f"{self.task!r} problem {index}"
+
+
+class _CountdownRows(_Rows):
+    def __init__(self, task: CountdownTask) -> None:
+        self.task = task
+        self.size = None
+        self.name = repr(task)
+
+    def row(self, index: int) -> tuple[Prompt, str]:
+        p = self.task.problem(index)
+        return p.prompt, p.answer
+
+    def sft_target(self, index: int) -> str | None:
+        return self.task.problem(index).trace
 
     def where(self, index: int) -> str:
         return f"{self.task!r} problem {index}"
@@ -302,6 +329,23 @@ class PromptDataset:
         return ds
 
     @classmethod
+    def from_countdown(cls, task: CountdownTask, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
+                       chat_template: bool = False, held_out_share: float = 0.0) -> PromptDataset:
+        """The infinite countdown stream. Raises ValueError when its longest prompt exceeds max_prompt_len.
+
+        The held-out split hashes the prompt text, which lists the numbers in ascending order: the same
+        problem (numbers and target) is held out however it was drawn."""
+        ds = cls(_CountdownRows(task), tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
+                 held_out_share=held_out_share)
+        longest = len(ds.encode(task.longest_prompt())[1])
+        if longest > max_prompt_len:
+            raise ValueError(f"rollout.max_prompt_len={max_prompt_len} is shorter than the longest countdown "
+                             f"prompt ({longest} tokens for data.countdown_numbers={task.num_numbers}); raise it "
+                             f"to >= {longest}")
+        logger.info("data: %r, longest prompt %d tokens (max %d)", task, longest, max_prompt_len)
+        return ds
+
+    @classmethod
     def from_file(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
                   prompt_key: str = "prompt", answer_key: str = "answer",
                   chat_template: bool = False, held_out_rows: int = 0) -> PromptDataset:
@@ -384,7 +428,8 @@ class PromptDataset:
         text, ids = self.encode(prompt)
         if len(ids) > self.max_prompt_len:
             return None
-        return PromptItem(prompt_ids=ids, prompt_text=text, answer=answer, index=index)
+        return PromptItem(prompt_ids=ids, prompt_text=text, answer=answer, index=index,
+                          sft_target=self.rows.sft_target(index))
 
 
 def _content_share(prompt: Prompt) -> float:
@@ -402,13 +447,18 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_pr
                               num_operands=cfg.arithmetic_operands)
         return PromptDataset.from_arithmetic(task, tokenizer, max_prompt_len=max_prompt_len,
                                              chat_template=cfg.chat_template, held_out_share=cfg.held_out_share)
+    if cfg.source == "countdown":
+        task = CountdownTask(seed=seed, num_numbers=cfg.countdown_numbers, max_number=cfg.countdown_max_number,
+                             max_value=cfg.countdown_max_value)
+        return PromptDataset.from_countdown(task, tokenizer, max_prompt_len=max_prompt_len,
+                                            chat_template=cfg.chat_template, held_out_share=cfg.held_out_share)
     if cfg.source == "file":
         if not cfg.path:
             raise ValueError("data.path is required with data.source='file'")
         return PromptDataset.from_file(cfg.path, tokenizer, max_prompt_len=max_prompt_len,
                                        prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
                                        chat_template=cfg.chat_template, held_out_rows=cfg.held_out_rows)
-    raise ValueError(f"data.source={cfg.source!r} is invalid: choose 'arithmetic' or 'file'")
+    raise ValueError(f"data.source={cfg.source!r} is invalid: choose 'arithmetic', 'countdown' or 'file'")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 RL from a random tiny model never sees a reward; a short SFT on the task's reference answers brings it to
 partial accuracy, after which RL has signal (and entropy to lose). The loss is the token-mean negative
-log-likelihood of the answer tokens (answer + end-of-sequence), over the global batch.
+log-likelihood of the answer tokens (answer + end-of-sequence; the reference chain of thought instead of the
+answer where the data source has one, PromptItem.sft_target), over the global batch.
 
 Example:
     result = run_sft(cfg, ps)          # writes <run_dir>/sft/checkpoints/step_XXXXXX
@@ -49,7 +50,8 @@ def _answer_samples(items, tokenizer) -> list[Sample]:
     eos = tokenizer.eos_token_id
     out = []
     for i, item in enumerate(items):
-        answer = tokenizer.encode(str(item.answer), add_special_tokens=False) + [eos]
+        target = item.sft_target if item.sft_target is not None else str(item.answer)
+        answer = tokenizer.encode(target, add_special_tokens=False) + [eos]
         out.append(Sample(prompt_ids=list(item.prompt_ids), response_ids=answer, rollout_logprobs=[0.0] * len(answer),
                           finish_reason="stop", weight_version=0, index=i))
     return out

@@ -2,6 +2,7 @@
 
 Verifiers (DataConfig.reward):
   - "arithmetic": exact integer answer of the synthetic task (rewards/arithmetic.py).
+  - "countdown": the steps of a countdown solution, simulated on the problem's numbers (rewards/countdown.py).
   - "math": the last \\boxed{...} (else a DAPO-style "Answer:" line) checked with math-verify, in worker
     processes with a per-sample time-out (rewards/math_reward.py).
 
@@ -134,6 +135,7 @@ def score(verifier_name: str, responses: Sequence[str], answers: Sequence[str], 
 
 # Registration happens on import of the verifier modules; they import the names defined above.
 from megatron_entcov.rewards import arithmetic as arithmetic  # noqa: E402
+from megatron_entcov.rewards import countdown as countdown  # noqa: E402
 from megatron_entcov.rewards import math_reward as math_reward  # noqa: E402
 
 __all__ = ["Status", "VerifyResult", "Verifier", "register_verifier", "verifier_names", "get_verifier",

@@ -1,0 +1,63 @@
+"""bench/reproduce.py's goal checks on hand-made summaries: each goal follows from the numbers as the issue
+states it (spread = the larger sample std of the two methods compared)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_goals_bench", ROOT / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _entry(acc, p16, drop, r2, ceiling, entropy, final_entropy):
+    return {"final_eval_accuracy": acc, "final_eval_pass_at_k": {"16": p16}, "entropy_drop_first_quarter": drop,
+            "law_r2": r2, "law_ceiling": ceiling, "final_entropy": final_entropy, "cov_dh_corr": 0.5,
+            "curves": {"entropy": entropy}}
+
+
+def _method(r, entries):
+    seeds = {str(i): e for i, e in enumerate(entries)}
+    m = {"seeds": seeds}
+    m["mean"] = {k: r._stats([e[k] for e in entries]) for k in (
+        "final_eval_accuracy", "final_entropy", "entropy_drop_first_quarter", "law_r2", "law_ceiling", "cov_dh_corr")}
+    m["mean"]["final_eval_pass_at_16"] = r._stats([e["final_eval_pass_at_k"]["16"] for e in entries])
+    return m
+
+
+def test_goals_follow_the_numbers():
+    r = _reproduce()
+    low = [1.0, 0.5, 0.4, 0.3]
+    high = [1.0, 0.8, 0.7, 0.6]
+    grpo = _method(r, [_entry(0.30, 0.50, 0.6, 0.95, 0.32, low, 0.3), _entry(0.32, 0.52, 0.55, 0.92, 0.33, low, 0.3)])
+    clip = _method(r, [_entry(0.40, 0.70, 0.1, 0.5, 0.9, high, 0.6), _entry(0.41, 0.72, 0.1, 0.5, 0.9, high, 0.6)])
+    kl = _method(r, [_entry(0.31, 0.51, 0.1, 0.5, 0.9, low, 0.6), _entry(0.33, 0.53, 0.1, 0.5, 0.9, high, 0.6)])
+    g = r.goals({"grpo": grpo, "clip_cov": clip, "kl_cov": kl})
+    assert g["grpo_entropy_halves_in_first_quarter"] and g["grpo_law_r2_ge_0.9"]
+    assert g["grpo_ceiling_within_0.03"]                       # |0.32 - 0.30| and |0.33 - 0.32| <= 0.03
+    assert g["clip_cov_beats_grpo_accuracy_by_more_than_spread"] and g["clip_cov_beats_grpo_pass16_by_more_than_spread"]
+    assert g["clip_cov_entropy_above_grpo_throughout"]
+    # KL-Cov: +0.01 against a spread of std([0.31, 0.33]) = 0.0141; entropy equal to GRPO's on one seed
+    assert np.isclose(kl["mean"]["final_eval_accuracy"]["std"], np.std([0.31, 0.33], ddof=1))
+    assert not g["kl_cov_beats_grpo_accuracy_by_more_than_spread"]
+    assert not g["kl_cov_entropy_above_grpo_throughout"]
+    grpo["seeds"]["1"]["law_ceiling"] = 0.40                   # one seed's ceiling 0.08 away
+    assert not r.goals({"grpo": grpo})["grpo_ceiling_within_0.03"]
+
+
+def test_one_seed_leaves_the_spread_goals_undecided():
+    r = _reproduce()
+    one = [1.0, 0.5]
+    grpo = _method(r, [_entry(0.30, 0.50, 0.6, 0.95, 0.32, one, 0.3)])
+    clip = _method(r, [_entry(0.40, 0.70, 0.1, 0.5, 0.9, [1.0, 0.8], 0.6)])
+    g = r.goals({"grpo": grpo, "clip_cov": clip})
+    assert g["clip_cov_beats_grpo_accuracy_by_more_than_spread"] is None
+    assert g["clip_cov_beats_grpo_pass16_by_more_than_spread"] is None
