@@ -13,15 +13,17 @@ first sequential step is a warm-up and is not counted either). From the sequenti
 and it reports the mean overlapped step time over max(rollout, train) (1.0 = perfect overlap, the bound) and
 over rollout + train (the sequential cost; max/sum is the best possible), with the mean wait for the prefetch.
 Defaults are sized for rollout ~ train on a 2-core machine: the SGLang server runs with OMP_NUM_THREADS=1 (its
-launcher's default here: half the cores), the trainer with one thread, so each has a core. With the embedded
-engine both share the trainer's process and its GIL: torch ops release it, Python between them does not.
+launcher's default here: half the cores), the trainer with one thread, so each has a core; the policy (2 layers x
+256) is large enough that the trainer is compute-bound rather than bound by Python (the rollout thread's Python
+shares the trainer process's interpreter lock). With the embedded engine both share the trainer's process and
+its GIL: torch ops release it, Python between them does not.
 
 This is a measurement script, not a test: it asserts nothing.
 
-Measured (2-core KVM guest shared with other test runs; README "Overlapped rollouts" has the table): SGLang
-server, quiet machine (load ~2): sequential 1.026 s = rollout 0.528 + train/sync 0.498, overlapped 0.634 s =
-1.20 x max, 0.62 x sum (1.62x faster); with another test suite running (load ~4): 1.05-1.06x faster (1.7-1.9 x
-max); embedded engine, load ~2: 0.573 s -> 0.504 s (1.16 x max, 1.14x faster).
+Measured (2-core KVM guest; README "Measured ratios" has the table): these defaults, quiet machine: sequential
+2.303 s = rollout 1.035 + train/sync 1.268, overlapped 1.273 s = 1.00 x max (1.81x faster); another run 1.10 x
+max. A 2 x 128 policy (Python-bound trainer), 8 prompts: 1.20-1.22 x max (1.55-1.62x faster), 1.7-1.9 x max with
+another test suite running; embedded engine, load ~2: 1.16 x max.
 
 API (bench/throughput.py imports it):
     measure_overlap(*, engine="sglang", steps=4, overrides=(), run_dir=None, threads=1) -> dict
@@ -45,11 +47,11 @@ import tempfile
 from pathlib import Path
 
 DEFAULTS = [
-    "model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256", "model.num_attention_heads=4",
+    "model.num_layers=2", "model.hidden_size=256", "model.ffn_hidden_size=512", "model.num_attention_heads=4",
     "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
     "model.max_position_embeddings=128", "model.add_qkv_bias=true",
     "rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=4", "rollout.max_prompt_len=16",
-    "sampling.max_new_tokens=24", "optim.micro_batch_size=4", "optim.num_mini_batches=4", "optim.lr=1e-3",
+    "sampling.max_new_tokens=40", "optim.micro_batch_size=4", "optim.num_mini_batches=4", "optim.lr=1e-3",
     "loss.name=clip_cov", "loss.entropy_coef=0.01", "loss.tis_cap=2.0", "metrics.tensorboard=false",
     "metrics.measure_entropy_change=false", "weight_sync.verify=version",
 ]
