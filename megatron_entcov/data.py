@@ -155,7 +155,9 @@ class _Rows:
 
 
 class _ArithmeticRows(_Rows):
-    def __init__(self, task: ArithmeticTask) -> None:
+    """Rows of a generated task (any ``task.problem(index)`` with ``prompt`` and ``answer``)."""
+
+    def __init__(self, task: ArithmeticTask | CountdownTask) -> None:
         self.task = task
         self.size = None
         self.name = repr(task)
@@ -168,21 +170,14 @@ class _ArithmeticRows(_Rows):
         return f"{self.task!r} problem {index}"
 
 
-class _CountdownRows(_Rows):
-    def __init__(self, task: CountdownTask) -> None:
-        self.task = task
-        self.size = None
-        self.name = repr(task)
+class _CountdownRows(_ArithmeticRows):
+    """The same generated rows, plus the chain-of-thought trace SFT trains on."""
 
-    def row(self, index: int) -> tuple[Prompt, str]:
-        p = self.task.problem(index)
-        return p.prompt, p.answer
+    def __init__(self, task: CountdownTask) -> None:
+        super().__init__(task)
 
     def sft_target(self, index: int) -> str | None:
         return self.task.problem(index).trace
-
-    def where(self, index: int) -> str:
-        return f"{self.task!r} problem {index}"
 
 
 class _JsonlRows(_Rows):

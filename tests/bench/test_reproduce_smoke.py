@@ -5,7 +5,6 @@ an independent computation on those curves."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,14 +12,13 @@ import numpy as np
 
 from megatron_entcov.metrics import read_scalars
 
+from script_modules import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_bench", ROOT / "bench" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce_bench", ROOT / "bench" / "reproduce.py")
 
 
 def test_reproduce_smoke(tmp_path):

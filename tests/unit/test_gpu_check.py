@@ -6,7 +6,6 @@ is downloaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,19 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from script_modules import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load("gpu_check_tool", ROOT / "tools" / "gpu_check.py")
-req = _load("gpu_require_conftest", ROOT / "tests" / "gpu" / "conftest.py")
+gc = load_script("gpu_check_tool", ROOT / "tools" / "gpu_check.py")
+req = load_script("gpu_require_conftest", ROOT / "tests" / "gpu" / "conftest.py")
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -3,19 +3,17 @@ states it (spread = the larger sample std of the two methods compared)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
+
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_goals_bench", ROOT / "bench" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce_goals_bench", ROOT / "bench" / "reproduce.py")
 
 
 def _entry(acc, p16, drop, r2, ceiling, entropy, final_entropy):
