@@ -723,6 +723,10 @@ class EvalConfig:
     """Sampling temperature of the n samples (top_p/top_k from the sampling section)."""
     pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """k values of eval/pass@k; each in [1, eval.n_samples]."""
+    seed: int | None = None
+    """Generated tasks (data.source arithmetic or countdown): the seed of the problem stream whose held-out
+    problems are evaluated; null = the run's seed. Fix it to evaluate runs of different seeds on the same
+    problems (the held-out split itself is by content, the same for every seed)."""
 
     def __post_init__(self) -> None:
         _check_positive("eval.interval", self.interval, allow_zero=True)
@@ -737,6 +741,8 @@ class EvalConfig:
         for k in self.pass_k:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_samples:
                 _fail("eval.pass_k", self.pass_k, f"every k must be an integer in [1, eval.n_samples={self.n_samples}]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            _fail("eval.seed", self.seed, "an integer seed of the generated task's stream, or null for the run's seed")
 
 
 @dataclass(kw_only=True)
@@ -866,6 +872,10 @@ class RunConfig:
                 and not self.data.held_out_rows:
             _fail("eval.source", "held_out", "a data file has no held-out split unless data.held_out_rows > 0; set "
                   "data.held_out_rows=<rows> (they are then never trained on) or eval.source=file with eval.path")
+        if self.eval.seed is not None and (self.eval.source != "held_out" or self.data.source == "file"):
+            _fail("eval.seed", self.eval.seed, "it picks the problem stream of a generated task's held-out split "
+                  f"(data.source arithmetic or countdown with eval.source=held_out; here data.source="
+                  f"{self.data.source!r}, eval.source={self.eval.source!r}); set eval.seed=null")
         r, sg = self.rollout, self.rollout.sglang
         if r.engine == "sglang" and sg.server_device == "cuda" and not sg.server_urls and not sg.router_url:
             need = sg.num_servers * server_tp(sg.server_args)

@@ -65,9 +65,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def eval_prompts(cfg: "RunConfig", tokenizer, dataset: "PromptDataset") -> list["PromptItem"]:
-    """The eval.num_prompts evaluation prompts: the held-out split of ``dataset`` or the first usable rows of
-    eval.path (a ValueError naming the fix when there are fewer)."""
+    """The eval.num_prompts evaluation prompts: the held-out split of ``dataset`` (of the eval.seed stream of a
+    generated task when that is set) or the first usable rows of eval.path (a ValueError naming the fix when
+    there are fewer)."""
     e = cfg.eval
+    if e.source == "held_out" and e.seed is not None and e.seed != cfg.seed:
+        from megatron_entcov.data import build_dataset
+
+        dataset = build_dataset(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len, seed=e.seed)
     if e.source == "held_out":
         return dataset.held_out(e.num_prompts)
     from megatron_entcov.data import PromptDataset
