@@ -63,9 +63,11 @@ COMMON_RL = ["checkpoint.save_interval=0", "metrics.entropy_change_samples=64", 
              "metrics.histogram_tokens=0", f"eval.seed={SFT_SEED}"]
 
 # Entropy-control coefficients at this scale (a step has ~5,000 response tokens, not millions): the quickstart's
-# Clip-Cov/KL-Cov shares; an entropy bonus large enough to hold entropy up against the policy gradient.
+# Clip-Cov/KL-Cov shares with the released KL-Cov coefficient (beta = 1; the quickstart's 10 held entropy above its
+# starting value here, i.e. pinned the policy); an entropy bonus large enough to hold entropy up against the
+# policy gradient.
 CLIP_COV = ["loss.name=clip_cov", "loss.clip_cov_ratio=0.05", "loss.clip_cov_lb=1.0", "loss.clip_cov_ub=5.0"]
-KL_COV = ["loss.name=kl_cov", "loss.kl_cov_ratio=0.1", "loss.kl_cov_coef=10.0"]
+KL_COV = ["loss.name=kl_cov", "loss.kl_cov_ratio=0.1", "loss.kl_cov_coef=1.0"]
 BONUS = ["loss.name=ppo", "loss.entropy_coef=0.03"]
 PPO = ["loss.clip_ratio_low=0.2", "loss.clip_ratio_high=0.2"]
 ANNEALED = {"clip_cov": "clip_cov_ratio", "kl_cov": "kl_cov_ratio", "entropy_bonus": "entropy_coef"}

@@ -754,9 +754,12 @@ class SFTConfig:
     batch_size: int = 64
     """Sequences per SFT step (global, over data-parallel ranks)."""
     lr: float = 1e-3
-    """SFT learning rate (Adam, constant after warm-up)."""
+    """SFT learning rate (Adam; after warm-up constant, or decayed to 0 by sft.lr_decay_style)."""
     warmup_steps: int = 10
     """Linear learning-rate warm-up of SFT."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """After warm-up: 'constant' at sft.lr, or 'linear' / 'cosine' decay to 0 at the last of sft.steps (a decayed
+    run ends on an averaged, not a noisy, iterate: a better model for the same steps)."""
     eval_size: int = 64
     """Held-out prompts (the data set's held-out split, never trained on) decoded greedily at the end of SFT to
     report accuracy; 0 = skip."""
@@ -766,6 +769,7 @@ class SFTConfig:
         _check_positive("sft.batch_size", self.batch_size)
         _check_positive("sft.lr", self.lr)
         _check_positive("sft.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_choice("sft.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
         _check_positive("sft.eval_size", self.eval_size, allow_zero=True)
 
 

@@ -39,10 +39,10 @@ __all__ = ["run_sft"]
 
 
 def _sft_config(cfg: RunConfig) -> RunConfig:
-    """The optimizer settings of SFT: Adam at sft.lr with warm-up, one mini-batch per step."""
+    """The optimizer settings of SFT: Adam at sft.lr with warm-up and sft.lr_decay_style, one mini-batch per step."""
     s = cfg.sft
     optim = dataclasses.replace(cfg.optim, optimizer="adam", lr=s.lr, min_lr=0.0, lr_warmup_steps=s.warmup_steps,
-                                lr_decay_style="constant", num_mini_batches=1)
+                                lr_decay_style=s.lr_decay_style, num_mini_batches=1)
     return dataclasses.replace(cfg, optim=optim, steps=max(s.steps, 1))
 
 
