@@ -1,4 +1,4 @@
-"""Reproduce the entropy-mechanism claims at CPU scale on the countdown task (issue 16).
+"""Reproduce the entropy-mechanism claims at CPU scale on the countdown task.
 
     python bench/reproduce.py --seeds 1 2 3 --out runs/reproduce [--quick | --smoke] [--jobs 2]
                               [--methods grpo clip_cov ...] [--sft-checkpoint DIR] [--report-only]
@@ -45,11 +45,11 @@ PASS_K = (1, 2, 4, 8, 16)
 
 # Per profile: SFT steps, RL steps, and config overrides shared by SFT and RL.
 PROFILES: dict[str, dict] = {
-    "full": {"sft_steps": 600, "steps": 40, "set": [
+    "full": {"sft_steps": 1200, "steps": 40, "set": [
         "rollout.prompts_per_step=32", "optim.micro_batch_size=64", "eval.interval=4", "eval.num_prompts=64",
         "eval.n_samples=16"]},
-    "quick": {"sft_steps": 600, "steps": 10, "set": [
-        "rollout.prompts_per_step=16", "optim.micro_batch_size=32", "eval.interval=5", "eval.num_prompts=32",
+    "quick": {"sft_steps": 800, "steps": 8, "set": [
+        "rollout.prompts_per_step=16", "optim.micro_batch_size=32", "eval.interval=4", "eval.num_prompts=32",
         "eval.n_samples=16"]},
     "smoke": {"sft_steps": 20, "steps": 3, "set": [
         "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "sft.batch_size=16",
@@ -335,7 +335,7 @@ def _final(entry: dict, key: str) -> float | None:
 
 
 def goals(methods: dict) -> dict:
-    """The issue's goals, checked on the measured numbers (None where a method was not run)."""
+    """The reproduction's goals (docs/reproduction.md), checked on the measured numbers (None where a method was not run)."""
     g: dict = {}
     grpo = methods.get("grpo")
     if grpo:

@@ -1,6 +1,6 @@
 """The countdown task: reach a target by combining given numbers, with a step-by-step scratchpad; its verifier.
 
-Why this task (issue 16): entropy control can only pay off where exploration does. One-digit arithmetic has one
+Why this task: entropy control can only pay off where exploration does. One-digit arithmetic has one
 answer of ~2 tokens, so a greedy policy either knows it or not. Countdown is a search problem: the policy must
 choose which two numbers to combine and with which operator, several times, and many different sequences of
 choices are correct (typically tens per problem, see ``count_solutions``) while most are not. A policy whose

@@ -1,5 +1,5 @@
 """bench/reproduce.py --smoke end to end (a tiny model, 3 RL steps per method, one seed; about 1-2 minutes on
-2 cores): every key the issue asks for is in summary.json, the four plots exist, and the numbers are the runs'
+2 cores): every key the reproduction promises is in summary.json, the four plots exist, and the numbers are the runs'
 own: curves equal the TensorBoard scalars read back here, and the law fit and the covariance correlation equal
 an independent computation on those curves."""
 

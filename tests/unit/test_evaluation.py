@@ -72,7 +72,6 @@ def test_eval_seed_evaluates_the_same_problems_for_every_run_seed():
     from megatron_entcov.rewards.countdown import CountdownTask
 
     task, expected = CountdownTask(seed=1), []
-    tok = build_char_tokenizer()
     for i in range(100_000):
         text = task.problem(i).prompt
         if _content_share(text) < 0.2 and text not in expected:

@@ -1,4 +1,4 @@
-"""bench/reproduce.py's goal checks on hand-made summaries: each goal follows from the numbers as the issue
+"""bench/reproduce.py's goal checks on hand-made summaries: each goal follows from the numbers as the reproduction
 states it ("beyond the seed spread" = every seed of the method above GRPO's mean plus GRPO's sample std; the
 law's ceiling against the final value of the accuracy it was fitted on, avg@16)."""
 
