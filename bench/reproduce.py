@@ -334,6 +334,10 @@ def _final(entry: dict, key: str) -> float | None:
     return entry["final_eval_pass_at_k"].get("16") if key == "final_eval_pass_at_16" else entry.get(key)
 
 
+def _diff(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
 def goals(methods: dict) -> dict:
     """The reproduction's goals (docs/reproduction.md), checked on the measured numbers (None where a method was not run)."""
     g: dict = {}
@@ -365,14 +369,15 @@ def goals(methods: dict) -> dict:
                 for k, e in grpo["seeds"].items() if k in methods[cov]["seeds"])
     if "entropy_bonus" in methods and "entropy_bonus_annealed" in methods:
         c, a = methods["entropy_bonus"]["mean"], methods["entropy_bonus_annealed"]["mean"]
-        g["entropy_bonus_final_entropy_minus_annealed"] = c["final_entropy"]["mean"] - a["final_entropy"]["mean"]
-        g["entropy_bonus_final_accuracy_minus_annealed"] = (c["final_eval_accuracy"]["mean"]
-                                                            - a["final_eval_accuracy"]["mean"])
+        for key, name in (("final_entropy", "entropy"), ("final_eval_accuracy", "accuracy"),
+                          ("final_eval_mean_accuracy", "mean_accuracy")):
+            g[f"entropy_bonus_final_{name}_minus_annealed"] = _diff(c[key]["mean"], a[key]["mean"])
     for cov in ("clip_cov", "kl_cov"):
         if cov in methods and f"{cov}_annealed" in methods:
             c, a = methods[cov]["mean"], methods[f"{cov}_annealed"]["mean"]
-            g[f"{cov}_annealed_minus_constant_accuracy"] = (a["final_eval_accuracy"]["mean"]
-                                                            - c["final_eval_accuracy"]["mean"])
+            for key, name in (("final_eval_accuracy", "accuracy"), ("final_eval_mean_accuracy", "mean_accuracy"),
+                              ("final_eval_pass_at_16", "pass16")):
+                g[f"{cov}_annealed_minus_constant_{name}"] = _diff(a[key]["mean"], c[key]["mean"])
     return g
 
 

@@ -63,6 +63,24 @@ def test_goals_follow_the_numbers():
     assert not r.goals({"grpo": near_greedy})["grpo_ceiling_within_0.03"]
 
 
+def test_annealed_against_constant_differences():
+    r = _reproduce()
+    h = [1.0, 0.9]
+    const = _method(r, [_entry(0.20, 0.60, 0.1, 0.5, 0.3, h, 0.40, mean_acc=0.10),
+                        _entry(0.24, 0.64, 0.1, 0.5, 0.3, h, 0.44, mean_acc=0.12)])
+    annealed = _method(r, [_entry(0.30, 0.70, 0.1, 0.5, 0.3, h, 0.30, mean_acc=0.15),
+                           _entry(0.32, 0.66, 0.1, 0.5, 0.3, h, 0.32, mean_acc=0.17)])
+    g = r.goals({"entropy_bonus": const, "entropy_bonus_annealed": annealed, "kl_cov": const,
+                 "kl_cov_annealed": annealed})
+    assert np.isclose(g["entropy_bonus_final_entropy_minus_annealed"], 0.42 - 0.31)
+    assert np.isclose(g["entropy_bonus_final_accuracy_minus_annealed"], 0.22 - 0.31)
+    assert np.isclose(g["entropy_bonus_final_mean_accuracy_minus_annealed"], 0.11 - 0.16)
+    assert np.isclose(g["kl_cov_annealed_minus_constant_accuracy"], 0.31 - 0.22)
+    assert np.isclose(g["kl_cov_annealed_minus_constant_mean_accuracy"], 0.16 - 0.11)
+    assert np.isclose(g["kl_cov_annealed_minus_constant_pass16"], 0.68 - 0.62)
+    assert "clip_cov_annealed_minus_constant_accuracy" not in g
+
+
 def test_one_seed_leaves_the_spread_goals_undecided():
     r = _reproduce()
     one = [1.0, 0.5]
