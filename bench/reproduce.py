@@ -1,7 +1,7 @@
 """Reproduce the entropy-mechanism claims at CPU scale on the countdown task.
 
     python bench/reproduce.py --seeds 1 2 3 --out runs/reproduce [--quick | --smoke] [--jobs 2]
-                              [--methods grpo clip_cov ...] [--sft-checkpoint DIR] [--report-only]
+                              [--methods grpo clip_cov ...] [--steps N] [--sft-checkpoint DIR] [--report-only]
 
 1. SFT from scratch (configs/countdown.yaml: a 3-layer, 0.6M-parameter character model) on generated countdown
    traces, once per --out (the checkpoint is reused by every seed and method, and by a re-run into the same
@@ -500,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--smoke", action="store_true", help="a tiny end-to-end check (make test)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="RL steps per run instead of the profile's (a longer horizon; annealing follows)")
     parser.add_argument("--sft-checkpoint", type=Path, default=None,
                         help="reuse this SFT checkpoints directory (<out>/sft/sft/checkpoints of an earlier run)")
     parser.add_argument("--report-only", action="store_true", help="only summarise the runs under --out")
@@ -515,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         parser.error(f"--seeds {args.seeds}: give distinct non-negative integers")
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    profile = PROFILES[name]
+    profile = dict(PROFILES[name])
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps {args.steps}: give at least 1 RL step")
+        profile["steps"] = args.steps
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

@@ -24,7 +24,8 @@ def _load_reproduce():
 def test_reproduce_smoke(tmp_path):
     reproduce = _load_reproduce()
     out = tmp_path / "repro"
-    assert reproduce.main(["--smoke", "--seeds", "5", "--out", str(out), "--jobs", "1"]) == 0
+    # --steps overrides the profile's RL steps (3 in the smoke profile)
+    assert reproduce.main(["--smoke", "--seeds", "5", "--out", str(out), "--jobs", "1", "--steps", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for name in ("entropy.png", "eval.png", "law.png", "pass_at_k.png", "table.md"):
         assert (out / name).stat().st_size > 0, name
@@ -46,7 +47,7 @@ def test_reproduce_smoke(tmp_path):
         assert entry["final_eval_mean_accuracy"] == scalars["eval/pass@1"][-1][1]
         assert entry["final_eval_pass_at_k"]["16"] == scalars["eval/pass@16"][-1][1]
         assert entry["final_entropy"] == scalars["eval/entropy"][-1][1]
-        assert len(curves["eval_accuracy"]) == reproduce.PROFILES["smoke"]["steps"] + 1
+        assert len(curves["eval_accuracy"]) == 2 + 1 and len(curves["entropy"]) == 2
         h = np.asarray(curves["entropy"])
         assert np.isclose(entry["entropy_drop_first_quarter"], 1 - h[1] / h[0])
         # the law fits equal independent least-squares fits of R (avg@16; greedy) on -exp(H)
