@@ -741,8 +741,6 @@ class EvalConfig:
         for k in self.pass_k:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_samples:
                 _fail("eval.pass_k", self.pass_k, f"every k must be an integer in [1, eval.n_samples={self.n_samples}]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            _fail("eval.seed", self.seed, "an integer seed of the generated task's stream, or null for the run's seed")
 
 
 @dataclass(kw_only=True)

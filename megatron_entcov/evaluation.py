@@ -69,11 +69,11 @@ def eval_prompts(cfg: "RunConfig", tokenizer, dataset: "PromptDataset") -> list[
     generated task when that is set) or the first usable rows of eval.path (a ValueError naming the fix when
     there are fewer)."""
     e = cfg.eval
-    if e.source == "held_out" and e.seed is not None and e.seed != cfg.seed:
-        from megatron_entcov.data import build_dataset
-
-        dataset = build_dataset(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len, seed=e.seed)
     if e.source == "held_out":
+        if e.seed is not None and e.seed != cfg.seed:
+            from megatron_entcov.data import build_dataset
+
+            dataset = build_dataset(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len, seed=e.seed)
         return dataset.held_out(e.num_prompts)
     from megatron_entcov.data import PromptDataset
 

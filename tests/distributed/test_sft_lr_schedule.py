@@ -43,7 +43,7 @@ def _expected(style: str, steps: int = 7, warmup: int = 2, peak: float = 0.01) -
     for t in range(1, steps + 1):
         done = t - 1                                   # scheduler steps taken before step t trains
         if done < warmup:
-            out.append(peak * done / warmup if warmup else peak)
+            out.append(peak * done / warmup)
             continue
         ratio = (done - warmup) / (steps - warmup)
         out.append({"constant": peak, "linear": peak * (1 - ratio),

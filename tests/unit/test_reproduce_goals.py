@@ -27,8 +27,7 @@ def _entry(acc, p16, drop, r2, ceiling, entropy, final_entropy, mean_acc=None):
 def _method(r, entries):
     seeds = {str(i): e for i, e in enumerate(entries)}
     m = {"seeds": seeds}
-    m["mean"] = {k: r._stats([e.get(k) for e in entries]) for k in r.SUMMARY_KEYS}
-    m["mean"]["final_eval_pass_at_16"] = r._stats([e["final_eval_pass_at_k"]["16"] for e in entries])
+    m["mean"] = r.seed_stats(entries)
     return m
 
 
