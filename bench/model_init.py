@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.policy.model import build_model
 
     heads = max(args.hidden // 64, 1)

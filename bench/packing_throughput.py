@@ -54,7 +54,7 @@ def _setup(max_len: int, num_samples: int, prompt: int, micro_batch_size: int):
 
     from megatron_entcov.config import load_config
     from megatron_entcov.losses.policy import compute_token_selection, policy_loss
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import Actor
     from megatron_entcov.policy.batch import pack_samples
     from megatron_entcov.rollout.types import Sample
@@ -108,7 +108,7 @@ def measure_packing(max_len: int = 512, num_samples: int = 64, *, prompt: int = 
     batch, step, budget = _setup(max_len, num_samples, prompt, micro_batch_size)
     from megatron_entcov.policy.packing import plan_bins
 
-    from megatron_entcov.parallel import destroy_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel
 
     try:
         saved = {"padded": SavedActivations(), "packed": SavedActivations()}

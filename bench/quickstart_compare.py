@@ -51,7 +51,7 @@ def main() -> int:
               "--set", f"checkpoint.load={sft_ckpt}", "--set", "checkpoint.save_interval=0", *common])
 
     from megatron_entcov.entropy_law import fit_entropy_law
-    from megatron_entcov.metrics import read_scalars
+    from megatron_entcov.monitor.metrics import read_scalars
 
     summary, curves = {}, {}
     for method in METHODS:

@@ -143,7 +143,7 @@ def run_sft(out: Path, profile: dict, reuse: Path | None = None, threads: int = 
     hf = out / "sft_hf"
     _run([sys.executable, "-m", "megatron_entcov", "convert", "megatron-to-hf", "--ckpt", str(ckpt), "--out",
           str(hf), "--force"], out / "convert.log")
-    from megatron_entcov.tokenizer import build_char_tokenizer
+    from megatron_entcov.tasks.tokenizer import build_char_tokenizer
 
     if not (hf / "tokenizer.json").is_file():
         build_char_tokenizer(hf)
@@ -175,8 +175,8 @@ def worker(spec_file: Path) -> int:
 
     torch.set_num_threads(1)
     from megatron_entcov.config import load_config
-    from megatron_entcov.logs import setup_logging
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.run.logs import setup_logging
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.trainer import Trainer
 
     setup_logging(level="warning")
@@ -240,7 +240,7 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
 def measure_run(run_dir: Path, steps: int) -> dict:
     """The summary entry of one run, computed from its TensorBoard scalars only."""
     from megatron_entcov.entropy_law import fit_entropy_law
-    from megatron_entcov.metrics import read_scalars
+    from megatron_entcov.monitor.metrics import read_scalars
 
     s = read_scalars(run_dir)
     t_h, h = _series(s, "entropy/mean")

@@ -237,7 +237,7 @@ def _qwen_matmul_params(model) -> dict[str, float]:
 
 def _build(scale: dict, loss_cfg, out_dir: str):
     """One process, gloo, the project's Actor with the scaled model; returns (cfg, ps, actor)."""
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import Actor
 
     overrides = [
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if m != NUM_MINI:
         raise SystemExit(f"the Qwen config has {m} mini-batches; this script models {NUM_MINI}")
 
-    from megatron_entcov.parallel import destroy_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel
 
     with tempfile.TemporaryDirectory(prefix="selection_overhead_") as tmp:
         t_build = time.monotonic()

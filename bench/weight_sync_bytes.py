@@ -15,7 +15,7 @@ in the same processes:
 Every rank drains the iterator as ``WeightSync.push`` does (a loop over the buckets; the generating rank keeps
 each bucket until the next one arrives, as an engine would).
 
-What is counted, per rank, at the calls shards.py makes into megatron_entcov.collectives (the wrappers below):
+What is counted, per rank, at the calls shards.py makes into megatron_entcov.distributed.collectives (the wrappers below):
 - received: bytes other ranks' data put into this rank's buffers. all_gather over n ranks: (n-1) shards;
   gather: the root (n-1) shards, the others none; broadcast: the non-source ranks one tensor; recv: one tensor.
 - sent: bytes of this rank's data that land on other ranks: all_gather (n-1) x its shard (whatever the
@@ -64,13 +64,13 @@ def _object_bytes(obj) -> int:
 
 
 class Counter:
-    """Wraps megatron_entcov.collectives' functions for the duration of a ``with`` block."""
+    """Wraps megatron_entcov.distributed.collectives' functions for the duration of a ``with`` block."""
 
     def __init__(self):
         self.recv = self.sent = self.meta_recv = self.meta_sent = 0
 
     def __enter__(self):
-        from megatron_entcov import collectives
+        from megatron_entcov.distributed import collectives
 
         self._originals = {name: getattr(collectives, name) for name in TENSOR_CALLS + OBJECT_CALLS}
         for name, fn in self._originals.items():
@@ -78,7 +78,7 @@ class Counter:
         return self
 
     def __exit__(self, *exc):
-        from megatron_entcov import collectives
+        from megatron_entcov.distributed import collectives
 
         for name, fn in self._originals.items():
             setattr(collectives, name, fn)
@@ -179,7 +179,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from megatron_entcov.config import ModelConfig, ParallelConfig
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.policy.model import build_model
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,

@@ -33,10 +33,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_entcov.launch import (DEFAULT_STOP_TIMEOUT, LAUNCHED_ENV, argv_without_nproc, supervise,
+from megatron_entcov.run.launch import (DEFAULT_STOP_TIMEOUT, LAUNCHED_ENV, argv_without_nproc, supervise,
                                     torchrun_command)
-from megatron_entcov.logs import LEVELS, setup_logging
-from megatron_entcov.stop import (StopNow, StopSignals, start_checkpoint_queue, stop_checkpoint_queue,
+from megatron_entcov.run.logs import LEVELS, setup_logging
+from megatron_entcov.run.stop import (StopNow, StopSignals, start_checkpoint_queue, stop_checkpoint_queue,
                                   stop_exit_code)
 
 __all__ = ["main"]
@@ -79,7 +79,7 @@ def _launch(args, argv: list[str]) -> int:
     cfg.resolve(args.nproc)
     if args.stop_timeout < 0:
         raise ValueError(f"--stop-timeout {args.stop_timeout:g} must be >= 0 seconds")
-    from megatron_entcov.parallel import loopback_store
+    from megatron_entcov.distributed.parallel import loopback_store
 
     store, port = loopback_store()          # lives as long as this process: torchrun's rendezvous
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
@@ -96,7 +96,7 @@ def _load(args, resume: bool = False):
     when the run directory already belongs to a run (its run.json exists), so a requeued job continues and a
     first launch starts."""
     from megatron_entcov.config import load_config
-    from megatron_entcov.run_dir import RUN_FILE
+    from megatron_entcov.run.run_dir import RUN_FILE
 
     overrides = list(args.overrides)
     if resume:
@@ -110,7 +110,7 @@ def _load(args, resume: bool = False):
 def _init(cfg):
     import torch.distributed as dist
 
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.resolve(world)
@@ -122,7 +122,7 @@ def _init(cfg):
 
 def _stopped(trainer, cfg, ps) -> int:
     """After a stop at a step boundary: one line on rank 0, the exit code (see _stop_exit_code)."""
-    from megatron_entcov.parallel import destroy_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel
 
     signum = trainer.stop_signal
     if ps.is_rank0:
@@ -133,7 +133,7 @@ def _stopped(trainer, cfg, ps) -> int:
 
 
 def _cmd_train(args) -> int:
-    from megatron_entcov.parallel import destroy_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = _load(args, resume=args.resume)
@@ -153,7 +153,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    from megatron_entcov.parallel import destroy_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel
     from megatron_entcov.sft import run_sft
 
     cfg = _load(args)
@@ -168,9 +168,9 @@ def _cmd_sft(args) -> int:
 def _cmd_quickstart(args) -> int:
     import time
 
-    from megatron_entcov.law_report import write_law_report
-    from megatron_entcov.parallel import destroy_parallel
-    from megatron_entcov.run_dir import RunDir
+    from megatron_entcov.monitor.law_report import write_law_report
+    from megatron_entcov.distributed.parallel import destroy_parallel
+    from megatron_entcov.run.run_dir import RunDir
     from megatron_entcov.sft import run_sft
     from megatron_entcov.trainer import Trainer
 
@@ -218,7 +218,7 @@ def _cmd_quickstart(args) -> int:
 
 
 def _cmd_fit_law(args) -> int:
-    from megatron_entcov.law_report import write_law_report
+    from megatron_entcov.monitor.law_report import write_law_report
 
     summary = write_law_report(args.run_dir, args.out, source=args.source)
     print(f"R = -{summary['a']:.4g} * exp(H) + {summary['b']:.4g}  (R^2 {summary['r2']:.3f}, "

@@ -33,16 +33,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_entcov.experience import Experience, broadcast_experience
-from megatron_entcov.metrics import reduce_sum_metrics
-from megatron_entcov.parallel import fail_together
+from megatron_entcov.monitor.metrics import reduce_sum_metrics
+from megatron_entcov.distributed.parallel import fail_together
 from megatron_entcov.policy.batch import pack_samples
-from megatron_entcov.rewards import score
+from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import SamplingParams, mix_seed
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
-    from megatron_entcov.data import PromptDataset, PromptItem
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.tasks.prompts import PromptDataset, PromptItem
+    from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ def eval_prompts(cfg: "RunConfig", tokenizer, dataset: "PromptDataset") -> list[
     e = cfg.eval
     if e.source == "held_out":
         if e.seed is not None and e.seed != cfg.seed:
-            from megatron_entcov.data import build_dataset
+            from megatron_entcov.tasks.prompts import build_dataset
 
             dataset = build_dataset(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len, seed=e.seed)
         return dataset.held_out(e.num_prompts)
-    from megatron_entcov.data import PromptDataset
+    from megatron_entcov.tasks.prompts import PromptDataset
 
     ds = PromptDataset.from_file(e.path, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                  prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,

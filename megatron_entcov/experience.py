@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.distributed as dist
 
-from megatron_entcov import collectives
+from megatron_entcov.distributed import collectives
 from megatron_entcov.losses.advantages import compute_group_advantages
 from megatron_entcov.policy.batch import TrainBatch, pack_samples
-from megatron_entcov.rewards import score
+from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 

@@ -27,32 +27,32 @@ from pathlib import Path
 
 import torch
 
-from megatron_entcov import collectives
-from megatron_entcov.checkpoint import CheckpointError, Checkpointer, load_model, resolve_model_dir
+from megatron_entcov.distributed import collectives
+from megatron_entcov.run.checkpoint import CheckpointError, Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
-from megatron_entcov.dashboard import config_markdown, entropy_control_layout, source_markdown
-from megatron_entcov.data import PromptDataset, PromptLoader
+from megatron_entcov.monitor.dashboard import config_markdown, entropy_control_layout, source_markdown
+from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
 from megatron_entcov.entropy_law import OnlineEntropyLaw
 from megatron_entcov.evaluation import Evaluator
 from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
                                         dp_gather, shard_experience, to_train_batch)
-from megatron_entcov.law_report import law_snapshot
+from megatron_entcov.monitor.law_report import law_snapshot
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.losses.schedules import annealed_coefficients
-from megatron_entcov.metrics import MetricsLogger, Progress, reduce_sum_metrics
-from megatron_entcov.overlap import RolloutPrefetch, staleness_sums
-from megatron_entcov.parallel import ParallelState, build_rollout_group, fail_together
+from megatron_entcov.monitor.metrics import MetricsLogger, Progress, reduce_sum_metrics
+from megatron_entcov.rollout.prefetch import RolloutPrefetch, staleness_sums
+from megatron_entcov.distributed.parallel import ParallelState, build_rollout_group, fail_together
 from megatron_entcov.policy.actor import Actor, StepResult
 from megatron_entcov.policy.batch import TrainBatch
-from megatron_entcov.rollout.engine import build_engine
-from megatron_entcov.rollout.server_metrics import server_throughput
-from megatron_entcov.run_dir import RunDir
-from megatron_entcov.stop import agree_stop
-from megatron_entcov.token_histograms import TokenHistograms
-from megatron_entcov.tokenizer import load_tokenizer
+from megatron_entcov.rollout import build_engine
+from megatron_entcov.monitor.server_metrics import server_throughput
+from megatron_entcov.run.run_dir import RunDir
+from megatron_entcov.run.stop import agree_stop
+from megatron_entcov.monitor.histograms import TokenHistograms
+from megatron_entcov.tasks.tokenizer import load_tokenizer
 from megatron_entcov.weights.probe import verify_sync
 from megatron_entcov.weights.sync import WeightSync
-from megatron_entcov.memory_metrics import PhaseMemory
+from megatron_entcov.monitor.memory import PhaseMemory
 from megatron_entcov.policy.model import check_loaded
 from megatron_entcov.policy.offload import TrainerOffload
 from megatron_entcov.weights.shards import load_hf_weights

@@ -52,7 +52,7 @@ def _entry(fn, rank, world_size, port, args, results):
     finally:
         if dist.is_initialized():
             try:
-                from megatron_entcov.parallel import destroy_parallel
+                from megatron_entcov.distributed.parallel import destroy_parallel
 
                 destroy_parallel()
             except Exception:

@@ -764,7 +764,7 @@ def phase_rl(rec: Recorder, gpu: bool, out_dir: Path, extra: list[str], keep_run
 
 
 def _read_rl_scalars(rec: Recorder, run_dir: Path) -> None:
-    from megatron_entcov.metrics import read_scalars
+    from megatron_entcov.monitor.metrics import read_scalars
 
     if not (run_dir / "tensorboard").is_dir():
         rec.check("TensorBoard scalars written", False, f"no {run_dir / 'tensorboard'}")

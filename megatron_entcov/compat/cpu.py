@@ -52,7 +52,7 @@ import types
 
 import torch
 
-from megatron_entcov import device_audit
+from megatron_entcov.compat import device_audit
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from megatron_entcov import collectives
+from megatron_entcov.distributed import collectives
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from megatron_entcov import collectives
+from megatron_entcov.distributed import collectives
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from megatron_entcov.policy.model import build_model
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.policy.packing import micro_batches
 from megatron_entcov.policy.pipeline import run_microbatches
-from megatron_entcov.weights.hf_config import check_model_matches_hf
+from megatron_entcov.config.hf import check_model_matches_hf
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 

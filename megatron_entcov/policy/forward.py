@@ -17,7 +17,7 @@ from megatron_entcov.policy.packing import micro_batches, scatter_rows
 from megatron_entcov.policy.pipeline import run_microbatches
 
 if TYPE_CHECKING:
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 __all__ = ["PolicyForward"]
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
-from megatron_entcov.dtypes import torch_dtype
+from megatron_entcov.config.dtypes import torch_dtype
 
 if TYPE_CHECKING:
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 if TYPE_CHECKING:
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 __all__ = ["run_microbatches", "MicroBatch"]
 

@@ -50,7 +50,7 @@ import torch
 
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
-__all__ = ["NamedTensors", "RolloutEngine", "build_engine", "iter_named_tensors", "validate_prompts",
+__all__ = ["NamedTensors", "RolloutEngine", "iter_named_tensors", "validate_prompts",
            "validate_seeds"]
 
 NamedTensors = Union[Iterable[tuple[str, torch.Tensor]], Iterable[list[tuple[str, torch.Tensor]]],
@@ -202,16 +202,3 @@ def validate_seeds(seeds, num_prompts: int) -> list[int] | None:
                              "(e.g. rollout.types.mix_seed(step, prompt_id, k), which is always >= 0)")
         out.append(v)
     return out
-
-
-def build_engine(cfg, *, dp_rank: int = 0, dp_size: int = 1, device="cpu") -> RolloutEngine:
-    """The engine ``cfg.rollout.engine`` names, for data-parallel replica ``dp_rank`` (call it on the replica's
-    generating rank only: it may launch servers). The embedded engine generates on ``device`` (the trainer's:
-    ``ps.device``)."""
-    if cfg.rollout.engine == "local":
-        from megatron_entcov.rollout.local import LocalEngine
-
-        return LocalEngine(cfg.model, seed=cfg.seed, device=device)
-    from megatron_entcov.rollout.sglang import SGLangEngine
-
-    return SGLangEngine.from_config(cfg, dp_rank=dp_rank, dp_size=dp_size)

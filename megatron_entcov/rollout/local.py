@@ -52,7 +52,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.dtypes import dtype_name, torch_dtype
+from megatron_entcov.config.dtypes import dtype_name, torch_dtype
 from megatron_entcov.rollout.engine import (NamedTensors, RolloutEngine, iter_named_tensors, validate_prompts,
                                             validate_seeds)
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
@@ -149,7 +149,7 @@ class LocalEngine(RolloutEngine):
         """
         from transformers import AutoModelForCausalLM
 
-        from megatron_entcov.weights.hf_config import to_hf_config
+        from megatron_entcov.config.hf import to_hf_config
 
         dtype = torch_dtype(dtype, field="LocalEngine dtype")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:

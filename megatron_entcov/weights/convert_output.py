@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from megatron_entcov.disk import format_bytes, free_bytes, nearest_existing_dir, no_space_in
+from megatron_entcov.run.disk import format_bytes, free_bytes, nearest_existing_dir, no_space_in
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def converter_parser(direction: str, description: str, *, out_help: str) -> argp
 def run_converter(convert: Callable[[], object]) -> int:
     """Run a converter with the tools' logging; a bad input (ValueError) or a full disk (NoSpaceLeft) is one
     line on stderr and exit code 2."""
-    from megatron_entcov.logs import setup_tool_logging
+    from megatron_entcov.run.logs import setup_tool_logging
 
     setup_tool_logging()
     try:

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_entcov import collectives
+from megatron_entcov.distributed import collectives
 from megatron_entcov.policy.batch import pack_samples
 from megatron_entcov.config import SYNC_PROBE_PROMPT_LEN
-from megatron_entcov.parallel import fail_together
+from megatron_entcov.distributed.parallel import fail_together
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
     from megatron_entcov.policy.forward import PolicyForward
 
 logger = logging.getLogger(__name__)

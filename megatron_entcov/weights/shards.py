@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Iterator, Literal
 import torch
 import torch.distributed as dist
 
-from megatron_entcov import collectives
+from megatron_entcov.distributed import collectives
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.metrics import iter_progress
+from megatron_entcov.monitor.metrics import iter_progress
 from megatron_entcov.weights.hf_map import (EMBEDDING_RULE, RULES, WeightRule, match_megatron_name, to_hf, to_megatron,
                                              tp_shard, tp_unshard)
 from megatron_entcov.weights.hf_checkpoint import HFCheckpoint
 
 if TYPE_CHECKING:
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def iter_hf_weights(chunks, model_cfg: ModelConfig, ps: "ParallelState", *, buck
     its sends after every ``bucket_bytes`` of them, so queued sends stay bounded too). Tensors are on the
     parameters' device in their dtype (or ``dtype``), vocabulary padding stripped; they may alias the
     parameters: do not modify them. A tensor larger than ``bucket_bytes`` comes alone in its bucket. Tied
-    embeddings yield no lm_head.weight. Communication goes through :mod:`megatron_entcov.collectives`, tensors
+    embeddings yield no lm_head.weight. Communication goes through :mod:`megatron_entcov.distributed.collectives`, tensors
     on ``ps.device``.
 
     Yields:

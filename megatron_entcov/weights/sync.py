@@ -18,11 +18,11 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.parallel import fail_together
+from megatron_entcov.distributed.parallel import fail_together
 from megatron_entcov.weights.shards import iter_hf_weights
 
 if TYPE_CHECKING:
-    from megatron_entcov.parallel import ParallelState
+    from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ import yaml
 
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, expected_hf_shapes, megatron_shape, to_hf
-from megatron_entcov.dtypes import torch_dtype
-from megatron_entcov.metrics import iter_progress
+from megatron_entcov.config.dtypes import torch_dtype
+from megatron_entcov.monitor.metrics import iter_progress
 from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_free_space, check_output,
                                                      converter_parser, copy_hf_side_files, run_converter,
                                                      writing_output)
 from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
-from megatron_entcov.weights.hf_config import to_hf_config
+from megatron_entcov.config.hf import to_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ __all__ = ["convert_megatron_to_hf", "resolve_megatron_checkpoint", "load_checkp
 
 def resolve_megatron_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(dist checkpoint dir, step dir or None) for a model/ dir, a step dir or a checkpoints root (latest)."""
-    from megatron_entcov.checkpoint import resolve_model_dir
+    from megatron_entcov.run.checkpoint import resolve_model_dir
 
     return resolve_model_dir(path, field="--ckpt")
 

@@ -2,7 +2,7 @@
 
 :func:`convert_hf_to_megatron` writes a checkpoint root (``latest``,
 ``step_000000/{model/, model_config.yaml, hf/, trainer_state.json, COMPLETE}``) that ``checkpoint.load`` /
-:class:`~megatron_entcov.checkpoint.Checkpointer` accept. The model is built at tp=1, pp=1 on the ``meta``
+:class:`~megatron_entcov.run.checkpoint.Checkpointer` accept. The model is built at tp=1, pp=1 on the ``meta``
 device, allocated without initialisation and filled tensor by tensor from the safetensors files
 (:func:`megatron_entcov.weights.shards.load_hf_weights`), then saved as a Megatron dist checkpoint. A dist checkpoint
 is layout-free (global keys, layers stacked, TP shards as offsets), so it loads at any tp/pp; ``--tp`` only
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_entcov import collectives
+from megatron_entcov.distributed import collectives
 from megatron_entcov.config import ModelConfig, ParallelConfig
-from megatron_entcov.dtypes import torch_dtype
+from megatron_entcov.config.dtypes import torch_dtype
 from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_free_space, check_output,
                                                      converter_parser, copy_hf_side_files, run_converter,
                                                      writing_output)
@@ -85,9 +85,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     """
     import torch.distributed as dist
 
-    from megatron_entcov.checkpoint import save_model
+    from megatron_entcov.run.checkpoint import save_model
     from megatron_entcov.policy.model import build_model
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
 
     hf_dir, out = Path(hf_dir), Path(out)
     check_output(out, force, inputs=[("--hf-dir", hf_dir)])

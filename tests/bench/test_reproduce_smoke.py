@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_entcov.metrics import read_scalars
+from megatron_entcov.monitor.metrics import read_scalars
 
 from script_modules import load_script
 

@@ -137,7 +137,7 @@ def _fail_writes(monkeypatch, direction: str, failure: str) -> None:
     if direction == "megatron-to-hf":
         monkeypatch.setattr("safetensors.torch.save_file", lambda tensors, filename, metadata=None: fail(Path(filename)))
     else:
-        monkeypatch.setattr("megatron_entcov.checkpoint.save_model",
+        monkeypatch.setattr("megatron_entcov.run.checkpoint.save_model",
                             lambda chunks, directory: fail(Path(directory) / "__0_0.distcp"))
 
 

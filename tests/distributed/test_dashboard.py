@@ -96,7 +96,7 @@ def test_every_run_is_listed_by_its_name(tb):
 
 
 def test_the_layout_opens_on_entropy_control_and_every_chart_finds_its_scalars(tb):
-    from megatron_entcov.dashboard import LAYOUT_CATEGORY, entropy_control_layout
+    from megatron_entcov.monitor.dashboard import LAYOUT_CATEGORY, entropy_control_layout
 
     layout = tb.layout()
     mine = entropy_control_layout()
@@ -132,7 +132,7 @@ def test_the_law_image_is_the_law_of_the_points_logged_so_far(tb):
     different from the image of the other step's points."""
     import matplotlib.image
 
-    from megatron_entcov.law_report import law_snapshot
+    from megatron_entcov.monitor.law_report import law_snapshot
 
     images, scalars = tb.images(), tb.scalars()
     for method in METHODS:

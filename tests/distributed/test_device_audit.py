@@ -1,6 +1,6 @@
 """RL and SFT steps with the device audit armed (ENTCOV_DEVICE_AUDIT=1): every tensor the package builds is
 judged as a GPU machine would judge it, so a batch left on the host or a host tensor handed to an NCCL group
-fails here, on CPU, instead of on the first GPU run (see megatron_entcov/device_audit.py).
+fails here, on CPU, instead of on the first GPU run (see megatron_entcov/compat/device_audit.py).
 
 Before the batches were moved to ps.device (pack_samples(device=...)), the first of these runs failed in
 Trainer.__init__: "embedding: host tensor (1, 24) torch.int64 meets device tensor (32, 32)"."""
@@ -28,9 +28,9 @@ TINY = [
 
 def _armed_rl_worker(rank, world_size, run_dir, layout):
     os.environ["ENTCOV_DEVICE_AUDIT"] = "1"
-    from megatron_entcov import device_audit
+    from megatron_entcov.compat import device_audit
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + layout + ["steps=2", f"output_dir={run_dir}", "name=armed"]).resolve(world_size)
@@ -63,9 +63,9 @@ def test_rl_steps_pass_the_device_audit(tmp_path, layout, world):
 
 def _armed_sft_worker(rank, world_size, run_dir):
     os.environ["ENTCOV_DEVICE_AUDIT"] = "1"
-    from megatron_entcov import device_audit
+    from megatron_entcov.compat import device_audit
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.sft import run_sft
 
     cfg = load_config(None, TINY + ["sft.steps=2", "sft.batch_size=8", "sft.eval_size=8", f"output_dir={run_dir}", "name=armed_sft"]).resolve(world_size)

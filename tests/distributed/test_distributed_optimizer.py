@@ -36,7 +36,7 @@ TINY = TINY_MODEL + TINY_STEP + [
 def _setup(distributed: bool, world_size: int):
     """Same seed, same layout: the model starts from the same weights whichever optimizer is used."""
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.model import build_model
     from megatron_entcov.policy.optimizer import build_optimizer, wrap_ddp
 
@@ -94,7 +94,7 @@ def _held_numel(optimizer) -> int:
 
 
 def _worker(rank, world_size, tmp):
-    from megatron_entcov.checkpoint import Checkpointer
+    from megatron_entcov.run.checkpoint import Checkpointer
 
     res: dict = {"ref": [], "dist": [], "resumed": []}
     # Reference: Megatron's plain optimizer (whole gradients all-reduced, every parameter updated everywhere).

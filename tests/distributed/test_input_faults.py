@@ -40,7 +40,7 @@ def hf_dir(tmp_path_factory):
     """A random 4-layer Qwen2 of MODEL's shape with the character tokenizer: a directory a run can start from."""
     import transformers
 
-    from megatron_entcov.tokenizer import build_char_tokenizer
+    from megatron_entcov.tasks.tokenizer import build_char_tokenizer
 
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -70,9 +70,9 @@ def test_cli_refuses_a_model_section_that_truncates_the_checkpoint(hf_dir, tmp_p
 
 def _worker(rank, world_size, tmp, hf_dir):
     import megatron_entcov.trainer as trainer_mod
-    from megatron_entcov.checkpoint import find_latest
+    from megatron_entcov.run.checkpoint import find_latest
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import TrainingDivergedError
     from megatron_entcov.policy.model import unwrap_model
 

@@ -55,7 +55,7 @@ REFERENCE = {name: "ref_adam" if "distopt" in name else "ref_sgd" for name in [*
 def _one_step(world_size, overrides, hf_dir, out_dir, name):
     """One trainer step on this layout; rank 0 returns the updated weights under their HF names."""
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
     from megatron_entcov.weights.shards import iter_hf_weights
 

@@ -67,14 +67,14 @@ def _full_logits(chunks, ps, cfg):
 
 def _layout(cfg):
     from megatron_entcov.policy.model import build_model
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
 
     ps = init_parallel(cfg.parallel, seed=SEED)
     return ps, build_model(cfg.model, cfg.parallel, ps)
 
 
 def _worker(rank, world_size, tmp):
-    from megatron_entcov.checkpoint import load_model, save_model
+    from megatron_entcov.run.checkpoint import load_model, save_model
     from megatron_entcov.policy.optimizer import build_optimizer, wrap_ddp, zero_grads
     from megatron_entcov.policy.pipeline import run_microbatches
 
@@ -176,7 +176,7 @@ def test_checkpoint_saved_at_tp2_pp2_loads_elsewhere(results, layout):
 
 def _load_worker(rank, world_size):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.model import build_model, check_loaded
 
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",

@@ -103,7 +103,7 @@ def _one_thread():
 # ----------------------------------------------------------------------------------------------- the worker
 def _run_worker(rank, world_size, hf_dir, out_dir, name, steps, record):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.rollout.local import LocalEngine
     from megatron_entcov.trainer import Trainer
 
@@ -136,7 +136,7 @@ def _run_worker(rank, world_size, hf_dir, out_dir, name, steps, record):
     cfg = load_config(None, MODEL + RL + [f"model.hf_dir={hf_dir}", f"output_dir={out_dir}", f"name={name}",
                                           f"steps={steps}"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
-    # As rollout.engine.build_engine builds the local engine, on the generating rank of each replica.
+    # As rollout.build_engine builds the local engine, on the generating rank of each replica.
     engine = RecordingEngine(cfg.model, seed=cfg.seed) if ps.is_generator else None
     trainer = Trainer(cfg, ps, engine=engine)
     logs, snapshots, histograms = [], {}, {}
@@ -396,7 +396,7 @@ CHECKED_TAGS = {
 
 
 def test_tensorboard_holds_the_logged_values_and_every_tag_is_checked_here(truth):
-    from megatron_entcov.metrics import read_scalars
+    from megatron_entcov.monitor.metrics import read_scalars
 
     logged = truth["logged"]
     assert sorted(logged) == list(range(STEPS + 1))
@@ -576,7 +576,7 @@ def _splitmix64(x: int) -> int:
 def _sample_rank(key: int, step: int) -> int:
     """The documented sample order of a token (token_histograms.py): splitmix64(key XOR salt), salt =
     splitmix64(splitmix64(stream seed) XOR step), stream seed = the histogram seed of the run seed."""
-    from megatron_entcov.token_histograms import histogram_seed
+    from megatron_entcov.monitor.histograms import histogram_seed
 
     salt = _splitmix64(_splitmix64(histogram_seed(SEED) & _MASK64) ^ step)
     return _splitmix64(key ^ salt)

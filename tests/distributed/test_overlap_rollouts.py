@@ -57,7 +57,7 @@ def _recorder(trainer):
 
 def _overlapped_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["steps=3", "rollout.overlap=true", f"output_dir={run_dir}",
@@ -79,7 +79,7 @@ def _overlapped_worker(rank, world_size, run_dir):
 def _reference_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
     from megatron_entcov.experience import collect_experience, dp_gather
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["steps=3", f"output_dir={run_dir}", "name=reference"]).resolve(world_size)
@@ -158,8 +158,8 @@ def test_overlapped_steps_train_the_previous_weights_rollouts_with_tis(tmp_path)
 
 def _resume_worker(rank, world_size, run_dir, phase):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
-    from megatron_entcov.stop import clear_stop, request_stop
+    from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.run.stop import clear_stop, request_stop
     from megatron_entcov.trainer import Trainer
 
     name = "whole" if phase == "whole" else "stopped"
@@ -209,7 +209,7 @@ def test_resume_after_a_stop_trains_the_prefetched_prompts(tmp_path):
 
 def _failing_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["steps=3", "rollout.overlap=true", f"output_dir={run_dir}",

@@ -54,7 +54,7 @@ def _worker(rank, world_size, layout):
     from megatron_entcov.config import load_config
     from megatron_entcov.experience import shard_rows
     from megatron_entcov.losses.policy import compute_token_selection, policy_loss
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import Actor
     from megatron_entcov.policy.batch import pack_samples
     from megatron_entcov.policy.packing import plan_bins

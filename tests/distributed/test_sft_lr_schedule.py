@@ -22,8 +22,8 @@ TINY = [
 def _sft_worker(rank, world_size, run_dir, styles):
     """SFT once per style, one after another in this process; the logged sft/lr of each."""
     from megatron_entcov.config import load_config
-    from megatron_entcov.metrics import read_scalars
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.monitor.metrics import read_scalars
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.sft import run_sft
 
     logged = {}

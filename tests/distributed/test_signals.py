@@ -142,7 +142,7 @@ def _check_listeners(run: Run) -> dict[int, list]:
 
 
 def _latest_step(run_dir: Path) -> int | None:
-    from megatron_entcov.checkpoint import find_latest
+    from megatron_entcov.run.checkpoint import find_latest
 
     latest = find_latest(run_dir / "checkpoints")
     return None if latest is None else int(latest.name.split("_")[1])

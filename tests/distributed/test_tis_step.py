@@ -24,7 +24,7 @@ TINY = [
 
 def _worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["loss.tis_cap=2.0", f"output_dir={run_dir}", "name=tis"]).resolve(world_size)

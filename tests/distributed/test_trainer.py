@@ -41,7 +41,7 @@ EXPECTED_TAGS = [
 
 def _step_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + [
@@ -60,7 +60,7 @@ def _step_worker(rank, world_size, run_dir):
 
 
 def test_one_rl_step_tp2_pp2_trains_every_parameter(tmp_path):
-    from megatron_entcov.metrics import read_scalars
+    from megatron_entcov.monitor.metrics import read_scalars
 
     results = run_workers(_step_worker, 4, args=(str(tmp_path),), timeout=300)
     for rank, res in enumerate(results):
@@ -82,7 +82,7 @@ def test_one_rl_step_tp2_pp2_trains_every_parameter(tmp_path):
 
 def _probe_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.weights.probe import SyncVerificationError, verify_sync
     from megatron_entcov.trainer import Trainer
 
@@ -126,7 +126,7 @@ def test_sync_probe_catches_a_server_not_on_the_trainers_weights(tmp_path):
 
 def _generator_failure_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.rollout.local import LocalEngine
     from megatron_entcov.trainer import Trainer
 
@@ -167,7 +167,7 @@ def _cli(args, run_dir, **kw):
 
 
 def _scalars(run_dir):
-    from megatron_entcov.metrics import read_scalars
+    from megatron_entcov.monitor.metrics import read_scalars
 
     return read_scalars(run_dir)
 
@@ -189,7 +189,7 @@ def test_kill_9_mid_run_resumes_from_last_complete_checkpoint(tmp_path):
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
-    from megatron_entcov.checkpoint import find_latest
+    from megatron_entcov.run.checkpoint import find_latest
 
     latest = find_latest(ckpts)
     assert latest is not None and latest.name in ("step_000002", "step_000003", "step_000004")
@@ -238,7 +238,7 @@ def test_bad_config_and_data_fail_clearly(tmp_path, setting, match):
 def _nan_worker(rank, world_size, run_dir):
     import megatron_entcov.trainer as trainer_mod
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
 
     cfg = load_config(None, TINY + ["steps=1", f"output_dir={run_dir}", "name=nan"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)

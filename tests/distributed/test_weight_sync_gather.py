@@ -36,11 +36,11 @@ TENSOR_CALLS = ("gather", "all_gather", "broadcast", "send", "recv")
 
 
 def _count_tensor_bytes(counts: dict):
-    """Wrap megatron_entcov.collectives' tensor calls (the ones shards.py makes) to add, per call, the bytes this
+    """Wrap megatron_entcov.distributed.collectives' tensor calls (the ones shards.py makes) to add, per call, the bytes this
     rank receives into its buffers from other ranks (``recv``) and sends to them (``sent``)."""
     import torch.distributed as dist
 
-    from megatron_entcov import collectives
+    from megatron_entcov.distributed import collectives
 
     def nbytes(t):
         return t.numel() * t.element_size()
@@ -111,7 +111,7 @@ class _Engine:
 
 def _worker(rank, world_size, hf_dirs):
     from megatron_entcov.config import ModelConfig, ParallelConfig
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.model import build_model, unwrap_model
     from megatron_entcov.weights.shards import load_hf_weights
     from megatron_entcov.weights.sync import WeightSync

@@ -45,7 +45,7 @@ def test_offload_frees_device_memory_and_a_step_after_reload_is_bit_identical(di
         pytest.skip("needs CUDA")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import destroy_parallel, init_parallel, seed_everything
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel, seed_everything
     from megatron_entcov.policy.actor import Actor
     from megatron_entcov.policy.offload import TrainerOffload
 

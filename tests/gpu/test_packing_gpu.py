@@ -37,7 +37,7 @@ def test_packed_matches_padded_on_the_gpu(dtype, atol, tmp_path):
         pytest.skip("needs CUDA")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.policy.actor import Actor
 
     cfg = load_config(None, TINY + [f"model.params_dtype={dtype}", f"output_dir={tmp_path}"]).resolve(1)

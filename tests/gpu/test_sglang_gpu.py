@@ -51,7 +51,7 @@ def tiny_cfg():
 def model_dirs(tmp_path_factory, tiny_cfg):
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.weights.hf_config import to_hf_config
+    from megatron_entcov.config.hf import to_hf_config
     from megatron_entcov.rollout.sglang.server import write_hf_model_dir
 
     with torch.device("meta"):
@@ -150,7 +150,7 @@ def test_colocated_rl_steps_release_memory_and_sync_by_cuda_ipc(tmp_path, server
     pushed as CUDA IPC tensors, the post-sync probe and the rollout/trainer log-prob gap both tight. (The trainer
     finds the same GPU venv itself; ``server_python`` only makes sure it exists.)"""
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, [

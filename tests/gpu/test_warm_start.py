@@ -20,7 +20,7 @@ MODEL = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64
 
 def _worker(rank, world_size, hf_dir, out_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
     from megatron_entcov.weights.shards import iter_hf_weights
 

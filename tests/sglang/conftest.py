@@ -52,7 +52,7 @@ def _peaky_weights(cfg: ModelConfig, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.weights.hf_config import to_hf_config
+    from megatron_entcov.config.hf import to_hf_config
 
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):

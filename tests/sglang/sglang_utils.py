@@ -38,7 +38,7 @@ class Router:
         import subprocess
 
         from megatron_entcov.rollout.sglang.placement import router_workers
-        from megatron_entcov.net import free_port
+        from megatron_entcov.distributed.net import free_port
         from megatron_entcov.rollout.sglang.server import default_server_python
 
         port = free_port()

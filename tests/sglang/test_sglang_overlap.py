@@ -23,7 +23,7 @@ TINY = [*TINY_MODEL, "model.add_qkv_bias=true", *TINY_STEP, "optim.num_mini_batc
 
 def _worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.rollout.sglang import SGLangEngine
     from megatron_entcov.trainer import Trainer
     from sglang_utils import cpu_servers

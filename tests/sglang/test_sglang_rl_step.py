@@ -26,7 +26,7 @@ TINY = [
 
 def _rl_step_worker(rank, world_size, run_dir, method):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.rollout.sglang import SGLangEngine
     from megatron_entcov.trainer import Trainer
 
@@ -62,7 +62,7 @@ def test_rl_steps_with_sglang_rollouts(tmp_path, method):
 
 def _dp_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.parallel import init_parallel
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["steps=1", f"output_dir={run_dir}", "name=sglang_dp2", "rollout.engine=sglang",

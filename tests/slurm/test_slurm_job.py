@@ -1,4 +1,4 @@
-"""megatron_entcov.slurm_job without a cluster (core suite): processes per node from SLURM's GPU variables
+"""megatron_entcov.run.slurm without a cluster (core suite): processes per node from SLURM's GPU variables
 (typed GRES), servers per node, the checks before servers go on other nodes, rollout.sync_dir validation, and
 'is the run finished' from the run directory's checkpoints."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_entcov.config import load_config
-from megatron_entcov.slurm_job import (JobError, check_remote_servers, gres_count, main, nproc_per_node,
+from megatron_entcov.run.slurm import (JobError, check_remote_servers, gres_count, main, nproc_per_node,
                                        run_finished, servers_per_node)
 
 

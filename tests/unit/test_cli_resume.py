@@ -4,7 +4,7 @@ import argparse
 import json
 
 from megatron_entcov import cli
-from megatron_entcov.run_dir import RUN_FILE
+from megatron_entcov.run.run_dir import RUN_FILE
 
 
 def _args(tmp_path, **kw):

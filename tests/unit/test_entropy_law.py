@@ -122,7 +122,7 @@ def test_online_law_keeps_the_step_of_each_point_and_its_fit_across_a_checkpoint
 
 
 def test_law_snapshot_draws_the_points_and_the_fit_only_once_it_exists():
-    from megatron_entcov.law_report import law_snapshot
+    from megatron_entcov.monitor.law_report import law_snapshot
 
     h = [1.2, 0.9, 0.7]
     r = [0.2, 0.5, 0.6]

@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from megatron_entcov.config import SGLangConfig
-from megatron_entcov.net import free_port
+from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts, validate_seeds
 from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json, wait_answering
 from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, resolve_device,

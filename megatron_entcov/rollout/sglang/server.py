@@ -79,8 +79,8 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.weights.hf_config import to_hf_config
-    from megatron_entcov.tokenizer import build_char_tokenizer, save_tokenizer
+    from megatron_entcov.config.hf import to_hf_config
+    from megatron_entcov.tasks.tokenizer import build_char_tokenizer, save_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

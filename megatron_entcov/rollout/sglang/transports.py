@@ -101,7 +101,7 @@ def expected_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape of the policy's Hugging Face model (built on the meta device: no memory)."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_entcov.weights.hf_config import to_hf_config
+    from megatron_entcov.config.hf import to_hf_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(to_hf_config(model_cfg))
@@ -370,7 +370,7 @@ class DistributedTransport(Transport):
         """Form the group with the servers that answer; returns them (rank order)."""
         from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
-        from megatron_entcov.net import free_port
+        from megatron_entcov.distributed.net import free_port
 
         tp_of = self.tp_sizes(servers)
         servers = list(tp_of)
@@ -440,7 +440,7 @@ class DistributedTransport(Transport):
         """Broadcast ``t`` from this process (rank 0) over the servers' group. The group lives outside torch's
         default world (this process may have none, e.g. an engine used on its own), which megatron_entcov.
         collectives' functions require, so the group object is called directly, after the same device check."""
-        from megatron_entcov.collectives import DevicePlacementError
+        from megatron_entcov.distributed.collectives import DevicePlacementError
 
         if t.is_cuda != (self.backend == "nccl"):
             raise DevicePlacementError(f"weight sync 'distributed': a {t.device} tensor {tuple(t.shape)} for the "

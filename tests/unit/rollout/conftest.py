@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from megatron_entcov.net import free_port
+from megatron_entcov.distributed.net import free_port
 
 DEFAULT_REPLY = {"success": True, "weight_version": "0"}
 """What a path without a route answers (enough for /model_info and the weight-update calls)."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.net import free_port
+from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.sglang.pool import DEAD, LIVE, Server, ServerPool
 from megatron_entcov.rollout.sglang.transports import (DistributedTransport, TransportContext, build_transport,
                                                        expected_shapes)

@@ -115,7 +115,7 @@ def test_parse_size():
 def _write_hf(directory, cfg=QWEN, drop=None, reshape=None):
     from safetensors.torch import save_file
 
-    from megatron_entcov.weights.hf_config import to_hf_config
+    from megatron_entcov.config.hf import to_hf_config
 
     directory.mkdir(parents=True, exist_ok=True)
     to_hf_config(cfg).save_pretrained(directory)

@@ -1,0 +1,1 @@
+"""Process groups and every collective: the parallel layout, the collective helpers, sockets."""

@@ -1,0 +1,395 @@
+"""The one-GPU check's CPU-testable parts (tools/gpu_check.py, tools/gpu_check.sh, tests/gpu/conftest.py): the
+report and its exit rule, phase time-outs (the whole process group killed, partial figures kept), JUnit counts
+of real pytest output, the wheelhouse pins, names and size limit, the GPU tests' skip-or-fail rule run through
+real pytest sessions, and the dry run end to end (vocab_op only here; every phase in the slow test). Nothing
+is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from script_modules import load_script
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+gc = load_script("gpu_check_tool", ROOT / "tools" / "gpu_check.py")
+req = load_script("gpu_require_conftest", ROOT / "tests" / "gpu" / "conftest.py")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _phases(*statuses):
+    return {f"p{i}": gc.PhaseResult(f"p{i}", s, duration_s=1.5) for i, s in enumerate(statuses)}
+
+
+@pytest.mark.parametrize("statuses, ok", [(("passed", "skipped"), True), (("passed", "failed"), False),
+                                          (("passed", "timeout"), False), (("passed", "not_run"), False),
+                                          ((), False)])
+def test_report_is_ok_only_without_failed_timed_out_or_unrun_phases(statuses, ok, tmp_path):
+    report = gc.build_report("gpu", _phases(*statuses), started=100.0, finished=130.25, budget_s=480, notes=["n"])
+    assert report["ok"] is ok
+    path = tmp_path / "report.json"
+    gc.write_json(path, report)
+    back = json.loads(path.read_text())
+    assert back["schema"] == gc.REPORT_SCHEMA == 1 and back["mode"] == "gpu" and back["duration_s"] == 30.25
+    assert back["shapes"]["vocab_op"] == [8192, 152064] and back["notes"] == ["n"]
+    assert [p["status"] for p in back["phases"].values()] == list(statuses)
+    for phase in back["phases"].values():
+        assert set(phase) == {"name", "status", "duration_s", "timeout_s", "figures", "checks", "reason", "error",
+                              "log", "log_tail"}
+
+
+def test_report_is_strict_json_and_keeps_non_finite_figures_as_text(tmp_path):
+    phases = {"rl": gc.PhaseResult("rl", "failed", figures={"loss": float("nan"), "gn": [1.0, float("inf")]})}
+    report = gc.build_report("cpu-dry-run", phases, started=0.0, finished=1.0, budget_s=10, notes=[])
+    gc.write_json(tmp_path / "r.json", report)
+
+    def reject(constant):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    back = json.loads((tmp_path / "r.json").read_text(), parse_constant=reject)
+    assert back["phases"]["rl"]["figures"] == {"loss": "nan", "gn": [1.0, "inf"]}
+    assert back["shapes"]["vocab_op"] == [256, 4096]
+
+
+def test_bad_status_mode_and_phases_are_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="status 'ok' is not one of"):
+        gc.PhaseResult("env", "ok")
+    with pytest.raises(ValueError, match="mode: expected 'gpu' or 'cpu-dry-run', got 'cpu'"):
+        gc.build_report("cpu", {}, started=0, finished=0, budget_s=1, notes=[])
+    with pytest.raises(ValueError, match=r"--phases: \['rll'\]; choose from setup, env, vocab_op, rl, gpu_tests"):
+        gc.run_check(tmp_path, dry_run=True, phases=("rll",))
+    with pytest.raises(ValueError, match="--budget-s: expected > 0 seconds, got 0"):
+        gc.Budget(0)
+
+
+def test_budget_caps_each_phase_and_leaves_none_below_the_minimum():
+    now = [0.0]
+    budget = gc.Budget(100.0, clock=lambda: now[0])
+    assert budget.allot(60.0) == 60.0
+    now[0] = 70.0
+    assert budget.allot(60.0) == 30.0
+    now[0] = 100.0 - gc.MIN_PHASE_S + 0.5
+    assert budget.allot(60.0) is None
+
+
+# ---------------------------------------------------------------------------------------------- time-outs
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_phase_past_its_timeout_is_killed_with_its_children_and_keeps_its_figures(tmp_path):
+    out_json, pids = tmp_path / "phase.json", tmp_path / "pids"
+    script = textwrap.dedent(f"""
+        import json, subprocess, sys, time
+        json.dump({{"figures": {{"clone_ms": 1.25}}, "checks": [], "status": None}}, open({str(out_json)!r}, "w"))
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pids)!r}, "w").write(str(child.pid))
+        time.sleep(120)
+    """)
+    t0 = time.monotonic()
+    res = gc.run_phase_process("vocab_op", [sys.executable, "-c", script], timeout_s=3.0, out_json=out_json,
+                               log_path=tmp_path / "log")
+    assert time.monotonic() - t0 < 3.0 + gc.KILL_GRACE_S
+    assert res.status == "timeout" and "ran past its 3 s time-out" in res.error
+    assert res.figures == {"clone_ms": 1.25} and res.timeout_s == 3.0 and res.duration_s >= 3.0
+    grandchild = int(pids.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the phase's child outlived the time-out"
+
+
+@pytest.mark.parametrize("doc, code, status, error", [
+    (None, 3, "failed", "exited 3 without reporting a status"),
+    ({"status": "passed", "figures": {}, "checks": []}, 1, "failed", "reported passed but exited 1"),
+    ({"status": "skipped", "reason": "skipped (no CUDA)", "figures": {}, "checks": []}, 0, "skipped", None),
+    ({"status": "failed", "error": "Traceback ... boom", "figures": {"a": 1}, "checks": []}, 1, "failed",
+     "Traceback ... boom"),
+])
+def test_a_phase_result_follows_its_report_and_its_exit_code(doc, code, status, error, tmp_path):
+    out_json = tmp_path / "phase.json"
+    write = f"import json; json.dump({doc!r}, open({str(out_json)!r}, 'w')); " if doc is not None else ""
+    cmd = [sys.executable, "-c", f"{write}print('last words'); raise SystemExit({code})"]
+    res = gc.run_phase_process("env", cmd, timeout_s=60, out_json=out_json, log_path=tmp_path / "log")
+    assert res.status == status and res.error == error
+    assert (res.log_tail is None) == (status == "passed" or status == "skipped")
+    if res.log_tail is not None:
+        assert "last words" in res.log_tail
+
+
+# ---------------------------------------------------------------------------------------------- junit
+
+def _pytest(cwd: Path, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def test_junit_counts_match_a_real_pytest_session(tmp_path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_mix.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("fixture broke")
+
+        def test_ok(): pass
+        def test_bad(): assert 1 == 2
+        def test_skip(): pytest.skip("no CUDA here")
+        @pytest.mark.xfail(reason="known")
+        def test_xfail(): assert False
+        def test_error(broken): pass
+    """))
+    _pytest(tmp_path, str(tmp_path), f"--junitxml={tmp_path / 'j.xml'}")
+    res = gc.parse_junit(tmp_path / "j.xml")
+    assert {k: res[k] for k in ("passed", "failed", "errors", "skipped", "xfailed")} == \
+        {"passed": 1, "failed": 1, "errors": 1, "skipped": 1, "xfailed": 1}
+    outcome = {t["id"].split("::")[-1]: (t["outcome"], t["message"]) for t in res["tests"]}
+    assert outcome["test_skip"] == ("skipped", "no CUDA here") and outcome["test_ok"] == ("passed", None)
+    assert "assert 1 == 2" in outcome["test_bad"][1] and "fixture broke" in outcome["test_error"][1]
+
+
+# ---------------------------------------------------------------------------------------------- wheelhouse
+
+def test_wheelhouse_pins_come_from_the_cpu_requirements(tmp_path):
+    pins = gc.wheelhouse_pins()
+    assert pins[0] == "megatron-core==0.16.1" and "math-verify==0.9.0" in pins and "psutil==7.2.2" in pins
+    assert len(pins) == len(gc.WHEELHOUSE_FROM_CPU_PINS) + len(gc.WHEELHOUSE_EXTRA_PINS)
+    fake = tmp_path / "cpu.txt"
+    fake.write_text("# c\nmegatron_core == 9.9 ; python_version>='3'\nmath-verify==1.0\n")
+    with pytest.raises(ValueError, match=r"no exact pin \(name==version\) for \['latex2sympy2_extended', "):
+        gc.wheelhouse_pins(fake)
+    fake.write_text("".join(f"{n.upper()}==1.{i}\n" for i, n in enumerate(gc.WHEELHOUSE_FROM_CPU_PINS)))
+    assert gc.wheelhouse_pins(fake)[:2] == ["MEGATRON-CORE==1.0", "MATH-VERIFY==1.1"]
+
+
+def test_wheel_names_and_what_the_image_keeps():
+    wheels = [Path("megatron_core-0.16.1-cp312-cp312-manylinux_2_28_x86_64.whl"),
+              Path("Pillow-13.0.0-cp312-cp312-manylinux_2_28_x86_64.whl"), Path("pytest-9.2.0-py3-none-any.whl")]
+    assert [gc.wheel_dist(w) for w in wheels] == [("megatron-core", "0.16.1"), ("pillow", "13.0.0"),
+                                                  ("pytest", "9.2.0")]
+    todo, kept = gc.select_wheels(wheels, {"pillow": "11.1.0", "torch": "2.11.0"})
+    assert [w.name for w in todo] == [wheels[0].name, wheels[2].name] and kept == {"pillow": "11.1.0"}
+    with pytest.raises(ValueError, match="'megatron-core.tar.gz' is not a wheel file name"):
+        gc.wheel_dist(Path("megatron-core.tar.gz"))
+
+
+def test_wheelhouse_over_its_size_limit_is_refused_naming_the_largest(tmp_path):
+    for name, mib in (("a-1-py3-none-any.whl", 1), ("b-1-py3-none-any.whl", 2)):
+        (tmp_path / name).write_bytes(b"\0" * (mib * 2**20))
+    assert gc.check_wheelhouse_size(tmp_path, 4) == 3.0
+    with pytest.raises(ValueError, match=r"holds 3\.0 MiB > the 2\.5 MiB limit \(largest: b-1-py3-none-any\.whl 2\.0 "
+                                         r"MiB, a-1-py3-none-any\.whl 1\.0 MiB\)"):
+        gc.check_wheelhouse_size(tmp_path, 2.5)
+
+
+def _fake_wheel(directory: Path, name: str, requires_python: str = ">=3.8") -> Path:
+    """A minimal pure-Python wheel: module ``name`` with VALUE = 42."""
+    dist = f"{name}-1.0.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\nRequires-Python: "
+                                 f"{requires_python}\n\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{dist}/RECORD"])
+    path = directory / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_gpu_setup_makes_a_venv_installs_offline_and_puts_the_checkout_on_its_path(tmp_path):
+    house = tmp_path / "house"
+    house.mkdir()
+    _fake_wheel(house, "entcov_fake_a")
+    res, python = gc.setup_phase("gpu", house, 120.0, tmp_path / "logs", tmp_path / "venv")
+    assert res.status == "passed", (res.error, res.log_tail)
+    assert python == str(tmp_path / "venv" / "bin" / "python")
+    assert res.figures["installed"] == ["entcov_fake_a-1.0-py3-none-any.whl"] and res.figures["kept_from_image"] == {}
+    # torch is only in the venv this test runs in (a venv itself, as on uv-style images), not in its base
+    # Python: the new venv must see it through the parent's site-packages.
+    out = subprocess.run([python, "-c", "import entcov_fake_a, megatron_entcov, sys, torch; "
+                          "print(entcov_fake_a.VALUE, megatron_entcov.__file__, sys.prefix, torch.__file__)"],
+                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout.split()
+    assert out[:3] == ["42", str(ROOT / "megatron_entcov" / "__init__.py"), str(tmp_path / "venv")]
+    import torch
+
+    assert out[3] == torch.__file__
+
+
+def test_gpu_setup_without_a_wheelhouse_fails_naming_the_fix(tmp_path):
+    res, _ = gc.setup_phase("gpu", tmp_path / "none", 120.0, tmp_path / "logs", tmp_path / "venv")
+    assert res.status == "failed" and "run `make gpu-wheelhouse` on a machine with PyPI" in res.error
+
+
+def test_dry_run_setup_checks_the_wheels_for_python_3_12(tmp_path):
+    house = tmp_path / "house"
+    house.mkdir()
+    _fake_wheel(house, "entcov_fake_b")
+    res, _ = gc.setup_phase("cpu-dry-run", house, 120.0, tmp_path / "logs", None)
+    assert res.status == "passed" and [c["ok"] for c in res.checks] == [True, True], res.checks
+    _fake_wheel(house, "entcov_fake_c", requires_python=">=3.13")
+    res, _ = gc.setup_phase("cpu-dry-run", house, 120.0, tmp_path / "logs", None)
+    assert res.status == "failed"
+    assert res.checks[0]["detail"] == {"entcov_fake_c-1.0-py3-none-any.whl": ">=3.13"}
+    res, _ = gc.setup_phase("cpu-dry-run", tmp_path / "none", 120.0, tmp_path / "logs", None)
+    assert res.status == "skipped" and res.reason.startswith("no wheelhouse (make gpu-wheelhouse)")
+
+
+def test_the_rl_run_configs_are_valid_for_both_modes(tmp_path):
+    from megatron_entcov.config import load_config
+
+    for gpu in (True, False):
+        cfg = load_config(None, gc.rl_overrides(gpu, tmp_path, ["steps=4"])).resolve(1)
+        m = cfg.model
+        assert (m.add_qkv_bias, m.tie_word_embeddings, m.num_query_groups < m.num_attention_heads) == (True, False, True)
+        assert m.params_dtype == ("bfloat16" if gpu else "float32") and cfg.steps == 4
+        assert cfg.loss.entropy_coef > 0 and cfg.checkpoint.save_interval == gc.RL_STEPS
+        assert m.vocab_size == (151936 if gpu else 4096)
+        # bf16 training vs the float32 embedded engine: the post-sync probe needs the Qwen configs' tolerance.
+        assert cfg.weight_sync.verify_tol == (0.1 if gpu else 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- skip-or-fail rule
+
+def test_required_dependencies_parse_and_reject_unknown_names():
+    assert req.required_deps({}) == frozenset()
+    assert req.required_deps({req.REQUIRE_ENV: " te , sglang"}) == {"cuda", "te", "sglang"}
+    assert req.required_deps({req.REQUIRE_ENV: "cuda"}) == {"cuda"}
+    with pytest.raises(ValueError, match=r"ENTCOV_GPU_REQUIRE='cuda,tee': unknown \['tee'\]; use a comma-separated "
+                                         r"subset of cuda, te, sglang"):
+        req.required_deps({req.REQUIRE_ENV: "cuda,tee"})
+
+
+def test_need_skips_an_optional_dependency_and_fails_a_required_one():
+    assert req.need("te", None, environ={req.REQUIRE_ENV: "te"}) is None
+    with pytest.raises(pytest.skip.Exception, match=r"^\[optional dependency missing\] te: no TE"):
+        req.need("te", "no TE", environ={req.REQUIRE_ENV: "cuda"})
+    with pytest.raises(pytest.fail.Exception, match=r"te is required \(ENTCOV_GPU_REQUIRE=cuda,te\) but no TE"):
+        req.need("te", "no TE", environ={req.REQUIRE_ENV: "cuda,te"})
+    with pytest.raises(ValueError, match="unknown dependency 'apex'"):
+        req.need("apex", "no apex", environ={})
+
+
+@pytest.fixture
+def gpu_suite(tmp_path):
+    """A copy of tests/gpu/conftest.py with three GPU tests: one skipped the way tests/conftest.py skips GPU tests
+    without CUDA, one needing TE (missing), one passing; and a CPU test."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: gpu\n")
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "gpu" / "conftest.py").read_text())
+    gpu = "import pytest\n\npytestmark = pytest.mark.gpu\n\n"
+    (tmp_path / "test_cuda.py").write_text(gpu + "@pytest.mark.skip(reason='needs a CUDA GPU')\ndef test_cuda():\n"
+                                                 "    pass\n")
+    (tmp_path / "test_te.py").write_text(gpu + "def test_te(gpu_need):\n    gpu_need('te', 'transformer_engine "
+                                               "missing')\n")
+    (tmp_path / "test_op.py").write_text(gpu + "def test_op():\n    assert True\n")
+    (tmp_path / "test_cpu.py").write_text("def test_cpu():\n    assert True\n")
+    return tmp_path
+
+
+def _session(path: Path, require: str | None, *files: str, extra=()):
+    env = {k: v for k, v in os.environ.items() if k != req.REQUIRE_ENV}
+    if require is not None:
+        env[req.REQUIRE_ENV] = require
+    args = [str(path / f) for f in files] + [f"--junitxml={path / 'j.xml'}", *extra]
+    proc = _pytest(path, *args, env=env)
+    counts = gc.parse_junit(path / "j.xml") if (path / "j.xml").is_file() else None
+    return proc, counts
+
+
+def test_without_requirements_missing_dependencies_skip(gpu_suite):
+    proc, res = _session(gpu_suite, None, "test_cuda.py", "test_te.py", "test_op.py")
+    assert proc.returncode == 0, proc.stdout
+    assert (res["passed"], res["skipped"], res["failed"] + res["errors"]) == (1, 2, 0)
+
+
+def test_required_cuda_turns_the_cuda_skip_into_a_failure_and_leaves_optional_te_skipped(gpu_suite):
+    proc, res = _session(gpu_suite, "cuda", "test_cuda.py", "test_te.py", "test_op.py")
+    assert proc.returncode == 1
+    outcome = {t["id"].split("::")[-1]: t["outcome"] for t in res["tests"]}
+    assert outcome == {"test_cuda": "errors", "test_te": "skipped", "test_op": "passed"}
+    assert "GPU tests may not skip; this one skipped: needs a CUDA GPU" in proc.stdout
+
+
+def test_required_te_fails_the_te_test(gpu_suite):
+    proc, res = _session(gpu_suite, "te", "test_te.py", "test_op.py")
+    assert proc.returncode == 1 and (res["passed"], res["failed"]) == (1, 1)
+    assert "te is required (ENTCOV_GPU_REQUIRE=te) but transformer_engine missing" in proc.stdout
+
+
+def test_a_required_gpu_session_in_which_no_gpu_test_passed_fails(gpu_suite):
+    proc, res = _session(gpu_suite, "cuda", "test_te.py")
+    assert (res["skipped"], res["passed"]) == (1, 0)
+    assert proc.returncode == 1 and "no GPU test passed" in proc.stdout
+    assert _session(gpu_suite, None, "test_te.py")[0].returncode == 0
+    proc, res = _session(gpu_suite, "cuda", "test_te.py", extra=["-m", "gpu and not gpu"])   # selects nothing
+    assert proc.returncode == 1 and "no GPU test passed" in proc.stdout
+    proc, res = _session(gpu_suite, "cuda", "test_te.py", "test_cpu.py")             # not a GPU session
+    assert proc.returncode == 0 and (res["skipped"], res["passed"]) == (1, 1)
+
+
+def test_a_misspelt_requirement_stops_the_session_naming_it(gpu_suite):
+    proc, _ = _session(gpu_suite, "cuda,sglng", "test_op.py")
+    assert proc.returncode != 0 and "unknown ['sglng']" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def _dry_run(out: Path, *args) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent)}
+    proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--cpu-dry-run", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=400)
+    return proc, json.loads((out / "report.json").read_text())
+
+
+def test_the_dry_run_checks_the_op_and_writes_its_report(tmp_path):
+    proc, report = _dry_run(tmp_path / "out", "--phases", "vocab_op")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["ok"] and report["mode"] == "cpu-dry-run" and list(report["phases"]) == ["vocab_op"]
+    op = report["phases"]["vocab_op"]
+    assert op["status"] == "passed" and len(op["checks"]) == 6 and all(c["ok"] for c in op["checks"])
+    for dtype in ("float32", "bfloat16"):
+        fig = op["figures"][dtype]
+        assert fig["clone_ms"] > 0 and fig["fwd_bwd_ms"] > fig["fwd_ms"] > 0
+        assert fig["fwd_bwd_over_clone"] == pytest.approx(fig["fwd_bwd_ms"] / fig["clone_ms"])
+    assert "[gpu-check] vocab_op  passed" in proc.stdout
+
+
+def test_the_shell_wrapper_refuses_a_missing_out_dir_and_a_missing_python(tmp_path):
+    proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--cpu-dry-run"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: tools/gpu_check.sh [--cpu-dry-run] OUT_DIR" in proc.stderr
+    proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--cpu-dry-run", str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "VENV": str(tmp_path / "nowhere")})
+    assert proc.returncode == 2 and "run `make setup` first" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_whole_dry_run_passes_every_phase(tmp_path):
+    """Every phase on CPU (~1.5 min on 2 cores): the RL run trains 3 steps, checkpoints, resumes for a 4th."""
+    proc, report = _dry_run(tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    phases = report["phases"]
+    assert list(phases) == list(gc.PHASES) and report["ok"]
+    assert phases["gpu_tests"]["status"] == "skipped" and phases["gpu_tests"]["reason"] == "skipped (no CUDA)"
+    assert phases["gpu_tests"]["figures"]["counts"]["skipped"] >= 3
+    rl = phases["rl"]["figures"]
+    assert rl["train_steps_logged"] == [1, 2, 3] and rl["resume_steps_logged"] == [4]
+    assert sorted(rl["scalars"]["perf/step_time(s)"]) == ["1", "2", "3", "4"]
+    assert rl["resume_checkpoints"][-1] == "step_000004"
+    assert (tmp_path / "out" / "rl" / "tensorboard").is_dir()
