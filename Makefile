@@ -1,6 +1,6 @@
 # Set-up and entry points. A fresh machine with Python 3.11 needs only:
 #   make quickstart   # venv + install + CPU quickstart run
-#   make test         # venv + install + tests (what CI runs through .ci/run): core suite + real SGLang servers
+#   make test         # venv + install + lint + tests (what CI runs through .ci/run): core suite + real SGLang servers
 #                     # + slurm/*.sbatch on a throw-away local SLURM cluster (root + apt-get; mk/slurm.mk)
 #   make test-gpu     # GPU machines only (mk/gpu.mk): the @pytest.mark.gpu tests
 PYTHON ?= python3.11
@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_FLAGS ?=
 
-.PHONY: setup quickstart test test-core test-slow test-all bench clean
+.PHONY: setup quickstart lint test test-core test-slow test-all bench clean
 
 include mk/sglang.mk
 include mk/gpu.mk
@@ -30,9 +30,14 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(PY) -m megatron_entcov quickstart
 
-# Everything CI runs: the core suite, the tests against real SGLang servers (builds their venv once), then the
-# job scripts under a local SLURM cluster.
-test: test-core test-sglang test-slurm
+# pyflakes + import order (ruff.toml), and the floor plan: imports only go down the layers, no cycle (.importlinter).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-logo --no-cache
+
+# Everything CI runs: the lint, the core suite, the tests against real SGLang servers (builds their venv once), then
+# the job scripts under a local SLURM cluster.
+test: lint test-core test-sglang test-slurm
 
 test-core: setup
 	$(PY) -m pytest -m "not gpu and not slow and not sglang and not slurm" $(PYTEST_FLAGS)

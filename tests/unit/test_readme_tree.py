@@ -1,4 +1,5 @@
-"""README's "Dive into the code" section names every module of the package, and only modules that exist."""
+"""README's "Dive into the code" section names every module of the package, only modules that exist, and lists
+the folders in the order of the import layers that `make lint` enforces."""
 
 import re
 from pathlib import Path
@@ -48,3 +49,25 @@ def test_every_named_path_exists():
             if not (ROOT / name).is_file() and not list(PACKAGE.rglob(Path(name).name)):
                 stale.append(name)
     assert not stale, f"README 'Dive into the code' names paths that do not exist: {sorted(stale)}"
+
+
+def _layers() -> list[str]:
+    """The layers of .importlinter's floor-plan contract, top first (`a | b` is one layer of two modules)."""
+    text = (ROOT / ".importlinter").read_text()
+    block = text[text.index("[importlinter:contract:floor-plan]"):].split("layers =", 1)[1]
+    layers = []
+    for line in block.splitlines()[1:]:
+        if not line.startswith((" ", "\t")) or not line.strip():
+            break
+        layers.append(line.strip())
+    return layers
+
+
+def test_table_rows_follow_the_import_layers():
+    """The table lists the package in the order of the layers lint-imports enforces, so "imports only go down
+    this table" is what `make lint` checks."""
+    rows = re.findall(r"^\| `megatron_entcov/([A-Za-z0-9_]+)(?:\.py|/)` \|", _dive_section(), re.M)
+    order = [name for layer in _layers() for name in (part.strip() for part in layer.split("|"))
+             if name != "__main__"]
+    assert rows == order, f"README rows {rows} differ from .importlinter's layers {order}"
+
