@@ -1,18 +1,17 @@
-"""Hugging Face model configs <-> :class:`ModelConfig` (Qwen2/Qwen2.5 and Llama families).
+"""Hugging Face model configs <-> :class:`ModelConfig` (Qwen2/Qwen2.5 and Llama families), for the converters,
+the embedded rollout engine and SGLang servers.
 
-Used by checkpoint conversion, by the embedded rollout engine (which runs a Hugging Face copy of the policy)
-and by SGLang servers (which load a Hugging Face directory).
-
-A run with ``model.hf_dir`` takes its architecture from that directory's config.json: the config loader fills
-the ``model.*`` fields the user did not set from :func:`read_hf_model_fields` and checks the ones they did set
-with :func:`hf_mismatches`; the Actor checks the whole ModelConfig again at start
-(:func:`check_model_matches_hf`), for configs built without the loader.
+With ``model.hf_dir`` set, the config loader fills the ``model.*`` fields the user did not set from
+:func:`read_hf_model_fields` and checks those they set with :func:`hf_mismatches`; the Actor checks the whole
+ModelConfig again at start (:func:`check_model_matches_hf`), for configs built without the loader.
 
 Example:
     hf_cfg = to_hf_config(cfg.model)                     # transformers.Qwen2Config or LlamaConfig
     fields = model_fields_from_hf(AutoConfig.from_pretrained(d))   # dict for ModelConfig(**fields)
     fields = read_hf_model_fields(d)                     # the same from d/config.json, with its checks
     check_model_matches_hf(cfg.model)                    # ValueError naming each field that differs
+
+Design notes: docs/design/config.md
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from megatron_entcov.config import ModelConfig
+from megatron_entcov.config.schema import ModelConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "HF_KEYS", "to_hf_config", "model_fields_from_hf", "hf_architecture",
            "read_hf_model_fields", "hf_mismatches", "check_model_matches_hf"]

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_entcov.config import (NON_FINITE_FLOAT_FIELDS, ModelConfig, RunConfig, config_from_dict, config_to_dict,
-                                    dump_config, load_config)
+from megatron_entcov.config import (
+    NON_FINITE_FLOAT_FIELDS,
+    ModelConfig,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Non-finite floats

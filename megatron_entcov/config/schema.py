@@ -1,0 +1,545 @@
+"""The run config's schema: one ``@dataclass(kw_only=True)`` per section, nested in :class:`RunConfig`.
+
+Each section checks its own fields in ``__post_init__``; a ``Literal`` annotation is the list of a field's valid
+values and the check reads it (config/checks.py). Every failure is a ValueError naming the field as a dotted
+path, the value and the fix. :meth:`RunConfig.validate` holds the checks across sections and
+:meth:`RunConfig.resolve` those that need the world size (the parallel layout). The rollout-side sections live
+in config/rollout.py, the data-side ones in config/data.py; reading and writing config files in config/load.py.
+
+Example:
+    cfg = RunConfig(loss=LossConfig(name="kl_cov"))      # or load_config(...) from a YAML file
+    cfg.resolve(world_size=4)                            # fills parallel.data_parallel_size
+
+Design notes: docs/design/config.md
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from megatron_entcov.config.checks import check_choices, check_positive, check_range, fail, literal_choices
+from megatron_entcov.config.data import DataConfig, EvalConfig, SFTConfig
+from megatron_entcov.config.rollout import (
+    SYNC_PROBE_PROMPT_LEN,
+    RolloutConfig,
+    SamplingConfig,
+    WeightSyncConfig,
+    server_tp,
+)
+
+__all__ = ["ModelConfig", "ParallelConfig", "ScheduleConfig", "LossConfig", "OptimConfig", "CheckpointConfig",
+           "MetricsConfig", "RunConfig", "SCHEDULE_KINDS", "LOSS_NAMES", "AGG_MODES", "RUN_NAME_RULE"]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Qwen2/Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA) built as a Megatron-Core GPTModel."""
+
+    num_layers: int = 2
+    """Number of transformer layers; divisible by pipeline size (times virtual pipeline size)."""
+    hidden_size: int = 64
+    """Model width; divisible by num_attention_heads."""
+    ffn_hidden_size: int = 128
+    """Width of the SwiGLU MLP (the size of gate and of up, each)."""
+    num_attention_heads: int = 4
+    """Query heads; divisible by tensor-parallel size."""
+    num_query_groups: int = 2
+    """Key/value heads (GQA); divides num_attention_heads and is divisible by tensor-parallel size."""
+    kv_channels: int | None = None
+    """Per-head dimension; None means hidden_size // num_attention_heads."""
+    vocab_size: int = 128
+    """Tokenizer vocabulary size (unpadded). Derived padding: see padded_vocab_size()."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this times the tensor-parallel size (Megatron rule)."""
+    max_position_embeddings: int = 512
+    """Longest sequence (prompt + response) the model is run on, in tokens."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta); Qwen2.5 uses 1e6, Llama-3 5e5."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    add_qkv_bias: bool = False
+    """Bias on the fused QKV projection (True for Qwen2/Qwen2.5, False for Llama)."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output layer (Qwen2.5 <= 3B: True; 7B+: False; Llama-3 8B: False)."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU. float16 describes converted checkpoints
+    only: a run rejects it (training has no loss scaling)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random initialisation (ignored when weights are loaded)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer spec: 'auto' uses Transformer Engine when importable and a GPU is present, else the local spec."""
+    hf_dir: str | None = None
+    """Hugging Face model directory (config, tokenizer, weights) the run starts from; None = random init. Its
+    config.json gives the architecture fields above that the config leaves out; those it sets must agree
+    (max_position_embeddings may be smaller)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "model")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):
+            check_positive(f"model.{name}", getattr(self, name))
+        if self.kv_channels is not None:
+            check_positive("model.kv_channels", self.kv_channels)
+        elif self.hidden_size % self.num_attention_heads:
+            fail("model.hidden_size", self.hidden_size,
+                 f"must be divisible by model.num_attention_heads={self.num_attention_heads}, or set kv_channels")
+        if self.num_attention_heads % self.num_query_groups:
+            fail("model.num_query_groups", self.num_query_groups,
+                 f"must divide model.num_attention_heads={self.num_attention_heads}")
+        check_positive("model.rotary_base", self.rotary_base)
+        check_range("model.norm_epsilon", self.norm_epsilon, 0.0, 1.0, lo_open=True)
+        check_positive("model.init_method_std", self.init_method_std)
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Derived: vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp_size."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Megatron model-parallel layout. Data-parallel size is derived: world // (tp * pp * cp)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (tp): splits heads, MLP and vocabulary."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (pp): splits layers into stages."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved schedule); None = not interleaved."""
+    context_parallel_size: int = 1
+    """Context-parallel size (cp); only 1 is supported by the trainer today."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: 'auto' picks nccl when CUDA is available, else gloo."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer; Adam only)."""
+    data_parallel_size: int = 0
+    """Derived: world_size // (tp * pp * cp), set by RunConfig.resolve()."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "parallel")
+        check_positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
+        check_positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        check_positive("parallel.context_parallel_size", self.context_parallel_size)
+        if self.context_parallel_size != 1:
+            fail("parallel.context_parallel_size", self.context_parallel_size, "only 1 is supported; set it to 1")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            check_positive("parallel.virtual_pipeline_model_parallel_size",
+                           self.virtual_pipeline_model_parallel_size)
+            if self.pipeline_model_parallel_size < 2:
+                fail("parallel.virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size,
+                     "needs parallel.pipeline_model_parallel_size >= 2; set it to null")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            fail("parallel.sequence_parallel", True, "needs parallel.tensor_model_parallel_size > 1; set false")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Annealing of one coefficient from its base value (the LossConfig field) to ``end``.
+
+    value(step) = base for step < start_step; then it moves from base to ``end`` over ``steps`` steps
+    (linearly, along a half cosine, or geometrically) and stays at ``end``. Annealing the covariance
+    controls to 0 makes them asymptotically unbiased (reference, section 5).
+    """
+
+    kind: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+    """Shape of the schedule; 'constant' ignores end/steps."""
+    end: float = 0.0
+    """Final value (same unit as the coefficient); 'exponential' needs end > 0 and base > 0."""
+    steps: int = 0
+    """Number of optimizer steps from start_step to reach end; > 0 unless kind is 'constant'."""
+    start_step: int = 0
+    """Step at which annealing begins."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "schedule")
+        check_positive("schedule.steps", self.steps, allow_zero=True)
+        check_positive("schedule.start_step", self.start_step, allow_zero=True)
+        check_positive("schedule.end", self.end, allow_zero=True)
+        if self.kind != "constant" and self.steps == 0:
+            fail("schedule.steps", self.steps, f"kind={self.kind!r} needs steps > 0 (or use kind='constant')")
+        if self.kind == "exponential" and self.end <= 0:
+            fail("schedule.end", self.end, "kind='exponential' needs end > 0; use 'linear' or 'cosine' to reach 0")
+
+
+SCHEDULE_KINDS = literal_choices(ScheduleConfig)["kind"]
+"""The schedule shapes, read from ScheduleConfig.kind's annotation."""
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Policy loss and entropy control (Cui et al. 2025, arXiv 2505.22617, sections 3 and 4 of the reference).
+
+    Defaults are the released Qwen2.5-7B settings where the paper gives one.
+    """
+
+    name: Literal["ppo", "clip_cov", "kl_cov"] = "ppo"
+    """'ppo' (clipped surrogate, with clip-higher/dual clip), 'clip_cov' (Clip-Cov) or 'kl_cov' (KL-Cov)."""
+    clip_ratio_low: float = 0.2
+    """PPO lower clip epsilon: ratio >= 1 - clip_ratio_low. Clip-Cov released setting: 1.0 (ratio in [0, 2])."""
+    clip_ratio_high: float = 0.28
+    """PPO upper clip epsilon (clip-higher, DAPO): ratio <= 1 + clip_ratio_high. Clip-Cov released: 1.0."""
+    clip_ratio_c: float = 10.0
+    """Dual-clip constant (> 1): for A < 0 the loss is capped at -A * clip_ratio_c. Released: 10."""
+    clip_cov_dual_clip: bool = False
+    """Clip-Cov only: also apply the dual clip (loss.clip_ratio_c) and keep dual-clipped tokens out of the
+    candidates. Off = as released (the paper's code and verl's clip_cov apply no dual clip: a token with A < 0
+    and ratio > clip_ratio_c keeps its gradient)."""
+    clip_cov_ratio: float = 2e-4
+    """Clip-Cov: share r of valid tokens whose gradient is detached; chosen = max(int(r * N_valid), 1)."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: lower covariance bound omega_low (exclusive) of the candidate tokens. Released: 1."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: upper covariance bound omega_high (exclusive) of the candidate tokens. Released: 5."""
+    kl_cov_ratio: float = 2e-3
+    """KL-Cov: share k of valid tokens (top by covariance) that get the |log-ratio| penalty. 7B: 2e-3, 32B: 2e-4."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: penalty weight beta on |log pi - log pi_old|. Released: 1."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (loss -= entropy_coef * H); 0 in the released runs. Biased: moves the optimum."""
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group baseline (losses/advantages.py): 'grpo' (group mean, / std + eps when advantage_norm_std;
+    released), 'dr_grpo' (mean only; pair with agg='seq-mean-token-sum'), 'rloo' (leave-one-out)."""
+    advantage_norm_std: bool = True
+    """GRPO only: divide the centred rewards by the group std + eps."""
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """Loss aggregation: mean over all valid tokens of the optimizer batch (released), or per-sequence."""
+    compile_logprob_kernels: bool = False
+    """torch.compile the streaming log-prob/entropy kernels (ops/vocab_parallel.py): 3-6x a memcpy and 12-18x
+    faster than the naive form on CPU, vs 6-12x / 6-10x eager; costs ~15 s of compilation per process.
+    Worth it for real vocabularies; off for the tiny quickstart vocabulary."""
+    selection_logprobs: Literal["current", "old"] = "current"
+    """Log-probs the covariance (token selection) uses on mini-batches after the first: 'current' runs one extra
+    no-grad forward per mini-batch (exact, as in the paper); 'old' reuses the rollout-batch log-probs (free;
+    identical on the first, fully on-policy mini-batch)."""
+    clip_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of clip_cov_ratio (base = clip_cov_ratio). At 0 no token is chosen."""
+    kl_cov_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of kl_cov_ratio (base = kl_cov_ratio). At 0 no token is chosen."""
+    kl_cov_coef_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of kl_cov_coef (base = kl_cov_coef)."""
+    entropy_coef_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of entropy_coef (base = entropy_coef)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (TIS) of the rollout/trainer mismatch: the policy-gradient surrogate of each
+    token is weighted by w = min(exp(old_logprob - rollout_logprob), tis_cap), detached, where old_logprob is the
+    trainer's recomputed log pi_old and rollout_logprob the engine's (the tokens were sampled by the engine's
+    numerics, e.g. SGLang in bf16). Penalties (KL-Cov, entropy bonus) are not reweighted. 0 = off (default);
+    > 0 = the cap C, e.g. 2.0. Logged as train/is_ratio_mean, train/tis_weight_mean, train/tis_clip_frac."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "loss")
+        check_range("loss.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, lo_open=True)
+        check_positive("loss.clip_ratio_high", self.clip_ratio_high)
+        if not self.clip_ratio_c > 1.0:
+            fail("loss.clip_ratio_c", self.clip_ratio_c, "the dual-clip constant must be > 1 (released: 10)")
+        check_range("loss.clip_cov_ratio", self.clip_cov_ratio, 0.0, 1.0, lo_open=True)
+        check_range("loss.kl_cov_ratio", self.kl_cov_ratio, 0.0, 1.0, lo_open=True)
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            fail("loss.clip_cov_lb", self.clip_cov_lb,
+                 f"must be < loss.clip_cov_ub={self.clip_cov_ub} (released: lb=1, ub=5)")
+        check_positive("loss.kl_cov_coef", self.kl_cov_coef, allow_zero=True)
+        check_positive("loss.entropy_coef", self.entropy_coef, allow_zero=True)
+        for coef in ("clip_cov_ratio", "kl_cov_ratio", "kl_cov_coef", "entropy_coef"):
+            sched = getattr(self, f"{coef}_schedule")
+            if sched.kind == "exponential" and getattr(self, coef) <= 0:
+                fail(f"loss.{coef}_schedule.kind", sched.kind, f"'exponential' needs loss.{coef} > 0")
+            if coef.endswith("_ratio") and sched.kind != "constant" and sched.end > 1.0:
+                fail(f"loss.{coef}_schedule.end", sched.end, "a token share must lie in [0, 1]")
+        if not (isinstance(self.tis_cap, (int, float)) and math.isfinite(self.tis_cap) and self.tis_cap >= 0):
+            fail("loss.tis_cap", self.tis_cap, "must be a finite number >= 0: 0 turns truncated importance "
+                 "sampling off, > 0 is the cap on the weight (e.g. 2.0)")
+
+
+LOSS_NAMES = literal_choices(LossConfig)["name"]
+"""The policy losses, read from LossConfig.name's annotation."""
+AGG_MODES = literal_choices(LossConfig)["agg"]
+"""The loss aggregations, read from LossConfig.agg's annotation."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer, learning rate and batch split of one RL step."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Megatron optimizer type."""
+    lr: float = 1e-6
+    """Peak learning rate. Released: 5e-7 (7B), 1e-6 (32B), constant."""
+    min_lr: float = 0.0
+    """Floor of the decayed learning rate."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up over run.steps."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up in optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay. Released: 0."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 = off. Released: 1.0."""
+    num_mini_batches: int = 1
+    """Optimizer steps per rollout batch (KL-Cov needs > 1 to act). Released: 8."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward micro-batch on one data-parallel rank (unused when
+    max_tokens_per_micro_batch > 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch: > 0 packs each rank's samples back to back into rows of at most this many
+    tokens (THD packed sequences; balanced first-fit, so the number of micro-batches varies per step and rank)
+    instead of micro_batch_size padded rows; 0 = off. Must hold the longest sample (rollout.max_prompt_len +
+    sampling.max_new_tokens) and be a multiple of parallel.tensor_model_parallel_size."""
+    max_consecutive_skipped: int = 5
+    """Stop the run with an error after this many optimizer steps in a row were skipped (non-finite loss or
+    gradient norm), before the step is checkpointed; 0 = never stop."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "optim")
+        check_positive("optim.lr", self.lr)
+        check_positive("optim.min_lr", self.min_lr, allow_zero=True)
+        if self.min_lr > self.lr:
+            fail("optim.min_lr", self.min_lr, f"must be <= optim.lr={self.lr}")
+        check_positive("optim.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        check_range("optim.adam_beta1", self.adam_beta1, 0.0, 1.0, hi_open=True)
+        check_range("optim.adam_beta2", self.adam_beta2, 0.0, 1.0, hi_open=True)
+        check_positive("optim.adam_eps", self.adam_eps)
+        check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
+        check_positive("optim.num_mini_batches", self.num_mini_batches)
+        check_positive("optim.micro_batch_size", self.micro_batch_size)
+        check_positive("optim.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, allow_zero=True)
+        check_positive("optim.max_consecutive_skipped", self.max_consecutive_skipped, allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and when checkpoints are written, and what a run starts from."""
+
+    save_interval: int = 0
+    """Save every this many RL steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+    load: str | None = None
+    """Checkpoint directory to start from (a run's checkpoints/ dir or one step dir); None = fresh."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in the run directory if one exists."""
+
+    def __post_init__(self) -> None:
+        check_positive("checkpoint.save_interval", self.save_interval, allow_zero=True)
+        check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """TensorBoard and console logging."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tensorboard."""
+    log_interval: int = 1
+    """Console line every this many steps."""
+    law_fit_min_points: int = 5
+    """Fit R = -a*exp(H) + b online once this many (H, R) points exist."""
+    measure_entropy_change: bool = True
+    """After each step, recompute the entropy of (a subset of) the step's own tokens with the updated weights
+    to log the measured entropy change beside the covariance prediction (one extra forward)."""
+    entropy_change_samples: int = 0
+    """Samples of the step (global; the first ones of every data-parallel replica's share) the measured entropy
+    change uses; 0 = all. A subset bounds the extra forward's cost on large batches."""
+    law_reward: Literal["auto", "eval", "train"] = "auto"
+    """What the online R = -a*exp(H) + b fit uses as R: 'eval' = held-out eval/accuracy (as the paper fits
+    downstream accuracy; needs eval.interval > 0), 'train' = every sample's training reward
+    (reward/mean_all), 'auto' = eval when evaluation runs, else train."""
+
+    histogram_tokens: int = 4096
+    """Tokens per step whose covariance and entropy TensorBoard shows as histograms (cov/tokens, entropy/tokens;
+    cov/chosen_tokens, entropy/chosen_tokens for the tokens Clip-Cov detached or KL-Cov penalised): a uniform
+    sample of the global batch, the same for every parallel layout (monitor/histograms.py); 0 = no histograms.
+    Nothing is sampled with metrics.tensorboard=false."""
+    law_image_interval: int = 10
+    """Draw the law's (H, R) points with the fitted R = -a*exp(H) + b and its ceiling as a TensorBoard image
+    (law/fit) every this many steps and after the last one; 0 = never."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "metrics")
+        check_positive("metrics.log_interval", self.log_interval)
+        check_positive("metrics.histogram_tokens", self.histogram_tokens, allow_zero=True)
+        check_positive("metrics.law_image_interval", self.law_image_interval, allow_zero=True)
+        check_positive("metrics.entropy_change_samples", self.entropy_change_samples, allow_zero=True)
+        check_range("metrics.law_fit_min_points", self.law_fit_min_points, 3, 10**9)
+
+
+RUN_NAME_RULE = ("a run name is one directory name under output_dir: not empty, not '.' or '..', without '/', "
+                 "'\\' or control characters, not starting with '-'")
+"""The rule :attr:`RunConfig.name` follows, quoted in its error message."""
+
+
+def _is_run_name(name: str) -> bool:
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and not name.startswith("-")
+            and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name))
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run: every component config plus run-level settings."""
+
+    name: str = "run"
+    """Run name, used in the run directory and logs."""
+    output_dir: str = "runs"
+    """Parent directory of run directories; the run writes to <output_dir>/<name>."""
+    seed: int = 1234
+    """Seed of model init, data order, sampling and Clip-Cov/KL-Cov selection."""
+    steps: int = 10
+    """RL steps (rollout batches) to run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine and batch shape."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Weight push to the rollout engine after each step, and its check."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling parameters."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Policy loss and entropy control."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and batch split."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and verifier."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Monitoring."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic held-out evaluation during RL."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Optional supervised warm start (megatron-entcov sft / quickstart)."""
+
+    def __post_init__(self) -> None:
+        if not _is_run_name(self.name):
+            fail("name", self.name, f"{RUN_NAME_RULE}; e.g. name=qwen2.5-7b-kl-cov")
+        check_positive("steps", self.steps)
+        self.validate()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def validate(self) -> None:
+        """Cross-section checks that do not need the world size."""
+        self._check_model_layout()
+        self._check_lengths()
+        self._check_eval()
+        self._check_launched_servers()
+
+    def _check_model_layout(self) -> None:
+        """The model's dtype and shape against the parallel layout."""
+        m, p = self.model, self.parallel
+        if m.params_dtype == "float16":
+            fail("model.params_dtype", m.params_dtype,
+                 "set model.params_dtype=bfloat16 on GPU (or float32): training in float16 needs loss scaling, which "
+                 "this trainer does not do (Megatron would unscale the unscaled gradients by 2^-32); float16 stays "
+                 "available for exported checkpoints (convert --dtype float16)")
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if m.num_attention_heads % tp:
+            fail("parallel.tensor_model_parallel_size", tp,
+                 f"must divide model.num_attention_heads={m.num_attention_heads}")
+        if m.num_query_groups % tp:
+            fail("parallel.tensor_model_parallel_size", tp,
+                 f"must divide model.num_query_groups={m.num_query_groups}")
+        if m.ffn_hidden_size % tp:
+            fail("parallel.tensor_model_parallel_size", tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+        chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
+        if m.num_layers % chunks:
+            fail("model.num_layers", m.num_layers,
+                 f"must be divisible by pipeline_model_parallel_size * virtual_pipeline_model_parallel_size = {chunks}")
+
+    def _check_lengths(self) -> None:
+        """Prompt + response, a packed micro-batch and the post-sync probe against the context and the layout."""
+        m, tp = self.model, self.parallel.tensor_model_parallel_size
+        if self.rollout.max_prompt_len + self.sampling.max_new_tokens > m.max_position_embeddings:
+            fail("model.max_position_embeddings", m.max_position_embeddings,
+                 f"must be >= rollout.max_prompt_len + sampling.max_new_tokens = "
+                 f"{self.rollout.max_prompt_len + self.sampling.max_new_tokens}")
+        budget = self.optim.max_tokens_per_micro_batch
+        longest = self.rollout.max_prompt_len + self.sampling.max_new_tokens
+        if budget and budget < longest:
+            fail("optim.max_tokens_per_micro_batch", budget,
+                 f"a micro-batch must hold the longest sample, rollout.max_prompt_len + sampling.max_new_tokens = "
+                 f"{longest}; set it to >= {longest} (or 0 for row micro-batches)")
+        if budget and budget % tp:
+            fail("optim.max_tokens_per_micro_batch", budget,
+                 f"must be a multiple of parallel.tensor_model_parallel_size={tp} (sequence parallelism splits the "
+                 f"packed row); use {budget - budget % tp + tp}")
+        w = self.weight_sync
+        if w.verify == "probe" and SYNC_PROBE_PROMPT_LEN + w.probe_tokens > m.max_position_embeddings:
+            fail("weight_sync.probe_tokens", w.probe_tokens,
+                 f"the probe ({SYNC_PROBE_PROMPT_LEN} prompt tokens + probe_tokens) must fit in "
+                 f"model.max_position_embeddings={m.max_position_embeddings}; lower it")
+
+    def _check_eval(self) -> None:
+        """Evaluation against the data source and the law fit."""
+        if self.metrics.law_reward == "eval" and not self.eval.interval:
+            fail("metrics.law_reward", "eval", "fitting the law on eval accuracy needs evaluation: set "
+                 "eval.interval > 0 (or metrics.law_reward=train)")
+        if self.eval.interval and self.eval.source == "held_out" and self.data.source == "file" \
+                and not self.data.held_out_rows:
+            fail("eval.source", "held_out", "a data file has no held-out split unless data.held_out_rows > 0; set "
+                 "data.held_out_rows=<rows> (they are then never trained on) or eval.source=file with eval.path")
+        if self.eval.seed is not None and (self.eval.source != "held_out" or self.data.source == "file"):
+            fail("eval.seed", self.eval.seed, "it picks the problem stream of a generated task's held-out split "
+                 f"(data.source arithmetic or countdown with eval.source=held_out; here data.source="
+                 f"{self.data.source!r}, eval.source={self.eval.source!r}); set eval.seed=null")
+
+    def _check_launched_servers(self) -> None:
+        """Launched GPU SGLang servers fit on their replica's own GPUs."""
+        r, sg = self.rollout, self.rollout.sglang
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        if r.engine == "sglang" and sg.server_device == "cuda" and not sg.server_urls and not sg.router_url:
+            need = sg.num_servers * server_tp(sg.server_args)
+            if need > tp * pp:
+                fail("rollout.sglang.num_servers", sg.num_servers,
+                     f"launched GPU servers go on their replica's own GPUs: {sg.num_servers} servers x "
+                     f"{server_tp(sg.server_args)} GPUs (rollout.sglang.server_args --tp-size) = {need} > the "
+                     f"replica's parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}; "
+                     "launch fewer or smaller servers, or start them elsewhere (rollout.sglang.server_urls)")
+
+    def resolve(self, world_size: int) -> "RunConfig":
+        """Check the layout against the world size and fill the derived fields. Returns self."""
+        p = self.parallel
+        if world_size < 1:
+            fail("world_size", world_size, "must be >= 1")
+        if world_size % p.model_parallel_size:
+            fail("parallel.tensor_model_parallel_size * pipeline_model_parallel_size", p.model_parallel_size,
+                 f"must divide the world size {world_size}; change tp/pp or launch a multiple of "
+                 f"{p.model_parallel_size} processes")
+        p.data_parallel_size = world_size // p.model_parallel_size
+        dp = p.data_parallel_size
+        total = self.rollout.prompts_per_step * self.rollout.n_samples_per_prompt
+        per_mini = total // self.optim.num_mini_batches
+        if total % self.optim.num_mini_batches:
+            fail("optim.num_mini_batches", self.optim.num_mini_batches,
+                 f"must divide rollout.prompts_per_step * n_samples_per_prompt = {total}")
+        if self.optim.max_tokens_per_micro_batch and per_mini % dp:
+            fail("optim.num_mini_batches", self.optim.num_mini_batches,
+                 f"a mini-batch of {per_mini} sequences does not split over data_parallel_size={dp}")
+        if not self.optim.max_tokens_per_micro_batch and per_mini % (dp * self.optim.micro_batch_size):
+            fail("optim.micro_batch_size", self.optim.micro_batch_size,
+                 f"a mini-batch of {per_mini} sequences must split evenly over data_parallel_size={dp} "
+                 f"ranks of micro_batch_size sequences; choose a divisor of {per_mini // dp}"
+                 if per_mini % dp == 0 else
+                 f"a mini-batch of {per_mini} sequences does not split over data_parallel_size={dp}")
+        if p.use_distributed_optimizer and self.optim.optimizer != "adam":
+            fail("parallel.use_distributed_optimizer", True,
+                 "the distributed optimizer supports optim.optimizer='adam' only")
+        return self
