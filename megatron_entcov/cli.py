@@ -7,21 +7,13 @@
     megatron-entcov convert    hf-to-megatron|megatron-to-hf ...
     megatron-entcov bench      vocab-parallel|entropy-dynamics|selection-overhead [args]
 
-LOG: `--verbose` also shows third-party internals (Megatron's config reprs, parameter lists, expected
-warnings) that are filtered by default; `--log-level debug|info|warning|error` (debug implies --verbose).
-Multi-process runs: `--nproc N` re-launches the command under torchrun on this machine; on clusters,
-launch `python -m megatron_entcov train ...` with torchrun/srun yourself (slurm/*.sbatch). The launcher checks
-the config against N first (an impossible layout: one line, exit 2) and keeps every rendezvous socket on
-127.0.0.1 (it hosts torchrun's c10d store itself; rank 0 hosts the process-group store on MASTER_ADDR).
+LOG: `--verbose` also shows third-party internals that are filtered by default; `--log-level
+debug|info|warning|error` (debug implies --verbose). `--nproc N` re-launches the command under torchrun on this
+machine (on clusters, launch `python -m megatron_entcov train ...` with torchrun/srun: slurm/*.sbatch).
+SIGTERM, SIGINT or SIGUSR1 make `train` finish the step in flight on every rank, checkpoint it and exit with
+128 + the signal number; `--resume` continues from that step. A second SIGTERM/SIGINT stops at once.
 
-Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 ("checkpoint and stop", for preemption notices) makes `train`
-(and the RL part of `quickstart`) finish the step in flight on every rank, save a checkpoint of it (always,
-whatever checkpoint.save_interval says), close the rollout engine and exit with 128 + the signal number (143
-SIGTERM, 130 SIGINT, 138 SIGUSR1); `--resume` continues from that step. A second SIGTERM/SIGINT stops at once
-without saving. `sft` and the quickstart's SFT part stop at once (exit 128 + signal). Under `--nproc` the
-launcher forwards the signal to the ranks (not to torchrun, which would also signal their checkpoint
-workers), waits up to `--stop-timeout` seconds (default 300), then kills every process it started; the ranks
-exit 0 after a stop and the launcher returns 128 + the signal number.
+Design notes (the launcher, stopping): docs/design/run.md
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """Held-out evaluation during RL: greedy accuracy, pass@k from n samples, entropy and length of the responses.
 
-The paper fits R = -a exp(H) + b on downstream accuracy; training reward is a poor stand-in (dynamic sampling
-filters it toward 0.5, and it is measured on prompts being trained on). ``Evaluator`` scores a fixed set of
-held-out prompts (the data set's held-out split, disjoint from training, or eval.path) with the rollout
-engine, on the weights the engine holds (synced after every step):
+``Evaluator`` scores a fixed set of held-out prompts (the data set's held-out split, or eval.path) with the
+rollout engine, on the weights it holds: ``eval/accuracy`` (greedy, one response per prompt), ``eval/pass@k``
+(unbiased estimator from n = eval.n_samples responses at eval.temperature, averaged over prompts;
+``eval/pass@1`` is the mean sampled accuracy), ``eval/entropy`` (the policy's mean token entropy over the
+sampled responses, at the training temperature) and ``eval/response_len``. The sampled responses of prompt i
+use seeds from (run seed, i, sample index) only: the same at every evaluation and for every data-parallel
+layout. Prompts are split over the replicas and the sums reduced over the world.
 
-* ``eval/accuracy``: greedy decoding (top_k = 1), one response per prompt;
-* ``eval/pass@k``: n = eval.n_samples responses per prompt at eval.temperature, the unbiased estimator
-  1 - C(n - c, k) / C(n, k) per prompt (c correct of n), averaged over prompts (Chen et al. 2021);
-  ``eval/pass@1`` is then the mean sampled accuracy;
-* ``eval/entropy``: the policy's mean token entropy (at the training temperature, as entropy/mean) over the
-  sampled responses' tokens, from a forward of the trainer's model;
-* ``eval/response_len``: mean length of the sampled responses.
-
-The sampled responses of prompt i use seeds from (run seed, i, sample index) only: the same at every
-evaluation (common random numbers: successive evaluations differ by the weights, not the draws) and for
-every data-parallel layout. Prompts are split over the replicas (contiguous shares), each replica's generating
-rank generates and scores its share, and the sums are reduced over the world.
+Design notes (why held-out accuracy, the estimator): docs/design/experience.md
 
 Example:
     evaluator = Evaluator(cfg, ps, tokenizer, dataset)

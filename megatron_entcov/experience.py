@@ -2,22 +2,14 @@
 for every data-parallel layout.
 
 Generation and scoring run on one rank per data-parallel replica (tp_rank 0 of the first pipeline stage, which
-holds the rollout engine handle). Each round, every replica generates its contiguous share of the step's GLOBAL
-prompt batch; the generating ranks then gather the round (``gather``: an all-gather over their data-parallel
-group), so each of them holds the whole global round and makes the same decisions a single process would.
+holds the rollout engine handle); each round, every replica generates its contiguous share of the step's global
+prompt batch and the generating ranks all-gather the round, so each makes the decisions a single process would.
+A sample's randomness depends on (seed, step, round, global prompt position, sample index) only
+(:func:`sample_seed`); :func:`shard_rows` gives replica r the r-th slice of every optimizer mini-batch. With
+``rollout.dynamic_sampling`` (DAPO) groups whose rewards are all equal are dropped and refilled from new prompts,
+up to ``rollout.max_refill_rounds`` extra rounds; the shortfall is reported as ``rollout/refill_shortfall``.
 
-Layout invariance (what makes one step's update independent of dp, tp, pp and the micro-batch split):
-* a sample's randomness is a function of (seed, step, round, global prompt position, sample index) only
-  (:func:`sample_seed`, per-request seeds honoured by every engine), not of which replica generated it;
-* dynamic sampling, advantages and the statistics are computed on the gathered global round;
-* :func:`shard_rows` gives replica r the r-th slice of EVERY optimizer mini-batch, so global mini-batch i holds
-  the same samples for any dp (rank-local ``TrainBatch.split(num_mini_batches)`` then yields exactly that slice).
-
-Dynamic sampling (DAPO; reference section 6): a group whose n rewards are all equal has zero advantage
-everywhere and carries no signal. With ``rollout.dynamic_sampling`` such groups are dropped and refilled from
-new prompts, up to ``rollout.max_refill_rounds`` extra rounds; if groups are still missing after that,
-degenerate groups fill the remaining slots (their advantages are zero, so they only dilute the token-mean
-denominator) and the shortfall is reported as ``rollout/refill_shortfall``.
+Design notes (layout invariance, dynamic sampling): docs/design/experience.md
 """
 
 from __future__ import annotations

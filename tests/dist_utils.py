@@ -1,4 +1,5 @@
-"""Run a function on N local gloo ranks (spawned processes) with a hard time-out.
+"""Run a function on N local gloo ranks (spawned processes) with a hard time-out; the tiny models and steps
+the tests share (``TINY_MODEL``, ``TINY_STEP``, ``tiny_model``, ``set_args``).
 
 Each worker gets RANK/WORLD_SIZE/MASTER_* in its environment and an initialised gloo process group; the
 parent collects each rank's return value or traceback, terminates every rank on the first failure or on
@@ -18,16 +19,31 @@ import traceback
 
 import torch.multiprocessing as mp
 
+TINY_MODEL_FIELDS = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                         vocab_size=32, make_vocab_size_divisible_by=8, max_position_embeddings=64)
+"""ModelConfig fields of the tiny 2-layer policy the distributed and SLURM tests train."""
+TRANSPORT_MODEL_FIELDS = dict(TINY_MODEL_FIELDS, num_layers=1, hidden_size=16, ffn_hidden_size=32,
+                              num_attention_heads=2, num_query_groups=1, vocab_size=24)
+"""... and of the smaller 1-layer model whose weights the SGLang transport unit tests sync (16 wide)."""
 
-TINY_MODEL = [
-    "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
-    "model.max_position_embeddings=64",
-]
-"""Config overrides of the tiny 2-layer policy the distributed tests train."""
+
+def tiny_model(**changes) -> list[str]:
+    """``--set`` overrides of the tiny policy with ``changes`` to its fields (or more fields) written out:
+    ``tiny_model(num_layers=4)`` is TINY_MODEL with ``model.num_layers=4`` in place of ``model.num_layers=2``."""
+    fields = {**TINY_MODEL_FIELDS, **changes}
+    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()]
+
+
+TINY_MODEL = tiny_model()
+"""Config overrides of the tiny 2-layer policy (``model.num_layers=2``, ...)."""
 TINY_STEP = ["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
              "sampling.max_new_tokens=6", "optim.micro_batch_size=2"]
 """... and of its small step: 4 prompts x 2 samples of at most 6 tokens, micro-batches of 2."""
+
+
+def set_args(*overrides: str) -> list[str]:
+    """The command-line form of config overrides: ``set_args("a=1", "b=2") == ["--set", "a=1", "--set", "b=2"]``."""
+    return [x for kv in overrides for x in ("--set", kv)]
 
 
 def free_port() -> int:

@@ -1,45 +1,20 @@
 """What megatron-core (0.16.x) needs to run on a CPU-only torch with gloo: tests, the quickstart, CI.
 
-megatron-core assumes CUDA in a handful of places. Each fix below is narrow: it touches only the named
-module, is applied only when ``torch.cuda.is_available()`` is False (``apply()`` refuses otherwise), documents
-the error it prevents, and is covered by ``tests/distributed/test_megatron_cpu.py`` /
-``tests/unit/test_compat_cpu.py``.
+Each fix touches only the named megatron module, is applied only when ``torch.cuda.is_available()`` is False
+(``apply()`` refuses otherwise) and is covered by ``tests/distributed/test_megatron_cpu.py`` /
+``tests/unit/compat/test_compat_cpu.py``. The main tool is a per-module ``torch`` stand-in (:class:`_CpuTorch`)
+forwarding everything to torch except the CUDA spellings; functions are patched only where a module-level name
+cannot reach the call. Fixes:
+ 1. tensor_parallel.random: the CUDA RNG tracker -> :class:`CpuRNGStatesTracker`.
+ 2./3./5./8. ``torch.cuda.current_device()``, ``torch.cuda.synchronize()`` and ``device="cuda"`` in Megatron's
+    buffers, p2p communication, pipeline schedules and dist_checkpointing -> the stand-in (cpu; a no-op sync).
+ 4. language_module: the tied embedding's ``weight.data.cuda()`` when pp > 1 -> ``Tensor.cuda`` returns the
+    tensor itself while ``setup_embeddings_and_output_layer`` runs.
+ 6. optimizers (the distributed one included): ``device='cuda'`` scalars -> cpu; while their type checks run,
+    CPU float tensors report their CUDA type names.
+ 7. WrappedTorchNorm under sequence parallelism: built with SP off, then its params marked SP.
 
-The main tool is a per-module ``torch`` stand-in (:class:`_CpuTorch`): megatron modules call
-``torch.zeros(..., device="cuda")``, ``torch.cuda.current_device()`` or ``torch.cuda.synchronize()``
-through their module-global name ``torch``; replacing that name *in that module only* with an object that
-forwards everything to torch except those CUDA spellings fixes the module without touching torch itself
-or any other code. Functions are patched only where a module-level name cannot reach the call.
-
-Fixes (module -> error prevented):
- 1. tensor_parallel.random: the CUDA RNG tracker calls torch.cuda.get_rng_state ->
-    "Torch not compiled with CUDA enabled". Replaced by :class:`CpuRNGStatesTracker` (CPU generator states).
- 2. current-device buffers (tensor_parallel.mappings/layers/cross_entropy/utils, global memory buffer,
-    rotary embeddings, p2p communication, DDP param/grad buffers, dist_checkpointing): device=
-    torch.cuda.current_device() -> "Torch not compiled with CUDA enabled". The stand-in returns "cpu".
- 3. pipeline_parallel.p2p_communication: torch.cuda.synchronize() after batched isend/irecv -> same error;
-    a no-op on CPU (gloo ops are complete when wait() returns).
- 4. language_module: weight.data.cuda() on the tied embedding when pp > 1 -> "Torch not compiled with CUDA";
-    ``Tensor.cuda`` is not reachable through a module name, so only while
-    `setup_embeddings_and_output_layer` runs, Tensor.cuda returns the tensor itself.
- 5. pipeline_parallel.schedules: total_num_tokens = torch.zeros(..., device="cuda") in every
-    forward_backward_* -> "Torch not compiled with CUDA enabled". Stand-in maps device="cuda" to cpu.
- 6. optimizer.optimizer / optimizer.clip_grads / optimizer.grad_scaler / distrib_optimizer: device='cuda'
-    scalars and `param.grad.type() == 'torch.cuda.FloatTensor'` assertions -> CUDA error / AssertionError.
-    The stand-in maps the device; only while clip_grad_by_total_norm_fp32 and the mixed-precision
-    optimizer's constructor run, Tensor.type() reports CPU float tensors with their CUDA names.
-    The distributed optimizer's constructor (``parallel.use_distributed_optimizer=true``) sorts the
-    params into its fp32 / 16-bit shard groups by `model_param.type()` against the CUDA names in
-    `_build_model_and_main_param_groups`, and raises for anything else -> "TypeError: Wrapped parameters
-    must be one of torch.cuda.FloatTensor, ... Received torch.FloatTensor". It gets the same scope, so a
-    CPU float32 param lands in the fp32 group it would be in on GPU. Its step (DDP's grad reduce-scatter,
-    the shard update, the param all-gather) needs nothing more than fixes 2 and 6.
- 7. transformer.torch_norm.WrappedTorchNorm asserts `not config.sequence_parallel` (apex-less local spec)
-    -> AssertionError under sequence parallelism. The norm itself is correct under SP as long as its
-    params are marked `sequence_parallel=True` so Megatron all-reduces their grads over TP; the patched
-    constructor builds the norm with SP off and then marks the params.
- 8. dist_checkpointing: torch.cuda.synchronize()/current_device() in the strategies -> CUDA error;
-    stand-in as in 2/3.
+Design notes (each fix: the module and the error it prevents): docs/design/compat.md
 """
 
 from __future__ import annotations

@@ -1,30 +1,17 @@
 """A simulated accelerator on CPU: catches host tensors that would meet device tensors on a GPU.
 
-On a CPU machine every tensor is on the host, so a batch never moved to ``ps.device`` or a host flag handed to
-an NCCL collective goes unnoticed until the first GPU run. Armed (``ENTCOV_DEVICE_AUDIT=1``, read by
-``parallel.init_parallel``), this module tracks where each tensor *would* live on a GPU machine and raises
-:class:`DevicePlacementError` at the first operation that would fail there:
-
-- ``ps.device`` becomes :data:`AUDIT_DEVICE`, a ``torch.device("cpu")`` object recognised by identity; the CPU
-  compat layer hands the same object to Megatron wherever it asks for the current CUDA device.
-- Every torch call goes through :class:`DeviceAudit` (a ``TorchFunctionMode``), which marks results
-  ``"device"`` (created on :data:`AUDIT_DEVICE`, moved there with ``.to``, or computed from a device tensor) or
-  ``"host"`` (factories without that device, ``.cpu()``, numpy). Tensors it never saw made (autograd's
-  gradients, tensors from before arming) stay unmarked and are not judged.
-- An operation mixing a device tensor with a host tensor of one or more dimensions raises, as CUDA would
-  (0-dim host scalars and index arguments are allowed, as on CUDA; ``.to``/``copy_`` are the explicit moves).
-- :mod:`megatron_entcov.distributed.collectives` asks :func:`placement` of every tensor it hands to a process group and
-  requires ``"device"``, as NCCL would; and a ``torch.distributed`` collective called straight from any other
-  module of this package raises, naming the caller (it would bypass that check). Megatron's and torch's own
-  calls are theirs to get right and are not judged.
-
-It costs a Python call per torch operation: for tests (``tests/distributed/test_device_audit.py`` runs
-training steps armed), never for training runs. What it cannot see: code that builds a tensor with an
-explicit ``device="cpu"`` *and* really needs it there is judged host correctly, but kernels that exist only
-on GPU (Transformer Engine, fused attention) and CUDA streams are not simulated at all.
+Armed (``ENTCOV_DEVICE_AUDIT=1``, read by ``parallel.init_parallel``), this module tracks where each tensor
+*would* live on a GPU machine and raises :class:`DevicePlacementError` at the first operation that would fail
+there: ``ps.device`` becomes :data:`AUDIT_DEVICE`; :class:`DeviceAudit` (a ``TorchFunctionMode``) marks results
+``"device"`` or ``"host"`` and raises when a device tensor meets a host tensor of one or more dimensions;
+:mod:`megatron_entcov.distributed.collectives` requires :func:`placement` ``"device"`` of every tensor it hands
+to a process group, and a ``torch.distributed`` collective called straight from any other module of this
+package raises. It costs a Python call per torch operation: for tests, never for training runs.
 
 Example:
     ENTCOV_DEVICE_AUDIT=1 python -m megatron_entcov train configs/quickstart.yaml
+
+Design notes (the marking rules, what it cannot see): docs/design/compat.md
 """
 
 from __future__ import annotations

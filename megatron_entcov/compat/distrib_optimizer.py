@@ -1,26 +1,17 @@
 """What megatron-core (0.16.x)'s distributed optimizer needs when it steps with torch's own Adam.
 
-Without Transformer Engine or apex (always on CPU; on GPU wherever neither is installed) megatron-core builds
-``DistributedOptimizer`` around ``torch.optim.AdamW``, whose ``step`` count lives in each parameter's state
-rather than in the param groups as with TE's or apex's FusedAdam. Megatron's code for that case (its
-``HAVE_APEX_OR_TE = False`` branches) breaks checkpoint resumes in two ways. Each fix below is narrow: it wraps
-one method of ``DistributedOptimizer``, acts only on that torch-Adam case (``apply()`` is a no-op otherwise),
-names the error it prevents, and is covered by ``tests/distributed/test_distributed_optimizer.py``. The
-CPU-only part (the constructor's CUDA type names) is fix 6 of ``compat/cpu.py``.
+Without Transformer Engine or apex, ``DistributedOptimizer`` wraps ``torch.optim.AdamW``, whose ``step`` count
+lives in each parameter's state; Megatron's code for that case (``HAVE_APEX_OR_TE = False``) breaks checkpoint
+resumes. Each fix wraps one method of ``DistributedOptimizer``, acts only in that torch-Adam case (``apply()`` is
+a no-op otherwise) and is covered by ``tests/distributed/test_distributed_optimizer.py``:
+ 1. ``__init__`` ends by allocating the state as torch's Adam would at its first step (step 0, zero moments),
+    so ``state_dict()`` of a fresh optimizer no longer fails ``assert len(steps) == 1``; the first update is
+    bit-for-bit unchanged.
+ 2. after ``load_state_dict()`` every parameter gets its own ``step`` tensor holding the checkpoint's step
+    (Megatron's shared tensor held the fresh optimizer's step and advanced once per parameter per update).
+The CPU-only part (the constructor's CUDA type names) is fix 6 of ``compat/cpu.py``.
 
-Fixes (method -> error prevented):
- 1. ``state_dict()`` takes the step from the inner optimizer's per-parameter state and asserts there is
-    exactly one value (``assert len(steps) == 1``). torch's Adam creates that state lazily at its first
-    step, so the sharded state dict of a fresh optimizer, which a checkpoint load builds before it reads
-    anything, fails with a bare AssertionError (as does a save before the first step). ``__init__`` now ends
-    by allocating the state exactly as torch's Adam would at its first step (step 0, zero moments): the
-    first update is bit-for-bit unchanged.
- 2. ``load_state_dict()`` gives every parameter the same ``step`` tensor, then overwrites it with the step
-    held by the optimizer at the time the sharded state dict was built (the 'step' entries of the
-    'dp_reshardable' param state are local, not loaded): a resumed Adam restarts its bias correction from
-    the fresh optimizer's step instead of the checkpoint's, and as torch's Adam increments each
-    parameter's step in place, a shared tensor advances once per parameter per update. The loaded
-    param-group step (the checkpoint's) is now set into one tensor per parameter after the load.
+Design notes: docs/design/compat.md
 """
 
 from __future__ import annotations

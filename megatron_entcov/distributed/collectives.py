@@ -1,26 +1,18 @@
 """Every collective this package issues goes through here, and here is where the device is decided.
 
-A process group's backend fixes where its tensors must live: NCCL takes CUDA tensors only, gloo (our CPU
-runs) host tensors. Two kinds of traffic cross the groups:
-
-- **Model tensors** (logits statistics, covariance sums, weight shards): already on ``ps.device``; the
-  tensor functions (:func:`all_reduce`, :func:`broadcast`, :func:`all_gather`, :func:`gather`, :func:`send`,
-  :func:`recv`) check that, and raise :class:`~megatron_entcov.compat.device_audit.DevicePlacementError` naming the
-  call before NCCL fails with a less helpful message (or gloo silently copies).
-- **Host metadata** (failure flags, loader cursors, token counts, metric vectors): Python numbers or host
-  tensors. :func:`reduce_values` moves them to the group's device, reduces and hands back a host tensor, so a
-  call site never has to know the backend. One small copy each way per call: a few per step.
-
-On CPU the checks are trivially met; armed with ``ENTCOV_DEVICE_AUDIT=1`` (:mod:`megatron_entcov.compat.device_audit`)
-they judge each tensor as NCCL would, and a ``torch.distributed`` collective called from any other module of
-the package raises.
-
-Object collectives (:func:`broadcast_object_list`, :func:`all_gather_object`, :func:`gather_object`) pickle
-on the host; torch moves the bytes to the current CUDA device itself for NCCL.
+NCCL takes CUDA tensors only, gloo (our CPU runs) host tensors. Model tensors (logits statistics, covariance
+sums, weight shards) are already on ``ps.device``: :func:`all_reduce`, :func:`broadcast`, :func:`all_gather`,
+:func:`gather`, :func:`send` and :func:`recv` check that and raise
+:class:`~megatron_entcov.compat.device_audit.DevicePlacementError` naming the call. Host metadata (failure flags,
+cursors, token counts, metric vectors): :func:`reduce_values` moves it to the group's device, reduces and hands
+back a host tensor. Object collectives (:func:`broadcast_object_list`, :func:`all_gather_object`,
+:func:`gather_object`) pickle on the host.
 
 Example:
     failed = reduce_values([1.0 if error else 0.0], op="max")        # any backend, host in and out
     all_reduce(sum_xy, group=ps.dp_group)                             # sum_xy on ps.device
+
+Design notes: docs/design/distributed.md
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 This is the only module that imports ``megatron.core.parallel_state``. Everything else receives a
 :class:`ParallelState` and passes its groups explicitly (``tp_group=``, ``dp_group=``), so ops and losses
-also run without any process group (``group=None`` means single process).
+also run without any process group (``group=None`` means single process). The process-group store never
+listens on all interfaces when this module can help it (:func:`loopback_store` is the launcher's side).
 
 Example:
     ps = init_parallel(cfg.parallel, seed=cfg.seed)   # reads RANK/WORLD_SIZE/MASTER_* (torchrun)
@@ -10,11 +11,7 @@ Example:
     logprobs, entropy = logprobs_and_entropy(logits, labels, ps.tp_group)
     destroy_parallel()
 
-Rendezvous: the process-group store never listens on all interfaces when this module can help it. A
-one-process run without launcher variables uses an in-memory store (no socket at all); otherwise rank 0 hosts
-the TCPStore on MASTER_ADDR's interface only (127.0.0.1 under ``--nproc``), unless torchrun's agent hosts it
-(``TORCHELASTIC_USE_AGENT_STORE=True``: then its binding is torch's, all interfaces). See :func:`loopback_store`
-for the ``--nproc`` launcher's side.
+Design notes (the rendezvous): docs/design/distributed.md
 """
 
 from __future__ import annotations
@@ -237,7 +234,7 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
 
 def build_rollout_group(ps: ParallelState):
     """A second group over the generating ranks (tp_rank 0, pp_rank 0 of every replica: the ranks of their
-    data-parallel group), for the background rollout thread of ``rollout.overlap`` (overlap.py): its gathers
+    data-parallel group), for the background rollout thread of ``rollout.overlap`` (rollout/prefetch.py): its gathers
     must not share a group with the main thread's collectives. gloo whatever the world's backend: it carries
     pickled payloads on the host, and keeps the thread off the training's NCCL streams.
 

@@ -1,48 +1,20 @@
 """Checkpoints: Megatron dist checkpoint of the model (and optimizer) plus trainer state, written atomically,
 loaded safely, with a fall-back to the previous step when the newest one is damaged.
 
-Layout of a run's checkpoint root::
-
-    checkpoints/
-      latest                  text file naming the newest *complete* checkpoint (moved last, atomically)
-      step_000010/
-        model/                Megatron dist checkpoint (sharded tensors, layout-independent)
-        optimizer/            optional: optimizer state as a dist checkpoint (resharded like the model)
-        trainer_state.json    step, run id, data cursor, weight version, scheduler state, entropy-law points, ...
-        rng/rank_00000.pt     per-rank RNG states (bit-for-bit resume on the same layout)
-        COMPLETE              marker written last inside the directory: {"run_id": ..., "step": ...}
-
-A checkpoint is written under ``step_000010.tmp`` and renamed when every rank has finished; ``latest`` is
-replaced only after the rename. A process killed at any point leaves either the previous checkpoint as
-``latest`` or the new one complete: :func:`find_latest` never returns a partial directory. A save that fails
-(a full disk, a dead file system) removes its ``.tmp`` directory and raises :class:`CheckpointError` naming the
-cause; the previous checkpoint and ``latest`` are untouched. A save is refused before it writes anything when
-the disk has less free space than the run's previous checkpoint took: a rank that fails alone inside
-Megatron's save (its common.pt is written by rank 0 only) can leave the others waiting in a collective until
-the process-group timeout. Pruning (``keep_last``) deletes only older checkpoints of the same run (the run id
-of the marker), never the one just saved.
-
-Loading is collective and all ranks agree on the outcome (a small all-reduce after each stage), so a damaged
-file seen by one rank fails the step on every rank. :meth:`Checkpointer.load_latest` tries the complete steps
-newest first and falls back, with a warning naming the broken step and why, to the newest one that loads; the
-broken ones are moved aside to ``step_N.unloadable`` (kept for inspection, never loaded or pruned).
-
-Trust: checkpoints are trusted input, and our loads run no code from them. The RNG files load with
-``torch.load(weights_only=True)`` (old ones holding numpy arrays through numpy's array reconstructor only);
-Megatron loads ``common.pt`` with torch's default, ``weights_only=True`` since torch 2.6, and DCP loads tensors
-with ``weights_only=True``. Two parts of a dist checkpoint are unpickled by torch DCP itself without any
-restriction: the ``.metadata`` file (plain ``pickle.load``) and the byte items (Megatron's ``_extra_state``
-objects, ``torch.load(weights_only=False)``); torch 2.13's DCP has no safe option for either. So before DCP
-opens a checkpoint, :func:`check_dist_checkpoint` unpickles ``.metadata`` with an allow-list of DCP's own
-metadata classes, loads every byte item and ``common.pt`` with ``weights_only=True``, and refuses the
-checkpoint when anything else is in them. Not covered: a file swapped between that check and DCP's read, so
-keep checkpoint directories writable only by the accounts that train.
+``checkpoints/latest`` names the newest complete ``step_000010/`` (model/, optional optimizer/,
+trainer_state.json, rng/rank_00000.pt, COMPLETE). A save writes ``step_000010.tmp``, renames it when every rank
+has finished and replaces ``latest`` last, so :func:`find_latest` never returns a partial directory; a failed
+save raises :class:`CheckpointError` and leaves the previous checkpoint and ``latest`` untouched. Loading is
+collective (all ranks agree on the outcome); :meth:`Checkpointer.load_latest` falls back to the newest step that
+loads. Before DCP opens a checkpoint, :func:`check_dist_checkpoint` refuses any pickled object beyond DCP's own.
 
 Example:
     ckpt = Checkpointer(run_dir / "checkpoints", ps, keep_last=2, run_id=run.run_id)
     ckpt.save(step, chunks, optimizer=opt, trainer_state={"step": step, ...})
     loaded = ckpt.load_latest(chunks, optimizer=opt)       # (path, trainer_state) or None; restores RNG
     state = ckpt.load(path, chunks, optimizer=opt)          # one given step; CheckpointError if it cannot load
+
+Design notes (layout, failure and trust rules): docs/design/run.md
 """
 
 from __future__ import annotations

@@ -1,21 +1,16 @@
 """Logging set-up for the command line and the tools: the project's messages at INFO, third-party noise
 filtered at its source logger (``--verbose`` shows everything).
 
-The project's own loggers are ``megatron_entcov.*``; they are never quietened. What is quietened by default
-is listed below, each entry scoped to the logger or module that emits it:
-
-* ``QUIET_LOGGERS``: third-party loggers whose INFO records are internals (a whole config repr on one line,
-  every parameter name of every gradient bucket); they are set to WARNING, so their warnings still show.
-* ``QUIET_WARNINGS``: Python warnings that are expected on this project's set-ups and ask nothing of the
-  user (deprecations inside Megatron's checkpoint loader, the Apex fallback); each filter names the module
-  the warning is attributed to, so the same warning from anywhere else still shows.
-
-``verbose=True`` (``--verbose``) drops both lists; ``level="debug"`` (``--log-level debug``) also does.
-Ranks other than 0 log at WARNING or above whatever the level, so an N-rank run prints its info once.
+The project's loggers (``megatron_entcov.*``) are never quietened. ``QUIET_LOGGERS`` (third-party loggers whose
+INFO records are internals) are set to WARNING; each ``QUIET_WARNINGS`` filter silences an expected Python
+warning attributed to one named module. ``verbose=True`` (``--verbose``) or ``level="debug"`` drops both lists.
+Ranks other than 0 log at WARNING or above whatever the level.
 
 Example:
     setup_logging(verbose=args.verbose, level=args.log_level)   # megatron-entcov train / sft / quickstart
     setup_tool_logging()                                        # the converters
+
+Design notes: docs/design/run.md
 """
 
 from __future__ import annotations

@@ -1,35 +1,18 @@
 """Ownership of a run directory: it belongs to one run (identity) and one process tree at a time (lock).
 
-Two files at the top of ``<output_dir>/<name>``::
-
-    run.lock    held (``fcntl.flock``) by rank 0 of the run writing here; holds its host, pid and start time
-    run.json    the run's identity: a random run id, written when the run starts; every checkpoint records it
-
-Rules, checked on rank 0 before anything else is written into the directory:
-- A new run (``checkpoint.resume=false``) into a directory that holds another run (its run.json or complete
-  checkpoints) is refused with the fixes: ``--resume`` to continue it, another ``--set name=...`` /
-  ``output_dir``, or removing the directory. Nothing is overwritten or deleted.
-- ``--resume`` continues the run of the directory (same run id); it is an error when the directory holds no
-  complete checkpoint to continue from.
-- A directory whose lock is held by a live run is refused, naming the owner's host and pid. A lock left by a
-  run that died without releasing it (SIGKILL, node crash) is free to ``flock``: it is taken over with a
-  warning naming the previous owner.
-
-Limit: ``flock`` keeps two runs apart on one machine on any local file system. Across nodes it relies on the
-shared file system: NFSv4, Lustre mounted with ``-o flock`` and GPFS propagate it; NFS mounted with ``nolock``
-and Lustre with ``-o localflock`` do not, and then two runs on different nodes can both take the lock (each
-warns that it took over a lock from another host).
+Two files at the top of ``<output_dir>/<name>``: ``run.lock`` (held with ``fcntl.flock`` by rank 0 of the run
+writing here) and ``run.json`` (the run's random id; every checkpoint records it). Checked on rank 0 before
+anything else is written: a new run into a directory that holds another run is refused (nothing is overwritten
+or deleted); ``--resume`` continues the directory's run and needs a complete checkpoint; a lock held by a live
+run is refused, a lock left by a dead one is taken over with a warning. Across nodes the lock is only as good
+as the shared file system's ``flock``.
 
 Example:
     run = RunDir.open(cfg.run_dir, ps, resume=cfg.checkpoint.resume)   # collective; lock + identity
-    try:
-        ckpt = Checkpointer(run.path / "checkpoints", ps, run_id=run.run_id)
-        ...
-    finally:
-        run.close()                                                   # releases the lock (rank 0)
+    ...                                                               # Checkpointer(..., run_id=run.run_id)
+    run.close()                                                       # in a finally: releases the lock (rank 0)
 
-A new run that fails while starting (``close(failed_to_start=True)``) removes its run.json when it saved no
-checkpoint, so the corrected command can start in the same directory.
+Design notes (the rules in full, file systems): docs/design/run.md
 """
 
 from __future__ import annotations

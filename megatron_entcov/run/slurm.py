@@ -2,10 +2,8 @@
 SGLang servers of a job (how many per node, one server per task, waiting until they answer), the checks a
 config must pass before its servers go on other nodes, and whether a run is finished (no requeue then).
 
-Run as ``python -m megatron_entcov.run.slurm COMMAND``; every command reads the job's ``SLURM_*`` variables
-and, where it needs the run config, the same ``--config X.yaml [--set key=value ...]`` as ``train`` (other
-train options are ignored). A bad value exits 2 with one line naming the variable or field, the value and
-the fix.
+Run as ``python -m megatron_entcov.run.slurm COMMAND``; CFG is ``--config X.yaml [--set key=value ...]`` as for
+``train``. A bad value exits 2 with one line naming the variable or field, the value and the fix.
 
     nproc                      processes per node: $NPROC_PER_NODE, else the node's GPUs (typed GRES parsed)
     servers-per-node  CFG      SGLang servers per server node: $SERVERS_PER_NODE, else GPUs / server --tp-size
@@ -14,10 +12,7 @@ the fix.
     wait-servers --timeout S [--watch-pid PID] URL...   until every server answers (or PID exits)
     finished          CFG      exit 0 when the run's latest complete checkpoint is at its last step
 
-Example (slurm/train_sglang.sbatch):
-    NPROC_PER_NODE=$(python -m megatron_entcov.run.slurm nproc)
-    srun ... python -m megatron_entcov.run.slurm serve --port-base 30000 --config "$CONFIG" "$@" &
-    python -m megatron_entcov.run.slurm wait-servers --timeout 900 --watch-pid $! http://n2:30000
+Example: slurm/train_sglang.sbatch. Design notes: docs/design/run.md
 """
 
 from __future__ import annotations

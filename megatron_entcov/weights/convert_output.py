@@ -1,24 +1,17 @@
 """The converters' output directories: never an input, never overwritten silently, written aside and renamed.
 
-Shared by ``weights/to_megatron.py`` and ``weights/to_hf.py``. The rules:
-
-- ``--out`` may not be an input, lie inside one or contain one (real paths: symbolic links resolved, and the
-  targets of links directly inside an input directory count as inputs); not even with ``--force``.
-- An ``--out`` that holds a checkpoint is replaced only with ``--force``; a non-empty directory that holds
-  none is never replaced.
-- The output is written into the hidden sibling ``.NAME.tmp``; only a complete write replaces ``--out``
-  (``--out`` is first renamed to ``.NAME.old``, removed once the new output is in place). Any failure,
-  Ctrl-C included, removes ``.NAME.tmp`` and leaves ``--out`` as it was. A ``.NAME.tmp`` or ``.NAME.old`` left
-  by a killed run is removed by the next one.
-- A full disk is named as such (:class:`NoSpaceLeft`, an OSError with errno ENOSPC): up front when the
-  free space is below the size the conversion will write, and when a write fails on a full filesystem
-  (torch and Megatron report that as an opaque error, so the free space left is checked too).
+Shared by ``weights/to_megatron.py`` and ``weights/to_hf.py``. ``--out`` may not be an input, lie inside one or
+contain one (not even with ``--force``); an ``--out`` that holds a checkpoint is replaced only with ``--force``,
+a non-empty one that holds none never. The output is written into ``.NAME.tmp`` and replaces ``--out`` only
+when complete; any failure leaves ``--out`` as it was. A full disk is named as such (:class:`NoSpaceLeft`).
 
 Example:
     check_output(out, force, inputs=[("--hf-dir", hf_dir)])   # ValueError: an input, or an existing checkpoint
     check_free_space(out, needed_bytes)                       # NoSpaceLeft
     with writing_output(out, needed=needed_bytes) as tmp:     # write into tmp; renamed to out on success
         ...
+
+Design notes (the rules in full): docs/design/weights.md
 """
 
 from __future__ import annotations

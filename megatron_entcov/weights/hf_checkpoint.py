@@ -1,19 +1,18 @@
 """Reading Hugging Face checkpoints: safetensors tensors, config.json as a ModelConfig, and their checks.
 
-A Hugging Face directory is the input of every weight path (training from ``model.hf_dir``, the offline
-hf-to-megatron tool) and the source of config.json for the export. This module reads it lazily:
-:class:`HFCheckpoint` takes shapes and dtypes from the safetensors headers and reads one tensor at a time
-(one file, or shards with an index), :func:`load_hf_model_config` turns config.json into a
+Read lazily: :class:`HFCheckpoint` takes shapes and dtypes from the safetensors headers and reads one tensor at
+a time (one file, or shards with an index), :func:`load_hf_model_config` turns config.json into a
 :class:`~megatron_entcov.config.ModelConfig` (ValueError for an unsupported architecture), and
-:func:`check_hf_checkpoint` checks every tensor the map needs against the shapes config.json implies. It
-holds no Megatron code: the weight map is :mod:`megatron_entcov.weights.hf_map`, the copies into a built model
-:mod:`megatron_entcov.weights.shards`.
+:func:`check_hf_checkpoint` checks every tensor the map needs against the shapes config.json implies. No
+Megatron code here.
 
 Example:
     cfg = load_hf_model_config("/models/Qwen2.5-7B", dtype="bfloat16")
     hf = HFCheckpoint("/models/Qwen2.5-7B")
     check_hf_checkpoint(hf, cfg)                        # ValueError: missing tensor / shape mismatch
     embed = hf.get("model.embed_tokens.weight")         # one tensor, read on demand
+
+Design notes: docs/design/weights.md
 """
 
 from __future__ import annotations

@@ -2,27 +2,17 @@
 
 One :class:`WeightRule` per Megatron tensor says which Hugging Face tensors it is made of, how they combine
 (``kind``), which dim is split over tensor-parallel ranks and under which key it is stored in a Megatron dist
-checkpoint. The functions below are pure tensor moves (no arithmetic), so a round trip is bitwise exact.
-Reading Hugging Face files is :mod:`megatron_entcov.weights.hf_checkpoint`, tensor/pipeline gathers into and out of a
-built model :mod:`megatron_entcov.weights.shards`, the command-line tools :mod:`megatron_entcov.weights.to_megatron`
-and :mod:`megatron_entcov.weights.to_hf`.
-
-Megatron layouts (megatron-core 0.16, local and Transformer Engine specs):
-- Fused QKV ``linear_qkv.weight`` [G * (h/G + 2) * d, H]: for each query group g in order, the q heads of the
-  group, then k_g, then v_g (d = head dim, h heads, G query groups). Hugging Face repeats kv head g for query
-  heads g*h/G .. (g+1)*h/G - 1, so the groups line up. TP splits dim 0 into whole groups (G % tp == 0), so a
-  shard is this same layout for its G/tp groups. The bias (Qwen2) follows the same layout.
-- Fused ``linear_fc1.weight`` [2F, H] = [gate; up]. TP rank r holds [gate_r; up_r] (each gate/up split in tp).
-- Vocabulary rows are padded to ``ModelConfig.padded_vocab_size(tp)`` (zeros on import, stripped on export).
-- Norms: the local spec names them ``input_layernorm`` / ``pre_mlp_layernorm``; the Transformer Engine spec
-  fuses them into ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` (``aliases``). Dist
-  checkpoints always use the fused names, with the layers stacked along a leading dim ([L, ...]).
+checkpoint. The functions below are pure tensor moves (no arithmetic), so a round trip is bitwise exact. The
+Megatron layouts they follow (fused QKV by query group, fused [gate; up] fc1, padded vocabulary rows, the norm
+names of the local and Transformer Engine specs) are written out in the design notes.
 
 Example:
     rule, layer = match_megatron_name("decoder.layers.3.self_attention.linear_qkv.weight")
     full = to_megatron(rule, [q, k, v], model_cfg, padded_vocab)    # tp=1-shaped Megatron tensor
     q, k, v = to_hf(rule, full, model_cfg)
     shard = tp_shard(rule, full, tp_rank, tp_size)                   # this rank's slice
+
+Design notes: docs/design/weights.md
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
 """The check after every weight sync: each server's log-probs on a probe prompt equal the trainer's.
 
-A version number only says a server was told about a sync. The probe says the new weights are the ones it
-computes with: after the sync, every server (``engine.probe``; one sample per server, no failover) samples
+After the sync every server (``engine.probe``; one sample per server, no failover) samples
 ``weight_sync.probe_tokens`` tokens from a fixed probe prompt, and the trainer recomputes the log-probs of
-exactly those tokens with its own (just synced) weights. A tensor that was not loaded, loaded into the wrong
-place, or a server left on older weights shows up as a gap far above float rounding; the run stops with the
-servers and gaps named, before a single rollout uses the wrong weights. ``sync/probe_gap`` is logged every
-step either way.
-
-The probe needs no reference weights and holds for any server layout (tensor-parallel servers, fused QKV,
-any transport), unlike a parameter checksum, whose names and shards are server-internal. What it cannot do
-is tell one optimizer step's drift from bf16 noise on a large model: there it confirms the right tensors went
-to the right places, and the version check confirms the step (``weight_sync.verify_tol`` documents the
-scales).
-
-Collective over the world: every rank calls ``verify_sync`` after the sync; generating ranks query their
-engines, each replica's model-parallel group recomputes the log-probs, and every rank raises or returns the
-same verdict.
+exactly those tokens with its own (just synced) weights. A tensor not loaded, loaded into the wrong place, or a
+server left on older weights shows up as a gap far above float rounding; the run stops with the servers and
+gaps named, before a rollout uses the wrong weights. ``sync/probe_gap`` is logged every step either way.
+Collective over the world: every rank calls ``verify_sync``; generating ranks query their engines, each
+replica's model-parallel group recomputes the log-probs, and every rank raises or returns the same verdict.
 
 Example:
     stats = verify_sync(engine, policy, ps, cfg, version=7)    # {'sync/probe_gap': 2e-7, ...} or raises
+
+Design notes (why a probe, what it cannot tell): docs/design/weights.md
 """
 
 from __future__ import annotations

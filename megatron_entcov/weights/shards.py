@@ -1,9 +1,6 @@
 """This rank's Megatron shards <-> full Hugging Face-named tensors: weights into a built model, and out of it.
 
-The in-memory weight paths training uses, on the declarative key map (:mod:`megatron_entcov.weights.hf_map`);
-reading Hugging Face files is :mod:`megatron_entcov.weights.hf_checkpoint`, the offline checkpoint tools are
-:mod:`megatron_entcov.weights.to_megatron` and :mod:`megatron_entcov.weights.to_hf`:
-
+The in-memory weight paths training uses, on the declarative key map (:mod:`megatron_entcov.weights.hf_map`):
 - :func:`load_hf_weights`: Hugging Face weights into this rank's shards of a built model (any tp/pp/vpp);
   the trainer's start from ``model.hf_dir`` and the hf-to-megatron import.
 - :func:`iter_hf_weights`: this model's weights as (hf_name, full tensor) buckets, gathered over tp and pp:
@@ -14,6 +11,8 @@ Example:
     for bucket in iter_hf_weights(chunks, cfg.model, ps, bucket_bytes=1 << 30,    # every tp x pp rank
                                   dst="generator"):
         send(bucket)                          # [(hf_name, full tensor), ...]; only where ps.is_generator
+
+Design notes: docs/design/weights.md
 """
 
 from __future__ import annotations

@@ -1,20 +1,17 @@
 """Offline tool Megatron dist checkpoint (saved at any layout) -> Hugging Face safetensors directory.
 
 :func:`convert_megatron_to_hf` writes safetensors shards of bounded size, their index, config.json and the
-tokenizer files. It streams one layer at a time straight from the checkpoint files (torch.distributed.checkpoint's
-reader, no process group, no model): peak memory is about two output shards plus a few copies of the largest
-tensor, whatever the model size. :func:`resolve_megatron_checkpoint` and :func:`load_checkpoint_model_config`
-find the dist checkpoint and its ModelConfig from a model/ dir, a step dir or a checkpoints root. The
-output-directory rules (never an input, never overwritten silently, written aside and renamed, a full disk named
-as such) are :mod:`megatron_entcov.weights.convert_output`. The other direction is
-:mod:`megatron_entcov.weights.to_megatron`.
+tokenizer files, streaming one layer at a time straight from the checkpoint files (no process group, no model).
+:func:`resolve_megatron_checkpoint` and :func:`load_checkpoint_model_config` find the dist checkpoint and its
+ModelConfig from a model/ dir, a step dir or a checkpoints root. Output-directory rules:
+:mod:`megatron_entcov.weights.convert_output`; the other direction: :mod:`megatron_entcov.weights.to_megatron`.
 
-Example:
-    convert_megatron_to_hf("/ckpts/qwen7b", "/models/qwen7b-rl", dtype="bfloat16")
-
-Command line (``tools/convert_megatron_to_hf.py`` and ``megatron-entcov convert megatron-to-hf`` call
+Example (``tools/convert_megatron_to_hf.py`` and ``megatron-entcov convert megatron-to-hf`` call
 :func:`main_megatron_to_hf`):
+    convert_megatron_to_hf("/ckpts/qwen7b", "/models/qwen7b-rl", dtype="bfloat16")
     python tools/convert_megatron_to_hf.py --ckpt /ckpts/qwen7b --out /models/qwen7b-rl
+
+Design notes (memory): docs/design/weights.md
 """
 
 from __future__ import annotations

@@ -1,23 +1,18 @@
-"""Offline tool Hugging Face safetensors -> Megatron dist checkpoint root, and the tools' output directories.
+"""Offline tool Hugging Face safetensors -> Megatron dist checkpoint root.
 
 :func:`convert_hf_to_megatron` writes a checkpoint root (``latest``,
-``step_000000/{model/, model_config.yaml, hf/, trainer_state.json, COMPLETE}``) that ``checkpoint.load`` /
-:class:`~megatron_entcov.run.checkpoint.Checkpointer` accept. The model is built at tp=1, pp=1 on the ``meta``
-device, allocated without initialisation and filled tensor by tensor from the safetensors files
-(:func:`megatron_entcov.weights.shards.load_hf_weights`), then saved as a Megatron dist checkpoint. A dist checkpoint
-is layout-free (global keys, layers stacked, TP shards as offsets), so it loads at any tp/pp; ``--tp`` only
-fixes the vocabulary padding (``ModelConfig.padded_vocab_size(tp)``) and is checked against the head/layer
-counts with ``--pp``. Peak host memory: one copy of the model plus a few copies of the largest tensor
-(docs/conversion.md). The output-directory rules both tools share (never an input, never overwritten silently,
-written to a temporary sibling and renamed, a full disk named as such) are in
-:mod:`megatron_entcov.weights.convert_output`. The other direction is :mod:`megatron_entcov.weights.to_hf`.
+``step_000000/{model/, model_config.yaml, hf/, trainer_state.json, COMPLETE}``) that
+:class:`~megatron_entcov.run.checkpoint.Checkpointer` accepts: the model is built at tp=1, pp=1 on the ``meta``
+device, filled tensor by tensor from the safetensors files and saved as a layout-free dist checkpoint that loads
+at any tp/pp (``--tp`` only fixes the vocabulary padding). Output-directory rules:
+:mod:`megatron_entcov.weights.convert_output`; the other direction: :mod:`megatron_entcov.weights.to_hf`.
 
-Example:
-    convert_hf_to_megatron("/models/Qwen2.5-7B", "/ckpts/qwen7b", tp=4, pp=1)
-
-Command line (``tools/convert_hf_to_megatron.py`` and ``megatron-entcov convert hf-to-megatron`` call
+Example (``tools/convert_hf_to_megatron.py`` and ``megatron-entcov convert hf-to-megatron`` call
 :func:`main_hf_to_megatron`):
+    convert_hf_to_megatron("/models/Qwen2.5-7B", "/ckpts/qwen7b", tp=4, pp=1)
     python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen2.5-7B --out /ckpts/qwen7b --tp 4 --pp 1
+
+Design notes (memory, layout): docs/design/weights.md
 """
 
 from __future__ import annotations

@@ -11,16 +11,12 @@ import os
 
 import pytest
 
-from dist_utils import run_workers
+from dist_utils import TINY_STEP, run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed
 
 TINY = [
-    "model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
-    "model.max_position_embeddings=64", "model.add_qkv_bias=true",
-    "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
-    "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=1e-2",
+    *tiny_model(num_layers=4, add_qkv_bias=True), *TINY_STEP, "optim.num_mini_batches=2", "optim.lr=1e-2",
     "loss.entropy_coef=0.01", "metrics.log_interval=1", "eval.interval=1", "eval.num_prompts=8",
     "checkpoint.save_interval=1",
 ]

@@ -20,16 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_workers
+from dist_utils import run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 
-MODEL = ["model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-         "model.num_query_groups=2", "model.vocab_size=32", "model.max_position_embeddings=64",
-         "model.add_qkv_bias=true"]
-RUN = ["model.make_vocab_size_divisible_by=8", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
+MODEL = tiny_model(num_layers=4, add_qkv_bias=True)
+RUN = ["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
        "rollout.max_prompt_len=16", "sampling.max_new_tokens=6", "optim.micro_batch_size=2",
        "optim.num_mini_batches=2", "optim.lr=1e-2", "loss.entropy_coef=0.01", "metrics.tensorboard=false",
        "weight_sync.probe_tokens=4"]

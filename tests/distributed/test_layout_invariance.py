@@ -15,13 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_workers
+from dist_utils import run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed
 
-MODEL = ["model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-         "model.num_query_groups=2", "model.vocab_size=32", "model.make_vocab_size_divisible_by=8",
-         "model.max_position_embeddings=64", "model.add_qkv_bias=true"]
+MODEL = tiny_model(num_layers=4, add_qkv_bias=True)
 STEP = ["rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
         "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=1e-2",
         "optim.clip_grad=0", "loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "loss.entropy_coef=0.01",

@@ -18,12 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import TINY_MODEL, run_workers
+from dist_utils import run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed
 
-MODEL = [o for o in TINY_MODEL if not o.startswith(("model.num_layers", "model.max_position"))] + [
-    "model.num_layers=4", "model.max_position_embeddings=128", "model.add_qkv_bias=true"]
+MODEL = tiny_model(num_layers=4, max_position_embeddings=128, add_qkv_bias=True)
 STEP = ["optim.optimizer=sgd", "optim.lr=5e-2", "optim.clip_grad=0", "optim.micro_batch_size=2",
         "rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
         "sampling.max_new_tokens=40", "loss.name=kl_cov", "loss.kl_cov_ratio=0.3", "loss.entropy_coef=0.01",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from dist_utils import TINY_MODEL_FIELDS
 from slurm_utils import JOB_TIMEOUT_S, SLURM_DIR, describe, job_output
 
 pytestmark = pytest.mark.slurm
@@ -18,8 +19,7 @@ def test_convert_writes_a_megatron_checkpoint(slurm_cluster, job_env, tmp_path):
     from megatron_entcov.config import ModelConfig
     from megatron_entcov.rollout.sglang.server import write_hf_model_dir
 
-    cfg = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                      vocab_size=32, make_vocab_size_divisible_by=8, max_position_embeddings=64)
+    cfg = ModelConfig(**TINY_MODEL_FIELDS)
     hf = write_hf_model_dir(cfg, tmp_path / "hf", seed=3)
     out = tmp_path / "megatron"
     job = slurm_cluster.sbatch([*CONVERT_OPTIONS, str(SLURM_DIR / "convert.sbatch"), str(hf), str(out),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_utils import TINY_MODEL, TINY_STEP, set_args
 from slurm_utils import JOB_TIMEOUT_S, NODE_OPTIONS, ROOT, SLURM_DIR, describe, job_environment, job_output
-from dist_utils import TINY_MODEL, TINY_STEP
 
 pytestmark = pytest.mark.slurm
 
@@ -23,7 +23,7 @@ TINY = [*TINY_MODEL, *TINY_STEP, "eval.interval=0", "metrics.log_interval=1", f"
 
 
 def _sets(*kv: str) -> list[str]:
-    return [x for item in (*TINY, *kv) for x in ("--set", item)]
+    return set_args(*TINY, *kv)
 
 
 def _train_args(run_root: Path, name: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dist_utils import TINY_MODEL, TINY_STEP
+from dist_utils import TINY_STEP, set_args, tiny_model
 from megatron_entcov.rollout.sglang.server import default_server_python
 from slurm_utils import JOB_TIMEOUT_S, NODE_OPTIONS, ROOT, SLURM_DIR, describe, free_port, job_output
 
@@ -22,8 +22,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
 
 STEPS = 3
 # The tiny policy of the distributed tests, 64 wide (the SGLang CPU tests' width), served in float32.
-TINY = [*TINY_MODEL, *TINY_STEP, "model.hidden_size=64", "model.ffn_hidden_size=128", "eval.interval=0",
-        f"steps={STEPS}", "rollout.engine=sglang", "rollout.sglang.sync_method=distributed",
+TINY = [*tiny_model(hidden_size=64, ffn_hidden_size=128), *TINY_STEP, "eval.interval=0", f"steps={STEPS}", "rollout.engine=sglang", "rollout.sglang.sync_method=distributed",
         "rollout.sglang.server_device=cpu", "rollout.sglang.request_timeout_s=120"]
 GENERATES_PER_STEP = 4 * 2
 """rollout.prompts_per_step x n_samples_per_prompt of TINY_STEP: one /generate request each."""
@@ -31,7 +30,7 @@ GENERATES_PER_STEP = 4 * 2
 
 def _submit(cluster, submit: Path, env: dict, *kv: str) -> tuple[int, int]:
     port = free_port()
-    sets = [x for item in (*TINY, f"output_dir={submit / 'runs'}", "name=run", *kv) for x in ("--set", item)]
+    sets = set_args(*TINY, f"output_dir={submit / 'runs'}", "name=run", *kv)
     job = cluster.sbatch([*NODE_OPTIONS, "--nodes=2", str(SLURM_DIR / "train_sglang.sbatch"),
                           str(ROOT / "configs" / "quickstart.yaml"), *sets], cwd=submit,
                          env={**env, "NPROC_PER_NODE": "1", "SGLANG_PORT": str(port)})

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_utils import TRANSPORT_MODEL_FIELDS
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.sglang.pool import DEAD, LIVE, Server, ServerPool
 from megatron_entcov.rollout.sglang.transports import (DistributedTransport, TransportContext, build_transport,
                                                        expected_shapes)
 
-TINY = dict(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, num_query_groups=1,
-            vocab_size=24, make_vocab_size_divisible_by=8, max_position_embeddings=64)
+TINY = TRANSPORT_MODEL_FIELDS
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,14 @@ import pickle
 import pytest
 import torch
 
+from dist_utils import TRANSPORT_MODEL_FIELDS
 from megatron_entcov.config import ModelConfig, SGLangConfig
 from megatron_entcov.rollout.sglang.pool import Server, ServerPool
 from megatron_entcov.rollout.sglang.transports import (TensorTransport, TransportContext, choose_master_address,
                                                        expected_shapes, route_address, serialize_cuda_ipc,
                                                        server_gpu_ids)
 
-TINY = dict(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, num_query_groups=1,
-            vocab_size=24, make_vocab_size_divisible_by=8, max_position_embeddings=64, tie_word_embeddings=False)
+TINY = dict(TRANSPORT_MODEL_FIELDS, tie_word_embeddings=False)
 
 
 # ---------------------------------------------------------------------------------------------------- tensor
