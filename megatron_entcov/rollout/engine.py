@@ -1,42 +1,18 @@
 """The rollout engine contract: what the trainer and the weight sync may call on any engine.
 
-Two implementations: :class:`~megatron_entcov.rollout.local.LocalEngine` (a Hugging Face copy of the policy in
-the trainer process; default, CPU) and the SGLang engine (HTTP to SGLang servers; production). The trainer
-only talks to this base class, so swapping engines changes no trainer code; capabilities only some engines
-have (probing each server, server counters, releasing GPU memory) have defaults here.
-
-Semantics every engine keeps:
-- ``generate`` returns one :class:`Sample` per prompt entry, in the order given (``Sample.index`` is the
-  position); a caller wanting n responses per prompt repeats the prompt n times. Token ids in, token ids and
-  log-probs out: no re-tokenisation. Log-probs as defined in ``rollout/types.py`` (temperature-scaled, full
-  vocabulary, before top-p/top-k).
-- ``generate(prompts, params, seeds=[...])`` gives each prompt entry its own seed (one integer >= 0 per entry;
-  ``validate_seeds``): entry i's randomness is then a function of ``seeds[i]`` (and the weights) only, not of
-  the other entries, their order, how the engine batches them or which replica/engine generates them, so a
-  data-parallel layout in which replica r generates its share with the same seeds gets exactly the samples one
-  process generating everything would (up to float rounding of batched kernels; see each engine). The same
-  seed on the same prompt repeats the same sample: callers give repeated prompts different seeds (e.g.
-  ``mix_seed(step, prompt_id, k)``). ``params.seed`` is then not used. ``seeds=None`` keeps the per-call
-  randomness: from ``params.seed`` when set, else from the engine seed and its call counter.
-- ``update_weights`` takes Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``), full
-  (unsharded) tensors with the UNPADDED vocabulary, as an iterable of ``(name, tensor)`` pairs or of buckets
-  (lists of pairs), possibly a generator that gathers tensors lazily. One call is one sync: when it returns,
-  the new weights are live and ``weight_version == version``. Unknown names or wrong shapes raise ValueError
-  naming the tensor. Callers serialise syncs with generation (pause, update, resume); engines must not mix
-  weight versions within one sample.
-- ``pause`` stops generation: in-flight responses end with finish_reason 'abort' (partial, log-probs valid) and
-  ``generate`` raises RuntimeError until ``resume``. Both are idempotent.
-- ``health`` returns at least ``{"ok": bool, "weight_version": int}``; it never raises for an unhealthy engine.
-- ``close`` releases the engine (servers, memory); any later call but ``close`` and ``health`` may raise.
+Owns the :class:`RolloutEngine` protocol (its docstring states the semantics every engine keeps) and what the
+engines share: ``iter_named_tensors`` and the prompt and seed validators. It imports no engine: the
+implementations are ``rollout/local.py`` and ``rollout/sglang/``, the factory ``build_engine`` is in
+``rollout/__init__.py``.
 
 Example:
     engine = LocalEngine(cfg.model, seed=cfg.seed)          # or SGLangEngine.from_config(cfg)
-    samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
     samples = engine.generate(prompts, params, seeds=[mix_seed(step, i) for i in range(len(prompts))])
-    ... train ...
     engine.pause(); engine.update_weights(hf_named_tensors(), version=step + 1); engine.resume()
     assert engine.health()["weight_version"] == step + 1
     engine.close()
+
+Design notes: docs/design/rollout.md
 """
 
 from __future__ import annotations
@@ -59,11 +35,35 @@ NamedTensors = Union[Iterable[tuple[str, torch.Tensor]], Iterable[list[tuple[str
 
 
 class RolloutEngine(abc.ABC):
-    """Generates responses with log-probs and receives new weights (semantics in the module docstring).
+    """Generates responses with log-probs and receives new weights.
 
     Subclasses implement the seven required members. The optional capabilities (``probe``, ``server_stats``,
     ``release_memory`` / ``resume_memory``) have defaults that are right for an engine without servers, so
     callers use them on any engine without ``hasattr`` checks.
+
+    Semantics every engine keeps:
+    - ``generate`` returns one :class:`Sample` per prompt entry, in the order given (``Sample.index`` is the
+      position); a caller wanting n responses per prompt repeats the prompt n times. Token ids in, token ids
+      and log-probs out: no re-tokenisation. Log-probs as defined in ``rollout/types.py`` (temperature-scaled,
+      full vocabulary, before top-p/top-k).
+    - ``generate(prompts, params, seeds=[...])`` gives each prompt entry its own seed (one integer >= 0 per
+      entry; ``validate_seeds``): entry i's randomness is then a function of ``seeds[i]`` (and the weights)
+      only, not of the other entries, their order, the batching or which replica/engine generates them (up to
+      float rounding of batched kernels). The same seed on the same prompt repeats the same sample: callers
+      give repeated prompts different seeds (e.g. ``mix_seed(step, prompt_id, k)``). ``params.seed`` is then
+      not used. ``seeds=None`` keeps the per-call randomness: from ``params.seed`` when set, else from the
+      engine seed and its call counter.
+    - ``update_weights`` takes Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``), full
+      (unsharded) tensors with the UNPADDED vocabulary, as an iterable of ``(name, tensor)`` pairs or of
+      buckets (lists of pairs), possibly a generator that gathers tensors lazily. One call is one sync: when it
+      returns, the new weights are live and ``weight_version == version``. Unknown names or wrong shapes raise
+      ValueError naming the tensor. Callers serialise syncs with generation (pause, update, resume); engines
+      must not mix weight versions within one sample.
+    - ``pause`` stops generation: in-flight responses end with finish_reason 'abort' (partial, log-probs
+      valid) and ``generate`` raises RuntimeError until ``resume``. Both are idempotent.
+    - ``health`` returns at least ``{"ok": bool, "weight_version": int}``; it never raises for an unhealthy
+      engine.
+    - ``close`` releases the engine (servers, memory); any later call but ``close`` and ``health`` may raise.
     """
 
     # ---------------------------------------------------------------- required

@@ -1,46 +1,18 @@
 """The embedded rollout engine: a Hugging Face copy of the policy that generates in the trainer's own process.
 
-Why a Hugging Face copy rather than the Megatron model itself:
-- it works for any tensor/pipeline layout: the trainer gathers full HF-named tensors through the same weight
-  sync path (``weights/sync.py``) that feeds SGLang servers, so tp>1 and pp>1 need no special generation code
-  (a pipeline-parallel Megatron model cannot run a token-by-token decode without a cross-stage schedule);
-- it has a KV cache (transformers ``DynamicCache``), so each decode step runs the model on one new token per
-  sequence instead of re-running the whole prefix;
-- it leaves the training state untouched (no eval/train mode flips, no activation buffers, no RNG use).
-The cost is memory: one full, unsharded copy of the model (parameters in ``dtype``, plus the KV cache of one
-batch) in every process that generates. That is fine for the CPU quickstart and tiny models; production runs
-use SGLang servers (``rollout.engine=sglang``). The engine is per-process and never touches
-``torch.distributed``: the trainer decides which ranks build one and call ``generate``.
-
-Generation (``generate``): prompts are sorted by length (stable) and cut into batches of at most
-``max_batch_size``; each batch is left-padded to its longest prompt, prefilled once (attention mask, position
-ids counted from the mask so that padding does not shift RoPE positions, logits of the last position only),
-then decoded one token per step with the KV cache. A sequence that emits a stop token is dropped from the batch
-(its cache rows are removed), so finished sequences cost nothing; the others go on to ``max_new_tokens``.
-Log-probs are defined in ``rollout/types.py``: ``log_softmax(logits / temperature)`` of the full vocabulary at
-the sampled token, in float32, before top-p/top-k.
-
-Determinism: sampling is Gumbel-max (``sample_tokens``); greedy decoding (top_k=1) uses no randomness.
-- With per-entry ``seeds`` (``generate(..., seeds=[...])``): the noise of entry i at response position t is
-  drawn from a generator seeded with ``mix_seed(seeds[i], weight_version, t)`` and nothing else, so an entry's
-  sample does not depend on the other entries, their order, the length sort, ``max_batch_size``, or which call
-  or engine (with the same weights) generates it: data-parallel replicas that each generate their share with
-  the same seeds reproduce one process generating everything. Only the numerics of batched kernels (a row's
-  logits computed next to other, padded rows) can differ, in the last bits of the float32 log-probs; a token
-  could flip only at an exact near-tie of the perturbed logits.
-- Without seeds: one ``torch.Generator`` per call draws the noise of the whole batch, seeded from
-  (``params.seed``, ``weight_version``) when the caller gives a seed (a resumed run repeats its calls exactly),
-  else from (engine seed, ``weight_version``, the engine's call counter). Two engines with the same weights,
-  seeds and ``max_batch_size`` return identical samples, but a row's noise depends on its batch and position.
-The random initial weights are a function of the engine ``seed``.
+:class:`LocalEngine` implements ``RolloutEngine`` for any tensor/pipeline layout (it loads the full HF-named
+tensors of the weight sync): KV cache, length-sorted left-padded batches, finished rows dropped; it never touches
+``torch.distributed`` or the training state. Sampling is Gumbel-max (``sample_tokens``); with per-entry seeds,
+entry i's noise at position t comes from ``mix_seed(seeds[i], weight_version, t)`` only, whatever its batch.
+The cost: one full, unsharded copy of the model per generating process (CPU quickstart, tiny models).
 
 Example:
     engine = LocalEngine(cfg.model, seed=cfg.seed)
     engine.update_weights(hf_named_tensors, version=0)       # pairs or buckets, HF names, full tensors
-    samples = engine.generate([[1, 5, 7], [1, 5, 7], [1, 9]], SamplingParams(max_new_tokens=16))
     samples = engine.generate([[1, 5, 7], [1, 5, 7], [1, 9]], SamplingParams(max_new_tokens=16), seeds=[3, 4, 5])
-    engine.pause(); engine.update_weights(new_tensors, version=1); engine.resume()
-    engine.close()
+    engine.pause(); engine.update_weights(new_tensors, version=1); engine.resume(); engine.close()
+
+Design notes: docs/design/rollout.md
 """
 
 from __future__ import annotations
@@ -53,8 +25,13 @@ import torch
 
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.config.dtypes import dtype_name, torch_dtype
-from megatron_entcov.rollout.engine import (NamedTensors, RolloutEngine, iter_named_tensors, validate_prompts,
-                                            validate_seeds)
+from megatron_entcov.rollout.engine import (
+    NamedTensors,
+    RolloutEngine,
+    iter_named_tensors,
+    validate_prompts,
+    validate_seeds,
+)
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
 __all__ = ["LocalEngine", "sample_tokens", "truncate_logits"]
@@ -130,9 +107,28 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The prefill inputs of a batch of prompts: input_ids, attention_mask, position_ids [B, width] and the RoPE
+    position of each row's next token [B].
+
+    Left padding: every row's last prompt token sits in the last column, so one decode step appends one column
+    for all rows. Pad positions get token 0 and mask 0; they are never attended to. Positions are counted from
+    the mask, so padding does not shift them.
+    """
+    lens = torch.tensor([len(p) for p in prompts])
+    width = int(lens.max())
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+    attention_mask = torch.arange(width)[None, :] >= (width - lens)[:, None]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device), lens.to(device)
+
+
 class LocalEngine(RolloutEngine):
-    """Embedded rollout engine on a Hugging Face copy of the policy (module docstring). Thread-safe: generate
-    and update_weights hold one lock; pause() may be called from another thread to abort a running generate."""
+    """Embedded rollout engine on a Hugging Face copy of the policy (docs/design/rollout.md). Thread-safe:
+    generate and update_weights hold one lock; pause() may be called from another thread to abort a running
+    generate."""
 
     def __init__(self, model_cfg: ModelConfig, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, max_batch_size: int = 64, seed: int = 0,
@@ -300,7 +296,7 @@ class LocalEngine(RolloutEngine):
                 model_cfg.max_position_embeddings.
             params: sampling parameters for every entry.
             seeds: None, or one integer >= 0 per entry: entry i's noise at response position t then comes from
-                ``mix_seed(seeds[i], weight_version, t)`` only (module docstring, Determinism), and
+                ``mix_seed(seeds[i], weight_version, t)`` only (docs/design/rollout.md, Determinism), and
                 ``params.seed`` is not used. None = one generator per call (params.seed, else the call counter).
         Raises:
             ValueError for a bad prompt (naming its index) or bad seeds, RuntimeError when paused or closed.
@@ -353,18 +349,7 @@ class LocalEngine(RolloutEngine):
 
         dev = self.device
         batch = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts])
-        width = int(lens.max())
-        # Left padding: every row's last prompt token sits in the last column, so one decode step appends one
-        # column for all rows. Pad positions get token 0 and mask 0; they are never attended to.
-        input_ids = torch.zeros(batch, width, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention_mask = torch.arange(width)[None, :] >= (width - lens)[:, None]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-        input_ids, attention_mask, position_ids = input_ids.to(dev), attention_mask.to(dev), position_ids.to(dev)
-        next_pos = lens.to(dev)                         # RoPE position of each row's next token
-
+        input_ids, attention_mask, position_ids, next_pos = _left_pad(prompts, dev)
         max_new = params.max_new_tokens
         out_tokens = torch.zeros(batch, max_new, dtype=torch.long, device=dev)
         out_logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=dev)

@@ -1,42 +1,18 @@
 """Overlapped rollouts (``rollout.overlap``): the next step's experience is generated in a background thread
-while the current step trains. This module owns the thread (:class:`RolloutPrefetch`) and the staleness
-numbers; the trainer decides when to start and wait (trainer.py ``train_step``).
+while the current step trains. Owns the thread (:class:`RolloutPrefetch`) and the staleness numbers
+(``staleness_sums``); the trainer decides when to start and wait (trainer.py).
 
-Timeline of step t (1-based) with overlap:
-  take R_t (prefetched during step t-1; generated now when there is none: the first step, after a resume)
-  -> start generating R_{t+1} in the background with the weights the engine holds (version v)
-  -> train on R_t (the trainer's weights become version v+1)
-  -> wait for R_{t+1} (``perf/overlap_wait(s)``) -> sync version v+1 to the engine -> evaluation, checkpoint.
-The engine's weights therefore never change under a running generation (the sync comes after the wait), and
-R_{t+1} is one version behind the trainer that trains on it: ``rollout/staleness`` (trainer version at train
-time minus each sample's ``weight_version``, mean over the global batch; ``rollout/staleness_max`` its max)
-is 1 after a step that applied an update. The trainer's recomputed old log-probs then differ from the rollout
-log-probs by a whole optimizer step, which truncated importance sampling (``loss.tis_cap``) corrects; the
-trainer warns when overlap runs without it. The last step starts no prefetch (nothing would train on it).
-
-Threads and collectives: the generating ranks all-gather each refill round's payloads (experience.py). The
-background thread must not issue collectives on a group the main thread uses at the same time (collectives on
-one group are matched by call order, and two threads interleave them differently on different ranks), so with
-dp > 1 it gathers over its own gloo group of the generating ranks (``parallel.build_rollout_group``, created
-on every rank at start). Broadcasting the experience inside each model-parallel group and agreeing the loader
-cursor stay in the main thread, when the next step takes the experience.
-
-Resume: the prompts of R_{t+1} were drawn from the loader during step t, but step t's checkpoint stores the
-loader as of the experience step t trained on (the trainer snapshots it before the prefetch draws). A resumed
-run has no prefetched experience: it generates R_{t+1} from the same prompts, with the checkpoint's weights
-(version t+1 instead of t, so the samples differ; no prompt is skipped or repeated).
-
-Errors: an exception in the thread is kept and re-raised, the original exception with its traceback, by
-:meth:`RolloutPrefetch.wait` in the main thread, which the trainer calls inside ``fail_together`` so every rank
-fails at the same point. A running generation cannot be interrupted: :meth:`RolloutPrefetch.close` joins the
-thread with a time-out after the trainer closed the engine (which ends its requests).
+Contract: the engine's weights never change under a running generation (the trainer syncs after ``wait``), so
+the prefetched samples are one weight version behind (``rollout/staleness`` = 1; ``loss.tis_cap`` corrects it).
+With dp > 1 the thread gathers over its own gloo group, never one the main thread uses. ``wait`` re-raises the
+thread's exception in the main thread; ``close`` joins the thread with a time-out (close the engine first).
 
 Example:
     prefetch = RolloutPrefetch()
-    prefetch.start(lambda: collect(step=t + 1), step=t + 1)     # generating ranks only
-    ...                                                        # train step t
+    prefetch.start(lambda: collect(step=t + 1), step=t + 1)     # generating ranks only; then train step t
     exp = prefetch.wait()                                      # re-raises the thread's exception
-    prefetch.close(timeout=30.0)
+
+Design notes: docs/design/rollout.md
 """
 
 from __future__ import annotations

@@ -1,23 +1,18 @@
-"""Rollout data types shared by every engine: :class:`SamplingParams` (what to sample) and :class:`Sample` (what
-came back). Both are plain, validated dataclasses with a JSON-able ``to_dict``/``from_dict``, so they can be
-shipped between ranks (``torch.distributed.broadcast_object_list``) or over HTTP unchanged.
+"""Rollout data types shared by every engine: :class:`SamplingParams` (what to sample), :class:`Sample` (what
+came back) and ``mix_seed``. Plain, validated dataclasses with a JSON-able ``to_dict``/``from_dict``, shipped
+between ranks or over HTTP unchanged.
 
-Rollout log-probs (``Sample.rollout_logprobs``) have one definition for every engine:
-
+Rollout log-probs have one definition for every engine, the trainer's recomputation:
     rollout_logprobs[t] = log_softmax(logits_t / temperature)[response_ids[t]]
-
-over the full (unpadded) vocabulary, evaluated at the sampled token, in float32, BEFORE any top-p/top-k
-truncation. This is exactly what the trainer recomputes (it divides its logits by the same temperature), so
-with top_p = 1 and top_k = -1 the rollout and training log-probs differ only by numerics and by weight
-staleness. With top_p < 1 or top_k >= 1 the tokens are drawn from the truncated, renormalised distribution,
-which differs from the one whose log-probs are reported and recomputed: the reported log-prob of a token is
-then lower than its sampling log-prob by log(mass kept by the truncation). Importance ratios against rollout
-log-probs are then biased; the released settings (top_p = 1, top_k = -1) avoid this.
+over the full (unpadded) vocabulary, at the sampled token, in float32, BEFORE any top-p/top-k truncation (with
+truncation they are biased against the sampling distribution: ``SamplingParams.truncates``).
 
 Example:
     params = SamplingParams.from_config(cfg.sampling, seed=cfg.seed + step)
     samples = engine.generate(prompt_ids, params)            # list[Sample], one per prompt entry, in order
     wire = [s.to_dict() for s in samples]; back = [Sample.from_dict(d) for d in wire]
+
+Design notes: docs/design/rollout.md
 """
 
 from __future__ import annotations

@@ -1,26 +1,18 @@
 """The synthetic verifiable task: integer arithmetic problems generated from (seed, index), and its verifier.
 
-Format (what the quickstart's character-level model learns):
-    prompt text   "<a><op><b>=", e.g. "12+34=" (no spaces; with num_operands=3: "7*12-5=")
-    answer        the exact integer value in decimal, e.g. "46"; negative values start with '-': "3-41=" -> "-38"
-    response      the answer followed by the end-of-sequence token, i.e. the tokens "4", "6", <eos>.
+Format: prompt "12+34=" (no spaces; num_operands=3: "7*12-5="), answer the exact integer "46" (negative:
+"3-41=" -> "-38"), response the answer then <eos>. Operands draw a digit count from 1..digits, then a value
+with that many digits; operators come from ``ops`` with the usual precedence; problem ``index`` of ``seed`` is
+the same on every machine. Verifier ("arithmetic"): the integer the response begins with (after whitespace;
+leading zeros ignored) must equal the reference: 1.0, else 0.0; a response that does not begin with an integer
+is a parse failure; trailing text does not change the reward.
 
-Operands and operators:
-  - Each operand first draws its digit count uniformly from 1..digits, then its value uniformly among the
-    numbers with that many digits (0-9 for one digit). Mixing lengths gives a small model easy problems to start
-    from; `digits` is the difficulty knob (DataConfig.arithmetic_digits), `num_operands` a second one.
-  - Operators are drawn uniformly from `ops` (a subset of "+-*"). The value follows the usual precedence ('*'
-    before '+'/'-', left to right), computed exactly with Python integers.
-  - Problem `index` of seed `seed` is the same on every machine and Python version (random.Random seeded with a
-    string is hashed with SHA-512, independent of PYTHONHASHSEED).
+Example:
+    task = ArithmeticTask(seed=1234, digits=2, ops="+-")
+    p = task.problem(0)                                            # ArithmeticProblem(prompt, answer)
+    score("arithmetic", [p.answer + "<eos>"], [p.answer], timeout_s=1.0)     # ([1.0], ...)
 
-Verifier ("arithmetic"): the response must begin, after optional whitespace, with an integer: an optional '-'
-then ASCII digits. The digits end at the first character that is not a digit (the end-of-answer marker: <eos>
-when the tokenizer's special tokens are kept in the decoded text, end of text when they are stripped, anything
-else otherwise). Reward 1.0 when that integer equals the reference (leading zeros ignored: "046" == "46"),
-else 0.0. A response that does not begin with an integer ("", "abc", "--5", "=46") is a parse failure (0.0,
-counted). Trailing text after the integer does not change the reward; a model that never emits <eos> is held
-back by the response-length limit instead.
+Design notes: docs/design/tasks.md
 """
 
 from __future__ import annotations
@@ -30,7 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from megatron_entcov.tasks.verifiers import VerifyResult, register_verifier
+from megatron_entcov.tasks.verifiers import PureVerifier, VerifyResult, register_verifier
 
 VALID_OPS = "+-*"
 _ANSWER_RE = re.compile(r"\s*(-?[0-9]+)")
@@ -123,29 +115,18 @@ def parse_integer_answer(response: str) -> str | None:
 
 
 @register_verifier("arithmetic")
-class ArithmeticVerifier:
-    """Exact-match verifier of the arithmetic task (format: see the module docstring). No time-out needed."""
+class ArithmeticVerifier(PureVerifier):
+    """Exact-match verifier of the arithmetic task (format: see the module docstring). Parsing a leading integer
+    is linear in the response length: no time-out needed."""
 
     name = "arithmetic"
 
-    def __repr__(self) -> str:
-        return "ArithmeticVerifier()"
-
-    def verify_batch(self, responses: Sequence[str], answers: Sequence[str], *,
-                     timeout_s: float = 0.0) -> list[VerifyResult]:
-        del timeout_s  # parsing a leading integer is linear in the response length; nothing can hang
-        results = []
-        for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
-            ref = answer.strip() if isinstance(answer, str) else answer
-            if not isinstance(ref, str) or not _REFERENCE_RE.fullmatch(ref):
-                raise ValueError(f"arithmetic verifier: reference answer {i} is {answer!r}; expected an integer "
-                                 f"string such as '46' or '-38' (is data.reward right for this data set?)")
-            got = parse_integer_answer(response) if isinstance(response, str) else None
-            if got is None:
-                results.append(VerifyResult(0.0, "parse_fail"))
-            else:
-                results.append(VerifyResult(1.0 if got == _normalize_integer(ref) else 0.0, "ok"))
-        return results
-
-    def close(self) -> None:
-        pass
+    def verify_one(self, response: str, answer: str, index: int) -> VerifyResult:
+        ref = answer.strip() if isinstance(answer, str) else answer
+        if not isinstance(ref, str) or not _REFERENCE_RE.fullmatch(ref):
+            raise ValueError(f"arithmetic verifier: reference answer {index} is {answer!r}; expected an integer "
+                             f"string such as '46' or '-38' (is data.reward right for this data set?)")
+        got = parse_integer_answer(response) if isinstance(response, str) else None
+        if got is None:
+            return VerifyResult(0.0, "parse_fail")
+        return VerifyResult(1.0 if got == _normalize_integer(ref) else 0.0, "ok")

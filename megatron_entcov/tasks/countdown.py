@@ -1,38 +1,18 @@
 """The countdown task: reach a target by combining given numbers, with a step-by-step scratchpad; its verifier.
 
-Why this task: entropy control can only pay off where exploration does. One-digit arithmetic has one
-answer of ~2 tokens, so a greedy policy either knows it or not. Countdown is a search problem: the policy must
-choose which two numbers to combine and with which operator, several times, and many different sequences of
-choices are correct (typically tens per problem, see ``count_solutions``) while most are not. A policy whose
-first choice at a state is wrong fails greedily, yet sampling several times finds one of the correct paths:
-pass@k sits far above greedy accuracy, and collapsing the entropy of those early choices is exactly what costs
-pass@k. Every response carries its chain of thought (each line is one step, checked), so the responses are
-~20-30 tokens rather than 2-3.
-
-Format (all characters of the character tokenizer, so its fixed ids are reused unchanged):
-    prompt     the numbers in ascending order, '=', the target, newline: "2 3 5 7=36\\n"
-    response   one line per step "<x><op><y>=<z>" combining two numbers still available into z, ending when
-               one number is left, then <eos>:          "5*7=35\\n3-2=1\\n35+1=36\\n"
-    answer     (the reference the verifier receives) the problem itself: "2 3 5 7=36"
-
-Rules (the verifier's): op is '+', '-' or '*'; x and y must be available (each given number is used once, each
-step consumes its two operands and makes z available); z must equal x op y and be a non-negative integer (as in
-the game: no negative intermediate values); after the last step exactly one number is left and it equals the
-target, i.e. every given number is used. Any such sequence scores 1.0: the verifier simulates the steps, it does
-not compare with a reference solution. A response that does not consist of step lines (after cutting at <eos>
-and dropping surrounding whitespace) is a parse failure (0.0, counted); a well-formed but wrong solution scores
-0.0 with status "ok".
-
-Generation (``CountdownTask.problem(index)``, a function of (seed, index) only): draw ``num_numbers`` numbers
-uniformly from 1..max_number, combine a random pair with a random operator until one number is left, keeping
-every intermediate value in [0, max_value] (resampled otherwise); that value is the target. The reference
-solution of the SFT trace is drawn uniformly among *all* solutions within the same bound (``solutions``), not the
-generating path, so the SFT model sees many paths to the same kind of target.
+A search problem with many correct paths, where entropy control can pay off (pass@k far above greedy).
+Format: prompt "2 3 5 7=36\\n" (numbers ascending), response one step per line "5*7=35\\n3-2=1\\n35+1=36\\n" then
+<eos>, answer (the verifier's reference) "2 3 5 7=36". Rules: each step combines two available numbers with
+'+', '-' or '*' into a non-negative z = x op y; the last number left must be the target, every given number
+used. The verifier simulates the steps (any valid solution scores 1.0); text that is not step lines is a parse
+failure. ``CountdownTask.problem(index)`` depends on (seed, index) only; its SFT trace is any of ``solutions``.
 
 Example:
     task = CountdownTask(seed=1234)
     p = task.problem(0)     # CountdownProblem(prompt='1 4 6 8=..\\n', answer='1 4 6 8=..', trace='...')
     score("countdown", [p.trace], [p.answer], timeout_s=1.0)     # ([1.0], ...)
+
+Design notes: docs/design/tasks.md
 """
 
 from __future__ import annotations
@@ -43,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from megatron_entcov.tasks.verifiers import VerifyResult, register_verifier
+from megatron_entcov.tasks.verifiers import PureVerifier, VerifyResult, register_verifier
 
 COUNTDOWN_OPS = "+-*"
 _STEP_RE = re.compile(r"([0-9]+)([+\-*])([0-9]+)=([0-9]+)")
@@ -60,7 +40,8 @@ class CountdownProblem:
     answer: str
     """The reference for the verifier: the problem without the newline, "2 3 5 7=36"."""
     trace: str
-    """A reference solution (SFT target), one step per line, drawn among all solutions: "5*7=35\\n3-2=1\\n35+1=36\\n"."""
+    """A reference solution (SFT target), one step per line, drawn among all solutions:
+    "5*7=35\\n3-2=1\\n35+1=36\\n"."""
     num_solutions: int
     """Distinct step sequences that solve the problem within max_value (a measure of how many paths exist)."""
 
@@ -199,25 +180,14 @@ def check_solution(response: str, numbers: Sequence[int], target: int) -> Verify
 
 
 @register_verifier("countdown")
-class CountdownVerifier:
-    """Countdown verifier: accepts every correct sequence of steps (format and rules: the module docstring)."""
+class CountdownVerifier(PureVerifier):
+    """Countdown verifier: accepts every correct sequence of steps (format and rules: the module docstring).
+    Linear in the response length (numbers capped at _MAX_DIGITS digits): nothing can hang."""
 
     name = "countdown"
 
-    def __repr__(self) -> str:
-        return "CountdownVerifier()"
-
-    def verify_batch(self, responses: Sequence[str], answers: Sequence[str], *,
-                     timeout_s: float = 0.0) -> list[VerifyResult]:
-        del timeout_s  # linear in the response length (numbers capped at _MAX_DIGITS digits): nothing can hang
-        results = []
-        for response, answer in zip(responses, answers, strict=True):
-            numbers, target = parse_reference(answer)
-            if not isinstance(response, str):
-                results.append(VerifyResult(0.0, "parse_fail"))
-                continue
-            results.append(check_solution(response, numbers, target))
-        return results
-
-    def close(self) -> None:
-        pass
+    def verify_one(self, response: str, answer: str, index: int) -> VerifyResult:
+        numbers, target = parse_reference(answer)
+        if not isinstance(response, str):
+            return VerifyResult(0.0, "parse_fail")
+        return check_solution(response, numbers, target)

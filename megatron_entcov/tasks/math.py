@@ -1,27 +1,16 @@
 """The "math" verifier: the last \\boxed{...} of a response checked against the reference with math-verify.
 
-Scoring of one response:
-  1. Extract the content of the last complete top-level \\boxed{...} (or \\fbox{...}); braces nest, escaped
-     braces (\\{ \\}) do not count. Without one, fall back to the last "Answer: ..." line: DAPO-Math-17k's own
-     prompts ask for that format ("The last line of your response should be of the form Answer: $Answer"),
-     so a model following them is not scored as unparseable (MathVerifier(answer_line=False) turns this off).
-     Neither found (or only an unclosed box) -> parse failure, 0.0.
-  2. Content equal to the reference after stripping whitespace -> 1.0 (no sympy needed).
-  3. Otherwise, in a worker process: math_verify.parse("\\boxed{<content>}") and the reference (DAPO-Math-17k
-     references are bare answers like "34" or "\\frac{1}{2}", so they are parsed as "\\boxed{<reference>}"
-     unless they already contain '$' or \\boxed), then math_verify.verify(gold, pred): 1.0 if equivalent
-     ("\\frac{1}{2}" == "0.5"), else 0.0. A content math-verify cannot parse -> parse failure. A reference it
-     cannot parse falls back to the string comparison of step 2 (already false).
+Scoring: the content of the last complete \\boxed{...} (or \\fbox{...}), else of the last "Answer: ..." line
+(DAPO-Math-17k's prompt format; ``answer_line=False`` turns it off); none -> parse failure. Equal to the
+reference after stripping whitespace -> 1.0; otherwise math_verify.parse + verify in a worker process (a bare
+reference is parsed as \\boxed{<reference>}): 1.0 if equivalent, else 0.0.
 
-Time-outs. math-verify's own time-out uses signal.alarm, which works only in the main thread of the main
-interpreter; sympy can also hang inside C code where no Python signal handler runs. So checks run in a small
-pool of persistent worker processes (plain subprocesses speaking JSON lines over pipes; they import only
-math-verify, not the trainer, and need no fork of a process holding CUDA or NCCL state):
-  - in the worker, an interval timer (SIGALRM in the worker's main thread) interrupts a check after
-    `timeout_s` and the worker answers "timeout";
-  - in the trainer, a check still unanswered `kill_grace_s` after that has its worker killed and replaced; the
-    sample scores 0.0 and counts as a time-out. A worker that dies mid-check scores 0.0 and counts as an error.
-The clock of a sample starts when it is handed to a worker, so queueing behind other samples does not count.
+Time-outs: checks run in persistent worker processes (JSON lines over pipes; they import only math-verify).
+In the worker an interval timer stops a check after ``timeout_s`` ("timeout"); in the trainer a check still
+unanswered ``kill_grace_s`` later has its worker killed and replaced (a time-out); a worker that dies
+mid-check scores 0.0 as an error. A sample's clock starts when a worker receives it.
+
+Design notes: docs/design/tasks.md
 """
 
 from __future__ import annotations
@@ -274,61 +263,11 @@ class _WorkerPool:
         sel = selectors.DefaultSelector()
         for w in self.workers:
             sel.register(w.fd, selectors.EVENT_READ, w)
-
-        def replace(w: _Worker) -> None:
-            sel.unregister(w.fd)
-            w.kill()
-            new = self._spawn()
-            self.workers[self.workers.index(w)] = new
-            sel.register(new.fd, selectors.EVENT_READ, new)
-
         try:
             while queue or any(w.task is not None for w in self.workers):
-                for w in self.workers:
-                    if w.ready and w.task is None and queue:
-                        i = queue.popleft()
-                        w.task, w.deadline = i, time.monotonic() + timeout_s + self.kill_grace_s
-                        if not w.send({"pred": tasks[i][0], "gold": tasks[i][1], "timeout_s": timeout_s}):
-                            results[i] = ("error", False)
-                            w.task = None
-                            replace(w)
-                now = time.monotonic()
-                waits = [w.deadline - now for w in self.workers if w.task is not None]
-                waits += [w.started + _WORKER_START_TIMEOUT_S - now for w in self.workers if not w.ready]
-                for key, _ in sel.select(timeout=max(0.0, min(waits)) if waits else None):
-                    w = key.data
-                    msgs = w.read_lines()
-                    if msgs is None:  # the worker exited
-                        if not w.ready:
-                            raise RuntimeError(f"math verifier: a worker process ({self.check}) exited during "
-                                               f"start-up with code {w.proc.wait()}; see its stderr above")
-                        if w.task is not None:
-                            logger.warning("math verifier: worker exited mid-check (code %s); sample scored 0",
-                                           w.proc.poll())
-                            results[w.task] = ("error", False)
-                            w.task = None
-                        replace(w)
-                        continue
-                    for msg in msgs:
-                        if msg.get("ready"):
-                            w.ready = True
-                        elif w.task is not None:
-                            if msg["status"] == "error":
-                                logger.warning("math verifier: check failed: %s", msg.get("detail"))
-                            results[w.task] = (msg["status"], bool(msg["correct"]))
-                            w.task = None
-                now = time.monotonic()
-                for w in list(self.workers):
-                    if w.task is not None and now > w.deadline:
-                        # Past the in-worker timer too: stuck where no signal handler runs (e.g. C code).
-                        logger.warning("math verifier: a check ignored its %.1fs time-out; killing its worker",
-                                       timeout_s)
-                        results[w.task] = ("timeout", False)
-                        w.task = None
-                        replace(w)
-                    elif not w.ready and now > w.started + _WORKER_START_TIMEOUT_S:
-                        raise RuntimeError(f"math verifier: a worker process did not start within "
-                                           f"{_WORKER_START_TIMEOUT_S:.0f}s")
+                self._dispatch(sel, tasks, queue, results, timeout_s)
+                self._collect(sel, results)
+                self._expire(sel, results, timeout_s)
         except BaseException:
             # An exception (or KeyboardInterrupt) mid-batch leaves workers with unknown state: start afresh.
             self.close()
@@ -337,6 +276,71 @@ class _WorkerPool:
             sel.close()
         assert all(r is not None for r in results), results
         return results  # type: ignore[return-value]
+
+    def _replace(self, sel: selectors.BaseSelector, w: _Worker) -> None:
+        """Kill worker ``w`` and put a fresh one in its place."""
+        sel.unregister(w.fd)
+        w.kill()
+        new = self._spawn()
+        self.workers[self.workers.index(w)] = new
+        sel.register(new.fd, selectors.EVENT_READ, new)
+
+    def _dispatch(self, sel: selectors.BaseSelector, tasks: Sequence[tuple[str, str]], queue: deque,
+                  results: list, timeout_s: float) -> None:
+        """Hand queued tasks to the ready, idle workers; the clock of a task starts here."""
+        for w in self.workers:
+            if w.ready and w.task is None and queue:
+                i = queue.popleft()
+                w.task, w.deadline = i, time.monotonic() + timeout_s + self.kill_grace_s
+                if not w.send({"pred": tasks[i][0], "gold": tasks[i][1], "timeout_s": timeout_s}):
+                    results[i] = ("error", False)
+                    w.task = None
+                    self._replace(sel, w)
+
+    def _collect(self, sel: selectors.BaseSelector, results: list) -> None:
+        """Wait for replies (until the next deadline or start-up limit) and record them; a worker that exited
+        mid-check scores its task as an error and is replaced; one that exited during start-up raises."""
+        now = time.monotonic()
+        waits = [w.deadline - now for w in self.workers if w.task is not None]
+        waits += [w.started + _WORKER_START_TIMEOUT_S - now for w in self.workers if not w.ready]
+        for key, _ in sel.select(timeout=max(0.0, min(waits)) if waits else None):
+            w = key.data
+            msgs = w.read_lines()
+            if msgs is None:  # the worker exited
+                if not w.ready:
+                    raise RuntimeError(f"math verifier: a worker process ({self.check}) exited during "
+                                       f"start-up with code {w.proc.wait()}; see its stderr above")
+                if w.task is not None:
+                    logger.warning("math verifier: worker exited mid-check (code %s); sample scored 0",
+                                   w.proc.poll())
+                    results[w.task] = ("error", False)
+                    w.task = None
+                self._replace(sel, w)
+                continue
+            for msg in msgs:
+                if msg.get("ready"):
+                    w.ready = True
+                elif w.task is not None:
+                    if msg["status"] == "error":
+                        logger.warning("math verifier: check failed: %s", msg.get("detail"))
+                    results[w.task] = (msg["status"], bool(msg["correct"]))
+                    w.task = None
+
+    def _expire(self, sel: selectors.BaseSelector, results: list, timeout_s: float) -> None:
+        """Kill and replace a worker past its task's deadline (the task times out); raise when one has not
+        started within the start-up limit."""
+        now = time.monotonic()
+        for w in list(self.workers):
+            if w.task is not None and now > w.deadline:
+                # Past the in-worker timer too: stuck where no signal handler runs (e.g. C code).
+                logger.warning("math verifier: a check ignored its %.1fs time-out; killing its worker",
+                               timeout_s)
+                results[w.task] = ("timeout", False)
+                w.task = None
+                self._replace(sel, w)
+            elif not w.ready and now > w.started + _WORKER_START_TIMEOUT_S:
+                raise RuntimeError(f"math verifier: a worker process did not start within "
+                                   f"{_WORKER_START_TIMEOUT_S:.0f}s")
 
 
 def _close_pool(pool: _WorkerPool) -> None:

@@ -1,48 +1,18 @@
-"""Prompt data: the arithmetic task or a jsonl/parquet file, tokenised, sharded over data-parallel ranks, resumable.
+"""Prompt data: a generated task or a jsonl/parquet file, tokenised, sharded over data-parallel ranks, resumable.
 
-Sources (DataConfig.source):
-  - "arithmetic": an infinite stream, problem i = ArithmeticTask(seed, digits, ops).problem(i).
-  - "countdown": an infinite stream, problem i = CountdownTask(seed, ...).problem(i) (rewards/countdown.py); its
-    items carry a reference solution trace (PromptItem.sft_target) for the SFT warm start.
-  - "file": a .jsonl (one JSON object per line; blank lines are skipped) or .parquet file. The prompt is read
-    from `prompt_key` and the reference answer from `answer_key`. A key may be dotted to reach into nested
-    objects: DAPO-Math-17k keeps its answer at "reward_model.ground_truth" and its prompt as a chat message
-    list [{"role": "user", "content": ...}] under "prompt". A column whose name itself contains the dot is
-    preferred. The prompt is a string or a non-empty list of {"role": str, "content": str}; the answer is a
-    string (an integer is accepted and converted).
-
-Every row is validated when the file is loaded: a line that is not a JSON object, a missing key or a value of
-the wrong type raises ValueError naming the file and the row ("line N", 1-based, for jsonl; "row N", 0-based,
-for parquet). Parquet files are validated in batches and rows are converted to Python on access, so a large
-file (DAPO-Math-17k as released has 1.79M rows) costs its Arrow memory, not a Python copy.
-
-Rendering and length. With DataConfig.chat_template and a tokenizer that has a chat template, the prompt (a
-string becomes one user message) goes through tokenizer.apply_chat_template(add_generation_prompt=True) and is
-tokenised without extra special tokens; otherwise a string prompt is used as is, a message list as its
-contents joined by blank lines, and it is tokenised with the tokenizer's special tokens (the character
-tokenizer prepends <bos>). A prompt longer than rollout.max_prompt_len tokens is not malformed, so it does not
-stop the run: the loader skips it, logs it (the first few in full) and counts it (PromptLoader.num_skipped,
-kept in the checkpointed state). The arithmetic task is checked up front: its longest possible prompt must fit.
-
-Sharding and order (PromptLoader): the global order of epoch e is a permutation of the dataset drawn from
-(seed, e) (identity without shuffle); global batches are consecutive runs of `batch_size` usable prompts of
-that order. A batch never spans two epochs: the leftover at an epoch end, fewer than a batch, is not used
-that epoch (drop_last; a different leftover each epoch when shuffled), so no batch holds a prompt twice. Every
-rank walks the same global order and keeps a contiguous slice: rank r gets global positions [r*B/dp,
-(r+1)*B/dp) of each batch, so the concatenation of the ranks' shards in rank order is the global batch. The
-cursor in the state dict is global (epoch, offset into the epoch's order), so a run resumed with another
-data-parallel size continues the same global order. Note: permutations come from numpy's PCG64
-Generator; numpy keeps its streams stable in practice but does not promise it across versions, so resume on
-the same numpy to get the same order.
+:class:`PromptDataset` renders and tokenises rows on access (``get(i)``: a PromptItem, or None when longer than
+rollout.max_prompt_len) and holds the held-out split; every row of a file is validated at load (ValueError
+naming the file and the row). :class:`PromptLoader` walks a seeded global order in global batches (drop_last
+per epoch) and gives rank r its contiguous slice; its state dict is a global cursor, so a run resumes under
+any data-parallel size. ``build_dataset`` builds the dataset a DataConfig describes.
 
 Example:
-    tok = load_tokenizer(None)
-    dataset = PromptDataset.from_config(cfg.data, tok, max_prompt_len=cfg.rollout.max_prompt_len, seed=cfg.seed)
+    dataset = build_dataset(cfg.data, load_tokenizer(None), max_prompt_len=cfg.rollout.max_prompt_len, seed=cfg.seed)
     loader = PromptLoader(dataset, batch_size=cfg.rollout.prompts_per_step, dp_rank=ps.dp_rank,
                           dp_size=ps.dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    items = loader.next_batch()              # this rank's PromptItems of the step
-    state = loader.state_dict()              # into the checkpoint
-    loader.load_state_dict(state)            # on resume (any dp_size)
+    items = loader.next_batch(); state = loader.state_dict(); loader.load_state_dict(state)   # on resume
+
+Design notes: docs/design/tasks.md
 """
 
 from __future__ import annotations
@@ -50,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +52,7 @@ class PromptItem:
     answer: str
     """Reference answer for the verifier."""
     index: int
-    """Global dataset index (row of the file after blank lines, or problem number of the arithmetic task)."""
+    """Global dataset index (row of the file after blank lines, or problem number of a generated task)."""
     sft_target: str | None = None
     """What SFT teaches as the response (before <eos>): a reference chain of thought where the source has one
     (countdown), else None and SFT teaches ``answer``."""
@@ -154,11 +125,12 @@ class _Rows:
         return None
 
 
-class _ArithmeticRows(_Rows):
-    """Rows of a generated task (any ``task.problem(index)`` with ``prompt`` and ``answer``)."""
+class _TaskRows(_Rows):
+    """Rows of a generated task: problem ``index`` of ``task.problem(index)``, infinitely many."""
 
-    def __init__(self, task: ArithmeticTask | CountdownTask) -> None:
+    def __init__(self, task: ArithmeticTask | CountdownTask, *, traced: bool) -> None:
         self.task = task
+        self.traced = traced
         self.size = None
         self.name = repr(task)
 
@@ -169,15 +141,40 @@ class _ArithmeticRows(_Rows):
     def where(self, index: int) -> str:
         return f"{self.task!r} problem {index}"
 
-
-class _CountdownRows(_ArithmeticRows):
-    """The same generated rows, plus the chain-of-thought trace SFT trains on."""
-
-    def __init__(self, task: CountdownTask) -> None:
-        super().__init__(task)
-
     def sft_target(self, index: int) -> str | None:
-        return self.task.problem(index).trace
+        return self.task.problem(index).trace if self.traced else None
+
+
+@dataclass(frozen=True)
+class _Generated:
+    """What differs between the generated tasks; the rest is one path (``PromptDataset.from_task``)."""
+
+    task_type: type
+    build: Callable[[DataConfig, int], Any]
+    """The task of a DataConfig and the run seed."""
+    length_knobs: Callable[[Any], str]
+    """The settings the task's longest prompt depends on (named when it does not fit)."""
+    length_fix: str
+    """What else makes it fit besides raising rollout.max_prompt_len ('' = nothing)."""
+    traced: bool
+    """Its problems carry a reference chain of thought (``trace``), the SFT target."""
+
+
+_GENERATED: dict[str, _Generated] = {
+    "arithmetic": _Generated(
+        ArithmeticTask,
+        build=lambda cfg, seed: ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops,
+                                               num_operands=cfg.arithmetic_operands),
+        length_knobs=lambda task: f"data.arithmetic_digits={task.digits}, {task.num_operands} operands",
+        length_fix=" or lower the digits", traced=False),
+    "countdown": _Generated(
+        CountdownTask,
+        build=lambda cfg, seed: CountdownTask(seed=seed, num_numbers=cfg.countdown_numbers,
+                                              max_number=cfg.countdown_max_number,
+                                              max_value=cfg.countdown_max_value),
+        length_knobs=lambda task: f"data.countdown_numbers={task.num_numbers}", length_fix="", traced=True),
+}
+"""The generated sources (DataConfig.source) by name."""
 
 
 class _JsonlRows(_Rows):
@@ -252,13 +249,13 @@ class _ParquetRows(_Rows):
 
 
 class PromptDataset:
-    """Rows (arithmetic task or file) rendered with the chat template and tokenised on access.
+    """Rows (a generated task or a file) rendered with the chat template and tokenised on access.
 
-    Build with `PromptDataset.from_arithmetic`, `PromptDataset.from_file` or `build_dataset(DataConfig, ...)`.
+    Build with `PromptDataset.from_task`, `PromptDataset.from_file` or `build_dataset(DataConfig, ...)`.
     `get(i)` returns the PromptItem of global index i, or None when its prompt is longer than max_prompt_len.
-    `size` is the number of training rows, None for the (infinite) arithmetic task.
+    `size` is the number of training rows, None for an (infinite) generated task.
 
-    Held-out split (evaluation data never trained on): for the arithmetic task, the problems whose text hashes
+    Held-out split (evaluation data never trained on): for a generated task, the problems whose text hashes
     below ``held_out_share`` (:meth:`is_held_out`; by content, so a problem drawn again under another index is
     still held out, and the same for every seed); for a file, its last ``held_out_rows`` rows (``size``
     excludes them, so no loader reaches them). :meth:`held_out` lists them.
@@ -285,7 +282,7 @@ class PromptDataset:
 
     @property
     def size(self) -> int | None:
-        """Number of training rows (a file's rows less its held-out ones); None for the arithmetic task."""
+        """Number of training rows (a file's rows less its held-out ones); None for a generated task."""
         return None if self.rows.size is None else self.rows.size - self.held_out_rows
 
     def is_held_out(self, index: int) -> bool:
@@ -310,33 +307,21 @@ class PromptDataset:
         return build_dataset(cfg, tokenizer, max_prompt_len=max_prompt_len, seed=seed)
 
     @classmethod
-    def from_arithmetic(cls, task: ArithmeticTask, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
-                        chat_template: bool = False, held_out_share: float = 0.0) -> PromptDataset:
-        """The infinite arithmetic stream. Raises ValueError when its longest prompt exceeds max_prompt_len."""
-        ds = cls(_ArithmeticRows(task), tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
-                 held_out_share=held_out_share)
+    def from_task(cls, task: ArithmeticTask | CountdownTask, tokenizer: PreTrainedTokenizerBase, *,
+                  max_prompt_len: int, chat_template: bool = False, held_out_share: float = 0.0) -> PromptDataset:
+        """The infinite stream of a generated task (arithmetic or countdown). Raises ValueError when its longest
+        prompt exceeds max_prompt_len, naming the settings it depends on."""
+        source, spec = next(((k, g) for k, g in _GENERATED.items() if isinstance(task, g.task_type)), (None, None))
+        if spec is None:
+            raise TypeError(f"PromptDataset.from_task: {task!r} is not a generated task; expected one of "
+                            f"{[g.task_type.__name__ for g in _GENERATED.values()]}")
+        ds = cls(_TaskRows(task, traced=spec.traced), tokenizer, max_prompt_len=max_prompt_len,
+                 chat_template=chat_template, held_out_share=held_out_share)
         longest = len(ds.encode(task.longest_prompt())[1])
         if longest > max_prompt_len:
-            raise ValueError(f"rollout.max_prompt_len={max_prompt_len} is shorter than the longest arithmetic "
-                             f"prompt ({longest} tokens for data.arithmetic_digits={task.digits}, "
-                             f"{task.num_operands} operands); raise it to >= {longest} or lower the digits")
-        logger.info("data: %r, longest prompt %d tokens (max %d)", task, longest, max_prompt_len)
-        return ds
-
-    @classmethod
-    def from_countdown(cls, task: CountdownTask, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
-                       chat_template: bool = False, held_out_share: float = 0.0) -> PromptDataset:
-        """The infinite countdown stream. Raises ValueError when its longest prompt exceeds max_prompt_len.
-
-        The held-out split hashes the prompt text, which lists the numbers in ascending order: the same
-        problem (numbers and target) is held out however it was drawn."""
-        ds = cls(_CountdownRows(task), tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
-                 held_out_share=held_out_share)
-        longest = len(ds.encode(task.longest_prompt())[1])
-        if longest > max_prompt_len:
-            raise ValueError(f"rollout.max_prompt_len={max_prompt_len} is shorter than the longest countdown "
-                             f"prompt ({longest} tokens for data.countdown_numbers={task.num_numbers}); raise it "
-                             f"to >= {longest}")
+            raise ValueError(f"rollout.max_prompt_len={max_prompt_len} is shorter than the longest {source} "
+                             f"prompt ({longest} tokens for {spec.length_knobs(task)}); raise it to >= {longest}"
+                             f"{spec.length_fix}")
         logger.info("data: %r, longest prompt %d tokens (max %d)", task, longest, max_prompt_len)
         return ds
 
@@ -363,7 +348,8 @@ class PromptDataset:
                    held_out_rows=held_out_rows)
 
     def render(self, prompt: Prompt) -> str:
-        """The prompt text the model sees (see the module docstring)."""
+        """The prompt text the model sees (rendering: docs/design/tasks.md): with the chat template, a string
+        becomes one user message; without it, a message list is its contents joined by blank lines."""
         if self.use_chat_template:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -428,7 +414,7 @@ class PromptDataset:
 
 
 def _content_share(prompt: Prompt) -> float:
-    """A uniform number in [0, 1) from a prompt's content only (the held-out split of the arithmetic task)."""
+    """A uniform number in [0, 1) from a prompt's content only (the held-out split of a generated task)."""
     text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
     digest = hashlib.sha256(("held-out/" + text).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -437,16 +423,10 @@ def _content_share(prompt: Prompt) -> float:
 def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
                   seed: int) -> PromptDataset:
     """The dataset DataConfig describes; max_prompt_len = rollout.max_prompt_len, seed = the run's top-level seed."""
-    if cfg.source == "arithmetic":
-        task = ArithmeticTask(seed=seed, digits=cfg.arithmetic_digits, ops=cfg.arithmetic_ops,
-                              num_operands=cfg.arithmetic_operands)
-        return PromptDataset.from_arithmetic(task, tokenizer, max_prompt_len=max_prompt_len,
-                                             chat_template=cfg.chat_template, held_out_share=cfg.held_out_share)
-    if cfg.source == "countdown":
-        task = CountdownTask(seed=seed, num_numbers=cfg.countdown_numbers, max_number=cfg.countdown_max_number,
-                             max_value=cfg.countdown_max_value)
-        return PromptDataset.from_countdown(task, tokenizer, max_prompt_len=max_prompt_len,
-                                            chat_template=cfg.chat_template, held_out_share=cfg.held_out_share)
+    if cfg.source in _GENERATED:
+        return PromptDataset.from_task(_GENERATED[cfg.source].build(cfg, seed), tokenizer,
+                                       max_prompt_len=max_prompt_len, chat_template=cfg.chat_template,
+                                       held_out_share=cfg.held_out_share)
     if cfg.source == "file":
         if not cfg.path:
             raise ValueError("data.path is required with data.source='file'")
@@ -469,12 +449,13 @@ class PromptLoader:
         batch_size: prompts per step over all ranks (rollout.prompts_per_step); divisible by dp_size.
         dp_rank, dp_size: this rank and the data-parallel size.
         seed: seed of the per-epoch permutations (the config's top-level seed).
-        shuffle: permute each epoch (DataConfig.shuffle); ignored by the arithmetic task, whose problems are
+        shuffle: permute each epoch (DataConfig.shuffle); ignored by a generated task, whose problems are
             already random draws by index.
 
     Attributes (all in state_dict): epoch, offset (position in the epoch's order; the next problem index for
-    the arithmetic task; `cursor` combines both into one int), num_consumed (prompts delivered, globally), num_skipped (over-long prompts passed
-    over, globally; a row is counted again in every epoch that reaches it).
+    a generated task; `cursor` combines both into one int), num_consumed (prompts delivered, globally),
+    num_skipped (over-long prompts passed over, globally; a row is counted again in every epoch that reaches
+    it).
 
     Example:
         loader = PromptLoader(dataset, batch_size=8, dp_rank=1, dp_size=2, seed=1234)
@@ -508,7 +489,7 @@ class PromptLoader:
 
     @property
     def cursor(self) -> int:
-        """The global position as one integer, epoch * size + offset (offset for the arithmetic task).
+        """The global position as one integer, epoch * size + offset (offset for a generated task).
 
         Monotonic in consumption, so replicas that consumed different numbers of batches (dynamic sampling
         refills) can agree on the furthest one with an all-reduce MAX and assign it back.

@@ -1,21 +1,11 @@
-"""Tokenizers: the character-level tokenizer of the synthetic arithmetic task, and loading an HF tokenizer.
+"""Tokenizers: the character-level tokenizer of the generated tasks, and loading the run's HF tokenizer.
 
-The character tokenizer needs no download. It is a Hugging Face fast tokenizer (a `tokenizers` WordLevel model
-over single characters), so everything that speaks HF (the trainer, `save_pretrained`, an SGLang server given
-the model directory) uses it unchanged. Its ids are fixed and documented here; model checkpoints depend on them:
-
-    id  token      id  token      id  token
-     0  <pad>       7  '3'        14  '+'
-     1  <eos>       8  '4'        15  '-'
-     2  <bos>       9  '5'        16  '*'
-     3  <unk>      10  '6'        17  '='
-     4  '0'        11  '7'        18  ' '
-     5  '1'        12  '8'        19  '\\n'
-     6  '2'        13  '9'
-
-Encoding with special tokens (the default) prepends <bos>: "12+34=" -> [2, 5, 6, 14, 7, 8, 17]. Any other
-character encodes to <unk>. The special tokens written literally ("<eos>") encode to their ids. Decoding
-concatenates characters (no spaces are inserted); `skip_special_tokens=True` drops <pad>/<eos>/<bos>/<unk>.
+The character tokenizer needs no download: a Hugging Face fast tokenizer (a ``tokenizers`` WordLevel model over
+single characters), so everything that speaks HF (the trainer, ``save_pretrained``, an SGLang server given the
+model directory) uses it unchanged. Its ids are fixed (model checkpoints depend on them): the table is in
+``CHAR_VOCAB``'s docstring. Encoding with special tokens (the default) prepends <bos>: "12+34=" -> [2, 5, 6, 14,
+7, 8, 17]; any other character encodes to <unk>; the special tokens written literally ("<eos>") encode to their
+ids. Decoding concatenates characters; ``skip_special_tokens=True`` drops <pad>/<eos>/<bos>/<unk>.
 
 Example:
     tok = build_char_tokenizer("run/hf")          # also writes tokenizer.json + tokenizer_config.json
@@ -40,7 +30,17 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, BOS, UNK)
 CHARS: str = "0123456789+-*= \n"
 """The ordinary characters in id order, from id 4."""
 CHAR_VOCAB: dict[str, int] = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARS))}
-"""token -> id of the character tokenizer (20 entries)."""
+"""token -> id of the character tokenizer (20 entries), fixed (model checkpoints depend on them):
+
+    id  token      id  token      id  token
+     0  <pad>       7  '3'        14  '+'
+     1  <eos>       8  '4'        15  '-'
+     2  <bos>       9  '5'        16  '*'
+     3  <unk>      10  '6'        17  '='
+     4  '0'        11  '7'        18  ' '
+     5  '1'        12  '8'        19  '\\n'
+     6  '2'        13  '9'
+"""
 CHAR_VOCAB_SIZE: int = len(CHAR_VOCAB)
 
 # tokenizer_config.json names this class: transformers 4.x (what SGLang servers often pin) and 5.x both map it
@@ -50,7 +50,7 @@ _PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def build_char_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The character-level tokenizer of the arithmetic task (vocabulary and ids: see the module docstring).
+    """The character-level tokenizer of the generated tasks (vocabulary and ids: ``CHAR_VOCAB``).
 
     Args:
         save_dir: if given, also `save_pretrained` it there (tokenizer.json, tokenizer_config.json), loadable

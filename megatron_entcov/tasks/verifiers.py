@@ -1,19 +1,15 @@
-"""The verifier registry and `score` and `score`, which turns responses into rewards plus verifier statistics.
-The registry never imports the verifiers: ``megatron_entcov.tasks`` imports them, and each registers itself.
+"""The verifier registry and `score`, which turns responses into rewards plus verifier statistics.
 
-Verifiers (DataConfig.reward):
-  - "arithmetic": exact integer answer of the synthetic task (tasks/arithmetic.py).
-  - "countdown": the steps of a countdown solution, simulated on the problem's numbers (tasks/countdown.py).
-  - "math": the last \\boxed{...} (else a DAPO-style "Answer:" line) checked with math-verify, in worker
-    processes with a per-sample time-out (tasks/math.py).
-
-A verifier never raises on model text: a response it cannot parse scores 0.0 and is counted as a parse
-failure; a check that runs past the time-out scores 0.0 and is counted as a time-out. It does raise on bad
-references (they come from the data set, not the model) and on a broken environment (math-verify missing).
+The registry never imports the verifiers: ``megatron_entcov.tasks`` imports them, and each registers itself
+(``register_verifier``; "arithmetic", "countdown", "math"). A verifier never raises on model text: a response it
+cannot parse scores 0.0 and counts as a parse failure, a check past the time-out scores 0.0 and counts as a
+time-out; it raises on bad references (data, not model) and on a broken environment (math-verify missing).
 
 Example:
     rewards, stats = score("arithmetic", ["46", " 7x"], ["46", "8"], timeout_s=5.0)
     # rewards == [1.0, 0.0]; stats["reward/parse_fail_frac"] == 0.0 (" 7x" parses as 7, which is wrong)
+
+Design notes: docs/design/tasks.md
 """
 
 from __future__ import annotations
@@ -55,6 +51,30 @@ class Verifier(Protocol):
     def close(self) -> None:
         """Release background resources (worker processes); the verifier may be used again afterwards."""
         ...
+
+
+class PureVerifier:
+    """Base of a verifier that checks each response on its own, in the calling thread, in time linear in the
+    response: nothing can hang, so ``timeout_s`` is not used and there is nothing to close. Subclasses set
+    ``name`` and implement ``verify_one``."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def verify_batch(self, responses: Sequence[str], answers: Sequence[str], *,
+                     timeout_s: float = 0.0) -> list[VerifyResult]:
+        del timeout_s
+        return [self.verify_one(response, answer, i)
+                for i, (response, answer) in enumerate(zip(responses, answers, strict=True))]
+
+    def verify_one(self, response: str, answer: str, index: int) -> VerifyResult:
+        """The result of response ``index``; raises ValueError only for a bad reference ``answer``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 _FACTORIES: dict[str, Callable[[], Verifier]] = {}
@@ -134,5 +154,5 @@ def score(verifier_name: str, responses: Sequence[str], answers: Sequence[str], 
     return [r.reward for r in results], summarize(results)
 
 
-__all__ = ["Status", "VerifyResult", "Verifier", "register_verifier", "verifier_names", "get_verifier",
+__all__ = ["Status", "VerifyResult", "Verifier", "PureVerifier", "register_verifier", "verifier_names", "get_verifier",
            "close_verifiers", "summarize", "score"]

@@ -1,41 +1,15 @@
 """The SGLang rollout engine: the rollout protocol (``rollout/engine.py``) over HTTP to SGLang servers.
 
-Servers are launched and supervised here (``rollout.sglang.num_servers`` local children from the server venv
-built by ``make sglang-env``; ``rollout/sglang/server.py``), reached at given URLs (started elsewhere, e.g. a
-SLURM job component), or sit behind an ``sglang-router``. The trainer process never imports sglang: requests
-are JSON over stdlib ``urllib`` (``rollout/sglang/http.py``; the wire format is ``rollout/sglang/protocol.py``).
-The engine is configured by one ``SGLangConfig`` section (``rollout.sglang`` in a run config).
+:class:`SGLangEngine` launches and supervises its servers (``server.py``, ``pool.py``), attaches to given URLs,
+or generates through an ``sglang-router``; configured by ``rollout.sglang`` (``SGLangConfig``). The trainer
+never imports sglang: JSON over stdlib HTTP (``http.py``, ``protocol.py``). One ``/generate`` request per
+prompt entry on a bounded request executor, to the least-loaded live server, retried with backoff elsewhere
+on failure (NoServerLeftError when none is left). Log-probs follow ``rollout/types.py``; greedy (top_k=1) is
+refused with a temperature other than 1, for which SGLang reports another definition. Weight syncs
+(``transports.py``) run pause -> begin -> transport -> end -> version -> flush -> continue on every server,
+and every server's weight_version must then equal the new version.
 
-Generation: one ``/generate`` request per prompt entry (n=1; the caller repeats a prompt n times), token ids in,
-token ids and log-probs out. The servers run with ``--skip-tokenizer-init``, so only ``stop_token_ids`` (and
-the model's own ``eos_token_id``, which SGLang always honours) end a response. Requests run on a thread pool
-of ``max_inflight`` workers (the bound on in-flight work over all servers); each goes to the live server with
-the fewest requests in flight (or to the router). A failed request (connection error, time-out, HTTP 5xx, or
-an 'abort' the engine did not ask for) is retried with exponential backoff on another server; a dead server's
-requests go to the others, and a launched server that died is restarted and rejoins after the next full sync
-(``rollout/sglang/pool.py``); when no server is left, ``generate`` raises NoServerLeftError naming each one.
-Each request carries a ``sampling_seed``: ``request_seed(seeds[i])`` when the caller gives per-entry ``seeds``
-(an entry's sample then does not depend on the call, the order, the server or the replica that runs it, up to
-the servers' batched numerics), else mixed from the call's seed and the entry's index (``protocol.py``).
-
-Log-probs: SGLang returns log(softmax(logits / temperature)) of the sampled token over the full vocabulary,
-before top-p/top-k (sampler.py, standard path), the definition in ``rollout/types.py``. Exception: greedy
-requests (top_k=1) get log_softmax(logits) WITHOUT the temperature; the engine rejects top_k=1 with a
-temperature other than 1 rather than return log-probs with another definition.
-
-Weights (``update_weights``): transports in ``rollout/sglang/transports.py`` ('disk', 'distributed', 'tensor').
-Every sync is wrapped per server in pause_generation -> begin_weight_update -> transport -> end_weight_update
--> update_weight_version -> flush_cache -> continue_generation, and every server's ``/model_info``
-weight_version must then equal ``version``. ``probe`` sends one request to every server (the trainer's
-post-sync check, ``weights/probe.py``). Colocated GPU servers release and resume their memory around
-training (``release_memory`` / ``resume_memory``).
-
-Example:
-    engine = SGLangEngine(cfg.model, SGLangConfig(num_servers=2))     # writes a random-init HF dir, launches
-    samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
-    engine.update_weights(iter_hf_weights(...), version=step + 1)       # pause, load, set version, resume
-    assert engine.health()["weight_version"] == step + 1
-    engine.close()                                                      # stops the servers it launched
+Design notes: docs/design/rollout.md (and docs/sglang.md: the server venv, flags, measurements)
 """
 
 from __future__ import annotations
@@ -55,13 +29,21 @@ from megatron_entcov.config import SGLangConfig
 from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts, validate_seeds
 from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json, wait_answering
-from megatron_entcov.rollout.sglang.placement import (colocated_gpu_ids, replica_server_urls, resolve_device,
-                                                      router_workers)
+from megatron_entcov.rollout.sglang.placement import (
+    colocated_gpu_ids,
+    replica_server_urls,
+    resolve_device,
+    router_workers,
+)
 from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
-from megatron_entcov.rollout.sglang.protocol import (generate_payload, generate_payloads, parse_generate,
-                                                     parse_version, request_seed)
-from megatron_entcov.rollout.sglang.server import (SGLangServer, link_model_dir, server_launch_args,
-                                                   write_hf_model_dir)
+from megatron_entcov.rollout.sglang.protocol import (
+    generate_payload,
+    generate_payloads,
+    parse_generate,
+    parse_version,
+    request_seed,
+)
+from megatron_entcov.rollout.sglang.server import SGLangServer, link_model_dir, server_launch_args, write_hf_model_dir
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -72,47 +54,65 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 """What /release_memory_occupation can give back (sglang/srt/constants.py)."""
 
 
+def _check_settings(cfg: SGLangConfig, device: str, gpu_ids, *, max_retries: int, backoff_s: float,
+                    startup_timeout_s: float) -> None:
+    """ValueError naming the setting and the fix for limits or a server layout the engine cannot run."""
+    if max_retries < 0 or backoff_s < 0 or startup_timeout_s <= 0:
+        raise ValueError(f"SGLangEngine: max_retries={max_retries} (must be >= 0), backoff_s={backoff_s} "
+                         f"(>= 0), startup_timeout_s={startup_timeout_s} (> 0): pass valid limits")
+    if cfg.release_memory and device != "cuda":
+        raise ValueError(f"SGLangEngine: rollout.sglang.release_memory=True needs GPU servers (server_device "
+                         f"resolved to {device!r}); SGLang's memory saver does not exist on CPU: set "
+                         "rollout.sglang.release_memory=false")
+    if gpu_ids is not None and not cfg.server_urls and len(gpu_ids) != cfg.num_servers:
+        gpu_ids = list(gpu_ids)
+        raise ValueError(f"SGLangEngine: gpu_ids={gpu_ids} names {len(gpu_ids)} GPUs for "
+                         f"rollout.sglang.num_servers={cfg.num_servers}: give one first GPU per server")
+
+
 class SGLangEngine(RolloutEngine):
-    """Rollouts from SGLang servers over HTTP (module docstring); implements ``RolloutEngine``."""
+    """Rollouts from SGLang servers over HTTP; implements ``RolloutEngine`` (docs/design/rollout.md).
+
+    Args:
+        model_cfg: ModelConfig of the policy (vocabulary, lengths, dtype for weight syncs).
+        sglang: the servers and the weight transport (``SGLangConfig``, ``rollout.sglang``): ``server_urls`` are
+            THIS engine's servers (``from_config`` splits a run's between replicas); empty = launch
+            ``num_servers``. None = ``SGLangConfig()``. ``server_device='auto'`` is resolved here.
+        model_dir: HF model directory the launched servers load; None = write one with random weights and
+            the character tokenizer into a temporary directory (the trainer syncs its weights before the
+            first rollout). Ignored with server URLs.
+        gpu_ids: GPU servers: the first GPU of each launched server (``--base-gpu-id``; a server with
+            ``--tp-size k`` takes k GPUs from there); None = SGLang's default, GPU 0.
+        sync_dir: where the 'disk' method writes its temporary safetensors (default: the system temp dir;
+            the servers must be able to read it: local servers or a shared file system).
+        sync_master_address: address the servers reach this process at for 'distributed' (default:
+            ``rollout.sglang.sync_master_addr``, else transports.choose_master_address: 127.0.0.1 when every
+            server is local, else the local address of the route to the first remote server).
+        log_dir: server logs (default: a temporary directory).
+        seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
+        server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
+        startup_timeout_s: how long a launched server may take to answer.
+        backoff_s: first retry delay of a failed request; doubles per retry, with jitter.
+        max_retries: retries of one request after failures on live servers (failover away from a dead
+            server does not count).
+
+    Example:
+        engine = SGLangEngine(cfg.model, SGLangConfig(num_servers=2))     # writes a random-init HF dir, launches
+        samples = engine.generate(prompts, SamplingParams.from_config(cfg.sampling, seed=step))
+        engine.update_weights(iter_hf_weights(...), version=step + 1)       # pause, load, set version, resume
+        assert engine.health()["weight_version"] == step + 1
+        engine.close()                                                      # stops the servers it launched
+    """
 
     def __init__(self, model_cfg, sglang: SGLangConfig | None = None, *, model_dir: str | Path | None = None,
                  gpu_ids: Sequence[int] | None = None, sync_dir: str | Path | None = None,
                  sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0,
                  server_python: str | None = None, startup_timeout_s: float = 600.0, backoff_s: float = 0.5,
                  max_retries: int = 3):
-        """
-        Args:
-            model_cfg: ModelConfig of the policy (vocabulary, lengths, dtype for weight syncs).
-            sglang: the servers and the weight transport (config.py, ``rollout.sglang``): ``server_urls`` are
-                THIS engine's servers (``from_config`` splits a run's between replicas); empty = launch
-                ``num_servers``. None = ``SGLangConfig()``. ``server_device='auto'`` is resolved here.
-            model_dir: HF model directory the launched servers load; None = write one with random weights and
-                the character tokenizer into a temporary directory (the trainer syncs its weights before the
-                first rollout). Ignored with server URLs.
-            gpu_ids: GPU servers: the first GPU of each launched server (``--base-gpu-id``; a server with
-                ``--tp-size k`` takes k GPUs from there); None = SGLang's default, GPU 0.
-            sync_dir: where the 'disk' method writes its temporary safetensors (default: the system temp dir;
-                the servers must be able to read it: local servers or a shared file system).
-            sync_master_address: address the servers reach this process at for 'distributed' (default:
-                ``rollout.sglang.sync_master_addr``, else transports.choose_master_address: 127.0.0.1 when every
-                server is local, else the local address of the route to the first remote server).
-            log_dir: server logs (default: a temporary directory).
-            seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
-            server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
-            startup_timeout_s: how long a launched server may take to answer.
-            backoff_s: first retry delay of a failed request; doubles per retry, with jitter.
-            max_retries: retries of one request after failures on live servers (failover away from a dead
-                server does not count).
-        """
         cfg = sglang if sglang is not None else SGLangConfig()
         device = resolve_device(cfg.server_device)
-        if max_retries < 0 or backoff_s < 0 or startup_timeout_s <= 0:
-            raise ValueError(f"SGLangEngine: max_retries={max_retries} (must be >= 0), backoff_s={backoff_s} "
-                             f"(>= 0), startup_timeout_s={startup_timeout_s} (> 0): pass valid limits")
-        if cfg.release_memory and device != "cuda":
-            raise ValueError(f"SGLangEngine: rollout.sglang.release_memory=True needs GPU servers (server_device "
-                             f"resolved to {device!r}); SGLang's memory saver does not exist on CPU: set "
-                             "rollout.sglang.release_memory=false")
+        _check_settings(cfg, device, gpu_ids, max_retries=max_retries, backoff_s=backoff_s,
+                        startup_timeout_s=startup_timeout_s)
         self.model_cfg = model_cfg
         self.request_timeout_s = float(cfg.request_timeout_s)
         self.max_inflight = int(cfg.max_inflight)
@@ -121,6 +121,8 @@ class SGLangEngine(RolloutEngine):
         self.seed = int(seed)
         self.sync_method = cfg.sync_method
         self.sync_dir = str(sync_dir) if sync_dir else None
+        # None: transports.choose_master_address picks the address the route to the servers leaves from.
+        self.sync_master_address = sync_master_address or cfg.sync_master_addr or None
         self.release_memory_enabled = bool(cfg.release_memory)
         self._tmp = Path(tempfile.mkdtemp(prefix="sglang-engine-"))
         self._sync_lock = threading.Lock()     # one sync at a time
@@ -138,17 +140,33 @@ class SGLangEngine(RolloutEngine):
         self.last_sync: dict = {}
         self.last_generate: dict = {}
         self.startup_s: list[float] = []
-        self.pool: ServerPool | None = None
+        self.model_dir: str | None = None      # what launched servers load; None with given URLs
+        self.pool: ServerPool | None = None    # the servers
         self.router: Server | None = None
         self._router_lock = threading.Lock()
+        self._requests: ThreadPoolExecutor | None = None     # runs the /generate requests
         self._launch_args = server_launch_args(cfg, model_cfg, device, python=server_python)
         self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
         self._gpu_ids = list(gpu_ids) if gpu_ids is not None else None
-        server_urls = list(cfg.server_urls)
-        if self._gpu_ids is not None and not server_urls and len(self._gpu_ids) != cfg.num_servers:
-            raise ValueError(f"SGLangEngine: gpu_ids={self._gpu_ids} names {len(self._gpu_ids)} GPUs for "
-                             f"rollout.sglang.num_servers={cfg.num_servers}: give one first GPU per server")
+
+        servers = self._start_servers(cfg, model_dir, startup_timeout_s=startup_timeout_s, seed=seed)
+
+        self._requests = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="sglang-req")
+        logger.info("SGLangEngine: %d servers %s (%s%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
+                    len(servers), [s.url for s in servers], "given" if self.model_dir is None else "launched",
+                    f", generation through the router {self.router.url}" if self.router else "",
+                    self.max_inflight, self.request_timeout_s, self.sync_method,
+                    [round(t, 1) for t in self.startup_s])
+
+    # ------------------------------------------------------------------------------------------------ start-up
+
+    def _start_servers(self, cfg: SGLangConfig, model_dir: str | Path | None, *, startup_timeout_s: float,
+                       seed: int) -> list[Server]:
+        """The engine's servers, answering and agreeing on one weight version: attached at ``server_urls`` (or
+        the router's workers), else ``num_servers`` launched here. On any failure everything started so far is
+        stopped (``close``) and the error re-raised."""
         try:
+            server_urls = list(cfg.server_urls)
             if cfg.router_url:
                 self.router = Server(url=cfg.router_url.rstrip("/"), index=-1)
                 server_urls = server_urls or router_workers(self.router.url, startup_timeout_s)
@@ -158,38 +176,37 @@ class SGLangEngine(RolloutEngine):
                                    max_restarts=cfg.max_server_restarts, startup_timeout_s=startup_timeout_s,
                                    is_current=self._is_current, on_ready=self._restarted)
             if server_urls:
-                self.model_dir = None
                 servers.extend(Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls))
                 for s in servers:
                     wait_answering(s.url, startup_timeout_s)
             else:
                 if model_dir is None:
-                    model_dir = write_hf_model_dir(model_cfg, self._tmp / "init_model", seed=seed)
+                    model_dir = write_hf_model_dir(self.model_cfg, self._tmp / "init_model", seed=seed)
                 self.model_dir = str(model_dir)
-                for i in range(cfg.num_servers):
-                    s = Server(url="", index=i)
-                    s.proc = self._launch(s)
-                    s.url = s.proc.url
-                    servers.append(s)
-                # Start all, then wait: start-ups overlap.
-                self.startup_s = [s.proc.wait_ready(startup_timeout_s) for s in servers]
-            # None: transports.choose_master_address picks the address the route to the servers leaves from.
-            self.sync_master_address = sync_master_address or cfg.sync_master_addr or None
-            versions = {s.url: self._server_version(s) for s in servers}
-            if len(set(versions.values())) != 1:
-                raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}; they hold "
-                                   "different weights: restart them from one checkpoint, or give only servers of "
-                                   "one run in rollout.sglang.server_urls")
-            self._weight_version = next(iter(versions.values()))
+                self._launch_servers(servers, cfg.num_servers, startup_timeout_s)
+            self._weight_version = self._agreed_version(servers)
         except BaseException:
             self.close()
             raise
-        self._pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="sglang-req")
-        logger.info("SGLangEngine: %d servers %s (%s%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
-                    len(servers), [s.url for s in servers], "launched" if not server_urls else "given",
-                    f", generation through the router {self.router.url}" if self.router else "",
-                    self.max_inflight, self.request_timeout_s, self.sync_method,
-                    [round(t, 1) for t in self.startup_s])
+        return servers
+
+    def _launch_servers(self, servers: list[Server], num_servers: int, startup_timeout_s: float) -> None:
+        """Launch ``num_servers`` into ``servers`` (the pool's list), all before waiting: start-ups overlap."""
+        for i in range(num_servers):
+            s = Server(url="", index=i)
+            s.proc = self._launch(s)
+            s.url = s.proc.url
+            servers.append(s)
+        self.startup_s = [s.proc.wait_ready(startup_timeout_s) for s in servers]
+
+    def _agreed_version(self, servers: list[Server]) -> int:
+        """The weight version every server reports; RuntimeError when they differ (different weights)."""
+        versions = {s.url: self._server_version(s) for s in servers}
+        if len(set(versions.values())) != 1:
+            raise RuntimeError(f"SGLangEngine: servers report different weight versions {versions}; they hold "
+                               "different weights: restart them from one checkpoint, or give only servers of "
+                               "one run in rollout.sglang.server_urls")
+        return next(iter(versions.values()))
 
     def _launch(self, s: Server) -> SGLangServer:
         """Start a server process for slot ``s`` on a fresh port (not waiting for it): from the last weights
@@ -323,9 +340,8 @@ class SGLangEngine(RolloutEngine):
         if self._closed:
             return
         self._closed = True
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if self._requests is not None:
+            self._requests.shutdown(wait=False, cancel_futures=True)
         if self._transport is not None:
             try:
                 self._transport.close()
@@ -374,7 +390,7 @@ class SGLangEngine(RolloutEngine):
         t0 = time.monotonic()
         before = {x["name"]: x["generated_tokens"] for x in self.server_stats()}
         payloads = generate_payloads(prompts, params, base=base, seeds=seeds)
-        futures = [self._pool.submit(self._generate_one, i, p, payload)
+        futures = [self._requests.submit(self._generate_one, i, p, payload)
                    for i, (p, payload) in enumerate(zip(prompts, payloads))]
         samples, first_error = [], None
         for f in futures:                      # wait for all, so no request outlives the call
@@ -549,31 +565,8 @@ class SGLangEngine(RolloutEngine):
             if not targets:
                 raise NoServerLeftError("update_weights: no SGLang server left: " + "; ".join(
                     f"{s.url}: {s.state} {s.last_error}" for s in self.servers))
-            # A server that dies and comes back (new process, new URL) during the sync missed part of it: only
-            # the processes that were there from the start stay in it.
-            ident = {s: (s.url, s.restarts) for s in targets}
-
-            def keep(servers: list[Server]) -> list[Server]:
-                return [s for s in servers if ident.get(s) == (s.url, s.restarts) and s.state in (LIVE, STALE)]
-
             t0 = time.monotonic()
-            user_paused = self._paused.is_set()
-            if not user_paused:
-                targets = keep(self.pool.post_all(targets, "/pause_generation", {"mode": "abort"}, check=False))
-            try:
-                try:
-                    targets = keep(self.pool.post_all(targets, "/begin_weight_update", {"selector": "all"}))
-                    stats = self._transport.sync(named_tensors, version, self._seen, targets)
-                except BaseException:
-                    self.pool.post_all(keep(targets), "/end_weight_update", {}, check=False)   # the version stays
-                    raise
-                targets = keep(targets)
-                targets = keep(self.pool.post_all(targets, "/end_weight_update", {}))
-                targets = keep(self.pool.post_all(targets, "/update_weight_version", {"new_version": str(version)}))
-                targets = keep(self.pool.post_all(targets, "/flush_cache", {}))
-            finally:
-                if not user_paused:
-                    self.pool.post_all(self.pool.standing(), "/continue_generation", {}, check=False)
+            targets, stats = self._sync_servers(targets, named_tensors, version)
             versions = {s.url: self._server_version(s) for s in targets}
             wrong = {u: v for u, v in versions.items() if v != version}
             if wrong or not versions:
@@ -590,3 +583,34 @@ class SGLangEngine(RolloutEngine):
                                   bytes_per_s=stats.get("bytes", 0) / max(dt, 1e-9))
         logger.info("SGLangEngine: weights v%d to %d servers by %s: %.2f MB in %.2f s", version, len(versions),
                     self.sync_method, stats.get("bytes", 0) / 1e6, dt)
+
+    def _sync_servers(self, targets: list[Server], named_tensors: NamedTensors,
+                      version: int) -> tuple[list[Server], dict]:
+        """One weight sync to ``targets``: pause -> begin -> transport -> end -> version -> flush -> continue.
+        Returns the servers that took all of it (a server that died or came back meanwhile drops out) and the
+        transport's stats; on a failure, the servers end the update with their old version."""
+        # A server that dies and comes back (new process, new URL) during the sync missed part of it: only
+        # the processes that were there from the start stay in it.
+        ident = {s: (s.url, s.restarts) for s in targets}
+
+        def keep(servers: list[Server]) -> list[Server]:
+            return [s for s in servers if ident.get(s) == (s.url, s.restarts) and s.state in (LIVE, STALE)]
+
+        user_paused = self._paused.is_set()
+        if not user_paused:
+            targets = keep(self.pool.post_all(targets, "/pause_generation", {"mode": "abort"}, check=False))
+        try:
+            try:
+                targets = keep(self.pool.post_all(targets, "/begin_weight_update", {"selector": "all"}))
+                stats = self._transport.sync(named_tensors, version, self._seen, targets)
+            except BaseException:
+                self.pool.post_all(keep(targets), "/end_weight_update", {}, check=False)   # the version stays
+                raise
+            targets = keep(targets)
+            targets = keep(self.pool.post_all(targets, "/end_weight_update", {}))
+            targets = keep(self.pool.post_all(targets, "/update_weight_version", {"new_version": str(version)}))
+            targets = keep(self.pool.post_all(targets, "/flush_cache", {}))
+        finally:
+            if not user_paused:
+                self.pool.post_all(self.pool.standing(), "/continue_generation", {}, check=False)
+        return targets, stats

@@ -1,32 +1,18 @@
 """The SGLang engine's servers: who is live, who gets the next request, and bringing dead servers back.
 
-A server is in one of four states:
-
-- ``live``: serves generation and receives every weight sync.
-- ``dead``: its process exited, or it stopped answering (connection refused, time-out on ``/model_info``),
-  or its scheduler hangs: a generation request failed and ``/health_generate`` (one token through the
-  scheduler) fails too while the HTTP front end still answers ``/model_info``; its requests fail over to the
-  live servers (a launched one is killed and restarted).
-- ``restarting``: a server this engine launched died and is being started again (at most ``max_restarts``
-  times per server, in a background thread, on a fresh port; its log goes next to the old one).
-- ``stale``: answering, but its weights are not the trainer's: a restarted server (it loaded the initial
-  model directory) or a given URL that answered again after being dead (restarted by someone else). It takes
-  part in the next weight sync and becomes live when that sync sent every tensor and its version checks out.
-
-Servers at given URLs are never restarted here (whoever started them supervises them), but a dead one is
-probed again at each sync and re-admitted as stale when it answers.
-
-Calls that go to every server at once (the steps of a weight sync, the weight transports' requests) go
-through ``post_all`` / ``settle``: a server whose call failed and that no longer answers is marked dead and
-dropped from the returned list; any other failure raises.
+A server is ``live`` (serves and gets every sync), ``dead`` (exited, not answering /model_info, or a hung
+scheduler), ``restarting`` (launched here: restarted in the background, at most ``max_restarts`` times) or
+``stale`` (answering with weights that are not the trainer's; live after the next full sync). Given URLs are
+never restarted, only re-admitted as stale when they answer again. Calls to every server (``post_all`` /
+``settle``) drop servers that died and raise on any other failure.
 
 Example:
     pool = ServerPool(servers, launch=launch_fn, max_restarts=2, is_current=lambda s: s.weights_version == v)
-    s = pool.pick(avoid=None)         # least-loaded live server; s.inflight counted
-    ... request ...
-    pool.release(s)
+    s = pool.pick(avoid=None); ...; pool.release(s)      # least-loaded live server, counted in flight
     pool.mark_failure(s, err)         # dead? then restarted in the background when it was launched here
     servers = pool.post_all(pool.standing(), "/flush_cache", {})     # those still standing afterwards
+
+Design notes: docs/design/rollout.md
 """
 
 from __future__ import annotations
@@ -70,7 +56,7 @@ class Server:
 
 
 class ServerPool:
-    """Thread-safe bookkeeping of the engine's servers (module docstring)."""
+    """Thread-safe bookkeeping of the engine's servers (states: the module docstring)."""
 
     def __init__(self, servers: list[Server], *, launch: Callable[[Server], SGLangServer] | None,
                  max_restarts: int, startup_timeout_s: float, is_current: Callable[[Server], bool],

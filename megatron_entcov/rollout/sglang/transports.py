@@ -1,41 +1,18 @@
 """Weight transports from the trainer to SGLang servers, used by ``SGLangEngine.update_weights``.
 
-``WeightSync.push`` (weights/sync.py) hands the engine buckets of full HF-named tensors; the engine wraps the
-transfer in pause/begin/end/version/continue calls and verifies the version (rollout/sglang/engine.py); a
-transport only moves the tensors. None of them imports sglang (the trainer cannot: different torch).
-A transport gets what it needs from the engine explicitly (:class:`TransportContext`) and reaches the servers
-through the engine's ``ServerPool`` (rollout/sglang/pool.py), which marks a server that died.
-
-- 'disk': each bucket is written as one safetensors file into a fresh directory (plus config.json), then every
-  server is told ``/update_weights_from_disk {model_path}``. Needs a file system the servers can read (local or
-  shared); costs one write and one read of the whole model per sync. The robust fallback.
-- 'distributed': at the first sync, a process group is formed between this process (rank 0) and every server's
-  TP ranks (``/init_weights_update_group``, gloo on CPU, NCCL on GPU); per bucket, every server is sent
-  ``/update_weights_from_distributed {names, dtypes, shapes}`` while this process broadcasts each tensor in the
-  same order. No file system, one copy per tensor. The servers reach this process at ``master_address`` (the
-  engine's ``sync_master_address``); by default (:func:`choose_master_address`) the local address of the route
-  to the servers' host, never a loopback address when a server is on another host.
-- 'tensor': per bucket, ``/update_weights_from_tensor`` with one payload per server tensor-parallel rank, the
-  bucket pickled the way sglang's MultiprocessingSerializer does it (multiprocessing's ForkingPickler + base64;
-  plain stdlib + torch, no sglang import): CPU tensors travel through shared memory (torch's 'file_system'
-  sharing strategy, which this transport sets process-wide: the default 'file_descriptor' strategy makes the
-  server's scheduler die), CUDA tensors as CUDA IPC handles. On GPUs each server rank gets handles to a copy of
-  the bucket on its own GPU (``base_gpu_id + tp_rank * gpu_id_step`` from ``/server_info``; the copy on the
-  trainer's own GPU is the bucket itself), with the device named by its UUID as sglang's patched torch
-  reductions name it (``monkey_patch_torch_reductions``, applied by the receiving scheduler), so no server
-  rank opens a context on another GPU and a server that renumbers its devices still finds it. Colocated
-  servers only (same host). The sender keeps each bucket and its copies alive until every server has answered.
-
-Every transport validates names and shapes against the HF model (``expected_shapes``) before sending, converts
-to the model dtype, drops ``lm_head.weight`` of a tied model (the server shares the embedding), and drains the
-producer on a bad tensor before raising (the producer may run gather collectives). A server that dies during a
-'disk' or 'tensor' sync drops out of it (the others still get the weights); a 'distributed' sync fails instead.
+A transport only moves buckets of full HF-named tensors (the engine wraps it in pause/begin/end/version/continue);
+it gets a :class:`TransportContext`, reaches the servers through the engine's ``ServerPool``, never imports
+sglang. 'disk': safetensors + ``/update_weights_from_disk`` (a file system the servers read). 'distributed': a
+process group with every server's TP ranks, each tensor broadcast. 'tensor': ``/update_weights_from_tensor``
+with shared-memory or CUDA IPC handles, colocated servers only. Each checks names and shapes (``expected_shapes``),
+converts to the model dtype, drops a tied ``lm_head.weight``, drains the producer before raising; a server that
+dies drops out of a 'disk'/'tensor' sync, a 'distributed' sync fails.
 
 Example:
-    ctx = TransportContext(model_cfg=cfg.model, pool=pool, shapes=expected_shapes(cfg.model))
-    transport = build_transport("disk", ctx)
+    transport = build_transport("disk", TransportContext(model_cfg=cfg.model, pool=pool, shapes=shapes))
     stats = transport.sync(buckets, version=3, seen=set(), servers=pool.standing())   # {"bytes", "complete", ...}
-    transport.close()
+
+Design notes: docs/design/rollout.md
 """
 
 from __future__ import annotations
@@ -583,7 +560,7 @@ class TensorTransport(Transport):
         super().__init__(ctx)
         import torch.multiprocessing as tmp
 
-        # Registers torch's tensor reductions with ForkingPickler; file_system: see the module docstring.
+        # Registers torch's tensor reductions with ForkingPickler; file_system: see docs/design/rollout.md.
         tmp.set_sharing_strategy("file_system")
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_entcov.monitor.server_metrics import server_throughput
 from megatron_entcov.config import SGLangConfig
 from megatron_entcov.distributed.net import free_port
+from megatron_entcov.monitor.server_metrics import server_throughput
 from megatron_entcov.rollout.sglang import SGLangEngine
 from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError
 from megatron_entcov.rollout.sglang.placement import replica_server_urls

@@ -9,9 +9,9 @@ import itertools
 import pytest
 
 from megatron_entcov.config import DataConfig
-from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader, build_dataset
 from megatron_entcov.tasks import score
 from megatron_entcov.tasks.countdown import CountdownTask, check_solution, parse_reference, solutions
+from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader, build_dataset
 from megatron_entcov.tasks.tokenizer import build_char_tokenizer
 
 
@@ -115,4 +115,4 @@ def test_countdown_config_errors_name_the_field():
     with pytest.raises(ValueError, match="data.countdown_max_value"):
         DataConfig(source="countdown", reward="countdown", countdown_max_number=20, countdown_max_value=10)
     with pytest.raises(ValueError, match="rollout.max_prompt_len"):
-        PromptDataset.from_countdown(CountdownTask(seed=0), build_char_tokenizer(), max_prompt_len=8)
+        PromptDataset.from_task(CountdownTask(seed=0), build_char_tokenizer(), max_prompt_len=8)

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_entcov.config import DataConfig
-from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader, build_dataset
 from megatron_entcov.tasks.arithmetic import ArithmeticTask
+from megatron_entcov.tasks.countdown import CountdownTask
+from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader, build_dataset
 from megatron_entcov.tasks.tokenizer import build_char_tokenizer
 
 
@@ -170,12 +171,6 @@ def test_nothing_fits_raises(tmp_path, tok):
         PromptLoader(ds, batch_size=4)
 
 
-def test_arithmetic_prompt_length_checked_up_front(tok):
-    task = ArithmeticTask(seed=0, digits=18, ops="+")
-    with pytest.raises(ValueError, match=r"max_prompt_len=20 is shorter than the longest arithmetic prompt \(39"):
-        PromptDataset.from_arithmetic(task, tok, max_prompt_len=20)
-
-
 def test_arithmetic_dataset_from_config(tok):
     ds = build_dataset(DataConfig(arithmetic_digits=3, arithmetic_ops="+-*"), tok, max_prompt_len=64, seed=5)
     assert ds.size is None
@@ -184,6 +179,38 @@ def test_arithmetic_dataset_from_config(tok):
         item = ds.get(i)
         assert (item.prompt_text, item.answer, item.index) == (task.problem(i).prompt, task.problem(i).answer, i)
         assert item.prompt_ids == tok(item.prompt_text)["input_ids"] and item.prompt_ids[0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("source", ["arithmetic", "countdown"])
+def test_generated_task_datasets_equal_an_independent_construction(tok, source):
+    """Both generated sources through build_dataset: each item is the task's problem, tokenised with <bos>,
+    with the countdown trace (and no arithmetic one) as the SFT target, at the task's own location."""
+    cfg = DataConfig(source=source, reward=source, arithmetic_digits=3, arithmetic_ops="+-*", countdown_numbers=3,
+                     countdown_max_number=12, countdown_max_value=50)
+    ds = build_dataset(cfg, tok, max_prompt_len=64, seed=11)
+    if source == "arithmetic":
+        task = ArithmeticTask(seed=11, digits=3, ops="+-*")
+    else:
+        task = CountdownTask(seed=11, num_numbers=3, max_number=12, max_value=50)
+    assert (ds.size, ds.name) == (None, repr(task))
+    for i in (0, 1, 7, 10**6):
+        problem, item = task.problem(i), ds.get(i)
+        assert (item.prompt_text, item.answer, item.index) == (problem.prompt, problem.answer, i)
+        assert item.prompt_ids == [tok.bos_token_id] + [tok.convert_tokens_to_ids(c) for c in problem.prompt]
+        assert item.sft_target == (problem.trace if source == "countdown" else None)
+        assert ds.where(i) == f"{task!r} problem {i}"
+
+
+def test_generated_task_too_long_names_its_settings(tok):
+    # longest prompts: <bos> + "9 9 9 9=99\n" (12 tokens); <bos> + 18 nines, '*', 18 nines, '=' (39 tokens)
+    with pytest.raises(ValueError, match=r"^rollout.max_prompt_len=8 is shorter than the longest countdown prompt "
+                                         r"\(12 tokens for data.countdown_numbers=4\); raise it to >= 12$"):
+        PromptDataset.from_task(CountdownTask(seed=0), tok, max_prompt_len=8)
+    with pytest.raises(ValueError, match=r"\(39 tokens for data.arithmetic_digits=18, 2 operands\); raise it to "
+                                         r">= 39 or lower the digits$"):
+        PromptDataset.from_task(ArithmeticTask(seed=0, digits=18, ops="+"), tok, max_prompt_len=20)
+    with pytest.raises(TypeError, match="not a generated task"):
+        PromptDataset.from_task(object(), tok, max_prompt_len=20)
 
 
 # ---------------------------------------------------------------------------------------------- sharding and resume
