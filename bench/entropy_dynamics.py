@@ -51,7 +51,7 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`: u
 from megatron_entcov.config import LossConfig, ScheduleConfig
 from megatron_entcov.entropy_law import entropy_change_first_order, fit_entropy_law, softmax_entropy
 from megatron_entcov.losses.advantages import compute_group_advantages
-from megatron_entcov.losses.policy import policy_loss, warn_if_kl_cov_inert
+from megatron_entcov.losses.policy import compute_token_selection, policy_loss, warn_if_kl_cov_inert
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,11 @@ def run(setup: BanditSetup, cfg: LossConfig, p: torch.Tensor, z0: torch.Tensor, 
             entropy = None
             if cfg.entropy_coef > 0:
                 entropy = (-(logpi.exp() * logpi).sum()).expand(mb, 1)  # one state: token entropy = H(pi)
-            loss, metrics = policy_loss(cfg, logp, old[idx], adv[idx], torch.ones(mb, 1, dtype=torch.bool),
-                                        entropy=entropy, step=opt_step, seed=seed, token_keys=keys[idx])
+            mask = torch.ones(mb, 1, dtype=torch.bool)
+            selection = compute_token_selection(cfg, logp, old[idx], adv[idx], mask, token_keys=keys[idx],
+                                                step=opt_step, seed=seed)
+            loss, metrics = policy_loss(cfg, logp, old[idx], adv[idx], mask, entropy=entropy, step=opt_step,
+                                        selection=selection)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -56,7 +56,7 @@ def _setup(max_len: int, num_samples: int, prompt: int, micro_batch_size: int):
     from megatron_entcov.losses.policy import compute_token_selection, policy_loss
     from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import Actor
-    from megatron_entcov.policy.batch import pack_samples
+    from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.rollout.types import Sample
 
     budget = micro_batch_size * max_len
@@ -74,8 +74,8 @@ def _setup(max_len: int, num_samples: int, prompt: int, micro_batch_size: int):
                       rollout_logprobs=(-torch.rand(r, generator=g)).tolist(), finish_reason="stop",
                       weight_version=0, index=i)
                for i, r in enumerate(lengths(num_samples, max_len, prompt))]
-    batch = pack_samples(samples, torch.randn(num_samples, generator=g), pad_id=0,
-                         sample_ids=list(range(num_samples)), key_stride=max_len, device=ps.device)
+    batch = rows_from_samples(samples, torch.randn(num_samples, generator=g), pad_id=0,
+                              sample_ids=list(range(num_samples)), key_stride=max_len, device=ps.device)
 
     def step(max_tokens: int, saved: SavedActivations | None = None) -> float:
         import contextlib
@@ -88,9 +88,9 @@ def _setup(max_len: int, num_samples: int, prompt: int, micro_batch_size: int):
                                       seed=0)
 
         def loss_fn(mb, logprobs, entropy):
-            return policy_loss(cfg.loss, logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                               entropy=entropy, step=0, selection=sel.view(mb["view"]),
-                               rollout_logprobs=mb["rollout_logprobs"], segment_ids=mb.get("segment_ids"))
+            return policy_loss(cfg.loss, logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask, entropy=entropy,
+                               step=0, selection=sel.view(mb.view), rollout_logprobs=mb.rollout_logprobs,
+                               segment_ids=mb.segment_ids)
 
         with saved.hooks() if saved is not None else contextlib.nullcontext():
             actor.train_step(batch, loss_fn)

@@ -21,8 +21,8 @@ are printed as context only):
      one mini-batch forward+backward+optimizer step (``Actor.train_step`` with the trainer's KL-Cov policy loss,
      ``Trainer._policy_loss_fn``), on a Megatron-Core GPT built by the project's own ``Actor`` and scaled to keep
      Qwen2.5-7B-like proportions on CPU (SwiGLU ffn = 5.25 x hidden, GQA, untied output layer, lm-head ~10% of
-     the matmul FLOPs as in Qwen2.5-7B's 7.7%, rows right-padded to the batch's longest row as pack_samples
-     does, 8 mini-batches, micro-batch size 1 as the Qwen configs).
+     the matmul FLOPs as in Qwen2.5-7B's 7.7%, rows right-padded to the batch's longest row as
+     rows_from_samples does, 8 mini-batches, micro-batch size 1 as the Qwen configs).
  (2) the extra current-policy forward (``Actor.logprobs`` on one mini-batch) against the forward+backward, and
      the per-step share it adds with M mini-batches: (M-1) forwards over M forward+backwards, and also over the
      step's whole training compute (M forward+backwards + the old-log-prob forward over the batch, M mini-batch
@@ -260,9 +260,9 @@ def _build(scale: dict, loss_cfg, out_dir: str):
 
 
 def _rollout_batch(scale: dict, seed: int):
-    """A step's worth of packed rollouts (pack_samples), RL-like: short prompts, skewed response lengths capped so
-    that the longest row fills the sequence, 0/1 rewards, GRPO advantages."""
-    from megatron_entcov.policy.batch import pack_samples
+    """A step's worth of rollouts as padded rows (rows_from_samples), RL-like: short prompts, skewed response
+    lengths capped so that the longest row fills the sequence, 0/1 rewards, GRPO advantages."""
+    from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.rollout.types import Sample
 
     g = torch.Generator().manual_seed(seed)
@@ -282,8 +282,8 @@ def _rollout_batch(scale: dict, seed: int):
                               finish_reason="length" if r == cap else "stop", weight_version=0, index=i))
     rewards = (torch.rand(num, generator=g) < 0.5).float()
     adv = compute_group_advantages(rewards, group_size=N_SAMPLES).advantages
-    return pack_samples(samples, adv, pad_id=0, sample_ids=list(range(num)), key_stride=t, multiple_of=1,
-                        device="cpu")
+    return rows_from_samples(samples, adv, pad_id=0, sample_ids=list(range(num)), key_stride=t, multiple_of=1,
+                             device="cpu")
 
 
 def _qwen_tensors(rows: int, t: int, row_offset: int, seed: int):

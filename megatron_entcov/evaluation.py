@@ -27,7 +27,7 @@ import torch
 from megatron_entcov.experience import Experience, broadcast_experience
 from megatron_entcov.monitor.metrics import reduce_sum_metrics
 from megatron_entcov.distributed.parallel import fail_together
-from megatron_entcov.policy.batch import pack_samples
+from megatron_entcov.policy.batch import rows_from_samples
 from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import SamplingParams, mix_seed
 
@@ -154,9 +154,9 @@ class Evaluator:
     def _entropy_sums(self, exp: Experience, actor) -> dict[str, float]:
         """Token entropy of the sampled responses under the trainer's model (a forward-only pass)."""
         ps = self.ps
-        batch = pack_samples(exp.samples, exp.advantages, pad_id=self.tokenizer.pad_token_id,
-                             sample_ids=exp.sample_ids, key_stride=exp.key_stride + ps.tp_size,
-                             multiple_of=ps.tp_size, device=ps.device)
+        batch = rows_from_samples(exp.samples, exp.advantages, pad_id=self.tokenizer.pad_token_id,
+                                  sample_ids=exp.sample_ids, key_stride=exp.key_stride + ps.tp_size,
+                                  multiple_of=ps.tp_size, device=ps.device)
         rows = batch.num_rows
         mbs = max(d for d in range(1, min(actor.micro_batch_size, rows) + 1) if rows % d == 0)
         _, entropy = actor.logprobs(batch, mbs)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_entcov.distributed import collectives
 from megatron_entcov.losses.advantages import compute_group_advantages
-from megatron_entcov.policy.batch import TrainBatch, pack_samples
+from megatron_entcov.policy.batch import TrainBatch, rows_from_samples
 from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
@@ -246,5 +246,5 @@ def to_train_batch(exp: Experience, ps: "ParallelState", *, pad_id: int) -> Trai
     """This replica's samples as training rows (token keys from global sample ids and the global longest sample,
     so Clip-Cov/KL-Cov tie-breaks and random choices depend neither on the data-parallel split nor on the
     padding that tensor parallelism adds)."""
-    return pack_samples(exp.samples, exp.advantages, pad_id=pad_id, sample_ids=exp.sample_ids,
-                        key_stride=exp.key_stride, multiple_of=ps.tp_size, device=ps.device)
+    return rows_from_samples(exp.samples, exp.advantages, pad_id=pad_id, sample_ids=exp.sample_ids,
+                             key_stride=exp.key_stride, multiple_of=ps.tp_size, device=ps.device)

@@ -27,7 +27,7 @@ from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
 from megatron_entcov.monitor.metrics import MetricsLogger, reduce_sum_metrics
 from megatron_entcov.distributed.parallel import ParallelState
 from megatron_entcov.policy.actor import Actor
-from megatron_entcov.policy.batch import TrainBatch, pack_samples
+from megatron_entcov.policy.batch import TrainBatch, rows_from_samples
 from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import Sample, SamplingParams
 from megatron_entcov.tasks.tokenizer import load_tokenizer
@@ -84,9 +84,9 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
     t0 = time.monotonic()
     for step in range(1, s.steps + 1):
         samples = _answer_samples(loader.next_batch(), tokenizer)
-        batch = pack_samples(samples, torch.zeros(len(samples)), pad_id=tokenizer.pad_token_id,
-                             sample_ids=list(range(len(samples))), key_stride=10**6, multiple_of=ps.tp_size,
-                             device=ps.device)
+        batch = rows_from_samples(samples, torch.zeros(len(samples)), pad_id=tokenizer.pad_token_id,
+                                  sample_ids=list(range(len(samples))), key_stride=10**6, multiple_of=ps.tp_size,
+                                  device=ps.device)
         result = actor.train_step(batch, _nll_loss_fn(_global_count(batch, ps)), label=f"sft step {step}")
         totals = reduce_sum_metrics(result.metrics if ps.owns_results else {}, ps)
         totals["sft/grad_norm"] = result.grad_norm
@@ -110,7 +110,7 @@ def _nll_loss_fn(count: torch.Tensor):
     """Token-mean negative log-likelihood of the answer tokens; each micro-batch returns its share."""
 
     def loss_fn(mb, logprobs, entropy):
-        nll = -(logprobs * mb["loss_mask"].float()).sum() / count
+        nll = -(logprobs * mb.loss_mask.float()).sum() / count
         return nll, {"sft/loss": float(nll.detach())}
     return loss_fn
 

@@ -262,12 +262,14 @@ class Trainer:
                                        step=self.actor.optimizer_steps, seed=cfg.seed)
 
     def _policy_loss_fn(self, selection: TokenSelection | None):
+        """The mini-batch's loss for Actor.train_step: policy_loss of each micro-batch (a policy.packing.MicroBatch)
+        with its part of the mini-batch's ``selection`` (None off the last stage, where no loss runs)."""
         loss_cfg, step = self.cfg.loss, self.actor.optimizer_steps
 
         def loss_fn(mb, logprobs, entropy):
-            return policy_loss(loss_cfg, logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                               entropy=entropy, step=step, selection=selection.view(mb["view"]),
-                               rollout_logprobs=mb["rollout_logprobs"], segment_ids=mb.get("segment_ids"))
+            return policy_loss(loss_cfg, logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask, entropy=entropy,
+                               selection=selection.view(mb.view), step=step, rollout_logprobs=mb.rollout_logprobs,
+                               segment_ids=mb.segment_ids)
         return loss_fn
 
     # ---------------------------------------------------------------- metrics

@@ -2,7 +2,7 @@
 
 Entry points: :func:`policy_loss` (and the two-phase :func:`compute_token_selection` for micro-batched,
 data-parallel training), :func:`compute_group_advantages`, :func:`schedules.value`.
-See policy.py for the equations (arXiv 2505.22617) and the exactness contract.
+The equations (arXiv 2505.22617) and the exactness contract: docs/design/losses.md.
 """
 
 from megatron_entcov.losses.advantages import GroupAdvantages, broadcast_to_tokens, compute_group_advantages

@@ -1,24 +1,14 @@
 """Outcome-reward advantages with a per-prompt group baseline: GRPO, Dr.GRPO, RLOO.
 
 Owns the step from one scalar reward per response to per-token advantages. Each prompt has a group of n
-responses; the baseline is computed inside the group:
+responses and the baseline is computed inside the group: GRPO (arXiv 2402.03300) A_i = (r_i - mean_g r) /
+(std_g r + eps) (unbiased std, as verl; ``normalize_std=False`` drops the division), Dr.GRPO (arXiv 2503.20783)
+A_i = r_i - mean_g r, RLOO (arXiv 2402.14740) A_i = n/(n-1) * (r_i - mean_g r). Groups whose rewards are all
+equal (no signal) and groups of one response (no baseline, advantage 0) are reported, so the trainer can drop
+or refill them (DAPO dynamic sampling). Runs once per rollout batch on the host side; it may synchronise.
 
-    GRPO    (Shao et al. 2024, arXiv 2402.03300):  A_i = (r_i - mean_g r) / (std_g r + eps)   (std: unbiased,
-            as verl; ``normalize_std=False`` drops the division - the released Clip-Cov/KL-Cov runs use GRPO
-            with std normalisation, arXiv 2505.22617)
-    Dr.GRPO (Liu et al. 2025, arXiv 2503.20783):   A_i = r_i - mean_g r. Dr.GRPO also removes GRPO's per-
-            response length normalisation 1/|o_i|; that part is an aggregation choice, not an advantage: use
-            ``loss.agg = "seq-mean-token-sum"`` (sum over a response's tokens, divided by the constant number
-            of responses - Dr.GRPO's form up to a constant) or "token-mean" (divided by the batch's token
-            count, also free of per-response length weighting), not "seq-mean-token-mean" (which is 1/|o_i|).
-    RLOO    (Ahmadian et al. 2024, arXiv 2402.14740): A_i = r_i - mean_{j != i, j in g} r_j
-            = n/(n-1) * (r_i - mean_g r).
-
-Groups whose rewards are all equal carry no signal (every advantage is 0); they are reported so the trainer
-can drop them or refill them with new prompts (DAPO dynamic sampling). A group of one response is reported
-as degenerate and gets advantage 0 (no baseline can be formed from other responses).
-
-Runs once per rollout batch on the host side of the step; it may synchronise (``torch.unique``).
+Design notes (Dr.GRPO's length normalisation as an aggregation choice, the released setting):
+docs/design/losses.md
 """
 
 from __future__ import annotations

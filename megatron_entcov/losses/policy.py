@@ -1,43 +1,16 @@
-"""Policy losses with entropy control: PPO (clip-higher, dual clip), Clip-Cov, KL-Cov, entropy bonus.
+"""Policy losses with entropy control: PPO (clip-higher, dual clip), Clip-Cov, KL-Cov, entropy bonus, TIS.
 
 Owns ``policy_loss`` and the two-phase token selection behind Clip-Cov and KL-Cov (Cui et al. 2025, "The
-Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617; reference
-sections 3-4). Per valid token t, with ratio_t = exp(log pi_t - log pi_old_t):
+Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617, sections 3-4):
+:func:`compute_token_selection` runs once over a rank's whole optimizer mini-batch (global covariance statistics
+and the chosen tokens, a function of the global batch, the seed and the step only); :func:`policy_loss` then
+runs per micro-batch with that selection restricted to the micro-batch (``sel.rows(rows)``, or
+``sel.view(micro_batch.view)`` for a packed row). Summed over micro-batches and data-parallel ranks, the losses
+and gradients equal the single-process full-batch ones: the denominators are global, so the trainer SUMS
+gradients (undoing Megatron's 1/num_microbatches and 1/dp averaging, policy/pipeline.py).
 
-    PPO       pg1 = -A ratio,  pg2 = -A clamp(ratio, 1 - eps_low, 1 + eps_high)         (clip-higher, DAPO)
-              L_t = max(pg1, pg2);  for A < 0: L_t = min(L_t, -A c)                     (dual clip, c > 1)
-    Clip-Cov  L_t = max(pg1, pg2) (no dual clip, as released), except the chosen tokens: L_t -> stop_grad(L_t).
-              Candidates: valid, clip_cov_lb < cov_t < clip_cov_ub, and not already clipped by PPO (low or
-              high clip active). Chosen: a uniform random n = max(int(r * N), 1) of them (all if fewer).
-              With loss.clip_cov_dual_clip the dual clip applies too and dual-clipped tokens are no candidates.
-    KL-Cov    L_t = -A ratio (no clipping) for every valid token, + beta |log pi_t - log pi_old_t| on the
-              top k = max(int(k_share * N), 1) tokens by cov_t.
-    bonus     loss -= entropy_coef * agg(H_t)
-    TIS       (loss.tis_cap = C > 0) the policy-gradient surrogate above (not the KL-Cov penalty, not the bonus)
-              is multiplied by w_t = stop_grad(min(exp(log pi_old_t - log mu_t), C)), mu the rollout engine's
-              sampling policy (truncated importance sampling of the rollout/trainer mismatch).
-with cov_t from :func:`megatron_entcov.ops.covariance.token_covariance` and N the global valid-token count.
-
-Deviations from the released code (verl core_algos), each on purpose:
-* Statistics and selection are global over the optimizer mini-batch (all micro-batches, all data-parallel
-  ranks) instead of per micro-batch per GPU; the chosen set depends only on the global batch, the seed and
-  the step (see ops/covariance.py for the exact global select).
-* Clip-Cov: the chosen tokens' term is detached (value kept, gradient exactly 0); verl multiplies it by 0.
-  The gradient is identical; only the logged loss differs. Clip-Cov applies no dual clip by default, as the
-  paper's code (its dual-clip lines are commented out) and verl's clip_cov; loss.clip_cov_dual_clip opts in.
-* A ratio annealed to exactly 0 chooses no token. The released ``max(int(r N), 1)`` floor would keep touching
-  one token forever, so annealing to 0 would never give back the unbiased PPO loss.
-* Non-finite log-probs at padding cannot leak NaN: the log-ratio is masked before exp.
-
-Two-phase use in the trainer (exact for any dp size and micro-batch split):
-
-    sel = compute_token_selection(cfg, logp_nograd, old_logp, adv, mask, token_keys=keys, group=dp_group,
-                                  step=step, seed=seed)                  # whole local mini-batch, once
-    for rows in micro_batch_slices:                                    # forward+backward per micro-batch
-        loss, metrics = policy_loss(cfg, logp[rows], old_logp[rows], adv[rows], mask[rows],
-                                    entropy=ent[rows], group=dp_group, step=step, selection=sel.rows(rows))
-        loss.backward()                                                # gradients SUMMED over micro-batches
-    # and over dp ranks (undo Megatron's 1/num_microbatches and 1/dp averaging), then one optimizer step.
+Design notes (the per-token equations, the deviations from the released code, the two-phase use):
+docs/design/losses.md
 """
 
 from __future__ import annotations
@@ -251,16 +224,16 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
 
 
 def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
-                entropy: Tensor | None = None, group=None, step: int = 0, generator: torch.Generator | None = None,
-                selection: TokenSelection | None = None, token_keys: Tensor | None = None,
-                seed: int | None = None, rollout_logprobs: Tensor | None = None,
+                entropy: Tensor | None = None, selection: TokenSelection | None = None, step: int = 0,
+                rollout_logprobs: Tensor | None = None,
                 segment_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss of ``cfg.name`` (+ entropy bonus) for one micro-batch, normalised by GLOBAL denominators.
 
-    Contract: let the optimizer mini-batch be split over the ranks of ``group`` and, on each rank, into row
-    slices (micro-batches). If every call gets the slice of one :class:`TokenSelection` computed over the
-    rank's whole mini-batch (``selection=sel.rows(slice)``), then the SUM of the returned losses over all
-    micro-batches and all ranks equals the single-process full-batch loss, and so do the summed gradients
+    Contract: let the optimizer mini-batch be split over data-parallel ranks and, on each rank, into
+    micro-batches (row slices, or packed rows). If every call gets its part of one :class:`TokenSelection`
+    computed by :func:`compute_token_selection` over the rank's whole mini-batch with the data-parallel group
+    (``selection=sel.rows(rows)`` or ``sel.view(micro_batch.view)``), then the SUM of the returned losses over
+    all micro-batches and all ranks equals the single-process full-batch loss, and so do the summed gradients
     (exactly in exact arithmetic; in floating point up to summation order). The denominators are global:
     token-mean divides by the global valid-token count N_tok, seq-mean-* by the global count N_seq of
     sequences with >= 1 valid token (losses/aggregation.py). The trainer must therefore SUM, not average,
@@ -272,16 +245,10 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         old_logprobs: [B, T] log pi_old from rollout time (no grad). advantages: [B, T] (no grad).
         mask: [B, T] bool/0-1 valid response tokens. Values at invalid positions are ignored (may be inf).
         entropy: [B, T] per-token entropy (differentiable); required when cfg.entropy_coef > 0, else unused.
-        group: data-parallel group; used only when ``selection`` is None (then this call is the whole local
-            mini-batch). None = single process.
-        step: optimizer step: coefficient annealing and the random choice.
-        generator: kept for API compatibility. Selection never consumes random numbers (it would then depend
-            on the split); when ``seed`` is None the seed is ``generator.initial_seed()`` (read, not consumed),
-            else 0.
-        selection: phase-1 result (sliced to these rows). None: computed here from these tensors, which must
-            then be the whole local mini-batch.
-        token_keys: [B, T] int64 unique global token keys; used only when selection is None (see
-            compute_token_selection). seed: run seed for the Clip-Cov random choice.
+        selection: phase-1 result of :func:`compute_token_selection`, restricted to these rows (``sel.rows``,
+            ``sel.view``); its step must equal ``step``. None: these tensors are a whole single-process
+            mini-batch and the selection is computed here from them (token keys row * T + position, seed 0).
+        step: optimizer step: coefficient annealing (and the check against the selection's step).
         rollout_logprobs: [B, T] log-probs of the sampled tokens under the rollout engine's numerics (no grad);
             required when cfg.tis_cap > 0 (truncated importance sampling weight min(exp(old - rollout), C) per
             token), else unused. Invalid positions are ignored.
@@ -303,6 +270,55 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         the trainer's (entropy/mean, from the rollout batch's forward); a loss-level copy summed over mini-batches
         would count it again.
     """
+    _check_loss_inputs(cfg, logprobs, old_logprobs, advantages, mask, entropy, rollout_logprobs, selection, step)
+    if selection is None:
+        selection = compute_token_selection(cfg, logprobs, old_logprobs, advantages, mask, step=step)
+    valid = mask.bool()
+    coefs = selection.coefs
+    agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=selection.num_valid,
+                            num_seqs=selection.num_seqs, segment_ids=segment_ids)
+
+    # Mask before exp: padding may hold -inf/garbage; exp of it would put inf*0 = nan into the gradient.
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype,
+                                                                        device=logprobs.device))
+    advantages = advantages.detach().to(logprobs.dtype)
+    terms = ppo_terms(cfg, log_ratio, advantages)
+    zeros = torch.zeros_like(valid)
+    clipped = {"low": zeros, "high": zeros, "dual": zeros}
+    penalty = None
+    if cfg.name == "ppo":
+        pg = terms["pg_clipped"]
+        clipped = {"low": terms["clip_low"], "high": terms["clip_high"], "dual": terms["clip_dual"]}
+    elif cfg.name == "clip_cov":
+        pg = torch.where(selection.clip_cov_mask, terms["pg_clipped"].detach(), terms["pg_clipped"])
+        clipped = {"low": terms["clip_low"], "high": terms["clip_high"], "dual": terms["clip_dual"]}
+    else:  # kl_cov: unclipped surrogate everywhere, |log-ratio| penalty on the top-k tokens by covariance.
+        pg = terms["pg_unclipped"]
+        penalty = coefs["kl_cov_coef"] * log_ratio.abs()
+        penalty = torch.where(selection.kl_cov_mask, penalty, torch.zeros_like(penalty))
+
+    is_ratio = tis_weight = None
+    if cfg.tis_cap > 0:
+        is_ratio, tis_weight = _tis_weight(cfg.tis_cap, valid, old_logprobs, rollout_logprobs, logprobs.dtype)
+        pg = pg * tis_weight
+    if penalty is not None:
+        pg = pg + penalty
+
+    pg_loss = agg(pg)
+    loss = pg_loss
+    bonus = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    if entropy is not None and cfg.entropy_coef > 0:
+        bonus = agg(entropy)
+        # A zero coefficient (annealed off) still multiplies, so the graph and the metric keys do not change.
+        loss = loss - coefs["entropy_coef"] * bonus
+    tis = None if is_ratio is None else (is_ratio, tis_weight, cfg.tis_cap)
+    return loss, _loss_metrics(valid, selection, loss, pg_loss, bonus, log_ratio, clipped, tis)
+
+
+def _check_loss_inputs(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                       entropy: Tensor | None, rollout_logprobs: Tensor | None, selection: TokenSelection | None,
+                       step: int) -> None:
+    """policy_loss's arguments: shapes, the inputs the config needs, a selection of these rows and this step."""
     _check_inputs(cfg, logprobs, old_logprobs, advantages, mask)
     if cfg.entropy_coef > 0 and entropy is None:
         raise ValueError(f"loss.entropy_coef={cfg.entropy_coef} > 0 needs the per-token entropy: pass entropy=[B, T] "
@@ -316,72 +332,40 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         if rollout_logprobs.shape != logprobs.shape:
             raise ValueError(f"rollout_logprobs has shape {tuple(rollout_logprobs.shape)}, expected "
                              f"{tuple(logprobs.shape)} like logprobs")
-    if selection is None:
-        if seed is None:
-            seed = generator.initial_seed() if generator is not None else 0
-        selection = compute_token_selection(cfg, logprobs, old_logprobs, advantages, mask, token_keys=token_keys,
-                                            group=group, step=step, seed=seed)
-    else:
+    if selection is not None:
         if selection.covariance.shape != logprobs.shape:
             raise ValueError(f"selection covers shape {tuple(selection.covariance.shape)} but the tensors are "
                              f"{tuple(logprobs.shape)}: pass selection.rows(<this micro-batch's rows>)")
         if selection.step != step:
             raise ValueError(f"selection was computed for step {selection.step}, policy_loss got step={step}")
 
-    valid = mask.bool()
-    num_valid, num_seqs = selection.num_valid, selection.num_seqs
-    coefs = selection.coefs
-    agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=num_valid, num_seqs=num_seqs,
-                            segment_ids=segment_ids)
 
-    # Mask before exp: padding may hold -inf/garbage; exp of it would put inf*0 = nan into the gradient.
-    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype,
-                                                                        device=logprobs.device))
-    advantages = advantages.detach().to(logprobs.dtype)
-    terms = ppo_terms(cfg, log_ratio, advantages)
-    zeros = torch.zeros_like(valid)
-    clip_low, clip_high, clip_dual = zeros, zeros, zeros
-    penalty = None
-    if cfg.name == "ppo":
-        pg = terms["pg_clipped"]
-        clip_low, clip_high, clip_dual = terms["clip_low"], terms["clip_high"], terms["clip_dual"]
-    elif cfg.name == "clip_cov":
-        pg = torch.where(selection.clip_cov_mask, terms["pg_clipped"].detach(), terms["pg_clipped"])
-        clip_low, clip_high, clip_dual = terms["clip_low"], terms["clip_high"], terms["clip_dual"]
-    else:  # kl_cov: unclipped surrogate everywhere, |log-ratio| penalty on the top-k tokens by covariance.
-        pg = terms["pg_unclipped"]
-        penalty = coefs["kl_cov_coef"] * log_ratio.abs()
-        penalty = torch.where(selection.kl_cov_mask, penalty, torch.zeros_like(penalty))
+def _tis_weight(cap: float, valid: Tensor, old_logprobs: Tensor, rollout_logprobs: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(is_ratio, w) [B, T]: exp(old - rollout) and w = min(is_ratio, cap) in ``dtype``; 1 at invalid tokens.
 
-    is_ratio = tis_weight = None
-    if cfg.tis_cap > 0:
-        # Truncated importance sampling: the tokens were sampled from the engine's policy mu, not from the
-        # trainer's pi_old, so the surrogate's gradient estimator is reweighted by pi_old / mu, truncated at C to
-        # bound its variance (bias only where the cap applies). Only the policy-gradient term: it is the one
-        # that is an expectation over the sampling distribution. The KL-Cov penalty and the entropy bonus are
-        # functions of the current policy on the given tokens, not estimators of an expectation under pi_old,
-        # so they are left as they are. Per-token and computed from per-token values only, hence invariant to
-        # the batch layout; detached (a weight, not a gradient path). Masked before exp like log_ratio.
-        with torch.no_grad():
-            is_log_ratio = torch.where(valid, old_logprobs.detach() - rollout_logprobs.detach(),
-                                       torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device))
-            is_ratio = torch.exp(is_log_ratio)
-            tis_weight = torch.clamp(is_ratio, max=cfg.tis_cap).to(logprobs.dtype)
-        pg = pg * tis_weight
-    if penalty is not None:
-        pg = pg + penalty
-
-    pg_loss = agg(pg)
-    loss = pg_loss
-    entropy_coef = coefs["entropy_coef"]
-    bonus = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    if entropy is not None and cfg.entropy_coef > 0:
-        bonus = agg(entropy)
-        # A zero coefficient (annealed off) still multiplies, so the graph and the metric keys do not change.
-        loss = loss - entropy_coef * bonus
-
+    Truncated importance sampling of the rollout/trainer mismatch. Detached (a weight, not a gradient path), per
+    token (so invariant to the batch layout), masked before exp like the log-ratio. It multiplies the
+    policy-gradient surrogate only, not the KL-Cov penalty or the entropy bonus (why: docs/design/losses.md).
+    """
     with torch.no_grad():
-        inv_n = 1.0 / num_valid.clamp(min=1).double()
+        is_log_ratio = torch.where(valid, old_logprobs.detach() - rollout_logprobs.detach(),
+                                   torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device))
+        is_ratio = torch.exp(is_log_ratio)
+        return is_ratio, torch.clamp(is_ratio, max=cap).to(dtype)
+
+
+def _loss_metrics(valid: Tensor, selection: TokenSelection, loss: Tensor, pg_loss: Tensor, bonus: Tensor,
+                  log_ratio: Tensor, clipped: dict[str, Tensor],
+                  tis: tuple[Tensor, Tensor, float] | None) -> dict[str, Tensor]:
+    """policy_loss's metrics: detached float32 shares of the global values (one SUM all-reduce gives them).
+
+    ``bonus``: the aggregated entropy before its coefficient; ``clipped``: the low/high/dual clip masks [B, T];
+    ``tis``: (is_ratio, weight, cap) when truncated importance sampling is on.
+    """
+    coefs = selection.coefs
+    with torch.no_grad():
+        inv_n = 1.0 / selection.num_valid.clamp(min=1).double()
         local_valid = valid.sum(dtype=torch.int64)
         share = local_valid.double() * inv_n
 
@@ -394,24 +378,25 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         metrics: dict[str, Tensor] = {
             "train/loss": loss.detach().float(),
             "train/pg_loss": pg_loss.detach().float(),
-            "train/entropy_bonus": (entropy_coef * bonus.detach()).float(),
+            "train/entropy_bonus": (coefs["entropy_coef"] * bonus.detach()).float(),
             "train/ppo_kl": token_mean(-log_ratio),
-            "train/clip_frac_low": frac(clip_low),
-            "train/clip_frac_high": frac(clip_high),
-            "train/clip_frac_dual": frac(clip_dual),
+            "train/clip_frac_low": frac(clipped["low"]),
+            "train/clip_frac_high": frac(clipped["high"]),
+            "train/clip_frac_dual": frac(clipped["dual"]),
             "train/clip_cov_frac": frac(selection.clip_cov_mask),
             "train/kl_cov_frac": frac(selection.kl_cov_mask),
             "cov/mean": token_mean(selection.covariance),
         }
-        if is_ratio is not None:
+        if tis is not None:
+            is_ratio, tis_weight, cap = tis
             metrics["train/is_ratio_mean"] = token_mean(is_ratio)
             metrics["train/tis_weight_mean"] = token_mean(tis_weight)
-            metrics["train/tis_clip_frac"] = frac(is_ratio > cfg.tis_cap)
+            metrics["train/tis_clip_frac"] = frac(is_ratio > cap)
         for level, q in zip(selection.quantile_levels, selection.cov_quantiles):
             metrics[_quantile_key(level)] = (q.double() * share).float()
         for name, value in coefs.items():
             metrics[f"coef/{name}"] = (share * value).float()
-    return loss, metrics
+    return metrics
 
 
 @functools.cache

@@ -1,19 +1,13 @@
 """Coefficient annealing: the value of a loss coefficient at an optimizer step.
 
-Owns the arithmetic behind :class:`megatron_entcov.config.ScheduleConfig`. Each entropy-control coefficient
-(``clip_cov_ratio``, ``kl_cov_ratio``, ``kl_cov_coef``, ``entropy_coef``) has a base value in LossConfig and a
-schedule. Annealing the covariance controls to 0 makes them asymptotically unbiased: once the ratio (or beta)
-reaches 0 the loss is the plain policy-gradient loss again (comparative analysis, arXiv 2604.09676; the
-Clip-Cov/KL-Cov paper, Cui et al. 2025, arXiv 2505.22617, keeps them constant; annealing is our addition).
+Owns the arithmetic behind :class:`megatron_entcov.config.ScheduleConfig` for each entropy-control coefficient
+(``clip_cov_ratio``, ``kl_cov_ratio``, ``kl_cov_coef``, ``entropy_coef``). With ``p = (step - start_step) /
+steps`` clamped to [0, 1]: constant ``base``; linear ``base + (end - base) p``; cosine ``end + (base - end)
+(1 + cos(pi p)) / 2``; exponential ``base (end / base) ** p``. Before ``start_step`` the value is ``base``;
+from ``start_step + steps`` on it is exactly ``end``. Values are Python floats computed on the host from the
+step counter: no device work, no synchronisation.
 
-Schedule, with ``p = (step - start_step) / steps`` clamped to [0, 1]:
-    constant:     base
-    linear:       base + (end - base) * p
-    cosine:       end + (base - end) * (1 + cos(pi * p)) / 2
-    exponential:  base * (end / base) ** p            (base > 0, end > 0; checked by the config)
-Before ``start_step`` the value is ``base``; from ``start_step + steps`` on it is exactly ``end``.
-
-Values are Python floats computed on the host from the step counter: no device work, no synchronisation.
+Design notes (why anneal, and to 0): docs/design/losses.md
 """
 
 from __future__ import annotations

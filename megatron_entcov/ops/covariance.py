@@ -1,49 +1,16 @@
 """Global token covariance and exact global token selection over a data-parallel group.
 
-Owns the batch statistics behind Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of
-Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617, sections 3-4 of the reference):
+Owns the batch statistics behind Clip-Cov and KL-Cov (arXiv 2505.22617, sections 3-4):
+``cov_t = (log pi_t - mean(log pi)) * (A_t - mean(A))`` over valid tokens, with both means over every valid
+token of the *global* optimizer batch (every micro-batch passed in, every rank of ``group``); a global top-k
+with a deterministic tie rule (KL-Cov); a seeded global uniform choice among candidates (Clip-Cov: the n
+smallest hashes of (seed, step, token key)); exact global quantiles. Every result depends only on the global
+batch (values and token keys), the seed and the step, never on the split over ranks, rows or micro-batches:
+the sums are 64-bit fixed point (associative) and the selections a radix select of a fixed number of rounds,
+each one small SUM all-reduce. No host synchronisation. ``group=None`` means single process: no communication.
 
-    cov_t = (log pi_t - mean(log pi)) * (A_t - mean(A))            over valid response tokens t   (paper eq. for
-                                                                     the token-level centred cross product)
-
-with both means over every valid token of the *global* optimizer batch (every micro-batch the caller passes,
-every rank of ``group``), plus the two selections the losses need:
-
-* a global top-k of a value with a deterministic tie rule (KL-Cov: the k tokens of largest cov_t, ties to the
-  smaller token key), and
-* a seeded global uniform choice of n tokens among candidates (Clip-Cov), done by ranking every token by a
-  hash of (seed, step, token key) and taking the n smallest hashes. The result depends only on the global
-  batch (values and token keys), the seed and the step, not on how tokens are split over ranks or rows.
-
-Deviations from the released code (verl ``compute_policy_loss_clip_cov`` / ``_kl_cov``), on purpose:
-the released code computes the means and the selection per micro-batch per GPU (so the selected set, and
-through the ``max(., 1)`` floor the selected share, depends on the micro-batch size and the data-parallel
-size) and uses ``.item()`` / ``.cpu()`` and ``torch.randperm`` (host syncs, and a selection that agrees across
-ranks only by accident of identical seeds). Here everything is global, exact and free of host syncs.
-
-How exactness is obtained
--------------------------
-1. *Means.* A floating-point sum depends on the reduction order, i.e. on the split; a last-bit difference in
-   a mean moves every cov_t and can flip a near-tie in the top-k. The sums behind the means are therefore
-   taken in 64-bit fixed point (each value rounded to a multiple of 2**-FIXED_POINT_BITS, summed as int64).
-   Integer addition is associative (even modulo 2**64), so the global sum, and hence every cov_t, is bitwise
-   identical whatever the split. Rounding error <= 2**-25 per token, far below float32 resolution of a
-   log-prob; overflow needs sum |x| >= 2**(63 - FIXED_POINT_BITS) ~ 5.5e11 (e.g. 1e9 tokens of |log p| = 500).
-2. *Selection.* A radix select (MSB first, 8 bits per round) over an order-preserving unsigned integer
-   encoding of the sort key: per round each rank builds a 256-bin histogram of the digit of its still-alive
-   candidates, ONE SUM all-reduce of those 256 int64 counts (per query) gives the global histogram, and every
-   rank deterministically picks the same boundary digit. After all rounds the selected set is exactly the n
-   smallest keys of the global candidate set. Rounds are a fixed Python loop (4 for a float32 value, 8 for a
-   64-bit word), so nothing waits on a device value: no ``.item()``, no ``.cpu()``, no data-dependent shapes
-   (boolean indexing / ``nonzero`` would sync). KL-Cov: 12 rounds (value word then key word); Clip-Cov: 8.
-   Why not an all_gather of candidates: the candidate count differs per rank, so an all_gather needs a size
-   exchange read on the host (a sync) or padding to the full local size (O(global tokens) memory and traffic
-   on every rank). The radix select moves 2 KiB per round and is O(local tokens) per round.
-3. *Ties.* The top-k key is (value descending, token key ascending) - a strict total order when token keys
-   are unique. The Clip-Cov hash is splitmix64 applied to ``token_key XOR salt(seed, step)``: splitmix64 is a
-   bijection of 64-bit integers, so distinct keys never collide and the order is strict as well.
-
-``group=None`` means single process: no communication at all.
+Design notes (the exactness argument, the deviations from the released code, why no all_gather):
+docs/design/ops.md
 """
 
 from __future__ import annotations
@@ -53,6 +20,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
 from megatron_entcov.distributed import collectives
 
 logger = logging.getLogger(__name__)

@@ -3,41 +3,15 @@
 Owns `logprobs_and_entropy`: for logits sharded along the vocab dim in Megatron's VocabParallelEmbedding
 layout (rank r of the tp group holds global ids [r * V_local, (r + 1) * V_local)), it returns
 log pi(label) and the entropy of pi = softmax(logits) over the *full* vocab, through a custom
-autograd.Function whose backward gives the exact gradient of both outputs w.r.t. this rank's shard.
+autograd.Function whose backward gives the exact gradient of both outputs w.r.t. this rank's shard. Forward
+streams once over the shard in row chunks (fp32 per chunk, online-softmax sums), with two collectives on
+[T]-sized tensors; backward saves four floats per token (no softmax), recomputes per chunk and needs no
+communication; ``inplace_backward=True`` writes the gradient into the logits buffer. Vocabulary padding (-inf
+logits) is exact. Two interchangeable chunk kernels: eager torch (default) and torch.compile'd fused kernels
+(``use_compile=True`` or MEGATRON_ENTCOV_VOCAB_COMPILE=1), equal to fp32 rounding.
 
-Why a custom op: the naive formulation (log_softmax, gather, -(softmax * log_softmax).sum) materialises
-several fp32 [T, V] tensors and keeps two of them for backward; at V = 152k that is the largest memory
-consumer of an RL step, and every extra full pass costs bandwidth. Here:
-
-- Forward streams once over the local shard in chunks of `chunk_size` rows, computing in fp32 per chunk
-  whatever the input dtype. Per row, a chunk yields the local max m_r and the shifted sums
-      s0 = sum_v exp(z_v - m_r),   s1 = sum_v exp(z_v - m_r) * (z_v - m_r)      (online-softmax form).
-  Shards are combined with exactly two collectives on [T]-sized tensors: all-reduce(MAX) of m_r, then one
-  all-reduce(SUM) of the packed [3, T] tensor (s0 and s1 rescaled to the global max M, and the label logit,
-  which only the owning rank contributes). The rescaling is exact algebra, so no second pass is needed:
-      sum_v exp(z_v - M)           = exp(m_r - M) * s0
-      sum_v exp(z_v - M) (z_v - M) = exp(m_r - M) * (s1 + (m_r - M) * s0).
-- With lse = M + log S0: logprob = (z_label - M) - log S0 and H = lse - E_pi[z] = log S0 - S1 / S0.
-  Everything is formed from shifted quantities (z - M, S1 / S0 = E_pi[z - M]), never from lse itself, so
-  logits of magnitude 1e4 lose no precision to cancellation in fp32 (an fp32 lse would carry ulp(1e4) ~ 1e-3).
-- Backward keeps four floats per token, M, 1 / S0, E_pi[z - M] and the logit at the label's column (plus
-  a reference to the logits and the labels; no copy, no saved softmax) and recomputes, chunk by chunk,
-  d = z - M and p = exp(d) / S0:
-      dlogp/dz = onehot(label) - p,   dH/dz = -p * (log p + H),   log p + H = d - E_pi[d],
-      grad_z   = g_lp * (onehot - p) - g_H * p * (d - E_pi[d]).
-  The chunk kernels write the dense part; the T label entries (onehot term) are written afterwards from the
-  saved label logits, which keeps a per-element comparison out of the hot loop. Backward needs no
-  communication: M, S0 and E_pi[d] are already global.
-- `inplace_backward=True` writes the gradient into the logits buffer, so backward allocates only chunks.
-- -inf logits (vocab padding columns) give p = 0 and p * log p = 0: the shifted logit z - m is floored at
-  -1000 (where exp is already exactly 0) before it multiplies exp of itself, so 0 * (-inf) never happens.
-
-Two interchangeable chunk kernels compute the same formulas: eager torch (default) and torch.compile'd
-fused kernels (opt-in: `use_compile=True` or MEGATRON_ENTCOV_VOCAB_COMPILE=1). They agree to fp32 rounding
-(fused reductions sum in a different order). The compiled kernels see one fixed chunk shape: the last, shorter
-chunk is padded into a scratch chunk, so varying sequence lengths never trigger a recompile. Each (kernel,
-chunk shape, dtype) compiles once per process (about 1 s each on CPU, plus a one-off inductor start-up);
-if compilation fails the op logs a warning and stays eager. Measured speed and memory: bench/vocab_parallel.py.
+Design notes (the derivation, memory, the compiled kernels; measurements: bench/vocab_parallel.py):
+docs/design/ops.md
 """
 
 from __future__ import annotations
@@ -49,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
 from megatron_entcov.distributed import collectives
 
 logger = logging.getLogger(__name__)

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from megatron_entcov.config.hf import check_model_matches_hf
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.policy.forward import PolicyForward
 from megatron_entcov.policy.model import build_model
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
-from megatron_entcov.policy.packing import micro_batches
+from megatron_entcov.policy.packing import MicroBatch, micro_batches
 from megatron_entcov.policy.pipeline import run_microbatches
-from megatron_entcov.config.hf import check_model_matches_hf
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
@@ -37,11 +37,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Actor", "StepResult", "LossFn", "TrainingDivergedError"]
 
-LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-"""``loss_fn(micro_batch, logprobs [b, T], entropy [b, T]) -> (loss scalar, metrics of detached scalars)``.
-``micro_batch`` is one of policy.packing.micro_batches: the per-token tensors in the micro-batch's layout (a row
-slice [b, T], or a packed row [1, L] with ``segment_ids``), ``rows`` (the mini-batch rows it holds) and ``view``
-(maps a mini-batch tensor [N, T], e.g. a token selection, into that layout)."""
+LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+"""``loss_fn(micro_batch, logprobs, entropy) -> (loss scalar, metrics of detached scalars)``, logprobs and
+entropy in the micro-batch's layout ([b, T] row slice, or [1, L] packed row). ``micro_batch``
+(policy.packing.MicroBatch) holds the per-token tensors in that layout, ``rows`` (the mini-batch rows it holds)
+and ``view`` (maps a mini-batch tensor [N, T], e.g. a token selection, into that layout)."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -117,8 +117,8 @@ class Actor:
         mbs = self.micro_batch_size
         sums: dict = {}
 
-        def scored(mb, logits):
-            logprobs, entropy = self.policy.token_stats(logits, mb["labels"])
+        def scored(mb: MicroBatch, logits):
+            logprobs, entropy = self.policy.token_stats(logits, mb.labels)
             loss, metrics = loss_fn(mb, logprobs, entropy)
             for key, value in metrics.items():       # summed as returned (detached tensors: no host sync)
                 sums[key] = sums.get(key, 0.0) + value

@@ -1,19 +1,18 @@
-"""Rollout samples as training tensors (one right-padded row per sample), split into mini- and micro-batches.
+"""Rollout samples as training tensors, one right-padded row per sample, split into mini-batches.
 
-A sample (prompt + response) becomes one right-padded row of length T. The model reads ``input_ids``; the
-log-prob of the token at position p+1 comes from the logits at position p, so ``labels[p] = tokens[p+1]`` and
-``loss_mask[p]`` is 1 exactly where tokens[p+1] is a response token. Right padding keeps every real token
-before any padding, so the causal mask alone is correct.
+Owns :class:`TrainBatch` and :func:`rows_from_samples`. A sample (prompt + response) becomes one right-padded
+row of length T. The model reads ``input_ids``; the log-prob of the token at position p+1 comes from the logits
+at position p, so ``labels[p] = tokens[p+1]`` and ``loss_mask[p]`` is 1 exactly where tokens[p+1] is a response
+token. Right padding keeps every real token before any padding, so the causal mask alone is correct. This row
+layout is the step's canonical one: token selection, metrics and histograms read it; the model's micro-batches
+are row slices of it or packed rows mapped back to it (policy/packing.py).
 
 Example:
-    batch = pack_samples(samples, advantages, pad_id=0, sample_ids=ids, key_stride=longest, multiple_of=tp,
-                         device=ps.device)
-    for mini in batch.split(num_mini_batches):
-        micro_batches = mini.split(num_micro)         # list of TrainBatch with equal [b, T]
+    batch = rows_from_samples(samples, advantages, pad_id=0, sample_ids=ids, key_stride=longest,
+                              multiple_of=tp, device=ps.device)
+    minis = batch.split(num_mini_batches)     # TrainBatch rows [n, T] each; micro-batches: policy/packing.py
 
-This row layout is the step's canonical one: token selection, metrics and histograms read it. What the model
-reads per micro-batch is either a row slice of it or, with a token budget, several samples concatenated into
-one row (policy/packing.py), mapped back to these rows.
+Design notes: docs/design/policy.md
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 
 from megatron_entcov.rollout.types import Sample
 
-__all__ = ["TrainBatch", "pack_samples"]
+__all__ = ["TrainBatch", "rows_from_samples"]
 
 
 @dataclass
@@ -32,11 +31,17 @@ class TrainBatch:
     """One sample per right-padded row. Shapes [N, T] unless noted; int64 ids, float32 values, bool masks."""
 
     input_ids: torch.Tensor
+    """[N, T] int64: prompt + response tokens, then ``pad_id``."""
     position_ids: torch.Tensor
+    """[N, T] int64: 0 .. T-1 in every row."""
     labels: torch.Tensor
+    """[N, T] int64: the next token of each position (``input_ids`` shifted left by one)."""
     loss_mask: torch.Tensor
+    """[N, T] bool: True where the label is a response token (scored)."""
     advantages: torch.Tensor
+    """[N, T] float32: the sample's advantage at its response tokens, 0 elsewhere."""
     rollout_logprobs: torch.Tensor
+    """[N, T] float32: the rollout engine's log-probs at the response tokens, 0 elsewhere."""
     token_keys: torch.Tensor
     """Globally unique int64 key per token (sample id * T + position): Clip-Cov/KL-Cov tie-breaks and the
     seeded random choice depend only on these, not on how rows are split."""
@@ -44,7 +49,9 @@ class TrainBatch:
     """[N] int64: tokens of each row's sample (prompt + response); the rest of the row is padding. Packed
     micro-batches (policy/packing.py) take exactly these tokens."""
     old_logprobs: torch.Tensor | None = None
+    """[N, T] float32 log pi_old of the labels under the step's weights; None until the trainer computes them."""
     old_entropy: torch.Tensor | None = None
+    """[N, T] float32 entropy of pi_old at each position; None until the trainer computes it."""
 
     @property
     def num_rows(self) -> int:
@@ -66,14 +73,10 @@ class TrainBatch:
         return TrainBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
                              for f in fields(self)})
 
-    def as_model_input(self) -> dict:
-        """The dict a pipeline micro-batch carries (see pipeline.run_microbatches)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-
-def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int, sample_ids: list[int],
-                 key_stride: int, device: torch.device | str, multiple_of: int = 1) -> TrainBatch:
-    """Pack samples into right-padded rows on ``device``.
+def rows_from_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int, sample_ids: list[int],
+                      key_stride: int, device: torch.device | str, multiple_of: int = 1) -> TrainBatch:
+    """One right-padded row per sample, on ``device`` (packing several samples into a row: policy/packing.py).
 
     Args:
         samples: the rollouts of this rank, in order.
@@ -81,7 +84,7 @@ def pack_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id: int
         pad_id: token id written into padding (any valid id; padding is masked out).
         sample_ids: a globally unique id per sample (e.g. its index in the step's global batch).
         key_stride: the row length used to build token keys (the step's global maximum sample length, so keys
-            of real tokens do not collide between samples packed on different ranks).
+            of real tokens do not collide between samples whose rows are built on different ranks).
         device: where the rows go: ``ps.device`` for the model (built on the host, copied once per tensor).
             Keyword-only and required, so no caller can leave a batch on the host by forgetting it.
         multiple_of: pad T up to a multiple of this (sequence parallelism needs a multiple of tp).

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.ops.vocab_parallel import logprobs_and_entropy
-from megatron_entcov.policy.packing import micro_batches, scatter_rows
+from megatron_entcov.policy.batch import TrainBatch
+from megatron_entcov.policy.packing import MicroBatch, micro_batches, scatter_rows
 from megatron_entcov.policy.pipeline import run_microbatches
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ class PolicyForward:
         tokens (policy/packing.py; ``multiple_of``, ``count_multiple``, ``parts``, ``uniform`` as there); either
         way the result is in ``batch``'s row layout."""
 
-        def collect(mb, logits):
-            lp, ent = self.token_stats(logits, mb["labels"])
+        def collect(mb: MicroBatch, logits):
+            lp, ent = self.token_stats(logits, mb.labels)
             return lp.sum() * 0.0, {"logprobs": lp.detach(), "entropy": ent.detach()}
 
         micro = micro_batches(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens,

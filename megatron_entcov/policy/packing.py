@@ -1,24 +1,18 @@
 """Micro-batches of the model: row slices of a TrainBatch, or samples packed into one row under a token budget.
 
-With ``optim.max_tokens_per_micro_batch = B`` the samples of a (mini-)batch are assigned to micro-batches by
-balanced first-fit (longest first, each into the least-loaded micro-batch it fits), and each micro-batch is ONE
-row holding its samples back to back, padded only to a multiple of ``multiple_of`` (tensor parallelism with
-sequence parallelism splits the row). Megatron-Core reads the boundaries from ``PackedSeqParams`` (THD format,
-``cu_seqlens``): attention stays inside a sample and RoPE positions restart at 0 for each sample (Transformer
-Engine natively; the local spec through :class:`PackedDotProductAttention`).
-
-Nothing downstream changes layout: every per-token tensor of the micro-batch (labels, masks, advantages, old and
-rollout log-probs, token keys) is gathered from the batch's row layout with one flat index, so a sample's token
-carries exactly the values it has in its padded row, and the model's outputs scatter back to that layout
-(:func:`scatter_rows`). Token selection, metrics and histograms keep reading the row layout; the loss reads its
-selection through ``micro_batch["view"]``. The loss and its gradients therefore equal the padded path's to
-float tolerance (tests/distributed/test_packing_equivalence.py, tests/distributed/test_layout_invariance.py).
+Owns :class:`MicroBatch` (what the model and the loss read of one micro-batch), :func:`micro_batches` (the
+split of a batch), :func:`scatter_rows` (outputs back to the row layout) and the packed attention. With
+``optim.max_tokens_per_micro_batch`` each micro-batch is ONE row [1, L] of samples back to back (balanced
+first-fit, :func:`plan_bins`; boundaries in Megatron's THD ``PackedSeqParams``), every per-token tensor gathered
+from the batch's rows: a token carries its padded-row values, and the loss equals the padded path's.
 
 Example:
     micro = micro_batches(batch, micro_batch_size=4, max_tokens=4096, multiple_of=tp)
-    micro[0]["input_ids"].shape            # [1, L], L <= 4096 (padded mode: [4, T])
-    micro[0]["view"](batch.advantages)     # the batch tensor in this micro-batch's layout
+    micro[0].input_ids.shape               # [1, L], L <= 4096 (padded mode: [4, T])
+    micro[0].view(batch.advantages)        # the batch tensor in this micro-batch's layout
     logprobs = scatter_rows(batch, micro, [lp_0, lp_1, ...])    # [N, T] again
+
+Design notes: docs/design/policy.md
 """
 
 from __future__ import annotations
@@ -32,8 +26,54 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_entcov.policy.batch import TrainBatch
+from megatron_entcov.policy.pipeline import ModelInput
 
-__all__ = ["plan_bins", "micro_batches", "scatter_rows", "HostPackedSeqParams", "PackedDotProductAttention"]
+__all__ = ["MicroBatch", "plan_bins", "micro_batches", "scatter_rows", "HostPackedSeqParams",
+           "PackedDotProductAttention"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class MicroBatch(ModelInput):
+    """One micro-batch of a :class:`TrainBatch`, in one of two layouts (shapes written for both):
+
+    - padded: a row slice of the batch, every per-token tensor [b, T] (one right-padded sample per row);
+    - packed: one row [1, L] holding its samples back to back (L <= the token budget, padded to a multiple of
+      the tensor-parallel size), with ``packed_seq_params``, ``segment_ids`` and ``flat_index`` set.
+
+    The model reads ``input_ids``, ``position_ids`` and ``packed_seq_params`` (:class:`ModelInput`); the rest is
+    the batch's per-token tensors in this layout, for the loss. Any other [N, T] tensor of the batch (a token
+    selection, entropies) maps into the layout with ``view``.
+    """
+
+    labels: torch.Tensor
+    """[b, T] | [1, L] int64: the token whose log-prob the logits at each position give (the next token)."""
+    loss_mask: torch.Tensor
+    """[b, T] | [1, L] bool: response tokens (scored); False at prompt tokens and padding."""
+    advantages: torch.Tensor
+    """[b, T] | [1, L] float32: each response token's advantage (its sample's), 0 elsewhere."""
+    rollout_logprobs: torch.Tensor
+    """[b, T] | [1, L] float32: the rollout engine's log-probs of the response tokens, 0 elsewhere."""
+    old_logprobs: torch.Tensor | None = None
+    """[b, T] | [1, L] float32: log pi_old of the step (None while they are being computed)."""
+    rows: slice | list[int]
+    """The batch rows this micro-batch holds: a slice (padded), or the packed samples' rows in row order."""
+    view: Callable[[torch.Tensor], torch.Tensor]
+    """Maps a tensor of the batch's row layout [N, T] into this micro-batch's layout ([b, T] | [1, L])."""
+    segment_ids: torch.Tensor | None = None
+    """Packed only: [1, L] int64 sample index of each token within the row (0, 1, ...; the padding tail is one
+    more segment). seq-mean-token-mean averages per sample with it. None for padded rows."""
+    flat_index: torch.Tensor | None = None
+    """Packed only: [L] int64 index of each token into the batch flattened to [N * T] (N * T: padding).
+    :func:`scatter_rows` writes outputs back with it. None for padded rows."""
+
+    @classmethod
+    def of(cls, batch: TrainBatch, view: Callable[[torch.Tensor], torch.Tensor], rows: slice | list[int],
+           **packed) -> "MicroBatch":
+        """The micro-batch ``view`` selects from ``batch``; ``packed``: the packed-row fields."""
+        old = None if batch.old_logprobs is None else view(batch.old_logprobs)
+        return cls(input_ids=view(batch.input_ids), position_ids=view(batch.position_ids),
+                   labels=view(batch.labels), loss_mask=view(batch.loss_mask), advantages=view(batch.advantages),
+                   rollout_logprobs=view(batch.rollout_logprobs), old_logprobs=old, rows=rows, view=view, **packed)
 
 
 @dataclasses.dataclass
@@ -66,7 +106,8 @@ class PackedDotProductAttention(DotProductAttention):
         return torch.cat(parts)                  # [t, 1, heads * dim]; Megatron reshapes it to [t, 1, hidden]
 
 
-def plan_bins(lengths: Sequence[int], max_tokens: int, *, multiple_of: int = 1, count_multiple: int = 1) -> list[list[int]]:
+def plan_bins(lengths: Sequence[int], max_tokens: int, *, multiple_of: int = 1,
+              count_multiple: int = 1) -> list[list[int]]:
     """Assign samples to micro-batches of at most ``max_tokens`` tokens (after padding to ``multiple_of``).
 
     Balanced first-fit: k = ceil(total / max_tokens) micro-batches (rounded up to ``count_multiple``: Megatron's
@@ -123,6 +164,11 @@ def plan_bins(lengths: Sequence[int], max_tokens: int, *, multiple_of: int = 1, 
         k += 1
 
 
+def _slice(rows: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The view ``[N, T] -> [b, T]``: the rows of a row-layout tensor (a view, no copy)."""
+    return lambda t: t[rows]
+
+
 def _gather(flat_index: torch.Tensor, length: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The view ``[N, T] -> [1, L]``: the indexed tokens of a row-layout tensor; the padding slot reads 0/False."""
     def view(t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +177,8 @@ def _gather(flat_index: torch.Tensor, length: int) -> Callable[[torch.Tensor], t
     return view
 
 
-def _packed(batch: TrainBatch, rows: list[int], lengths: list[int], multiple_of: int, pad_to: int = 0) -> dict:
+def _packed(batch: TrainBatch, rows: list[int], lengths: list[int], multiple_of: int,
+            pad_to: int = 0) -> MicroBatch:
     """One micro-batch: ``rows`` of ``batch`` back to back in one row, padded to ``multiple_of`` (and to at
     least ``pad_to``)."""
     n, t = batch.input_ids.shape
@@ -150,24 +197,17 @@ def _packed(batch: TrainBatch, rows: list[int], lengths: list[int], multiple_of:
     segment_ids[pos:] = len(rows)
     device = batch.input_ids.device
     index = index.to(device)
-    view = _gather(index, length)
-    mb = {f.name: view(getattr(batch, f.name)) for f in dataclasses.fields(batch)
-          if getattr(batch, f.name) is not None and f.name != "seq_lengths"}
-    # Positions restart per sample (gathered from the rows); padding reads position 0.
     cu = torch.tensor([0, *torch.tensor(seg).cumsum(0).tolist()], dtype=torch.int32)
-    mb["packed_seq_params"] = HostPackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
-        max_seqlen_q=max(seg), max_seqlen_kv=max(seg), seq_lengths=tuple(seg))
-    mb["segment_ids"] = segment_ids.to(device)[None, :]
-    mb["flat_index"] = index
-    mb["view"] = view
-    return mb
+    params = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
+                                 max_seqlen_q=max(seg), max_seqlen_kv=max(seg), seq_lengths=tuple(seg))
+    # Positions restart per sample (gathered from the rows); padding reads position 0.
+    return MicroBatch.of(batch, _gather(index, length), rows, packed_seq_params=params,
+                         segment_ids=segment_ids.to(device)[None, :], flat_index=index)
 
 
 def micro_batches(batch: TrainBatch, *, micro_batch_size: int, max_tokens: int = 0, multiple_of: int = 1,
-                  count_multiple: int = 1, parts: int = 1, uniform: bool = False) -> list[dict]:
-    """The model's micro-batches over ``batch``: dicts of model inputs and per-token tensors, plus ``view``
-    (maps any [N, T] tensor of ``batch`` to the micro-batch's layout) and ``rows`` (the batch rows it holds).
+                  count_multiple: int = 1, parts: int = 1, uniform: bool = False) -> list[MicroBatch]:
+    """The model's micro-batches over ``batch`` (:class:`MicroBatch`).
 
     ``max_tokens == 0``: consecutive slices of ``micro_batch_size`` rows, [b, T] each (the padded path).
     ``max_tokens > 0``: :func:`plan_bins` micro-batches of one packed row [1, L] each, with
@@ -186,10 +226,7 @@ def micro_batches(batch: TrainBatch, *, micro_batch_size: int, max_tokens: int =
         out = []
         for i in range(batch.num_rows // micro_batch_size):
             rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
-            mb = batch.rows(rows).as_model_input()
-            mb["rows"] = rows
-            mb["view"] = (lambda r: (lambda t: t[r]))(rows)
-            out.append(mb)
+            out.append(MicroBatch.of(batch, _slice(rows), rows))
         return out
     lengths = batch.seq_lengths.tolist()
     if batch.num_rows % parts:
@@ -201,21 +238,16 @@ def micro_batches(batch: TrainBatch, *, micro_batch_size: int, max_tokens: int =
         bins += [[offset + r for r in b] for b in plan_bins(lengths[offset:offset + size], max_tokens,
                                                            multiple_of=multiple_of, count_multiple=count_multiple)]
     pad_to = max_tokens if uniform else 0
-    out = []
-    for rows in bins:
-        mb = _packed(batch, rows, lengths, multiple_of, pad_to)
-        mb["rows"] = rows
-        out.append(mb)
-    return out
+    return [_packed(batch, rows, lengths, multiple_of, pad_to) for rows in bins]
 
 
-def scatter_rows(batch: TrainBatch, micro: list[dict], values: list[torch.Tensor]) -> torch.Tensor:
+def scatter_rows(batch: TrainBatch, micro: list[MicroBatch], values: list[torch.Tensor]) -> torch.Tensor:
     """Per-token outputs of ``micro`` (in their layouts) back in ``batch``'s row layout [N, T]. Padding positions
     read 0 in packed mode (the padded path leaves there whatever the model computed on padding)."""
-    if not micro or "flat_index" not in micro[0]:
+    if not micro or micro[0].flat_index is None:
         return torch.cat(values)
     n, t = batch.input_ids.shape
     out = values[0].new_zeros(n * t + 1)
     for mb, v in zip(micro, values):
-        out.index_copy_(0, mb["flat_index"], v.reshape(-1))
+        out.index_copy_(0, mb.flat_index, v.reshape(-1))
     return out[:-1].view(n, t)

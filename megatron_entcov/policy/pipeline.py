@@ -1,47 +1,64 @@
 """Running micro-batches through Megatron's pipeline schedules (no pipelining, 1F1B, interleaved).
 
 The caller gives the micro-batches of this data-parallel rank (the same list on every rank of the
-model-parallel group) and a ``loss_fn(batch, logits) -> (loss, outputs)`` that runs on the last pipeline
-stage with this rank's vocabulary shard of the logits [b, T, V/tp]. The loss must already be normalised by
-the caller's *global* denominator; this module undoes Megatron's own averaging (1/num_microbatches in the
-schedule and 1/dp in the DDP gradient reduction) so gradients are exact sums of the caller's losses.
+model-parallel group; any :class:`ModelInput`, e.g. policy.packing.MicroBatch) and a
+``loss_fn(micro_batch, logits) -> (loss, outputs)`` that runs on the last pipeline stage with this rank's
+vocabulary shard of the logits [b, T, V/tp]. The loss must already be normalised by the caller's *global*
+denominator; this module undoes Megatron's own averaging (1/num_microbatches in the schedule and 1/dp in the
+DDP gradient reduction) so gradients are exact sums of the caller's losses. Megatron's schedules hand each
+micro-batch object through their data iterator to our forward step untouched: any type works there.
 
 Example:
     outputs = run_microbatches(chunks, micro_batches, loss_fn, ps=ps, forward_only=False)
     # outputs: one `outputs` dict per micro-batch on the last stage, [] elsewhere
+
+Design notes: docs/design/policy.md
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     from megatron_entcov.distributed.parallel import ParallelState
 
-__all__ = ["run_microbatches", "MicroBatch"]
-
-MicroBatch = dict
-"""A dict with at least ``input_ids`` [b, T] and ``position_ids`` [b, T] (int64), and ``packed_seq_params`` for a
-packed row; other keys are the caller's."""
+__all__ = ["run_microbatches", "ModelInput"]
 
 
-def _forward_step(loss_fn: Callable, data_iterator: Iterator, model: torch.nn.Module):
+@dataclass(kw_only=True)
+class ModelInput:
+    """What the model reads of one micro-batch. Subclasses add what their loss reads (policy.packing.MicroBatch)."""
+
+    input_ids: torch.Tensor
+    """[b, T] int64 token ids: b right-padded rows of one length, or [1, L] for one packed row."""
+    position_ids: torch.Tensor
+    """int64, the shape of ``input_ids``: the RoPE position of each token (restarting at 0 per packed sample)."""
+    packed_seq_params: PackedSeqParams | None = None
+    """The sample boundaries of a packed row (THD format, ``cu_seqlens``); None for padded rows."""
+
+
+InputT = TypeVar("InputT", bound=ModelInput)
+
+
+def _forward_step(loss_fn: Callable, data_iterator: Iterator[ModelInput], model: torch.nn.Module):
     batch = next(data_iterator)
     # attention_mask=None: the local and TE specs then apply the causal mask themselves. Row sequences are
     # right-padded, so padding never precedes a real token and needs no mask of its own; packed rows carry
     # their sample boundaries in packed_seq_params (policy/packing.py).
-    output = model(batch["input_ids"], batch["position_ids"], None,
-                   packed_seq_params=batch.get("packed_seq_params"))
+    output = model(batch.input_ids, batch.position_ids, None, packed_seq_params=batch.packed_seq_params)
     return output, functools.partial(loss_fn, batch)
 
 
 def run_microbatches(
     chunks: list[torch.nn.Module],
-    micro_batches: list[MicroBatch],
-    loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]],
+    micro_batches: Sequence[InputT],
+    loss_fn: Callable[[InputT, torch.Tensor], tuple[torch.Tensor, dict]],
     *,
     ps: "ParallelState",
     forward_only: bool,
@@ -53,7 +70,7 @@ def run_microbatches(
         micro_batches: equal-shape row micro-batches [b, T], or packed ones [1, L_i] with ``packed_seq_params``
             (policy/packing.py), identical on all model-parallel ranks; their number may differ between
             data-parallel ranks (the gradient reduction runs once, after the last).
-        loss_fn: called on the last stage as ``loss_fn(batch, logits)`` with logits [b, T, V/tp];
+        loss_fn: called on the last stage as ``loss_fn(micro_batch, logits)`` with logits [b, T, V/tp];
             returns (loss scalar normalised by the global denominator, dict of outputs to return).
         ps: the parallel state.
         forward_only: no backward (old log-prob recomputation, evaluation).
@@ -62,22 +79,21 @@ def run_microbatches(
         On the last pipeline stage, the outputs dict of each micro-batch, in order; [] elsewhere.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron.core.utils import get_model_config
 
     if not micro_batches:
         return []
-    b, t = micro_batches[0]["input_ids"].shape
-    packed = "packed_seq_params" in micro_batches[0]
+    b, t = micro_batches[0].input_ids.shape
+    packed = micro_batches[0].packed_seq_params is not None
     for i, mb in enumerate(micro_batches):
-        shape = tuple(mb["input_ids"].shape)
-        if packed != ("packed_seq_params" in mb) or (shape != (b, t) and not (packed and shape[0] == 1)):
+        shape = tuple(mb.input_ids.shape)
+        if packed != (mb.packed_seq_params is not None) or (shape != (b, t) and not (packed and shape[0] == 1)):
             raise ValueError(f"micro_batches[{i}] has shape {shape}, expected {(b, t)}: pad every row micro-batch "
                              "of a call to the same [b, T] (only packed micro-batches [1, L] may differ in L)")
     # Packed rows differ in length: the pipeline stages then send each activation's shape before it.
     get_model_config(chunks[0]).variable_seq_lengths = any(
-        mb["input_ids"].shape[1] != t for mb in micro_batches) and ps.pp_size > 1
-    t = max(mb["input_ids"].shape[1] for mb in micro_batches)
+        mb.input_ids.shape[1] != t for mb in micro_batches) and ps.pp_size > 1
+    t = max(mb.input_ids.shape[1] for mb in micro_batches)
     num_mb = len(micro_batches)
     # Megatron divides each micro-batch loss by num_microbatches, and DDP averages gradients over dp.
     # The caller's loss is already a share of the global mean: scale both averages back out.

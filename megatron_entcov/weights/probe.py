@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_entcov.distributed import collectives
-from megatron_entcov.policy.batch import pack_samples
+from megatron_entcov.policy.batch import rows_from_samples
 from megatron_entcov.config import SYNC_PROBE_PROMPT_LEN
 from megatron_entcov.distributed.parallel import fail_together
 from megatron_entcov.rollout.types import Sample, SamplingParams
@@ -84,8 +84,8 @@ def verify_sync(engine, policy: "PolicyForward", ps: "ParallelState", cfg: "RunC
     # schedule needs at least that many); gaps are read off the first n rows.
     reps = -(-ps.pp_size // n) if ps.pp_size > 1 else 1
     longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    batch = pack_samples(samples * reps, torch.zeros(n * reps), pad_id=0, sample_ids=list(range(n * reps)),
-                         key_stride=longest + ps.tp_size, multiple_of=ps.tp_size, device=ps.device)
+    batch = rows_from_samples(samples * reps, torch.zeros(n * reps), pad_id=0, sample_ids=list(range(n * reps)),
+                              key_stride=longest + ps.tp_size, multiple_of=ps.tp_size, device=ps.device)
     lp, _ = policy.forward(batch, micro_batch_size=1 if ps.pp_size > 1 else n)
     gaps = torch.zeros(n, dtype=torch.float64)
     if ps.is_last_stage:

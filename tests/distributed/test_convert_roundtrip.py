@@ -82,10 +82,10 @@ def _full_logits(chunks, ps, cfg, ids):
     broadcast from the last stage: every rank returns [2B, T, V]."""
     import torch.distributed as dist
 
-    from megatron_entcov.policy.pipeline import run_microbatches
+    from megatron_entcov.policy.pipeline import ModelInput, run_microbatches
 
     pos = torch.arange(T).expand(2 * B, T).contiguous()
-    mbs = [dict(input_ids=ids[i * B:(i + 1) * B], position_ids=pos[i * B:(i + 1) * B]) for i in range(2)]
+    mbs = [ModelInput(input_ids=ids[i * B:(i + 1) * B], position_ids=pos[i * B:(i + 1) * B]) for i in range(2)]
 
     def loss_fn(batch, logits):
         return logits.sum() * 0.0, {"logits": logits.detach().float()}

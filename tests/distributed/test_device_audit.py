@@ -2,7 +2,7 @@
 judged as a GPU machine would judge it, so a batch left on the host or a host tensor handed to an NCCL group
 fails here, on CPU, instead of on the first GPU run (see megatron_entcov/compat/device_audit.py).
 
-Before the batches were moved to ps.device (pack_samples(device=...)), the first of these runs failed in
+Before the batches were moved to ps.device (rows_from_samples(device=...)), the first of these runs failed in
 Trainer.__init__: "embedding: host tensor (1, 24) torch.int64 meets device tensor (32, 32)"."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _armed_rl_worker(rank, world_size, run_dir, layout):
     result = trainer.train()
     trainer.close()
     return {"host_params": sum(device_audit.placement(p) != "device" for p in params),
-            "batch": {k: device_audit.placement(v) for k, v in batch.as_model_input().items() if v is not None},
+            "batch": {k: device_audit.placement(v) for k, v in vars(batch).items() if v is not None},
             "step": trainer.step, "reward": result.get("reward/mean") if ps.is_rank0 else None}
 
 

@@ -48,12 +48,14 @@ def _setup(distributed: bool, world_size: int):
     return ps, chunks, optimizer
 
 
-def _micro_batches(step: int, dp_rank: int) -> list[dict]:
+def _micro_batches(step: int, dp_rank: int) -> list:
     """This data-parallel rank's batch of ``step``: different on each rank, identical across runs."""
+    from megatron_entcov.policy.pipeline import ModelInput
+
     g = torch.Generator().manual_seed(1000 * step + dp_rank)
     ids = torch.randint(0, 32, (2 * B, T), generator=g)
     pos = torch.arange(T).expand(B, T).contiguous()
-    return [dict(input_ids=ids[i * B:(i + 1) * B], position_ids=pos) for i in range(2)]
+    return [ModelInput(input_ids=ids[i * B:(i + 1) * B], position_ids=pos) for i in range(2)]
 
 
 def _train_step(ps, chunks, optimizer, step: int, *, poison: bool = False) -> tuple[bool, float]:

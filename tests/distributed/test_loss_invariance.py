@@ -66,7 +66,7 @@ def _run(cfg: LossConfig, data: dict, rows: torch.Tensor, n_micro: int, group) -
     for idx in torch.arange(rows.numel()).chunk(n_micro):
         s = slice(int(idx[0]), int(idx[-1]) + 1)
         loss, m = policy_loss(cfg, logp[s], local["old"][s], local["adv"][s], local["mask"][s], entropy=entropy[s],
-                              group=group, step=STEP, selection=sel.rows(s))
+                              step=STEP, selection=sel.rows(s))
         loss.backward()  # gradients accumulate (SUM) over micro-batches
         loss_sum += loss.detach()
         for k, v in m.items():

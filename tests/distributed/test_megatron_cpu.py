@@ -38,7 +38,9 @@ def _inputs():
     g = torch.Generator().manual_seed(123)
     ids = torch.randint(0, 200, (2 * B, T), generator=g)
     pos = torch.arange(T).expand(2 * B, T).contiguous()
-    return [dict(input_ids=ids[i * B:(i + 1) * B], position_ids=pos[i * B:(i + 1) * B]) for i in range(2)]
+    from megatron_entcov.policy.pipeline import ModelInput
+
+    return [ModelInput(input_ids=ids[i * B:(i + 1) * B], position_ids=pos[i * B:(i + 1) * B]) for i in range(2)]
 
 
 def _full_logits(chunks, ps, cfg):

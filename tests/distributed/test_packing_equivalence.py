@@ -55,7 +55,7 @@ def _worker(rank, world_size, layout):
     from megatron_entcov.losses.policy import compute_token_selection, policy_loss
     from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import Actor
-    from megatron_entcov.policy.batch import pack_samples
+    from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.policy.packing import plan_bins
 
     cfg = load_config(None, MODEL + STEP + layout).resolve(world_size)
@@ -65,8 +65,8 @@ def _worker(rank, world_size, layout):
     adv = torch.randn(N, generator=torch.Generator().manual_seed(9))
     key_stride = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     rows = shard_rows(N, num_mini_batches=1, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
-    batch = pack_samples([samples[i] for i in rows], adv[rows], pad_id=0, sample_ids=rows, key_stride=key_stride,
-                         multiple_of=ps.tp_size, device=ps.device)
+    batch = rows_from_samples([samples[i] for i in rows], adv[rows], pad_id=0, sample_ids=rows, key_stride=key_stride,
+                              multiple_of=ps.tp_size, device=ps.device)
     mask = batch.loss_mask
     params = [p for c in actor.chunks for p in c.parameters()]
     start = [p.detach().clone() for p in params]
@@ -84,9 +84,9 @@ def _worker(rank, world_size, layout):
                                           token_keys=batch.token_keys, group=ps.dp_group, step=0, seed=cfg.seed)
 
         def loss_fn(mb, logprobs, entropy):
-            return policy_loss(cfg.loss, logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                               entropy=entropy, step=0, selection=sel.view(mb["view"]),
-                               rollout_logprobs=mb["rollout_logprobs"], segment_ids=mb.get("segment_ids"))
+            return policy_loss(cfg.loss, logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask, entropy=entropy,
+                               step=0, selection=sel.view(mb.view), rollout_logprobs=mb.rollout_logprobs,
+                               segment_ids=mb.segment_ids)
 
         result = actor.train_step(batch, loss_fn)
         results[mode] = {"lp": lp, "ent": ent, "metrics": result.metrics, "grad_norm": result.grad_norm,

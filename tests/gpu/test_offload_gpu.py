@@ -19,14 +19,14 @@ TINY = ["model.num_layers=2", "model.hidden_size=256", "model.ffn_hidden_size=51
 
 def _step(actor, batch):
     def loss_fn(mb, logprobs, entropy):
-        mask = mb["loss_mask"].float()
+        mask = mb.loss_mask.float()
         loss = -(logprobs * mask).sum() / mask.sum()
         return loss, {}
     return actor.train_step(batch, loss_fn, label="gpu offload test")
 
 
 def _batch(ps, seed):
-    from megatron_entcov.policy.batch import pack_samples
+    from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.rollout.types import Sample
 
     g = torch.Generator().manual_seed(seed)
@@ -35,8 +35,8 @@ def _batch(ps, seed):
         ids = torch.randint(1, 1000, (24,), generator=g).tolist()
         samples.append(Sample(prompt_ids=ids[:8], response_ids=ids[8:], rollout_logprobs=[0.0] * 16,
                               finish_reason="length", weight_version=0, index=i))
-    return pack_samples(samples, torch.zeros(8), pad_id=0, sample_ids=list(range(8)), key_stride=24,
-                        device=ps.device)
+    return rows_from_samples(samples, torch.zeros(8), pad_id=0, sample_ids=list(range(8)), key_stride=24,
+                             device=ps.device)
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])

@@ -17,7 +17,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=256", "model.ffn_hidden_size=51
 
 
 def _batch(ps):
-    from megatron_entcov.policy.batch import pack_samples
+    from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.rollout.types import Sample
 
     g = torch.Generator().manual_seed(3)
@@ -27,8 +27,8 @@ def _batch(ps):
         ids = torch.randint(1, 1000, (16 + r,), generator=g).tolist()
         samples.append(Sample(prompt_ids=ids[:16], response_ids=ids[16:], rollout_logprobs=[0.0] * r,
                               finish_reason="stop", weight_version=0, index=i))
-    return pack_samples(samples, torch.randn(16, generator=g), pad_id=0, sample_ids=list(range(16)),
-                        key_stride=128, device=ps.device)
+    return rows_from_samples(samples, torch.randn(16, generator=g), pad_id=0, sample_ids=list(range(16)),
+                             key_stride=128, device=ps.device)
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 2e-4), ("bfloat16", 0.1)])
@@ -48,8 +48,8 @@ def test_packed_matches_padded_on_the_gpu(dtype, atol, tmp_path):
         mask = batch.loss_mask.bool()
 
         def loss_fn(mb, logprobs, entropy):
-            m = mb["loss_mask"].float()
-            return -(logprobs * m * mb["advantages"]).sum() / mask.sum(), {}
+            m = mb.loss_mask.float()
+            return -(logprobs * m * mb.advantages).sum() / mask.sum(), {}
 
         out = {}
         params = [p for c in actor.chunks for p in c.parameters()]

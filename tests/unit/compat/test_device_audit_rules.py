@@ -74,15 +74,15 @@ def test_collectives_refuse_host_tensors_under_the_audit(audit):
 
 
 def test_old_pack_call_fails_and_the_device_argument_is_required(audit):
-    from megatron_entcov.policy.batch import pack_samples
+    from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.rollout.types import Sample
 
     s = Sample(prompt_ids=[1, 2], response_ids=[3], rollout_logprobs=[-0.5], finish_reason="stop",
                weight_version=0, index=0)
     with pytest.raises(TypeError, match="device"):
-        pack_samples([s], torch.zeros(1), pad_id=0, sample_ids=[0], key_stride=4)
-    host = pack_samples([s], torch.zeros(1), pad_id=0, sample_ids=[0], key_stride=4, device="cpu")
-    on_device = pack_samples([s], torch.zeros(1), pad_id=0, sample_ids=[0], key_stride=4, device=AUDIT_DEVICE)
+        rows_from_samples([s], torch.zeros(1), pad_id=0, sample_ids=[0], key_stride=4)
+    host = rows_from_samples([s], torch.zeros(1), pad_id=0, sample_ids=[0], key_stride=4, device="cpu")
+    on_device = rows_from_samples([s], torch.zeros(1), pad_id=0, sample_ids=[0], key_stride=4, device=AUDIT_DEVICE)
     emb = torch.nn.Embedding(8, 4).to(AUDIT_DEVICE)
     with pytest.raises(DevicePlacementError):
         emb(host.input_ids)

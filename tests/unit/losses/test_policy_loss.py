@@ -182,7 +182,7 @@ def test_clip_cov_chosen_tokens_have_exactly_zero_gradient():
     chosen = sel.clip_cov_mask
     assert int(chosen.sum()) == max(int(0.1 * int(mask.sum())), 1) > 3
     lp = logp.clone().requires_grad_(True)
-    policy_loss(cfg, lp, old, adv, mask, seed=3)[0].backward()
+    policy_loss(cfg, lp, old, adv, mask, selection=sel)[0].backward()
     lp_ppo = logp.clone().requires_grad_(True)
     policy_loss(LossConfig(name="ppo", **{k: getattr(cfg, k) for k in ("clip_ratio_low", "clip_ratio_high")}),
                 lp_ppo, old, adv, mask)[0].backward()
@@ -236,8 +236,8 @@ def test_micro_batch_slices_sum_to_full_batch():
         for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
             cfg = LossConfig(name=name, agg=agg, clip_cov_ratio=0.2, clip_cov_lb=0.0, kl_cov_ratio=0.2,
                              entropy_coef=0.01)
-            full, full_metrics = policy_loss(cfg, logp, old, adv, mask, entropy=entropy, step=1, seed=9)
             sel = compute_token_selection(cfg, logp, old, adv, mask, step=1, seed=9)
+            full, full_metrics = policy_loss(cfg, logp, old, adv, mask, entropy=entropy, step=1, selection=sel)
             total, metrics = 0.0, {}
             for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):
                 part, m = policy_loss(cfg, logp[rows], old[rows], adv[rows], mask[rows], entropy=entropy[rows],
@@ -265,15 +265,30 @@ def test_selection_invariant_to_row_permutation():
         assert torch.equal(a.cov_quantiles, b.cov_quantiles)
 
 
-def test_generator_seeds_the_choice_without_consuming_it():
+def test_the_seed_drives_the_choice_without_consuming_random_numbers():
+    """The Clip-Cov choice is a function of (seed, step, token keys): torch's random state neither changes it nor
+    is advanced by it, and the gradient given the selection follows the seed (the chosen tokens' terms are
+    detached: the loss value is the same whichever tokens are chosen)."""
     logp, old, adv, mask = _random_batch(seed=6)
     cfg = LossConfig(name="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.0)
-    g = torch.Generator().manual_seed(42)
-    state = g.get_state()
-    loss_g, _ = policy_loss(cfg, logp, old, adv, mask, generator=g)
-    assert torch.equal(g.get_state(), state)
-    loss_s, _ = policy_loss(cfg, logp, old, adv, mask, seed=42)
-    assert loss_g == loss_s
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    sel = compute_token_selection(cfg, logp, old, adv, mask, seed=42)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(2)
+    again = compute_token_selection(cfg, logp, old, adv, mask, seed=42)
+    other = compute_token_selection(cfg, logp, old, adv, mask, seed=43)
+    assert torch.equal(sel.clip_cov_mask, again.clip_cov_mask)
+    assert int(sel.clip_cov_mask.sum()) == int(other.clip_cov_mask.sum()) == max(int(0.1 * int(mask.sum())), 1)
+    assert not torch.equal(sel.clip_cov_mask, other.clip_cov_mask)
+    grads = []
+    for selection in (sel, again, other):
+        lp = logp.clone().requires_grad_(True)
+        policy_loss(cfg, lp, old, adv, mask, selection=selection)[0].backward()
+        grads.append(lp.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert (grads[0][sel.clip_cov_mask] == 0).all() and (grads[2][other.clip_cov_mask] == 0).all()
+    assert not torch.equal(grads[0], grads[2])
 
 
 def test_selection_slice_and_step_are_checked():

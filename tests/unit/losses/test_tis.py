@@ -103,10 +103,11 @@ def test_tis_ppo_matches_float64_reference(agg):
 def test_tis_off_is_bit_identical(name):
     logp, old, rollout, adv, mask = _batch(seed=2)
     cfg = LossConfig(name=name, kl_cov_ratio=0.2, clip_cov_ratio=0.2, clip_cov_lb=0.0, tis_cap=0.0)
+    sel = compute_token_selection(cfg, logp, old, adv, mask, seed=5)
     runs = []
     for kwargs in ({}, {"rollout_logprobs": rollout}):
         lp = logp.clone().requires_grad_(True)
-        loss, metrics = policy_loss(cfg, lp, old, adv, mask, seed=5, **kwargs)
+        loss, metrics = policy_loss(cfg, lp, old, adv, mask, selection=sel, **kwargs)
         loss.backward()
         runs.append((loss.detach(), lp.grad, metrics))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -1,10 +1,12 @@
-"""pack_samples and TrainBatch: label shift, loss mask, advantage and log-prob placement, padding, token keys,
+"""rows_from_samples and TrainBatch: label shift, loss mask, advantage and log-prob placement, padding, token keys,
 row splitting, and the ValueErrors, against hand-written expected tensors."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from megatron_entcov.policy.batch import TrainBatch, pack_samples
+from megatron_entcov.policy.batch import TrainBatch, rows_from_samples
 from megatron_entcov.rollout.types import Sample
 
 PAD = 3  # not 0, so padding is told apart from zeros
@@ -46,7 +48,7 @@ ROLLOUT_LP = [[0, 0, -0.1, -0.2, -0.3, 0],
 
 
 def test_pack_exact_layout():
-    b = pack_samples(_samples(), ADV, pad_id=PAD, sample_ids=[10, 11, 12], key_stride=6, device="cpu")
+    b = rows_from_samples(_samples(), ADV, pad_id=PAD, sample_ids=[10, 11, 12], key_stride=6, device="cpu")
     assert b.num_rows == 3
     assert b.input_ids.dtype == b.labels.dtype == b.position_ids.dtype == b.token_keys.dtype == torch.int64
     assert b.advantages.dtype == b.rollout_logprobs.dtype == torch.float32
@@ -69,7 +71,8 @@ def test_pack_exact_layout():
 
 @pytest.mark.parametrize("multiple_of, expected_t", [(1, 6), (2, 6), (4, 8), (5, 10), (7, 7)])
 def test_multiple_of_pads_t(multiple_of, expected_t):
-    b = pack_samples(_samples(), ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=16, multiple_of=multiple_of, device="cpu")
+    b = rows_from_samples(_samples(), ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=16, multiple_of=multiple_of,
+                          device="cpu")
     extra = expected_t - 6
     assert b.input_ids.shape == b.labels.shape == b.loss_mask.shape == (3, expected_t)
     assert b.input_ids.tolist() == [row + [PAD] * extra for row in INPUT_IDS]
@@ -84,13 +87,13 @@ def test_token_keys_unique_across_ranks_and_independent_of_packing():
     samples = _samples()
     stride = 6  # the step's global longest row
     # Two "ranks": rank 0 packs samples 0 and 1 (T=6), rank 1 packs sample 2 alone (T=5).
-    r0 = pack_samples(samples[:2], ADV[:2], pad_id=PAD, sample_ids=[0, 1], key_stride=stride, device="cpu")
-    r1 = pack_samples(samples[2:], ADV[2:], pad_id=PAD, sample_ids=[2], key_stride=stride, device="cpu")
+    r0 = rows_from_samples(samples[:2], ADV[:2], pad_id=PAD, sample_ids=[0, 1], key_stride=stride, device="cpu")
+    r1 = rows_from_samples(samples[2:], ADV[2:], pad_id=PAD, sample_ids=[2], key_stride=stride, device="cpu")
     assert r1.input_ids.shape == (1, 5)
     keys = torch.cat([r0.token_keys.flatten(), r1.token_keys.flatten()])
     assert keys.unique().numel() == keys.numel() == 2 * 6 + 5
     # Sample 2's keys on rank 1 equal its keys when packed together with the others (same positions).
-    together = pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=stride, device="cpu")
+    together = rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=stride, device="cpu")
     assert torch.equal(r1.token_keys[0], together.token_keys[2, :5])
     assert torch.equal(r0.token_keys, together.token_keys[:2])
     assert r1.token_keys[0].tolist() == [12, 13, 14, 15, 16]
@@ -99,10 +102,10 @@ def test_token_keys_unique_across_ranks_and_independent_of_packing():
     assert torch.equal(r1.rollout_logprobs[0], together.rollout_logprobs[2, :5])
 
 
-def test_split_rows_and_model_input():
+def test_split_and_rows_slice_every_field():
     samples = _samples() + [_sample([6], [7, 1], [-1.0, -1.1], 3)]
     adv = torch.tensor([1.5, -0.5, 2.0, 0.25])
-    b = pack_samples(samples, adv, pad_id=PAD, sample_ids=[0, 1, 2, 3], key_stride=6, device="cpu")
+    b = rows_from_samples(samples, adv, pad_id=PAD, sample_ids=[0, 1, 2, 3], key_stride=6, device="cpu")
     b.old_logprobs = torch.arange(24, dtype=torch.float32).view(4, 6)
     names = ["input_ids", "position_ids", "labels", "loss_mask", "advantages", "rollout_logprobs",
              "token_keys", "seq_lengths", "old_logprobs", "old_entropy"]
@@ -112,7 +115,7 @@ def test_split_rows_and_model_input():
         assert len(pieces) == parts
         for k, piece in enumerate(pieces):
             assert isinstance(piece, TrainBatch) and piece.num_rows == size
-            d = piece.as_model_input()
+            d = {f.name: getattr(piece, f.name) for f in dataclasses.fields(piece)}
             assert sorted(d) == sorted(names)
             assert d["old_entropy"] is None
             for name in names[:-1]:
@@ -131,30 +134,31 @@ def test_split_rows_and_model_input():
 def test_pack_errors():
     samples = _samples()
     with pytest.raises(ValueError, match="3 samples, 2 advantages, 3 ids"):
-        pack_samples(samples, ADV[:2], pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, device="cpu")
+        rows_from_samples(samples, ADV[:2], pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, device="cpu")
     with pytest.raises(ValueError, match="3 samples, 3 advantages, 2 ids"):
-        pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1], key_stride=6, device="cpu")
+        rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1], key_stride=6, device="cpu")
     with pytest.raises(ValueError, match="key_stride=5 is shorter than the longest sample 6"):
-        pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=5, device="cpu")
+        rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=5, device="cpu")
 
 
 def test_valid_token_keys_do_not_depend_on_the_tensor_parallel_padding():
     """Padding to a multiple of tp lengthens rows, not the key stride: the keys of the tokens Clip-Cov and
     KL-Cov choose among (and the histogram sample) are the same at tp1 and tp4, so are the choices."""
     samples = _samples()
-    plain = pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, device="cpu")
-    padded = pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, multiple_of=4, device="cpu")
+    plain = rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, device="cpu")
+    padded = rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, multiple_of=4,
+                               device="cpu")
     assert padded.input_ids.shape == (3, 8)
     assert torch.equal(padded.loss_mask[:, :6], plain.loss_mask) and not padded.loss_mask[:, 6:].any()
     assert torch.equal(padded.token_keys[padded.loss_mask], plain.token_keys[plain.loss_mask])
     valid = plain.token_keys[plain.loss_mask]
     assert valid.unique().numel() == valid.numel()
-    assert pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=8,
-                        multiple_of=4, device="cpu").input_ids.shape == (3, 8)
-    # Sample validates its own lengths; a later mutation is caught by pack_samples.
+    assert rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=8,
+                             multiple_of=4, device="cpu").input_ids.shape == (3, 8)
+    # Sample validates its own lengths; a later mutation is caught by rows_from_samples.
     samples[1].rollout_logprobs = [-0.4]
     with pytest.raises(ValueError, match="sample 1: 2 response tokens but 1 log-probs"):
-        pack_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, device="cpu")
+        rows_from_samples(samples, ADV, pad_id=PAD, sample_ids=[0, 1, 2], key_stride=6, device="cpu")
 
 
 @pytest.mark.parametrize("response", [[5], [5, 6]])
@@ -163,4 +167,4 @@ def test_pack_rejects_an_empty_prompt(response):
     # silently get no loss-mask position (one token) or fail inside torch (two).
     samples = [_sample([], response, [-0.1] * len(response), 0)]
     with pytest.raises(ValueError, match="sample 0 has an empty prompt"):
-        pack_samples(samples, torch.zeros(1), pad_id=PAD, sample_ids=[0], key_stride=8, device="cpu")
+        rows_from_samples(samples, torch.zeros(1), pad_id=PAD, sample_ids=[0], key_stride=8, device="cpu")

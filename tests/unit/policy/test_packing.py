@@ -10,7 +10,7 @@ import torch
 
 from megatron_entcov.config import load_config
 from megatron_entcov.losses.aggregation import aggregate
-from megatron_entcov.policy.batch import pack_samples
+from megatron_entcov.policy.batch import rows_from_samples
 from megatron_entcov.policy.packing import micro_batches, plan_bins, scatter_rows
 from megatron_entcov.rollout.types import Sample
 
@@ -57,38 +57,41 @@ def _batch(lengths_prompt_response, seed=0, multiple_of=1):
                for i, (p, r) in enumerate(lengths_prompt_response)]
     n = len(samples)
     longest = max(p + r for p, r in lengths_prompt_response)
-    return pack_samples(samples, torch.randn(n, generator=g), pad_id=0, sample_ids=list(range(n)),
-                        key_stride=longest, device="cpu", multiple_of=multiple_of)
+    return rows_from_samples(samples, torch.randn(n, generator=g), pad_id=0, sample_ids=list(range(n)),
+                             key_stride=longest, device="cpu", multiple_of=multiple_of)
 
 
 def test_packed_rows_hold_each_sample_with_its_own_positions_and_values():
     batch = _batch([(3, 2), (5, 6), (2, 1), (4, 4)], multiple_of=2)
+    batch.old_logprobs = -torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
     micro = micro_batches(batch, micro_batch_size=2, max_tokens=12, multiple_of=2)
     seen = []
     for mb in micro:
-        seq = mb["packed_seq_params"]
+        seq = mb.packed_seq_params
         lengths = list(seq.seq_lengths)
-        assert mb["input_ids"].shape == (1, sum(lengths)) and sum(lengths) % 2 == 0 and sum(lengths) <= 12
+        assert mb.input_ids.shape == (1, sum(lengths)) and sum(lengths) % 2 == 0 and sum(lengths) <= 12
         assert seq.cu_seqlens_q.tolist() == [0, *itertools.accumulate(lengths)]
         assert seq.max_seqlen_q == max(lengths)
         pos = 0
-        for s, row in enumerate(mb["rows"]):
+        for s, row in enumerate(mb.rows):
             n = int(batch.seq_lengths[row])
             sl = slice(pos, pos + n)
-            assert torch.equal(mb["input_ids"][0, sl], batch.input_ids[row, :n])
-            assert torch.equal(mb["labels"][0, sl], batch.labels[row, :n])
-            assert torch.equal(mb["position_ids"][0, sl], torch.arange(n))           # restart per sample
-            assert torch.equal(mb["loss_mask"][0, sl], batch.loss_mask[row, :n])
-            assert torch.equal(mb["advantages"][0, sl], batch.advantages[row, :n])
-            assert torch.equal(mb["token_keys"][0, sl], batch.token_keys[row, :n])
-            assert (mb["segment_ids"][0, sl] == s).all()
+            assert torch.equal(mb.input_ids[0, sl], batch.input_ids[row, :n])
+            assert torch.equal(mb.labels[0, sl], batch.labels[row, :n])
+            assert torch.equal(mb.position_ids[0, sl], torch.arange(n))         # restart per sample
+            assert torch.equal(mb.loss_mask[0, sl], batch.loss_mask[row, :n])
+            assert torch.equal(mb.advantages[0, sl], batch.advantages[row, :n])
+            assert torch.equal(mb.rollout_logprobs[0, sl], batch.rollout_logprobs[row, :n])
+            assert torch.equal(mb.old_logprobs[0, sl], batch.old_logprobs[row, :n])
+            assert torch.equal(mb.view(batch.token_keys)[0, sl], batch.token_keys[row, :n])
+            assert (mb.segment_ids[0, sl] == s).all()
             pos += n
             seen.append(row)
-        assert not mb["loss_mask"][0, pos:].any()                                   # padding is never scored
-        assert mb["view"](batch.rollout_logprobs).shape == (1, mb["input_ids"].shape[1])
+        assert not mb.loss_mask[0, pos:].any()                                 # padding is never scored
+        assert mb.view(batch.rollout_logprobs).shape == (1, mb.input_ids.shape[1])
     assert sorted(seen) == list(range(4))
     # Outputs computed per packed token go back to the row layout, 0 at padding.
-    values = [mb["token_keys"].float() for mb in micro]
+    values = [mb.view(batch.token_keys).float() for mb in micro]
     back = scatter_rows(batch, micro, values)
     valid = torch.arange(batch.input_ids.shape[1])[None, :] < batch.seq_lengths[:, None]
     assert torch.equal(back[valid], batch.token_keys.float()[valid])
@@ -98,17 +101,19 @@ def test_packed_rows_hold_each_sample_with_its_own_positions_and_values():
 def test_parts_pack_each_mini_batch_on_its_own():
     batch = _batch([(2, 1)] * 4 + [(2, 1)] * 4)
     micro = micro_batches(batch, micro_batch_size=2, max_tokens=100, parts=2)
-    assert [mb["rows"] for mb in micro] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [mb.rows for mb in micro] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     uniform = micro_batches(batch, micro_batch_size=2, max_tokens=100, parts=2, uniform=True)
-    assert {mb["input_ids"].shape[1] for mb in uniform} == {100}
+    assert {mb.input_ids.shape[1] for mb in uniform} == {100}
 
 
 def test_row_micro_batches_are_slices_as_before():
     batch = _batch([(2, 3)] * 4)
     micro = micro_batches(batch, micro_batch_size=2)
-    assert [mb["rows"] for mb in micro] == [slice(0, 2), slice(2, 4)]
-    assert torch.equal(micro[1]["view"](batch.advantages), batch.advantages[2:4])
-    assert "packed_seq_params" not in micro[0]
+    assert [mb.rows for mb in micro] == [slice(0, 2), slice(2, 4)]
+    assert torch.equal(micro[1].view(batch.advantages), batch.advantages[2:4])
+    assert micro[0].packed_seq_params is None and micro[0].segment_ids is None and micro[0].flat_index is None
+    assert torch.equal(micro[1].labels, batch.labels[2:4]) and torch.equal(micro[1].loss_mask, batch.loss_mask[2:4])
+    assert micro[1].old_logprobs is None                       # not computed yet
 
 
 def test_seq_mean_token_mean_averages_per_sample_inside_a_packed_row():
