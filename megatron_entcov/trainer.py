@@ -1,61 +1,61 @@
 """The RL loop (GRPO-style RLVR with Clip-Cov / KL-Cov entropy control) on a Megatron-Core policy.
 
-One step, as the paper's released recipe (arXiv 2505.22617; reference section 6):
-  1. experience: a batch of prompts, n responses each from the rollout engine, verifier rewards, group
-     advantages, optional dynamic sampling (experience.py);
-  2. old log-probs and entropy of the sampled tokens under the current weights (forward only);
-  3. for each optimizer mini-batch: token selection from the global covariance (losses/policy.py), the
-     policy loss over micro-batches through the pipeline schedule, one optimizer step (skipped, and
-     reported, when the gradient norm is not finite; policy/actor.py);
-  4. weight sync to the rollout engine, metrics (scalars; token histograms; the law image every
-     metrics.law_image_interval steps), the online entropy-law fit, a checkpoint.
-With rollout.overlap, the next step's experience (1) is generated in a background thread while this step's
-optimizer steps (2-3) run, with the weights from before their update; the sync (4) waits for it (overlap.py).
-No loss math lives here: it is in losses/ and ops/. Model, optimizer and train step are the Actor's.
+One step (arXiv 2505.22617, the released recipe): (1) experience: prompts, n responses each from the rollout
+engine, verifier rewards, group advantages (experience.py); (2) old log-probs and entropy under the current
+weights; (3) per optimizer mini-batch: Clip-Cov / KL-Cov token selection from the global covariance, the policy
+loss, one optimizer step (policy/actor.py); (4) the wait for the next step's prefetched rollouts (rollout.overlap),
+the weight sync, the metrics; then the online entropy-law fit and a checkpoint. This module orchestrates: loss
+math is in losses/ and ops/, the GPU hand-over to colocated servers in policy/colocation.py, metric reductions
+and timings in monitor/step.py.
 
 Example:
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     Trainer(cfg, ps).train()
+Design notes: docs/design/trainer.md
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 
-import torch
-
-from megatron_entcov.distributed import collectives
-from megatron_entcov.run.checkpoint import CheckpointError, Checkpointer, load_model, resolve_model_dir
 from megatron_entcov.config import RunConfig, dump_config
-from megatron_entcov.monitor.dashboard import config_markdown, entropy_control_layout, source_markdown
-from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
+from megatron_entcov.distributed.parallel import ParallelState, build_rollout_group, fail_together
 from megatron_entcov.entropy_law import OnlineEntropyLaw
 from megatron_entcov.evaluation import Evaluator
-from megatron_entcov.experience import (Experience, agree_loader_cursor, broadcast_experience, collect_experience,
-                                        dp_gather, shard_experience, to_train_batch)
-from megatron_entcov.monitor.law_report import law_snapshot
+from megatron_entcov.experience import (
+    Experience,
+    agree_loader_cursor,
+    broadcast_experience,
+    collect_experience,
+    dp_gather,
+    shard_experience,
+    to_train_batch,
+)
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.losses.schedules import annealed_coefficients
-from megatron_entcov.monitor.metrics import MetricsLogger, Progress, reduce_sum_metrics
-from megatron_entcov.rollout.prefetch import RolloutPrefetch, staleness_sums
-from megatron_entcov.distributed.parallel import ParallelState, build_rollout_group, fail_together
-from megatron_entcov.policy.actor import Actor, StepResult
-from megatron_entcov.policy.batch import TrainBatch
-from megatron_entcov.rollout import build_engine
+from megatron_entcov.monitor.dashboard import config_markdown, entropy_control_layout, source_markdown
+from megatron_entcov.monitor.histograms import TokenHistograms
+from megatron_entcov.monitor.law_report import law_snapshot
+from megatron_entcov.monitor.memory import PhaseMemory
+from megatron_entcov.monitor.metrics import MetricsLogger, Progress
 from megatron_entcov.monitor.server_metrics import server_throughput
+from megatron_entcov.monitor.step import EXACT, LOCAL, MAX, RANK0, SUM, StepMetrics
+from megatron_entcov.policy.actor import Actor
+from megatron_entcov.policy.batch import TrainBatch
+from megatron_entcov.policy.colocation import Colocation
+from megatron_entcov.policy.model import check_loaded
+from megatron_entcov.rollout import build_engine
+from megatron_entcov.rollout.prefetch import RolloutPrefetch, staleness_sums
+from megatron_entcov.run.checkpoint import Checkpointer, CheckpointError, load_model, resolve_model_dir
 from megatron_entcov.run.run_dir import RunDir
 from megatron_entcov.run.stop import agree_stop
-from megatron_entcov.monitor.histograms import TokenHistograms
+from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
 from megatron_entcov.tasks.tokenizer import load_tokenizer
 from megatron_entcov.weights.probe import verify_sync
-from megatron_entcov.weights.sync import WeightSync
-from megatron_entcov.monitor.memory import PhaseMemory
-from megatron_entcov.policy.model import check_loaded
-from megatron_entcov.policy.offload import TrainerOffload
 from megatron_entcov.weights.shards import load_hf_weights
+from megatron_entcov.weights.sync import WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class Trainer:
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                              f"({len(self.tokenizer)} tokens); set model.vocab_size >= {len(self.tokenizer)}")
-        self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature, load_weights=self._weights_source() != "random")
+        self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature,
+                           load_weights=self._weights_source() != "random")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last,
                                          run_id=self.run.run_id)
         dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
@@ -111,18 +112,18 @@ class Trainer:
         self.law_on_eval = cfg.metrics.law_reward == "eval" or (cfg.metrics.law_reward == "auto"
                                                                 and self.evaluator is not None)
         self.step_histograms: dict = {}
-        """The last step's sampled token values (rank 0; token_histograms.py), written beside its scalars."""
-        self.offload = TrainerOffload(self.actor.chunks, self.actor.optimizer,
-                                      enabled=cfg.rollout.sglang.release_memory)
-        """Colocated servers: the trainer's state goes to the host while they hold the GPU (policy/offload.py)."""
+        """The last step's sampled token values (rank 0; monitor/histograms.py), written beside its scalars."""
         self.memory = PhaseMemory(ps)
+        """The step's memory figures per phase (monitor/memory.py), taken by the colocation's phase contexts."""
+        self.colocation = Colocation.from_config(cfg, self.actor.chunks, self.actor.optimizer, memory=self.memory)
+        """Who holds the GPU in each phase when colocated servers share it (policy/colocation.py)."""
         self.step = 0
         self.weight_version = 0
         overlap = cfg.rollout.overlap
         # Collective on every rank (new_group), in the same place of the build on all of them.
         self.rollout_group = build_rollout_group(ps) if overlap else None
         self.prefetch = RolloutPrefetch() if overlap else None
-        """rollout.overlap: the background rollout of the next step (generating ranks; overlap.py)."""
+        """rollout.overlap: the background rollout of the next step (generating ranks; rollout/prefetch.py)."""
         self._prefetched: Experience | None = None
         """The next step's experience (this replica's rows), generated while the last step trained."""
         self._loader_state: dict | None = None
@@ -136,92 +137,43 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, float]:
         """Rollouts, old log-probs, one optimizer step per mini-batch, weight sync; returns the step's metrics."""
-        cfg, ps = self.cfg, self.ps
-        clock = {"start": time.monotonic()}
-        batch, exp = self._experience_batch()
-        version = self.weight_version            # the trainer's weights at train time (staleness)
-        clock["train"] = time.monotonic()
-        self.memory.begin("train")
-        # None off the last stage; packed as each mini-batch's training step will pack it.
-        batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=cfg.optim.num_mini_batches)
-        tokens = _TokenMean(batch.loss_mask, self.ps)
-        local = self._batch_metrics(batch, exp, tokens)
-        num_mini = cfg.optim.num_mini_batches
-        progress = Progress(f"step {self.step + 1} train", num_mini, enabled=ps.is_rank0)
-        applied = 0
-        selection_time = histogram_time = 0.0
-        coefs: dict[str, float] = {}
+        cfg, num_mini = self.cfg, self.cfg.optim.num_mini_batches
+        m = StepMetrics(self.ps, num_mini_batches=num_mini)
         histograms = TokenHistograms(cfg.metrics.histogram_tokens if cfg.metrics.tensorboard else 0,
-                                     num_mini_batches=num_mini, seed=cfg.seed,
-                                     step=self.step + 1, ps=ps, sample_chosen=cfg.loss.name != "ppo")
-        for index, mini in enumerate(batch.split(num_mini)):
-            for name, value in annealed_coefficients(cfg.loss, self.actor.optimizer_steps).items():
-                coefs[f"coef/{name}"] = coefs.get(f"coef/{name}", 0.0) + value / num_mini
-            t0 = time.monotonic()
-            selection = self._token_selection(mini, index)
-            t1 = time.monotonic()
-            selection_time += t1 - t0
-            if selection is not None:                     # the last pipeline stage
-                histograms.add(mini, selection)
-                histogram_time += time.monotonic() - t1
-            result = self.actor.train_step(mini, self._policy_loss_fn(selection),
-                                           label=f"step {self.step + 1} mini-batch {index}")
-            applied += result.applied
-            self._add_update_metrics(local, result, num_mini)
-            progress.update()
-        progress.close()
-        if cfg.metrics.measure_entropy_change and applied:
-            local.update(self._measured_entropy_change(batch))
-        self.memory.end("train")
-        clock["wait"] = time.monotonic()
-        if self.prefetch is not None:
-            # The engine's weights must not change under the next step's generation: wait, then sync.
-            with fail_together(f"step {self.step + 2} rollouts (generated while step {self.step + 1} trained)"):
-                if self.prefetch.pending:
-                    self._prefetched = self.prefetch.wait()
-        clock["sync"] = time.monotonic()
-        self.memory.begin("sync")
-        sync_stats: dict[str, float] = {}
-        if applied:          # a step whose every update was skipped left the weights as the engine has them
-            self.weight_version += 1
-            sync_stats = self._sync_weights()
-        elif cfg.rollout.sglang.release_memory:
-            sync_stats = self._sync_weights()     # unless colocated servers dropped theirs after generating
-        self.memory.end("sync")
-        clock["end"] = time.monotonic()
-        t0 = time.monotonic()
-        self.step_histograms = histograms.gather()
-        histogram_time += time.monotonic() - t0
-        totals = reduce_sum_metrics(local, ps)
-        if self.prefetch is not None:
-            totals.update(self._staleness_metrics(exp, version))
-            totals["perf/overlap_wait(s)"] = clock["sync"] - clock["wait"]
-        # Exact coefficients (the mean of the mini-batches' annealed values, the same on every rank); the loss's
-        # own coef/* are sums of per-token shares, which carry float noise a constant should not show.
-        totals.update(coefs)
-        totals.update(sync_stats)
-        totals.update(self.memory.collect())
-        totals.update(self._step_metrics(clock, totals.get("perf/tokens", 0.0), selection_time))
-        if histograms.enabled:
-            totals["perf/histogram_time(s)"] = histogram_time
-        return totals
+                                     num_mini_batches=num_mini, seed=cfg.seed, step=self.step + 1, ps=self.ps,
+                                     sample_chosen=cfg.loss.name != "ppo")
+        with m.timed("perf/step_time(s)"):
+            batch, exp = self._experience_batch()
+            version = self.weight_version            # the trainer's weights at train time (staleness)
+            with m.timed("perf/train_time(s)"), self.colocation.train():
+                # None off the last stage; packed as each mini-batch's training step will pack it.
+                batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=num_mini)
+                self._batch_metrics(m, batch, exp)
+                applied = self._updates(m, batch, histograms)
+                if cfg.metrics.measure_entropy_change and applied:
+                    self._measured_entropy_change(m, batch)
+            self._wait_for_prefetch(m)
+            with m.timed("perf/sync_time(s)"), self.colocation.sync():
+                if applied:      # a step whose every update was skipped left the weights as the engine has them
+                    self.weight_version += 1
+                if applied or self.colocation.sync_every_step:   # unless colocated servers dropped theirs
+                    self._sync_weights(m)
+        self._step_metrics(m, exp, version, histograms)
+        return m.reduce()
 
     def _experience_batch(self) -> tuple[TrainBatch, Experience]:
         """This replica's rows of the step's global experience as training rows, on every rank of its
         model-parallel group. Colocated servers: the trainer's state is on the host meanwhile."""
-        self.memory.begin("rollout")
-        self._make_room(weights=True)
-        exp, self._prefetched = self._prefetched, None
-        with fail_together(f"step {self.step + 1} rollouts"):
-            if self.ps.is_generator and exp is None:   # the generating ranks agree: all prefetched, or none
-                exp = self._rollouts(self.step)
-        exp = broadcast_experience(exp, self.ps)
-        agree_loader_cursor(self.loader)
-        if self.prefetch is not None:
-            self._loader_state = self.loader.state_dict()      # before the prefetch draws the next prompts
-            self._start_prefetch()
-        self.memory.end("rollout", offloaded_bytes=self.offload.host_bytes if self.offload.enabled else None)
-        self.offload.reload()                  # the servers released their memory at the end of _rollouts
+        with self.colocation.rollout():
+            exp, self._prefetched = self._prefetched, None
+            with fail_together(f"step {self.step + 1} rollouts"):
+                if self.ps.is_generator and exp is None:   # the generating ranks agree: all prefetched, or none
+                    exp = self._rollouts(self.step)
+            exp = broadcast_experience(exp, self.ps)
+            agree_loader_cursor(self.loader)
+            if self.prefetch is not None:
+                self._loader_state = self.loader.state_dict()      # before the prefetch draws the next prompts
+                self._start_prefetch()
         return to_train_batch(exp, self.ps, pad_id=self.tokenizer.pad_token_id), exp
 
     def _start_prefetch(self) -> None:
@@ -236,16 +188,57 @@ class Trainer:
         (the generating ranks only; gathers over ``group``, None = their data-parallel group), with per-server
         throughput; returns this replica's rows of it."""
         ps = self.ps
-        before = self.engine.server_stats()
-        exp = collect_experience(self.cfg, self.engine, self.tokenizer, self.loader, step=step,
-                                 dp_rank=ps.dp_rank, dp_size=ps.dp_size, gather=dp_gather(ps, group))
-        exp.replica_stats.update(server_throughput(before, self.engine.server_stats(),
-                                                   exp.replica_stats["perf/replica_rollout_time(s)"],
-                                                   ps.dp_rank, ps.dp_size))
-        if self.cfg.rollout.sglang.release_memory:    # colocated GPU servers: the trainer gets their memory
-            self.engine.release_memory()
+        with self.colocation.generating(self.engine):    # colocated servers: the trainer gets their memory after
+            before = self.engine.server_stats()
+            exp = collect_experience(self.cfg, self.engine, self.tokenizer, self.loader, step=step,
+                                     dp_rank=ps.dp_rank, dp_size=ps.dp_size, gather=dp_gather(ps, group))
+            exp.replica_stats.update(server_throughput(before, self.engine.server_stats(),
+                                                       exp.replica_stats["perf/replica_rollout_time(s)"],
+                                                       ps.dp_rank, ps.dp_size))
         return shard_experience(exp, num_mini_batches=self.cfg.optim.num_mini_batches, dp_rank=ps.dp_rank,
                                 dp_size=ps.dp_size)
+
+    def _updates(self, m: StepMetrics, batch: TrainBatch, histograms: TokenHistograms) -> int:
+        """One optimizer step per mini-batch of ``batch``; returns how many were applied."""
+        num_mini = self.cfg.optim.num_mini_batches
+        progress = Progress(f"step {self.step + 1} train", num_mini, enabled=self.ps.is_rank0)
+        applied = 0
+        for index, mini in enumerate(batch.split(num_mini)):
+            applied += self._update(m, mini, index, histograms)
+            progress.update()
+        progress.close()
+        return applied
+
+    def _update(self, m: StepMetrics, mini: TrainBatch, index: int, histograms: TokenHistograms) -> bool:
+        """The mini-batch's Clip-Cov / KL-Cov tokens (and its token sample for the histograms), then one optimizer
+        step on it; returns whether the step was applied (a finite gradient norm)."""
+        coefs = annealed_coefficients(self.cfg.loss, self.actor.optimizer_steps)
+        # Exact coefficients (the same on every rank), replacing the loss's own coef/* token shares, which carry
+        # float noise a constant should not show.
+        m.add({f"coef/{name}": value for name, value in coefs.items()}, EXACT, mini_batch=True)
+        with m.timed("perf/selection_time(s)"):
+            selection = self._token_selection(mini, index)
+        if selection is not None and histograms.enabled:        # the last pipeline stage
+            with m.timed("perf/histogram_time(s)"):
+                histograms.add(mini, selection)
+        result = self.actor.train_step(mini, self._policy_loss_fn(selection),
+                                       label=f"step {self.step + 1} mini-batch {index}")
+        if self.ps.owns_results:               # losses return shares of the mini-batch value
+            m.add(result.metrics, SUM, mini_batch=True)
+        norm = result.grad_norm if math.isfinite(result.grad_norm) else 0.0
+        m.add({"train/grad_norm": norm}, RANK0, mini_batch=True)
+        m.add({"train/skipped_updates": 0.0 if result.applied else 1.0}, RANK0)
+        return result.applied
+
+    def _wait_for_prefetch(self, m: StepMetrics) -> None:
+        """rollout.overlap: the engine's weights must not change under the next step's generation: wait for it
+        before the sync."""
+        if self.prefetch is None:
+            return
+        with m.timed("perf/overlap_wait(s)"), \
+                fail_together(f"step {self.step + 2} rollouts (generated while step {self.step + 1} trained)"):
+            if self.prefetch.pending:
+                self._prefetched = self.prefetch.wait()
 
     def _token_selection(self, mini: TrainBatch, index: int) -> TokenSelection | None:
         """Clip-Cov / KL-Cov tokens of a mini-batch, from the global covariance (on the last stage; None
@@ -273,85 +266,59 @@ class Trainer:
         return loss_fn
 
     # ---------------------------------------------------------------- metrics
-    def _batch_metrics(self, batch: TrainBatch, exp: Experience, tokens: "_TokenMean") -> dict[str, float]:
-        """This rank's shares of the step's generation and token statistics (summed over ranks later)."""
+    def _batch_metrics(self, m: StepMetrics, batch: TrainBatch, exp: Experience) -> None:
+        """The step's generation statistics and the token means of its old log-probs (collective)."""
         ps = self.ps
-        local: dict[str, float] = {}
-        if ps.is_rank0:                  # global statistics, the same on every generating rank: counted once
-            local.update(exp.stats)
+        m.add(exp.stats, RANK0)          # global statistics, the same on every generating rank: counted once
         if ps.is_generator:              # server counters: totals over replicas, or keyed by replica (dp > 1)
-            local.update({k: v for k, v in exp.replica_stats.items() if k != "perf/replica_rollout_time(s)"})
+            m.add({k: v for k, v in exp.replica_stats.items() if k != "perf/replica_rollout_time(s)"}, SUM)
+        tokens = m.token_mean(batch.loss_mask)
         if ps.owns_results:
-            local["entropy/mean"] = tokens.share(batch.old_entropy)
-            local["rollout/logprob_gap"] = tokens.share((batch.rollout_logprobs - batch.old_logprobs).abs())
-            local["perf/tokens"] = tokens.local_count
-        return local
+            m.add({"entropy/mean": tokens.share(batch.old_entropy),
+                   "rollout/logprob_gap": tokens.share((batch.rollout_logprobs - batch.old_logprobs).abs()),
+                   "perf/tokens": tokens.local_count}, SUM)
 
-    def _staleness_metrics(self, exp: Experience, version: int) -> dict[str, float]:
-        """rollout/staleness (mean over the step's global batch) and rollout/staleness_max: the trainer's weight
-        version at train time minus each sample's (collective; each replica's generating rank counts its rows)."""
-        total, count, most = staleness_sums(version, [s.weight_version for s in exp.samples]) \
-            if self.ps.is_generator else (0.0, 0.0, float("-inf"))
-        total, count = collectives.reduce_values([total, count]).tolist()
-        most = float(collectives.reduce_values([most], op="max"))
-        return {"rollout/staleness": total / max(count, 1.0), "rollout/staleness_max": most}
-
-    def _add_update_metrics(self, local: dict[str, float], result: StepResult, num_mini: int) -> None:
-        """Losses return shares of the mini-batch value: average the mini-batches."""
-        if self.ps.owns_results:
-            for k, v in result.metrics.items():
-                local[k] = local.get(k, 0.0) + v / num_mini
-        if self.ps.is_rank0:
-            norm = result.grad_norm if math.isfinite(result.grad_norm) else 0.0
-            local["train/grad_norm"] = local.get("train/grad_norm", 0.0) + norm / num_mini
-            local["train/skipped_updates"] = local.get("train/skipped_updates", 0.0) + (0.0 if result.applied else 1.0)
-
-    def _measured_entropy_change(self, batch: TrainBatch) -> dict[str, float]:
+    def _measured_entropy_change(self, m: StepMetrics, batch: TrainBatch) -> None:
         """Entropy change of the step's tokens (or the first metrics.entropy_change_samples of them, shared over
         the replicas) under the updated weights: one extra forward over those rows."""
         rows = _subset_rows(batch.num_rows, self.cfg.metrics.entropy_change_samples, self.ps.dp_size,
                             self.actor.micro_batch_size)
         subset = batch.rows(slice(0, rows))
         _, new_entropy = self.actor.logprobs(subset, min(rows, self.actor.micro_batch_size))
-        tokens = _TokenMean(subset.loss_mask, self.ps)
-        if not self.ps.owns_results:
-            return {}
-        return {"entropy/delta_measured": tokens.share(new_entropy - subset.old_entropy)}
+        tokens = m.token_mean(subset.loss_mask)
+        if self.ps.owns_results:
+            m.add({"entropy/delta_measured": tokens.share(new_entropy - subset.old_entropy)}, SUM)
 
-    def _step_metrics(self, clock: dict[str, float], tokens: float, selection_time: float) -> dict[str, float]:
-        step_time = clock["end"] - clock["start"]
-        return {"train/lr": self.actor.lr,
-                "perf/selection_time(s)": selection_time,
-                "perf/selection_frac": selection_time / max(step_time, 1e-9),
-                "perf/train_time(s)": clock["wait"] - clock["train"],
-                "perf/sync_time(s)": clock["end"] - clock["sync"],
-                "perf/step_time(s)": step_time,
-                "perf/tokens_per_s": tokens / max(step_time, 1e-9),
-                "train/weight_version": float(self.weight_version)}
+    def _step_metrics(self, m: StepMetrics, exp: Experience, version: int, histograms: TokenHistograms) -> None:
+        """The step's end: its token sample gathered on rank 0 (collective), the staleness of its rollouts, the
+        phases' memory, the learning rate and weight version, and the rates of its times."""
+        self.step_histograms = {}
+        if histograms.enabled:
+            with m.timed("perf/histogram_time(s)"):
+                self.step_histograms = histograms.gather()
+        if self.prefetch is not None:   # the trainer's weight version at train time minus each sample's
+            total, count, most = staleness_sums(version, [s.weight_version for s in exp.samples]) \
+                if self.ps.is_generator else (0.0, 0.0, float("-inf"))    # each replica's generating rank
+            m.ratio("rollout/staleness", total, count, floor=1.0)       # the mean over the global batch
+            m.add({"rollout/staleness_max": most}, MAX)
+        m.add(self.memory.take(), MAX)
+        m.add({"train/lr": self.actor.lr, "train/weight_version": float(self.weight_version)}, EXACT)
+        m.derive("perf/selection_frac", lambda v: v["perf/selection_time(s)"] / max(v["perf/step_time(s)"], 1e-9))
+        m.derive("perf/tokens_per_s", lambda v: v.get("perf/tokens", 0.0) / max(v["perf/step_time(s)"], 1e-9))
 
     # ---------------------------------------------------------------- weights and state
-    def _sync_weights(self) -> dict[str, float]:
-        """Push the weights to the engine (colocated servers get their weight memory back first and their
-        KV cache after), then verify the sync (weights/probe.py) when weight_sync.verify is 'probe'."""
+    def _sync_weights(self, m: StepMetrics) -> None:
+        """Push the weights to the engine (colocated servers take the GPU back around it), then verify the sync
+        (weights/probe.py) when weight_sync.verify is 'probe'; the sync/* figures go into ``m``."""
         engine = self.engine if self.ps.is_generator else None
-        release = self.cfg.rollout.sglang.release_memory
-        self._make_room(weights=False)        # colocated: gradients and optimizer state leave before servers resume
-        t0 = time.monotonic()
-        nbytes = self.weight_sync.push(engine, self.weight_version,
-                                       prepare=(lambda: engine.resume_memory(["weights"])) if release else None)
-        dt = time.monotonic() - t0
-        if release:                                   # same on every rank: no collective when off
-            self._make_room(weights=False)            # the sync's buffers too, on every rank, before the KV cache
-            with fail_together("resuming the servers' memory"):
-                if engine is not None:
-                    engine.resume_memory()
-        stats = {"sync/time(s)": dt, "sync/bytes": float(nbytes), "sync/GBps": nbytes / max(dt, 1e-9) / 1e9}
+        with self.colocation.push(engine) as prepare, m.timed("sync/time(s)"):
+            nbytes = self.weight_sync.push(engine, self.weight_version, prepare=prepare)
+        m.add({"sync/bytes": float(nbytes)}, LOCAL)
+        m.derive("sync/GBps", lambda v: v["sync/bytes"] / max(v["sync/time(s)"], 1e-9) / 1e9)
         if self.cfg.weight_sync.verify == "probe":
-            t1 = time.monotonic()
-            stats.update(verify_sync(engine, self.actor.policy, self.ps, self.cfg, version=self.weight_version,
-                                     vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)))
-            stats["sync/probe_time(s)"] = time.monotonic() - t1
-        return stats
+            with m.timed("sync/probe_time(s)"):
+                m.add(verify_sync(engine, self.actor.policy, self.ps, self.cfg, version=self.weight_version,
+                                  vocab_limit=min(len(self.tokenizer), self.cfg.model.vocab_size)), LOCAL)
 
     def _weights_source(self) -> str:
         """Where the initial weights come from: 'resume' (this run's checkpoint), 'checkpoint' (checkpoint.load),
@@ -399,7 +366,7 @@ class Trainer:
             # bf16 training keeps fp32 main copies inside the optimizer (distributed or not), built from the
             # random init: refresh them, or the first step would write the random weights back.
             actor.optimizer.reload_model_params()
-        self._sync_weights()
+        self._sync_weights(StepMetrics(self.ps))        # the initial sync's figures are not logged
 
     def _trainer_state(self) -> dict:
         return {
@@ -415,7 +382,7 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
         """Run the steps left; returns the last step's metrics. Before every step the ranks agree on stop
-        requests (``stop.agree_stop``: a signal, see stop.py): on one, the loop checkpoints the
+        requests (``stop.agree_stop``: a signal, see run/stop.py): on one, the loop checkpoints the
         last completed step (whatever ``checkpoint.save_interval`` says; nothing when it is already saved or no
         step ran) and returns early with ``self.stop_signal`` set to the signal number (0 otherwise)."""
         cfg = self.cfg
@@ -454,35 +421,10 @@ class Trainer:
         return last
 
     def _save(self) -> None:
-        """Checkpoint the current step. Colocated servers keep their (synced) weights but give back their KV
-        cache and CUDA graphs while the optimizer state is on the device for the save."""
-        colocated = self.offload.enabled
-        engine = self.engine if self.ps.is_generator else None
-        if colocated:
-            with fail_together("releasing the servers' KV cache for a checkpoint"):
-                if engine is not None:
-                    engine.release_memory(["kv_cache", "cuda_graph"])
-        try:
-            self.offload.reload(parts=("optimizer", "weights"))      # the gradient buffers stay freed
+        """Checkpoint the current step (colocated servers give back their KV cache meanwhile)."""
+        with self.colocation.checkpoint(self.engine if self.ps.is_generator else None):
             self.checkpointer.save(self.step, self.actor.chunks, optimizer=self.actor.optimizer,
                                    trainer_state=self._trainer_state())
-        finally:
-            if colocated:
-                self._make_room(weights=False)
-                with fail_together("resuming the servers' KV cache after a checkpoint"):
-                    if engine is not None:
-                        engine.resume_memory()
-
-    def _make_room(self, *, weights: bool) -> None:
-        """Colocated servers: offload the trainer's state (policy/offload.py), hand the cached blocks back to the
-        driver, and wait for every rank to have done so before any server takes memory back (collective when
-        offloading is on; nothing otherwise)."""
-        if not self.offload.enabled:
-            return
-        self.offload.offload(weights=weights)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        collectives.barrier()
 
     def _write_run_info(self) -> None:
         """The dashboard layout, the resolved config and the code revision, at the step the run (re)starts."""
@@ -540,16 +482,3 @@ def _subset_rows(num_rows: int, samples: int, dp_size: int, micro_batch_size: in
         share = -(-share // micro_batch_size) * micro_batch_size
     return min(num_rows, share)
 
-
-class _TokenMean:
-    """A token mean over the step's valid response tokens, as this rank's share: the sum over its own tokens
-    divided by the count over the data-parallel group (collective at construction), so shares add up over
-    the replicas to the global mean."""
-
-    def __init__(self, loss_mask: torch.Tensor, ps: ParallelState):
-        self.mask = loss_mask.float()
-        self.local_count = float(self.mask.sum())
-        self.global_count = float(collectives.reduce_values([self.local_count], group=ps.dp_group))
-
-    def share(self, values: torch.Tensor) -> float:
-        return float((values * self.mask).sum()) / max(self.global_count, 1.0)

@@ -1,18 +1,10 @@
 """Token histograms: a uniform sample of the step's tokens (covariance, entropy) for TensorBoard, identical for
 every parallel layout, gathered to rank 0.
 
-cov/mean and the quantiles summarise a distribution whose tail is the point (arXiv 2505.22617: a small share
-of high-covariance tokens drives the entropy collapse). Writing every token would cost host memory and event
-bytes in proportion to the batch, so each optimizer mini-batch contributes a uniform random sample of
-ceil(K / num_mini_batches) of its valid tokens: those with the smallest splitmix64(token key XOR salt) over the
-whole data-parallel group, found by the exact distributed selection Clip-Cov uses
-(ops/covariance.global_random_choice_mask) with a salt of its own. The sample is a function of the token keys,
-the seed and the step only: data parallelism, micro-batching and tensor parallelism give the same histogram.
-The chosen tokens (Clip-Cov detached / KL-Cov penalised) are sampled the same way among themselves, so they
-show up even when they are 2e-4 of the batch.
-
-Cost per mini-batch: two radix selections (8 small all-reduces each over the data-parallel group, none at
-dp=1) and one gather of at most 4K floats to rank 0 per step (``perf/histogram_time(s)`` logs it).
+Each optimizer mini-batch contributes ceil(K / num_mini_batches) of its valid tokens: those with the smallest
+splitmix64(token key XOR salt) over the data-parallel group (ops/covariance.global_random_choice_mask, with a
+salt of its own), so the sample depends on the token keys, the seed and the step only. The chosen tokens
+(Clip-Cov detached / KL-Cov penalised) are sampled the same way among themselves.
 
 Example:
     hist = TokenHistograms(cfg.metrics.histogram_tokens, num_mini_batches=2, seed=cfg.seed, step=step, ps=ps)
@@ -20,6 +12,7 @@ Example:
         selection = ...
         hist.add(mini, selection)          # every rank of the last pipeline stage
     values = hist.gather()                 # rank 0: {"cov/tokens": array, ...}; {} elsewhere
+Design notes: docs/design/monitor.md
 """
 
 from __future__ import annotations
@@ -35,8 +28,8 @@ from megatron_entcov.distributed import collectives
 from megatron_entcov.ops.covariance import global_random_choice_mask, selection_salt
 
 if TYPE_CHECKING:
-    from megatron_entcov.losses.policy import TokenSelection
     from megatron_entcov.distributed.parallel import ParallelState
+    from megatron_entcov.losses.policy import TokenSelection
     from megatron_entcov.policy.batch import TrainBatch
 
 __all__ = ["HISTOGRAM_TAGS", "TokenHistograms", "histogram_seed"]

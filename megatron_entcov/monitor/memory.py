@@ -1,23 +1,16 @@
-"""GPU and host memory per phase of an RL step: the ``mem/*`` TensorBoard tags.
+"""GPU and host memory per phase of an RL step (``rollout``, ``train``, ``sync``): the ``mem/*`` tags, each the
+largest value over all ranks (the rank that runs out first).
 
-Colocated runs live or die by what the trainer holds while the servers generate, so each phase reports, as
-the largest value over all ranks (the rank that runs out first):
-
-- ``mem/<phase>/allocated(GiB)``: tensors alive at the end of the phase (``torch.cuda.memory_allocated``);
-- ``mem/<phase>/reserved(GiB)``: what the caching allocator keeps from the driver then (what the servers
-  cannot have unless it is emptied);
-- ``mem/<phase>/peak(GiB)``: the most allocated at any moment of the phase;
-- ``mem/<phase>/host_rss(GiB)``: the process's resident host memory (every device, CPU runs too);
-- ``mem/offloaded(GiB)``: trainer state held on the host by policy/offload.py while the servers generate.
-
-Phases: ``rollout`` (generation, rewards; the trainer's weights and optimizer are offloaded when colocated),
-``train`` (old log-probs, the mini-batch updates), ``sync`` (pushing weights to the engine). The three GPU
-tags exist only on CUDA devices.
+- ``mem/<phase>/allocated(GiB)``, ``reserved(GiB)``, ``peak(GiB)``: tensors alive at the end of the phase, what
+  the caching allocator keeps from the driver then, the most allocated during the phase (CUDA devices only);
+- ``mem/<phase>/host_rss(GiB)``: the process's resident host memory (every device);
+- ``mem/offloaded(GiB)``: trainer state on the host (policy/offload.py) while colocated servers generate.
 
 Example:
     mem = PhaseMemory(ps)
-    mem.begin("train"); ...; mem.end("train")
-    metrics.update(mem.collect())          # collective: every rank calls it once per step
+    mem.begin("train"); ...; mem.end("train")       # policy/colocation.py's phase contexts call these
+    step_metrics.add(mem.take(), MAX)               # reduced with the step's other maxima (monitor/step.py)
+Design notes: docs/design/monitor.md
 """
 
 from __future__ import annotations
@@ -26,8 +19,6 @@ from typing import TYPE_CHECKING
 
 import psutil
 import torch
-
-from megatron_entcov.distributed import collectives
 
 if TYPE_CHECKING:
     from megatron_entcov.distributed.parallel import ParallelState
@@ -39,7 +30,7 @@ _GIB = float(1 << 30)
 
 
 class PhaseMemory:
-    """Memory figures of each phase of one step, reduced (max) over the world by :meth:`collect`."""
+    """Memory figures of each phase of one step on this rank, until :meth:`take` hands them over."""
 
     def __init__(self, ps: "ParallelState"):
         self.on_gpu = ps.device.type == "cuda"
@@ -63,10 +54,7 @@ class PhaseMemory:
         if offloaded_bytes is not None:
             v["mem/offloaded(GiB)"] = offloaded_bytes / _GIB
 
-    def collect(self) -> dict[str, float]:
-        """The phase figures since the last call, each the max over all ranks (collective over the world; every
-        rank has recorded the same phases)."""
-        keys = sorted(self.values)
-        out = collectives.reduce_values([self.values[k] for k in keys], op="max") if keys else []
-        self.values = {}
-        return dict(zip(keys, [float(x) for x in out]))
+    def take(self) -> dict[str, float]:
+        """This rank's figures since the last call (then forgotten): to reduce as the max over all ranks."""
+        values, self.values = self.values, {}
+        return values

@@ -1,10 +1,9 @@
-"""Monitoring: metric reduction over ranks, TensorBoard event files and the console line (rank 0 only).
+"""Monitoring: metric sums over ranks, TensorBoard event files and the console line (rank 0 only).
 
 Metric keys are ``section/name(unit)``: train/, rollout/, reward/, entropy/, cov/, coef/, law/, sync/, perf/,
-eval/.
-Every rank calls :func:`reduce_sum_metrics` (a collective); only ``ps.is_rank0`` writes. Besides scalars the
-logger writes the custom-scalars layout, text, images and histograms that dashboard.py, law_report.py and
-token_histograms.py build.
+mem/, eval/. Evaluation and SFT sum their shares with :func:`reduce_sum_metrics` (a collective); an RL step
+declares each key's reduction in step.py. Only ``ps.is_rank0`` writes: besides scalars, the custom-scalars
+layout, text, images and histograms that dashboard.py, law_report.py and histograms.py build.
 
 Example:
     logger = MetricsLogger(run_dir, ps, enabled=cfg.metrics.tensorboard)
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
 from megatron_entcov.distributed import collectives
 
 if TYPE_CHECKING:

@@ -1,24 +1,17 @@
 """Trainer state off the GPU while colocated SGLang servers use it (``rollout.sglang.release_memory``).
 
-Colocated servers and the trainer share each GPU. The servers give their memory back after generating
-(``release_memory``); this module is the trainer's half: after the optimizer steps it frees the gradient
-buffers and moves the optimizer state (fp32 master weights, Adam moments) to pinned host memory; while the
-servers generate it moves the model weights out too; before training everything comes back. Between the two,
-``torch.cuda.empty_cache()`` hands the cached blocks back to the driver, where the servers can take them.
-
-Tensors keep their identity: each storage is shrunk to zero bytes (``untyped_storage().resize_(0)``) and
-regrown in place, so the views Megatron keeps (``param.main_grad``, the distributed optimizer's shards, DDP's
-contiguous buffers) stay valid. Gradients are not copied (the next step zeroes them); weights and optimizer
-state are copied to the host and back bit for bit. Reading an offloaded tensor is undefined (its storage is
-empty: an error, or a crash in kernels that do not check), so the trainer reloads before anything reads them
-and ``tests/distributed/test_offload.py`` checks, on CPU, that storages are empty exactly while the engine
-generates and that a run with offload is bit-identical to one without.
+After the optimizer steps it frees the gradient buffers and moves the optimizer state (fp32 master weights,
+Adam moments) to pinned host memory; while the servers generate it moves the model weights out too; before
+training everything comes back. Tensors keep their identity: each storage is shrunk to zero bytes and regrown
+in place, so the views Megatron keeps stay valid; weights and optimizer state come back bit for bit, gradients
+zeroed. Reading an offloaded tensor is undefined: reload first. When and in which order is policy/colocation.py's.
 
 Example:
     offload = TrainerOffload(actor.chunks, actor.optimizer, enabled=cfg.rollout.sglang.release_memory)
     offload.offload(weights=False)     # after the optimizer steps: gradients + optimizer state
     offload.offload(weights=True)      # while the servers generate: the weights too
     offload.reload()                   # before the next forward
+Design notes: docs/design/trainer.md
 """
 
 from __future__ import annotations

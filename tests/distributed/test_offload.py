@@ -29,32 +29,33 @@ def _run(cfg_args, ps, offload: bool):
 
     cfg = load_config(None, cfg_args).resolve(ps.world_size)
     trainer = Trainer(cfg, ps)
-    trainer.offload.enabled = offload          # release_memory needs GPU servers; the offload itself does not
+    # release_memory needs GPU servers; the colocation does not (the local engine's release/resume do nothing)
+    trainer.colocation.offload.enabled = offload
     seen = []
     if trainer.engine is not None:
         generate = trainer.engine.generate
 
         def watched(*args, **kwargs):
             weights = [p for c in trainer.actor.chunks for p in c.parameters()]
-            optimizer_state = trainer.offload._optimizer_state()
-            seen.append((trainer.offload.offloaded, _storage_bytes(weights), _storage_bytes(optimizer_state),
-                         _storage_bytes(trainer.offload._grads())))
+            optimizer_state = trainer.colocation.offload._optimizer_state()
+            seen.append((trainer.colocation.offload.offloaded, _storage_bytes(weights),
+                         _storage_bytes(optimizer_state), _storage_bytes(trainer.colocation.offload._grads())))
             return generate(*args, **kwargs)
         trainer.engine.generate = watched
     last = trainer.train()
     # A colocated run ends as after every checkpoint: gradients freed, optimizer state on the host.
-    after_run = (trainer.offload.offloaded, trainer.offload.host_bytes)
-    trainer.offload.reload()
+    after_run = (trainer.colocation.offload.offloaded, trainer.colocation.offload.host_bytes)
+    trainer.colocation.offload.reload()
     params = {n: p.detach().clone() for c in trainer.actor.chunks for n, p in c.named_parameters()}
-    state = [t.detach().clone() for t in trainer.offload._optimizer_state()]
-    host = trainer.offload.host_bytes
-    opt_bytes = sum(t.untyped_storage().nbytes() for t in trainer.offload._optimizer_state()
+    state = [t.detach().clone() for t in trainer.colocation.offload._optimizer_state()]
+    host = trainer.colocation.offload.host_bytes
+    opt_bytes = sum(t.untyped_storage().nbytes() for t in trainer.colocation.offload._optimizer_state()
                     if t.untyped_storage().data_ptr() not in
                     {p.untyped_storage().data_ptr() for c in trainer.actor.chunks for p in c.parameters()})
     from megatron_entcov.policy.offload import _unique_storages
 
     kept = _unique_storages([p for c in trainer.actor.chunks for p in c.parameters()]
-                            + trainer.offload._optimizer_state())
+                            + trainer.colocation.offload._optimizer_state())
     kept_bytes = sum(t.untyped_storage().nbytes() for t in kept)
     trainer.close()
     return last, params, state, seen, (host, after_run, opt_bytes), kept_bytes
