@@ -34,11 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import sys
 
 import numpy as np
 import torch

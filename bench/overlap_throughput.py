@@ -68,8 +68,8 @@ def measure_overlap(*, engine: str = "sglang", steps: int = 4, overrides=(), run
     import torch
 
     from megatron_entcov.config import load_config
-    from megatron_entcov.rollout.prefetch import RolloutPrefetch
     from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.rollout.prefetch import RolloutPrefetch
     from megatron_entcov.trainer import Trainer
 
     torch.set_num_threads(threads)

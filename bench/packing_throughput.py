@@ -53,8 +53,8 @@ def _setup(max_len: int, num_samples: int, prompt: int, micro_batch_size: int):
     import torch
 
     from megatron_entcov.config import load_config
-    from megatron_entcov.losses.policy import compute_token_selection, policy_loss
     from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.losses.policy import compute_token_selection, policy_loss
     from megatron_entcov.policy.actor import Actor
     from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.rollout.types import Sample
@@ -106,9 +106,8 @@ def measure_packing(max_len: int = 512, num_samples: int = 64, *, prompt: int = 
     """Padded vs packed step time over one batch, alternating, in this process (initialises torch.distributed
     with one rank). Returns the tokens, the best step time of each path, tokens/s and their ratio."""
     batch, step, budget = _setup(max_len, num_samples, prompt, micro_batch_size)
-    from megatron_entcov.policy.packing import plan_bins
-
     from megatron_entcov.distributed.parallel import destroy_parallel
+    from megatron_entcov.policy.packing import plan_bins
 
     try:
         saved = {"padded": SavedActivations(), "packed": SavedActivations()}

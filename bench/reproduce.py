@@ -175,8 +175,8 @@ def worker(spec_file: Path) -> int:
 
     torch.set_num_threads(1)
     from megatron_entcov.config import load_config
-    from megatron_entcov.run.logs import setup_logging
     from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.run.logs import setup_logging
     from megatron_entcov.trainer import Trainer
 
     setup_logging(level="warning")

@@ -25,11 +25,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_entcov.run.launch import (DEFAULT_STOP_TIMEOUT, LAUNCHED_ENV, argv_without_nproc, supervise,
-                                    torchrun_command)
+from megatron_entcov.run.launch import (
+    DEFAULT_STOP_TIMEOUT,
+    LAUNCHED_ENV,
+    argv_without_nproc,
+    supervise,
+    torchrun_command,
+)
 from megatron_entcov.run.logs import LEVELS, setup_logging
-from megatron_entcov.run.stop import (StopNow, StopSignals, start_checkpoint_queue, stop_checkpoint_queue,
-                                  stop_exit_code)
+from megatron_entcov.run.stop import StopNow, StopSignals, start_checkpoint_queue, stop_checkpoint_queue, stop_exit_code
 
 __all__ = ["main"]
 
@@ -160,8 +164,8 @@ def _cmd_sft(args) -> int:
 def _cmd_quickstart(args) -> int:
     import time
 
-    from megatron_entcov.monitor.law_report import write_law_report
     from megatron_entcov.distributed.parallel import destroy_parallel
+    from megatron_entcov.monitor.law_report import write_law_report
     from megatron_entcov.run.run_dir import RunDir
     from megatron_entcov.sft import run_sft
     from megatron_entcov.trainer import Trainer

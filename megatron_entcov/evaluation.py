@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_entcov.distributed.parallel import fail_together
 from megatron_entcov.experience import Experience, broadcast_experience
 from megatron_entcov.monitor.metrics import reduce_sum_metrics
-from megatron_entcov.distributed.parallel import fail_together
 from megatron_entcov.policy.batch import rows_from_samples
-from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import SamplingParams, mix_seed
+from megatron_entcov.tasks import score
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
-    from megatron_entcov.tasks.prompts import PromptDataset, PromptItem
     from megatron_entcov.distributed.parallel import ParallelState
+    from megatron_entcov.tasks.prompts import PromptDataset, PromptItem
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from megatron_entcov.distributed import collectives
 from megatron_entcov.losses.advantages import compute_group_advantages
 from megatron_entcov.policy.batch import TrainBatch, rows_from_samples
-from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
+from megatron_entcov.tasks import score
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig

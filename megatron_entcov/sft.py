@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from megatron_entcov.distributed import collectives
-from megatron_entcov.run.checkpoint import Checkpointer
 from megatron_entcov.config import RunConfig, dump_config
-from megatron_entcov.monitor.dashboard import config_markdown, source_markdown
-from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
-from megatron_entcov.monitor.metrics import MetricsLogger, reduce_sum_metrics
+from megatron_entcov.distributed import collectives
 from megatron_entcov.distributed.parallel import ParallelState
+from megatron_entcov.monitor.dashboard import config_markdown, source_markdown
+from megatron_entcov.monitor.metrics import MetricsLogger, reduce_sum_metrics
 from megatron_entcov.policy.actor import Actor
 from megatron_entcov.policy.batch import TrainBatch, rows_from_samples
-from megatron_entcov.tasks import score
 from megatron_entcov.rollout.types import Sample, SamplingParams
+from megatron_entcov.run.checkpoint import Checkpointer
+from megatron_entcov.tasks import score
+from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
 from megatron_entcov.tasks.tokenizer import load_tokenizer
 from megatron_entcov.weights.sync import WeightSync
 

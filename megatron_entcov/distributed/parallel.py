@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.distributed import collectives
-from megatron_entcov.compat import device_audit
 from megatron_entcov.compat import cpu as cpu_compat
+from megatron_entcov.compat import device_audit
 from megatron_entcov.config import ParallelConfig
+from megatron_entcov.distributed import collectives
 
 logger = logging.getLogger(__name__)
 

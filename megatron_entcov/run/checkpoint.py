@@ -294,6 +294,7 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     (:func:`check_dist_checkpoint`), or its tensors do not fit the model.
     """
     from megatron.core import dist_checkpointing
+
     from megatron_entcov.policy.model import unwrap_model
 
     directory = Path(directory)

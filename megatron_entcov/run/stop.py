@@ -18,7 +18,6 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-
 from megatron_entcov.distributed import collectives
 from megatron_entcov.run.launch import LAUNCHED_ENV
 

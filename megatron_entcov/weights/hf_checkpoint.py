@@ -25,8 +25,8 @@ import torch
 
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.config.dtypes import DTYPES, dtype_name
-from megatron_entcov.weights.hf_map import expected_hf_shapes
 from megatron_entcov.config.hf import read_hf_model_fields
+from megatron_entcov.weights.hf_map import expected_hf_shapes
 
 logger = logging.getLogger(__name__)
 

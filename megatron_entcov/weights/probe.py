@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.distributed import collectives
-from megatron_entcov.policy.batch import rows_from_samples
 from megatron_entcov.config import SYNC_PROBE_PROMPT_LEN
+from megatron_entcov.distributed import collectives
 from megatron_entcov.distributed.parallel import fail_together
+from megatron_entcov.policy.batch import rows_from_samples
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 if TYPE_CHECKING:

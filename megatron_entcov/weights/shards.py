@@ -24,12 +24,20 @@ from typing import TYPE_CHECKING, Iterator, Literal
 import torch
 import torch.distributed as dist
 
-from megatron_entcov.distributed import collectives
 from megatron_entcov.config import ModelConfig
+from megatron_entcov.distributed import collectives
 from megatron_entcov.monitor.metrics import iter_progress
-from megatron_entcov.weights.hf_map import (EMBEDDING_RULE, RULES, WeightRule, match_megatron_name, to_hf, to_megatron,
-                                             tp_shard, tp_unshard)
 from megatron_entcov.weights.hf_checkpoint import HFCheckpoint
+from megatron_entcov.weights.hf_map import (
+    EMBEDDING_RULE,
+    RULES,
+    WeightRule,
+    match_megatron_name,
+    to_hf,
+    to_megatron,
+    tp_shard,
+    tp_unshard,
+)
 
 if TYPE_CHECKING:
     from megatron_entcov.distributed.parallel import ParallelState

@@ -27,14 +27,20 @@ import torch
 import yaml
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, expected_hf_shapes, megatron_shape, to_hf
 from megatron_entcov.config.dtypes import torch_dtype
-from megatron_entcov.monitor.metrics import iter_progress
-from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, check_free_space, check_output,
-                                                     converter_parser, copy_hf_side_files, run_converter,
-                                                     writing_output)
-from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
 from megatron_entcov.config.hf import to_hf_config
+from megatron_entcov.monitor.metrics import iter_progress
+from megatron_entcov.weights.convert_output import (
+    MODEL_CONFIG_FILE,
+    check_free_space,
+    check_output,
+    converter_parser,
+    copy_hf_side_files,
+    run_converter,
+    writing_output,
+)
+from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
+from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, expected_hf_shapes, megatron_shape, to_hf
 
 logger = logging.getLogger(__name__)
 

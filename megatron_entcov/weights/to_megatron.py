@@ -26,12 +26,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_entcov.distributed import collectives
 from megatron_entcov.config import ModelConfig, ParallelConfig
 from megatron_entcov.config.dtypes import torch_dtype
-from megatron_entcov.weights.convert_output import (MODEL_CONFIG_FILE, STEP_DIR, check_free_space, check_output,
-                                                     converter_parser, copy_hf_side_files, run_converter,
-                                                     writing_output)
+from megatron_entcov.distributed import collectives
+from megatron_entcov.weights.convert_output import (
+    MODEL_CONFIG_FILE,
+    STEP_DIR,
+    check_free_space,
+    check_output,
+    converter_parser,
+    copy_hf_side_files,
+    run_converter,
+    writing_output,
+)
 from megatron_entcov.weights.hf_checkpoint import HFCheckpoint, check_hf_checkpoint, load_hf_model_config
 from megatron_entcov.weights.hf_map import expected_hf_shapes
 from megatron_entcov.weights.shards import load_hf_weights
@@ -80,9 +87,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     """
     import torch.distributed as dist
 
-    from megatron_entcov.run.checkpoint import save_model
-    from megatron_entcov.policy.model import build_model
     from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.policy.model import build_model
+    from megatron_entcov.run.checkpoint import save_model
 
     hf_dir, out = Path(hf_dir), Path(out)
     check_output(out, force, inputs=[("--hf-dir", hf_dir)])

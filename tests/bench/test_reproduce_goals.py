@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from script_modules import load_script
 
 from megatron_entcov.monitor.metrics import read_scalars
-
-from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 

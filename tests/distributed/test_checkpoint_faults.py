@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.distributed
@@ -59,9 +58,9 @@ def _lock_is_free(path: Path) -> bool:
 
 # -------------------------------------------------------------------------------- one run per run directory
 def _rerun_worker(rank, world_size, out):
-    from megatron_entcov.run.checkpoint import list_complete_steps
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.run.checkpoint import list_complete_steps
     from megatron_entcov.run.run_dir import RunDir, RunDirError
     from megatron_entcov.trainer import Trainer
 
@@ -217,9 +216,9 @@ def _damage(root: Path, case: str) -> None:
 def _faults_worker(rank, world_size, out, cases):
     import torch.distributed as dist
 
-    from megatron_entcov.run.checkpoint import CheckpointError, Checkpointer
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.run.checkpoint import Checkpointer, CheckpointError
 
     warnings = _Warnings()
     cfg = load_config(None, TINY + [f"output_dir={out}", "name=faults"]).resolve(world_size)
@@ -356,9 +355,9 @@ def test_damaged_checkpoints_and_a_full_disk_on_two_ranks(tmp_path):
 
 # -------------------------------------------------------------------------------- disk full during a save
 def _disk_full_worker(rank, world_size, out, tiny_mount, small_mount):
-    from megatron_entcov.run.checkpoint import CheckpointError, Checkpointer
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.run.checkpoint import Checkpointer, CheckpointError
 
     cfg = load_config(None, TINY + [f"output_dir={out}", "name=full"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)

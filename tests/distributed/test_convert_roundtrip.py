@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed
@@ -109,12 +108,12 @@ def _rel_err(got, want):
 def _worker(rank, world_size, tmp, models):
     import yaml
 
-    from megatron_entcov.run.checkpoint import load_model, save_model
     from megatron_entcov.config import ModelConfig, ParallelConfig
+    from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.policy.model import build_model, check_loaded
+    from megatron_entcov.run.checkpoint import load_model, save_model
     from megatron_entcov.weights.shards import iter_hf_weights, load_hf_weights
     from megatron_entcov.weights.to_megatron import convert_hf_to_megatron
-    from megatron_entcov.policy.model import build_model, check_loaded
-    from megatron_entcov.distributed.parallel import init_parallel
 
     res = {}
     for name, m in models.items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from dist_utils import TINY_STEP, run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed

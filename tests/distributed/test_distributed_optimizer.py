@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.distributed

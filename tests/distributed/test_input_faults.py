@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed
@@ -68,11 +67,11 @@ def test_cli_refuses_a_model_section_that_truncates_the_checkpoint(hf_dir, tmp_p
 
 def _worker(rank, world_size, tmp, hf_dir):
     import megatron_entcov.trainer as trainer_mod
-    from megatron_entcov.run.checkpoint import find_latest
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import TrainingDivergedError
     from megatron_entcov.policy.model import unwrap_model
+    from megatron_entcov.run.checkpoint import find_latest
 
     out = {}
     common = RUN + [f"output_dir={tmp}"]

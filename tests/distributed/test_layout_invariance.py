@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed

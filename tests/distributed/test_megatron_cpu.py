@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed
@@ -68,17 +67,17 @@ def _full_logits(chunks, ps, cfg):
 
 
 def _layout(cfg):
-    from megatron_entcov.policy.model import build_model
     from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.policy.model import build_model
 
     ps = init_parallel(cfg.parallel, seed=SEED)
     return ps, build_model(cfg.model, cfg.parallel, ps)
 
 
 def _worker(rank, world_size, tmp):
-    from megatron_entcov.run.checkpoint import load_model, save_model
     from megatron_entcov.policy.optimizer import build_optimizer, wrap_ddp, zero_grads
     from megatron_entcov.policy.pipeline import run_microbatches
+    from megatron_entcov.run.checkpoint import load_model, save_model
 
     res = {}
     # Reference: tp=1, pp=1 (dp=4), saved as a dist checkpoint.
@@ -121,6 +120,7 @@ def _worker(rank, world_size, tmp):
     trained = _full_logits(chunks, ps, cfg)
     # The tied embedding: first-stage word embeddings == last-stage output weights after the step.
     import torch.distributed as dist
+
     from megatron_entcov.policy.model import unwrap_model
 
     model = unwrap_model(chunks[0])

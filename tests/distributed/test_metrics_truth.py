@@ -25,7 +25,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed

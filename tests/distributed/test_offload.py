@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.distributed
@@ -63,9 +62,7 @@ def _run(cfg_args, ps, offload: bool):
 
 def _twin_worker(rank, world_size, run_dir, layout):
     from megatron_entcov.config import load_config
-    from megatron_entcov.distributed.parallel import init_parallel
-
-    from megatron_entcov.distributed.parallel import seed_everything
+    from megatron_entcov.distributed.parallel import init_parallel, seed_everything
 
     base = TINY + layout + [f"output_dir={run_dir}"]
     cfg = load_config(None, base).resolve(world_size)

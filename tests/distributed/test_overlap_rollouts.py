@@ -17,7 +17,6 @@ What is checkable, and checked here:
 from __future__ import annotations
 
 import pytest
-
 from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.distributed
@@ -78,8 +77,8 @@ def _overlapped_worker(rank, world_size, run_dir):
 
 def _reference_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
-    from megatron_entcov.experience import collect_experience, dp_gather
     from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.experience import collect_experience, dp_gather
     from megatron_entcov.trainer import Trainer
 
     cfg = load_config(None, TINY + ["steps=3", f"output_dir={run_dir}", "name=reference"]).resolve(world_size)

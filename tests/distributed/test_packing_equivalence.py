@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_workers, tiny_model
 
 pytestmark = pytest.mark.distributed
@@ -51,9 +50,9 @@ def _worker(rank, world_size, layout):
     import torch.distributed as dist
 
     from megatron_entcov.config import load_config
+    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.experience import shard_rows
     from megatron_entcov.losses.policy import compute_token_selection, policy_loss
-    from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.policy.actor import Actor
     from megatron_entcov.policy.batch import rows_from_samples
     from megatron_entcov.policy.packing import plan_bins

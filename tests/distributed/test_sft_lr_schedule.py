@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed
@@ -22,8 +21,8 @@ TINY = [
 def _sft_worker(rank, world_size, run_dir, styles):
     """SFT once per style, one after another in this process; the logged sft/lr of each."""
     from megatron_entcov.config import load_config
-    from megatron_entcov.monitor.metrics import read_scalars
     from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.monitor.metrics import read_scalars
     from megatron_entcov.sft import run_sft
 
     logged = {}

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from dist_utils import TINY_MODEL, TINY_STEP
 
 pytestmark = pytest.mark.distributed

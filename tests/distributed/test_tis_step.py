@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.distributed

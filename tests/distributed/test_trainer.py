@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed
@@ -83,8 +82,8 @@ def test_one_rl_step_tp2_pp2_trains_every_parameter(tmp_path):
 def _probe_worker(rank, world_size, run_dir):
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
-    from megatron_entcov.weights.probe import SyncVerificationError, verify_sync
     from megatron_entcov.trainer import Trainer
+    from megatron_entcov.weights.probe import SyncVerificationError, verify_sync
 
     cfg = load_config(None, TINY + ["parallel.pipeline_model_parallel_size=2", "steps=1", f"output_dir={run_dir}",
                                     "name=probe", "weight_sync.probe_tokens=8"]).resolve(world_size)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_workers
 
 WORLD = 4

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed

@@ -41,10 +41,10 @@ def test_transformer_engine_spec_matches_local_spec(tmp_path, gpu_need):
     gpu_need("te", _te_missing())
     # One process, NCCL: init_parallel fills the env:// rendezvous for a single rank itself.
     tmp = str(tmp_path)
-    from megatron_entcov.run.checkpoint import load_model, save_model
     from megatron_entcov.config import load_config
-    from megatron_entcov.policy.model import build_model
     from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.policy.model import build_model
+    from megatron_entcov.run.checkpoint import load_model, save_model
 
     outs = {}
     for impl in ("local", "transformer_engine"):

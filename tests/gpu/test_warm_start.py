@@ -7,7 +7,6 @@ it also needs the trainer's batches on the device (the GPU-path work)."""
 from __future__ import annotations
 
 import pytest
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.gpu

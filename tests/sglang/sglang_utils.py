@@ -37,8 +37,8 @@ class Router:
     def __enter__(self) -> "Router":
         import subprocess
 
-        from megatron_entcov.rollout.sglang.placement import router_workers
         from megatron_entcov.distributed.net import free_port
+        from megatron_entcov.rollout.sglang.placement import router_workers
         from megatron_entcov.rollout.sglang.server import default_server_python
 
         port = free_port()

@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
+from sglang_utils import buckets, cpu_servers, load_state_dict
 
 from megatron_entcov.rollout.sglang import SGLangEngine
 from megatron_entcov.rollout.types import SamplingParams
-from sglang_utils import buckets, cpu_servers, load_state_dict
 
 pytestmark = pytest.mark.sglang
 

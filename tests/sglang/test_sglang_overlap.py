@@ -11,7 +11,6 @@ Run: make test-sglang
 from __future__ import annotations
 
 import pytest
-
 from dist_utils import TINY_MODEL, TINY_STEP, run_workers
 
 pytestmark = pytest.mark.sglang
@@ -22,11 +21,12 @@ TINY = [*TINY_MODEL, "model.add_qkv_bias=true", *TINY_STEP, "optim.num_mini_batc
 
 
 def _worker(rank, world_size, run_dir):
+    from sglang_utils import cpu_servers
+
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
     from megatron_entcov.rollout.sglang import SGLangEngine
     from megatron_entcov.trainer import Trainer
-    from sglang_utils import cpu_servers
 
     cfg = load_config(None, TINY + [f"output_dir={run_dir}", "name=sglang_overlap"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)

@@ -9,7 +9,6 @@ Run: make test-sglang
 from __future__ import annotations
 
 import pytest
-
 from dist_utils import run_workers
 
 pytestmark = pytest.mark.sglang

@@ -10,7 +10,6 @@ headers (``slurm_utils.NODE_OPTIONS``: one fake typed GPU per node, 2 CPUs per t
 from __future__ import annotations
 
 import pytest
-
 from local_slurm import LocalSlurm, install_slurm, missing_requirements
 from slurm_utils import job_environment
 

@@ -5,7 +5,6 @@ a directory without config.json fails the job naming it."""
 from __future__ import annotations
 
 import pytest
-
 from dist_utils import TINY_MODEL_FIELDS
 from slurm_utils import JOB_TIMEOUT_S, SLURM_DIR, describe, job_output
 

@@ -7,8 +7,15 @@ from __future__ import annotations
 import pytest
 
 from megatron_entcov.config import load_config
-from megatron_entcov.run.slurm import (JobError, check_remote_servers, gres_count, main, nproc_per_node,
-                                       run_finished, servers_per_node)
+from megatron_entcov.run.slurm import (
+    JobError,
+    check_remote_servers,
+    gres_count,
+    main,
+    nproc_per_node,
+    run_finished,
+    servers_per_node,
+)
 
 
 @pytest.mark.parametrize("value, count", [("8", 8), ("h100:8", 8), ("gpu:h100:8", 8), ("a100:4,v100:2", 6),

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dist_utils import TINY_MODEL, TINY_STEP, set_args
 from slurm_utils import JOB_TIMEOUT_S, NODE_OPTIONS, ROOT, SLURM_DIR, describe, job_environment, job_output
 

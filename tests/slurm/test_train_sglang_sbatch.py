@@ -11,10 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from dist_utils import TINY_STEP, set_args, tiny_model
-from megatron_entcov.rollout.sglang.server import default_server_python
 from slurm_utils import JOB_TIMEOUT_S, NODE_OPTIONS, ROOT, SLURM_DIR, describe, free_port, job_output
+
+from megatron_entcov.rollout.sglang.server import default_server_python
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     not Path(default_server_python()).is_file(),

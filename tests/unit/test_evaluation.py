@@ -6,8 +6,8 @@ import math
 import pytest
 
 from megatron_entcov.config import load_config
-from megatron_entcov.tasks.prompts import build_dataset
 from megatron_entcov.evaluation import eval_prompts, pass_at_k
+from megatron_entcov.tasks.prompts import build_dataset
 from megatron_entcov.tasks.tokenizer import build_char_tokenizer
 
 
@@ -68,8 +68,8 @@ def test_eval_seed_evaluates_the_same_problems_for_every_run_seed():
     fixed = [_prompts([f"seed={seed}", "eval.seed=1"]) for seed in (1, 2, 3)]
     assert fixed[0] == fixed[1] == fixed[2] == own[1]
     # They are held-out problems, listed independently: the stream's first distinct problems hashing below 0.2.
-    from megatron_entcov.tasks.prompts import _content_share
     from megatron_entcov.tasks.countdown import CountdownTask
+    from megatron_entcov.tasks.prompts import _content_share
 
     task, expected = CountdownTask(seed=1), []
     for i in range(100_000):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from megatron_entcov.config import load_config
-from megatron_entcov.tasks.prompts import PromptLoader, build_dataset
 from megatron_entcov.experience import collect_experience, shard_rows
-from megatron_entcov.tasks.arithmetic import ArithmeticTask
 from megatron_entcov.rollout.engine import RolloutEngine
 from megatron_entcov.rollout.types import Sample
+from megatron_entcov.tasks.arithmetic import ArithmeticTask
+from megatron_entcov.tasks.prompts import PromptLoader, build_dataset
 from megatron_entcov.tasks.tokenizer import build_char_tokenizer
 
 N = 4  # samples per prompt

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_entcov.distributed import collectives
 from megatron_entcov.compat import device_audit
 from megatron_entcov.compat.device_audit import AUDIT_DEVICE, DevicePlacementError, placement
+from megatron_entcov.distributed import collectives
 
 
 @pytest.fixture

@@ -13,13 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import TRANSPORT_MODEL_FIELDS
+
 from megatron_entcov.config import ModelConfig
 from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.sglang.pool import DEAD, LIVE, Server, ServerPool
-from megatron_entcov.rollout.sglang.transports import (DistributedTransport, TransportContext, build_transport,
-                                                       expected_shapes)
+from megatron_entcov.rollout.sglang.transports import (
+    DistributedTransport,
+    TransportContext,
+    build_transport,
+    expected_shapes,
+)
 
 TINY = TRANSPORT_MODEL_FIELDS
 

@@ -18,13 +18,19 @@ import pickle
 
 import pytest
 import torch
-
 from dist_utils import TRANSPORT_MODEL_FIELDS
+
 from megatron_entcov.config import ModelConfig, SGLangConfig
 from megatron_entcov.rollout.sglang.pool import Server, ServerPool
-from megatron_entcov.rollout.sglang.transports import (TensorTransport, TransportContext, choose_master_address,
-                                                       expected_shapes, route_address, serialize_cuda_ipc,
-                                                       server_gpu_ids)
+from megatron_entcov.rollout.sglang.transports import (
+    TensorTransport,
+    TransportContext,
+    choose_master_address,
+    expected_shapes,
+    route_address,
+    serialize_cuda_ipc,
+    server_gpu_ids,
+)
 
 TINY = dict(TRANSPORT_MODEL_FIELDS, tie_word_embeddings=False)
 
@@ -117,8 +123,9 @@ def test_cuda_handles_name_the_device_by_uuid():
     CUDA tensor (rebuild_cuda_tensor's 7th argument is the device index)."""
     import inspect
 
-    from megatron_entcov.rollout.sglang.transports import _with_device_uuid
     from torch.multiprocessing import reductions
+
+    from megatron_entcov.rollout.sglang.transports import _with_device_uuid
 
     assert list(inspect.signature(reductions.rebuild_cuda_tensor).parameters)[6] == "storage_device"
     args = tuple(range(6)) + (3, "handle", 99)

@@ -46,8 +46,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from megatron_entcov.run.checkpoint import (CheckpointError, Checkpointer, _load_rng_file, _rng_state, _set_rng_state,
-                                        check_dist_checkpoint, find_latest, list_complete_steps)
+from megatron_entcov.run.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    _load_rng_file,
+    _rng_state,
+    _set_rng_state,
+    check_dist_checkpoint,
+    find_latest,
+    list_complete_steps,
+)
 
 # DCP in one process (no_dist) warns that it assumes a single process: that is the intent here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

@@ -22,8 +22,7 @@ import psutil
 import pytest
 
 from megatron_entcov import cli
-from megatron_entcov.run import launch
-from megatron_entcov.run import stop
+from megatron_entcov.run import launch, stop
 
 ROOT = Path(__file__).resolve().parents[3]
 

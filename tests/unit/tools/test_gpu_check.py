@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -366,7 +365,8 @@ def test_the_dry_run_checks_the_op_and_writes_its_report(tmp_path):
     assert op["status"] == "passed" and len(op["checks"]) == 6 and all(c["ok"] for c in op["checks"])
     for dtype in ("float32", "bfloat16"):
         fig = op["figures"][dtype]
-        assert fig["clone_ms"] > 0 and fig["fwd_bwd_ms"] > fig["fwd_ms"] > 0
+        # Times only: their order (fwd+bwd above fwd) is not asserted, as a loaded machine can invert it.
+        assert fig["clone_ms"] > 0 and fig["fwd_bwd_ms"] > 0 and fig["fwd_ms"] > 0
         assert fig["fwd_bwd_over_clone"] == pytest.approx(fig["fwd_bwd_ms"] / fig["clone_ms"])
     assert "[gpu-check] vocab_op  passed" in proc.stdout
 

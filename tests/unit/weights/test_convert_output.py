@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from megatron_entcov.weights import convert_output as co
-from megatron_entcov.weights.convert_output import (NoSpaceLeft, check_free_space, check_output, finish_output,
-                                                     prepare_tmp, run_converter, writing_output)
+from megatron_entcov.weights.convert_output import (
+    NoSpaceLeft,
+    check_free_space,
+    check_output,
+    finish_output,
+    prepare_tmp,
+    run_converter,
+    writing_output,
+)
 
 
 def _snapshot(root: Path) -> dict[str, bytes | str]:

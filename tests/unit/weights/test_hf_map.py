@@ -11,8 +11,19 @@ import pytest
 import torch
 
 from megatron_entcov.config import ModelConfig
-from megatron_entcov.weights.hf_map import (RULES, active_rules, expected_hf_shapes, hf_names, match_megatron_name,
-                                         pack_qkv, to_hf, to_megatron, tp_shard, tp_unshard, unpack_qkv)
+from megatron_entcov.weights.hf_map import (
+    RULES,
+    active_rules,
+    expected_hf_shapes,
+    hf_names,
+    match_megatron_name,
+    pack_qkv,
+    to_hf,
+    to_megatron,
+    tp_shard,
+    tp_unshard,
+    unpack_qkv,
+)
 
 QWEN = ModelConfig(num_layers=2, hidden_size=8, ffn_hidden_size=12, num_attention_heads=4, num_query_groups=2,
                    vocab_size=10, add_qkv_bias=True, tie_word_embeddings=True, max_position_embeddings=64)
