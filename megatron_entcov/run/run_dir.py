@@ -185,6 +185,7 @@ class RunDir:
         if is_rank0:
             lock = RunLock(path / LOCK_FILE)
             try:
+                _check_usable(path)
                 path.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
                 payload = {"run_id": _claim(path, resume=resume)}
@@ -212,6 +213,22 @@ class RunDir:
             except OSError as exc:
                 logger.warning("run directory: could not remove %s: %s", self.path / RUN_FILE, exc)
         self._lock.release()
+
+
+def _check_usable(path: Path) -> None:
+    """RunDirError when ``path`` or a directory above it is a symlink to a missing target, or is a file (mkdir
+    would say only "[Errno 17] File exists")."""
+    elsewhere = "write elsewhere with --set output_dir=... (or --set name=...)"
+    for part in (path, *path.parents):
+        where = f"run directory {str(path)!r}" + ("" if part == path else f": {str(part)!r}")
+        if part.is_symlink() and not part.exists():
+            target = Path(os.path.normpath(part.parent / os.readlink(part)))
+            raise RunDirError(f"{where} is a symlink to {str(target)!r}, which does not exist; create it (mkdir -p "
+                              f"{target}), point the link elsewhere, or {elsewhere}")
+        if part.exists():
+            if not part.is_dir():
+                raise RunDirError(f"{where} is a file, not a directory; move it away, or {elsewhere}")
+            return
 
 
 def _claim(path: Path, *, resume: bool) -> str:

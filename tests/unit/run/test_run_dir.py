@@ -181,3 +181,55 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, capl
                for m in messages), messages
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
     run.close()
+
+
+@pytest.mark.parametrize("link", ["run", "output"])
+def test_a_run_directory_behind_a_dangling_symlink_names_the_link_and_its_target(tmp_path, link):
+    """The run directory (or the output directory above it) is a symlink to a missing target: say so, naming
+    both, instead of "[Errno 17] File exists"; nothing is created at the target."""
+    target = tmp_path / "gone" / "target"
+    output = tmp_path / "output"
+    if link == "run":
+        output.mkdir()
+        (output / "run").symlink_to(target)
+        linked = output / "run"
+    else:
+        output.symlink_to(target)
+        linked = output
+    with pytest.raises(RunDirError) as err:
+        RunDir.open(output / "run", resume=False)
+    text = str(err.value)
+    assert "\n" not in text, text
+    assert f"{str(linked)!r} is a symlink to {str(target)!r}, which does not exist" in text, text
+    assert "Errno" not in text, text
+    assert f"mkdir -p {target}" in text and "output_dir" in text, text   # the fixes
+    assert not target.exists() and not (tmp_path / "gone").exists()
+
+
+def test_a_run_directory_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(RunDirError) as err:
+        RunDir.open(tmp_path / "run", resume=False)
+    text = str(err.value)
+    assert f"{str(tmp_path / 'run')!r} is a file, not a directory" in text and "Errno" not in text, text
+
+
+def test_train_into_a_dangling_symlink_says_so_in_one_line(tmp_path):
+    """Through the command: `train` whose run directory is a symlink to a missing directory."""
+    from dist_utils import TINY_MODEL, TINY_STEP, set_args
+
+    target = tmp_path / "scratch" / "runs"
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "job").symlink_to(target)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("MEGATRON_ENTCOV_LAUNCHED", None)
+    proc = subprocess.run([sys.executable, "-m", "megatron_entcov", "train",
+                           *set_args(*TINY_MODEL, *TINY_STEP, "metrics.tensorboard=false", "steps=1",
+                                     f"output_dir={tmp_path / 'output'}", "name=job")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("[")]   # log records: "[time r0]"
+    assert errors == [f"megatron-entcov train: error: run directory {str(tmp_path / 'output' / 'job')!r} is a "
+                      f"symlink to {str(target)!r}, which does not exist; create it (mkdir -p {target}), point "
+                      f"the link elsewhere, or write elsewhere with --set output_dir=... (or --set name=...)"], \
+        proc.stderr
