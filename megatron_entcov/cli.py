@@ -217,10 +217,12 @@ def _cmd_fit_law(args) -> int:
     from megatron_entcov.monitor.law_report import write_law_report
 
     summary = write_law_report(args.run_dir, args.out, source=args.source)
-    print(f"R = -{summary['a']:.4g} * exp(H) + {summary['b']:.4g}  (R^2 {summary['r2']:.3f}, "
-          f"{summary['num_points']} points of {summary['entropy_tag']} / {summary['reward_tag']}); predicted "
-          f"ceiling {summary['predicted_ceiling']:.4f}")
+    at_zero = "predicted ceiling" if summary["a"] > 0 else "R at H = 0:"
+    print(f"{summary['formula']}  (R^2 {summary['r2']:.3f}, {summary['num_points']} points of "
+          f"{summary['entropy_tag']} / {summary['reward_tag']}); {at_zero} {summary['predicted_ceiling']:.4f}")
     print(f"wrote {summary['png']} and {Path(summary['png']).with_suffix('.json')}")
+    for warning in summary["warnings"]:
+        print(f"megatron-entcov fit-law: warning: {warning}", file=sys.stderr)
     return 0
 
 

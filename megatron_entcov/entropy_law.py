@@ -27,7 +27,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EntropyLawFit", "entropy_change_first_order", "fit_entropy_law", "predicted_ceiling", "softmax_entropy"]
+__all__ = ["MIN_MEANINGFUL_POINTS", "EntropyLawFit", "entropy_change_first_order", "fit_entropy_law", "law_caveats",
+           "predicted_ceiling", "softmax_entropy"]
+
+MIN_MEANINGFUL_POINTS = 5
+"""Fewer (H, R) points than this fit the law's 2 parameters closely whatever they are: :func:`law_caveats` says so."""
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -82,6 +86,12 @@ class EntropyLawFit:
         """Predicted performance at zero entropy, -a + b."""
         return predicted_ceiling(self.a, self.b)
 
+    def formula(self, digits: int = 4) -> str:
+        """The fitted law with its signs read from the values: 'R = -0.3 * exp(H) + 1.1', 'R = 0.19 * exp(H) - 0.25'."""
+        coef = -self.a + 0.0                     # + 0.0: no "-0"
+        sign = "-" if self.b < 0 else "+"
+        return f"R = {coef:.{digits}g} * exp(H) {sign} {abs(self.b):.{digits}g}"
+
     def predict(self, entropies) -> np.ndarray:
         """R predicted at the given entropies."""
         return -self.a * np.exp(np.asarray(entropies, dtype=np.float64)) + self.b
@@ -133,6 +143,29 @@ def fit_entropy_law(entropies: Sequence[float] | np.ndarray | Tensor,
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
     residual_std = math.sqrt(ss_res / (n - 2)) if n > 2 else 0.0
     return EntropyLawFit(a=a, b=b, r2=r2, residual_std=residual_std, num_points=n)
+
+
+def law_caveats(fit: EntropyLawFit, rewards: Sequence[float] | np.ndarray | Tensor) -> list[str]:
+    """Why ``fit`` (of ``rewards``) may not mean what the law says, one sentence each; [] when nothing: fewer
+    than MIN_MEANINGFUL_POINTS points; a <= 0 (the reward does not fall as entropy rises: no ceiling); a value
+    at H = 0 outside [0, 1] for rewards in [0, 1], or below every reward observed."""
+    r = _as_array(rewards, "rewards")
+    out = []
+    if fit.num_points < MIN_MEANINGFUL_POINTS:
+        out.append(f"only {fit.num_points} points: a fit of 2 parameters needs at least {MIN_MEANINGFUL_POINTS} "
+                   "to say much; fit a run with more points (more steps or evaluations)")
+    at_zero = f"the predicted ceiling {fit.ceiling:.4f}"
+    if fit.a <= 0:
+        at_zero = f"R at H = 0 ({fit.ceiling:.4f})"
+        out.append(f"a = {fit.a:.4g} <= 0: the reward does not fall as entropy rises along this run, so the law "
+                   f"predicts no ceiling; {at_zero} is no limit")
+    observed = f"{r.min():.4g}..{r.max():.4g}" if r.size else "none"
+    if r.size and r.min() >= 0 and r.max() <= 1 and not 0 <= fit.ceiling <= 1:
+        out.append(f"{at_zero} is outside [0, 1], where this reward lies (observed {observed}): the fit does "
+                   "not hold up to H = 0")
+    elif r.size and fit.ceiling < r.min():
+        out.append(f"{at_zero} is below every reward observed ({observed}): it is no ceiling")
+    return out
 
 
 def predicted_ceiling(a: float, b: float) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_entcov.entropy_law import EntropyLawFit, fit_entropy_law
+from megatron_entcov.entropy_law import EntropyLawFit, fit_entropy_law, law_caveats
 from megatron_entcov.monitor.metrics import read_scalars
 
 __all__ = ["LAW_SOURCES", "law_figure", "law_image", "law_snapshot", "law_tags", "write_law_report"]
@@ -40,9 +40,14 @@ def law_tags(scalars: dict, source: str = "auto") -> tuple[str, str]:
 def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *, source: str = "auto",
                      entropy_tag: str | None = None, reward_tag: str | None = None) -> dict:
     """Fit the law on the run's (H, R) points and write entropy_law.png / entropy_law.json. ``source`` picks
-    the tags (:func:`law_tags`); explicit ``entropy_tag`` / ``reward_tag`` override them."""
+    the tags (:func:`law_tags`); explicit ``entropy_tag`` / ``reward_tag`` override them. The summary's
+    ``formula`` is the fit with its signs and ``warnings`` what it does not mean (entropy_law.law_caveats).
+    ValueError (one line) for a run without the tags or an output directory that is a file or unwritable."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file, not a directory; name a directory (it is created "
+                         "when missing)")
     scalars = read_scalars(run_dir)
     default_h, default_r = law_tags(scalars, source)
     entropy_tag, reward_tag = entropy_tag or default_h, reward_tag or default_r
@@ -57,17 +62,30 @@ def write_law_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     fit = fit_entropy_law(H, R)
     summary = {"run_dir": str(run_dir), "entropy_tag": entropy_tag, "reward_tag": reward_tag,
                "num_points": len(steps), "a": fit.a, "b": fit.b, "r2": fit.r2,
-               "residual_std": fit.residual_std, "predicted_ceiling": fit.ceiling,
+               "residual_std": fit.residual_std, "predicted_ceiling": fit.ceiling, "formula": fit.formula(),
+               "warnings": law_caveats(fit, R),
                "entropy_first": float(H[0]), "entropy_last": float(H[-1]),
                "reward_first": float(R[0]), "reward_last": float(R[-1])}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "entropy_law.json").write_text(json.dumps(summary, indent=1))
-
+    _writing(out_dir, lambda: out_dir.mkdir(parents=True, exist_ok=True))
+    json_path, png_path = out_dir / "entropy_law.json", out_dir / "entropy_law.png"
+    _writing(json_path, lambda: json_path.write_text(json.dumps(summary, indent=1)))
     fig = law_figure(H, R, steps, fit, entropy_label=entropy_tag, reward_label=reward_tag)
-    fig.savefig(out_dir / "entropy_law.png", dpi=120)
-    _close(fig)
-    summary["png"] = str(out_dir / "entropy_law.png")
+    try:
+        _writing(png_path, lambda: fig.savefig(png_path, dpi=120))
+    finally:
+        _close(fig)
+    summary["png"] = str(png_path)
     return summary
+
+
+def _writing(path: Path, write) -> None:
+    """``write()``; an OSError becomes one line naming ``path`` (a read-only or full file system)."""
+    try:
+        write()
+    except OSError as exc:
+        verb = "create" if path.suffix == "" else "write"
+        raise ValueError(f"cannot {verb} {str(path)!r}: {exc.strerror or exc}; name a writable directory with "
+                         "--out") from None
 
 
 def law_figure(entropies, rewards, steps, fit: EntropyLawFit | None, *, entropy_label: str, reward_label: str,
@@ -85,9 +103,7 @@ def law_figure(entropies, rewards, steps, fit: EntropyLawFit | None, *, entropy_
     sc = ax.scatter(H, R, c=list(steps), cmap="viridis", s=18, label="steps")
     if fit is not None:
         grid = np.linspace(0.0, max(H.max(), 1e-3) * 1.05, 200)
-        sign = "+" if fit.b >= 0 else "-"
-        ax.plot(grid, fit.predict(grid), "r-",
-                label=f"R = {-fit.a:.3g} exp(H) {sign} {abs(fit.b):.3g}  (R²={fit.r2:.2f})")
+        ax.plot(grid, fit.predict(grid), "r-", label=f"{fit.formula(digits=3)}  (R²={fit.r2:.2f})")
         ax.axhline(fit.ceiling, color="gray", ls="--", lw=1, label=f"ceiling at H=0: {fit.ceiling:.3f}")
     ax.set_xlabel(f"policy entropy H ({entropy_label}, nats/token)")
     ax.set_ylabel(f"R ({reward_label})")

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from megatron_entcov.entropy_law import (
+    EntropyLawFit,
     entropy_change_first_order,
     fit_entropy_law,
+    law_caveats,
     predicted_ceiling,
     softmax_entropy,
 )
@@ -132,3 +134,28 @@ def test_law_snapshot_draws_the_points_and_the_fit_only_once_it_exists():
     assert early.shape == fitted.shape
     red = lambda img: ((img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)).sum()  # noqa: E731
     assert red(early) == 0 and red(fitted) > 100, "the fitted curve (red) is drawn once min_points exist"
+
+
+def _fit(a: float, b: float, n: int = 6) -> EntropyLawFit:
+    return EntropyLawFit(a=a, b=b, r2=0.9, residual_std=0.01, num_points=n)
+
+
+def test_formula_reads_its_signs_from_the_values():
+    assert _fit(0.3, 1.1).formula() == "R = -0.3 * exp(H) + 1.1"
+    assert _fit(-0.02579, -0.3765).formula() == "R = 0.02579 * exp(H) - 0.3765"
+    assert _fit(0.0, 0.0).formula() == "R = 0 * exp(H) + 0"
+    assert _fit(0.123456, -2.0).formula(digits=3) == "R = -0.123 * exp(H) - 2"
+
+
+def test_law_caveats_name_what_the_fit_does_not_mean():
+    assert law_caveats(_fit(0.3, 1.1), [0.2, 0.5, 0.7]) == []                     # ceiling 0.8 in [0, 1]
+    assert law_caveats(_fit(1.0, 7.0), [2.0, 4.0, 5.0]) == []                     # ceiling 6 above the rewards
+    few = law_caveats(_fit(0.3, 1.1, n=4), [0.2, 0.5, 0.7])
+    assert len(few) == 1 and few[0].startswith("only 4 points") and "at least 5" in few[0], few
+    below = law_caveats(_fit(1.0, 2.0), [3.0, 4.0, 5.0])                           # ceiling 1 < every reward
+    assert below == ["the predicted ceiling 1.0000 is below every reward observed (3..5): it is no ceiling"]
+    above = law_caveats(_fit(0.5, 1.6), [0.24, 0.93])                              # ceiling 1.1 > 1
+    assert above == ["the predicted ceiling 1.1000 is outside [0, 1], where this reward lies (observed "
+                     "0.24..0.93): the fit does not hold up to H = 0"]
+    rising = law_caveats(_fit(-0.1, 0.6), [0.2, 0.4])
+    assert len(rising) == 1 and rising[0].startswith("a = -0.1 <= 0:") and "no ceiling" in rising[0], rising
