@@ -1,12 +1,16 @@
-"""Run a function on N local gloo ranks (spawned processes) with a hard time-out; the tiny models and steps
+"""Run a function on N local ranks (spawned processes) with a hard time-out; the tiny models and steps
 the tests share (``TINY_MODEL``, ``TINY_STEP``, ``tiny_model``, ``set_args``).
 
-Each worker gets RANK/WORLD_SIZE/MASTER_* in its environment and an initialised gloo process group; the
-parent collects each rank's return value or traceback, terminates every rank on the first failure or on
-time-out (a failed rank must not hang the suite), and raises with the failing rank's traceback.
+Each worker gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment and an initialised process group:
+gloo by default (CPU tests, also on a GPU machine); ``backend="auto"`` (GPU tests) gives nccl when CUDA is
+available, gloo without, chosen in the parent. The group decides the device: init_parallel keeps it, so a GPU
+test on gloo would build its model on the CPU. The parent collects each rank's return value or traceback,
+terminates every rank on the first failure or on time-out (a failed rank must not hang the suite), and raises
+with the failing rank's traceback.
 
 Example:
     results = run_workers(_worker, world_size=2, args=(tmp_path,))   # _worker(rank, world_size, tmp_path)
+    results = run_workers(_gpu_worker, 1, backend="auto")            # a GPU test: nccl on the GPU machine
 """
 
 from __future__ import annotations
@@ -52,7 +56,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, args, results):
+BACKENDS = ("gloo", "nccl", "auto")
+
+
+def worker_backend(requested: str = "gloo") -> str:
+    """The process-group backend of the ranks: 'gloo' and 'nccl' as named, 'auto' -> nccl when this process sees
+    CUDA, gloo without (as parallel.backend=auto decides it). ValueError for another name."""
+    if requested not in BACKENDS:
+        raise ValueError(f"run_workers(backend={requested!r}): expected one of {BACKENDS}")
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_group(backend: str, rank: int, world_size: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RuntimeError(f"rank {rank}: run_workers chose backend 'nccl' but this process sees no CUDA "
+                               "device; check CUDA_VISIBLE_DEVICES, or use backend='gloo'")
+        torch.cuda.set_device(rank % count)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+
+
+def _entry(fn, rank, world_size, port, args, results, backend="gloo"):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
@@ -60,7 +92,7 @@ def _entry(fn, rank, world_size, port, args, results):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        _init_group(backend, rank, world_size)
         out = fn(rank, world_size, *args)
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -92,13 +124,15 @@ def _kill_tree(proc) -> None:
             pass
 
 
-def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns results by rank."""
+def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks in a process group of ``backend``
+    (see :func:`worker_backend`; GPU tests pass "auto"); returns results by rank."""
+    chosen = worker_backend(backend)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     # Not daemonic: dist_checkpointing starts a multiprocessing Manager inside each rank.
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results))
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results, chosen))
              for r in range(world_size)]
     for p in procs:
         p.start()

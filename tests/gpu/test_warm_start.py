@@ -45,6 +45,7 @@ def test_bf16_warm_start_keeps_the_loaded_weights(tmp_path):
 
     hf_dir = write_hf_model_dir(load_config(None, MODEL).model, tmp_path / "hf", seed=3)
     loaded = {k: v.float().numpy() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
-    (after,) = run_workers(_worker, 1, args=(str(hf_dir), str(tmp_path / "runs")), timeout=240)
+    # backend="auto": nccl on the GPU machine; a gloo group would make init_parallel build the model on the CPU.
+    (after,) = run_workers(_worker, 1, args=(str(hf_dir), str(tmp_path / "runs")), timeout=240, backend="auto")
     for name, tensor in after.items():
         assert (tensor == loaded[name]).all(), f"{name}: a zero-lr step changed the loaded weights"

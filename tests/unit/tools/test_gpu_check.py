@@ -348,6 +348,56 @@ def test_a_misspelt_requirement_stops_the_session_naming_it(gpu_suite):
     assert proc.returncode != 0 and "unknown ['sglng']" in proc.stdout + proc.stderr
 
 
+# ---------------------------------------------------------------------------------------------- GPU tests' groups
+
+def _backend_of_rank(rank, world_size):
+    import torch.distributed as dist
+
+    return dist.get_backend()
+
+
+def test_gpu_tests_get_the_process_group_their_device_needs(monkeypatch):
+    """init_parallel keeps a group it finds and builds on the device that group implies: a GPU test on a gloo
+    group would build its bf16 model on the CPU (Megatron's fp16 optimizer then refuses it). The parent picks the
+    backend (CUDA faked there); the worker reports the group it got, or refuses nccl it cannot have."""
+    import torch
+    from dist_utils import run_workers, worker_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_workers(_backend_of_rank, 2, backend="auto", timeout=120) == ["gloo", "gloo"]
+    assert run_workers(_backend_of_rank, 1, timeout=120) == ["gloo"]          # CPU tests: gloo, GPU or not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert worker_backend("auto") == "nccl" and worker_backend() == "gloo"
+    if not _cuda_in_a_fresh_process():
+        with pytest.raises(RuntimeError, match=r"rank 0: run_workers chose backend 'nccl' but this process sees no "
+                                               r"CUDA device; check CUDA_VISIBLE_DEVICES, or use backend='gloo'"):
+            run_workers(_backend_of_rank, 1, backend="auto", timeout=120)
+    with pytest.raises(ValueError, match=r"run_workers\(backend='cuda'\): expected one of \('gloo', 'nccl', 'auto'\)"):
+        run_workers(_backend_of_rank, 1, backend="cuda")
+
+
+def _cuda_in_a_fresh_process() -> bool:
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout.strip() == "True"
+
+
+def test_every_gpu_test_that_spawns_ranks_asks_for_the_gpu_backend():
+    """Each run_workers call under tests/gpu passes backend='auto' (or 'nccl'): the default gloo group would put
+    its model on the CPU."""
+    import ast
+
+    calls = []
+    for path in sorted((ROOT / "tests" / "gpu").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "run_workers":
+                kw = {k.arg: k.value for k in node.keywords}
+                backend = kw["backend"].value if isinstance(kw.get("backend"), ast.Constant) else None
+                calls.append((f"{path.name}:{node.lineno}", backend))
+    assert calls, "no run_workers call under tests/gpu: this test checks nothing"
+    assert [c for c in calls if c[1] not in ("auto", "nccl")] == []
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _dry_run(out: Path, *args) -> tuple[subprocess.CompletedProcess, dict]:
