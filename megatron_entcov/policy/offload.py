@@ -5,20 +5,23 @@ Adam moments) to pinned host memory; while the servers generate it moves the mod
 training everything comes back. Tensors keep their identity: each storage is shrunk to zero bytes and regrown
 in place, so the views Megatron keeps stay valid; weights and optimizer state come back bit for bit, gradients
 zeroed. Reading an offloaded tensor is undefined: reload first. When and in which order is policy/colocation.py's.
+Each storage has one host buffer for the run, page-locked at its exact size on a GPU (docs/design/policy.md).
 
 Example:
     offload = TrainerOffload(actor.chunks, actor.optimizer, enabled=cfg.rollout.sglang.release_memory)
     offload.offload(weights=False)     # after the optimizer steps: gradients + optimizer state
     offload.offload(weights=True)      # while the servers generate: the weights too
     offload.reload()                   # before the next forward
-Design notes: docs/design/trainer.md
+Design notes: docs/design/trainer.md, docs/design/policy.md (host buffers)
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["TrainerOffload"]
 
@@ -58,18 +61,39 @@ def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     raise TypeError(f"cannot find the torch optimizer inside {type(optimizer).__name__}")
 
 
+def _unregister(ptr: int) -> None:
+    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if err:
+        logger.warning("offload: cudaHostUnregister of a host buffer failed (cudaError %d)", err)
+
+
+def _host_buffer(nbytes: int, *, pin: bool) -> torch.Tensor:
+    """A uint8 host buffer of exactly ``nbytes``; ``pin``: page-locked with cudaHostRegister (unregistered when its
+    storage dies), or, where registering fails, from torch's pinned allocator (rounded up to a power of two)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if not pin or not nbytes:
+        return buf
+    err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
+    if err:
+        logger.warning("offload: cudaHostRegister of %d bytes failed (cudaError %d); using torch's pinned memory "
+                       "(rounded up to a power of two)", nbytes, err)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    # Unregister before the memory is freed, and never after the CUDA context is gone (as torch's own staging of
+    # checkpoints does, torch/distributed/checkpoint/_state_dict_stager.py).
+    weakref.finalize(buf.untyped_storage(), _unregister, buf.data_ptr()).atexit = False
+    return buf
+
+
 class _Moved:
     """One storage that lives on the host while offloaded (``host`` is None for a freed gradient buffer)."""
 
-    def __init__(self, tensor: torch.Tensor, keep: bool):
+    def __init__(self, tensor: torch.Tensor, host: torch.Tensor | None):
         self.storage = tensor.untyped_storage()
         self.nbytes = self.storage.nbytes()
         self.device = tensor.device
-        self.host = None
-        if keep:
-            pin = self.device.type == "cuda"
-            self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-            self.host.copy_(self._bytes(), non_blocking=pin)
+        self.host = host
+        if host is not None:
+            host.copy_(self._bytes(), non_blocking=self.device.type == "cuda")
 
     def _bytes(self) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8, device=self.device).set_(self.storage)
@@ -92,6 +116,8 @@ class TrainerOffload:
     def __init__(self, chunks, optimizer, *, enabled: bool):
         self.chunks, self.optimizer, self.enabled = chunks, optimizer, enabled
         self._moved: dict[str, list[_Moved]] = {}
+        # Device storage -> its host buffer, for the run: an entry goes with its storage (weak keys).
+        self._host: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @property
     def offloaded(self) -> tuple[str, ...]:
@@ -102,6 +128,21 @@ class TrainerOffload:
     def host_bytes(self) -> int:
         """Bytes of trainer state held on the host now."""
         return sum(m.nbytes for moved in self._moved.values() for m in moved if m.host is not None)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of the host buffers kept for reuse (page-locked on a GPU), offloaded or not."""
+        return sum(buf.numel() for buf in self._host.values())
+
+    def _host_for(self, t: torch.Tensor) -> torch.Tensor:
+        """The host buffer of ``t``'s storage: the one from earlier steps, or a new one at the first offload or
+        when the storage's size changed."""
+        storage = t.untyped_storage()
+        buf = self._host.get(storage)
+        if buf is None or buf.numel() != storage.nbytes():
+            self._host.pop(storage, None)                   # the old buffer goes before the new one comes
+            buf = self._host[storage] = _host_buffer(storage.nbytes(), pin=t.device.type == "cuda")
+        return buf
 
     def _weights(self) -> list[torch.Tensor]:
         return [p for c in self.chunks for p in c.parameters()]
@@ -141,7 +182,7 @@ class TrainerOffload:
                 continue
             mine = [t for t in _unique_storages(tensors()) if not self._claimed(t)
                     and (name == "weights" or _storage_key(t) not in weight_keys)]
-            self._moved[name] = [_Moved(t, keep) for t in mine]
+            self._moved[name] = [_Moved(t, self._host_for(t) if keep else None) for t in mine]
         if torch.cuda.is_available():
             torch.cuda.synchronize()          # the host copies are complete before the storages go
         for moved in self._moved.values():
