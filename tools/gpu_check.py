@@ -14,8 +14,10 @@ Subcommands (tools/gpu_check.sh calls `run`; `make gpu-wheelhouse` calls `wheelh
 Phases, in order, each with its own time-out, all within --budget-s (a phase that would start with less than
 MIN_PHASE_S left is recorded as not_run). Every phase but setup runs in its own process (group): past its
 time-out it is killed with everything it started and recorded as timeout with whatever figures it had written.
-    setup      GPU: a venv with --system-site-packages (sees the image's torch), the wheels the image lacks installed
-               with --no-index --no-deps, the checkout put on its path by a .pth file (no build backend needed:
+    setup      GPU: a venv with --system-site-packages --without-pip (sees the image's torch; an image Python that
+               is itself a venv adds its site directories), then the wheels the image lacks installed with
+               --no-index --no-deps by the pip the venv now sees, or unpacked by this check when the image has no
+               pip; the checkout put on its path by a .pth file (no build backend needed:
                `pip install --no-index -e .` needs setuptools and wheel in the build environment). Dry run: no venv
                (.venv already has everything); the wheelhouse, if present, is unpacked with --target for
                cp312/manylinux, which proves it installs offline but imports nothing (no Python 3.12 torch here).
@@ -456,7 +458,8 @@ def _setup_dry_run(res: PhaseResult, wheels: list[Path], step) -> None:
 
 
 def _setup_venv(res: PhaseResult, wheels: list[Path], venv: Path | None, step) -> str:
-    """The GPU machine's venv; returns its python (or this one when the venv could not be made)."""
+    """The GPU machine's venv; returns its python (or this one when the venv could not be made). Nothing asks for
+    pip before the venv exists and sees the image's packages: the image's Python, or its base, may have none."""
     if not wheels:  # the phases then run on the image's Python and list what it lacks
         res.status = FAILED
         res.error = ("no wheels in the wheelhouse: run `make gpu-wheelhouse` on a machine with PyPI and bring "
@@ -465,41 +468,86 @@ def _setup_venv(res: PhaseResult, wheels: list[Path], venv: Path | None, step) -
     venv = Path(venv) if venv else Path(tempfile.mkdtemp(prefix="gpu-check-venv-"))
     res.figures["venv"] = str(venv)
     python = str(venv / "bin" / "python")
-    make = [sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(venv)]
-    # The image's pip (system site-packages) installs into the venv when run by the venv's python: a venv of its
-    # own pip needs ensurepip, slower and missing from Debian-style images without python3-venv.
-    if not step(make + ["--without-pip"], "python -m venv --without-pip"):
+    # --without-pip: ensurepip is slow and missing from Debian-style images without python3-venv.
+    if not step([sys.executable, "-m", "venv", "--clear", "--system-site-packages", "--without-pip", str(venv)],
+                "python -m venv --system-site-packages --without-pip"):
         return sys.executable
-    res.figures["venv_pip"] = "the image's pip"
-    if not step([python, "-m", "pip", "--version"], "pip in the venv", fatal=False):
-        res.figures["venv_pip"] = "ensurepip"
-        if not step(make, "python -m venv (with ensurepip: the image's Python has no pip)"):
-            return sys.executable
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    if sys.prefix != sys.base_prefix:
-        # This python is itself a venv (uv-style images): --system-site-packages would show the base
-        # interpreter's packages, not this venv's torch. Put this venv's site-packages on the new one's path.
-        import site
-
-        parent = Path(purelib) / "gpu_check_parent_site.pth"
-        parent.write_text("\n".join(site.getsitepackages()) + "\n")
-        res.figures["parent_site_packages"] = site.getsitepackages()
+    purelib = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, timeout=60, check=True).stdout.strip())
+    _see_parent_site(res, purelib)
     if not step([python, "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
                 "the image's torch imports in the venv"):
         return python
     todo, kept = select_wheels(wheels, _installed_dists())
     res.figures["installed"] = [w.name for w in todo]
     res.figures["kept_from_image"] = kept
-    if todo:
+    has_pip = step([python, "-m", "pip", "--version"], "pip in the venv", fatal=False)
+    res.figures["installer"] = "the image's pip" if has_pip else "unpacked by the check (no pip in the image)"
+    if todo and has_pip:
         step([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps"] + [str(w) for w in todo],
              "pip install --no-index --no-deps")
-    pth = Path(purelib) / "megatron_entcov_checkout.pth"   # the checkout on the venv's path, no build backend
+    elif todo:
+        for w in todo:
+            unpack_wheel(w, purelib, venv)
+    pth = purelib / "megatron_entcov_checkout.pth"   # the checkout on the venv's path, no build backend
     pth.write_text(str(ROOT) + "\n")
     res.figures["pth"] = str(pth)
-    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
-    res.figures["pip_check"] = _tail(check.stdout + check.stderr, 3000)
+    if has_pip:
+        check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+        res.figures["pip_check"] = _tail(check.stdout + check.stderr, 3000)
+    else:
+        res.figures["pip_check"] = "not run: no pip in the image"
     return python
+
+
+def _see_parent_site(res: PhaseResult, purelib: Path) -> None:
+    """When this python is itself a venv (uv-style images), --system-site-packages shows its base interpreter's
+    packages, not this venv's torch (nor its pip): add this venv's site directories to the new one, .pth files
+    included (site.addsitedir), as this python sees them."""
+    if sys.prefix == sys.base_prefix:
+        return
+    import site
+
+    dirs = site.getsitepackages()
+    lines = [f"import site; site.addsitedir({d!r})" for d in dirs]
+    (purelib / "gpu_check_parent_site.pth").write_text("\n".join(lines) + "\n")
+    res.figures["parent_site_packages"] = dirs
+
+
+WHEEL_DATA_DIRS = ("purelib", "platlib", "scripts", "data", "headers")
+
+
+def unpack_wheel(wheel: Path, purelib: Path, prefix: Path) -> None:
+    """Install ``wheel`` into the venv at ``prefix`` without pip (PEP 427's unpack step; no byte-compiling, no
+    entry-point scripts: the check runs ``python -m``): its files under ``purelib``, ``<dist>.data/<key>/``
+    to purelib (purelib, platlib), prefix/bin (scripts), prefix (data) or prefix/include (headers); an INSTALLER
+    file names the check. ValueError naming the wheel and member for a path outside its directory."""
+    dist_info = None
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if info.filename.startswith("/") or ".." in parts or "\\" in info.filename:
+                raise ValueError(f"{Path(wheel).name}: member {info.filename!r} leaves the install directory; "
+                                 "rebuild the wheelhouse (make gpu-wheelhouse)")
+            if info.is_dir():
+                continue
+            dest, executable = purelib / info.filename, bool((info.external_attr >> 16) & 0o111)
+            if parts[0].endswith(".dist-info"):
+                dist_info = purelib / parts[0]
+            elif parts[0].endswith(".data") and len(parts) > 2:
+                if parts[1] not in WHEEL_DATA_DIRS:
+                    raise ValueError(f"{Path(wheel).name}: {parts[0]}/{parts[1]} is not one of {WHEEL_DATA_DIRS}")
+                base = {"scripts": prefix / "bin", "data": prefix, "headers": prefix / "include"}.get(parts[1], purelib)
+                dest, executable = base.joinpath(*parts[2:]), executable or parts[1] == "scripts"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            data = z.read(info)
+            if executable and data.startswith(b"#!python"):
+                data = b"#!" + str(prefix / "bin" / "python").encode() + data[len(b"#!python"):]
+            dest.write_bytes(data)
+            if executable:
+                dest.chmod(0o755)
+    if dist_info is not None:
+        (dist_info / "INSTALLER").write_text("gpu_check\n")
 
 
 def _python_ok(spec: str, version: str) -> bool:
@@ -579,6 +627,7 @@ def phase_env(rec: Recorder, gpu: bool) -> None:
         except md.PackageNotFoundError:
             versions[name] = None
     rec.figure("packages", versions)
+    rec.figure("python", sys.executable)
     failed = {}
     for mod in IMPORTS:
         try:

@@ -1,13 +1,14 @@
 """The one-GPU check's CPU-testable parts (tools/gpu_check.py, tools/gpu_check.sh, tests/gpu/conftest.py): the
 report and its exit rule, phase time-outs (the whole process group killed, partial figures kept), JUnit counts
-of real pytest output, the wheelhouse pins, names and size limit, the GPU tests' skip-or-fail rule run through
-real pytest sessions, and the dry run end to end (vocab_op only here; every phase in the slow test). Nothing
-is downloaded."""
+of real pytest output, the wheelhouse pins, names and size limit, the GPU set-up on an image Python without pip,
+the GPU tests' skip-or-fail rule run through real pytest sessions and the process group their ranks get, and the
+dry run end to end (vocab_op only here; every phase in the slow test). Nothing is downloaded."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -230,6 +231,104 @@ def test_gpu_setup_makes_a_venv_installs_offline_and_puts_the_checkout_on_its_pa
     import torch
 
     assert out[3] == torch.__file__
+
+
+def _pipless_base(tmp: Path) -> Path:
+    """A Python installation with this interpreter's standard library but an empty site-packages and no ensurepip,
+    as on a Debian-style image without python3-pip and python3-venv: the binary copied (it finds its prefix here
+    by the standard library's landmark), the standard library and shared libraries linked. Returns its python."""
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    real, base = Path(sys.base_prefix), tmp / "base"
+    (base / "bin").mkdir(parents=True)
+    (base / "lib" / ver / "site-packages").mkdir(parents=True)
+    for entry in (real / "lib" / ver).iterdir():
+        if entry.name not in ("site-packages", "dist-packages", "ensurepip"):
+            (base / "lib" / ver / entry.name).symlink_to(entry)
+    for lib in (real / "lib").glob("libpython*"):
+        (base / "lib" / lib.name).symlink_to(lib)
+    python = base / "bin" / ver
+    shutil.copy2(Path(getattr(sys, "_base_executable", sys.executable)).resolve(), python)
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u, sys; "
+                            "print(sys.prefix, u.find_spec('pip') is None, u.find_spec('ensurepip') is None)"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.stdout.split() != [str(base), "True", "True"]:
+        pytest.skip(f"cannot make a Python without pip from {sys.base_prefix}: {probe.stdout}{probe.stderr}")
+    return python
+
+
+def _stub_torch(site: Path) -> None:
+    """The image's torch, as far as the set-up and the env phase ask: a version, no CUDA."""
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text("from types import SimpleNamespace\n__version__ = '0.0.1+stub'\n"
+                                                "version = SimpleNamespace(cuda=None)\n"
+                                                "cuda = SimpleNamespace(is_available=lambda: False)\n")
+    (site / "torch-0.0.1+stub.dist-info").mkdir()
+    (site / "torch-0.0.1+stub.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\n"
+                                                                  "Version: 0.0.1+stub\n\n")
+
+
+@pytest.mark.parametrize("image", ["base", "venv"])
+def test_gpu_setup_works_on_an_image_without_pip_and_the_phases_run_in_its_venv(image, tmp_path):
+    """The image's Python has no pip, nor ensurepip: 'base', a plain installation (the check unpacks the wheels
+    itself); 'venv', a venv of that Python holding torch and pip (uv-style; its pip is found once the new venv
+    sees the image venv's packages). Either way the set-up passes and the env phase runs in the new venv, seeing
+    the image's torch and the wheelhouse's package."""
+    import pip
+
+    base_python = _pipless_base(tmp_path)
+    ver = base_python.name
+    if image == "base":
+        python, site = base_python, base_python.parent.parent / "lib" / ver / "site-packages"
+    else:
+        subprocess.run([str(base_python), "-m", "venv", "--without-pip", str(tmp_path / "image")], check=True,
+                       timeout=120)
+        python, site = tmp_path / "image" / "bin" / "python", tmp_path / "image" / "lib" / ver / "site-packages"
+        pip_dir = Path(pip.__file__).parent
+        for entry in [pip_dir, *pip_dir.parent.glob("pip-*.dist-info")]:
+            (site / entry.name).symlink_to(entry)
+    _stub_torch(site)
+    house, venv, out = tmp_path / "house", tmp_path / "venv", tmp_path / "out"
+    house.mkdir()
+    _fake_wheel(house, "psutil")                      # a package of PACKAGES and IMPORTS the image lacks
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {"PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([str(python), str(ROOT / "tools" / "gpu_check.py"), "run", str(out), "--phases", "setup,env",
+                           "--wheelhouse", str(house), "--venv", str(venv), "--budget-s", "300"],
+                          capture_output=True, text=True, env=env, timeout=400)
+    report = json.loads((out / "report.json").read_text())
+    setup, env_phase = report["phases"]["setup"], report["phases"]["env"]
+    assert setup["status"] == "passed", (proc.stdout, setup["error"], setup["log_tail"])
+    assert setup["figures"]["installer"] == ("the image's pip" if image == "venv" else
+                                             "unpacked by the check (no pip in the image)")
+    assert setup["figures"]["installed"] == ["psutil-1.0-py3-none-any.whl"]
+    figures = env_phase["figures"]
+    assert figures["python"] == str(venv / "bin" / "python"), (env_phase["error"], env_phase["log_tail"])
+    assert (figures["packages"]["torch"], figures["packages"]["psutil"]) == ("0.0.1+stub", "1.0")
+    failed_imports = next(c for c in env_phase["checks"] if c["name"].startswith("every module"))["detail"]
+    assert "torch" not in failed_imports and "psutil" not in failed_imports and "megatron.core" in failed_imports
+
+
+def test_a_wheel_unpacked_without_pip_lands_where_pip_puts_it(tmp_path):
+    purelib, prefix = tmp_path / "venv" / "site", tmp_path / "venv"
+    wheel = tmp_path / "tool-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("tool/__init__.py", "VALUE = 1\n")
+        z.writestr("tool-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tool\nVersion: 1.0\n\n")
+        z.writestr("tool-1.0.data/platlib/tool_ext.py", "EXT = 2\n")
+        z.writestr("tool-1.0.data/scripts/tool-run", "#!python\nprint('hi')\n")
+        z.writestr("tool-1.0.data/data/share/tool.txt", "data\n")
+    gc.unpack_wheel(wheel, purelib, prefix)
+    assert (purelib / "tool" / "__init__.py").read_text() == "VALUE = 1\n"
+    assert (purelib / "tool_ext.py").read_text() == "EXT = 2\n" and (prefix / "share" / "tool.txt").is_file()
+    script = prefix / "bin" / "tool-run"
+    assert script.read_text() == f"#!{prefix / 'bin' / 'python'}\nprint('hi')\n" and os.access(script, os.X_OK)
+    assert (purelib / "tool-1.0.dist-info" / "INSTALLER").read_text() == "gpu_check\n"
+    bad = tmp_path / "bad-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("../escape.py", "")
+    with pytest.raises(ValueError, match=r"bad-1.0-py3-none-any.whl: member '../escape.py' leaves the install "
+                                         r"directory; rebuild the wheelhouse \(make gpu-wheelhouse\)"):
+        gc.unpack_wheel(bad, purelib, prefix)
+    assert not (tmp_path / "venv" / "escape.py").exists()
 
 
 def test_gpu_setup_without_a_wheelhouse_fails_naming_the_fix(tmp_path):
