@@ -23,13 +23,16 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 from megatron_entcov.run.launch import (
     DEFAULT_STOP_TIMEOUT,
     LAUNCHED_ENV,
+    REPORT_ENV,
     argv_without_nproc,
-    supervise,
+    report,
+    run_ranks,
     torchrun_command,
 )
 from megatron_entcov.run.logs import LEVELS, setup_logging
@@ -70,7 +73,8 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
 
 def _launch(args, argv: list[str]) -> int:
     """Check the config for ``args.nproc`` processes, then run this command under torchrun and supervise it
-    (:func:`supervise`). A config that does not fit raises ValueError before anything is started."""
+    (:func:`run_ranks`: the ranks' errors printed once, their exit code). A config that does not fit raises
+    ValueError before anything is started."""
     cfg = _load(args, resume=getattr(args, "resume", False))
     cfg.resolve(args.nproc)
     if args.stop_timeout < 0:
@@ -81,7 +85,7 @@ def _launch(args, argv: list[str]) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **{LAUNCHED_ENV: "1"})
     try:
-        return supervise(torchrun_command(args.nproc, port, argv_without_nproc(argv)), env,
+        return run_ranks(torchrun_command(args.nproc, port, argv_without_nproc(argv)), env,
                          stop_timeout=args.stop_timeout)
     finally:
         del store
@@ -301,33 +305,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quickstart":
         args.config = args.config or str(DEFAULT_QUICKSTART)
     launch = (getattr(args, "nproc", None) or 1) > 1 and not os.environ.get(LAUNCHED_ENV)
-    handlers = {"train": _cmd_train, "sft": _cmd_sft, "quickstart": _cmd_quickstart, "fit-law": _cmd_fit_law}
     training = args.command in ("train", "sft", "quickstart") and not launch
     if training:
         _STOPS.graceful = False
         _STOPS.install()
+    try:
+        return _run(args, argv, launch)
+    except Exception:
+        if not os.environ.get(REPORT_ENV):
+            raise
+        # A rank of the --nproc launcher: its traceback goes to the launcher, which prints it once for all ranks.
+        return report(traceback.format_exc().rstrip("\n"), 1)
+    finally:
+        if training:
+            _STOPS.restore()
+            stop_checkpoint_queue()
+
+
+def _run(args, argv: list[str], launch: bool) -> int:
+    """The command (or, with ``launch``, the --nproc launcher running it); a user error is one line, exit 2
+    (:func:`report`: on a rank of the launcher, printed once by the launcher for all ranks)."""
+    handlers = {"train": _cmd_train, "sft": _cmd_sft, "quickstart": _cmd_quickstart, "fit-law": _cmd_fit_law}
     try:
         if launch:
             return _launch(args, argv)
         return handlers[args.command](args)
     except ValueError as exc:
         # Bad configs and inputs: one clear line, no traceback.
-        print(f"megatron-entcov {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return report(f"megatron-entcov {args.command}: error: {exc}", 2)
     except RuntimeError as exc:
         from megatron_entcov.policy.actor import TrainingDivergedError
 
         if not isinstance(exc, TrainingDivergedError):
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"megatron-entcov {args.command}: stopped: {exc}", file=sys.stderr)
-        return 1
+        return report(f"megatron-entcov {args.command}: stopped: {exc}", 1, rank0_only=True)
     except StopNow as stop:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"megatron-entcov {args.command}: stopped at once by {stop}; nothing saved since the last "
-                  "checkpoint", file=sys.stderr)
-        return 128 + stop.signum
-    finally:
-        if training:
-            _STOPS.restore()
-            stop_checkpoint_queue()
+        return report(f"megatron-entcov {args.command}: stopped at once by {stop}; nothing saved since the last "
+                      "checkpoint", 128 + stop.signum, rank0_only=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def no_launch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"started a process: {args} {kwargs}")
 
-    monkeypatch.setattr(cli, "supervise", refuse)
+    monkeypatch.setattr(cli, "run_ranks", refuse)
     monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
@@ -273,3 +274,77 @@ def test_stop_exit_codes(monkeypatch):
     assert stop.stop_exit_code(signal.SIGUSR1) == 138
     monkeypatch.setenv(launch.LAUNCHED_ENV, "1")          # a rank of the launcher: torchrun must see success
     assert stop.stop_exit_code(signal.SIGTERM) == 0
+
+
+# ---------------------------------------------------------------- errors the ranks find after launch
+def _command(args: list[str], cwd: Path, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), extra_path) if p))
+    env.pop(launch.LAUNCHED_ENV, None)
+    env.pop(launch.REPORT_ENV, None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=540)
+
+
+def _not_logs(stderr: str) -> list[str]:
+    """stderr without the run's log records ("[19:17:04 r0] INFO ...") and logging's warning records."""
+    return [line for line in stderr.splitlines() if line.strip() and not re.match(r"^\[\d\d:\d\d:\d\d r\d+\] ", line)]
+
+
+@pytest.mark.distributed
+def test_a_user_error_of_the_ranks_is_printed_once_with_the_exit_code_of_one_process(tmp_path):
+    """`train --nproc 2 --resume` of a finished run: both ranks find "already at step 1"; one process prints
+    that line and exits 2. The launcher printed it twice, then torchrun's ChildFailedError block, exit 1."""
+    from dist_utils import TINY_MODEL, TINY_STEP, set_args
+
+    sets = set_args(*TINY_MODEL, *TINY_STEP, "metrics.tensorboard=false", "steps=1", f"output_dir={tmp_path}",
+                    "name=done")
+    first = _command(["-m", "megatron_entcov", "train", "--nproc", "2", *sets], tmp_path)
+    assert first.returncode == 0, first.stderr
+    run_id = json.loads((tmp_path / "done" / "run.json").read_text())["run_id"]
+
+    again = _command(["-m", "megatron_entcov", "train", "--nproc", "2", "--resume", *sets], tmp_path)
+    assert again.returncode == 2, again.stderr
+    lines = _not_logs(again.stderr)
+    assert len(lines) == 1, again.stderr
+    assert lines[0].startswith(f"megatron-entcov train: error: steps=1 but run {run_id} in "
+                               f"{str(tmp_path / 'done')!r} is already at step 1"), again.stderr
+    assert "ChildFailedError" not in again.stderr and "Traceback" not in again.stderr, again.stderr
+    assert "exitcode" not in again.stderr and "closing signal" not in again.stderr, again.stderr
+
+
+_CRASHING_RANK = textwrap.dedent("""
+    # A rank whose command crashes on an internal fault (not a user error): the same traceback on every rank.
+    import sys
+    from megatron_entcov import cli
+
+    def _crash(args):
+        return {}["internal fault"]
+
+    cli._cmd_fit_law = _crash
+    sys.exit(cli.main(["fit-law", "unused"]))
+""")
+
+_LAUNCHER = textwrap.dedent("""
+    # The --nproc launcher's path (cli._launch) with the ranks running crashing_rank instead of megatron_entcov.
+    import os, sys
+    from megatron_entcov.distributed.parallel import loopback_store
+    from megatron_entcov.run import launch
+
+    store, port = loopback_store()
+    cmd = launch.torchrun_command(2, port, [])
+    assert cmd[-2:] == ["-m", "megatron_entcov"], cmd
+    cmd[-1] = "crashing_rank"
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **{launch.LAUNCHED_ENV: "1"})
+    sys.exit(launch.run_ranks(cmd, env, stop_timeout=60))
+""")
+
+
+@pytest.mark.distributed
+def test_an_internal_crash_of_the_ranks_shows_its_traceback_once(tmp_path):
+    (tmp_path / "crashing_rank.py").write_text(_CRASHING_RANK)
+    proc = _command(["-c", _LAUNCHER], tmp_path, extra_path=str(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("Traceback (most recent call last):") == 1, proc.stderr
+    assert proc.stderr.count("KeyError: 'internal fault'") == 1, proc.stderr
+    assert 'return {}["internal fault"]' in proc.stderr, proc.stderr
+    assert "ChildFailedError" not in proc.stderr, proc.stderr
