@@ -168,7 +168,7 @@ def test_sigterm_to_an_nproc_launch_checkpoints_and_leaves_no_process(tmp_path):
         listeners = _check_listeners(run)
         assert listeners[run.proc.pid], "the launcher hosts torchrun's rendezvous store"
         assert all(ip == "127.0.0.1" for ip, _ in listeners[run.proc.pid]), listeners[run.proc.pid]
-        torchrun = [p for p in run.seen.values() if "torch.distributed.run" in _cmdline(p)]
+        torchrun = [p for p in run.seen.values() if "torch.distributed.run" in " ".join(_cmdline(p))]
         assert torchrun and not listening(torchrun[0]), "torchrun should host no store of its own"
 
         os.kill(run.proc.pid, signal.SIGTERM)
