@@ -70,7 +70,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation (ignored when weights are loaded)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    """Layer spec: 'auto' uses Transformer Engine when importable and a GPU is present, else the local spec."""
+    """Layer spec: 'auto' uses Transformer Engine where it is usable (a GPU, transformer_engine.pytorch and
+    Megatron's TE spec import; compat/toolchain.py), else the local spec; 'transformer_engine' fails where it is not.
+    On a GPU the local spec refuses parallel.sequence_parallel and training lengths whose attention scores alone
+    exceed the GPU's memory (policy/model.py check_local_spec)."""
     hf_dir: str | None = None
     """Hugging Face model directory (config, tokenizer, weights) the run starts from; None = random init. Its
     config.json gives the architecture fields above that the config leaves out; those it sets must agree
@@ -112,7 +115,7 @@ class ParallelConfig:
     context_parallel_size: int = 1
     """Context-parallel size (cp); only 1 is supported by the trainer today."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1)."""
+    """Megatron sequence parallelism (needs tp > 1; on a GPU also Transformer Engine, whose norm supports it)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: 'auto' picks nccl when CUDA is available, else gloo."""
     use_distributed_optimizer: bool = False
@@ -450,6 +453,12 @@ class RunConfig:
                  "set model.params_dtype=bfloat16 on GPU (or float32): training in float16 needs loss scaling, which "
                  "this trainer does not do (Megatron would unscale the unscaled gradients by 2^-32); float16 stays "
                  "available for exported checkpoints (convert --dtype float16)")
+        if p.sequence_parallel and m.transformer_impl == "local" and p.backend == "nccl":
+            # GPU ranks (nccl) on Megatron's local spec: its WrappedTorchNorm asserts sequence parallelism off
+            # (compat/cpu.py lifts that on CPU only). With 'auto' the build decides (policy/model.py).
+            fail("parallel.sequence_parallel", True, "needs Transformer Engine on a GPU (parallel.backend=nccl): "
+                 "Megatron's local spec (model.transformer_impl=local) refuses it; set model.transformer_impl=auto "
+                 "(Transformer Engine installed) or parallel.sequence_parallel=false")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if m.num_attention_heads % tp:
             fail("parallel.tensor_model_parallel_size", tp,

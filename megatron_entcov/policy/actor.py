@@ -24,7 +24,7 @@ import torch
 from megatron_entcov.config.hf import check_model_matches_hf
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.policy.forward import PolicyForward
-from megatron_entcov.policy.model import build_model
+from megatron_entcov.policy.model import build_model, sequence_extent
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.policy.packing import MicroBatch, micro_batches
 from megatron_entcov.policy.pipeline import run_microbatches
@@ -78,7 +78,8 @@ class Actor:
         self.max_tokens = cfg.optim.max_tokens_per_micro_batch
         """Token budget of a packed micro-batch; 0 = row micro-batches of micro_batch_size (policy/packing.py)."""
         check_model_matches_hf(cfg.model)            # a model.hf_dir run builds config.json's architecture
-        self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps, load_weights=load_weights), cfg)
+        self.chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps, load_weights=load_weights,
+                                           **sequence_extent(cfg)), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg)
         self.policy = PolicyForward(self.chunks, cfg.model, ps, temperature=temperature,
                                     use_compile=cfg.loss.compile_logprob_kernels)

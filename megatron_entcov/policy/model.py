@@ -1,13 +1,15 @@
 """The policy model: a Megatron-Core GPTModel (Qwen2/Llama style) built from :class:`ModelConfig`.
 
 RMSNorm, SwiGLU, RoPE (non-interleaved, as Hugging Face's rotate_half), GQA, optional QKV bias, tied or
-untied embeddings, vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``. The
-Transformer Engine layer spec is used when TE imports and a GPU is present, the local spec otherwise.
-Megatron's TransformerConfig is built here and nowhere else.
+untied embeddings, vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``. The Transformer
+Engine layer spec is used where TE is usable (compat/toolchain.py), the local spec otherwise; on a GPU the local
+spec refuses what it cannot run (sequence parallelism, attention beyond the GPU's memory: check_local_spec).
+Megatron's TransformerConfig is built here and nowhere else; its torch.compile'd fusions only where the probe of
+Megatron's jit_fuser passed.
 
 Example:
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
-    chunks = build_model(cfg.model, cfg.parallel, ps)      # one module per virtual pipeline stage
+    chunks = build_model(cfg.model, cfg.parallel, ps, **sequence_extent(cfg))   # one module per virtual stage
     logits = chunks[0](input_ids, position_ids, None)      # [B, T, V_padded/tp] on the last stage
 """
 
@@ -19,27 +21,24 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from megatron_entcov.compat import toolchain
 from megatron_entcov.config import ModelConfig, ParallelConfig
 from megatron_entcov.config.dtypes import torch_dtype
 
 if TYPE_CHECKING:
+    from megatron_entcov.config import RunConfig
     from megatron_entcov.distributed.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_transformer_config", "build_layer_spec", "build_model", "check_loaded", "uses_transformer_engine",
-           "unwrap_model", "te_available"]
+           "unwrap_model", "te_available", "check_local_spec", "local_attention_bytes", "sequence_extent"]
 
 
 def te_available() -> bool:
-    """Transformer Engine importable and a GPU present (its fused kernels fail on CPU)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # TE raises more than ImportError when its CUDA libs are missing
-        return False
-    return True
+    """Transformer Engine usable: a GPU, ``transformer_engine.pytorch`` and Megatron's TE layer spec import (probed
+    once per process, compat/toolchain.py)."""
+    return toolchain.transformer_engine().ok
 
 
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, initialize: bool = True,
@@ -88,18 +87,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
         # exact slices of the tp=1 weights (the layout tests compare them).
         use_cpu_initialization=not on_device,
         perform_initialization=initialize,
-        # Fused kernels are CUDA-only; on GPU they are left at Megatron's defaults.
-        **(dict(
-            gradient_accumulation_fusion=False,
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=False,
-            bias_activation_fusion=False,
-            persist_layer_norm=False,
-            apply_rope_fusion=False,
-        ) if not uses_transformer_engine(model) else dict(
-            gradient_accumulation_fusion=False,
-            bias_activation_fusion=True,
-        )),
+        **_fusions(uses_transformer_engine(model), device, dtype),
         # Interleaved pipelines under gloo give silently wrong results with batched p2p (both peers are
         # the same rank at pp=2): see shared/reference/megatron-core-cpu.md.
         batch_p2p_comm=not (on_cpu and parallel.virtual_pipeline_model_parallel_size is not None),
@@ -107,13 +95,40 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
     )
 
 
+def _fusions(use_te: bool, device: torch.device | None, dtype: torch.dtype) -> dict:
+    """The TransformerConfig's fusion flags. Local spec: all off (CUDA-only kernels, or Megatron's defaults already
+    off). TE spec: bias_activation_fusion (the SwiGLU through Megatron's torch.compile'd jit_fuser) only where the
+    jit_fuser probe passed on this device: without a working Triton it would crash at the first forward."""
+    if not use_te:
+        return dict(gradient_accumulation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+                    bias_activation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False)
+    if device is None or device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    probe = toolchain.jit_fuser(device, dtype)
+    if probe.ok:
+        logger.info("fusions: bias_activation_fusion on (%s)", probe.reason)
+    else:
+        logger.warning("fusions: bias_activation_fusion off, the SwiGLU runs unfused: %s", probe.reason)
+    return dict(gradient_accumulation_fusion=False, bias_activation_fusion=probe.ok)
+
+
 def uses_transformer_engine(model: ModelConfig) -> bool:
-    """Whether the layer spec is Transformer Engine's ('auto': when TE and a GPU are there)."""
-    impl = model.transformer_impl
-    if impl == "transformer_engine" and not te_available():
-        raise ValueError("model.transformer_impl='transformer_engine' needs Transformer Engine and a GPU; "
-                         "use 'auto' or 'local'")
-    return impl == "transformer_engine" or (impl == "auto" and te_available())
+    """Whether the layer spec is Transformer Engine's ('auto': where TE is usable, :func:`te_available`)."""
+    impl, te = model.transformer_impl, toolchain.transformer_engine()
+    if impl == "transformer_engine" and not te.ok:
+        raise ValueError(f"model.transformer_impl='transformer_engine' needs Transformer Engine, which is not usable "
+                         f"here: {te.reason}; install it (make test-gpu installs it) or use 'auto' or 'local'")
+    return impl == "transformer_engine" or (impl == "auto" and te.ok)
+
+
+def _spec_choice(model: ModelConfig) -> str:
+    """The layer spec :func:`build_layer_spec` uses and why, for the log."""
+    impl, te = model.transformer_impl, toolchain.transformer_engine()
+    if impl == "local":
+        return "local spec (model.transformer_impl=local)"
+    if uses_transformer_engine(model):
+        return f"TE spec (model.transformer_impl={impl}; {te.reason})"
+    return f"local spec (model.transformer_impl=auto; Transformer Engine not usable: {te.reason})"
 
 
 def build_layer_spec(model: ModelConfig):
@@ -130,17 +145,75 @@ def build_layer_spec(model: ModelConfig):
     return spec
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState", *,
-                load_weights: bool = False) -> list[torch.nn.Module]:
+def sequence_extent(cfg: "RunConfig") -> dict[str, int]:
+    """What a run trains the model on, as :func:`build_model`'s keywords: ``max_seq_len``, the longest sample
+    (rollout.max_prompt_len + sampling.max_new_tokens), and ``micro_batch_tokens``, the tokens of one micro-batch
+    (optim.max_tokens_per_micro_batch when packing, else optim.micro_batch_size rows of the longest sample)."""
+    longest = cfg.rollout.max_prompt_len + cfg.sampling.max_new_tokens
+    tokens = cfg.optim.max_tokens_per_micro_batch or cfg.optim.micro_batch_size * longest
+    return {"max_seq_len": longest, "micro_batch_tokens": tokens}
+
+
+def local_attention_bytes(model: ModelConfig, parallel: ParallelConfig, *, max_seq_len: int,
+                          micro_batch_tokens: int) -> tuple[int, str]:
+    """A lower bound of what Megatron's local attention keeps for the backward on one rank, and its arithmetic.
+
+    Per layer and head it materialises the [T, T] scores of each sample (PackedDotProductAttention: per packed
+    sample) and keeps the fp32 softmax output (attention_softmax_in_fp32) plus, for 16-bit params, its cast back,
+    which the value matmul saves. A micro-batch of N tokens whose samples are at most L long holds at most N * L
+    score entries per head (sum of len^2 with sum len <= N, len <= L): bytes >= heads/tp * N * L * bytes/entry *
+    layers of this pipeline stage. Returns (bytes, the product written out)."""
+    heads = model.num_attention_heads // parallel.tensor_model_parallel_size
+    layers = model.num_layers // parallel.pipeline_model_parallel_size
+    half = model.params_dtype != "float32"
+    per_entry = 4 + (2 if half else 0)
+    total = heads * micro_batch_tokens * max_seq_len * per_entry * layers
+    what = "fp32 softmax + its " + model.params_dtype + " copy" if half else "fp32 softmax"
+    return total, (f"{heads} heads per rank x {micro_batch_tokens} tokens per micro-batch x {max_seq_len} tokens of "
+                   f"the longest sample x {per_entry} bytes ({what}) x {layers} layers = {total / 2**30:.1f} GiB")
+
+
+def check_local_spec(model: ModelConfig, parallel: ParallelConfig, device: torch.device | None, *,
+                     max_seq_len: int | None = None, micro_batch_tokens: int | None = None) -> None:
+    """Refuse, on a GPU, what the local spec cannot run there (nothing on CPU, where compat/cpu.py covers the
+    norm and memory is the host's): sequence parallelism (Megatron's WrappedTorchNorm asserts it is off), and,
+    given the training lengths (``max_seq_len``; ``micro_batch_tokens`` defaults to one such sample), attention
+    whose kept scores alone (:func:`local_attention_bytes`) exceed the GPU's memory. Without them (a build that
+    is not trained, e.g. a benchmark of the build) the lengths are unknown and not judged."""
+    if device is None or device.type != "cuda" or uses_transformer_engine(model):
+        return
+    why = _spec_choice(model)
+    if parallel.sequence_parallel:
+        raise ValueError(f"parallel.sequence_parallel=true needs Transformer Engine on a GPU (Megatron's local spec "
+                         f"norm, WrappedTorchNorm, refuses it; this run would use the {why}); install Transformer "
+                         "Engine and set model.transformer_impl=auto, or set parallel.sequence_parallel=false")
+    if not max_seq_len:
+        return
+    need, product = local_attention_bytes(model, parallel, max_seq_len=max_seq_len,
+                                          micro_batch_tokens=micro_batch_tokens or max_seq_len)
+    props = torch.cuda.get_device_properties(device)
+    if need > props.total_memory:
+        raise ValueError(
+            f"model.transformer_impl={model.transformer_impl!r}: the {why} keeps each layer's attention scores for "
+            f"the backward, at least {product} > the {props.total_memory / 2**30:.1f} GiB of this GPU "
+            f"({props.name}); install Transformer Engine (model.transformer_impl=auto: its fused attention keeps no "
+            "scores), or lower optim.max_tokens_per_micro_batch (optim.micro_batch_size when not packing) or "
+            "rollout.max_prompt_len + sampling.max_new_tokens")
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState", *, load_weights: bool = False,
+                max_seq_len: int | None = None, micro_batch_tokens: int | None = None) -> list[torch.nn.Module]:
     """Build this rank's model chunks (one per virtual pipeline stage; a list of one without interleaving).
 
     The modules are on ``ps.device`` in ``model.params_dtype``. Without ``load_weights`` the weights are random
     (seeded by ``init_parallel``). With it the caller will load every weight (a checkpoint, Hugging Face
     weights): nothing is initialised, the parameters are allocated on the device and filled with NaN, and
-    :func:`check_loaded` afterwards names any parameter the load missed.
+    :func:`check_loaded` afterwards names any parameter the load missed. ``max_seq_len`` and
+    ``micro_batch_tokens`` (:func:`sequence_extent`): what it will be trained on, for :func:`check_local_spec`.
     """
     from megatron.core.models.gpt import GPTModel
 
+    check_local_spec(model, parallel, ps.device, max_seq_len=max_seq_len, micro_batch_tokens=micro_batch_tokens)
     config = build_transformer_config(model, parallel, initialize=not load_weights, device=ps.device)
     spec = build_layer_spec(model)
     vocab = model.padded_vocab_size(ps.tp_size)
@@ -170,9 +243,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
                     p.fill_(float("nan"))         # a memset; a weight the load misses cannot pass for trained
         chunks.append(gpt)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    logger.info("model: %d layers, hidden %d, vocab %d (padded %d), %s, %d params on this rank",
-                model.num_layers, model.hidden_size, model.vocab_size, vocab,
-                "TE spec" if uses_transformer_engine(model) else "local spec", n_params)
+    logger.info("model: %d layers, hidden %d, vocab %d (padded %d), %d params on this rank, %s",
+                model.num_layers, model.hidden_size, model.vocab_size, vocab, n_params, _spec_choice(model))
     return chunks
 
 

@@ -251,3 +251,33 @@ def test_base_cycle_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="form a cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+SP_LOCAL_GPU = ["parallel.backend=nccl", "model.transformer_impl=local", "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=true"]
+SP_LOCAL_GPU_ERROR = ("parallel.sequence_parallel=True is invalid: needs Transformer Engine on a GPU (parallel.backend="
+                      "nccl): Megatron's local spec (model.transformer_impl=local) refuses it; set "
+                      "model.transformer_impl=auto (Transformer Engine installed) or parallel.sequence_parallel=false")
+
+
+def test_sequence_parallel_on_gpu_ranks_with_the_local_spec_is_refused_at_config_time():
+    """Megatron's local-spec norm asserts sequence parallelism off; compat/cpu.py lifts that on CPU only, so a
+    config that puts the local spec on GPU ranks (nccl) with it is refused before anything starts. On gloo (CPU)
+    and with 'auto' (the build decides, policy/model.py check_local_spec) it loads."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, SP_LOCAL_GPU)
+    assert str(err.value) == SP_LOCAL_GPU_ERROR
+    assert load_config(None, [*SP_LOCAL_GPU, "parallel.backend=gloo"]).parallel.sequence_parallel
+    assert load_config(None, [*SP_LOCAL_GPU, "model.transformer_impl=auto"]).parallel.sequence_parallel
+
+
+def test_the_cli_refuses_sequence_parallel_on_gpu_ranks_with_the_local_spec_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    args = [a for kv in [*SP_LOCAL_GPU, f"output_dir={tmp_path}"] for a in ("--set", kv)]
+    out = subprocess.run([sys.executable, "-m", "megatron_entcov", "train", "--config",
+                          str(ROOT / "configs" / "quickstart.yaml"), *args], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode != 0
+    assert SP_LOCAL_GPU_ERROR in out.stderr and not list(tmp_path.iterdir())
