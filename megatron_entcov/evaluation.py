@@ -71,7 +71,7 @@ def eval_prompts(cfg: "RunConfig", tokenizer, dataset: "PromptDataset") -> list[
 
     ds = PromptDataset.from_file(e.path, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
                                  prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
-                                 chat_template=cfg.data.chat_template)
+                                 chat_template=cfg.data.chat_template, unknown_chars=cfg.data.unknown_chars)
     items = [it for it in (ds.get(i) for i in range(ds.size)) if it is not None][:e.num_prompts]
     if len(items) < e.num_prompts:
         raise ValueError(f"eval.path={e.path!r} has {len(items)} prompts within rollout.max_prompt_len="

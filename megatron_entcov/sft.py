@@ -67,9 +67,9 @@ def run_sft(cfg: RunConfig, ps: ParallelState, *, print_fn=print) -> dict:
                          f"into micro-batches of optim.micro_batch_size={cfg.optim.micro_batch_size}")
     run_dir = Path(cfg.run_dir) / "sft"
     tokenizer = load_tokenizer(cfg.model.hf_dir)
-    actor = Actor(_sft_config(cfg), ps, temperature=1.0)
     dataset = PromptDataset.from_config(cfg.data, tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
-                                        seed=cfg.seed)
+                                        seed=cfg.seed)  # before the model: a bad data file fails at once
+    actor = Actor(_sft_config(cfg), ps, temperature=1.0)
     # Fail before training, not after it, when the held-out split cannot give sft.eval_size prompts.
     eval_items = dataset.held_out(s.eval_size) if s.eval_size else None
     loader = PromptLoader(dataset, batch_size=s.batch_size, dp_rank=ps.dp_rank, dp_size=ps.dp_size,

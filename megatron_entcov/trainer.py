@@ -91,12 +91,13 @@ class Trainer:
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                              f"({len(self.tokenizer)} tokens); set model.vocab_size >= {len(self.tokenizer)}")
+        # The data first: a bad file fails before a model is built.
+        dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
+                                            seed=cfg.seed)
         self.actor = Actor(cfg, ps, temperature=cfg.sampling.temperature,
                            load_weights=self._weights_source() != "random")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ps, keep_last=cfg.checkpoint.keep_last,
                                          run_id=self.run.run_id)
-        dataset = PromptDataset.from_config(cfg.data, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
-                                            seed=cfg.seed)
         self.loader = PromptLoader(dataset, batch_size=cfg.rollout.prompts_per_step, dp_rank=ps.dp_rank,
                                    dp_size=ps.dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.engine = engine

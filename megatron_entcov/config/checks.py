@@ -1,5 +1,6 @@
 """The field checks of the config sections: every failure is a ValueError naming the field (as a dotted path),
-the value and the fix, in the one form ``<path>=<value!r> is invalid: <fix>``.
+the value and the fix, in the one form ``<path>=<value> is invalid: <fix>``, the value quoted by :func:`shorten`
+(its repr, bounded: a user's value may be huge), as every message of the config loader quotes one.
 
 A ``Literal`` annotation is the only list of a field's valid values: :func:`literal_choices` reads it (once per
 class) and :func:`check_choices` checks every such field of a section, so no choice is written twice.
@@ -17,14 +18,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import reprlib
 import typing
 from typing import Any, Literal
 
-__all__ = ["fail", "check_positive", "check_range", "check_choice", "check_choices", "literal_choices"]
+__all__ = ["shorten", "fail", "check_positive", "check_range", "check_choice", "check_choices", "literal_choices"]
+
+
+def shorten(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters: a long string keeps its head and tail
+    around '...', a collection its first items and levels (without walking the rest, so a shared structure of
+    millions of leaves costs nothing). Values of normal length (a path, a number, a short list) come out whole."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset, r.maxfrozenset = 4, 8, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = max(limit - 20, 10)
+    try:
+        text = r.repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<int of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def fail(field_name: str, value: Any, fix: str) -> typing.NoReturn:
-    raise ValueError(f"{field_name}={value!r} is invalid: {fix}")
+    raise ValueError(f"{field_name}={shorten(value)} is invalid: {fix}")
 
 
 def check_positive(field_name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -44,7 +60,7 @@ def check_range(field_name: str, value: float, lo: float, hi: float, *, lo_open=
 
 def check_choice(field_name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        fail(field_name, value, f"choose one of {', '.join(repr(c) for c in choices)}")
+        fail(field_name, value, f"choose one of {', '.join(shorten(c) for c in choices)}")
 
 
 @functools.cache

@@ -30,6 +30,10 @@ class DataConfig:
     """Column holding the prompt (a string, or a chat message list)."""
     answer_key: str = "answer"
     """Column holding the reference answer."""
+    unknown_chars: Literal["error", "warn"] = "error"
+    """A file's prompts with characters the tokenizer does not have (they would become its unk token): 'error' =
+    refuse the file, naming the first such row and the characters; 'warn' = log how many rows have them and train
+    on the unk token. Checked when the file is loaded (data.path and eval.path)."""
     reward: Literal["arithmetic", "countdown", "math"] = "arithmetic"
     """Verifier from the tasks registry (tasks/verifiers.py): 'arithmetic' (exact integer), 'countdown' (the steps
     of a countdown solution, simulated) or 'math' (math-verify, boxed)."""

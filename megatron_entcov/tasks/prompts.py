@@ -2,7 +2,7 @@
 
 :class:`PromptDataset` renders and tokenises rows on access (``get(i)``: a PromptItem, or None when longer than
 rollout.max_prompt_len) and holds the held-out split; every row of a file is validated at load (ValueError
-naming the file and the row). :class:`PromptLoader` walks a seeded global order in global batches (drop_last
+naming the file and the row), its prompts included: characters the tokenizer lacks fail (data.unknown_chars). :class:`PromptLoader` walks a seeded global order in global batches (drop_last
 per epoch) and gives rank r its contiguous slice; its state dict is a global cursor, so a run resumes under
 any data-parallel size. ``build_dataset`` builds the dataset a DataConfig describes.
 
@@ -17,6 +17,7 @@ Design notes: docs/design/tasks.md
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from megatron_entcov.config.checks import shorten
 from megatron_entcov.tasks.arithmetic import ArithmeticTask
 from megatron_entcov.tasks.countdown import CountdownTask
 
@@ -80,32 +82,39 @@ def _extract(row: Any, prompt_key: str, answer_key: str, where: str) -> tuple[Pr
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object with keys {prompt_key!r} and {answer_key!r}, "
                          f"got {type(row).__name__}")
-    found, prompt = _lookup(row, prompt_key)
-    if not found or prompt is None:
-        raise ValueError(f"{where}: missing prompt key {prompt_key!r} (data.prompt_key); keys present: "
-                         f"{sorted(row)}")
-    found, answer = _lookup(row, answer_key)
-    if not found or answer is None:
-        raise ValueError(f"{where}: missing answer key {answer_key!r} (data.answer_key); keys present: "
-                         f"{sorted(row)}")
+    prompt = _required(row, prompt_key, "prompt", where)
+    answer = _required(row, answer_key, "answer", where)
     if isinstance(prompt, list):
         if not prompt:
-            raise ValueError(f"{where}: {prompt_key!r} is an empty message list")
+            raise ValueError(f"{where}: {shorten(prompt_key)} is an empty message list")
         for j, msg in enumerate(prompt):
             if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
                     and isinstance(msg.get("content"), str)):
-                raise ValueError(f"{where}: {prompt_key!r}[{j}] is {msg!r}; expected a message "
+                raise ValueError(f"{where}: {shorten(prompt_key)}[{j}] is {shorten(msg)}; expected a message "
                                  f"{{'role': str, 'content': str}}")
         prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
     elif not isinstance(prompt, str):
-        raise ValueError(f"{where}: {prompt_key!r} has type {type(prompt).__name__}; expected a string or a "
+        raise ValueError(f"{where}: {shorten(prompt_key)} has type {type(prompt).__name__}; expected a string or a "
                          f"list of chat messages")
     if isinstance(answer, int) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
-        raise ValueError(f"{where}: {answer_key!r} has type {type(answer).__name__} ({answer!r}); expected a "
+        raise ValueError(f"{where}: {shorten(answer_key)} has type {type(answer).__name__} ({shorten(answer)}); "
+                         f"expected a "
                          f"string (store numeric answers as strings)")
     return prompt, answer
+
+
+def _required(row: dict, key: str, what: str, where: str) -> Any:
+    """The value of the prompt or answer `key` in `row`; ValueError when it is missing or null."""
+    found, value = _lookup(row, key)
+    if not found:
+        raise ValueError(f"{where}: missing {what} key {shorten(key)} (data.{what}_key); keys present: "
+                         f"{shorten(sorted(row))}")
+    if value is None:
+        raise ValueError(f"{where}: the {what} key {shorten(key)} (data.{what}_key) is null; give the row "
+                         f"{'an' if what == 'answer' else 'a'} {what} or remove the row")
+    return value
 
 
 class _Rows:
@@ -116,6 +125,10 @@ class _Rows:
 
     def row(self, index: int) -> tuple[Prompt, str]:
         raise NotImplementedError
+
+    def prompt_slice(self, start: int, stop: int) -> list[Prompt]:
+        """The prompts of rows start..stop-1 (a finite source)."""
+        return [self.row(i)[0] for i in range(start, stop)]
 
     def where(self, index: int) -> str:
         raise NotImplementedError
@@ -177,6 +190,26 @@ _GENERATED: dict[str, _Generated] = {
 """The generated sources (DataConfig.source) by name."""
 
 
+def _text_lines(path: Path):
+    """(line number, text) of each line of a UTF-8 file (a leading byte order mark dropped); ValueError naming
+    the line and the byte offset of the first byte that is not UTF-8."""
+    offset = 0
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"{path} line {lineno}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte "
+                                     f"offset {offset + exc.start} of the file; save the file as UTF-8") from None
+                offset += len(raw)
+                yield lineno, text
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
+
+
 class _JsonlRows(_Rows):
     def __init__(self, path: Path, prompt_key: str, answer_key: str) -> None:
         self.path = path
@@ -184,19 +217,18 @@ class _JsonlRows(_Rows):
         self.prompts: list[Prompt] = []
         self.answers: list[str] = []
         self.lines: list[int] = []
-        with path.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {lineno}"
-                try:
-                    row = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at character {exc.pos + 1})") from None
-                prompt, answer = _extract(row, prompt_key, answer_key, where)
-                self.prompts.append(prompt)
-                self.answers.append(answer)
-                self.lines.append(lineno)
+        for lineno, line in _text_lines(path):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg} at character {exc.pos + 1})") from None
+            prompt, answer = _extract(row, prompt_key, answer_key, where)
+            self.prompts.append(prompt)
+            self.answers.append(answer)
+            self.lines.append(lineno)
         self.size = len(self.prompts)
 
     def row(self, index: int) -> tuple[Prompt, str]:
@@ -224,8 +256,8 @@ class _ParquetRows(_Rows):
         for what, key in (("prompt", prompt_key), ("answer", answer_key)):
             col = key if key in names else key.split(".")[0]
             if col not in names:
-                raise ValueError(f"{path}: every row lacks the {what} key {key!r} (data.{what}_key); columns: "
-                                 f"{names}")
+                raise ValueError(f"{path}: every row lacks the {what} key {shorten(key)} (data.{what}_key); "
+                                 f"columns: {shorten(names)}")
             columns.append(col)
         self.table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
         self.size = self.table.num_rows
@@ -238,6 +270,11 @@ class _ParquetRows(_Rows):
     def row(self, index: int) -> tuple[Prompt, str]:
         (row,) = self.table.slice(index, 1).to_pylist()
         return _extract(row, self.prompt_key, self.answer_key, self.where(index))
+
+    def prompt_slice(self, start: int, stop: int) -> list[Prompt]:
+        rows = self.table.slice(start, stop - start).to_pylist()
+        return [_extract(row, self.prompt_key, self.answer_key, self.where(start + i))[0]
+                for i, row in enumerate(rows)]
 
     def where(self, index: int) -> str:
         return f"{self.path} row {index}"
@@ -327,9 +364,11 @@ class PromptDataset:
 
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int,
-                  prompt_key: str = "prompt", answer_key: str = "answer",
-                  chat_template: bool = False, held_out_rows: int = 0) -> PromptDataset:
-        """A .jsonl or .parquet file, every row validated now (ValueError naming file and row on a bad one)."""
+                  prompt_key: str = "prompt", answer_key: str = "answer", chat_template: bool = False,
+                  held_out_rows: int = 0, unknown_chars: str = "error") -> PromptDataset:
+        """A .jsonl or .parquet file, every row validated now (ValueError naming file and row on a bad one);
+        prompts with characters the tokenizer lacks fail or, with ``unknown_chars='warn'``, are counted in a
+        warning (:meth:`check_characters`)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"data.path={str(path)!r}: no such file")
@@ -344,8 +383,66 @@ class PromptDataset:
             raise ValueError(f"data.path={str(path)!r}: the file has no rows")
         logger.info("data: %s, %d rows (prompt_key=%r, answer_key=%r, chat template: %s)", path, rows.size,
                     prompt_key, answer_key, chat_template)
-        return cls(rows, tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
-                   held_out_rows=held_out_rows)
+        ds = cls(rows, tokenizer, max_prompt_len=max_prompt_len, chat_template=chat_template,
+                 held_out_rows=held_out_rows)
+        ds.check_characters(unknown_chars)
+        return ds
+
+    def check_characters(self, unknown_chars: str = "error") -> None:
+        """Every prompt of a file encodes without the tokenizer's unk token, except where the text writes that
+        token literally. 'error': ValueError naming the first row with other unknown characters, its characters
+        and how many rows have some; 'warn': a warning with the count. Nothing to check for a tokenizer without
+        an unk token (byte-level BPE: every text encodes)."""
+        found = self._unknown_characters()
+        if not found:
+            return
+        first, chars = found[0]
+        every = list(dict.fromkeys(c for _, cs in found for c in cs))
+        listed = ", ".join(shorten(c, 20) for c in every[:20]) + (f" and {len(every) - 20} more"
+                                                                  if len(every) > 20 else "")
+        unk = self.tokenizer.unk_token
+        if unknown_chars == "warn":
+            logger.warning("data: %d of %d rows of %s have characters the tokenizer does not know (%s; the first "
+                           "at %s): they become %s (data.unknown_chars=warn)", len(found), self.rows.size,
+                           self.name, listed, self.where(first).removeprefix(f"{self.name} "), unk)
+            return
+        raise ValueError(f"{self.where(first)}: the prompt has characters the tokenizer does not know: "
+                         f"{', '.join(shorten(c, 20) for c in chars[:20])} (they would become {unk}); {len(found)} "
+                         f"of {self.rows.size} rows have such characters ({listed}); remove or replace them, use a "
+                         f"tokenizer that has them (model.hf_dir), or set data.unknown_chars=warn to train on {unk}")
+
+    _CHECK_BATCH = 1024
+    """Prompts tokenised per call by :meth:`_unknown_characters`."""
+
+    def _unknown_characters(self) -> list[tuple[int, list[str]]]:
+        """(row, its unknown characters in order) of every file row whose rendered prompt encodes to the unk
+        token more often than the text writes it; the characters from a fast tokenizer's offsets, else by
+        encoding each character alone."""
+        tok, size = self.tokenizer, self.rows.size
+        unk_id, literal = tok.unk_token_id, tok.unk_token
+        if unk_id is None or size is None:
+            return []
+        backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer's Rust core: ids and offsets at once
+        special = not self.use_chat_template
+        known: dict[str, bool] = {}
+        found = []
+        for start in range(0, size, self._CHECK_BATCH):
+            texts = [self.render(p) for p in self.rows.prompt_slice(start, min(start + self._CHECK_BATCH, size))]
+            if backend is not None:
+                encodings = backend.encode_batch(texts, add_special_tokens=special)
+                ids_offsets = [(e.ids, e.offsets) for e in encodings]
+            else:
+                ids_offsets = [(ids, None) for ids in tok(texts, add_special_tokens=special)["input_ids"]]
+            for index, text, (ids, offsets) in zip(range(start, size), texts, ids_offsets):
+                if ids.count(unk_id) <= text.count(literal):
+                    continue
+                if offsets is not None:
+                    spans = [text[a:b] for t, (a, b) in zip(ids, offsets) if t == unk_id and text[a:b] != literal]
+                else:
+                    spans = [c for c in text.replace(literal, "") if not known.setdefault(
+                        c, unk_id not in tok(c, add_special_tokens=False)["input_ids"])]
+                found.append((index, list(dict.fromkeys(spans)) or [literal]))
+        return found
 
     def render(self, prompt: Prompt) -> str:
         """The prompt text the model sees (rendering: docs/design/tasks.md): with the chat template, a string
@@ -432,7 +529,8 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_pr
             raise ValueError("data.path is required with data.source='file'")
         return PromptDataset.from_file(cfg.path, tokenizer, max_prompt_len=max_prompt_len,
                                        prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
-                                       chat_template=cfg.chat_template, held_out_rows=cfg.held_out_rows)
+                                       chat_template=cfg.chat_template, held_out_rows=cfg.held_out_rows,
+                                       unknown_chars=cfg.unknown_chars)
     raise ValueError(f"data.source={cfg.source!r} is invalid: choose 'arithmetic', 'countdown' or 'file'")
 
 

@@ -104,7 +104,7 @@ def test_chat_template_requested_without_one_falls_back(tmp_path, tok, caplog):
     ('{"question": "1+1=", "answer": "2"}', r"line 2: missing prompt key 'prompt'"),
     ('{"prompt": 7, "answer": "2"}', r"line 2: 'prompt' has type int"),
     ('{"prompt": "1+1=", "answer": 0.5}', r"line 2: 'answer' has type float"),
-    ('{"prompt": "1+1=", "answer": null}', r"line 2: missing answer key"),
+    ('{"prompt": "1+1=", "answer": null}', r"line 2: the answer key .answer. \(data.answer_key\) is null"),
     ('{"prompt": [{"role": "user"}], "answer": "2"}', r"line 2: 'prompt'\[0\] is"),
     ('{"prompt": [], "answer": "2"}', r"line 2: 'prompt' is an empty message list"),
     ('["1+1=", "2"]', r"line 2: expected a JSON object"),
@@ -119,7 +119,7 @@ def test_malformed_jsonl_row_names_file_and_line(tmp_path, tok, bad_line, match)
 def test_malformed_parquet_rows_name_file_and_row(tmp_path, tok):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"prompt": ["1=", "2=", "3="], "answer": ["1", None, "3"]}), path)
-    with pytest.raises(ValueError, match=r"bad.parquet row 1: missing answer key 'answer'"):
+    with pytest.raises(ValueError, match=r"bad.parquet row 1: the answer key 'answer' \(data.answer_key\) is null"):
         _file_dataset(path, tok)
     pq.write_table(pa.table({"prompt": ["1=", "2="], "answer": [1.0, 2.0]}), path)
     with pytest.raises(ValueError, match=r"bad.parquet row 0: 'answer' has type float"):
