@@ -1,12 +1,12 @@
 """Checkpoints: Megatron dist checkpoint of the model (and optimizer) plus trainer state, written atomically,
 loaded safely, with a fall-back to the previous step when the newest one is damaged.
 
-``checkpoints/latest`` names the newest complete ``step_000010/`` (model/, optional optimizer/,
-trainer_state.json, rng/rank_00000.pt, COMPLETE). A save writes ``step_000010.tmp``, renames it when every rank
-has finished and replaces ``latest`` last, so :func:`find_latest` never returns a partial directory; a failed
-save raises :class:`CheckpointError` and leaves the previous checkpoint and ``latest`` untouched. Loading is
-collective (all ranks agree on the outcome); :meth:`Checkpointer.load_latest` falls back to the newest step that
-loads. Before DCP opens a checkpoint, :func:`check_dist_checkpoint` refuses any pickled object beyond DCP's own.
+``checkpoints/latest`` names the newest complete ``step_000010/``. A save writes ``step_000010.tmp``, renames it
+when every rank has finished and replaces ``latest`` last; a failed save raises :class:`CheckpointError` and
+leaves the previous checkpoint untouched. Loads are collective; :meth:`Checkpointer.load_latest` falls back past
+damaged steps and stops with :class:`CheckpointMismatch` (naming the settings) at an intact step saved under
+other settings. Every reader of a dist checkpoint (loads, the converter) gets its metadata from
+:func:`check_dist_checkpoint`, which refuses any pickled object beyond DCP's own before DCP opens a file.
 
 Example:
     ckpt = Checkpointer(run_dir / "checkpoints", ps, keep_last=2, run_id=run.run_id)
@@ -42,18 +42,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Checkpointer", "CheckpointError", "model_sharded_state_dict", "optimizer_sharded_state_dict", "save_model",
-           "load_model", "find_latest", "list_complete_steps", "resolve_model_dir", "check_dist_checkpoint"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatch", "model_sharded_state_dict",
+           "optimizer_sharded_state_dict", "save_model", "load_model", "find_latest", "list_complete_steps",
+           "resolve_model_dir", "check_dist_checkpoint"]
 
 _STEP_FMT = "step_{:06d}"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _RNG_FORMAT = 2
-_MSG_BYTES = 1024            # longest error text shared between ranks
+_MSG_BYTES = 2048            # longest error text shared between ranks
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read; the message names the path, the cause and the fix.
     A ValueError, so the command line prints it as one line (exit code 2)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint that does not fit this run's settings (model shapes, optimizer): nothing to fall back
+    from or set aside; the message names the settings and the ways on."""
 
 
 def _checkpoint_exception_type() -> type[BaseException]:
@@ -97,6 +103,38 @@ def _by_rank(errors: list[tuple[int, str]], world: int | None) -> str:
         return errors[0][1]
     return "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}: {text}"
                      for text, ranks in groups.items())
+
+
+def _agree(error: str | None, device: torch.device | None = None) -> str | None:
+    """Collective over the world: every failing rank's error text (one line, identical texts grouped), or None
+    when no rank failed. ``device``: where the collective's buffer lives (default: the process group's)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return error
+    rank = dist.get_rank()
+    buf = torch.zeros(world, _MSG_BYTES, dtype=torch.int32, device=device or collectives.group_device())
+    if error is not None:
+        raw = error.encode()[:_MSG_BYTES] or b"?"
+        buf[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32, device=buf.device)
+    collectives.all_reduce(buf)       # SUM: each row is written by one rank only
+    rows = buf.cpu()
+    errors = []
+    for r in range(world):
+        n = int((rows[r] != 0).sum())
+        if n:
+            errors.append((r, bytes(rows[r, :n].tolist()).decode(errors="replace")))
+    return _by_rank(errors, world) if errors else None
+
+
+def _raise_agreed(error: BaseException | None, device: torch.device | None = None) -> None:
+    """Collective: raise on every rank when any rank failed: CheckpointMismatch when a rank's failure was one
+    (the checkpoint is intact), else CheckpointError; the message holds every failing rank's text."""
+    text = None if error is None else str(error) if isinstance(error, CheckpointError) else _describe(error)
+    message = _agree(text, device)
+    if message is None:
+        return
+    mismatch = collectives.reduce_values([float(isinstance(error, CheckpointMismatch))], op="max")[0] > 0
+    raise (CheckpointMismatch if mismatch else CheckpointError)(message) from error
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -174,10 +212,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it references {module}.{name}, which is not a DCP metadata class")
 
 
-def check_dist_checkpoint(directory: str | Path) -> None:
+def check_dist_checkpoint(directory: str | Path):
     """Check a dist checkpoint directory before torch DCP opens it: its files exist and are long enough, its
     pickled ``.metadata`` and byte items hold only what a checkpoint needs (loaded without running code).
-    Raises CheckpointError naming the file and the problem."""
+    Returns the DCP ``Metadata`` it unpickled: readers use it instead of DCP's own ``read_metadata()`` (a plain
+    ``pickle.load``). Raises CheckpointError naming the file and the problem."""
     directory = Path(directory)
     meta_file = directory / ".metadata"
     for needed in (directory / "metadata.json", meta_file, directory / "common.pt"):
@@ -222,6 +261,7 @@ def check_dist_checkpoint(directory: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{str(directory / 'common.pt')!r} does not load with weights_only=True "
                               f"({_describe(exc, 200)})") from exc
+    return metadata
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -245,8 +285,18 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
+def _no_optimizer_state(opt, config=None) -> None:
+    """The state initialiser of an optimizer without per-parameter state (SGD without momentum, as
+    policy/optimizer.py builds it). Megatron leaves SGD's ``init_state_fn`` None and its
+    ``sharded_state_dict(is_loading=True)`` calls it: without this, no SGD checkpoint loaded."""
+
+
 def optimizer_sharded_state_dict(optimizer, chunks: list[torch.nn.Module], *, is_loading: bool = False) -> dict:
     """The optimizer's sharded state dict for a dist checkpoint save (or, with ``is_loading``, a load)."""
+    if is_loading:
+        for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if hasattr(part, "init_state_fn") and part.init_state_fn is None:
+                part.init_state_fn = _no_optimizer_state
     return optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=is_loading,
                                         metadata=dict(_OPTIMIZER_METADATA))
 
@@ -258,6 +308,86 @@ def _optimizer_format(optimizer) -> str:
 
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     return "distributed" if any(isinstance(p, DistributedOptimizer) for p in parts) else "per_parameter"
+
+
+def _optimizer_kind(optimizer) -> str | None:
+    """The ``optim.optimizer`` of a built Megatron optimizer ('adam' or 'sgd'); None when it cannot tell."""
+    kinds = {"adam" if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) else
+             "sgd" if isinstance(inner, torch.optim.SGD) else None
+             for inner in (getattr(p, "optimizer", None) for p in getattr(optimizer, "chained_optimizers", [optimizer]))}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _setting(value) -> str:
+    """A config value as ``--set`` takes it (booleans in lower case)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _shortened(items: list[str], limit: int = 3) -> str:
+    return "; ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _model_settings(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
+    """The model settings a set of global tensor shapes implies (those it can tell; keys as in the config)."""
+    out: dict[str, object] = {}
+    norm, emb = shapes.get("decoder.final_layernorm.weight"), shapes.get("embedding.word_embeddings.weight")
+    if norm is not None or emb is not None:
+        out["model.hidden_size"] = norm[0] if norm is not None else emb[1]
+    fc2 = shapes.get("decoder.layers.mlp.linear_fc2.weight")
+    if fc2 is not None and len(fc2) == 3:                     # [layers, hidden, ffn]
+        out["model.num_layers"], out["model.ffn_hidden_size"] = fc2[0], fc2[2]
+    if emb is not None:
+        out["model.tie_word_embeddings"] = "output_layer.weight" not in shapes
+    if "decoder.layers.self_attention.linear_qkv.weight" in shapes:
+        out["model.add_qkv_bias"] = "decoder.layers.self_attention.linear_qkv.bias" in shapes
+    return out
+
+
+def _model_tensor_shapes(chunks: list[torch.nn.Module]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Collective: key -> (global shape, whether its shape may differ: vocabulary padding) of every sharded
+    tensor of the model, over all ranks (a pipeline stage holds only its own tensors)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    local = {}
+    for value in nested_values(model_sharded_state_dict(chunks)):
+        built = value.build() if isinstance(value, ShardedTensorFactory) else value
+        for t in nested_values(built) if isinstance(built, (dict, list)) else [built]:
+            if isinstance(t, ShardedTensor):
+                local[t.key] = (tuple(t.global_shape), bool(t.allow_shape_mismatch))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    merged: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for part in collectives.all_gather_object([None] * world, local):
+        merged.update(part)
+    return merged
+
+
+def _check_model_fits(chunks: list[torch.nn.Module], directory: Path, metadata, ways_on: str | None) -> None:
+    """Collective: CheckpointMismatch on every rank when the checkpoint's tensors are not this model's (names,
+    global shapes), naming the settings that differ, the tensors (a shortened list) and ``ways_on`` (the fix;
+    default: take the checkpoint's settings or another checkpoint)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    model = _model_tensor_shapes(chunks)
+    saved = {k: tuple(md.size) for k, md in metadata.state_dict_metadata.items()
+             if isinstance(md, TensorStorageMetadata)}
+    differ = [f"{k} {saved[k]} in the checkpoint vs {model[k][0]} in this model" for k in sorted(set(saved) & set(model))
+              if saved[k] != model[k][0] and not model[k][1]]
+    only_model, only_saved = sorted(set(model) - set(saved)), sorted(set(saved) - set(model))
+    if not (differ or only_model or only_saved):
+        return
+    theirs, ours = _model_settings(saved), _model_settings({k: v[0] for k, v in model.items()})
+    settings = [k for k in theirs if k in ours and theirs[k] != ours[k]]
+    parts = [f"{k}={_setting(theirs[k])} in the checkpoint vs {k}={_setting(ours[k])} in this run" for k in settings]
+    parts += [f"tensors of other shapes: {_shortened(differ)}"] if differ else []
+    parts += [f"only in this model: {_shortened(only_model)}"] if only_model else []
+    parts += [f"only in the checkpoint: {_shortened(only_saved)}"] if only_saved else []
+    with_its = (" ".join(f"--set {k}={_setting(theirs[k])}" for k in settings) if settings
+                else "the model.* settings it was saved with")
+    ways_on = (ways_on or "use the checkpoint's settings ({with_its}), or load a checkpoint of this model"
+               ).replace("{with_its}", with_its)
+    raise CheckpointMismatch(f"checkpoint {str(directory)!r} holds a model of other settings than this run's "
+                             f"({'; '.join(parts)}): {ways_on}")
 
 
 def _load_optimizer(optimizer, chunks: list[torch.nn.Module], directory: Path) -> None:
@@ -287,31 +417,39 @@ def save_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
 
 
-def load_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
+def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, ways_on: str | None = None) -> None:
     """Load a model dist checkpoint saved under any tp/pp layout into ``chunks`` (collective).
 
-    Raises CheckpointError (a ValueError) when the directory holds no dist checkpoint, fails the safety check
-    (:func:`check_dist_checkpoint`), or its tensors do not fit the model.
+    Raises on every rank CheckpointError (a ValueError) when the directory holds no dist checkpoint, fails the
+    safety check (:func:`check_dist_checkpoint`) or cannot be read, and CheckpointMismatch when its tensors are
+    not this model's (naming the settings, the tensors and ``ways_on``, the fix to suggest; ``{with_its}`` in
+    it becomes the ``--set`` options of the checkpoint's settings).
     """
     from megatron.core import dist_checkpointing
 
     from megatron_entcov.policy.model import unwrap_model
 
     directory = Path(directory)
-    if not (directory / "metadata.json").is_file():
-        raise CheckpointError(f"checkpoint directory {str(directory)!r} holds no Megatron dist checkpoint "
-                              "(metadata.json missing); pass a step directory's model/ folder")
-    check_dist_checkpoint(directory)
-    sharded = model_sharded_state_dict(chunks)
+    metadata, error = None, None
     try:
-        state = dist_checkpointing.load(sharded, str(directory), strict="raise_all")
+        if not (directory / "metadata.json").is_file():
+            raise CheckpointError(f"checkpoint directory {str(directory)!r} holds no Megatron dist checkpoint "
+                                  "(metadata.json missing); pass a step directory's model/ folder")
+        metadata = check_dist_checkpoint(directory)
+    except CheckpointError as exc:
+        error = exc
+    _raise_agreed(error)
+    _check_model_fits(chunks, directory, metadata, ways_on)
+    try:
+        state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory), strict="raise_all")
         if len(chunks) == 1:
             unwrap_model(chunks[0]).load_state_dict(state, strict=True)
         else:
             for i, c in enumerate(chunks):
                 unwrap_model(c).load_state_dict(state[f"model{i}"], strict=True)
     except _load_errors() as exc:
-        raise CheckpointError(f"cannot load {str(directory)!r} into this model: {_describe(exc, 600)}") from exc
+        error = CheckpointError(f"cannot load {str(directory)!r} into this model: {_describe(exc, 600)}")
+    _raise_agreed(error)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG
@@ -414,24 +552,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ agreement
     def _agree(self, error: str | None) -> str | None:
-        """Collective over the world: every failing rank's error text (one line, identical texts grouped),
-        or None when no rank failed."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if world == 1:
-            return error
-        rank = dist.get_rank()
-        buf = torch.zeros(world, _MSG_BYTES, dtype=torch.int32, device=self.ps.device)
-        if error is not None:
-            raw = error.encode()[:_MSG_BYTES] or b"?"
-            buf[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32, device=buf.device)
-        collectives.all_reduce(buf)       # SUM: each row is written by one rank only
-        rows = buf.cpu()
-        errors = []
-        for r in range(world):
-            n = int((rows[r] != 0).sum())
-            if n:
-                errors.append((r, bytes(rows[r, :n].tolist()).decode(errors="replace")))
-        return _by_rank(errors, world) if errors else None
+        """Collective over the world: every failing rank's error text, or None (:func:`_agree`)."""
+        return _agree(error, self.ps.device)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, chunks, *, optimizer=None, trainer_state: dict[str, Any] | None = None) -> Path:
@@ -477,6 +599,7 @@ class Checkpointer:
                 meta["layout"] = {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}
                 if optimizer is not None:
                     meta["optimizer_format"] = _optimizer_format(optimizer)
+                    meta["optimizer"] = _optimizer_kind(optimizer)
                 _write_atomic(tmp / "trainer_state.json", json.dumps(meta, indent=1, sort_keys=True))
                 _write_atomic(tmp / "COMPLETE", json.dumps({"run_id": self.run_id, "step": step}))
                 if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
@@ -559,9 +682,10 @@ class Checkpointer:
         """Load model (+ optimizer) from a complete checkpoint directory; returns its trainer state.
 
         Raises CheckpointError on every rank when any rank cannot load it (a missing or truncated shard, a
-        corrupt trainer_state.json, a model that does not fit, a file that fails the safety check). RNG states
-        are restored when the layout (world size, tp, pp) matches the saving run and every rank's RNG file
-        loads; otherwise every rank keeps its seeded streams, with a warning saying why.
+        corrupt trainer_state.json, a file that fails the safety check), CheckpointMismatch when it is intact but
+        saved under other settings (model shapes, optimizer kind or format), naming them. RNG states are
+        restored when the layout (world size, tp, pp) matches the saving run and every rank's RNG file loads;
+        otherwise every rank keeps its seeded streams, with a warning saying why.
         """
         path = Path(path)
         meta: dict = {}
@@ -578,57 +702,56 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer state; load it without one")
             check_dist_checkpoint(path / "model")
             if optimizer is not None:
-                self._check_optimizer_fits(path, meta, optimizer)
-                check_dist_checkpoint(path / "optimizer")
+                self._check_optimizer_fits(path, meta, optimizer, check_dist_checkpoint(path / "optimizer"))
         except CheckpointError as exc:
-            error = str(exc)
-        self._raise_if(self._agree(error))
-        try:
-            load_model(chunks, path / "model")
-        except CheckpointError as exc:
-            error = str(exc)
-        self._raise_if(self._agree(error))
+            error = exc
+        _raise_agreed(error, self.ps.device)
+        load_model(chunks, path / "model", ways_on="resume with the checkpoint's settings ({with_its}), or start a "
+                                                   "new run under another name (--set name=<new name>)")
         if optimizer is not None:
             try:
                 _load_optimizer(optimizer, chunks, path / "optimizer")
             except _load_errors() as exc:
-                error = f"cannot load {str(path / 'optimizer')!r}: {_describe(exc, 600)}"
-            self._raise_if(self._agree(error))
+                error = CheckpointError(f"cannot load {str(path / 'optimizer')!r}: {_describe(exc, 600)}")
+            _raise_agreed(error, self.ps.device)
         if restore_rng:
             self._restore_rng(path, meta)
         _barrier()
         logger.info("checkpoint: loaded %s (step %s)", path, meta.get("step"))
         return meta
 
-    def _check_optimizer_fits(self, path: Path, meta: dict, optimizer) -> None:
-        """CheckpointError naming the way out when the saved optimizer state cannot load into ``optimizer``: the
-        other kind of optimizer, or the distributed optimizer's shards of another tp/pp layout. (Checkpoints
-        written before the format was recorded hold the per-parameter kind: the distributed one could not save.)"""
+    def _check_optimizer_fits(self, path: Path, meta: dict, optimizer, metadata) -> None:
+        """CheckpointMismatch naming the way out when the saved optimizer state cannot load into ``optimizer``:
+        another optim.optimizer (recorded at save; older checkpoints: Adam's moments found in ``metadata``), the
+        other format, or the distributed optimizer's shards of another tp/pp layout. (Checkpoints written before
+        the format was recorded hold the per-parameter kind: the distributed one could not save.)"""
+        weights_only = (f"or start a new run under another name from its weights alone, with a fresh optimizer "
+                        f"state (--set name=<new name> --set checkpoint.load={str(path)!r})")
+        saved_kind = meta.get("optimizer") or (
+            "adam" if any(".exp_avg" in key for key in metadata.state_dict_metadata) else None)
+        current_kind = _optimizer_kind(optimizer)
+        if saved_kind and current_kind and saved_kind != current_kind:
+            raise CheckpointMismatch(
+                f"{str(path)!r} holds the optimizer state of optim.optimizer={saved_kind!r}, this run has "
+                f"optim.optimizer={current_kind!r}: resume with --set optim.optimizer={saved_kind}, {weights_only}")
         saved, current = meta.get("optimizer_format", "per_parameter"), _optimizer_format(optimizer)
         flag = {"distributed": "true", "per_parameter": "false"}
         if saved not in flag:
             raise CheckpointError(f"{str(path)!r} holds optimizer state of unknown format {saved!r} (this version "
                                   f"writes {sorted(flag)})")
-        weights_only = (f"or start a new run from its weights alone (--set checkpoint.load={str(path)!r}, a fresh "
-                        "optimizer state)")
         if saved != current:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{str(path)!r} holds the optimizer state of parallel.use_distributed_optimizer={flag[saved]}, this "
                 f"run has use_distributed_optimizer={flag[current]}: resume with "
                 f"parallel.use_distributed_optimizer={flag[saved]}, {weights_only}")
         layout = meta.get("layout") or {}
         here = {"tp": self.ps.tp_size, "pp": self.ps.pp_size}
         if current == "distributed" and any(layout.get(k) != v for k, v in here.items()):
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{str(path)!r} holds distributed-optimizer shards of tp={layout.get('tp')} pp={layout.get('pp')}, "
                 f"which load only at that tp and pp (any data-parallel size), not at tp={here['tp']} pp={here['pp']}: "
                 f"resume with parallel.tensor_model_parallel_size={layout.get('tp')} and "
                 f"parallel.pipeline_model_parallel_size={layout.get('pp')}, {weights_only}")
-
-    @staticmethod
-    def _raise_if(message: str | None) -> None:
-        if message is not None:
-            raise CheckpointError(message)
 
     @staticmethod
     def _read_trainer_state(path: Path) -> dict:
@@ -672,7 +795,8 @@ class Checkpointer:
 
         A newer step that fails is reported (warning: the step and why), moved aside to ``<step>.unloadable``
         once an older step has loaded, and ``latest`` is pointed at the loaded one. CheckpointError when no
-        step loads, listing each step's reason.
+        step loads, listing each step's reason; CheckpointMismatch at once (nothing moved) at an intact step
+        saved under other settings than this run's.
         """
         candidates = [p for _, p in reversed(list_complete_steps(self.root))]
         if self.run_id is not None:
@@ -688,6 +812,8 @@ class Checkpointer:
         for path in candidates:
             try:
                 state = self.load(path, chunks, optimizer=optimizer)
+            except CheckpointMismatch:
+                raise                     # intact, saved under other settings: an older step would not fit either
             except CheckpointError as exc:
                 failures.append((path, str(exc)))
                 if self.ps.is_rank0:

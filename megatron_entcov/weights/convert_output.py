@@ -1,9 +1,10 @@
 """The converters' output directories: never an input, never overwritten silently, written aside and renamed.
 
 Shared by ``weights/to_megatron.py`` and ``weights/to_hf.py``. ``--out`` may not be an input, lie inside one or
-contain one (not even with ``--force``); an ``--out`` that holds a checkpoint is replaced only with ``--force``,
-a non-empty one that holds none never. The output is written into ``.NAME.tmp`` and replaces ``--out`` only
-when complete; any failure leaves ``--out`` as it was. A full disk is named as such (:class:`NoSpaceLeft`).
+contain one, nor be a step directory of or lie inside a Megatron checkpoint root (not even with ``--force``); an
+``--out`` that holds a checkpoint is replaced only with ``--force``, a non-empty one that holds none never. The
+output is written into ``.NAME.tmp`` and replaces ``--out`` only when complete; any failure leaves ``--out`` as
+it was. A full disk is named as such (:class:`NoSpaceLeft`), an unwritable ``--out`` too (:class:`NotWritable`).
 
 Example:
     check_output(out, force, inputs=[("--hf-dir", hf_dir)])   # ValueError: an input, or an existing checkpoint
@@ -21,6 +22,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,7 +32,8 @@ from megatron_entcov.run.disk import format_bytes, free_bytes, nearest_existing_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOKENIZER_FILES", "STEP_DIR", "MODEL_CONFIG_FILE", "NoSpaceLeft", "holds_checkpoint", "check_output",
+__all__ = ["TOKENIZER_FILES", "STEP_DIR", "MODEL_CONFIG_FILE", "NoSpaceLeft", "NotWritable", "holds_checkpoint",
+           "check_output",
            "check_free_space", "free_bytes", "tmp_dir", "old_dir", "remove_path", "prepare_tmp", "finish_output",
            "writing_output", "copy_hf_side_files", "converter_parser", "run_converter"]
 
@@ -56,6 +59,36 @@ class NoSpaceLeft(OSError):
 
     def __reduce__(self):
         return type(self), (self.message, self.filename)
+
+
+class NotWritable(OSError):
+    """``--out`` cannot be written (a read-only file system, no permission); the errno of the failure, and the
+    message names the path and the fix."""
+
+    def __init__(self, message: str, path: str | Path, code: int):
+        super().__init__(code, message, str(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message, self.filename, self.errno)
+
+
+def _not_writable(out: Path, exc: OSError) -> NotWritable:
+    where = exc.filename or out
+    return NotWritable(f"cannot write --out {str(out)!r}: {exc.strerror or exc} (at {str(where)!r}); nothing was "
+                       "written. Choose an --out in a writable directory", where, exc.errno or errno.EACCES)
+
+
+def _writes_near(exc: BaseException, out: Path) -> bool:
+    """The OSError is about --out, its temporary sibling or something inside them (not an input file)."""
+    if not isinstance(exc, OSError) or isinstance(exc, (NoSpaceLeft, NotWritable)) or not isinstance(
+            exc.filename, (str, os.PathLike)):
+        return False
+    target, parent = _real(exc.filename), _real(out).parent
+    return target == parent or parent in target.parents
 
 
 def holds_checkpoint(path: Path) -> bool:
@@ -119,11 +152,42 @@ def _check_not_input(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> Non
                                  f"after the write), which {rel} the input {label} {shown}; {fix}")
 
 
+_STEP_NAME = re.compile(r"^step_\d+$")
+
+
+def _is_checkpoint_root(path: Path) -> bool:
+    """A Megatron checkpoints root: a ``latest`` pointer or a complete step directory in it."""
+    from megatron_entcov.run.checkpoint import list_complete_steps
+
+    return (path / "latest").is_file() or bool(list_complete_steps(path))
+
+
+def _check_not_in_checkpoint(out: Path) -> None:
+    """ValueError when ``out`` is a step directory of a checkpoint root or lies inside a root or a step: replacing
+    it would break that checkpoint (a step replaced by a nested root no longer loads)."""
+    real = _real(out)
+    fix = ("choose an --out outside any checkpoint (a new directory), or pass the checkpoint root itself to "
+           "replace it whole (with --force)")
+    for path in (real, *real.parents):
+        is_step = _STEP_NAME.match(path.name) and ((path / "COMPLETE").is_file()
+                                                   or (path / "model" / "metadata.json").is_file()
+                                                   or _is_checkpoint_root(path.parent))
+        if is_step:
+            where = "is" if path == real else "lies inside"
+            raise ValueError(f"--out {str(out)!r} {where} the step directory {path.name} of the checkpoint root "
+                             f"{str(path.parent)!r}, which it would break; {fix}")
+        if path != real and _is_checkpoint_root(path):
+            raise ValueError(f"--out {str(out)!r} lies inside the checkpoint root {str(path)!r}, which it would "
+                             f"break; {fix}")
+
+
 def check_output(out: Path, force: bool, inputs: Iterable[tuple[str, str | Path]] = ()) -> None:
     """ValueError unless ``out`` is absent, empty, or a checkpoint with ``force``; and never when ``out`` is one
-    of ``inputs`` ((label, path) pairs such as ("--hf-dir", dir)), lies inside one or contains one."""
+    of ``inputs`` ((label, path) pairs such as ("--hf-dir", dir)), lies inside one or contains one, is a step
+    directory of a checkpoint root or lies inside a root or a step."""
     out = Path(out)
     _check_not_input(out, inputs)
+    _check_not_in_checkpoint(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -230,7 +294,10 @@ def writing_output(out: Path, *, owner: bool = True, needed: int | None = None) 
     size, for the message.
     """
     out = Path(out)
-    tmp = prepare_tmp(out) if owner else tmp_dir(out)
+    try:
+        tmp = prepare_tmp(out) if owner else tmp_dir(out)
+    except OSError as exc:
+        raise _not_writable(out, exc) from exc
     try:
         yield tmp
         if owner:
@@ -248,6 +315,8 @@ def writing_output(out: Path, *, owner: bool = True, needed: int | None = None) 
             except OSError as cleanup_exc:
                 logger.warning("convert: could not remove the unfinished %s (%s); remove it by hand", tmp,
                                cleanup_exc)
+        if not full and _writes_near(exc, out):
+            raise _not_writable(out, exc) from exc
         if not full:
             raise
         free = free_bytes(out.parent)
@@ -285,14 +354,15 @@ def converter_parser(direction: str, description: str, *, out_help: str) -> argp
 
 
 def run_converter(convert: Callable[[], object]) -> int:
-    """Run a converter with the tools' logging; a bad input (ValueError) or a full disk (NoSpaceLeft) is one
-    line on stderr and exit code 2."""
+    """Run a converter with the tools' logging; a bad input (ValueError), a full disk (NoSpaceLeft), an
+    unwritable ``--out`` (NotWritable) or any other file error (an OSError names its file) is one line on stderr
+    and exit code 2."""
     from megatron_entcov.run.logs import setup_tool_logging
 
     setup_tool_logging()
     try:
         convert()
-    except (ValueError, NoSpaceLeft) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0

@@ -17,9 +17,11 @@ Design notes: docs/design/weights.md
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -30,7 +32,7 @@ from megatron_entcov.weights.hf_map import expected_hf_shapes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFCheckpoint", "load_hf_model_config", "check_hf_checkpoint"]
+__all__ = ["HFCheckpoint", "load_hf_model_config", "check_hf_checkpoint", "open_safetensors"]
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -42,14 +44,12 @@ class HFCheckpoint:
     """
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
         elif (self.dir / "model.safetensors").is_file():
-            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
+            with open_safetensors(self.dir / "model.safetensors") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         elif list(self.dir.glob("pytorch_model*.bin")):
             raise ValueError(f"{str(self.dir)!r} holds PyTorch .bin weights; only safetensors are supported "
@@ -66,15 +66,13 @@ class HFCheckpoint:
         return path
 
     def _header(self, name: str) -> tuple[tuple[int, ...], str]:
-        from safetensors import safe_open
-
         if self._headers is None:
             self._headers = {}
             for file in sorted(set(self.weight_map.values())):
                 path = self.dir / file
                 if not path.is_file():
                     continue  # reported by _path() for the tensors that are needed
-                with safe_open(path, framework="pt") as f:
+                with open_safetensors(path) as f:
                     for key in f.keys():
                         sl = f.get_slice(key)
                         self._headers[key] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -98,12 +96,35 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """One tensor. The file is opened for this read only: an open safetensors handle keeps every page
         it has read mapped, so keeping shards open would hold a second copy of the model in this process."""
-        from safetensors import safe_open
-
         if name not in self.weight_map:
             raise ValueError(f"missing tensor {name!r} in the Hugging Face checkpoint {str(self.dir)!r}")
-        with safe_open(self._path(name), framework="pt") as f:
+        with open_safetensors(self._path(name)) as f:
             return f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """``safe_open(path)``; a file that is not readable safetensors (a malformed header, a file cut short, an
+    unreadable file) is a ValueError naming it, not safetensors' traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(exc).split())[:200]}); "
+                         "download or save it again") from exc
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a model.safetensors.index.json: tensor name -> file name."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{str(index)!r} is not a safetensors index (JSON with a weight_map): {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{str(index)!r} has no weight_map of tensor names to file names")
+    return weight_map
 
 
 def load_hf_model_config(hf_dir: str | Path, *, dtype: str | None = None,

@@ -97,12 +97,20 @@ class _DistCheckpointReader:
     def __init__(self, directory: Path):
         from torch.distributed.checkpoint import FileSystemReader
 
-        meta = json.loads((directory / "metadata.json").read_text())
-        if meta.get("sharded_backend") != "torch_dist":
-            raise ValueError(f"{str(directory)!r}: sharded_backend={meta.get('sharded_backend')!r}; only "
+        from megatron_entcov.run.checkpoint import check_dist_checkpoint
+
+        try:
+            meta = json.loads((directory / "metadata.json").read_text())
+        except ValueError as exc:
+            raise ValueError(f"{str(directory / 'metadata.json')!r} is not JSON ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("sharded_backend") != "torch_dist":
+            backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
+            raise ValueError(f"{str(directory)!r}: sharded_backend={backend!r}; only "
                              "'torch_dist' (Megatron's default) is supported")
+        # The metadata as the safety check unpickled it (an allow-list): never DCP's read_metadata(), a plain
+        # pickle.load that would run whatever a crafted .metadata holds.
+        self.metadata = check_dist_checkpoint(directory)
         self.reader = FileSystemReader(str(directory))
-        self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.directory = directory
 

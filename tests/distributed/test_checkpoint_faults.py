@@ -1,8 +1,10 @@
 """Checkpoint and run-directory faults end to end on CPU gloo ranks: a second run into a run directory is refused
 and leaves the first run's checkpoints alone, --resume continues the run and prunes only its own checkpoints;
 a damaged newest checkpoint (truncated, deleted or corrupt shard, missing common.pt, corrupt trainer_state.json,
-missing RNG file, a model that does not fit) fails with one clear line on every rank and resume falls back to
-the newest step that loads; a disk that fills up during a save leaves the last checkpoint and `latest` intact."""
+missing RNG file) fails with one clear line on every rank and resume falls back to the newest step that loads;
+an intact checkpoint saved under other settings (optimizer, model shapes; resumed or loaded with checkpoint.load)
+is one line naming the setting and the ways on, and stays in place; a disk that fills up during a save leaves the
+last checkpoint and `latest` intact."""
 
 from __future__ import annotations
 
@@ -218,7 +220,7 @@ def _faults_worker(rank, world_size, out, cases):
 
     from megatron_entcov.config import load_config
     from megatron_entcov.distributed.parallel import init_parallel
-    from megatron_entcov.run.checkpoint import Checkpointer, CheckpointError
+    from megatron_entcov.run.checkpoint import Checkpointer, CheckpointError, CheckpointMismatch
 
     warnings = _Warnings()
     cfg = load_config(None, TINY + [f"output_dir={out}", "name=faults"]).resolve(world_size)
@@ -286,15 +288,17 @@ def _faults_worker(rank, world_size, out, cases):
     res["disk_full_dirs"] = sorted(p.name for p in pristine.iterdir())
     res["disk_full_reload"] = saver.load_latest(actor.chunks, optimizer=actor.optimizer)[1]["step"]
 
-    # A model that does not fit the checkpoint (another ffn size): one short error, not a DCP traceback.
+    # A model that does not fit the checkpoint (another ffn size): one short error naming the setting, not a DCP
+    # traceback; the intact steps stay where they are (no fall-back, nothing set aside).
     other = load_config(None, TINY + [f"output_dir={out}", "name=faults", "model.ffn_hidden_size=96"]
                         ).resolve(world_size)
     wrong = _actor(other, ps)
     try:
         Checkpointer(pristine, ps, run_id="run-a").load_latest(wrong.chunks, optimizer=wrong.optimizer)
         res["shape_mismatch"] = None
-    except CheckpointError as err:
+    except CheckpointMismatch as err:
         res["shape_mismatch"] = str(err)
+    res["shape_mismatch_dirs"] = sorted(p.name for p in pristine.iterdir())
     return res
 
 
@@ -306,7 +310,8 @@ def test_damaged_checkpoints_and_a_full_disk_on_two_ranks(tmp_path):
     """Two ranks (dp=2). Each fault in the newest step: every rank falls back to step 1 together (weights,
     trainer state and RNG of step 1), with a warning naming step 2 and the damaged file; the broken step is
     moved aside and `latest` names step 1. A missing RNG file of one rank loads step 2 and restores RNG on no
-    rank. No step loading, or a model that does not fit, is one CheckpointError of one line on every rank.
+    rank. No step loading is one CheckpointError of one line on every rank; a model that does not fit is one
+    CheckpointMismatch naming the setting, with every step left in place.
     A save that runs out of space on one rank (simulated ENOSPC) raises on both, names the full device,
     removes its .tmp directory and keeps the last checkpoint and `latest`."""
     results = run_workers(_faults_worker, 2, args=(str(tmp_path), FAULTS), timeout=420)
@@ -342,8 +347,10 @@ def test_damaged_checkpoints_and_a_full_disk_on_two_ranks(tmp_path):
         assert "\n" not in broken
         assert res["every_step_broken"]["dirs"] == ["latest", "step_000001", "step_000002"]  # nothing moved
         mismatch = res["shape_mismatch"]
-        assert mismatch and "cannot load" in mismatch and "\n" not in mismatch and len(mismatch) < 4000, mismatch
-        assert "Traceback" not in mismatch
+        assert mismatch and "\n" not in mismatch and len(mismatch) < 2000, mismatch
+        assert "model.ffn_hidden_size=64 in the checkpoint vs model.ffn_hidden_size=96 in this run" in mismatch
+        assert "--set model.ffn_hidden_size=64" in mismatch and "remove" not in mismatch, mismatch
+        assert res["shape_mismatch_dirs"] == ["latest", "step_000001", "step_000002"], res["shape_mismatch_dirs"]
         # ENOSPC on one rank: every rank raises, naming the full device; step 2 and latest stay.
         full = res["disk_full"]
         assert full and "no space left on the device holding" in full and str(tmp_path / "pristine") in full, full
@@ -416,3 +423,69 @@ def test_disk_full_on_a_real_file_system(tmp_path):
     assert res["tiny_dirs"] == [], res["tiny_dirs"]
     assert res["small"] and "not enough space" in res["small"] and "step_000001" in res["small"], res["small"]
     assert res["small_dirs"] == ["latest", "step_000001"] and res["small_reload"] == 1
+
+
+# -------------------------------------------------------------------------------- intact, but other settings
+def _train(tmp_path: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = ["train", *(["--resume"] if resume else [])]
+    args += [x for kv in TINY + [f"output_dir={tmp_path}", "checkpoint.save_interval=1", *overrides]
+             for x in ("--set", kv)]
+    return subprocess.run([sys.executable, "-m", "megatron_entcov", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-entcov train: error:")]
+    assert len(lines) == 1, proc.stderr[-5000:]
+    return lines[0]
+
+
+def test_resume_under_other_settings_names_the_setting_and_keeps_the_checkpoint(tmp_path):
+    """Resuming an intact checkpoint with another optimizer said "TypeError: 'NoneType' object is not callable
+    ... fix or remove them" (also for another model.hidden_size). Now the line names the setting, the
+    checkpoint's value and this run's, and the ways on (resume with the checkpoint's setting, or a new run under
+    another name); it never advises removing the checkpoint, which stays where it was (not set aside). A run
+    with optim.optimizer=sgd resumes (Megatron's SGD has no state initialiser: its load failed the same way)."""
+    steps = tmp_path / "adam" / "checkpoints"
+    first = _train(tmp_path, "name=adam", "steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    line = _error_line(_train(tmp_path, "name=adam", "steps=2", "optim.optimizer=sgd", resume=True))
+    assert "optim.optimizer='adam'" in line and "optim.optimizer='sgd'" in line, line
+    assert "--set optim.optimizer=adam" in line and "--set name=" in line, line
+    assert "remove" not in line and "NoneType" not in line, line
+
+    line = _error_line(_train(tmp_path, "name=adam", "steps=2", "model.hidden_size=64", resume=True))
+    assert "model.hidden_size=32" in line and "model.hidden_size=64" in line, line
+    assert "--set model.hidden_size=32" in line and "--set name=" in line, line
+    assert "decoder.final_layernorm.weight" in line and "(32,)" in line and "(64,)" in line, line
+    assert "remove" not in line, line
+    assert sorted(p.name for p in steps.iterdir()) == ["latest", "step_000001"]
+
+    sgd = _train(tmp_path, "name=sgd", "steps=1", "optim.optimizer=sgd")
+    assert sgd.returncode == 0, sgd.stderr[-3000:]
+    line = _error_line(_train(tmp_path, "name=sgd", "steps=2", resume=True))
+    assert "optim.optimizer='sgd'" in line and "--set optim.optimizer=sgd" in line, line
+    resumed = _train(tmp_path, "name=sgd", "steps=2", "optim.optimizer=sgd", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "sgd" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+
+
+def test_checkpoint_load_of_other_shapes_names_the_tensors_and_the_setting(tmp_path):
+    """checkpoint.load of a checkpoint of other shapes said "Unexpected keys" without the keys: now the keys,
+    the shapes that differ, the setting and the fix."""
+    first = _train(tmp_path, "name=src", "steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    step = tmp_path / "src" / "checkpoints" / "step_000001"
+    line = _error_line(_train(tmp_path, "name=untied", "steps=1", f"checkpoint.load={step}",
+                              "model.tie_word_embeddings=false"))
+    assert str(step / "model") in line and "output_layer.weight" in line, line
+    assert "model.tie_word_embeddings=true" in line and "--set model.tie_word_embeddings=true" in line, line
+    line = _error_line(_train(tmp_path, "name=deeper", "steps=1", f"checkpoint.load={step}", "model.num_layers=3"))
+    assert "model.num_layers=2" in line and "model.num_layers=3" in line, line
+    assert "decoder.layers.mlp.linear_fc2.weight (2, 32, 64) in the checkpoint vs (3, 32, 64) in this model" in line, line

@@ -161,9 +161,14 @@ def _dist_checkpoint(directory, extra_state):
     (directory / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
 
 
-def test_the_safety_check_passes_a_normal_dist_checkpoint(tmp_path):
+def test_the_safety_check_passes_a_normal_dist_checkpoint_and_returns_its_metadata(tmp_path):
+    """The metadata the check unpickled is what the readers use (the converter never calls read_metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     _dist_checkpoint(tmp_path, [None])
-    check_dist_checkpoint(tmp_path)
+    metadata = check_dist_checkpoint(tmp_path)
+    assert tuple(metadata.state_dict_metadata["weight"].size) == (4,)
+    assert metadata.storage_data.keys() == FileSystemReader(str(tmp_path)).read_metadata().storage_data.keys()
 
 
 def test_crafted_dcp_metadata_and_byte_items_run_no_code(tmp_path):

@@ -114,6 +114,63 @@ def test_existing_output_rules_unchanged(tmp_path):
         check_output(other, True)
 
 
+def _checkpoint_root(root: Path, *steps: str) -> Path:
+    """A checkpoint root as the converter and the trainer write it: ``latest`` and complete step directories."""
+    for step in steps:
+        (root / step / "model").mkdir(parents=True)
+        (root / step / "model" / "metadata.json").write_text("{}")
+        (root / step / "COMPLETE").write_text("")
+    (root / "latest").write_text(steps[-1])
+    return root
+
+
+@pytest.mark.parametrize("where", ["step", "older_step", "inside_step", "inside_model", "inside_root", "new_step",
+                                   "set_aside_step", "root_of_root"])
+def test_out_in_another_checkpoint_is_refused_even_with_force(tmp_path, where):
+    """Replacing a step of a checkpoint root (or writing anything inside a root or a step) breaks that
+    checkpoint: a step replaced by a nested root no longer loads. Refused, naming --out and the checkpoint."""
+    root = _checkpoint_root(tmp_path / "ckpts", "step_000001", "step_000002")
+    out = {"step": root / "step_000002", "older_step": root / "step_000001", "inside_step": root / "step_000002" / "hf",
+           "inside_model": root / "step_000002" / "model" / "x", "inside_root": root / "export",
+           "new_step": root / "step_000003", "set_aside_step": root / "step_000002.unloadable",
+           "root_of_root": root / "step_000002" / "ckpts"}[where]
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match="checkpoint root") as err:
+        check_output(out, True)
+    assert f"--out {str(out)!r}" in str(err.value) and str(root) in str(err.value), err.value
+    assert "\n" not in str(err.value) and "choose an --out outside any checkpoint" in str(err.value)
+    assert _snapshot(root) == before
+
+
+def test_a_checkpoint_root_itself_and_its_neighbours_may_be_replaced(tmp_path):
+    """--out that is a whole checkpoint root is replaced with --force (as before); a sibling is no checkpoint's."""
+    root = _checkpoint_root(tmp_path / "ckpts", "step_000000")
+    check_output(root, True)
+    check_output(tmp_path / "step_000001", True)          # a step-like name outside any root
+    check_output(tmp_path / "ckpts_export", True)
+
+
+def test_unwritable_out_is_named_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Creating .NAME.tmp fails (read-only file system): NotWritable naming --out and the path; exit code 2."""
+    out = tmp_path / "out"
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+
+    def convert():
+        with writing_output(out):
+            raise AssertionError("nothing is written")
+
+    with pytest.raises(co.NotWritable, match="cannot write --out") as err:
+        convert()
+    assert err.value.errno == errno.EROFS and str(tmp_path / ".out.tmp") in str(err.value)
+    assert run_converter(convert) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: cannot write --out {str(out)!r}: Read-only file system") and "\n" not in line
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing aside, failures, full disks
 # --------------------------------------------------------------------------------------------------
