@@ -50,7 +50,7 @@ from megatron_entcov.rollout import build_engine
 from megatron_entcov.rollout.prefetch import RolloutPrefetch, staleness_sums
 from megatron_entcov.run.checkpoint import Checkpointer, CheckpointError, load_model, resolve_model_dir
 from megatron_entcov.run.run_dir import RunDir
-from megatron_entcov.run.stop import agree_stop
+from megatron_entcov.run.stop import agree_stop, wait_or_stop
 from megatron_entcov.tasks.prompts import PromptDataset, PromptLoader
 from megatron_entcov.tasks.tokenizer import load_tokenizer
 from megatron_entcov.weights.probe import verify_sync
@@ -103,7 +103,8 @@ class Trainer:
         self.engine = engine
         with fail_together("starting the rollout engine"):
             if ps.is_generator and self.engine is None:
-                self.engine = build_engine(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size, device=ps.device)
+                self.engine = build_engine(cfg, dp_rank=ps.dp_rank, dp_size=ps.dp_size, device=ps.device,
+                                           waiter=wait_or_stop)     # a stop signal ends its waits for servers
         self.weight_sync = WeightSync(self.actor.chunks, cfg.model, ps,
                                       bucket_bytes=int(cfg.weight_sync.bucket_mb * 2**20))
         self.metrics = MetricsLogger(self.run_dir, ps, enabled=cfg.metrics.tensorboard,

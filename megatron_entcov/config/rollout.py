@@ -60,6 +60,11 @@ class SGLangConfig:
     """Servers each replica launches when server_urls is empty."""
     request_timeout_s: float = 600.0
     """Time-out of one generate request, in seconds; a timed-out request is retried on another server."""
+    startup_timeout_s: float = 600.0
+    """How long a server may take to answer at start-up, in seconds: a launched or restarted server until it has
+    loaded the model, a server at server_urls (or router_url's workers) until it answers. The wait logs what
+    it waits for every 15 s; raise it for cold starts of large models (a 32B checkpoint from network storage
+    can take longer than 600 s). A URL that answers but is not an SGLang server fails at once."""
     server_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device of launched servers; 'auto' = cuda when this process sees a GPU, else cpu."""
     server_args: list[str] = field(default_factory=list)
@@ -88,6 +93,7 @@ class SGLangConfig:
         check_choices(self, "rollout.sglang")
         check_positive("rollout.sglang.num_servers", self.num_servers)
         check_positive("rollout.sglang.request_timeout_s", self.request_timeout_s)
+        check_positive("rollout.sglang.startup_timeout_s", self.startup_timeout_s)
         check_positive("rollout.sglang.max_total_tokens", self.max_total_tokens, allow_zero=True)
         check_positive("rollout.sglang.max_inflight", self.max_inflight)
         check_positive("rollout.sglang.max_server_restarts", self.max_server_restarts, allow_zero=True)

@@ -17,17 +17,17 @@ __all__ = ["FINISH_REASONS", "LocalEngine", "NamedTensors", "RolloutEngine", "Sa
            "build_engine", "iter_named_tensors"]
 
 
-def build_engine(cfg, *, dp_rank: int = 0, dp_size: int = 1, device="cpu") -> RolloutEngine:
+def build_engine(cfg, *, dp_rank: int = 0, dp_size: int = 1, device="cpu", waiter=None) -> RolloutEngine:
     """The engine ``cfg.rollout.engine`` names, for data-parallel replica ``dp_rank`` (call it on the replica's
     generating rank only: it may launch servers). The embedded engine generates on ``device`` (the trainer's:
-    ``ps.device``)."""
+    ``ps.device``); the SGLang engine's waits for its servers sleep through ``waiter`` (sglang.http.Waiter)."""
     if cfg.rollout.engine == "local":
         from megatron_entcov.rollout.local import LocalEngine
 
         return LocalEngine(cfg.model, seed=cfg.seed, device=device)
     from megatron_entcov.rollout.sglang import SGLangEngine
 
-    return SGLangEngine.from_config(cfg, dp_rank=dp_rank, dp_size=dp_size)
+    return SGLangEngine.from_config(cfg, dp_rank=dp_rank, dp_size=dp_size, waiter=waiter)
 
 
 def __getattr__(name):

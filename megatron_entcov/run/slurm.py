@@ -180,7 +180,7 @@ def _serve(cfg, port_base: int, log_dir: str | None, startup_timeout_s: float) -
         print(f"slurm_job serve: node {node} task {local_id}: SGLang server {socket.gethostname()}:{port} "
               f"({device}) starting, log {log_path}", flush=True)
         # Until ready (it records the shared-memory files a killed server leaves, for stop() to remove).
-        server.wait_ready(startup_timeout_s)
+        server.wait_ready(startup_timeout_s, limit="slurm_job serve --startup-timeout")
         print(f"slurm_job serve: node {node}: the server on port {port} is ready after {server.startup_s:.0f} s",
               flush=True)
         while server.alive():

@@ -2,8 +2,10 @@
 
 SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 ("checkpoint and stop", for preemption notices) set a stop request that
 the RL loop reads once per step (:func:`agree_stop`, collective) so every rank stops after the same step; a
-second SIGTERM/SIGINT stops at once (:class:`StopNow`). Megatron's dist-checkpointing worker manager is started
-here, shielded from these signals, so a signal to the whole process group does not kill it mid-save.
+second SIGTERM/SIGINT stops at once (:class:`StopNow`). A wait outside the steps (for rollout servers) sleeps
+through :func:`wait_or_stop`, which ends it with :class:`StopNow` as soon as a stop is requested. Megatron's
+dist-checkpointing worker manager is started here, shielded from these signals, so a signal to the whole process
+group does not kill it mid-save.
 
 Example:
     stops = StopSignals(graceful=True).install()
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from megatron_entcov.distributed import collectives
@@ -25,9 +29,10 @@ if TYPE_CHECKING:
     from megatron_entcov.distributed.parallel import ParallelState
 
 __all__ = ["StopNow", "StopSignals", "stop_exit_code", "request_stop", "stop_requested", "clear_stop",
-           "agree_stop", "start_checkpoint_queue", "stop_checkpoint_queue"]
+           "wait_or_stop", "agree_stop", "start_checkpoint_queue", "stop_checkpoint_queue"]
 
 _stop_signal = 0
+_waiting: set[int] = set()     # threads inside wait_or_stop: a stop ends their wait, which says so itself
 
 
 def request_stop(signum: int) -> None:
@@ -46,6 +51,25 @@ def clear_stop() -> None:
     _stop_signal = 0
 
 
+def wait_or_stop(seconds: float, what: str) -> None:
+    """Sleep ``seconds``, or raise :class:`StopNow` ("<SIGNAL> while waiting for <what>") as soon as a stop is
+    requested (also when one is pending at the call): a wait for something outside the steps (a rollout
+    server starting) has no step boundary to stop at. The rollout engine's waits sleep through this."""
+    deadline = time.monotonic() + max(0.0, seconds)
+    me = threading.get_ident()
+    _waiting.add(me)
+    try:
+        while True:
+            if _stop_signal:
+                raise StopNow(_stop_signal, f"while waiting for {what}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+    finally:
+        _waiting.discard(me)
+
+
 def agree_stop(ps: "ParallelState | None") -> int:
     """Collective over the world: 0 when no rank has a stop request, else the same signal number on every
     rank (the largest requested), so that all ranks stop after the same step. One one-element all-reduce."""
@@ -53,10 +77,12 @@ def agree_stop(ps: "ParallelState | None") -> int:
 
 
 class StopNow(KeyboardInterrupt):
-    """Raised by the stop-signal handler where the run cannot stop at a step boundary (or at a second signal)."""
+    """Raised by the stop-signal handler where the run cannot stop at a step boundary (or at a second signal),
+    and by :func:`wait_or_stop`; ``during`` ("while waiting for ...") goes into its text after the signal name."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int, during: str = ""):
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} {during}" if during else name)
         self.signum = signum
 
 
@@ -92,7 +118,7 @@ class StopSignals:
 
             if not stop_requested():
                 request_stop(signum)
-                if os.environ.get("RANK", "0") == "0":
+                if os.environ.get("RANK", "0") == "0" and not _waiting:     # a wait says why it stops
                     print(f"megatron-entcov: {signal.Signals(signum).name}: stopping after the step in flight "
                           "(checkpoint, then exit); send SIGTERM/Ctrl-C again to stop at once without saving",
                           file=sys.stderr, flush=True)

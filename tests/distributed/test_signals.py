@@ -1,20 +1,24 @@
 """Stopping a run with a signal, end to end on CPU: the run finishes the step in flight, checkpoints it, exits
 with 128 + the signal number and leaves no process behind (torchrun, ranks, Megatron's checkpoint Manager,
 multiprocessing's resource tracker); `--resume` continues from that step. No rendezvous socket of the run
-listens on all interfaces.
+listens on all interfaces. A run waiting for its SGLang servers (rollout.sglang.server_urls) stops at once,
+saying what it waited for; a URL that answers but is not an SGLang server fails at once.
 
 Before the fix: SIGTERM to an `--nproc` launcher killed the launcher and left torchrun and the ranks training;
 SIGTERM to a one-process run killed it without a checkpoint and left the Manager and the resource tracker
-running; torch's TCPStore servers listened on `*:<port>`.
+running; torch's TCPStore servers listened on `*:<port>`. A run attached to a 404 server or a closed port
+waited 600 s without a word, and SIGTERM did not end that wait.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -230,3 +234,93 @@ def test_a_stop_signal_to_a_one_process_run_stops_at_a_step_boundary(tmp_path, s
         assert "Traceback" not in out, out
     finally:
         run.cleanup()
+
+
+def _sglang_run(tmp_path: Path, url: str, limit_s: float) -> Run:
+    """`train` with rollouts from the SGLang server at ``url`` (nothing is launched; no SGLang venv needed)."""
+    return Run(["train", *_sets("steps=3", "rollout.engine=sglang", f"rollout.sglang.server_urls=[{url}]",
+                                f"rollout.sglang.startup_timeout_s={limit_s:g}"),
+                "--set", f"output_dir={tmp_path}", "--set", "name=run"], tmp_path / "run.log")
+
+
+def _error_lines(out: str) -> list[str]:
+    return [x for x in out.splitlines() if x.startswith("megatron-entcov train:")]
+
+
+def test_sigterm_ends_a_wait_for_an_attached_sglang_server(tmp_path):
+    """Nothing listens at the server URL and the start-up limit is an hour: the wait logs what it waits for,
+    and SIGTERM ends it at once with one line naming the wait (nothing to checkpoint: exit 128 + 15)."""
+    from megatron_entcov.distributed.net import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    run = _sglang_run(tmp_path, url, 3600)
+    try:
+        run.wait_for(rf"waiting for the SGLang server at {re.escape(url)} \(rollout\.sglang\.server_urls\[0\]\) "
+                     r"to answer /model_info: \d+ s of 3600 s \(rollout\.sglang\.startup_timeout_s\) so far; "
+                     r"last: 'ConnectionRefusedError", STARTUP_S)
+        os.kill(run.proc.pid, signal.SIGTERM)
+        try:
+            rc = run.proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the run did not exit within {STOP_S} s of SIGTERM:\n{run.output()}")
+        out = run.output()
+        assert rc == 128 + signal.SIGTERM, out
+        assert _error_lines(out) == [
+            f"megatron-entcov train: stopped at once by SIGTERM while waiting for the SGLang server at {url} "
+            "(rollout.sglang.server_urls[0]) to answer /model_info; nothing saved since the last checkpoint"], out
+        assert "stopping after the step in flight" not in out and "Traceback" not in out, out
+        assert not run.survivors(GONE_S)
+    finally:
+        run.cleanup()
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """What `python3 -m http.server` answers for /model_info."""
+
+    def do_GET(self):                                    # noqa: N802 - http.server's spelling
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("server", ["404", "closed-port"])
+def test_an_attached_url_that_is_no_sglang_server_fails_with_one_line(tmp_path, server):
+    """A 404 fails at once although the limit is 600 s; a closed port fails at the limit (3 s). One line each,
+    exit 2 (a config value to fix)."""
+    from megatron_entcov.distributed.net import free_port
+
+    httpd = None
+    if server == "404":
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    else:
+        url = f"http://127.0.0.1:{free_port()}"
+    run = _sglang_run(tmp_path, url, 600 if httpd else 3)
+    try:
+        try:
+            rc = run.proc.wait(timeout=STARTUP_S)     # well below the 600 s limit of the 404 case
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the run did not fail within {STARTUP_S} s:\n{run.output()}")
+        out = run.output()
+        assert rc == 2, out
+        lines = _error_lines(out)
+        assert len(lines) == 1 and "Traceback" not in out, out
+        head = f"megatron-entcov train: error: rollout.sglang.server_urls[0]='{url}'"
+        if httpd:
+            assert lines[0].startswith(f"{head} is not an SGLang server: GET /model_info answered 'HTTP 404: "), out
+            assert lines[0].endswith("give the URL (http://HOST:PORT) of a running `python -m sglang.launch_server`, "
+                                     "or leave rollout.sglang.server_urls empty to have the run launch its own "
+                                     "servers"), out
+        else:
+            assert lines[0] == (f"{head}: no SGLang server answered GET /model_info within 3 s "
+                                "(rollout.sglang.startup_timeout_s); last: 'ConnectionRefusedError: [Errno 111] "
+                                "Connection refused'; start the server (or fix the URL), or raise "
+                                "rollout.sglang.startup_timeout_s if it is still loading"), out
+            assert f"waiting for the SGLang server at {url}" in out, out
+    finally:
+        run.cleanup()
+        if httpd:
+            httpd.shutdown()
+            httpd.server_close()

@@ -28,7 +28,15 @@ from pathlib import Path
 from megatron_entcov.config import SGLangConfig
 from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts, validate_seeds
-from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json, wait_answering
+from megatron_entcov.rollout.sglang.http import (
+    Fanout,
+    NoServerLeftError,
+    ServerError,
+    Waiter,
+    http_json,
+    sleep_waiter,
+    wait_answering,
+)
 from megatron_entcov.rollout.sglang.placement import (
     colocated_gpu_ids,
     replica_server_urls,
@@ -54,12 +62,11 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 """What /release_memory_occupation can give back (sglang/srt/constants.py)."""
 
 
-def _check_settings(cfg: SGLangConfig, device: str, gpu_ids, *, max_retries: int, backoff_s: float,
-                    startup_timeout_s: float) -> None:
+def _check_settings(cfg: SGLangConfig, device: str, gpu_ids, *, max_retries: int, backoff_s: float) -> None:
     """ValueError naming the setting and the fix for limits or a server layout the engine cannot run."""
-    if max_retries < 0 or backoff_s < 0 or startup_timeout_s <= 0:
+    if max_retries < 0 or backoff_s < 0:
         raise ValueError(f"SGLangEngine: max_retries={max_retries} (must be >= 0), backoff_s={backoff_s} "
-                         f"(>= 0), startup_timeout_s={startup_timeout_s} (> 0): pass valid limits")
+                         "(>= 0): pass valid limits")
     if cfg.release_memory and device != "cuda":
         raise ValueError(f"SGLangEngine: rollout.sglang.release_memory=True needs GPU servers (server_device "
                          f"resolved to {device!r}); SGLang's memory saver does not exist on CPU: set "
@@ -91,7 +98,9 @@ class SGLangEngine(RolloutEngine):
         log_dir: server logs (default: a temporary directory).
         seed: engine seed, mixed with a call counter when SamplingParams.seed is None.
         server_python: the server venv's python (default: $SGLANG_PY, else the ``make sglang-env`` path).
-        startup_timeout_s: how long a launched server may take to answer.
+        waiter: how the waits for servers (start-up, a restart) sleep between attempts (``http.Waiter``); the
+            trainer passes ``run.stop.wait_or_stop``, which ends them when the process is asked to stop.
+            Default: time.sleep. Their limit is ``rollout.sglang.startup_timeout_s``.
         backoff_s: first retry delay of a failed request; doubles per retry, with jitter.
         max_retries: retries of one request after failures on live servers (failover away from a dead
             server does not count).
@@ -107,12 +116,11 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, model_cfg, sglang: SGLangConfig | None = None, *, model_dir: str | Path | None = None,
                  gpu_ids: Sequence[int] | None = None, sync_dir: str | Path | None = None,
                  sync_master_address: str | None = None, log_dir: str | Path | None = None, seed: int = 0,
-                 server_python: str | None = None, startup_timeout_s: float = 600.0, backoff_s: float = 0.5,
-                 max_retries: int = 3):
+                 server_python: str | None = None, backoff_s: float = 0.5, max_retries: int = 3,
+                 waiter: Waiter | None = None):
         cfg = sglang if sglang is not None else SGLangConfig()
         device = resolve_device(cfg.server_device)
-        _check_settings(cfg, device, gpu_ids, max_retries=max_retries, backoff_s=backoff_s,
-                        startup_timeout_s=startup_timeout_s)
+        _check_settings(cfg, device, gpu_ids, max_retries=max_retries, backoff_s=backoff_s)
         self.model_cfg = model_cfg
         self.request_timeout_s = float(cfg.request_timeout_s)
         self.max_inflight = int(cfg.max_inflight)
@@ -148,8 +156,9 @@ class SGLangEngine(RolloutEngine):
         self._launch_args = server_launch_args(cfg, model_cfg, device, python=server_python)
         self._log_dir = Path(log_dir) if log_dir else self._tmp / "logs"
         self._gpu_ids = list(gpu_ids) if gpu_ids is not None else None
+        self._waiter = waiter or sleep_waiter
 
-        servers = self._start_servers(cfg, model_dir, startup_timeout_s=startup_timeout_s, seed=seed)
+        servers = self._start_servers(cfg, model_dir, seed=seed)
 
         self._requests = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="sglang-req")
         logger.info("SGLangEngine: %d servers %s (%s%s), max_inflight=%d, timeout=%.0fs, sync=%s, start-up %s s",
@@ -160,25 +169,31 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------ start-up
 
-    def _start_servers(self, cfg: SGLangConfig, model_dir: str | Path | None, *, startup_timeout_s: float,
-                       seed: int) -> list[Server]:
+    def _start_servers(self, cfg: SGLangConfig, model_dir: str | Path | None, *, seed: int) -> list[Server]:
         """The engine's servers, answering and agreeing on one weight version: attached at ``server_urls`` (or
-        the router's workers), else ``num_servers`` launched here. On any failure everything started so far is
-        stopped (``close``) and the error re-raised."""
+        the router's workers), else ``num_servers`` launched here; each may take ``startup_timeout_s``. On any
+        failure (or a stop while waiting) everything started so far is stopped (``close``) and the error
+        re-raised."""
+        startup_timeout_s = cfg.startup_timeout_s
         try:
             server_urls = list(cfg.server_urls)
+            names = [f"rollout.sglang.server_urls[{i}]" for i in range(len(server_urls))]
+            fix = {}
             if cfg.router_url:
                 self.router = Server(url=cfg.router_url.rstrip("/"), index=-1)
-                server_urls = server_urls or router_workers(self.router.url, startup_timeout_s)
+                if not server_urls:
+                    server_urls = router_workers(self.router.url, startup_timeout_s, waiter=self._waiter)
+                    names = ["a worker of rollout.sglang.router_url"] * len(server_urls)
+                    fix = {"fix": "check the router's --worker-urls"}
             servers: list[Server] = []
             # Built first, so that close() reaches servers launched before a failure.
             self.pool = ServerPool(servers, launch=self._launch if not server_urls else None,
                                    max_restarts=cfg.max_server_restarts, startup_timeout_s=startup_timeout_s,
-                                   is_current=self._is_current, on_ready=self._restarted)
+                                   is_current=self._is_current, on_ready=self._restarted, waiter=self._waiter)
             if server_urls:
                 servers.extend(Server(url=u.rstrip("/"), index=i) for i, u in enumerate(server_urls))
-                for s in servers:
-                    wait_answering(s.url, startup_timeout_s)
+                for s, name in zip(servers, names):
+                    wait_answering(s.url, startup_timeout_s, name=name, waiter=self._waiter, **fix)
             else:
                 if model_dir is None:
                     model_dir = write_hf_model_dir(self.model_cfg, self._tmp / "init_model", seed=seed)
@@ -197,7 +212,7 @@ class SGLangEngine(RolloutEngine):
             s.proc = self._launch(s)
             s.url = s.proc.url
             servers.append(s)
-        self.startup_s = [s.proc.wait_ready(startup_timeout_s) for s in servers]
+        self.startup_s = [s.proc.wait_ready(startup_timeout_s, waiter=self._waiter) for s in servers]
 
     def _agreed_version(self, servers: list[Server]) -> int:
         """The weight version every server reports; RuntimeError when they differ (different weights)."""

@@ -11,11 +11,18 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from megatron_entcov.config import server_tp
-from megatron_entcov.rollout.sglang.http import ServerError, http_json
+from megatron_entcov.config.checks import shorten
+from megatron_entcov.rollout.sglang.http import (
+    STARTUP_LIMIT,
+    AttachError,
+    BoundedWait,
+    ServerError,
+    Waiter,
+    http_json,
+)
 
 __all__ = ["replica_server_urls", "router_workers", "resolve_device", "colocated_gpu_ids"]
 
@@ -32,24 +39,44 @@ def replica_server_urls(urls: Sequence[str], dp_rank: int, dp_size: int) -> list
     return urls[dp_rank::dp_size]
 
 
-def router_workers(router_url: str, timeout_s: float) -> list[str]:
-    """The worker URLs an ``sglang-router`` knows (``GET /workers``), waiting until it has registered at least
-    one healthy worker (it does so in the background after start-up)."""
-    deadline = time.monotonic() + timeout_s
-    last = None
+def router_workers(router_url: str, timeout_s: float, *, waiter: Waiter | None = None) -> list[str]:
+    """The worker URLs an ``sglang-router`` knows (``GET /workers``), waiting (``BoundedWait``: logged, through
+    ``waiter``) until it has registered at least one healthy worker (it does so in the background after
+    start-up). AttachError at once when the URL answers HTTP 4xx or a body that is not a JSON object (no
+    router there), and after ``timeout_s``."""
+    here = f"rollout.sglang.router_url={shorten(router_url)}"
+    wait = BoundedWait(f"the sglang-router at {router_url} to list a healthy worker at /workers", timeout_s,
+                       waiter=waiter)
+
+    def not_a_router(answer: str) -> AttachError:
+        return AttachError(f"{here} is not an sglang-router: GET /workers answered "
+                           f"{shorten(' '.join(answer.split()), 160)}; give the URL of a running "
+                           "`python -m sglang_router.launch_router`")
+
     while True:
         try:
-            workers = http_json(router_url, "/workers", timeout=10).get("workers", [])
-            urls = [w["url"].rstrip("/") for w in workers if w.get("is_healthy", True)]
+            answer = http_json(router_url, "/workers", timeout=5)
+        except ServerError as err:
+            if not err.retryable:
+                raise not_a_router(err.reason) from None
+            last = err.reason
+        else:
+            if not isinstance(answer, dict) or set(answer) == {"text"}:
+                raise not_a_router(str(answer.get("text", answer) if isinstance(answer, dict) else answer))
+            try:
+                workers = answer.get("workers", [])
+                urls = [w["url"].rstrip("/") for w in workers if w.get("is_healthy", True)]
+            except (KeyError, TypeError, AttributeError) as err:
+                urls, last = [], f"{type(err).__name__}: {err}"
+            else:
+                last = f"{len(workers)} workers, none healthy"
             if urls:
                 return urls
-            last = f"{len(workers)} workers, none healthy"
-        except (ServerError, KeyError, TypeError, AttributeError) as err:
-            last = err
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rollout.sglang.router_url={router_url!r}: no healthy worker listed at /workers within "
-                               f"{timeout_s:.0f} s ({last}); check the router's --worker-urls") from None
-        time.sleep(1.0)
+        if wait.expired():
+            raise AttachError(f"{here}: no healthy worker listed at /workers within {wait.limit_text()}; last: "
+                              f"{shorten(last, 160)}; check the router's --worker-urls, or raise {STARTUP_LIMIT} "
+                              "if its workers are still loading")
+        wait.pause(1.0, last)
 
 
 def resolve_device(server_device: str) -> str:

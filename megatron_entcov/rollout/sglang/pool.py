@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, http_json
+from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, Waiter, http_json, sleep_waiter
 from megatron_entcov.rollout.sglang.server import SGLangServer
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class ServerPool:
 
     def __init__(self, servers: list[Server], *, launch: Callable[[Server], SGLangServer] | None,
                  max_restarts: int, startup_timeout_s: float, is_current: Callable[[Server], bool],
-                 on_ready: Callable[[Server], None] | None = None, health_timeout_s: float = 60.0):
+                 on_ready: Callable[[Server], None] | None = None, health_timeout_s: float = 60.0,
+                 waiter: Waiter | None = None):
         """
         Args:
             servers: the servers, all live.
@@ -75,6 +76,8 @@ class ServerPool:
                 its memory there while the others' is released); an exception fails the restart.
             health_timeout_s: how long ``/health_generate`` may take after a failed generation request before
                 the server counts as hung (SGLang itself answers 503 after 20 s without a scheduler reply).
+            waiter: how ``pick`` sleeps while it waits for a restarting server (http.Waiter; it may raise to
+                end the wait, e.g. on a stop signal); default: time.sleep.
         """
         self.servers = servers
         self._launch = launch
@@ -83,6 +86,7 @@ class ServerPool:
         self._is_current = is_current
         self._on_ready = on_ready
         self.health_timeout_s = float(health_timeout_s)
+        self._waiter = waiter or sleep_waiter
         self._lock = threading.Lock()
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -141,10 +145,10 @@ class ServerPool:
     def pick(self, avoid: Server | None) -> Server:
         """The least-loaded live server (another than ``avoid`` when there is one); counts it in flight. With
         none live but one restarting, waits for it (up to the start-up time-out): a server restarted from the
-        current weights serves at once."""
+        current weights serves at once. The wait sleeps through the pool's waiter (which may end it)."""
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.live() and self.restarting() and time.monotonic() < deadline and not self._closed:
-            time.sleep(0.2)
+            self._waiter(0.2, "a restarting SGLang server (every other server is dead)")
         live = self.live()
         with self._lock:
             live = [s for s in live if s.state == LIVE]

@@ -22,10 +22,10 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from megatron_entcov.rollout.sglang.http import STARTUP_LIMIT, BoundedWait, ServerError, Waiter, http_json
 
 logger = logging.getLogger(__name__)
 
@@ -210,29 +210,37 @@ class SGLangServer:
         except OSError:
             return "(no log)"
 
-    def wait_ready(self, timeout_s: float = 300.0) -> float:
-        """Block until GET /get_model_info answers 200; returns the start-up seconds. Raises RuntimeError when
-        the process exits or the time-out passes (with the log's tail)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.alive():
-                rc = self.proc.returncode if self.proc else None
-                raise RuntimeError(f"SGLang server {self.url} exited (rc={rc}) during start-up; log "
-                                   f"{self.log_path}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/get_model_info", timeout=5) as r:
-                    if r.status == 200:
-                        self._record_shm()
-                        self.startup_s = time.monotonic() - self._t_start
-                        logger.info("SGLang server %s ready after %.1f s", self.url, self.startup_s)
-                        return self.startup_s
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"SGLang server {self.url} not ready after {timeout_s:.0f} s; log "
-                                   f"{self.log_path}:\n{self.log_tail()}")
-            time.sleep(1.0)
+    def wait_ready(self, timeout_s: float = 300.0, *, waiter: Waiter | None = None,
+                   log_every_s: float | None = None, limit: str = STARTUP_LIMIT) -> float:
+        """Block until GET /model_info answers; returns the start-up seconds. Logs what it waits for (with the
+        server log's last line) while it waits (``BoundedWait``), sleeping through ``waiter`` (which may raise
+        to end the wait: the server is stopped then). Raises RuntimeError when the process exits or the
+        time-out passes (with the log's tail; ``limit`` names the setting of ``timeout_s``)."""
+        wait = BoundedWait(f"the SGLang server launched at {self.url} to load its model (log {self.log_path})",
+                           timeout_s, waiter=waiter, log_every_s=log_every_s, limit=limit)
+        try:
+            while True:
+                if not self.alive():
+                    rc = self.proc.returncode if self.proc else None
+                    raise RuntimeError(f"SGLang server {self.url} exited (rc={rc}) during start-up; log "
+                                       f"{self.log_path}:\n{self.log_tail()}")
+                try:
+                    http_json(self.url, "/model_info", timeout=5)
+                except ServerError as err:
+                    last = self.log_tail(1).strip() or err.reason
+                else:
+                    self._record_shm()
+                    self.startup_s = time.monotonic() - self._t_start
+                    logger.info("SGLang server %s ready after %.1f s", self.url, self.startup_s)
+                    return self.startup_s
+                if wait.expired():
+                    raise RuntimeError(f"SGLang server {self.url} not ready after {wait.limit_text()}; raise "
+                                       f"{limit} if it is still loading; log {self.log_path}:\n"
+                                       f"{self.log_tail()}")
+                wait.pause(1.0, last)
+        except BaseException:
+            self.stop()
+            raise
 
     def kill(self) -> None:
         """SIGKILL the server's processes at once (also what a crash looks like: tests use it)."""

@@ -12,8 +12,9 @@ import pytest
 
 from megatron_entcov.distributed.net import free_port
 
-DEFAULT_REPLY = {"success": True, "weight_version": "0"}
-"""What a path without a route answers (enough for /model_info and the weight-update calls)."""
+DEFAULT_REPLY = {"success": True, "weight_version": "0", "model_path": "/fake/model", "is_generation": True}
+"""What a path without a route answers (enough for /model_info, which must look like SGLang's, and the
+weight-update calls)."""
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
