@@ -1,6 +1,7 @@
 # Set-up and entry points. A fresh machine with Python 3.11 needs only:
 #   make quickstart   # venv + install + CPU quickstart run
-#   make test         # venv + install + lint + tests (what CI runs through .ci/run): core suite + real SGLang servers
+#   make test         # venv + install + lint + tests (what CI runs through .ci/run): core suite (its dashboard tests
+#                     # in headless Chromium: root + apt-get; mk/browser.mk) + real SGLang servers
 #                     # + slurm/*.sbatch on a throw-away local SLURM cluster (root + apt-get; mk/slurm.mk)
 #   make test-gpu     # GPU machines only (mk/gpu.mk): the @pytest.mark.gpu tests
 PYTHON ?= python3.11
@@ -13,6 +14,7 @@ PYTEST_FLAGS ?=
 include mk/sglang.mk
 include mk/gpu.mk
 include mk/slurm.mk
+include mk/browser.mk
 
 $(VENV)/.installed: setup.py requirements/cpu.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -39,7 +41,7 @@ lint: setup
 # the job scripts under a local SLURM cluster.
 test: lint test-core test-sglang test-slurm
 
-test-core: setup
+test-core: setup browser
 	$(PY) -m pytest -m "not gpu and not slow and not sglang and not slurm" $(PYTEST_FLAGS)
 
 test-slow: setup

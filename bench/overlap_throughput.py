@@ -98,10 +98,10 @@ def measure_overlap(*, engine: str = "sglang", steps: int = 4, overrides=(), run
         destroy_parallel()
         if tmp is not None:
             tmp.cleanup()
-    step_s = _mean([m["perf/step_time(s)"] for m in sequential])
-    train_s = _mean([m["perf/train_time(s)"] + m["perf/sync_time(s)"] for m in sequential])
+    step_s = _mean([m["perf/step_time_s"] for m in sequential])
+    train_s = _mean([m["perf/train_time_s"] + m["perf/sync_time_s"] for m in sequential])
     rollout_s = step_s - train_s
-    over_s = _mean([m["perf/step_time(s)"] for m in overlapped])
+    over_s = _mean([m["perf/step_time_s"] for m in overlapped])
     bound = max(rollout_s, train_s)
     return {"engine": engine, "steps": steps, "sequential_step_s": step_s, "rollout_s": rollout_s,
             "train_s": train_s, "overlapped_step_s": over_s,

@@ -110,7 +110,7 @@ class Evaluator:
         out = {"eval/accuracy": sums["greedy_correct"] / prompts,
                "eval/response_len": sums["sampled_tokens"] / (prompts * n),
                "eval/entropy": sums.get("entropy_sum", 0.0) / max(sums.get("entropy_tokens", 0.0), 1.0),
-               "perf/eval_time(s)": time.monotonic() - t0}
+               "perf/eval_time_s": time.monotonic() - t0}
         for k in self.cfg.eval.pass_k:
             out[f"eval/pass@{k}"] = sums[f"pass@{k}"] / prompts
         return out

@@ -182,8 +182,8 @@ def collect_experience(cfg: "RunConfig", engine, tokenizer, loader, *, step: int
         "rollout/stop_frac": sum(s.finish_reason == "stop" for s in kept_samples) / len(kept_samples),
         "rollout/refill_rounds": float(round_idx),
         "rollout/refill_shortfall": float(shortfall),
-        "perf/rollout_time(s)": gen_time,
-        "perf/reward_time(s)": reward_time,
+        "perf/rollout_time_s": gen_time,
+        "perf/reward_time_s": reward_time,
         "rollout/generated_tokens": float(generated_tokens),
         "data/skipped_prompts": float(loader.num_skipped),
     })

@@ -144,10 +144,10 @@ class Trainer:
         histograms = TokenHistograms(cfg.metrics.histogram_tokens if cfg.metrics.tensorboard else 0,
                                      num_mini_batches=num_mini, seed=cfg.seed, step=self.step + 1, ps=self.ps,
                                      sample_chosen=cfg.loss.name != "ppo")
-        with m.timed("perf/step_time(s)"):
+        with m.timed("perf/step_time_s"):
             batch, exp = self._experience_batch()
             version = self.weight_version            # the trainer's weights at train time (staleness)
-            with m.timed("perf/train_time(s)"), self.colocation.train():
+            with m.timed("perf/train_time_s"), self.colocation.train():
                 # None off the last stage; packed as each mini-batch's training step will pack it.
                 batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=num_mini)
                 self._batch_metrics(m, batch, exp)
@@ -155,7 +155,7 @@ class Trainer:
                 if cfg.metrics.measure_entropy_change and applied:
                     self._measured_entropy_change(m, batch)
             self._wait_for_prefetch(m)
-            with m.timed("perf/sync_time(s)"), self.colocation.sync():
+            with m.timed("perf/sync_time_s"), self.colocation.sync():
                 if applied:      # a step whose every update was skipped left the weights as the engine has them
                     self.weight_version += 1
                 if applied or self.colocation.sync_every_step:   # unless colocated servers dropped theirs
@@ -218,10 +218,10 @@ class Trainer:
         # Exact coefficients (the same on every rank), replacing the loss's own coef/* token shares, which carry
         # float noise a constant should not show.
         m.add({f"coef/{name}": value for name, value in coefs.items()}, EXACT, mini_batch=True)
-        with m.timed("perf/selection_time(s)"):
+        with m.timed("perf/selection_time_s"):
             selection = self._token_selection(mini, index)
         if selection is not None and histograms.enabled:        # the last pipeline stage
-            with m.timed("perf/histogram_time(s)"):
+            with m.timed("perf/histogram_time_s"):
                 histograms.add(mini, selection)
         result = self.actor.train_step(mini, self._policy_loss_fn(selection),
                                        label=f"step {self.step + 1} mini-batch {index}")
@@ -296,7 +296,7 @@ class Trainer:
         phases' memory, the learning rate and weight version, and the rates of its times."""
         self.step_histograms = {}
         if histograms.enabled:
-            with m.timed("perf/histogram_time(s)"):
+            with m.timed("perf/histogram_time_s"):
                 self.step_histograms = histograms.gather()
         if self.prefetch is not None:   # the trainer's weight version at train time minus each sample's
             total, count, most = staleness_sums(version, [s.weight_version for s in exp.samples]) \
@@ -305,8 +305,8 @@ class Trainer:
             m.add({"rollout/staleness_max": most}, MAX)
         m.add(self.memory.take(), MAX)
         m.add({"train/lr": self.actor.lr, "train/weight_version": float(self.weight_version)}, EXACT)
-        m.derive("perf/selection_frac", lambda v: v["perf/selection_time(s)"] / max(v["perf/step_time(s)"], 1e-9))
-        m.derive("perf/tokens_per_s", lambda v: v.get("perf/tokens", 0.0) / max(v["perf/step_time(s)"], 1e-9))
+        m.derive("perf/selection_frac", lambda v: v["perf/selection_time_s"] / max(v["perf/step_time_s"], 1e-9))
+        m.derive("perf/tokens_per_s", lambda v: v.get("perf/tokens", 0.0) / max(v["perf/step_time_s"], 1e-9))
 
     # ---------------------------------------------------------------- weights and state
     def _sync_weights(self, m: StepMetrics) -> None:

@@ -134,7 +134,7 @@ RL_COMMON = ["name=gpu-check", "seed=7", "model.add_qkv_bias=true", "model.tie_w
              f"checkpoint.save_interval={RL_STEPS}", "metrics.tensorboard=true"]
 """Random weights earn no reward, so every advantage is 0: the entropy bonus (entropy_coef) is what gives the
 backward pass and the optimizer a non-zero gradient to apply."""
-RL_TAGS = ("perf/step_time(s)", "perf/rollout_time(s)", "perf/train_time(s)", "perf/sync_time(s)",
+RL_TAGS = ("perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/sync_time_s",
            "perf/tokens_per_s", "entropy/mean", "reward/mean", "reward/mean_all", "train/loss", "train/grad_norm",
            "rollout/logprob_gap", "sync/probe_gap", "train/weight_version")
 MEM_PREFIXES = ("mem/", "memory/")

@@ -5,7 +5,9 @@
 start as ``<name>/sft/tensorboard``); runs written side by side (bench/quickstart_compare.py) overlay on every
 chart. The CUSTOM SCALARS tab (http://localhost:6006/#custom_scalars) opens on the "Entropy control" category:
 the layout each run writes is merged by TensorBoard across runs, chart by chart, so three methods share one
-dashboard. Chart tags are regular expressions matched from the start of a tag (TensorBoard's rule).
+dashboard. Chart tags are regular expressions matched from the start of a tag (TensorBoard's rule). A tag a
+chart matches holds no "(": TensorBoard's charts then draw none of their series, so charted tags carry their
+unit as a suffix (``perf/step_time_s``, ``mem/train/peak_GiB``; docs/design/monitor.md).
 
 Example:
     logger.layout(entropy_control_layout())
@@ -32,7 +34,8 @@ LAYOUT_CATEGORY = "Entropy control"
 
 def entropy_control_layout() -> dict:
     """The custom-scalars layout ({category: {chart: [kind, tags]}}, as SummaryWriter.add_custom_scalars takes
-    it): "Entropy control" first, then "Rollouts and throughput"."""
+    it): "Entropy control" first, then "Rollouts and throughput". No tag these patterns match may hold "(" (module
+    docstring); tests/distributed/test_dashboard.py counts what each chart draws in a browser."""
     return {
         LAYOUT_CATEGORY: {
             "policy entropy (nats/token): training samples, held-out samples": [

@@ -1,10 +1,10 @@
 """GPU and host memory per phase of an RL step (``rollout``, ``train``, ``sync``): the ``mem/*`` tags, each the
 largest value over all ranks (the rank that runs out first).
 
-- ``mem/<phase>/allocated(GiB)``, ``reserved(GiB)``, ``peak(GiB)``: tensors alive at the end of the phase, what
+- ``mem/<phase>/allocated_GiB``, ``reserved_GiB``, ``peak_GiB``: tensors alive at the end of the phase, what
   the caching allocator keeps from the driver then, the most allocated during the phase (CUDA devices only);
-- ``mem/<phase>/host_rss(GiB)``: the process's resident host memory (every device);
-- ``mem/offloaded(GiB)``: trainer state on the host (policy/offload.py) while colocated servers generate.
+- ``mem/<phase>/host_rss_GiB``: the process's resident host memory (every device);
+- ``mem/offloaded_GiB``: trainer state on the host (policy/offload.py) while colocated servers generate.
 
 Example:
     mem = PhaseMemory(ps)
@@ -47,12 +47,12 @@ class PhaseMemory:
             raise ValueError(f"memory phase {phase!r} is not one of {PHASES}")
         v = self.values
         if self.on_gpu:
-            v[f"mem/{phase}/allocated(GiB)"] = torch.cuda.memory_allocated(self.device) / _GIB
-            v[f"mem/{phase}/reserved(GiB)"] = torch.cuda.memory_reserved(self.device) / _GIB
-            v[f"mem/{phase}/peak(GiB)"] = torch.cuda.max_memory_allocated(self.device) / _GIB
-        v[f"mem/{phase}/host_rss(GiB)"] = self._process.memory_info().rss / _GIB
+            v[f"mem/{phase}/allocated_GiB"] = torch.cuda.memory_allocated(self.device) / _GIB
+            v[f"mem/{phase}/reserved_GiB"] = torch.cuda.memory_reserved(self.device) / _GIB
+            v[f"mem/{phase}/peak_GiB"] = torch.cuda.max_memory_allocated(self.device) / _GIB
+        v[f"mem/{phase}/host_rss_GiB"] = self._process.memory_info().rss / _GIB
         if offloaded_bytes is not None:
-            v["mem/offloaded(GiB)"] = offloaded_bytes / _GIB
+            v["mem/offloaded_GiB"] = offloaded_bytes / _GIB
 
     def take(self) -> dict[str, float]:
         """This rank's figures since the last call (then forgotten): to reduce as the max over all ranks."""

@@ -45,7 +45,7 @@ _CONSOLE_KEYS = (
     ("rollout/response_len", "len", "{:.1f}"),
     ("train/grad_norm", "gnorm", "{:.2e}"),
     ("sft/loss", "loss", "{:.4f}"),
-    ("perf/step_time(s)", "t", "{:.1f}s"),
+    ("perf/step_time_s", "t", "{:.1f}s"),
     ("eval/accuracy", "eval acc", "{:.3f}"),
     ("eval/entropy", "eval H", "{:.3f}"),
 )

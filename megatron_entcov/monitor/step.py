@@ -9,7 +9,7 @@ sums and values derived from the reduced ones (rates, fractions) are computed af
 
 Example:
     m = StepMetrics(ps, num_mini_batches=2)
-    with m.timed("perf/train_time(s)"):
+    with m.timed("perf/train_time_s"):
         m.add(result.metrics, SUM, mini_batch=True)        # the mean of the mini-batches' shares
     totals = m.reduce()                                    # collective: every rank calls it once per step
 Design notes: docs/design/monitor.md

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_dashboard_browser import drawn_series, expected_series, open_browser, scalar_tags, tensorboard_server
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +34,15 @@ OVERRIDES = ["sft.steps=10", "sft.eval_size=8", "rollout.prompts_per_step=8", "r
 
 
 @pytest.fixture(scope="module")
-def logdir(tmp_path_factory):
+def revision():
+    """The checkout's git revision when the runs start (None outside a git checkout): a commit made while they
+    run (a shared working tree) must not make the recorded revision look wrong."""
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return sha.stdout.strip() if sha.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory, revision):
     """`runs/` holding `compare/` as the comparison script writes it."""
     runs = tmp_path_factory.mktemp("runs")
     cmd = [sys.executable, "bench/quickstart_compare.py", "--out", str(runs / "compare"), "--steps", str(STEPS)]
@@ -126,6 +135,28 @@ def test_the_layout_opens_on_entropy_control_and_every_chart_finds_its_scalars(t
     assert max(scalars[_run("kl_cov")]["train/kl_cov_frac"].values()) > 0
 
 
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Chromium (skips where no browser can be installed: test_dashboard_browser.py)."""
+    yield from open_browser()
+
+
+def test_every_chart_draws_its_series_in_a_browser(chromium, logdir, tmp_path):
+    """The CUSTOM SCALARS tab in headless Chromium (test_dashboard_browser.py): every chart of the layout draws
+    one line per (run, tag) its regexes match in the event files (a band too for the Margin chart), counted
+    here. Before the charted tags lost their "(unit)", "time per phase" and "memory per phase" drew nothing."""
+    from megatron_entcov.monitor.dashboard import entropy_control_layout
+
+    tags = scalar_tags(logdir)
+    expected = expected_series(entropy_control_layout(), tags)
+    assert all(v["lines"] > 0 for v in expected.values()), expected
+    with tensorboard_server(logdir, tags, tmp_path / "tensorboard.log") as url:
+        got, errors = drawn_series(chromium, url, expected)
+    assert got == expected, (
+        f"charts drawing other than their matched series: "
+        f"{ {t: (got.get(t), e) for t, e in expected.items() if got.get(t) != e} }; page errors: {errors[:3]}")
+
+
 def test_the_law_image_is_the_law_of_the_points_logged_so_far(tb):
     """law/fit every IMAGE_INTERVAL steps and at the end, equal to the image re-rendered from the held-out
     (eval/entropy, eval/accuracy) scalars read back (float32: the fit may differ in the last digits), and
@@ -180,9 +211,8 @@ def test_histograms_count_every_token_of_the_step(tb):
             assert all(0 < counts[s] < tokens[s] for s in counts), (method, counts)
 
 
-def test_config_and_code_revision_are_text_at_step_zero(tb, logdir):
+def test_config_and_code_revision_are_text_at_step_zero(tb, logdir, revision):
     text = tb.tensors("text")
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     for run, run_dir in [(_run(m), logdir / "compare" / m) for m in METHODS] + \
                         [("compare/sft/sft/tensorboard", logdir / "compare" / "sft" / "sft")]:
         (config,) = text[run]["run/config/text_summary"]          # add_text's tag: name + /text_summary
@@ -192,5 +222,5 @@ def test_config_and_code_revision_are_text_at_step_zero(tb, logdir):
         assert all(line.startswith("    ") for line in body.splitlines()), "not a Markdown code block"
         resolved = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
         assert yaml.safe_load("\n".join(line[4:] for line in body.splitlines())) == resolved
-        if sha.returncode == 0:                   # a git checkout (CI clones one)
-            assert f"| git revision | `{sha.stdout.strip()}" in source.numpy.item().decode()
+        if revision is not None:                  # a git checkout (CI clones one)
+            assert f"| git revision | `{revision}" in source.numpy.item().decode()

@@ -387,10 +387,10 @@ CHECKED_TAGS = {
     "eval/accuracy", "eval/response_len", "eval/entropy", *(f"eval/pass@{k}" for k in PASS_K),
     "law/a", "law/b", "law/r2", "law/ceiling",
     "sync/bytes", "sync/time(s)", "sync/GBps", "sync/probe_gap", "sync/probe_tokens", "sync/probe_time(s)",
-    "perf/tokens", "perf/tokens_per_s", "perf/step_time(s)", "perf/train_time(s)", "perf/sync_time(s)",
-    "perf/rollout_time(s)", "perf/reward_time(s)", "perf/selection_time(s)", "perf/selection_frac",
-    "perf/eval_time(s)", "perf/histogram_time(s)",
-    "mem/rollout/host_rss(GiB)", "mem/train/host_rss(GiB)", "mem/sync/host_rss(GiB)",
+    "perf/tokens", "perf/tokens_per_s", "perf/step_time_s", "perf/train_time_s", "perf/sync_time_s",
+    "perf/rollout_time_s", "perf/reward_time_s", "perf/selection_time_s", "perf/selection_frac",
+    "perf/eval_time_s", "perf/histogram_time_s",
+    "mem/rollout/host_rss_GiB", "mem/train/host_rss_GiB", "mem/sync/host_rss_GiB",
 }
 
 
@@ -518,7 +518,7 @@ def test_eval_metrics_equal_own_greedy_decode_and_brute_force_pass_at_k(truth):
         entropy = np.concatenate(e["entropies"]).mean()
         assert 0.0 <= got["eval/entropy"] <= math.log(VOCAB)
         _close(got["eval/entropy"], entropy, 1e-4, f"step {step} eval/entropy")
-        assert got["perf/eval_time(s)"] >= 0.0
+        assert got["perf/eval_time_s"] >= 0.0
     pass1 = [truth["logged"][s]["eval/pass@1"] for s in range(STEPS + 1)]
     assert any(0 < p < 1 for p in pass1), f"eval samples all right or all wrong {pass1}: pass@k checks are void"
 
@@ -650,18 +650,18 @@ def test_sync_and_perf_metrics(truth):
         assert gap < 1e-4 and got["sync/probe_gap"] < 1e-4, (gap, got["sync/probe_gap"])
         times = {k: got[k] for k in got if k.endswith("(s)")}
         assert all(t >= 0 for t in times.values()), times
-        assert got["perf/train_time(s)"] + got["perf/sync_time(s)"] <= got["perf/step_time(s)"] * (1 + 1e-9)
-        assert got["perf/rollout_time(s)"] <= got["perf/step_time(s)"]
-        _close(got["perf/tokens_per_s"], got["perf/tokens"] / got["perf/step_time(s)"], 1e-6, "tokens_per_s")
-        _close(got["perf/selection_frac"], got["perf/selection_time(s)"] / got["perf/step_time(s)"], 1e-6,
+        assert got["perf/train_time_s"] + got["perf/sync_time_s"] <= got["perf/step_time_s"] * (1 + 1e-9)
+        assert got["perf/rollout_time_s"] <= got["perf/step_time_s"]
+        _close(got["perf/tokens_per_s"], got["perf/tokens"] / got["perf/step_time_s"], 1e-6, "tokens_per_s")
+        _close(got["perf/selection_frac"], got["perf/selection_time_s"] / got["perf/step_time_s"], 1e-6,
                "selection_frac")
-        assert got["perf/histogram_time(s)"] <= got["perf/step_time(s)"]
+        assert got["perf/histogram_time_s"] <= got["perf/step_time_s"]
         # Resident host memory at the end of each phase: at most the process's peak (getrusage, independent of
         # psutil), and at least what torch and Megatron alone take. No GPU figures on CPU, no offload without
         # colocated servers.
         for phase in ("rollout", "train", "sync"):
-            assert 0.2 < got[f"mem/{phase}/host_rss(GiB)"] <= truth["peak_rss_gib"] * (1 + 1e-9)
-            assert f"mem/{phase}/allocated(GiB)" not in got and "mem/offloaded(GiB)" not in got
+            assert 0.2 < got[f"mem/{phase}/host_rss_GiB"] <= truth["peak_rss_gib"] * (1 + 1e-9)
+            assert f"mem/{phase}/allocated_GiB" not in got and "mem/offloaded_GiB" not in got
 
 
 DP_EQUAL_SECTIONS = ("reward/", "rollout/", "eval/", "cov/", "law/", "coef/", "data/")

@@ -106,9 +106,9 @@ def test_offload_frees_everything_during_rollouts_and_changes_nothing(tmp_path, 
         assert all(w > 0 and g > 0 for _, w, _, g in r["seen_off"]) and r["seen_off"][-1][2] > 0
         # mem/* tags: host RSS of each phase (CPU: no GPU tags).
         for phase in ("rollout", "train", "sync"):
-            assert 0.05 < r["m_on"][f"mem/{phase}/host_rss(GiB)"] < 24
-            assert f"mem/{phase}/allocated(GiB)" not in r["m_on"]
+            assert 0.05 < r["m_on"][f"mem/{phase}/host_rss_GiB"] < 24
+            assert f"mem/{phase}/allocated_GiB" not in r["m_on"]
     # The offloaded figure is what the weights and optimizer state occupy (distinct storages), max over ranks.
     expected = max(r["kept"] for r in results) / 2**30
-    assert results[0]["m_on"]["mem/offloaded(GiB)"] == pytest.approx(expected, rel=1e-12)
-    assert "mem/offloaded(GiB)" not in results[0]["m_off"]
+    assert results[0]["m_on"]["mem/offloaded_GiB"] == pytest.approx(expected, rel=1e-12)
+    assert "mem/offloaded_GiB" not in results[0]["m_off"]

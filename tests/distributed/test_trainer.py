@@ -33,7 +33,7 @@ TINY = [
 EXPECTED_TAGS = [
     "reward/mean", "reward/std", "reward/accuracy", "rollout/response_len", "entropy/mean", "cov/mean", "cov/q90",
     "train/ppo_kl", "train/kl_cov_frac", "train/clip_frac_high", "rollout/logprob_gap", "coef/kl_cov_ratio",
-    "train/grad_norm", "perf/rollout_time(s)", "perf/reward_time(s)", "perf/train_time(s)", "perf/sync_time(s)",
+    "train/grad_norm", "perf/rollout_time_s", "perf/reward_time_s", "perf/train_time_s", "perf/sync_time_s",
     "perf/tokens_per_s", "sync/time(s)", "entropy/delta_measured", "sync/probe_gap", "sync/probe_tokens",
 ]
 

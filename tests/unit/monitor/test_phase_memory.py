@@ -18,9 +18,9 @@ def test_cpu_phases_record_host_memory_and_the_offloaded_bytes():
     mem.end("train")
     rss = psutil.Process().memory_info().rss / 2**30
     got = mem.take()
-    assert sorted(got) == ["mem/offloaded(GiB)", "mem/rollout/host_rss(GiB)", "mem/train/host_rss(GiB)"]
-    assert got["mem/offloaded(GiB)"] == 1.5
-    for key in ("mem/rollout/host_rss(GiB)", "mem/train/host_rss(GiB)"):
+    assert sorted(got) == ["mem/offloaded_GiB", "mem/rollout/host_rss_GiB", "mem/train/host_rss_GiB"]
+    assert got["mem/offloaded_GiB"] == 1.5
+    for key in ("mem/rollout/host_rss_GiB", "mem/train/host_rss_GiB"):
         assert got[key] == pytest.approx(rss, rel=0.2)
     assert mem.take() == {}
 

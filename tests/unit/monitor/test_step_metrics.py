@@ -26,13 +26,13 @@ def test_one_process_reductions_accumulate_and_mean_the_mini_batches():
         m.add({"coef/kl_cov_coef": 0.5}, EXACT, mini_batch=True)   # the exact mean replaces the shares
     m.add({"train/skipped_updates": 1.0}, RANK0)
     m.add({"train/skipped_updates": 1.0}, RANK0)
-    m.add({"mem/train/host_rss(GiB)": 2.0}, MAX)
-    m.add({"mem/train/host_rss(GiB)": 1.5}, MAX)
+    m.add({"mem/train/host_rss_GiB": 2.0}, MAX)
+    m.add({"mem/train/host_rss_GiB": 1.5}, MAX)
     m.add({"sync/bytes": 8e9}, LOCAL)
     m.ratio("rollout/staleness", 3.0, 0.0, floor=1.0)          # no samples: the floor keeps it finite
     m.derive("sync/GBps", lambda v: v["sync/bytes"] / v["perf/tokens"] / 1e9)
     assert m.reduce() == {"rollout/response_len": 7.0, "perf/tokens": 15.0, "train/pg_loss": 3.0,
-                          "coef/kl_cov_coef": 0.5, "train/skipped_updates": 2.0, "mem/train/host_rss(GiB)": 2.0,
+                          "coef/kl_cov_coef": 0.5, "train/skipped_updates": 2.0, "mem/train/host_rss_GiB": 2.0,
                           "sync/bytes": 8e9, "rollout/staleness": 3.0, "sync/GBps": 8e9 / 15.0 / 1e9}
 
 
@@ -45,7 +45,7 @@ def test_rank0_values_count_once():
 
 def test_max_takes_no_mini_batch_mean():
     with pytest.raises(ValueError, match="MAX"):
-        StepMetrics(None, num_mini_batches=2).add({"mem/offloaded(GiB)": 1.0}, MAX, mini_batch=True)
+        StepMetrics(None, num_mini_batches=2).add({"mem/offloaded_GiB": 1.0}, MAX, mini_batch=True)
 
 
 def test_timed_adds_up_blocks_under_one_key(monkeypatch):
@@ -53,12 +53,12 @@ def test_timed_adds_up_blocks_under_one_key(monkeypatch):
     monkeypatch.setattr(step_mod.time, "monotonic", lambda: next(clock))
     m = StepMetrics(None)
     for _ in range(2):
-        with m.timed("perf/selection_time(s)"):
+        with m.timed("perf/selection_time_s"):
             pass
-    with m.timed("perf/step_time(s)"):
+    with m.timed("perf/step_time_s"):
         pass
-    m.derive("perf/selection_frac", lambda v: v["perf/selection_time(s)"] / max(v["perf/step_time(s)"], 1e-9))
-    assert m.reduce() == {"perf/selection_time(s)": 0.75, "perf/step_time(s)": 3.0, "perf/selection_frac": 0.25}
+    m.derive("perf/selection_frac", lambda v: v["perf/selection_time_s"] / max(v["perf/step_time_s"], 1e-9))
+    assert m.reduce() == {"perf/selection_time_s": 0.75, "perf/step_time_s": 3.0, "perf/selection_frac": 0.25}
 
 
 class _TwoRanks:
@@ -88,7 +88,7 @@ def test_two_ranks_one_gather_one_sum_one_max(monkeypatch):
     # staleness parts, a larger memory figure, and its own (unreduced) time.
     world = _TwoRanks(sums={"entropy/mean": 0.5, "train/pg_loss": -0.25, "_ratio/rollout/staleness/num": 5.0,
                             "_ratio/rollout/staleness/den": 2.0},
-                      maxima={"mem/sync/host_rss(GiB)": 3.0, "rollout/staleness_max": 4.0})
+                      maxima={"mem/sync/host_rss_GiB": 3.0, "rollout/staleness_max": 4.0})
     monkeypatch.setattr(step_mod.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(step_mod.dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(step_mod.collectives, "all_gather_object", world.all_gather_object)
@@ -97,12 +97,12 @@ def test_two_ranks_one_gather_one_sum_one_max(monkeypatch):
     m.add({"entropy/mean": 0.25}, SUM)
     m.add({"reward/mean": 0.75}, RANK0)
     m.ratio("rollout/staleness", 3.0, 2.0)
-    m.add({"mem/sync/host_rss(GiB)": 2.0, "rollout/staleness_max": 1.0, "mem/train/host_rss(GiB)": 1.0}, MAX)
+    m.add({"mem/sync/host_rss_GiB": 2.0, "rollout/staleness_max": 1.0, "mem/train/host_rss_GiB": 1.0}, MAX)
     m.add({"train/weight_version": 3.0}, EXACT)
-    m.add({"perf/step_time(s)": 1.5}, LOCAL)
+    m.add({"perf/step_time_s": 1.5}, LOCAL)
     assert m.reduce() == {"entropy/mean": 0.75, "train/pg_loss": -0.25, "reward/mean": 0.75,
-                          "rollout/staleness": 2.0, "mem/sync/host_rss(GiB)": 3.0, "rollout/staleness_max": 4.0,
-                          "mem/train/host_rss(GiB)": 1.0, "train/weight_version": 3.0, "perf/step_time(s)": 1.5}
+                          "rollout/staleness": 2.0, "mem/sync/host_rss_GiB": 3.0, "rollout/staleness_max": 4.0,
+                          "mem/train/host_rss_GiB": 1.0, "train/weight_version": 3.0, "perf/step_time_s": 1.5}
     assert world.calls == ["all_gather_object", "sum", "max"]
 
 

@@ -539,6 +539,6 @@ def test_the_whole_dry_run_passes_every_phase(tmp_path):
     assert phases["gpu_tests"]["figures"]["counts"]["skipped"] >= 3
     rl = phases["rl"]["figures"]
     assert rl["train_steps_logged"] == [1, 2, 3] and rl["resume_steps_logged"] == [4]
-    assert sorted(rl["scalars"]["perf/step_time(s)"]) == ["1", "2", "3", "4"]
+    assert sorted(rl["scalars"]["perf/step_time_s"]) == ["1", "2", "3", "4"]
     assert rl["resume_checkpoints"][-1] == "step_000004"
     assert (tmp_path / "out" / "rl" / "tensorboard").is_dir()
