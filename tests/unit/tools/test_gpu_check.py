@@ -481,22 +481,6 @@ def _cuda_in_a_fresh_process() -> bool:
     return out.stdout.strip() == "True"
 
 
-def test_every_gpu_test_that_spawns_ranks_asks_for_the_gpu_backend():
-    """Each run_workers call under tests/gpu passes backend='auto' (or 'nccl'): the default gloo group would put
-    its model on the CPU."""
-    import ast
-
-    calls = []
-    for path in sorted((ROOT / "tests" / "gpu").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "run_workers":
-                kw = {k.arg: k.value for k in node.keywords}
-                backend = kw["backend"].value if isinstance(kw.get("backend"), ast.Constant) else None
-                calls.append((f"{path.name}:{node.lineno}", backend))
-    assert calls, "no run_workers call under tests/gpu: this test checks nothing"
-    assert [c for c in calls if c[1] not in ("auto", "nccl")] == []
-
-
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _dry_run(out: Path, *args) -> tuple[subprocess.CompletedProcess, dict]:
