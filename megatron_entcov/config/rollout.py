@@ -78,7 +78,8 @@ class SGLangConfig:
     """Restarts of a launched server that dies (it rejoins after the next weight sync); 0 = off."""
     release_memory: bool = False
     """Colocated GPU servers: release their GPU memory while the trainer trains and resume it around the
-    weight sync (launches with --enable-memory-saver; needs CUDA)."""
+    weight sync (launches with --enable-memory-saver and SGLANG_MEMORY_SAVER_CUDA_GRAPH=1, so CUDA graphs are
+    released too; needs CUDA)."""
     sync_method: Literal["disk", "distributed", "tensor"] = "disk"
     """Weight transport: 'disk' (safetensors + update_weights_from_disk; any topology), 'distributed'
     (gloo/NCCL broadcast group; servers on other nodes), 'tensor' (serialized tensors; colocated)."""

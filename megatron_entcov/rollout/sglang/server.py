@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from megatron_entcov.rollout.sglang.http import STARTUP_LIMIT, BoundedWait, ServerError, Waiter, http_json
@@ -30,7 +30,8 @@ from megatron_entcov.rollout.sglang.http import STARTUP_LIMIT, BoundedWait, Serv
 logger = logging.getLogger(__name__)
 
 __all__ = ["SGLANG_VERSION", "DEFAULT_SERVER_PYTHON", "DEFAULT_GPU_SERVER_PYTHON", "default_server_python",
-           "server_launch_args", "SGLangServer", "write_hf_model_dir", "link_model_dir"]
+           "server_launch_args", "server_env", "RANK_ENV_VARS", "SGLangServer", "write_hf_model_dir",
+           "link_model_dir"]
 
 SGLANG_VERSION = "0.5.23"
 SGLANG_TORCH = "2.14.1"
@@ -52,14 +53,39 @@ def default_server_python(device: str = "cpu") -> str:
     return DEFAULT_SERVER_PYTHON
 
 
+RANK_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun's elastic agent sets for each rank besides TORCHELASTIC_* (torch/distributed/elastic/agent/
+server/local_elastic_agent.py). A server launched with them joins the rank's rendezvous instead of its own."""
+RANK_ENV_PREFIXES = ("TORCHELASTIC_",)
+"""Prefixes of the torchelastic agent's own variables (run id, restart count, error/timer files, agent store)."""
+
+
+def server_env(base: Mapping[str, str], *, device: str, memory_saver: bool = False,
+               num_threads: int | None = None) -> dict[str, str]:
+    """The environment of a launched server, built from ``base`` (the rank's): the rank's distributed
+    variables (``RANK_ENV_VARS``, ``TORCHELASTIC_*``) and the trainer's venv (VIRTUAL_ENV, PYTHONPATH,
+    PYTHONHOME) removed, everything else kept (NCCL_DEBUG, CUDA_VISIBLE_DEVICES, TORCH_NCCL_ASYNC_ERROR_HANDLING,
+    ...); OMP_NUM_THREADS set for a CPU server (``num_threads``, default half the cores); with ``memory_saver``
+    SGLANG_MEMORY_SAVER_CUDA_GRAPH=1, without which --enable-memory-saver leaves CUDA-graph memory held on
+    release_memory_occupation (SGLang's LD_PRELOAD of torch_memory_saver is set by SGLang itself)."""
+    drop = {*RANK_ENV_VARS, "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
+    env = {k: v for k, v in base.items() if k not in drop and not k.startswith(RANK_ENV_PREFIXES)}
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = str(num_threads or max(1, (os.cpu_count() or 2) // 2))
+    if memory_saver:
+        env["SGLANG_MEMORY_SAVER_CUDA_GRAPH"] = "1"
+    return env
+
+
 def server_launch_args(sg, model_cfg, device: str, *, python: str | None = None) -> dict:
     """The :class:`SGLangServer` keyword arguments (besides model dir, port and log) of every server a run
     launches, the engine's own and the SLURM server nodes' alike: ``sg`` is rollout.sglang, ``model_cfg`` the
-    model section, ``device`` the resolved server device."""
+    model section, ``device`` the resolved server device. rollout.sglang.release_memory turns on SGLang's memory
+    saver (flag and environment: ``SGLangServer(memory_saver=True)``)."""
     return dict(python=python or default_server_python(device), device=device, dtype=model_cfg.params_dtype,
                 max_total_tokens=sg.max_total_tokens or (4096 if device == "cpu" else None),
-                extra_args=["--skip-tokenizer-init", *(["--enable-memory-saver"] if sg.release_memory else []),
-                            *sg.server_args])
+                memory_saver=bool(sg.release_memory), extra_args=["--skip-tokenizer-init", *sg.server_args])
 
 
 def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed: int = 0,
@@ -132,7 +158,8 @@ class SGLangServer:
     def __init__(self, model_dir: str | Path, *, port: int, host: str = "127.0.0.1", python: str | None = None,
                  device: str = "cpu", dtype: str | None = None, max_total_tokens: int | None = 4096,
                  extra_args: Sequence[str] = (), log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None, num_threads: int | None = None, weight_version: int = 0):
+                 env: dict[str, str] | None = None, num_threads: int | None = None, weight_version: int = 0,
+                 memory_saver: bool = False):
         """
         Args:
             model_dir: HF model directory (config.json, safetensors, tokenizer files).
@@ -146,9 +173,11 @@ class SGLangServer:
                 of RAM). None = SGLang's default.
             extra_args: more launch_server flags, passed through.
             log_path: file for the server's stdout+stderr (default: /tmp/sglang-<port>.log).
-            env: the server's environment (default: this process's).
+            env: the environment the server's is built from (default: this process's), by :func:`server_env`.
             num_threads: OMP_NUM_THREADS of a CPU server (default: half the cores, at least 1).
             weight_version: the version the server reports for the weights in model_dir.
+            memory_saver: launch with --enable-memory-saver and SGLANG_MEMORY_SAVER_CUDA_GRAPH=1, so that
+                /release_memory_occupation frees weights, KV cache and CUDA graphs (GPU servers).
         """
         self.model_dir = str(model_dir)
         self.host, self.port = host, int(port)
@@ -161,6 +190,7 @@ class SGLangServer:
         self.extra_args = list(extra_args)
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/sglang-{self.port}.log")
         self.env = env
+        self.memory_saver = bool(memory_saver)
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
         self._shm_files: set[str] = set()
@@ -180,18 +210,20 @@ class SGLangServer:
             cmd += ["--dtype", self.dtype]
         if self.max_total_tokens is not None:
             cmd += ["--max-total-tokens", str(self.max_total_tokens)]
+        if self.memory_saver and "--enable-memory-saver" not in self.extra_args:
+            cmd.append("--enable-memory-saver")
         return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        """The environment :meth:`start` gives the server (:func:`server_env` of ``env`` or this process's)."""
+        return server_env(os.environ if self.env is None else self.env, device=self.device,
+                          memory_saver=self.memory_saver, num_threads=self.num_threads)
 
     def start(self) -> None:
         if not Path(self.python).is_file():
             raise FileNotFoundError(f"SGLang server python {self.python!r} does not exist; build the server venv "
                                     "with `make sglang-env` (or pass server_python=/ set $SGLANG_PY)")
-        env = dict(os.environ if self.env is None else self.env)
-        # The trainer's thread settings and venv must not leak into the server's interpreter.
-        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
-            env.pop(key, None)
-        if self.device == "cpu":
-            env["OMP_NUM_THREADS"] = str(self.num_threads or max(1, (os.cpu_count() or 2) // 2))
+        env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         cmd = self.command()
