@@ -19,6 +19,7 @@ Design notes (layout, failure and trust rules): docs/design/run.md
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -186,27 +187,40 @@ def resolve_model_dir(path: str | Path, *, field: str = "checkpoint") -> tuple[P
 
 
 # ---------------------------------------------------------------------------------------------------- safety
-# The globals a DCP ``.metadata`` pickle needs (torch 2.13, as written by Megatron's torch_dist strategy):
-# torch's own metadata dataclasses and enums, torch.Size, dtypes and layouts. Nothing here runs code beyond
-# building those objects.
-_METADATA_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
-    *(("torch.distributed.checkpoint.planner", n) for n in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")),
-}
+# The globals a DCP ``.metadata`` pickle may reference, derived from the installed torch (so a checkpoint it
+# writes always loads, whatever its version): the dataclasses and enums defined in DCP's metadata, planner and
+# filesystem modules, plus the few non-DCP classes they hold (torch.Size, OrderedDict, paths) and the layout
+# helper; dtypes are checked by type. Unpickling any of them only builds the object: no code beyond that runs.
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                         "torch.distributed.checkpoint.filesystem")
+
+
+@functools.cache
+def metadata_globals() -> frozenset[tuple[str, str]]:
+    """(module, name) of every global :func:`check_dist_checkpoint` lets a ``.metadata`` pickle reference
+    (derived on first use: importing DCP's filesystem module takes a while)."""
+    import collections
+    import dataclasses
+    import enum
+    import importlib
+    import pathlib
+
+    found = {("torch.serialization", "_get_layout")}
+    for cls in (torch.Size, collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath):
+        # Where the class lives and where its package exports it (pathlib's classes moved within it in 3.13).
+        found |= {(cls.__module__, cls.__qualname__), (cls.__module__.split(".")[0], cls.__qualname__)}
+    for module_name in _DCP_METADATA_MODULES:
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) and obj.__module__ == module_name
+                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
+                found.add((module_name, name))
+    return frozenset(found)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS or (
+        if (module, name) in metadata_globals() or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it references {module}.{name}, which is not a DCP metadata class")
