@@ -192,10 +192,15 @@ class WeightSyncConfig:
     """Check of every sync: 'version' = each server reports the trainer's weight version; 'probe' = that, and
     each server's log-probs on a fixed probe prompt match the trainer's within verify_tol (weights/probe.py)."""
     verify_tol: float = 1e-3
-    """Largest |server - trainer| log-prob gap the probe accepts. float32 servers on CPU agree to ~1e-6; bf16
-    GPU servers differ by up to ~0.05 per token, so raise it there (0.1 still catches a tensor not loaded)."""
+    """Largest median |server - trainer| log-prob gap over a server's probe tokens the probe accepts (the
+    median, so rounding on one token cannot trip it; sync/probe_gap logs the largest single-token gap). Basis:
+    float32 servers on CPU agree to ~1e-6 per token. bf16 rounds each logit to 8 significant bits (relative
+    error up to 2^-9), a few hundredths of a nat on logits of size ~10; the probe's tokens are greedy, the
+    likely ones whose log-probs that rounding moves least, so 0.1 leaves bf16 servers margin, while a tensor
+    not loaded or in the wrong place moves most tokens by far more (not yet measured on a GPU)."""
     probe_tokens: int = 16
-    """Tokens each server generates for the probe."""
+    """Tokens each server decodes for the probe (greedily at sampling temperature 1); the check's median
+    ignores rounding outliers only with several tokens (with 1 it is that token's gap)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "weight_sync")
