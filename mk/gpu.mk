@@ -43,7 +43,20 @@ $(GPU_VENV)/.te-installed: $(GPU_VENV)/.installed
 
 setup-gpu: $(GPU_VENV)/.installed $(if $(strip $(GPU_EXTRAS)),$(GPU_VENV)/.te-installed)
 
-test-gpu: setup-gpu sglang-env-gpu
+# One NCCL for the trainer and the servers: the 'distributed' weight sync (an NCCL group of both) fails at the first
+# broadcast when their versions differ (torch 2.13 ships 2.29.7, SGLang's torch 2.14.1 2.30.7), and the engine refuses
+# it at start (transports.check_nccl_versions). This installs the SGLang GPU venv's nvidia-nccl-cu* wheel into the
+# trainer venv, whose torch loads that wheel's libnccl (pip warns that torch pinned the other version).
+NCCL_DIST_PY := import importlib.metadata as m; print(next((d.metadata['Name'] + '==' + d.version for d in \
+	m.distributions() if (d.metadata['Name'] or '').lower().startswith('nvidia-nccl-cu')), ''))
+.PHONY: gpu-nccl-align
+gpu-nccl-align: setup-gpu sglang-env-gpu
+	spec=$$($(SGLANG_GPU_VENV)/bin/python -c "$(NCCL_DIST_PY)"); \
+	if [ -n "$$spec" ]; then $(GPU_PY) -m pip install -q --no-deps "$$spec"; fi
+	$(GPU_PY) -c "import torch; print('trainer NCCL', torch.cuda.nccl.version())"
+	$(SGLANG_GPU_VENV)/bin/python -c "import torch; print('servers NCCL', torch.cuda.nccl.version())"
+
+test-gpu: setup-gpu sglang-env-gpu gpu-nccl-align
 	ENTCOV_GPU_REQUIRE=$(GPU_REQUIRE) SGLANG_PY=$(SGLANG_GPU_VENV)/bin/python \
 		$(GPU_PY) -m pytest -m gpu tests/gpu $(PYTEST_FLAGS)
 

@@ -511,10 +511,16 @@ class RunConfig:
                  f"{self.data.source!r}, eval.source={self.eval.source!r}); set eval.seed=null")
 
     def _check_launched_servers(self) -> None:
-        """Launched GPU SGLang servers fit on their replica's own GPUs."""
+        """Launched GPU SGLang servers fit on their replica's own GPUs, and take weights other than by NCCL."""
         r, sg = self.rollout, self.rollout.sglang
         tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
         if r.engine == "sglang" and sg.server_device == "cuda" and not sg.server_urls and not sg.router_url:
+            if sg.sync_method == "distributed":
+                fail("rollout.sglang.sync_method", sg.sync_method,
+                     "contradicts launched GPU servers (rollout.sglang.server_device=cuda without server_urls or "
+                     "router_url), which go on the replica's own GPUs: NCCL refuses two ranks of the weight-sync "
+                     "group on one GPU; set rollout.sglang.sync_method=tensor (CUDA IPC, made for colocated "
+                     "servers), or start the servers on other GPUs and list them in rollout.sglang.server_urls")
             need = sg.num_servers * server_tp(sg.server_args)
             if need > tp * pp:
                 fail("rollout.sglang.num_servers", sg.num_servers,

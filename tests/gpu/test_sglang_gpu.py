@@ -65,13 +65,14 @@ def model_dirs(tmp_path_factory, tiny_cfg):
     return out
 
 
-def _engine(cfg, model_dir, tmp_path, server_python, **sglang_fields):
+def _engine(cfg, model_dir, tmp_path, server_python, gpu_ids=None, **sglang_fields):
     from megatron_entcov.config import SGLangConfig
     from megatron_entcov.rollout.sglang import SGLangEngine
 
     sglang = SGLangConfig(server_device="cuda", server_args=GPU_ARGS, request_timeout_s=120, max_inflight=32,
                           **sglang_fields)
-    return SGLangEngine(cfg, sglang, model_dir=model_dir, server_python=server_python, log_dir=tmp_path)
+    return SGLangEngine(cfg, sglang, model_dir=model_dir, server_python=server_python, log_dir=tmp_path,
+                        gpu_ids=gpu_ids)
 
 
 def _cuda_buckets(model_dir, size=3):
@@ -107,8 +108,18 @@ def reference_b(tiny_cfg, model_dirs, tmp_path_factory, server_python):
                                                               ("distributed", "backend", "nccl")])
 def test_gpu_sync_matches_a_server_started_from_disk(method, transport_attr, expected, tiny_cfg, model_dirs,
                                                       reference_b, tmp_path, server_python):
-    """'tensor' sends CUDA IPC handles of GPU tensors; 'distributed' broadcasts over an NCCL group."""
-    eng = _engine(tiny_cfg, model_dirs["a"], tmp_path, server_python, sync_method=method)
+    """'tensor' sends CUDA IPC handles of GPU tensors to a server on this GPU; 'distributed' broadcasts over an
+    NCCL group, whose ranks must be on different GPUs: its server goes on GPU 1 (this process holds GPU 0)."""
+    gpu_ids = None
+    if method == "distributed":
+        if torch.cuda.device_count() < 2:
+            # The prefix is conftest.OPTIONAL_SKIP: a machine with one GPU is allowed under ENTCOV_GPU_REQUIRE.
+            pytest.skip("[optional dependency missing] a second GPU: the 'distributed' (NCCL) sync's server needs "
+                        "a GPU of its own, NCCL refuses two ranks of one group on a GPU (\"Duplicate GPU "
+                        "detected\"); this machine has one")
+        torch.cuda.set_device(0)
+        gpu_ids = [1]
+    eng = _engine(tiny_cfg, model_dirs["a"], tmp_path, server_python, gpu_ids=gpu_ids, sync_method=method)
     try:
         eng.update_weights(_cuda_buckets(model_dirs["b"]), version=1)
         assert getattr(eng._transport, transport_attr) == expected

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatron_entcov.config import SGLangConfig
+from megatron_entcov.config import SGLangConfig, server_tp
 from megatron_entcov.distributed.net import free_port
 from megatron_entcov.rollout.engine import NamedTensors, RolloutEngine, validate_prompts, validate_seeds
 from megatron_entcov.rollout.sglang.http import (
@@ -51,7 +51,13 @@ from megatron_entcov.rollout.sglang.protocol import (
     parse_version,
     request_seed,
 )
-from megatron_entcov.rollout.sglang.server import SGLangServer, link_model_dir, server_launch_args, write_hf_model_dir
+from megatron_entcov.rollout.sglang.server import (
+    SGLangServer,
+    default_server_python,
+    link_model_dir,
+    server_launch_args,
+    write_hf_model_dir,
+)
 from megatron_entcov.rollout.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,30 @@ def _check_settings(cfg: SGLangConfig, device: str, gpu_ids, *, max_retries: int
         gpu_ids = list(gpu_ids)
         raise ValueError(f"SGLangEngine: gpu_ids={gpu_ids} names {len(gpu_ids)} GPUs for "
                          f"rollout.sglang.num_servers={cfg.num_servers}: give one first GPU per server")
+
+
+def _check_distributed_sync(cfg: SGLangConfig, device: str, gpu_ids, python: str) -> None:
+    """The 'distributed' weight sync over NCCL (this process sees a GPU): launched servers must not share this
+    process's GPU (NCCL refuses two ranks of one group on a GPU: "Duplicate GPU detected"), and this process
+    and the servers must load one NCCL version (transports.check_nccl_versions). ValueError/RuntimeError."""
+    import torch
+
+    from megatron_entcov.rollout.sglang.transports import check_nccl_versions
+
+    if cfg.sync_method != "distributed" or not torch.cuda.is_available():
+        return
+    launched = not cfg.server_urls and not cfg.router_url
+    if launched and device == "cuda":
+        mine, tp = torch.cuda.current_device(), server_tp(cfg.server_args)
+        firsts = list(gpu_ids) if gpu_ids is not None else [0] * cfg.num_servers
+        if any(first <= mine < first + tp for first in firsts):
+            raise ValueError(f"SGLangEngine: rollout.sglang.sync_method=distributed with servers launched on this "
+                             f"process's GPU {mine} (first GPUs {firsts}, rollout.sglang.server_device=cuda): NCCL "
+                             "refuses two ranks of the weight-sync group on one GPU; set rollout.sglang.sync_method="
+                             "tensor (CUDA IPC, made for colocated servers), or run the servers on other GPUs")
+    check_nccl_versions(python if launched else None,
+                        f"the launched SGLang servers ({python})" if launched else
+                        "the SGLang servers at rollout.sglang.server_urls / router_url")
 
 
 class SGLangEngine(RolloutEngine):
@@ -121,6 +151,7 @@ class SGLangEngine(RolloutEngine):
         cfg = sglang if sglang is not None else SGLangConfig()
         device = resolve_device(cfg.server_device)
         _check_settings(cfg, device, gpu_ids, max_retries=max_retries, backoff_s=backoff_s)
+        _check_distributed_sync(cfg, device, gpu_ids, server_python or default_server_python(device))
         self.model_cfg = model_cfg
         self.request_timeout_s = float(cfg.request_timeout_s)
         self.max_inflight = int(cfg.max_inflight)

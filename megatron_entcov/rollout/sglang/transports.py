@@ -23,8 +23,10 @@ import io
 import ipaddress
 import json
 import logging
+import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -44,7 +46,7 @@ from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
 logger = logging.getLogger(__name__)
 
 __all__ = ["SYNC_METHODS", "TransportContext", "expected_shapes", "build_transport", "choose_master_address",
-           "route_address", "server_gpu_ids", "rank_payloads", "copy_bucket_to_gpu", "serialize_cuda_ipc",
+           "route_address", "trainer_nccl_version", "server_nccl_version", "check_nccl_versions", "server_gpu_ids", "rank_payloads", "copy_bucket_to_gpu", "serialize_cuda_ipc",
            "DiskTransport", "DistributedTransport", "TensorTransport"]
 
 SYNC_METHODS = ("disk", "distributed", "tensor")
@@ -439,6 +441,76 @@ class DistributedTransport(Transport):
         except Exception as err:
             logger.debug("destroy_process_group: %s", err)
         self.pg = None
+
+
+# ---------------------------------------------------------------------------------------------- NCCL versions
+
+_NCCL_PROBE = """
+import importlib.metadata as md
+dists = sorted(d.metadata["Name"] for d in md.distributions()
+               if (d.metadata["Name"] or "").lower().replace("_", "-").startswith("nvidia-nccl-cu"))
+try:
+    import torch
+    v = torch.cuda.nccl.version()
+except Exception:
+    v = md.version(dists[0]) if dists else ""
+print(repr(v), dists[0] if dists else "")
+"""
+"""Run by the servers' python: its torch's NCCL version (else its nvidia-nccl-cu* wheel's) and that wheel."""
+
+
+def _nccl_text(version) -> str | None:
+    """'2.29.7' from torch.cuda.nccl.version()'s tuple (or NCCL's integer code, or a version string)."""
+    if isinstance(version, tuple | list) and len(version) >= 3:
+        return ".".join(str(int(x)) for x in version[:3])
+    if isinstance(version, int) and version > 0:
+        return f"{version // 10000}.{version // 100 % 100}.{version % 100}" if version >= 10000 else \
+            f"{version // 1000}.{version // 100 % 10}.{version % 100}"
+    return str(version) if isinstance(version, str) and version else None
+
+
+def trainer_nccl_version() -> str | None:
+    """The NCCL this process's torch loaded, e.g. '2.29.7'; None without one."""
+    try:
+        return _nccl_text(torch.cuda.nccl.version())
+    except Exception:                # a CPU build of torch, or no libnccl
+        return None
+
+
+def server_nccl_version(python: str, timeout_s: float = 180.0) -> tuple[str | None, str]:
+    """(NCCL version, nvidia-nccl-cu* wheel name or '') of the servers' venv, asked of its ``python`` (its torch,
+    else the wheel's package metadata: no GPU needed). (None, '') when it cannot tell."""
+    import ast
+
+    try:
+        out = subprocess.run([python, "-c", _NCCL_PROBE], capture_output=True, text=True, timeout=timeout_s,
+                             env={k: v for k, v in os.environ.items()
+                                  if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")})
+        value, _, dist = out.stdout.strip().splitlines()[-1].partition(" ")
+        return _nccl_text(ast.literal_eval(value)), dist.strip()
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError, SyntaxError):
+        return None, ""
+
+
+def check_nccl_versions(server_python: str | None, servers: str) -> None:
+    """Refuse an NCCL weight-sync group between a trainer and servers whose NCCL versions differ (NCCL refuses
+    them at the first broadcast). ``server_python``: the launched servers' python; None (servers at URLs) = not
+    known here: logged. RuntimeError, one line naming both versions and the fix."""
+    mine = trainer_nccl_version()
+    theirs, dist = server_nccl_version(server_python) if server_python else (None, "")
+    if mine is None or theirs is None:
+        logger.info("weight sync 'distributed' over NCCL: the NCCL version of %s is unknown here (this process "
+                    "has %s); the first broadcast fails if they differ, so use one NCCL for both (docs/sglang.md)",
+                    servers if theirs is None else "this process", mine or "none")
+        return
+    if mine != theirs:
+        dist = dist or "nvidia-nccl-cu12"
+        raise RuntimeError(
+            f"rollout.sglang.sync_method=distributed: this trainer's NCCL is {mine} but {servers} have NCCL "
+            f"{theirs}, and NCCL refuses mismatched versions at the first broadcast; use sync_method=tensor "
+            f"(colocated servers) or disk, or pin one NCCL for both venvs, e.g. install the servers' "
+            f"`{dist}=={theirs}` into the trainer's venv (torch loads that wheel's libnccl; docs/sglang.md)")
+    logger.info("weight sync 'distributed': NCCL %s in this process and %s", mine, servers)
 
 
 # ---------------------------------------------------------------------------------------------- tensor payloads

@@ -281,3 +281,39 @@ def test_the_cli_refuses_sequence_parallel_on_gpu_ranks_with_the_local_spec_in_o
                          timeout=600, cwd=tmp_path)
     assert out.returncode != 0
     assert SP_LOCAL_GPU_ERROR in out.stderr and not list(tmp_path.iterdir())
+
+
+# Launched GPU servers go on the replica's own GPUs; NCCL refuses two ranks of one group on a GPU.
+DIST_COLOCATED = ["rollout.engine=sglang", "rollout.sglang.server_device=cuda", "rollout.sglang.sync_method=distributed"]
+DIST_COLOCATED_ERROR = (
+    "rollout.sglang.sync_method='distributed' is invalid: contradicts launched GPU servers (rollout.sglang."
+    "server_device=cuda without server_urls or router_url), which go on the replica's own GPUs: NCCL refuses two "
+    "ranks of the weight-sync group on one GPU; set rollout.sglang.sync_method=tensor (CUDA IPC, made for "
+    "colocated servers), or start the servers on other GPUs and list them in rollout.sglang.server_urls")
+
+
+def test_distributed_sync_with_colocated_launched_servers_is_refused_at_config_time():
+    """A 'distributed' (NCCL) weight sync to servers launched on the trainer's own GPUs would fail at the group's
+    first broadcast ("Duplicate GPU detected"); refused at load, naming both fields and the fix. The same sync to
+    servers at URLs, to CPU servers, or 'tensor' to colocated servers loads."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, DIST_COLOCATED)
+    assert str(err.value) == DIST_COLOCATED_ERROR
+    for ok in (["rollout.sglang.server_urls=[http://rollout-node:30000]"], ["rollout.sglang.server_device=cpu"],
+               ["rollout.sglang.sync_method=tensor"]):
+        cfg = load_config(None, [*DIST_COLOCATED, *ok])
+        assert (cfg.rollout.sglang.sync_method, cfg.rollout.sglang.server_device) == \
+            (ok[0].split("=", 1)[1] if "sync_method" in ok[0] else "distributed",
+             "cpu" if "server_device" in ok[0] else "cuda")
+
+
+def test_the_cli_refuses_distributed_sync_with_colocated_launched_servers_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    args = [a for kv in [*DIST_COLOCATED, f"output_dir={tmp_path}"] for a in ("--set", kv)]
+    out = subprocess.run([sys.executable, "-m", "megatron_entcov", "train", "--config",
+                          str(ROOT / "configs" / "quickstart.yaml"), *args], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode != 0
+    assert DIST_COLOCATED_ERROR in out.stderr and not list(tmp_path.iterdir())
