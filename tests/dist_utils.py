@@ -92,7 +92,12 @@ def _entry(fn, rank, world_size, port, args, results, backend="gloo"):
 
     torch.set_num_threads(1)
     try:
-        _init_group(backend, rank, world_size)
+        try:
+            _init_group(backend, rank, world_size)
+        except BaseException:  # noqa: BLE001 - the port may have been taken since free_port() looked
+            text = traceback.format_exc()
+            results.put((rank, "port_in_use" if "EADDRINUSE" in text else "error", text))
+            return
         out = fn(rank, world_size, *args)
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -126,8 +131,24 @@ def _kill_tree(proc) -> None:
 
 def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0, backend: str = "gloo") -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks in a process group of ``backend``
-    (see :func:`worker_backend`; GPU tests pass "auto"); returns results by rank."""
+    (see :func:`worker_backend`; GPU tests pass "auto"); returns results by rank.
+
+    free_port() cannot reserve its port: another process may take it before rank 0 listens. A group that fails
+    to form for that reason (EADDRINUSE, before ``fn`` ran) is started again on a new port, up to 3 times."""
     chosen = worker_backend(backend)
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout, chosen)
+        except _PortInUse:
+            if attempt == 2:
+                raise
+
+
+class _PortInUse(RuntimeError):
+    """Rank 0 could not listen on the port free_port() chose (taken in between); nothing of ``fn`` ran."""
+
+
+def _run_once(fn, world_size: int, args: tuple, timeout: float, chosen: str) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -151,6 +172,8 @@ def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 240.0, b
                     raise RuntimeError(f"rank(s) {dead} died without a result (exit codes "
                                        f"{[procs[i].exitcode for i in dead]})")
                 continue
+            if status == "port_in_use":
+                raise _PortInUse(f"rank {rank}: port {port} was taken before the group formed:\n{value}")
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value

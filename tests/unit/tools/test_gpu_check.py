@@ -475,6 +475,41 @@ def test_gpu_tests_get_the_process_group_their_device_needs(monkeypatch):
         run_workers(_backend_of_rank, 1, backend="cuda")
 
 
+def _count_call(rank, world_size, directory):
+    """Leaves one file per call and rank, so the parent can count how often the test function ran."""
+    import uuid
+
+    (Path(directory) / f"rank{rank}-{uuid.uuid4().hex}").touch()
+    return rank
+
+
+def test_a_port_taken_before_the_group_forms_is_retried_on_a_new_port(monkeypatch, tmp_path):
+    """free_port() cannot reserve its port: here another socket listens on the first one it hands out. The group
+    cannot form there (EADDRINUSE); run_workers starts it again on a new port, and the test function runs once."""
+    import socket
+
+    import dist_utils
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    handed = []
+
+    def free_port():
+        handed.append(real() if handed else port)
+        return handed[-1]
+
+    real = dist_utils.free_port
+    monkeypatch.setattr(dist_utils, "free_port", free_port)
+    try:
+        assert dist_utils.run_workers(_count_call, 2, (str(tmp_path),), timeout=120) == [0, 1]
+    finally:
+        taken.close()
+    assert len(handed) == 2 and handed[0] == port != handed[1]   # the taken port, then a new one
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
 def _cuda_in_a_fresh_process() -> bool:
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                          capture_output=True, text=True, timeout=120)
