@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_entcov.rollout.sglang.http import Fanout, NoServerLeftError, ServerError, Waiter, http_json, sleep_waiter
-from megatron_entcov.rollout.sglang.server import SGLangServer
+from megatron_entcov.rollout.sglang.server import PortTaken, SGLangServer
 
 logger = logging.getLogger(__name__)
 
@@ -258,15 +258,21 @@ class ServerPool:
         old = s.proc
         try:
             old.stop()
-            proc = self._launch(s)              # started, not ready yet
-            with self._lock:
-                closed = self._closed
-                if not closed:
-                    s.proc = proc                   # close() stops it from now on
-            if closed:
-                proc.stop()
-                return
-            proc.wait_ready(self.startup_timeout_s)
+            for attempt in range(3):              # a port taken in between: launch again on a new one
+                proc = self._launch(s)              # started, not ready yet
+                with self._lock:
+                    closed = self._closed
+                    if not closed:
+                        s.proc = proc                   # close() stops it from now on
+                if closed:
+                    proc.stop()
+                    return
+                try:
+                    proc.wait_ready(self.startup_timeout_s)
+                    break
+                except PortTaken:
+                    if attempt == 2:
+                        raise
             with self._lock:                            # on_ready sends to the new process's URL
                 s.history.append(s.url)
                 s.url = proc.url

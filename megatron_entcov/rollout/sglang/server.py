@@ -43,6 +43,14 @@ DEFAULT_GPU_SERVER_PYTHON = str(Path.home() / ".cache" / "megatron-entcov" /
 """Where ``make sglang-env-gpu`` puts the full server venv (CUDA kernels included) for GPU servers."""
 
 
+_BIND_FAILED = "error while attempting to bind on address"
+"""What the server's HTTP front end logs when its port is taken; its process does not exit then."""
+
+
+class PortTaken(RuntimeError):
+    """A launched server's port was taken between choosing it and listening on it: launch again on a new one."""
+
+
 def default_server_python(device: str = "cpu") -> str:
     """$SGLANG_PY when set (mk/sglang.mk exports it); else, for GPU servers, the full venv of
     ``make sglang-env-gpu`` when it exists; else the slim venv of ``make sglang-env``."""
@@ -260,6 +268,9 @@ class SGLangServer:
                     http_json(self.url, "/model_info", timeout=5)
                 except ServerError as err:
                     last = self.log_tail(1).strip() or err.reason
+                    if _BIND_FAILED in self.log_tail(5):   # the process lives on but will never answer
+                        raise PortTaken(f"SGLang server {self.url} could not listen on port {self.port}: another "
+                                        f"process took it after it was chosen; log {self.log_path}")
                 else:
                     self._record_shm()
                     self.startup_s = time.monotonic() - self._t_start

@@ -116,3 +116,22 @@ def test_a_memory_saver_flag_given_in_server_args_is_not_doubled(tmp_path):
     server = SGLangServer(tmp_path, port=1, **args)
     assert server.command().count("--enable-memory-saver") == 1
     assert server.environment()["SGLANG_MEMORY_SAVER_CUDA_GRAPH"] == "1"
+
+
+def test_a_server_whose_port_was_taken_fails_at_once_naming_it(tmp_path):
+    """The server's HTTP front end logs a bind error when its port was taken after it was chosen, and its process
+    lives on without ever answering: the wait ends at once (not at the start-up limit) with PortTaken, which the
+    pool answers with a launch on a new port, and the process is stopped."""
+    from megatron_entcov.rollout.sglang.server import PortTaken
+
+    port = free_port()
+    script = tmp_path / "python"
+    script.write_text("#!/bin/sh\necho \"ERROR:    [Errno 98] error while attempting to bind on address "
+                      f"('127.0.0.1', {port}): address already in use\"\nexec sleep 120\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    server = SGLangServer(tmp_path / "model", port=port, python=str(script), log_path=tmp_path / "server.log")
+    server.start()
+    with pytest.raises(PortTaken, match=rf"SGLang server http://127.0.0.1:{port} could not listen on port {port}: "
+                                        r"another process took it after it was chosen; log "):
+        server.wait_ready(600)
+    assert not server.alive()
