@@ -3,10 +3,11 @@
 A transport only moves buckets of full HF-named tensors (the engine wraps it in pause/begin/end/version/continue);
 it gets a :class:`TransportContext`, reaches the servers through the engine's ``ServerPool``, never imports
 sglang. 'disk': safetensors + ``/update_weights_from_disk`` (a file system the servers read). 'distributed': a
-process group with every server's TP ranks, each tensor broadcast. 'tensor': ``/update_weights_from_tensor``
-with shared-memory or CUDA IPC handles, colocated servers only. Each checks names and shapes (``expected_shapes``),
-converts to the model dtype, drops a tied ``lm_head.weight``, drains the producer before raising; a server that
-dies drops out of a 'disk'/'tensor' sync, a 'distributed' sync fails.
+process group with every server's TP ranks (gloo for CPU servers, NCCL for GPU servers), each tensor
+broadcast. 'tensor': ``/update_weights_from_tensor`` with shared-memory or CUDA IPC handles, colocated servers
+only. Each checks names and shapes (``expected_shapes``), converts to the model dtype, drops a tied
+``lm_head.weight``, drains the producer before raising; a server that dies drops out of a 'disk'/'tensor' sync,
+a 'distributed' sync fails.
 
 Example:
     transport = build_transport("disk", TransportContext(model_cfg=cfg.model, pool=pool, shapes=shapes))
@@ -45,9 +46,10 @@ from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNC_METHODS", "TransportContext", "expected_shapes", "build_transport", "choose_master_address",
-           "route_address", "trainer_nccl_version", "server_nccl_version", "check_nccl_versions", "server_gpu_ids", "rank_payloads", "copy_bucket_to_gpu", "serialize_cuda_ipc",
-           "DiskTransport", "DistributedTransport", "TensorTransport"]
+__all__ = ["SYNC_METHODS", "SYNC_BACKENDS", "TransportContext", "expected_shapes", "build_transport",
+           "choose_master_address", "route_address", "choose_sync_backend", "trainer_nccl_version",
+           "server_nccl_version", "check_nccl_versions", "server_gpu_ids", "rank_payloads", "copy_bucket_to_gpu",
+           "serialize_cuda_ipc", "DiskTransport", "DistributedTransport", "TensorTransport"]
 
 SYNC_METHODS = ("disk", "distributed", "tensor")
 
@@ -333,13 +335,62 @@ class DiskTransport(Transport):
         return {"bytes": nbytes, "tensors": len(sent), "write_s": t_write, "load_s": t_load, "complete": complete}
 
 
+SYNC_BACKENDS = ("gloo", "nccl")
+
+
+def choose_sync_backend(server_devices: dict[str, str | None], forced: str | None = None) -> str:
+    """The backend of the 'distributed' weight-sync group, from the servers' device (``/server_info``'s
+    ``device``, SGLang's ``--device``): gloo for CPU servers (NCCL has no CPU transport, whatever this process
+    sees), NCCL for GPU servers, which needs a GPU in this process too. A server that does not say (an old
+    SGLang) counts as this process's device. ``forced``: a backend asked for explicitly; ValueError, naming the
+    servers and the fix, for one that cannot serve them (NCCL with a CPU server or without a GPU here), for
+    servers of both kinds without ``forced='gloo'``, or for no servers."""
+    if not server_devices:
+        raise ValueError("weight sync 'distributed': no servers to choose the group's backend for")
+    cuda_here = torch.cuda.is_available()
+    here = "cuda" if cuda_here else "cpu"
+    kind = {url: "cpu" if (dev or here) == "cpu" else "gpu" for url, dev in server_devices.items()}
+    cpu = sorted(url for url, k in kind.items() if k == "cpu")
+    gpu = sorted(url for url, k in kind.items() if k == "gpu")
+    if forced not in (None, *SYNC_BACKENDS):
+        raise ValueError(f"weight sync 'distributed': backend={forced!r} is invalid: choose one of "
+                         f"{', '.join(map(repr, SYNC_BACKENDS))}, or None to follow the servers' device")
+    if forced == "gloo":
+        return "gloo"               # gloo moves host tensors and stages CUDA ones: it serves either kind
+    if forced == "nccl" or (gpu and not cpu):
+        how = "backend='nccl' was asked for" if forced else "the servers run on GPUs"
+        if cpu:
+            raise ValueError(f"weight sync 'distributed': {how}, but server(s) {cpu} run on the CPU (--device cpu) "
+                             "and NCCL has no CPU transport; leave the backend to the servers' device (gloo for "
+                             "CPU servers), or run the servers on GPUs")
+        if not cuda_here:
+            raise ValueError(f"weight sync 'distributed': {how} (NCCL), but this process sees no GPU "
+                             "(torch.cuda.is_available() is False) and NCCL needs one on every rank; run the "
+                             "trainer on a GPU, or set rollout.sglang.sync_method=disk")
+        return "nccl"
+    if gpu:
+        raise ValueError(f"weight sync 'distributed': servers {cpu} run on the CPU and servers {gpu} on GPUs; one "
+                         "group needs one backend (NCCL has no CPU transport): give one engine servers of one "
+                         "kind, or set rollout.sglang.sync_method=disk")
+    return "gloo"
+
+
 class DistributedTransport(Transport):
     """A process group with the servers; per bucket, HTTP metadata + broadcast from this process (rank 0)."""
 
     def __init__(self, ctx: TransportContext, backend: str | None = None, timeout_s: float = 600.0):
+        """
+        Args:
+            backend: the group's backend; None = chosen from the servers' device when the group forms
+                (:func:`choose_sync_backend`: gloo for CPU servers, NCCL for GPU servers).
+            timeout_s: time-out of the rendezvous and of each broadcast.
+        """
         super().__init__(ctx)
-        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = "cuda" if self.backend == "nccl" else "cpu"      # NCCL broadcasts GPU tensors
+        if backend not in (None, *SYNC_BACKENDS):
+            raise ValueError(f"weight sync 'distributed': backend={backend!r} is invalid: choose one of "
+                             f"{', '.join(map(repr, SYNC_BACKENDS))}, or None to follow the servers' device")
+        self.forced_backend = backend
+        self.backend = backend           # set when the group forms when None
         self.timeout = timedelta(seconds=timeout_s)
         self.group_name = f"entcov_weights_{uuid.uuid4().hex[:8]}"
         self.pg = None
@@ -351,11 +402,12 @@ class DistributedTransport(Transport):
 
         from megatron_entcov.distributed.net import free_port
 
-        tp_of = self.tp_sizes(servers)
-        servers = list(tp_of)
+        infos = self.server_infos(servers)
+        servers = list(infos)
         if not servers:
             raise RuntimeError("weight sync 'distributed': no server answers /server_info to form a group with")
-        tp = [tp_of[s] for s in servers]
+        tp = [int(infos[s].get("tp_size", 1)) for s in servers]
+        self.backend = choose_sync_backend({s.url: infos[s].get("device") for s in servers}, self.forced_backend)
         world = 1 + sum(tp)
         addr, port = choose_master_address([s.url for s in servers], self.ctx.master_address), free_port()
         offsets = {s.url: 1 + sum(tp[:i]) for i, s in enumerate(servers)}
@@ -414,6 +466,13 @@ class DistributedTransport(Transport):
             raise
         complete = self.finish(errors, seen, sent, version)
         return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}
+
+    @property
+    def device(self) -> str:
+        """Where the buckets are gathered: NCCL broadcasts GPU tensors, gloo host tensors (before the group has
+        formed, with no backend forced: this process's device)."""
+        backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        return "cuda" if backend == "nccl" else "cpu"
 
     def _broadcast(self, t: torch.Tensor) -> None:
         """Broadcast ``t`` from this process (rank 0) over the servers' group. The group lives outside torch's

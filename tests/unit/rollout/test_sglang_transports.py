@@ -223,12 +223,13 @@ class _GroupMember:
     sglang's init_custom_process_group does (the same store prefixes as torch's _new_process_group_helper), and
     receives each broadcast tensor in the order of the metadata."""
 
-    def __init__(self):
+    def __init__(self, info: dict | None = None):
         self.pg = None
         self.received: dict[str, torch.Tensor] = {}
+        self.info = {"tp_size": 1, **(info or {})}
 
     def routes(self) -> dict:
-        return {"/server_info": {"tp_size": 1}, "/init_weights_update_group": self.join,
+        return {"/server_info": self.info, "/init_weights_update_group": self.join,
                 "/update_weights_from_distributed": self.receive, "/destroy_weights_update_group": self.leave}
 
     def join(self, body):
@@ -262,7 +263,7 @@ def test_distributed_broadcasts_every_tensor_to_a_group_member(tied_bf16, fake_s
     member = _GroupMember()
     up = fake_server(routes=member.routes())
     servers, ctx = _setup(tied_bf16, [up.url, _dead_url()])   # master address chosen: every server is local
-    transport = DistributedTransport(ctx, backend="gloo")      # what build_transport picks without a GPU
+    transport = DistributedTransport(ctx, backend="gloo")
     assert transport.device == "cpu"
     try:
         weights = _weights(ctx.shapes)
@@ -302,6 +303,59 @@ def test_distributed_sync_under_torchrun_hosts_its_own_store(tied_bf16, fake_ser
         _assert_equal(member.received, _sent(weights))
     finally:
         transport.close()
+
+
+def test_cpu_servers_get_a_gloo_group_even_when_this_process_sees_a_gpu(tied_bf16, fake_server, monkeypatch):
+    """SGLang servers launched with --device cpu (their /server_info says device 'cpu') can only join a gloo
+    group: NCCL has no CPU transport. The backend follows the servers, not this process's GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    member = _GroupMember({"device": "cpu"})
+    up = fake_server(routes=member.routes())
+    servers, ctx = _setup(tied_bf16, [up.url], master_address="127.0.0.1")
+    transport = DistributedTransport(ctx, timeout_s=20)        # the backend is left to the servers
+    try:
+        weights = _weights(ctx.shapes)
+        assert transport.sync(_buckets(weights), version=1, seen=set(), servers=servers)["complete"]
+        _assert_equal(member.received, _sent(weights))
+        assert up.bodies("/init_weights_update_group")[0]["backend"] == "gloo" == transport.backend
+        assert transport.device == "cpu"
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("cuda, devices, forced, want", [
+    (True, {"a": "cpu", "b": "cpu"}, None, "gloo"),
+    (True, {"a": "cuda", "b": "cuda"}, None, "nccl"),
+    (False, {"a": "cpu"}, None, "gloo"),
+    (True, {"a": None}, None, "nccl"),            # a server that does not say: this process's device
+    (False, {"a": None}, None, "gloo"),
+    (True, {"a": "cuda", "b": "cpu"}, "gloo", "gloo"),
+    (True, {"a": "cuda"}, "gloo", "gloo"),
+])
+def test_the_sync_backend_follows_the_servers_device(monkeypatch, cuda, devices, forced, want):
+    from megatron_entcov.rollout.sglang.transports import choose_sync_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert choose_sync_backend(devices, forced) == want
+
+
+@pytest.mark.parametrize("cuda, devices, forced, match", [
+    (True, {"http://a:1": "cpu"}, "nccl", r"backend='nccl' was asked for, but server\(s\) \['http://a:1'\] run on "
+                                          r"the CPU \(--device cpu\) and NCCL has no CPU transport"),
+    (False, {"http://a:1": "cuda"}, None, r"the servers run on GPUs \(NCCL\), but this process sees no GPU .* "
+                                          r"run the trainer on a GPU, or set rollout.sglang.sync_method=disk"),
+    (False, {"http://a:1": "cpu"}, "nccl", r"backend='nccl' was asked for, but server"),
+    (True, {"http://a:1": "cpu", "http://b:2": "cuda"}, None,
+     r"servers \['http://a:1'\] run on the CPU and servers \['http://b:2'\] on GPUs; one group needs one backend"),
+    (True, {"http://a:1": "cpu"}, "mpi", r"backend='mpi' is invalid: choose one of 'gloo', 'nccl'"),
+    (True, {}, None, "no servers"),
+])
+def test_an_impossible_sync_backend_is_refused_naming_the_servers(monkeypatch, cuda, devices, forced, match):
+    from megatron_entcov.rollout.sglang.transports import choose_sync_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with pytest.raises(ValueError, match=match):
+        choose_sync_backend(devices, forced)
 
 
 def test_the_config_offers_exactly_the_transports_there_are(tied_bf16):
