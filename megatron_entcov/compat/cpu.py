@@ -13,6 +13,8 @@ cannot reach the call. Fixes:
  6. optimizers (the distributed one included): ``device='cuda'`` scalars -> cpu; while their type checks run,
     CPU float tensors report their CUDA type names.
  7. WrappedTorchNorm under sequence parallelism: built with SP off, then its params marked SP.
+ 9. tensor_parallel.random: activation recomputation (``model.recompute``) saves and restores "the CUDA RNG
+    state" around each recomputed block -> the host generator's state.
 
 Design notes (each fix: the module and the error it prevents): docs/design/compat.md
 """
@@ -255,6 +257,17 @@ def _install_rng_tracker() -> None:
     if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Fix 9: the recompute checkpoint's RNG snapshot (CheckpointFunction, _fork_rng) -> the host generator.
+    mrandom._get_cuda_rng_state = _host_rng_state
+    mrandom._set_cuda_rng_state = _set_host_rng_state
+
+
+def _host_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_host_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
 
 
 def model_parallel_manual_seed(seed: int, *, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:

@@ -74,6 +74,11 @@ class ModelConfig:
     Megatron's TE spec import; compat/toolchain.py), else the local spec; 'transformer_engine' fails where it is not.
     On a GPU the local spec refuses parallel.sequence_parallel and training lengths whose attention scores alone
     exceed the GPU's memory (policy/model.py check_local_spec)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in the training backward (Megatron's recompute_granularity): 'none' keeps every
+    layer's activations of a micro-batch; 'selective' recomputes the core attention (the [T, T] scores of the
+    local spec; Transformer Engine's fused attention keeps none anyway); 'full' keeps only each layer's input and
+    recomputes the layer (about one more forward per step). ``megatron-entcov plan`` shows what each one holds."""
     hf_dir: str | None = None
     """Hugging Face model directory (config, tokenizer, weights) the run starts from; None = random init. Its
     config.json gives the architecture fields above that the config leaves out; those it sets must agree

@@ -88,11 +88,22 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
         use_cpu_initialization=not on_device,
         perform_initialization=initialize,
         **_fusions(uses_transformer_engine(model), device, dtype),
+        **_recompute(model),
         # Interleaved pipelines under gloo give silently wrong results with batched p2p (both peers are
         # the same rank at pp=2): see shared/reference/megatron-core-cpu.md.
         batch_p2p_comm=not (on_cpu and parallel.virtual_pipeline_model_parallel_size is not None),
         overlap_p2p_comm=False,
     )
+
+
+def _recompute(model: ModelConfig) -> dict:
+    """TransformerConfig's recompute fields for ``model.recompute``: 'full' recomputes every layer from its input
+    (uniform, one layer per checkpoint); 'selective' the core attention."""
+    if model.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if model.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
 
 
 def _fusions(use_te: bool, device: torch.device | None, dtype: torch.dtype) -> dict:
