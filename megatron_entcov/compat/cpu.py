@@ -33,7 +33,7 @@ from megatron_entcov.compat import device_audit
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply", "is_applied", "model_parallel_manual_seed", "CpuRNGStatesTracker"]
+__all__ = ["apply", "is_applied", "allocations_on", "model_parallel_manual_seed", "CpuRNGStatesTracker"]
 
 _APPLIED = False
 
@@ -75,16 +75,40 @@ _TORCH_STANDIN_MODULES = (
 )
 
 
+_ALLOCATE_ON: torch.device | None = None
+"""Set by :func:`allocations_on`: where the patched modules' "current CUDA device" is, instead of the host."""
+
+
+@contextlib.contextmanager
+def allocations_on(device: torch.device):
+    """While the block runs, what the patched Megatron modules allocate on "the current CUDA device" (gradient
+    buffers, the distributed optimizer's parameter buffers, scalars) goes to ``device``: ``torch.device("meta")``
+    lets the planner (megatron_entcov/plan/) build a whole rank's training state, buffers included, with no
+    memory. Only after :func:`apply`."""
+    global _ALLOCATE_ON
+    if not _APPLIED:
+        raise RuntimeError("compat.cpu.allocations_on() needs compat.cpu.apply() first (a CPU-only torch)")
+    before, _ALLOCATE_ON = _ALLOCATE_ON, torch.device(device)
+    try:
+        yield
+    finally:
+        _ALLOCATE_ON = before
+
+
+def _current_device():
+    # The CPU, the simulated accelerator when the device audit is armed, or allocations_on's device.
+    return _ALLOCATE_ON if _ALLOCATE_ON is not None else device_audit.current_device()
+
+
 def _map_device(device):
-    # device_audit.current_device(): the CPU, or the simulated accelerator when the device audit is armed.
     if device is None:
         return None
     if isinstance(device, int):
-        return device_audit.current_device()
+        return _current_device()
     if isinstance(device, str) and device.startswith("cuda"):
-        return device_audit.current_device()
+        return _current_device()
     if isinstance(device, torch.device) and device.type == "cuda":
-        return device_audit.current_device()
+        return _current_device()
     return device
 
 
@@ -99,7 +123,7 @@ class _CpuCuda:
 
     @staticmethod
     def current_device():
-        return device_audit.current_device()
+        return _current_device()
 
     @staticmethod
     def synchronize(device=None):
