@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
-from megatron_entcov.config.dtypes import torch_dtype
 
 __all__ = ["RankState", "rank_states", "fake_world"]
 
@@ -67,9 +66,8 @@ class RankState:
 def fake_world(world_size: int, rank: int, parallel: ParallelConfig):
     """Megatron's model-parallel groups for ``rank`` of a ``world_size`` job, in this one process, on torch's
     fake backend (collectives return at once and move nothing). Refuses when a process group already exists."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from megatron.core import parallel_state as mpu
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("the planner builds in a fake world of its own; this process already has a process "
@@ -101,7 +99,7 @@ def rank_states(model: ModelConfig, parallel: ParallelConfig, *, world_size: int
         raise RuntimeError("the planner builds on the meta device through the CPU compat layer; start it with no "
                            "visible GPU (CUDA_VISIBLE_DEVICES=); the trainer does so for its start-up plan")
     cpu_compat.apply()
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    pp = parallel.pipeline_model_parallel_size
     per_stage = world_size // pp
     return [_stage_state(model, parallel, world_size, stage * per_stage, optimizer) for stage in range(pp)]
 
