@@ -25,15 +25,23 @@ time-out it is killed with everything it started and recorded as timeout with wh
     vocab_op   ops.vocab_parallel.logprobs_and_entropy against a float64 autograd reference (log-probs, entropy,
                gradient under random upstream gradients) and its time against a clone of the logits, fp32 and
                bf16, on a [8192, 152064] shard (dry run: [256, 4096]).
+    cuda_ipc   the 'tensor' weight sync's sender (transports.py) and a second process, without SGLang, that
+               rebuilds the tensors by GPU UUID as SGLang does: every byte equal (tools/gpu_check_ipc.py). Dry
+               run: the same round trip over shared memory; skipped, its CUDA checks listed.
+    nccl       this torch's NCCL version beside the SGLang venv's (transports.server_nccl_version); skipped
+               without an SGLang venv or without NCCL (dry run).
     rl         `python -m megatron_entcov train`: 3 steps of a Qwen2-shaped model (random weights, bf16 on GPU,
                embedded engine, tp1) with TensorBoard metrics and a checkpoint, then --resume for a 4th step; the
                scalars read back (step times, entropy, reward, every mem/* and memory/* tag).
+    rl_qwen    the Qwen path: the rl run's model with packed THD micro-batches, the distributed optimizer (gloo
+               groups beside NCCL, its checkpoint saved and resumed) and compiled log-prob kernels, in bf16; the
+               jit_fuser probe. Dry run: skipped, its checks listed (PLANS).
     gpu_tests  pytest -m gpu tests/gpu without the SGLang tests, ENTCOV_GPU_REQUIRE=cuda (a test skipped for want
                of CUDA fails); the dry run has no CUDA, so every test skips by its own marker.
 
-OUT_DIR gets report.json (see REPORT_SCHEMA), phases/<name>.json, logs/<name>.log and rl/ (the RL run's
-TensorBoard files, resolved config and console logs; its checkpoints stay in a temporary directory, removed
-at the end). The exit code is 0 only when no phase failed, timed out or was left unrun.
+OUT_DIR gets report.json (see REPORT_SCHEMA), phases/<name>.json, logs/<name>.log, cuda_ipc/ (the payload) and
+rl/ and rl_qwen/ (each RL run's TensorBoard files, resolved config and console logs; checkpoints stay in a
+temporary directory, removed at the end; --rl-set values go to both runs). The exit code is 0 only when no phase failed, timed out or was left unrun.
 
 Module level is the standard library only: `run` and `wheelhouse` start under any Python 3.11+.
 """
@@ -63,9 +71,30 @@ REPORT_SCHEMA = 1
 """report.json: {schema, mode, ok, started, finished, duration_s, budget_s, python, device, shapes,
 phases: {name: PhaseResult as a dict}, notes}. Bump when a field changes meaning."""
 
-PHASES = ("setup", "env", "vocab_op", "rl", "gpu_tests")
-PHASE_CAPS_S = {"setup": 120.0, "env": 60.0, "vocab_op": 120.0, "rl": 240.0, "gpu_tests": 180.0}
-"""Each phase's own time-out; the budget left lowers it. Sized for one H200 (not yet measured on one)."""
+PHASES = ("setup", "env", "vocab_op", "cuda_ipc", "nccl", "rl", "rl_qwen", "gpu_tests")
+PHASE_CAPS_S = {"setup": 120.0, "env": 60.0, "vocab_op": 120.0, "cuda_ipc": 60.0, "nccl": 60.0, "rl": 180.0,
+                "rl_qwen": 180.0, "gpu_tests": 150.0}
+"""Each phase's own time-out; the budget left lowers it. Sized for one H100/H200 (not yet measured on one); the
+short phases run first so that a slow RL run cannot leave them unrun."""
+PLANS = {
+    "cuda_ipc": ["the 'tensor' weight sync's sender (transports.rank_payloads + copy_bucket_to_gpu + "
+                 "serialize_cuda_ipc) turns a bf16/fp32/fp16 bucket into a CUDA IPC payload whose device is the "
+                 "GPU's UUID", "a second process, without SGLang, rebuilds the tensors by that UUID as SGLang's "
+                 "monkey_patch_torch_reductions does and finds every byte equal to the bucket drawn from the seed",
+                 "figures: payload and tensor bytes, serialize and receive seconds"],
+    "nccl": ["the NCCL version of this torch (the image's) beside that of the SGLang venv's python (its torch, else "
+             "its nvidia-nccl-cu* wheel: transports.server_nccl_version, as the 'distributed' sync's start-up check "
+             "asks it)", "equal, or failed naming both and the fix (make gpu-nccl-align); skipped without an "
+             "SGLang venv ($SGLANG_PY or make sglang-env-gpu's)"],
+    "rl_qwen": ["the Qwen path on one GPU in bf16: packed THD micro-batches (optim.max_tokens_per_micro_batch > 0), "
+                "the distributed optimizer (gloo groups beside NCCL: its checkpoint saved at step 2 and loaded by "
+                "--resume for step 3), compiled log-prob kernels (loss.compile_logprob_kernels, no eager fallback)",
+                "Megatron's jit_fuser probe (compat/toolchain.py) on the GPU in bf16, and the Transformer Engine "
+                "probe's answer (figure only: this run uses the local spec)",
+                "every step's grad norm and entropy finite, weight_version == step"],
+}
+"""What each phase added for the Qwen path checks: written as the 'planned' figure of a phase, and what a CPU dry
+run lists for the parts it cannot run."""
 BUDGET_S = 480.0
 MIN_PHASE_S = 10.0
 KILL_GRACE_S = 10.0
@@ -134,6 +163,13 @@ RL_COMMON = ["name=gpu-check", "seed=7", "model.add_qkv_bias=true", "model.tie_w
              f"checkpoint.save_interval={RL_STEPS}", "metrics.tensorboard=true"]
 """Random weights earn no reward, so every advantage is 0: the entropy bonus (entropy_coef) is what gives the
 backward pass and the optimizer a non-zero gradient to apply."""
+RL_QWEN = ["name=gpu-check-qwen", "optim.max_tokens_per_micro_batch=512", "parallel.use_distributed_optimizer=true",
+           "loss.compile_logprob_kernels=true", "rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=4",
+           "checkpoint.save_interval=2"]
+"""rl_qwen on top of the rl run's GPU settings: rows of at most 512 tokens (the longest sample is 32 + 64), Adam
+sharded by Megatron's distributed optimizer (dp = 1 here: the code path and its gloo groups, not the sharding),
+the compiled vocab-parallel kernels; 2 steps, a checkpoint, --resume for a 3rd."""
+RL_QWEN_STEPS, RL_QWEN_RESUME_STEPS = 2, 3
 RL_TAGS = ("perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/sync_time_s",
            "perf/tokens_per_s", "entropy/mean", "reward/mean", "reward/mean_all", "train/loss", "train/grad_norm",
            "rollout/logprob_gap", "sync/probe_gap", "train/weight_version")
@@ -771,35 +807,49 @@ def _steps_logged(log: Path) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"^step (\d+) \|", read_tail(log, 10**7), re.M)]
 
 
+def merge_overrides(*groups: list[str]) -> list[str]:
+    """KEY=VALUE lists merged in order, a later value of a key replacing an earlier one in its place (the config
+    loader refuses a key given twice)."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        for o in group:
+            key, _, value = o.partition("=")
+            merged[key] = value
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
 def rl_overrides(gpu: bool, run_root: Path, extra: list[str]) -> list[str]:
-    return RL_COMMON + RL_MODEL["gpu" if gpu else "cpu"] + [f"output_dir={run_root}"] + list(extra)
+    return merge_overrides(RL_COMMON, RL_MODEL["gpu" if gpu else "cpu"], [f"output_dir={run_root}"], list(extra))
 
 
-def phase_rl(rec: Recorder, gpu: bool, out_dir: Path, extra: list[str], keep_run: bool) -> None:
-    _device(gpu)
-    run_root = Path(tempfile.mkdtemp(prefix="gpu-check-rl-"))
-    run_dir = run_root / "gpu-check"
-    dest = out_dir / "rl"
+def rl_qwen_overrides(run_root: Path, extra: list[str]) -> list[str]:
+    """rl_qwen's run: the rl run's GPU settings, then RL_QWEN, then --rl-set values."""
+    return merge_overrides(RL_COMMON, RL_MODEL["gpu"], RL_QWEN, [f"output_dir={run_root}"], list(extra))
+
+
+def _train_and_resume(rec: Recorder, overrides: list[str], run_root: Path, run_dir: Path, dest: Path,
+                      steps: int, resume_steps: int, keep_run: bool) -> None:
+    """Train ``steps`` steps (a checkpoint at the last), then --resume to ``resume_steps``; checks each run's exit,
+    step lines and checkpoint, then the TensorBoard scalars. Logs, resolved config and TensorBoard go to ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    overrides = rl_overrides(gpu, run_root, extra)
     rec.figure("overrides", overrides)
     try:
-        for label, steps, resume in (("train", RL_STEPS, False), ("resume", RL_RESUME_STEPS, True)):
+        for label, upto, resume in (("train", steps, False), ("resume", resume_steps, True)):
             log = dest / f"{label}.log"
-            cmd = _train_cmd(sys.executable, overrides + [f"steps={steps}"], resume)
+            cmd = _train_cmd(sys.executable, overrides + [f"steps={upto}"], resume)
             rc, dt = run_command(cmd, timeout_s=10**6, log_path=log, new_session=False)  # the phase's limit
             logged = _steps_logged(log)
             rec.figure(f"{label}_wall_s", round(dt, 2))
             rec.figure(f"{label}_steps_logged", logged)
-            expect = list(range(1, RL_STEPS + 1)) if not resume else [RL_RESUME_STEPS]
+            expect = list(range(1, steps + 1)) if not resume else list(range(steps + 1, resume_steps + 1))
             if not rec.check(f"{label}: exit 0 and steps {expect}", rc == 0 and logged == expect,
                              f"exit {rc}, steps {logged}; log tail: {read_tail(log, 1500)}"
                              if rc != 0 or logged != expect else None):
                 break
             ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
             rec.figure(f"{label}_checkpoints", ckpts)
-            rec.check(f"{label}: complete checkpoint of step {steps}", f"step_{steps:06d}" in ckpts, ckpts)
-        _read_rl_scalars(rec, run_dir)
+            rec.check(f"{label}: complete checkpoint of step {upto}", f"step_{upto:06d}" in ckpts, ckpts)
+        _read_rl_scalars(rec, run_dir, resume_steps)
     finally:
         for name in ("resolved_config.yaml",):
             if (run_dir / name).is_file():
@@ -812,7 +862,14 @@ def phase_rl(rec: Recorder, gpu: bool, out_dir: Path, extra: list[str], keep_run
             shutil.rmtree(run_root, ignore_errors=True)
 
 
-def _read_rl_scalars(rec: Recorder, run_dir: Path) -> None:
+def phase_rl(rec: Recorder, gpu: bool, out_dir: Path, extra: list[str], keep_run: bool) -> None:
+    _device(gpu)
+    run_root = Path(tempfile.mkdtemp(prefix="gpu-check-rl-"))
+    _train_and_resume(rec, rl_overrides(gpu, run_root, extra), run_root, run_root / "gpu-check", out_dir / "rl",
+                      RL_STEPS, RL_RESUME_STEPS, keep_run)
+
+
+def _read_rl_scalars(rec: Recorder, run_dir: Path, last_step: int) -> None:
     from megatron_entcov.monitor.metrics import read_scalars
 
     if not (run_dir / "tensorboard").is_dir():
@@ -826,15 +883,112 @@ def _read_rl_scalars(rec: Recorder, run_dir: Path) -> None:
     rec.figure("mem_tags_found", sorted(mem))
     rec.figure("all_tags", sorted(scalars))
     steps = sorted({s for pts in scalars.values() for s, _ in pts})
-    rec.check(f"scalars for steps 1..{RL_RESUME_STEPS}", steps == list(range(1, RL_RESUME_STEPS + 1)), steps)
+    rec.check(f"scalars for steps 1..{last_step}", steps == list(range(1, last_step + 1)), steps)
     ent = [v for _, v in scalars.get("entropy/mean", [])]
-    rec.check("entropy/mean finite and positive every step", len(ent) == RL_RESUME_STEPS and
+    rec.check("entropy/mean finite and positive every step", len(ent) == last_step and
               all(math.isfinite(v) and v > 0 for v in ent), ent)
     gn = [v for _, v in scalars.get("train/grad_norm", [])]
-    rec.check("train/grad_norm finite and non-zero every step (entropy bonus)", len(gn) == RL_RESUME_STEPS and
+    rec.check("train/grad_norm finite and non-zero every step (entropy bonus)", len(gn) == last_step and
               all(math.isfinite(v) and v > 0 for v in gn), gn)
     wv = scalars.get("train/weight_version", [])
     rec.check("weight_version == step (every step applied and synced)", bool(wv) and all(s == v for s, v in wv), wv)
+
+
+def _log_lines(log: Path, pattern: str) -> list[str]:
+    return re.findall(rf"^.*{pattern}.*$", read_tail(log, 10**7), re.M)
+
+
+def phase_rl_qwen(rec: Recorder, gpu: bool, out_dir: Path, extra: list[str], keep_run: bool) -> None:
+    """PLANS['rl_qwen']. The dry run skips it (bf16 training and Triton are CUDA-only) and lists what it checks."""
+    rec.figure("planned", PLANS["rl_qwen"])
+    if not gpu:
+        rec.figure("overrides", rl_qwen_overrides(Path("<tmp>"), extra))
+        rec.doc["status"] = SKIPPED
+        rec.doc["reason"] = ("CPU dry run: bf16 training, Triton and the distributed optimizer's NCCL beside gloo "
+                             "need CUDA; planned checks listed, its config validated by the CPU tests")
+        return
+    import torch
+
+    from megatron_entcov.compat import toolchain
+
+    _device(gpu)
+    fuser = toolchain.jit_fuser(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    rec.figure("jit_fuser", asdict(fuser))
+    rec.check("Megatron's jit_fuser compiles and runs on the GPU in bf16 (else the TE path runs unfused)",
+              fuser.ok, fuser.reason)
+    rec.figure("transformer_engine", asdict(toolchain.transformer_engine()))
+    run_root = Path(tempfile.mkdtemp(prefix="gpu-check-rl-qwen-"))
+    dest = out_dir / "rl_qwen"
+    _train_and_resume(rec, rl_qwen_overrides(run_root, extra), run_root, run_root / "gpu-check-qwen", dest,
+                      RL_QWEN_STEPS, RL_QWEN_RESUME_STEPS, keep_run)
+    train_log = dest / "train.log"
+    if not train_log.is_file():
+        return
+    opt = _log_lines(train_log, r"optimizer: .* distributed=")
+    rec.figure("optimizer_log", opt)
+    rec.check("the distributed optimizer was built (log: distributed=True)", any("distributed=True" in x for x in opt),
+              opt or "no optimizer line in train.log")
+    compiled = _log_lines(train_log, "vocab_parallel: compiling chunk kernel")
+    fallback = [x for log in (train_log, dest / "resume.log") for x in _log_lines(log, "torch.compile failed")]
+    rec.figure("compiled_kernels", len(compiled))
+    rec.check("the log-prob kernels compiled, no eager fallback", bool(compiled) and not fallback,
+              fallback or (None if compiled else "no 'compiling chunk kernel' line in train.log"))
+    resolved = dest / "resolved_config.yaml"
+    budget = re.search(r"max_tokens_per_micro_batch: (\d+)", resolved.read_text()) if resolved.is_file() else None
+    rec.check("packed micro-batches in the resolved config", bool(budget) and int(budget.group(1)) > 0,
+              budget.group(0) if budget else f"no max_tokens_per_micro_batch in {resolved}")
+
+
+def phase_cuda_ipc(rec: Recorder, gpu: bool, out_dir: Path) -> None:
+    """PLANS['cuda_ipc'] (tools/gpu_check_ipc.py). The dry run makes the same round trip over shared memory
+    (the 'tensor' sync's CPU payload) and leaves the CUDA IPC part planned."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_check_ipc
+
+    rec.figure("planned", PLANS["cuda_ipc"])
+    if gpu:
+        _device(gpu)
+    fig = gpu_check_ipc.round_trip(sys.executable, out_dir / "cuda_ipc", gpu)
+    rec.figure("round_trip", fig)
+    got = fig["received"]
+    rec.check("the receiver rebuilt the bucket's tensors in order", got["names_ok"], got)
+    rec.check("every byte equal", bool(got["bytes_equal"]) and all(got["bytes_equal"].values()), got["bytes_equal"])
+    if gpu:
+        rec.check("rebuilt on the GPU the UUID names", got["devices"] == [fig["sent_from"]["device"]],
+                  {"sent": fig["sent_from"], "received": got["devices"]})
+    elif all(c["ok"] for c in rec.doc["checks"]):
+        rec.doc["status"] = SKIPPED
+        rec.doc["reason"] = ("CPU dry run: no CUDA; the two-process round trip ran over shared memory (checks "
+                             "passed), the CUDA IPC by device UUID is planned")
+
+
+def phase_nccl(rec: Recorder, gpu: bool) -> None:
+    """PLANS['nccl']: this torch's NCCL and the SGLang venv's, side by side (transports' own probes)."""
+    from megatron_entcov.rollout.sglang.server import default_server_python
+    from megatron_entcov.rollout.sglang.transports import server_nccl_version, trainer_nccl_version
+
+    rec.figure("planned", PLANS["nccl"])
+    image = trainer_nccl_version()
+    python = default_server_python("cuda")
+    side = {"image_torch": image, "sglang_python": python, "sglang_venv": None, "sglang_nccl_wheel": None}
+    if Path(python).is_file():
+        side["sglang_venv"], side["sglang_nccl_wheel"] = server_nccl_version(python, timeout_s=40.0)
+    rec.figure("nccl", side)
+    if image is None and gpu:
+        rec.check("this torch reports its NCCL version", False, "torch.cuda.nccl.version() failed on a CUDA torch")
+        return
+    if image is None or side["sglang_venv"] is None:
+        rec.doc["status"] = SKIPPED
+        rec.doc["reason"] = "; ".join(
+            ([] if image else ["this torch has no NCCL (a CPU build)"]) +
+            ([] if side["sglang_venv"] else [f"{python} reports no NCCL version (neither its torch nor an "
+                                             "nvidia-nccl-cu* wheel)" if Path(python).is_file() else
+                                             f"no SGLang venv at {python} (set SGLANG_PY, or make sglang-env-gpu)"]))
+        return
+    same = image == side["sglang_venv"]
+    rec.check("one NCCL for the trainer and the SGLang servers (the 'distributed' sync needs it)", same,
+              None if same else f"image {image} vs SGLang venv {side['sglang_venv']}: make gpu-nccl-align installs "
+              f"the venv's {side['sglang_nccl_wheel'] or 'nvidia-nccl-cu12'} into the trainer's venv")
 
 
 def phase_gpu_tests(rec: Recorder, gpu: bool, out_dir: Path) -> None:
@@ -872,8 +1026,14 @@ def run_phase_child(name: str, out_json: Path, gpu: bool, out_dir: Path, rl_set:
             phase_env(rec, gpu)
         elif name == "vocab_op":
             phase_vocab_op(rec, gpu)
+        elif name == "cuda_ipc":
+            phase_cuda_ipc(rec, gpu, out_dir)
+        elif name == "nccl":
+            phase_nccl(rec, gpu)
         elif name == "rl":
             phase_rl(rec, gpu, out_dir, rl_set, keep_run)
+        elif name == "rl_qwen":
+            phase_rl_qwen(rec, gpu, out_dir, rl_set, keep_run)
         elif name == "gpu_tests":
             phase_gpu_tests(rec, gpu, out_dir)
         else:
@@ -906,8 +1066,10 @@ def run_check(out_dir: Path, *, dry_run: bool, budget_s: float = BUDGET_S, phase
     notes = []
     if dry_run:
         notes.append(f"CPU dry run: vocab_op on a {OP_SHAPE['cpu']} shard instead of {OP_SHAPE['gpu']}; the RL run "
-                     "is CPU-sized and float32 (bf16 training is CUDA-only); the GPU tests skip (no CUDA); no venv "
-                     "is created and nothing is installed: the phases run on " + sys.executable)
+                     "is CPU-sized and float32 (bf16 training is CUDA-only); cuda_ipc makes its round trip over "
+                     "shared memory; nccl and rl_qwen list what they check on a GPU (figure 'planned'); the GPU "
+                     "tests skip (no CUDA); no venv is created and nothing is installed: the phases run on "
+                     + sys.executable)
     results: dict[str, PhaseResult] = {}
     python = sys.executable
     if not dry_run and "setup" not in phases and venv is not None:   # a venv kept (--keep) by an earlier check

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The one-GPU check (tools/gpu_check.py): environment, the vocab-parallel op vs float64 and vs a memcpy, a 3-step
-# RL run with checkpoint and resume, the GPU tests without SGLang; a JSON report in OUT_DIR. Exit 0 = all passed.
+# The one-GPU check (tools/gpu_check.py): environment, the vocab-parallel op vs float64 and vs a memcpy, a CUDA-IPC
+# round trip without SGLang, the image's and the SGLang venv's NCCL, a 3-step RL run with checkpoint and resume, the
+# Qwen path (packed THD, distributed optimizer, compiled kernels, bf16), the GPU tests without SGLang; a JSON report
+# in OUT_DIR, within 8 minutes. Exit 0 = nothing failed (a phase the machine cannot run is skipped, with why).
 #
 #   tools/gpu_check.sh OUT_DIR                 # GPU machine, no registry: gpu-wheelhouse/ (make gpu-wheelhouse)
 #                                              # beside this checkout; python3 = the image's Python with CUDA torch
@@ -17,7 +19,7 @@ args=()
 for a in "$@"; do
     case "$a" in
         --cpu-dry-run) dry=(--cpu-dry-run) ;;
-        -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$a") ;;
     esac
 done

@@ -2,7 +2,9 @@
 report and its exit rule, phase time-outs (the whole process group killed, partial figures kept), JUnit counts
 of real pytest output, the wheelhouse pins, names and size limit, the GPU set-up on an image Python without pip,
 the GPU tests' skip-or-fail rule run through real pytest sessions and the process group their ranks get, and the
-dry run end to end (vocab_op only here; every phase in the slow test). Nothing is downloaded."""
+dry run end to end (vocab_op and the Qwen path's phases, listed with their planned checks, here; every phase in
+the slow test), the nccl phase against a stand-in SGLang venv, the two-process payload round trip's receiver.
+Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 gc = load_script("gpu_check_tool", ROOT / "tools" / "gpu_check.py")
 req = load_script("gpu_require_conftest", ROOT / "tests" / "gpu" / "conftest.py")
+ipc = load_script("gpu_check_ipc", ROOT / "tools" / "gpu_check_ipc.py")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -67,7 +70,7 @@ def test_bad_status_mode_and_phases_are_refused_by_name(tmp_path):
         gc.PhaseResult("env", "ok")
     with pytest.raises(ValueError, match="mode: expected 'gpu' or 'cpu-dry-run', got 'cpu'"):
         gc.build_report("cpu", {}, started=0, finished=0, budget_s=1, notes=[])
-    with pytest.raises(ValueError, match=r"--phases: \['rll'\]; choose from setup, env, vocab_op, rl, gpu_tests"):
+    with pytest.raises(ValueError, match=r"--phases: \['rll'\]; choose from setup, env, vocab_op, cuda_ipc, nccl, rl, rl_qwen, gpu_tests"):
         gc.run_check(tmp_path, dry_run=True, phases=("rll",))
     with pytest.raises(ValueError, match="--budget-s: expected > 0 seconds, got 0"):
         gc.Budget(0)
@@ -364,6 +367,103 @@ def test_the_rl_run_configs_are_valid_for_both_modes(tmp_path):
         assert cfg.weight_sync.verify_tol == (0.1 if gpu else 1e-3)
 
 
+def test_the_qwen_run_config_is_valid_and_packs_shards_and_compiles(tmp_path):
+    from megatron_entcov.config import load_config
+
+    cfg = load_config(None, gc.rl_qwen_overrides(tmp_path, ["steps=3"])).resolve(1)
+    longest = cfg.rollout.max_prompt_len + cfg.sampling.max_new_tokens
+    assert cfg.optim.max_tokens_per_micro_batch == 512 and longest == 96
+    assert cfg.parallel.use_distributed_optimizer and cfg.optim.optimizer == "adam"
+    assert cfg.loss.compile_logprob_kernels and cfg.model.params_dtype == "bfloat16"
+    assert cfg.model.vocab_size == 151936 and cfg.checkpoint.save_interval == gc.RL_QWEN_STEPS == 2
+    assert cfg.name == "gpu-check-qwen" and cfg.output_dir == str(tmp_path)
+    # --rl-set values win over both runs' settings, in place (the loader refuses a key given twice).
+    merged = gc.rl_qwen_overrides(tmp_path, ["optim.max_tokens_per_micro_batch=1024"])
+    assert [o for o in merged if o.startswith("optim.max_tokens_per_micro_batch=")] == [
+        "optim.max_tokens_per_micro_batch=1024"]
+    assert gc.merge_overrides(["a=1", "b=2"], ["a=3", "c=x=y"]) == ["a=3", "b=2", "c=x=y"]
+
+
+def _fake_sglang_python(tmp_path: Path, version: str) -> Path:
+    """A 'python' that answers transports' NCCL probe as an SGLang venv with NCCL ``version`` would."""
+    py = tmp_path / "sglang-venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(f"#!/bin/sh\necho \"'{version}' nvidia-nccl-cu12\"\n")
+    py.chmod(0o755)
+    return py
+
+
+@pytest.mark.parametrize("servers, ok", [("2.29.7", True), ("2.30.7", False)])
+def test_the_nccl_phase_sets_the_image_and_sglang_versions_side_by_side(servers, ok, tmp_path, monkeypatch):
+    from megatron_entcov.rollout.sglang import transports
+
+    monkeypatch.setenv("SGLANG_PY", str(_fake_sglang_python(tmp_path, servers)))
+    monkeypatch.setattr(transports, "trainer_nccl_version", lambda: "2.29.7")
+    rec = gc.Recorder(tmp_path / "nccl.json")
+    gc.phase_nccl(rec, gpu=True)
+    side = rec.doc["figures"]["nccl"]
+    assert (side["image_torch"], side["sglang_venv"], side["sglang_nccl_wheel"]) == ("2.29.7", servers,
+                                                                                      "nvidia-nccl-cu12")
+    (check,) = rec.doc["checks"]
+    assert check["ok"] is ok and rec.doc["status"] is None      # run_phase_child turns the checks into the status
+    if not ok:
+        assert "image 2.29.7 vs SGLang venv 2.30.7: make gpu-nccl-align" in check["detail"]
+
+
+def test_the_nccl_phase_skips_without_an_sglang_venv_and_fails_a_cuda_torch_without_nccl(tmp_path, monkeypatch):
+    from megatron_entcov.rollout.sglang import transports
+
+    monkeypatch.setenv("SGLANG_PY", str(tmp_path / "nowhere" / "python"))
+    monkeypatch.setattr(transports, "trainer_nccl_version", lambda: "2.29.7")
+    rec = gc.Recorder(tmp_path / "a.json")
+    gc.phase_nccl(rec, gpu=True)
+    assert rec.doc["status"] == "skipped" and rec.doc["checks"] == []
+    assert rec.doc["reason"] == f"no SGLang venv at {tmp_path / 'nowhere' / 'python'} (set SGLANG_PY, or make " \
+                                "sglang-env-gpu)"
+    assert rec.doc["figures"]["nccl"]["image_torch"] == "2.29.7"
+    monkeypatch.setattr(transports, "trainer_nccl_version", lambda: None)
+    rec = gc.Recorder(tmp_path / "b.json")
+    gc.phase_nccl(rec, gpu=True)
+    assert [c["ok"] for c in rec.doc["checks"]] == [False] and rec.doc["status"] is None
+
+
+def test_the_ipc_receiver_compares_bytes_with_its_own_draw(tmp_path):
+    """A payload of another seed is found unequal tensor by tensor: the comparison is not trivially true."""
+    import torch
+
+    from megatron_entcov.rollout.sglang.transports import TensorTransport
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    other = ipc.make_bucket(seed=ipc.SEED + 1)
+    (tmp_path / "p.b64").write_text(TensorTransport.serialize(other))
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check_ipc.py"), "receive", str(tmp_path / "p.b64"),
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["names_ok"] and got["devices"] == ["cpu"]
+    assert got["bytes_equal"] == {name: False for name, _, _ in ipc.BUCKET}
+    assert [str(t.dtype) for _, t in other] == [f"torch.{d}" for _, _, d in ipc.BUCKET]
+
+
+def test_the_ipc_receiver_maps_a_gpu_uuid_to_its_own_device_index(monkeypatch):
+    """SGLang's rebuild: argument 6 of rebuild_cuda_tensor is the GPU's UUID, looked up among this process's
+    devices (here two fake ones); an index passes through; a UUID not seen here is an error naming it."""
+    import types
+
+    import torch
+
+    uuids = ["GPU-aaaa", "GPU-bbbb"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=uuids[i]))
+    calls = []
+    rebuild = ipc._uuid_rebuild(lambda *args: calls.append(args))
+    rebuild(0, 1, 2, 3, 4, 5, "GPU-bbbb", 7)
+    rebuild(0, 1, 2, 3, 4, 5, 0, 7)
+    assert calls == [(0, 1, 2, 3, 4, 5, 1, 7), (0, 1, 2, 3, 4, 5, 0, 7)]
+    with pytest.raises(RuntimeError, match="names GPU GPU-cccc, which this process does not see"):
+        rebuild(0, 1, 2, 3, 4, 5, "GPU-cccc", 7)
+
+
 # ---------------------------------------------------------------------------------------------- skip-or-fail rule
 
 def test_required_dependencies_parse_and_reject_unknown_names():
@@ -539,6 +639,38 @@ def test_the_dry_run_checks_the_op_and_writes_its_report(tmp_path):
     assert "[gpu-check] vocab_op  passed" in proc.stdout
 
 
+NEW_PHASES = ("cuda_ipc", "nccl", "rl_qwen")
+
+
+def test_the_dry_run_lists_the_qwen_path_phases_with_their_planned_checks(tmp_path):
+    """The phases a CPU cannot run are in the report, skipped with the reason and the checks a GPU makes; the
+    round trip of cuda_ipc runs over shared memory and compares every byte."""
+    proc, report = _dry_run(tmp_path / "out", "--phases", ",".join(NEW_PHASES))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["ok"] and list(report["phases"]) == list(NEW_PHASES)
+    for name in NEW_PHASES:
+        phase = report["phases"][name]
+        assert phase["status"] == "skipped" and phase["reason"], (name, phase)
+        assert phase["figures"]["planned"] == gc.PLANS[name] and len(gc.PLANS[name]) >= 2
+        assert f"[gpu-check] {name:<9} skipped" in proc.stdout
+    plans = " ".join(p for name in NEW_PHASES for p in gc.PLANS[name])
+    for what in ("max_tokens_per_micro_batch", "distributed optimizer", "gloo", "compile_logprob_kernels",
+                 "jit_fuser", "bf16", "UUID", "without SGLang", "serialize_cuda_ipc", "SGLang venv",
+                 "gpu-nccl-align"):
+        assert what in plans, what
+    ipc_phase = report["phases"]["cuda_ipc"]
+    assert ipc_phase["reason"].startswith("CPU dry run: no CUDA; the two-process round trip ran over shared memory")
+    got = ipc_phase["figures"]["round_trip"]["received"]
+    assert got["bytes_equal"] == {name: True for name, _, _ in ipc.BUCKET} and got["devices"] == ["cpu"]
+    assert [c["ok"] for c in ipc_phase["checks"]] == [True, True]
+    assert report["phases"]["nccl"]["figures"]["nccl"]["image_torch"] is None     # a CPU build of torch
+    assert "no NCCL (a CPU build)" in report["phases"]["nccl"]["reason"]
+    overrides = report["phases"]["rl_qwen"]["figures"]["overrides"]
+    for o in ("optim.max_tokens_per_micro_batch=512", "parallel.use_distributed_optimizer=true",
+              "loss.compile_logprob_kernels=true", "model.params_dtype=bfloat16"):
+        assert o in overrides
+
+
 def test_the_shell_wrapper_refuses_a_missing_out_dir_and_a_missing_python(tmp_path):
     proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--cpu-dry-run"], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage: tools/gpu_check.sh [--cpu-dry-run] OUT_DIR" in proc.stderr
@@ -555,6 +687,7 @@ def test_the_whole_dry_run_passes_every_phase(tmp_path):
     phases = report["phases"]
     assert list(phases) == list(gc.PHASES) and report["ok"]
     assert phases["gpu_tests"]["status"] == "skipped" and phases["gpu_tests"]["reason"] == "skipped (no CUDA)"
+    assert [phases[n]["status"] for n in NEW_PHASES] == ["skipped"] * 3
     assert phases["gpu_tests"]["figures"]["counts"]["skipped"] >= 3
     rl = phases["rl"]["figures"]
     assert rl["train_steps_logged"] == [1, 2, 3] and rl["resume_steps_logged"] == [4]

@@ -1,0 +1,124 @@
+"""The one-GPU check's two-process weight-payload round trip (phase cuda_ipc of tools/gpu_check.py), no SGLang.
+
+The sender builds a bucket of HF-named tensors from a seed and turns it into a payload with the 'tensor' weight
+sync's own code (rollout/sglang/transports.py: ``rank_payloads`` with ``copy_bucket_to_gpu`` and
+``serialize_cuda_ipc`` on a GPU, ``TensorTransport.serialize`` over shared memory on CPU). A receiver in a second
+process rebuilds the tensors as SGLang's scheduler does (``monkey_patch_torch_reductions``: the device of a CUDA
+IPC handle is a GPU UUID, mapped to this process's device index), copies them to the host and compares their
+bytes with the same bucket drawn from the seed on its own side. The sender keeps its tensors alive until the
+receiver has answered: the handles point into them.
+
+    python tools/gpu_check_ipc.py receive PAYLOAD_FILE OUT_JSON     # the receiver (started by round_trip)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SEED = 11
+BUCKET = (("model.embed_tokens.weight", (1024, 256), "bfloat16"), ("model.norm.weight", (256,), "float32"),
+          ("model.layers.0.self_attn.qkv_proj.bias", (384,), "bfloat16"), ("lm_head.weight", (512, 256), "float16"))
+"""(name, shape, dtype) of the bucket sent: three dtypes, a 2-D and two 1-D tensors."""
+
+
+def make_bucket(seed: int = SEED) -> list:
+    """The bucket on the host, drawn from ``seed`` (both processes draw it: the receiver's reference)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [(name, torch.randn(shape, generator=g).to(getattr(torch, dtype))) for name, shape, dtype in BUCKET]
+
+
+def _uuid_rebuild(original):
+    """``rebuild_cuda_tensor`` taking a GPU UUID where torch puts the device index (SGLang's patch_torch.py)."""
+    import torch
+
+    def rebuild(*args):
+        device = args[6]
+        if isinstance(device, str):
+            uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+            if device not in uuids:
+                raise RuntimeError(f"CUDA IPC payload names GPU {device}, which this process does not see ({uuids})")
+            args = (*args[:6], uuids.index(device), *args[7:])
+        return original(*args)
+
+    return rebuild
+
+
+def receive(payload_file: Path, out_json: Path) -> int:
+    """Rebuild the payload's tensors, compare their bytes with the bucket drawn here; write the result."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+    from torch.multiprocessing import reductions
+
+    reductions.rebuild_cuda_tensor = _uuid_rebuild(reductions.rebuild_cuda_tensor)
+    t0 = time.perf_counter()
+    got = ForkingPickler.loads(base64.b64decode(Path(payload_file).read_text()))
+    devices = sorted({str(t.device) for _, t in got})
+    host = [(n, t.to("cpu")) for n, t in got]
+    rebuild_s = time.perf_counter() - t0
+    want = make_bucket()
+    same = {n: bool(a.dtype == b.dtype and a.shape == b.shape and
+                    a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8)))
+            for (n, a), (_, b) in zip(host, want, strict=True)}
+    names_ok = [n for n, _ in got] == [n for n, _ in want]
+    del got
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    Path(out_json).write_text(json.dumps({"names_ok": names_ok, "bytes_equal": same, "devices": devices,
+                                          "rebuild_s": rebuild_s}))
+    return 0
+
+
+def round_trip(python: str, work: Path, gpu: bool, timeout_s: float = 120.0) -> dict:
+    """Send the bucket to a receiver process started with ``python``; returns the figures: payload size, the
+    sender's device and UUID, the receiver's answer, seconds. Raises when the receiver fails."""
+    import torch
+
+    from megatron_entcov.rollout.sglang.transports import (
+        TensorTransport,
+        copy_bucket_to_gpu,
+        rank_payloads,
+        serialize_cuda_ipc,
+    )
+
+    torch.multiprocessing.set_sharing_strategy("file_system")     # what TensorTransport sets
+    bucket, copies = make_bucket(), {}
+    t0 = time.perf_counter()
+    if gpu:
+        gpus = [torch.cuda.current_device()]
+        (payload,) = rank_payloads(bucket, gpus, place=copy_bucket_to_gpu, serialize=serialize_cuda_ipc,
+                                   copies=copies)
+        sent_from = {"device": f"cuda:{gpus[0]}", "uuid": str(torch.cuda.get_device_properties(gpus[0]).uuid)}
+    else:
+        (payload,) = rank_payloads(bucket, [None], place=copy_bucket_to_gpu, serialize=TensorTransport.serialize,
+                                   copies=copies)
+        sent_from = {"device": "cpu (shared memory)"}
+    serialize_s = time.perf_counter() - t0
+    work.mkdir(parents=True, exist_ok=True)
+    payload_file, answer = work / "payload.b64", work / "received.json"
+    payload_file.write_text(payload)
+    t1 = time.perf_counter()
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "receive", str(payload_file), str(answer)],
+                          capture_output=True, text=True, timeout=timeout_s)
+    wall = time.perf_counter() - t1
+    copies.clear()                  # the receiver is done: the IPC handles may go
+    if gpu:
+        torch.cuda.ipc_collect()
+    if proc.returncode != 0 or not answer.is_file():
+        raise RuntimeError(f"the receiver exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
+    return {"payload_bytes": len(payload), "tensor_bytes": sum(t.numel() * t.element_size() for _, t in bucket),
+            "sent_from": sent_from, "serialize_s": serialize_s, "receiver_wall_s": wall,
+            "received": json.loads(answer.read_text())}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "receive":
+        sys.exit("usage: python tools/gpu_check_ipc.py receive PAYLOAD_FILE OUT_JSON")
+    sys.exit(receive(Path(sys.argv[2]), Path(sys.argv[3])))
