@@ -1,0 +1,286 @@
+"""Activation memory of one pipeline stage: what a training micro-batch keeps for its backward, how many are in
+flight under the pipeline schedule, and the peak of a forward-only pass.
+
+Owns :func:`estimate_activations` and :class:`Activations`: the bytes of OUR layer (Megatron-Core GPTModel with
+RMSNorm, SwiGLU, RoPE, GQA, no dropout; the local spec with policy/packing.py's PackedDotProductAttention, or
+Transformer Engine's fused attention) per micro-batch of ``micro_batch_tokens`` tokens, under ``model.recompute``,
+tensor and sequence parallelism, and the logits path of ops/vocab_parallel.py. An independent computation from
+the shapes alone: nothing is built or measured here. Every term is written out in ``Activations.derivation``.
+
+Example:
+    act = estimate_activations(cfg.model, cfg.parallel, micro_batch_tokens=8192, max_seq_len=4096,
+                               packed=True, attention="fused", stage=0)
+    act.train_bytes, act.forward_bytes        # peaks of the training step and of the old-log-prob pass
+    print("\\n".join(act.derivation))
+
+Derivation, where it departs from Megatron's formulas, and the measured error: docs/design/plan.md "Activations".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_entcov.config import ModelConfig, ParallelConfig
+from megatron_entcov.ops.vocab_parallel import default_chunk_size
+
+__all__ = ["Activations", "estimate_activations", "ATTENTION_KINDS", "LOSS_BYTES_PER_TOKEN", "OP_BYTES_PER_TOKEN"]
+
+AttentionKind = Literal["fused", "local"]
+ATTENTION_KINDS: tuple[str, ...] = AttentionKind.__args__
+"""'fused': Transformer Engine's layer spec (fused norms+linears, flash/fused attention, fused SwiGLU);
+'local': Megatron's local spec with PackedDotProductAttention (materialises each sample's [T, T] scores)."""
+
+OP_BYTES_PER_TOKEN = 8 + 1 + 4 * 4
+"""What logprobs_and_entropy keeps per token besides the logits: the label's local column (int64), whether this
+rank owns it (bool), and four fp32 row statistics (logit at the label, global max, 1/sum exp, E[z - M])."""
+
+LOSS_BYTES_PER_TOKEN = 32
+"""Allowance for the loss's own per-token saved tensors (ratio, clipped ratio, masks: about eight fp32 [T])."""
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_RSTD = 4
+"""RMSNorm keeps its 1/rms in fp32, one per token."""
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one pipeline stage (one rank of it) for one data-parallel rank's micro-batches."""
+
+    layer_bytes: int
+    """Bytes one transformer layer keeps for the backward, for one micro-batch (under ``model.recompute``)."""
+    layers: int
+    """Transformer layers on this rank (all its virtual chunks)."""
+    embedding_bytes: int
+    """First stage: what the embedding keeps per micro-batch (tp > 1: masked ids and mask; 0 elsewhere)."""
+    logits_bytes: int
+    """Last stage: final norm + output layer + the vocab-parallel op's (and the loss's) saved tensors, plus the
+    logits path's peak working memory (``logits_kept_bytes + logits_working_bytes``); 0 elsewhere."""
+    in_flight: int
+    """Micro-batches whose activations this rank holds at once: 1F1B pp - stage, interleaved Megatron's
+    warm-up count + 1 chunk passes rounded up to whole micro-batches; 1 without pipeline parallelism."""
+    train_bytes: int
+    """Peak of the training forward+backward: the in-flight layer activations (+ embedding, + the schedule's
+    kept stage outputs) plus the larger of the logits path (kept + working) and the recompute working set
+    (the logits are freed before any layer's backward runs)."""
+    forward_bytes: int
+    """Peak of a forward-only pass (old log-probs; nothing kept): the residual stream plus the largest
+    transient (attention, MLP, or the logits + the op's working memory)."""
+    derivation: list[str]
+    """Each term with its numbers written out."""
+    logits_kept_bytes: int = 0
+    """Last stage: the part of ``logits_bytes`` saved for the backward (what saved-tensor hooks see)."""
+    logits_working_bytes: int = 0
+    """Last stage: the part of ``logits_bytes`` that is transient (a second [n, V/tp] copy, the op's fp32 chunks)."""
+    recompute_bytes: int = 0
+    """Working set of recomputation during the backward: one layer's activations ('full'), one layer's core
+    attention ('selective' with the local spec); 0 otherwise."""
+    in_flight_layers: int = 0
+    """Layer activations held at once: in_flight x layers (1F1B), chunk passes x layers per chunk (interleaved)."""
+    pipeline_bytes: int = 0
+    """Non-last stages: the stage outputs the schedule holds for the in-flight micro-batches' backward."""
+    rope_table_bytes: int = 0
+    """Full recompute: the fp32 rotary table [max_seq_len, head dim] the layer checkpoints keep, once per
+    micro-batch in flight."""
+    saved_bytes: int = 0
+    """Peak of the bytes saved for the backward alone (train_bytes less logits working memory and the
+    schedule's outputs): what the CPU validation measures with saved-tensor hooks."""
+
+
+def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_batch_tokens: int, max_seq_len: int,
+                         packed: bool, attention: str, stage: int, device: str = "cuda") -> Activations:
+    """Activation bytes of pipeline stage ``stage`` for micro-batches of ``micro_batch_tokens`` tokens.
+
+    Args:
+        model, parallel: the run's model and layout (``model.params_dtype`` sets the bytes per element,
+            ``model.recompute`` what is kept, ``parallel.sequence_parallel`` divides the norm regions by tp).
+        micro_batch_tokens: tokens of one micro-batch: the packed token budget, or rows x ``max_seq_len``.
+        max_seq_len: the longest sample (prompt + response), in tokens.
+        packed: THD packed micro-batches (samples back to back; the local attention's scores are bounded by
+            the budget times the longest sample) rather than padded rows.
+        attention: 'fused' (Transformer Engine spec) or 'local' (Megatron's local spec).
+        stage: pipeline stage, 0 .. pp - 1.
+        device: 'cuda' or 'cpu': where torch's RMSNorm is fused (the local spec's norms keep less on a GPU) and
+            the op's chunk size.
+
+    Returns:
+        :class:`Activations`, bytes per rank.
+    """
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
+    pp, tp = parallel.pipeline_model_parallel_size, parallel.tensor_model_parallel_size
+    if not 0 <= stage < pp:
+        raise ValueError(f"stage={stage}: expected 0 .. {pp - 1} (parallel.pipeline_model_parallel_size={pp})")
+    if micro_batch_tokens < 1 or max_seq_len < 1:
+        raise ValueError(f"micro_batch_tokens={micro_batch_tokens}, max_seq_len={max_seq_len}: expected >= 1")
+    if not packed and micro_batch_tokens % max_seq_len:
+        raise ValueError(f"micro_batch_tokens={micro_batch_tokens} is not a whole number of padded rows of "
+                         f"max_seq_len={max_seq_len}; pass rows x max_seq_len, or packed=True")
+    if model.num_layers % pp:
+        raise ValueError(f"model.num_layers={model.num_layers} does not split into {pp} pipeline stages")
+
+    n, s, t = micro_batch_tokens, max_seq_len, tp
+    sp = t if parallel.sequence_parallel else 1
+    b = _BYTES[model.params_dtype]
+    h, f = model.hidden_size, model.ffn_hidden_size
+    heads, groups = model.num_attention_heads, model.num_query_groups
+    d = model.kv_channels or h // heads
+    q_w = heads // t * d                        # per-rank query (and attention output) width
+    kv_w = groups // t * d if groups >= t else d  # per-rank key/value width (a group is replicated when groups < tp)
+    qkv_w = q_w + 2 * kv_w                      # the fused QKV projection's output, per rank
+    vocab = model.padded_vocab_size(t) // t
+    rope_rows = n if packed else s              # THD gathers the rotary table per token; padded rows share [s, d]
+    half = b < 4
+    lines = [f"n={n} tokens per micro-batch ({'packed, samples <= ' if packed else 'padded rows of '}{s}), "
+             f"h={h}, ffn={f}, heads={heads}, groups={groups}, head dim={d}, tp={t}{' with SP' if sp > 1 else ''}, "
+             f"{model.params_dtype} ({b} bytes), attention={attention}, recompute={model.recompute}, "
+             f"stage {stage} of pp={pp}"]
+
+    def term(name: str, formula: str, value: int) -> int:
+        lines.append(f"  {name}: {formula} = {value:,} bytes")
+        return value
+
+    # --- one layer, no recomputation -------------------------------------------------------------------------
+    if attention == "local" and device == "cpu":
+        norm_formula, norm_per_token = f"n/sp x (2 x h x 4 + 4 + h x {b})", 2 * h * 4 + _RSTD + h * b
+        norm_what = "fp32 x and x*rstd, fp32 rstd, the output (the next linear's input)"
+    else:
+        norm_formula, norm_per_token = f"n/sp x (2 x h x {b} + 4)", 2 * h * b + _RSTD
+        norm_what = "x, fp32 rstd, the output (the next linear's input)"
+
+    def norm_bytes() -> int:
+        return n // sp * norm_per_token
+
+    lines.append(f"layer ({model.recompute} recompute):")
+    full_terms: list[tuple[str, str, int]] = [
+        (f"2 RMSNorms ({norm_what})", "2 x " + norm_formula, 2 * norm_bytes()),
+        ("RoPE cos/sin of q and k", f"4 x {rope_rows} x {d} x {b}", 4 * rope_rows * d * b),
+    ]
+    core: list[tuple[str, str, int]] = []      # what selective recomputation drops (local spec)
+    if attention == "local":
+        score_bytes = 4 + (b if half else 0)
+        v_kept = q_w if heads > groups else qkv_w   # GQA: repeat_interleave copies v; MHA: a view of QKV
+        core = [
+            ("q, k, v at heads/tp width (k, v repeated for GQA)", f"n x ({q_w} + {q_w} + {v_kept}) x {b}",
+             n * (2 * q_w + v_kept) * b),
+            (f"softmax {'fp32 + its ' + model.params_dtype + ' copy' if half else 'fp32'}, per head "
+             f"{'<= budget x longest sample' if packed else 'rows x s^2'}",
+             f"{heads // t} x {n} x {s} x {score_bytes}", heads // t * n * s * score_bytes),
+            ("causal mask (bool)", f"{n} x {s}" if packed else f"{s} x {s}", n * s if packed else s * s),
+        ]
+        selective_kept = [("q, k after RoPE and the QKV output (v is a view of it), for the recomputation",
+                           f"n x ({q_w} + {kv_w} + {qkv_w}) x {b}", n * (q_w + kv_w + qkv_w) * b)]
+        mlp = ("SwiGLU MLP: fc1 out (2 x ffn/tp), silu out, the linear half's copy, fc2 in (ffn/tp each)",
+               f"n x 5 x {f // t} x {b}", n * 5 * f // t * b)
+        proj = [("attention output (linear_proj input)", f"n x {q_w} x {b}", n * q_w * b)]
+    else:
+        core = []
+        selective_kept = []
+        proj = [("q, k after RoPE, the QKV output (v is a view of it), attention output",
+                 f"n x ({q_w} + {kv_w} + {qkv_w} + {q_w}) x {b}", n * (2 * q_w + kv_w + qkv_w) * b),
+                ("softmax statistics (fp32 log-sum-exp per head)", f"n x {heads // t} x 4", n * heads // t * 4)]
+        mlp = ("SwiGLU MLP (fused): fc1 out (2 x ffn/tp), fc2 in (ffn/tp)", f"n x 3 x {f // t} x {b}",
+               n * 3 * f // t * b)
+    full_terms += core + proj + [mlp]
+    layer_none = sum(v for _, _, v in full_terms)
+    layer_input = n // sp * h * b
+    recompute = 0
+    if model.recompute == "full":
+        layer = term("the layer's input, kept by the checkpoint", f"n/sp x h x {b}", layer_input)
+        lines.append("recomputed during the backward, one layer at a time (its input is already kept):")
+        for name, formula, value in full_terms:
+            term(name, formula, value)
+        recompute = layer_none - layer_input
+        lines.append(f"  recompute working set: {layer_none:,} - {layer_input:,} = {recompute:,} bytes")
+    elif model.recompute == "selective" and attention == "local":
+        layer = 0
+        for name, formula, value in full_terms:
+            if (name, formula, value) not in core:
+                layer += term(name, formula, value)
+        for name, formula, value in selective_kept:
+            layer += term(name, formula, value)
+        lines.append("recomputed during the backward, one layer's core attention at a time:")
+        recompute = sum(term(name, formula, value) for name, formula, value in core)
+    else:
+        if model.recompute == "selective":
+            lines.append("  (selective recompute with fused attention: it keeps no scores; same as none)")
+        layer = sum(term(name, formula, value) for name, formula, value in full_terms)
+    lines.append(f"  one layer: {layer:,} bytes")
+
+    # --- the stage ------------------------------------------------------------------------------------------
+    layers = model.num_layers // pp
+    first, last = stage == 0, stage == pp - 1
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if pp == 1:
+        passes, in_flight, in_flight_layers = 1, 1, layers
+        lines.append(f"in flight: 1 micro-batch (no pipeline), {layers} layers")
+    elif vpp is None:
+        in_flight = pp - stage
+        in_flight_layers = in_flight * layers
+        lines.append(f"in flight (1F1B, at least pp micro-batches): pp - stage = {pp} - {stage} = {in_flight} "
+                     f"micro-batches x {layers} layers")
+    else:
+        passes = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
+        in_flight = math.ceil(passes / vpp)
+        in_flight_layers = passes * layers // vpp
+        lines.append(f"in flight (interleaved, Megatron's warm-up + 1): ({pp} - {stage} - 1) x 2 + ({vpp} - 1) x "
+                     f"{pp} + 1 = {passes} chunk passes x {layers // vpp} layers = {in_flight_layers} layers "
+                     f"(~{in_flight} micro-batches)")
+
+    embedding = 0
+    if first and t > 1:
+        embedding = term("embedding (tp > 1): masked ids int64 + mask bool", f"{n} x 9", n * 9)
+    rope_table = 0
+    if model.recompute == "full":
+        rope_table = term("rotary table kept by the checkpoints (fp32, per micro-batch)", f"{s} x {d} x 4",
+                          s * d * 4)
+    pipeline = 0
+    if not last:
+        pipeline = term("stage outputs the schedule holds for the backward", f"{in_flight} x n/sp x h x {b}",
+                        in_flight * layer_input)
+
+    logits_kept = logits_working = 0
+    if last:
+        lines.append("logits path (last stage):")
+        logits_kept = term("final RMSNorm (its output: the output layer's input)", norm_formula, norm_bytes())
+        logits_kept += term(f"logits [n, V/tp] in {model.params_dtype}, kept by the log-prob op", f"n x {vocab} x {b}",
+                            n * vocab * b)
+        logits_kept += term("the op's per-token statistics + the loss's allowance",
+                            f"n x ({OP_BYTES_PER_TOKEN} + {LOSS_BYTES_PER_TOKEN})",
+                            n * (OP_BYTES_PER_TOKEN + LOSS_BYTES_PER_TOKEN))
+        rows = min(n, default_chunk_size(vocab, False, device))
+        logits_working = term("a second [n, V/tp] copy (pre-transpose output, or temperature/padding copy)",
+                              f"n x {vocab} x {b}", n * vocab * b)
+        logits_working += term("the op's two fp32 chunk buffers", f"2 x {rows} x {vocab} x 4", 2 * rows * vocab * 4)
+
+    stack = in_flight_layers * layer + in_flight * (embedding + rope_table)
+    saved = max(stack + logits_kept, stack + recompute)
+    train = max(stack + logits_kept + logits_working, stack + recompute) + pipeline
+    lines.append(f"train peak: {in_flight_layers} x {layer:,} + {in_flight} x ({embedding:,} + {rope_table:,}) + "
+                 f"{pipeline:,} + "
+                 f"max(logits {logits_kept:,} + {logits_working:,}, recompute {recompute:,}) = {train:,} bytes")
+
+    # --- forward only ---------------------------------------------------------------------------------------
+    gathered = n * h * b if sp > 1 else 0
+    if attention == "local":
+        attn_peak = (n * (3 * q_w + qkv_w) * b + heads // t * n * s * (b + 4 + (b if half else 0))
+                     + (n * s if packed else s * s) + gathered)
+        mlp_peak = n * (h + 5 * f // t) * b + gathered
+    else:
+        attn_peak = n * (2 * q_w + kv_w + qkv_w) * b + n * heads // t * 4 + gathered
+        mlp_peak = n * (h + 3 * f // t) * b + gathered
+    logits_peak = 0
+    if last:
+        logits_peak = 2 * n * vocab * b + 2 * min(n, default_chunk_size(vocab, False, device)) * vocab * 4
+    stream = 2 * n // sp * h * b
+    forward = stream + max(attn_peak, mlp_peak, logits_peak)
+    lines.append(f"forward-only peak: residual stream 2 x n/sp x h x {b} = {stream:,} + max(attention {attn_peak:,}, "
+                 f"MLP {mlp_peak:,}, logits {logits_peak:,}) = {forward:,} bytes")
+
+    return Activations(layer_bytes=layer, layers=layers, embedding_bytes=embedding,
+                       logits_bytes=logits_kept + logits_working, in_flight=in_flight, train_bytes=train,
+                       forward_bytes=forward, derivation=lines, logits_kept_bytes=logits_kept,
+                       logits_working_bytes=logits_working, recompute_bytes=recompute,
+                       in_flight_layers=in_flight_layers, pipeline_bytes=pipeline, rope_table_bytes=rope_table,
+                       saved_bytes=saved)
