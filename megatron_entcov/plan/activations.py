@@ -109,6 +109,8 @@ def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_
     """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
     pp, tp = parallel.pipeline_model_parallel_size, parallel.tensor_model_parallel_size
     if not 0 <= stage < pp:
         raise ValueError(f"stage={stage}: expected 0 .. {pp - 1} (parallel.pipeline_model_parallel_size={pp})")
@@ -213,7 +215,7 @@ def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_
     first, last = stage == 0, stage == pp - 1
     vpp = parallel.virtual_pipeline_model_parallel_size
     if pp == 1:
-        passes, in_flight, in_flight_layers = 1, 1, layers
+        in_flight, in_flight_layers = 1, layers
         lines.append(f"in flight: 1 micro-batch (no pipeline), {layers} layers")
     elif vpp is None:
         in_flight = pp - stage
