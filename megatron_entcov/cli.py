@@ -4,6 +4,7 @@
     megatron-entcov sft        --config X.yaml [--set ...] [--nproc N] [LOG]
     megatron-entcov quickstart [--config configs/quickstart.yaml] [--set ...] [LOG]   SFT warm start, then RL
     megatron-entcov fit-law    RUN_DIR [--out DIR] [--source auto|eval|train]
+    megatron-entcov plan       --config X.yaml [--set ...] [--nodes N] [--gpus-per-node G] [--gpu-memory-gib M] [--json]
     megatron-entcov convert    hf-to-megatron|megatron-to-hf ...
     megatron-entcov bench      vocab-parallel|entropy-dynamics|selection-overhead [args]
 
@@ -267,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p = sub.add_parser("quickstart", help="CPU quickstart: SFT warm start then RL, then the law plot")
     _add_config_args(p, required=False)
+    p = sub.add_parser("plan", help="will it fit? each rank's GPU memory in each phase of a step, before launch",
+                       description="What each rank role holds in each phase of an RL step (weights, gradients, "
+                                   "optimizer state, activations, the rollout engine), whether it fits its GPU, "
+                                   "and the changes that would. Exit 0: fits; 1: does not; 2: bad input. Needs no "
+                                   "GPU (docs/design/plan.md).")
+    from megatron_entcov.plan import command as plan_command
+
+    plan_command.add_arguments(p)
     p = sub.add_parser("fit-law", help="fit R = -a exp(H) + b to a run and plot it")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
@@ -325,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, argv: list[str], launch: bool) -> int:
     """The command (or, with ``launch``, the --nproc launcher running it); a user error is one line, exit 2
     (:func:`report`: on a rank of the launcher, printed once by the launcher for all ranks)."""
-    handlers = {"train": _cmd_train, "sft": _cmd_sft, "quickstart": _cmd_quickstart, "fit-law": _cmd_fit_law}
+    from megatron_entcov.plan.command import run as _cmd_plan
+
+    handlers = {"train": _cmd_train, "sft": _cmd_sft, "quickstart": _cmd_quickstart, "fit-law": _cmd_fit_law,
+                "plan": _cmd_plan}
     try:
         if launch:
             return _launch(args, argv)

@@ -14,6 +14,7 @@ Design notes: docs/design/config.md
 """
 
 from megatron_entcov.config.data import DataConfig, EvalConfig, SFTConfig
+from megatron_entcov.config.hardware import HardwareConfig
 from megatron_entcov.config.load import (
     MOVED_KEYS,
     NON_FINITE_FLOAT_FIELDS,
@@ -62,6 +63,7 @@ __all__ = [
     "MetricsConfig",
     "EvalConfig",
     "SFTConfig",
+    "HardwareConfig",
     "RunConfig",
     "load_config",
     "config_from_dict",

@@ -22,6 +22,7 @@ from typing import Literal
 
 from megatron_entcov.config.checks import check_choices, check_positive, check_range, fail, literal_choices
 from megatron_entcov.config.data import DataConfig, EvalConfig, SFTConfig
+from megatron_entcov.config.hardware import HardwareConfig
 from megatron_entcov.config.rollout import (
     SYNC_PROBE_PROMPT_LEN,
     RolloutConfig,
@@ -432,6 +433,8 @@ class RunConfig:
     """Periodic held-out evaluation during RL."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Optional supervised warm start (megatron-entcov sft / quickstart)."""
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    """The GPUs the config is written for, and the trainer's start-up memory plan (megatron-entcov plan)."""
 
     def __post_init__(self) -> None:
         if not _is_run_name(self.name):
