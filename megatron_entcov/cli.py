@@ -140,6 +140,9 @@ def _cmd_train(args) -> int:
     cfg = _load(args, resume=args.resume)
     _STOPS.graceful = True       # a stop signal from here on ends the RL loop at a step boundary
     ps = _init(cfg)
+    from megatron_entcov.plan.command import check_at_start
+
+    check_at_start(cfg, ps)                      # on GPU machines: stop now, with the table, if it cannot fit
     trainer = Trainer(cfg, ps)
     try:
         last = trainer.train()

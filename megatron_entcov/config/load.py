@@ -55,7 +55,10 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         raise ValueError(f"{path}={shorten(value)} has the wrong type: expected {_type_name(tp)}"
                          f"{_quote_hint(path, value, tp)}")
     if origin is Literal:
-        check_choice(path, value, typing.get_args(tp))
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if value is False else "on") in choices:
+            value = "off" if value is False else "on"       # YAML 1.1 reads an unquoted off/on as a boolean
+        check_choice(path, value, choices)
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)

@@ -115,3 +115,24 @@ def test_a_bad_nproc_per_node_fails_the_job_naming_it(slurm_cluster, job_env, tm
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", why
     assert f"NPROC_PER_NODE='{value}' is invalid: give a positive integer" in job_output(tmp_path, job), why
     assert not (tmp_path / "runs" / "bad").exists(), why
+
+
+def test_a_config_that_cannot_fit_fails_the_job_with_the_plan(slurm_cluster, job_env, tmp_path):
+    """The plan runs before srun: "GPUs" of 1 GiB (below the 2 GiB runtime reserve alone) fail the job with the
+    plan's table (the 2-node x 1-process layout it was planned for) and no rank ever starts; with
+    hardware.fit_check=warn the same job trains."""
+    args = _train_args(tmp_path / "runs", "small")
+    job = slurm_cluster.sbatch([*args, "--set", "hardware.gpu_memory_gib=1"], cwd=tmp_path, env=job_env)
+    info = slurm_cluster.wait_job(job, timeout_s=JOB_TIMEOUT_S)
+    why = describe(slurm_cluster, tmp_path, job, info)
+    out = job_output(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", why
+    assert "2 node(s) x 1 GPUs of 1.0 GiB; tp 1 pp 1 dp 2" in out and "DOES NOT FIT" in out, why
+    assert "train.sbatch: this job cannot fit its GPUs (the plan above); nothing was started" in out, why
+    assert not (tmp_path / "runs" / "small").exists(), why
+    job = slurm_cluster.sbatch([*args, "--set", "hardware.gpu_memory_gib=1", "--set", "hardware.fit_check=warn",
+                                "--set", "steps=1"], cwd=tmp_path, env=job_env)
+    info = slurm_cluster.wait_job(job, timeout_s=JOB_TIMEOUT_S)
+    why = describe(slurm_cluster, tmp_path, job, info)
+    assert info["JobState"] == "COMPLETED", why
+    assert "starting anyway (hardware.fit_check=warn)" in job_output(tmp_path, job), why
