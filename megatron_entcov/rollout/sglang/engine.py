@@ -84,7 +84,8 @@ def _check_settings(cfg: SGLangConfig, device: str, gpu_ids, *, max_retries: int
 
 
 def _check_distributed_sync(cfg: SGLangConfig, device: str, gpu_ids, python: str) -> None:
-    """The 'distributed' weight sync over NCCL (this process sees a GPU): launched servers must not share this
+    """The 'distributed' weight sync over NCCL (this process sees a GPU; launched CPU servers sync over gloo and are
+    not checked): launched GPU servers must not share this
     process's GPU (NCCL refuses two ranks of one group on a GPU: "Duplicate GPU detected"), and this process
     and the servers must load one NCCL version (transports.check_nccl_versions). ValueError/RuntimeError."""
     import torch
@@ -94,6 +95,8 @@ def _check_distributed_sync(cfg: SGLangConfig, device: str, gpu_ids, python: str
     if cfg.sync_method != "distributed" or not torch.cuda.is_available():
         return
     launched = not cfg.server_urls and not cfg.router_url
+    if launched and device == "cpu":
+        return                  # CPU servers: the group is gloo (transports.choose_sync_backend), no NCCL to match
     if launched and device == "cuda":
         mine, tp = torch.cuda.current_device(), server_tp(cfg.server_args)
         firsts = list(gpu_ids) if gpu_ids is not None else [0] * cfg.num_servers

@@ -46,9 +46,9 @@ def gpu_trainer(monkeypatch):
 def test_mismatched_nccl_versions_fail_at_start_in_one_line(gpu_trainer, tmp_path):
     asked = gpu_trainer("2.30.7")
     python = str(tmp_path / "sglang-venv" / "bin" / "python")        # never run: the probe is patched
-    cfg = SGLangConfig(server_device="cpu", sync_method="distributed")
+    cfg = SGLangConfig(server_device="cuda", sync_method="distributed")
     with pytest.raises(RuntimeError) as err:
-        SGLangEngine(ModelConfig(), cfg, server_python=python, log_dir=tmp_path / "logs")
+        SGLangEngine(ModelConfig(), cfg, gpu_ids=[1], server_python=python, log_dir=tmp_path / "logs")
     assert str(err.value) == MISMATCH.format(python=python) and "\n" not in str(err.value)
     assert asked == [python] and not (tmp_path / "logs").exists()
 
@@ -56,7 +56,7 @@ def test_mismatched_nccl_versions_fail_at_start_in_one_line(gpu_trainer, tmp_pat
 def test_matching_nccl_versions_pass_and_are_logged(gpu_trainer, caplog):
     asked = gpu_trainer("2.29.7")
     with caplog.at_level(logging.INFO, logger=transports.__name__):
-        engine._check_distributed_sync(SGLangConfig(sync_method="distributed"), "cpu", None, "/venv/bin/python")
+        engine._check_distributed_sync(SGLangConfig(sync_method="distributed"), "cuda", [1], "/venv/bin/python")
     assert asked == ["/venv/bin/python"]
     assert "NCCL 2.29.7 in this process and the launched SGLang servers (/venv/bin/python)" in caplog.text
 
@@ -74,7 +74,7 @@ def test_servers_at_urls_have_an_unknown_nccl_version_which_is_logged(gpu_traine
 def test_an_unreadable_server_venv_is_unknown_too(gpu_trainer, caplog):
     gpu_trainer(None)
     with caplog.at_level(logging.INFO, logger=transports.__name__):
-        engine._check_distributed_sync(SGLangConfig(sync_method="distributed"), "cpu", None, "/venv/bin/python")
+        engine._check_distributed_sync(SGLangConfig(sync_method="distributed"), "cuda", [1], "/venv/bin/python")
     assert "the NCCL version of the launched SGLang servers (/venv/bin/python) is unknown here" in caplog.text
 
 
@@ -90,6 +90,14 @@ def test_servers_launched_on_this_process_gpu_are_refused(gpu_trainer, tmp_path,
     with pytest.raises(ValueError, match=r"^SGLangEngine: rollout.sglang.sync_method=distributed with servers "
                                          r"launched on this process's GPU 0 .*set rollout.sglang.sync_method=tensor"):
         SGLangEngine(ModelConfig(), cfg, gpu_ids=gpu_ids, server_python="/venv/bin/python", log_dir=tmp_path / "l")
+
+
+def test_launched_cpu_servers_are_not_probed(gpu_trainer):
+    """CPU servers sync over gloo (transports.choose_sync_backend) even when the trainer sees a GPU: a CPU venv's
+    NCCL wheel of another version must not refuse them."""
+    asked = gpu_trainer("2.30.7")
+    engine._check_distributed_sync(SGLangConfig(sync_method="distributed"), "cpu", None, "/venv/bin/python")
+    assert asked == []
 
 
 def test_other_methods_and_cpu_trainers_are_not_checked(monkeypatch):
