@@ -33,6 +33,7 @@ from megatron_entcov.experience import (
     shard_experience,
     to_train_batch,
 )
+from megatron_entcov.losses.adaptive_entropy import AdaptiveEntropyCoef
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.losses.schedules import annealed_coefficients
 from megatron_entcov.monitor.dashboard import config_markdown, entropy_control_layout, source_markdown
@@ -111,6 +112,8 @@ class Trainer:
                                      log_interval=cfg.metrics.log_interval)
         self.evaluator = Evaluator(cfg, ps, self.tokenizer, dataset) if cfg.eval.interval else None
         self.law = OnlineEntropyLaw(min_points=cfg.metrics.law_fit_min_points)
+        self.entropy_control = AdaptiveEntropyCoef.from_config(cfg.loss)
+        """loss.target_entropy > 0: the adaptive entropy coefficient c_k (losses/adaptive_entropy.py)."""
         self.law_on_eval = cfg.metrics.law_reward == "eval" or (cfg.metrics.law_reward == "auto"
                                                                 and self.evaluator is not None)
         self.step_histograms: dict = {}
@@ -227,6 +230,8 @@ class Trainer:
                                        label=f"step {self.step + 1} mini-batch {index}")
         if self.ps.owns_results:               # losses return shares of the mini-batch value
             m.add(result.metrics, SUM, mini_batch=True)
+        if self.entropy_control.enabled and result.applied:   # c_{k+1} from e_k, on every rank alike
+            self.entropy_control.update(None if selection is None else selection.mean_entropy, group=self.ps.pp_group)
         norm = result.grad_norm if math.isfinite(result.grad_norm) else 0.0
         m.add({"train/grad_norm": norm}, RANK0, mini_batch=True)
         m.add({"train/skipped_updates": 0.0 if result.applied else 1.0}, RANK0)
@@ -248,13 +253,16 @@ class Trainer:
         cfg = self.cfg
         current = mini.old_logprobs
         # PPO chooses no token: its cov/* metrics use the old log-probs and cost no forward.
-        if index > 0 and cfg.loss.selection_logprobs == "current" and cfg.loss.name != "ppo":
-            current, _ = self.actor.logprobs(mini)
+        current, entropy = mini.old_logprobs, mini.old_entropy
+        if index > 0 and cfg.loss.selection_logprobs == "current" and (cfg.loss.name != "ppo"
+                                                                        or cfg.loss.target_entropy > 0):
+            current, entropy = self.actor.logprobs(mini)
         if not self.ps.is_last_stage:
             return None
         return compute_token_selection(cfg.loss, current, mini.old_logprobs, mini.advantages, mini.loss_mask,
                                        token_keys=mini.token_keys, group=self.ps.dp_group,
-                                       step=self.actor.optimizer_steps, seed=cfg.seed)
+                                       step=self.actor.optimizer_steps, seed=cfg.seed, entropy=entropy,
+                                       adaptive_entropy_coef=self.entropy_control.coef)
 
     def _policy_loss_fn(self, selection: TokenSelection | None):
         """The mini-batch's loss for Actor.train_step: policy_loss of each micro-batch (a policy.packing.MicroBatch)
@@ -349,6 +357,8 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             actor.scheduler.load_state_dict(state["scheduler"])
             self.law.load_state_dict(state["law"])
+            if "entropy_control" in state:
+                self.entropy_control.load_state_dict(state["entropy_control"])
             if self.step >= self.cfg.steps:  # else the loop would not run and report no metrics at all
                 raise ValueError(f"steps={self.cfg.steps} but run {self.run.run_id} in {str(self.run_dir)!r} is "
                                  f"already at step {self.step} ({latest.name}): nothing to train; continue it "
@@ -379,6 +389,7 @@ class Trainer:
             "loader": self.loader.state_dict() if self._loader_state is None else self._loader_state,
             "scheduler": self.actor.scheduler.state_dict(),
             "law": self.law.state_dict(),
+            "entropy_control": self.entropy_control.state_dict(),
         }
 
     # ---------------------------------------------------------------- loop

@@ -190,8 +190,11 @@ class LossConfig:
     Defaults are the released Qwen2.5-7B settings where the paper gives one.
     """
 
-    name: Literal["ppo", "clip_cov", "kl_cov"] = "ppo"
-    """'ppo' (clipped surrogate, with clip-higher/dual clip), 'clip_cov' (Clip-Cov) or 'kl_cov' (KL-Cov)."""
+    name: Literal["ppo", "clip_cov", "kl_cov", "high_entropy_tokens", "archer", "ce_gppo"] = "ppo"
+    """'ppo' (clipped surrogate, with clip-higher/dual clip), 'clip_cov' (Clip-Cov) or 'kl_cov' (KL-Cov); the
+    token-entropy family (losses/token_entropy.py): 'high_entropy_tokens' (PPO gradient only on the top
+    high_entropy_ratio share of tokens by entropy, arXiv 2506.01939), 'archer' (dual-token clip and KL by an
+    entropy quantile, arXiv 2507.15778), 'ce_gppo' (bounded gradients from clipped tokens, arXiv 2509.20712)."""
     clip_ratio_low: float = 0.2
     """PPO lower clip epsilon: ratio >= 1 - clip_ratio_low. Clip-Cov released setting: 1.0 (ratio in [0, 2])."""
     clip_ratio_high: float = 0.28
@@ -244,6 +247,49 @@ class LossConfig:
     numerics, e.g. SGLang in bf16). Penalties (KL-Cov, entropy bonus) are not reweighted. 0 = off (default);
     > 0 = the cap C, e.g. 2.0. Logged as train/is_ratio_mean, train/tis_weight_mean, train/tis_clip_frac."""
 
+    high_entropy_ratio: float = 0.2
+    """high_entropy_tokens: share rho of valid tokens kept by entropy: the policy gradient flows only where
+    H_t >= the exact global (1 - rho)-quantile of the mini-batch's token entropies (all ranks; ties at the
+    threshold kept). Released: 0.2. Also the high/low entropy split of the entropy-change diagnostics."""
+    high_entropy_ratio_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of high_entropy_ratio (base = high_entropy_ratio); towards 1 it recovers the full gradient."""
+    entropy_advantage_coef: float = 0.0
+    """Entropy-based advantage shaping (arXiv 2506.14758, the shaped advantage): A_t += min(alpha * H_t (detached),
+    |A_t| / entropy_advantage_kappa), with alpha this field; composable with every loss. 0 = off; released 0.4."""
+    entropy_advantage_kappa: float = 2.0
+    """Advantage shaping: kappa > 1, the shaping term never exceeds |A_t| / kappa (so never flips A's sign).
+    Released: 2."""
+    entropy_advantage_coef_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Annealing of entropy_advantage_coef (base = entropy_advantage_coef)."""
+    target_entropy: float = 0.0
+    """Adaptive entropy control (Skywork-OR1, arXiv 2505.22312, "adaptive entropy control"): target token entropy (nats).
+    The entropy bonus coefficient c_k moves by target_entropy_delta toward the target each RL step and acts
+    only while the step's entropy is <= the target. 0 = off; released 0.2. Needs loss.entropy_coef = 0."""
+    target_entropy_delta: float = 0.005
+    """Adaptive entropy control: step Delta of the coefficient per RL step. Released: 0.005."""
+    target_entropy_coef_init: float = 0.0
+    """Adaptive entropy control: initial coefficient c_0. Released: 0."""
+    archer_entropy_quantile: float = 0.8
+    """archer: tokens with entropy above this quantile are high-entropy ('reasoning') tokens, the rest
+    low-entropy ('knowledge') tokens. Released: 0.8."""
+    archer_quantile_scope: Literal["response", "global"] = "response"
+    """archer: the quantile per response (as released) or over the global mini-batch (exact, all ranks)."""
+    archer_low_clip_ratio: float = 0.2
+    """archer: PPO clip epsilon (both sides) of low-entropy tokens. Released: 0.2."""
+    archer_high_clip_ratio: float = 0.5
+    """archer: PPO clip epsilon (both sides) of high-entropy tokens. Released: 0.5."""
+    archer_kl_coef: float = 0.001
+    """archer: weight of the per-token KL (k3 estimator) on low-entropy tokens. Released: 0.001 to the
+    reference model; here to the rollout policy pi_old (no reference model in this project)."""
+    archer_high_kl_scale: float = 0.0
+    """archer: the KL weight of high-entropy tokens as a multiple of archer_kl_coef. Released: 0."""
+    ce_gppo_beta1: float = 0.75
+    """ce_gppo: gradient scale of tokens below the clip range with A < 0 (r < 1 - clip_ratio_low).
+    Released: 0.75 (7B), 0.5 (1.5B)."""
+    ce_gppo_beta2: float = 1.0
+    """ce_gppo: gradient scale of tokens above the clip range with A > 0 (r > 1 + clip_ratio_high).
+    Released: 1."""
+
     def __post_init__(self) -> None:
         check_choices(self, "loss")
         check_range("loss.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, lo_open=True)
@@ -263,9 +309,38 @@ class LossConfig:
                 fail(f"loss.{coef}_schedule.kind", sched.kind, f"'exponential' needs loss.{coef} > 0")
             if coef.endswith("_ratio") and sched.kind != "constant" and sched.end > 1.0:
                 fail(f"loss.{coef}_schedule.end", sched.end, "a token share must lie in [0, 1]")
+        self._check_token_entropy()
         if not (isinstance(self.tis_cap, (int, float)) and math.isfinite(self.tis_cap) and self.tis_cap >= 0):
             fail("loss.tis_cap", self.tis_cap, "must be a finite number >= 0: 0 turns truncated importance "
                  "sampling off, > 0 is the cap on the weight (e.g. 2.0)")
+
+
+    def _check_token_entropy(self) -> None:
+        """The token-entropy family's fields (losses/token_entropy.py)."""
+        check_range("loss.high_entropy_ratio", self.high_entropy_ratio, 0.0, 1.0, lo_open=True)
+        check_positive("loss.entropy_advantage_coef", self.entropy_advantage_coef, allow_zero=True)
+        if not self.entropy_advantage_kappa > 1.0:
+            fail("loss.entropy_advantage_kappa", self.entropy_advantage_kappa, "must be > 1 (released: 2)")
+        check_positive("loss.target_entropy", self.target_entropy, allow_zero=True)
+        check_positive("loss.target_entropy_delta", self.target_entropy_delta, allow_zero=True)
+        check_positive("loss.target_entropy_coef_init", self.target_entropy_coef_init, allow_zero=True)
+        if self.target_entropy > 0 and self.entropy_coef > 0:
+            fail("loss.entropy_coef", self.entropy_coef, f"loss.target_entropy={self.target_entropy} > 0 adapts the "
+                 "entropy coefficient itself: set loss.entropy_coef=0 (start value: loss.target_entropy_coef_init)")
+        check_range("loss.archer_entropy_quantile", self.archer_entropy_quantile, 0.0, 1.0, hi_open=True)
+        check_range("loss.archer_low_clip_ratio", self.archer_low_clip_ratio, 0.0, 1.0, lo_open=True)
+        check_range("loss.archer_high_clip_ratio", self.archer_high_clip_ratio, 0.0, 1.0, lo_open=True)
+        check_positive("loss.archer_kl_coef", self.archer_kl_coef, allow_zero=True)
+        check_positive("loss.archer_high_kl_scale", self.archer_high_kl_scale, allow_zero=True)
+        check_positive("loss.ce_gppo_beta1", self.ce_gppo_beta1, allow_zero=True)
+        check_positive("loss.ce_gppo_beta2", self.ce_gppo_beta2, allow_zero=True)
+        for coef in ("high_entropy_ratio", "entropy_advantage_coef"):
+            sched = getattr(self, f"{coef}_schedule")
+            if sched.kind == "exponential" and getattr(self, coef) <= 0:
+                fail(f"loss.{coef}_schedule.kind", sched.kind, f"'exponential' needs loss.{coef} > 0")
+        if self.high_entropy_ratio_schedule.kind != "constant" and self.high_entropy_ratio_schedule.end > 1.0:
+            fail("loss.high_entropy_ratio_schedule.end", self.high_entropy_ratio_schedule.end,
+                 "a token share must lie in [0, 1]")
 
 
 LOSS_NAMES = literal_choices(LossConfig)["name"]

@@ -1,4 +1,6 @@
-"""Policy losses with entropy control: PPO (clip-higher, dual clip), Clip-Cov, KL-Cov, entropy bonus, TIS.
+"""Policy losses with entropy control: PPO (clip-higher, dual clip), Clip-Cov, KL-Cov, the token-entropy family
+(high-entropy tokens, Archer, CE-GPPO, entropy advantage shaping, adaptive entropy coefficient: per-token terms in
+losses/token_entropy.py and losses/adaptive_entropy.py), entropy bonus, TIS.
 
 Owns ``policy_loss`` and the two-phase token selection behind Clip-Cov and KL-Cov (Cui et al. 2025, "The
 Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617, sections 3-4):
@@ -24,13 +26,23 @@ import torch
 from torch import Tensor
 
 from megatron_entcov.config import AGG_MODES, LOSS_NAMES, LossConfig
+from megatron_entcov.losses.adaptive_entropy import gated_coefficient
 from megatron_entcov.losses.aggregation import aggregate, count_valid
 from megatron_entcov.losses.schedules import annealed_coefficients
+from megatron_entcov.losses.token_entropy import (
+    archer_high_mask,
+    archer_terms,
+    ce_gppo_terms,
+    entropy_threshold,
+    needs_entropy,
+    shaped_advantages,
+)
 from megatron_entcov.ops.covariance import (
     global_quantiles,
     global_random_choice_mask,
     global_sum,
     global_topk_mask,
+    masked_global_mean,
     token_covariance,
 )
 
@@ -81,6 +93,18 @@ class TokenSelection:
     """Annealed coefficients at this step: clip_cov_ratio, kl_cov_ratio, kl_cov_coef, entropy_coef."""
     step: int = 0
     """Optimizer step the selection was made for (checked against policy_loss's step)."""
+    high_entropy_mask: Tensor | None = None
+    """[B, T] bool: entropy >= the exact global (1 - loss.high_entropy_ratio)-quantile (the tokens
+    high_entropy_tokens trains on; the high-entropy class of the diagnostics). None without entropy."""
+    entropy_threshold: Tensor | None = None
+    """float64 0-dim: that quantile (tau_rho). None without entropy."""
+    archer_high_mask: Tensor | None = None
+    """[B, T] bool: Archer's high-entropy tokens (loss.name == 'archer' only)."""
+    mean_entropy: Tensor | None = None
+    """float64 0-dim: exact global token mean of the entropy (e_k of the adaptive coefficient). None without
+    entropy."""
+    adaptive_entropy_coef: Tensor | None = None
+    """float64 0-dim: alpha_k = c_k * I[e_k <= loss.target_entropy] (loss.target_entropy > 0 only)."""
 
     def rows(self, rows: slice | Tensor) -> "TokenSelection":
         """The selection restricted to a row slice (or index tensor) of the rank's mini-batch; globals shared."""
@@ -89,10 +113,17 @@ class TokenSelection:
     def view(self, view: Callable[[Tensor], Tensor]) -> "TokenSelection":
         """The per-token tensors mapped by ``view`` (a micro-batch's ``view``: a row slice, or the gather of a
         packed row, policy/packing.py); globals shared."""
+        def maybe(t: Tensor | None) -> Tensor | None:
+            return None if t is None else view(t)
+
         return TokenSelection(covariance=view(self.covariance), clip_cov_mask=view(self.clip_cov_mask),
                               kl_cov_mask=view(self.kl_cov_mask), num_valid=self.num_valid,
                               num_seqs=self.num_seqs, cov_quantiles=self.cov_quantiles,
-                              quantile_levels=self.quantile_levels, coefs=self.coefs, step=self.step)
+                              quantile_levels=self.quantile_levels, coefs=self.coefs, step=self.step,
+                              high_entropy_mask=maybe(self.high_entropy_mask),
+                              entropy_threshold=self.entropy_threshold,
+                              archer_high_mask=maybe(self.archer_high_mask), mean_entropy=self.mean_entropy,
+                              adaptive_entropy_coef=self.adaptive_entropy_coef)
 
 
 def num_to_choose(ratio: float, num_valid: Tensor) -> Tensor:
@@ -111,16 +142,20 @@ def num_to_choose(ratio: float, num_valid: Tensor) -> Tensor:
 
 
 def uses_dual_clip(cfg: LossConfig) -> bool:
-    """PPO always applies the dual clip; Clip-Cov only with loss.clip_cov_dual_clip; KL-Cov never clips."""
-    return cfg.name == "ppo" or (cfg.name == "clip_cov" and cfg.clip_cov_dual_clip)
+    """PPO and the token-entropy losses (built on verl's PPO loss) always apply the dual clip; Clip-Cov only
+    with loss.clip_cov_dual_clip; KL-Cov never clips."""
+    return cfg.name in ("ppo", "high_entropy_tokens", "archer", "ce_gppo") or (
+        cfg.name == "clip_cov" and cfg.clip_cov_dual_clip)
 
 
-def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor) -> dict[str, Tensor]:
+def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor, *, clip_low: float | Tensor | None = None,
+              clip_high: float | Tensor | None = None) -> dict[str, Tensor]:
     """Per-token PPO quantities (clip-higher, + the dual clip where :func:`uses_dual_clip`) from the log-ratio.
 
     Args:
         cfg: LossConfig (name, clip_ratio_low, clip_ratio_high, clip_ratio_c, clip_cov_dual_clip).
         log_ratio: [B, T] log pi - log pi_old (0 at invalid tokens). advantages: [B, T].
+        clip_low, clip_high: the clip epsilons (a float, or [B, T] per token as Archer's); None = cfg's.
 
     Returns:
         dict of [B, T] tensors: ratio, pg_unclipped (-A ratio), pg_clipped (clip + dual clip), and bool masks
@@ -128,8 +163,15 @@ def ppo_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor) -> dict[st
         dual-clip cap -A c active). A token with any mask True has zero policy gradient.
     """
     ratio = torch.exp(log_ratio)
+    low = cfg.clip_ratio_low if clip_low is None else clip_low
+    high = cfg.clip_ratio_high if clip_high is None else clip_high
     pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+    if isinstance(low, Tensor) or isinstance(high, Tensor):
+        # clamp, not minimum/maximum: at a ratio on the bound those split the gradient in halves.
+        pg2 = -advantages * torch.clamp(ratio, 1.0 - torch.as_tensor(low, dtype=ratio.dtype),
+                                        1.0 + torch.as_tensor(high, dtype=ratio.dtype))
+    else:
+        pg2 = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     clipped = torch.maximum(pg1, pg2)
     negative = advantages < 0
     if uses_dual_clip(cfg):
@@ -165,7 +207,9 @@ def _check_inputs(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advan
 
 def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
                             mask: Tensor, *, token_keys: Tensor | None = None, group=None, step: int = 0,
-                            seed: int = 0, quantile_levels: tuple[float, ...] = COV_QUANTILES) -> TokenSelection:
+                            seed: int = 0, quantile_levels: tuple[float, ...] = COV_QUANTILES,
+                            entropy: Tensor | None = None,
+                            adaptive_entropy_coef: float | None = None) -> TokenSelection:
     """Phase 1: global covariance statistics and the Clip-Cov / KL-Cov token choice for one mini-batch.
 
     Call once per optimizer mini-batch on each data-parallel rank, with the rank's WHOLE local mini-batch
@@ -181,10 +225,16 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
         group: data-parallel (+ context-parallel) group; None = single process.
         step: optimizer step (annealing and the random choice). seed: run seed (random choice).
         quantile_levels: levels of the exact cov quantiles (() skips them; 4 all-reduce rounds otherwise).
+        entropy: [B, T] per-token entropy of the same policy as ``logprobs`` (detached here). Required by
+            high_entropy_tokens, archer and loss.target_entropy > 0; when given, the high-entropy class
+            (entropy >= the global (1 - loss.high_entropy_ratio)-quantile) and the mean entropy are computed
+            for every loss (the diagnostics' token classes).
+        adaptive_entropy_coef: c_k of the adaptive entropy coefficient (losses/adaptive_entropy.py); None =
+            loss.target_entropy_coef_init (a run's first step). Used only when loss.target_entropy > 0.
 
     Returns:
         TokenSelection. Communication: 1 + 1 + (12 for kl_cov | 8 for clip_cov) + 4 small SUM all-reduces,
-        no host synchronisation.
+        + 5 with entropy (+ 4 for archer's global scope), no host synchronisation.
     """
     _check_inputs(cfg, logprobs, old_logprobs, advantages, mask)
     if token_keys is None:
@@ -218,9 +268,34 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
         k = num_to_choose(coefs["kl_cov_ratio"], num_valid)
         kl_cov_mask = global_topk_mask(cov, token_keys, valid, k, group)
     quantiles = global_quantiles(cov, valid, quantile_levels, group)
+    entropy_fields = _entropy_selection(cfg, entropy, valid, coefs, group, adaptive_entropy_coef)
     return TokenSelection(covariance=cov, clip_cov_mask=clip_cov_mask, kl_cov_mask=kl_cov_mask,
                           num_valid=num_valid, num_seqs=num_seqs, cov_quantiles=quantiles,
-                          quantile_levels=tuple(quantile_levels), coefs=coefs, step=step)
+                          quantile_levels=tuple(quantile_levels), coefs=coefs, step=step, **entropy_fields)
+
+
+def _entropy_selection(cfg: LossConfig, entropy: Tensor | None, valid: Tensor, coefs: dict[str, float], group,
+                       adaptive_entropy_coef: float | None) -> dict[str, Tensor | None]:
+    """The token-entropy fields of a TokenSelection (losses/token_entropy.py, losses/adaptive_entropy.py)."""
+    if entropy is None:
+        if needs_entropy(cfg):
+            raise ValueError(f"loss.name={cfg.name!r} with loss.target_entropy={cfg.target_entropy} needs the "
+                             "per-token entropy in the selection phase: pass entropy=[B, T] "
+                             "(from ops.vocab_parallel.logprobs_and_entropy)")
+        return {}
+    if entropy.shape != valid.shape:
+        raise ValueError(f"entropy has shape {tuple(entropy.shape)}, expected {tuple(valid.shape)}")
+    entropy = entropy.detach().float()
+    share = coefs.get("high_entropy_ratio", cfg.high_entropy_ratio)
+    tau = entropy_threshold(entropy, valid, share, group)
+    mean, _ = masked_global_mean(entropy, valid, group)
+    out = {"high_entropy_mask": valid & (entropy.double() >= tau), "entropy_threshold": tau, "mean_entropy": mean}
+    if cfg.name == "archer":
+        out["archer_high_mask"] = archer_high_mask(cfg, entropy, valid, group)
+    if cfg.target_entropy > 0:
+        c_k = cfg.target_entropy_coef_init if adaptive_entropy_coef is None else adaptive_entropy_coef
+        out["adaptive_entropy_coef"] = gated_coefficient(c_k, mean, cfg.target_entropy)
+    return out
 
 
 def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -272,7 +347,8 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
     """
     _check_loss_inputs(cfg, logprobs, old_logprobs, advantages, mask, entropy, rollout_logprobs, selection, step)
     if selection is None:
-        selection = compute_token_selection(cfg, logprobs, old_logprobs, advantages, mask, step=step)
+        selection = compute_token_selection(cfg, logprobs, old_logprobs, advantages, mask, step=step,
+                                            entropy=None if entropy is None else entropy.detach())
     valid = mask.bool()
     coefs = selection.coefs
     agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=selection.num_valid,
@@ -282,12 +358,22 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
     log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype,
                                                                         device=logprobs.device))
     advantages = advantages.detach().to(logprobs.dtype)
+    raw_advantages = advantages
+    if coefs.get("entropy_advantage_coef", 0.0) > 0:       # arXiv 2506.14758: A + min(alpha H, |A| / kappa)
+        advantages = shaped_advantages(advantages, entropy, coefs["entropy_advantage_coef"],
+                                       cfg.entropy_advantage_kappa)
     terms = ppo_terms(cfg, log_ratio, advantages)
     zeros = torch.zeros_like(valid)
     clipped = {"low": zeros, "high": zeros, "dual": zeros}
     penalty = None
-    if cfg.name == "ppo":
+    if cfg.name in ("ppo", "high_entropy_tokens", "archer", "ce_gppo"):
+        if cfg.name == "archer":
+            terms, penalty = archer_terms(cfg, log_ratio, advantages, selection.archer_high_mask, ppo_terms)
+        elif cfg.name == "ce_gppo":
+            terms = ce_gppo_terms(cfg, log_ratio, advantages)
         pg = terms["pg_clipped"]
+        if cfg.name == "high_entropy_tokens":    # arXiv 2506.01939: I[H_t >= tau_rho] * surrogate
+            pg = torch.where(selection.high_entropy_mask, pg, torch.zeros_like(pg))
         clipped = {"low": terms["clip_low"], "high": terms["clip_high"], "dual": terms["clip_dual"]}
     elif cfg.name == "clip_cov":
         pg = torch.where(selection.clip_cov_mask, terms["pg_clipped"].detach(), terms["pg_clipped"])
@@ -307,12 +393,17 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
     pg_loss = agg(pg)
     loss = pg_loss
     bonus = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    if entropy is not None and cfg.entropy_coef > 0:
+    entropy_coef = coefs["entropy_coef"]
+    if cfg.target_entropy > 0:            # Skywork-OR1: alpha_k = c_k I[e_k <= target], a tensor (no host sync)
+        entropy_coef = selection.adaptive_entropy_coef.to(logprobs.dtype)
+    if entropy is not None and (cfg.entropy_coef > 0 or cfg.target_entropy > 0):
         bonus = agg(entropy)
         # A zero coefficient (annealed off) still multiplies, so the graph and the metric keys do not change.
-        loss = loss - coefs["entropy_coef"] * bonus
+        loss = loss - entropy_coef * bonus
     tis = None if is_ratio is None else (is_ratio, tis_weight, cfg.tis_cap)
-    return loss, _loss_metrics(valid, selection, loss, pg_loss, bonus, log_ratio, clipped, tis)
+    metrics = _loss_metrics(valid, selection, loss, pg_loss, entropy_coef * bonus, log_ratio, clipped, tis)
+    metrics.update(_token_entropy_metrics(cfg, valid, selection, raw_advantages, advantages, penalty))
+    return loss, metrics
 
 
 def _check_loss_inputs(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
@@ -323,6 +414,13 @@ def _check_loss_inputs(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, 
     if cfg.entropy_coef > 0 and entropy is None:
         raise ValueError(f"loss.entropy_coef={cfg.entropy_coef} > 0 needs the per-token entropy: pass entropy=[B, T] "
                          "(from ops.vocab_parallel.logprobs_and_entropy)")
+    for name in ("entropy_advantage_coef", "target_entropy"):
+        if getattr(cfg, name) > 0 and entropy is None:
+            raise ValueError(f"loss.{name}={getattr(cfg, name)} > 0 needs the per-token entropy: pass "
+                             "entropy=[B, T] (from ops.vocab_parallel.logprobs_and_entropy)")
+    if selection is not None and needs_entropy(cfg) and selection.mean_entropy is None:
+        raise ValueError(f"loss.name={cfg.name!r} (loss.target_entropy={cfg.target_entropy}) needs a selection made "
+                         "with the entropy: pass entropy=[B, T] to compute_token_selection")
     if entropy is not None and entropy.shape != logprobs.shape:
         raise ValueError(f"entropy has shape {tuple(entropy.shape)}, expected {tuple(logprobs.shape)}")
     if cfg.tis_cap > 0:
@@ -360,7 +458,7 @@ def _loss_metrics(valid: Tensor, selection: TokenSelection, loss: Tensor, pg_los
                   tis: tuple[Tensor, Tensor, float] | None) -> dict[str, Tensor]:
     """policy_loss's metrics: detached float32 shares of the global values (one SUM all-reduce gives them).
 
-    ``bonus``: the aggregated entropy before its coefficient; ``clipped``: the low/high/dual clip masks [B, T];
+    ``bonus``: the aggregated entropy times its coefficient; ``clipped``: the low/high/dual clip masks [B, T];
     ``tis``: (is_ratio, weight, cap) when truncated importance sampling is on.
     """
     coefs = selection.coefs
@@ -378,7 +476,7 @@ def _loss_metrics(valid: Tensor, selection: TokenSelection, loss: Tensor, pg_los
         metrics: dict[str, Tensor] = {
             "train/loss": loss.detach().float(),
             "train/pg_loss": pg_loss.detach().float(),
-            "train/entropy_bonus": (coefs["entropy_coef"] * bonus.detach()).float(),
+            "train/entropy_bonus": bonus.detach().float(),
             "train/ppo_kl": token_mean(-log_ratio),
             "train/clip_frac_low": frac(clipped["low"]),
             "train/clip_frac_high": frac(clipped["high"]),
@@ -397,6 +495,39 @@ def _loss_metrics(valid: Tensor, selection: TokenSelection, loss: Tensor, pg_los
         for name, value in coefs.items():
             metrics[f"coef/{name}"] = (share * value).float()
     return metrics
+
+
+def _token_entropy_metrics(cfg: LossConfig, valid: Tensor, selection: TokenSelection, raw_advantages: Tensor,
+                           advantages: Tensor, penalty: Tensor | None) -> dict[str, Tensor]:
+    """The token-entropy family's own metrics, only for the methods that are on (shares of the global value,
+    as :func:`_loss_metrics`): train/high_entropy_frac and entropy/threshold (high_entropy_tokens),
+    train/archer_high_frac and train/archer_kl (archer), train/adv_shaping_mean and train/adv_shaping_bound_frac
+    (entropy_advantage_coef > 0), coef/adaptive_entropy_coef and entropy/adaptive_mean (target_entropy > 0)."""
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        inv_n = 1.0 / selection.num_valid.clamp(min=1).double()
+        share = valid.sum(dtype=torch.int64).double() * inv_n
+
+        def frac(m: Tensor) -> Tensor:
+            return ((m & valid).sum(dtype=torch.int64).double() * inv_n).float()
+
+        def token_mean(x: Tensor) -> Tensor:
+            return (torch.where(valid, x.detach().double(), 0.0).sum() * inv_n).float()
+
+        if cfg.name == "high_entropy_tokens":
+            out["train/high_entropy_frac"] = frac(selection.high_entropy_mask)
+            out["entropy/threshold"] = (selection.entropy_threshold.double() * share).float()
+        if cfg.name == "archer":
+            out["train/archer_high_frac"] = frac(selection.archer_high_mask)
+            out["train/archer_kl"] = token_mean(penalty)
+        if advantages is not raw_advantages:
+            out["train/adv_shaping_mean"] = token_mean(advantages - raw_advantages)
+            bound = raw_advantages.abs() / cfg.entropy_advantage_kappa
+            out["train/adv_shaping_bound_frac"] = frac((advantages - raw_advantages) >= bound)
+        if cfg.target_entropy > 0:
+            out["coef/adaptive_entropy_coef"] = (selection.adaptive_entropy_coef.double() * share).float()
+            out["entropy/adaptive_mean"] = (selection.mean_entropy.double() * share).float()
+    return out
 
 
 @functools.cache

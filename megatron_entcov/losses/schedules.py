@@ -1,7 +1,8 @@
 """Coefficient annealing: the value of a loss coefficient at an optimizer step.
 
 Owns the arithmetic behind :class:`megatron_entcov.config.ScheduleConfig` for each entropy-control coefficient
-(``clip_cov_ratio``, ``kl_cov_ratio``, ``kl_cov_coef``, ``entropy_coef``). With ``p = (step - start_step) /
+(``clip_cov_ratio``, ``kl_cov_ratio``, ``kl_cov_coef``, ``entropy_coef``, ``high_entropy_ratio``,
+``entropy_advantage_coef``). With ``p = (step - start_step) /
 steps`` clamped to [0, 1]: constant ``base``; linear ``base + (end - base) p``; cosine ``end + (base - end)
 (1 + cos(pi p)) / 2``; exponential ``base (end / base) ** p``. Before ``start_step`` the value is ``base``;
 from ``start_step + steps`` on it is exactly ``end``. Values are Python floats computed on the host from the
@@ -19,10 +20,14 @@ from megatron_entcov.config import LossConfig, ScheduleConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["value", "annealed_coefficients", "ANNEALED_COEFFICIENTS"]
+__all__ = ["value", "annealed_coefficients", "ANNEALED_COEFFICIENTS", "METHOD_COEFFICIENTS"]
 
 ANNEALED_COEFFICIENTS = ("clip_cov_ratio", "kl_cov_ratio", "kl_cov_coef", "entropy_coef")
-"""LossConfig fields that have a ``<name>_schedule``."""
+"""LossConfig fields that have a ``<name>_schedule``, reported (coef/<name>) for every loss."""
+METHOD_COEFFICIENTS = {"high_entropy_ratio": lambda cfg: cfg.name == "high_entropy_tokens",
+                       "entropy_advantage_coef": lambda cfg: cfg.entropy_advantage_coef > 0}
+"""The token-entropy family's annealed fields (losses/token_entropy.py), reported only while their method is on
+(so the coef/* tags of the other losses stay as they were)."""
 
 
 def value(base: float, schedule: ScheduleConfig, step: int) -> float:
@@ -58,5 +63,7 @@ def value(base: float, schedule: ScheduleConfig, step: int) -> float:
 
 
 def annealed_coefficients(cfg: LossConfig, step: int) -> dict[str, float]:
-    """Every annealed coefficient of ``cfg`` at ``step``: {name: value} for ANNEALED_COEFFICIENTS."""
-    return {name: value(getattr(cfg, name), getattr(cfg, f"{name}_schedule"), step) for name in ANNEALED_COEFFICIENTS}
+    """Every annealed coefficient of ``cfg`` at ``step``: {name: value} for ANNEALED_COEFFICIENTS and the
+    METHOD_COEFFICIENTS whose method is on."""
+    names = [*ANNEALED_COEFFICIENTS, *(name for name, on in METHOD_COEFFICIENTS.items() if on(cfg))]
+    return {name: value(getattr(cfg, name), getattr(cfg, f"{name}_schedule"), step) for name in names}

@@ -288,29 +288,42 @@ def global_random_choice_mask(token_keys: Tensor, eligible: Tensor, n: Tensor, *
     return selected
 
 
-def global_quantiles(values: Tensor, mask: Tensor, levels: Sequence[float], group=None) -> Tensor:
-    """Exact global quantiles of ``values`` over valid tokens ('lower' interpolation, as torch.quantile).
+def global_quantiles(values: Tensor, mask: Tensor, levels: Sequence[float], group=None, *,
+                     interpolation: str = "lower") -> Tensor:
+    """Exact global quantiles of ``values`` over valid tokens (as torch.quantile with that ``interpolation``).
 
-    The q-quantile is the order statistic of 1-based rank floor(q * (N - 1)) + 1 among the N valid values of
-    the whole group, found by one batched radix select (4 rounds for float32, one all-reduce each).
+    With N valid values of the whole group and position p = q * (N - 1) (0-based, float64): 'lower' is the
+    order statistic of 1-based rank floor(p) + 1, 'higher' the one of rank ceil(p) + 1, 'linear' the float64
+    interpolation lo + (p - floor(p)) * (hi - lo) between the two (torch.quantile's default; returned as
+    float64 so that a threshold test ``x >= t`` on float32 values is the same on every layout). Found by one
+    batched radix select (4 rounds for float32, one all-reduce each; 'linear' selects both ranks at once).
 
     Args:
         values: [...] float (as float32). mask: [...] valid entries. levels: quantile levels in [0, 1].
         group: data-parallel group or None.
+        interpolation: 'lower' (default), 'higher' or 'linear'.
 
     Returns:
-        float32 [len(levels)]; 0 where there is no valid value.
+        [len(levels)]: float32 ('lower', 'higher') or float64 ('linear'); 0 where there is no valid value.
     """
+    if interpolation not in ("lower", "higher", "linear"):
+        raise ValueError(f"interpolation={interpolation!r} is invalid: choose 'lower', 'higher' or 'linear'")
     if not levels:
-        return values.new_zeros(0, dtype=torch.float32)
+        return values.new_zeros(0, dtype=torch.float64 if interpolation == "linear" else torch.float32)
     for level in levels:
         if not 0.0 <= level <= 1.0:
             raise ValueError(f"quantile level {level!r} must lie in [0, 1]")
     mask = mask.bool()
     count = global_sum(mask.sum(dtype=torch.int64), group)
     lv = torch.tensor(list(levels), dtype=torch.float64, device=values.device)
-    ranks = torch.floor(lv * (count - 1).clamp(min=0).double()).to(torch.int64) + 1
+    position = lv * (count - 1).clamp(min=0).double()
+    lower = torch.floor(position).to(torch.int64) + 1
+    upper = torch.ceil(position).to(torch.int64) + 1
+    ranks = {"lower": lower, "higher": upper, "linear": torch.cat([lower, upper])}[interpolation]
     words = [(float_to_ordered_int(values.detach().float() + 0.0), 32)]
     _, (boundary,) = radix_select_smallest(words, mask, ranks, group)
     out = ordered_int_to_float(boundary)
+    if interpolation == "linear":
+        lo, hi = out[:len(levels)].double(), out[len(levels):].double()
+        out = lo + (position - torch.floor(position)) * (hi - lo)
     return torch.where(count > 0, out, torch.zeros_like(out))

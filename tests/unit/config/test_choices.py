@@ -78,6 +78,7 @@ def test_the_default_is_one_of_the_choices(cls, section, name, choices):
 
 def test_the_exported_choice_lists_are_the_annotations():
     loss, schedule = typing.get_type_hints(LossConfig), typing.get_type_hints(ScheduleConfig)
-    assert LOSS_NAMES == typing.get_args(loss["name"]) == ("ppo", "clip_cov", "kl_cov")
+    assert LOSS_NAMES == typing.get_args(loss["name"]) == ("ppo", "clip_cov", "kl_cov", "high_entropy_tokens",
+                                                           "archer", "ce_gppo")
     assert AGG_MODES == typing.get_args(loss["agg"])
     assert SCHEDULE_KINDS == typing.get_args(schedule["kind"])
