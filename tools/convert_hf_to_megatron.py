@@ -1,7 +1,8 @@
-"""Convert a Hugging Face Qwen2/Qwen2.5 or Llama checkpoint into a Megatron dist checkpoint root.
+"""Convert a Hugging Face Qwen2/Qwen2.5, Qwen3, Qwen3-MoE or Llama checkpoint into a Megatron dist checkpoint root.
 
 Run:
     python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen2.5-7B --out /ckpts/qwen7b --tp 4 --pp 1
+    python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen3-30B-A3B --out /ckpts/q30b --tp 2 --ep 4
 (same as `megatron-entcov convert hf-to-megatron ...`; see docs/conversion.md).
 """
 

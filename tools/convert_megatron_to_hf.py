@@ -1,4 +1,5 @@
-"""Convert a Megatron dist checkpoint (saved at any tp/pp) into a Hugging Face safetensors directory.
+"""Convert a Megatron dist checkpoint (saved at any tp/pp/ep: experts are stored by global index, so no --ep is
+needed) into a Hugging Face safetensors directory.
 
 Run:
     python tools/convert_megatron_to_hf.py --ckpt /ckpts/qwen7b --out /models/qwen7b-rl [--dtype bfloat16]

@@ -15,6 +15,13 @@ cannot reach the call. Fixes:
  7. WrappedTorchNorm under sequence parallelism: built with SP off, then its params marked SP.
  9. tensor_parallel.random: activation recomputation (``model.recompute``) saves and restores "the CUDA RNG
     state" around each recomputed block -> the host generator's state.
+ 10. transformer.moe: the all-to-all token dispatcher creates ``torch.cuda.Stream()`` at construction ->
+    the stand-in in the MoE modules (token_dispatcher, moe_utils, router, moe_layer, experts).
+ 11. transformer.moe.moe_utils: ``te_general_gemm`` is undefined without Transformer Engine (the router's
+    forward names it) -> defined as None there, which is what the router tests for.
+ 12. transformer.moe.token_dispatcher: the all-to-all split sizes become host numpy arrays only when they were on
+    a GPU (``maybe_move_tensor_to_cpu``); on the host they stay tensors, which ``all_to_all_single`` refuses ->
+    host tensors asked for ``as_numpy`` are converted too.
 
 Design notes (each fix: the module and the error it prevents): docs/design/compat.md
 """
@@ -72,6 +79,12 @@ _TORCH_STANDIN_MODULES = (
     "megatron.core.fusions.fused_softmax",
     "megatron.core.transformer.transformer_block",
     "megatron.core.models.gpt.gpt_model",
+    # Fix 10: the MoE layer (the dispatcher's torch.cuda.Stream(), device="cuda" buffers).
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.experts",
 )
 
 
@@ -400,6 +413,40 @@ def _patch_torch_norm() -> None:
     cls._entcov_cpu_patched = True
 
 
+# Fix 11: moe_utils without Transformer Engine.
+def _define_te_general_gemm() -> None:
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError as exc:
+        logger.debug("compat.cpu: skip moe_utils (%s)", exc)
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # The router's gating linear tests `te_general_gemm is not None` and runs torch's matmul otherwise.
+        moe_utils.te_general_gemm = None
+
+
+# Fix 12: the dispatcher's split sizes as numpy on the host too.
+def _host_splits(orig):
+    @functools.wraps(orig)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._entcov_cpu_wrapped = True
+    return maybe_move_tensor_to_cpu
+
+
+def _patch_token_dispatcher() -> None:
+    try:
+        from megatron.core.transformer.moe import token_dispatcher
+    except ImportError as exc:
+        logger.debug("compat.cpu: skip token_dispatcher (%s)", exc)
+        return
+    if not getattr(token_dispatcher.maybe_move_tensor_to_cpu, "_entcov_cpu_wrapped", False):
+        token_dispatcher.maybe_move_tensor_to_cpu = _host_splits(token_dispatcher.maybe_move_tensor_to_cpu)
+
+
 def is_applied() -> bool:
     return _APPLIED
 
@@ -421,6 +468,8 @@ def apply() -> None:
         if getattr(mod, "torch", None) is torch:
             mod.torch = standin
     _install_rng_tracker()
+    _define_te_general_gemm()
+    _patch_token_dispatcher()
     _patch_torch_norm()
     _patch_tensor_method_scopes()
     _APPLIED = True

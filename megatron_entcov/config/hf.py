@@ -1,12 +1,12 @@
-"""Hugging Face model configs <-> :class:`ModelConfig` (Qwen2/Qwen2.5 and Llama families), for the converters,
-the embedded rollout engine and SGLang servers.
+"""Hugging Face model configs <-> :class:`ModelConfig` (Qwen2/Qwen2.5, Qwen3, Qwen3-MoE and Llama families), for
+the converters, the embedded rollout engine and SGLang servers.
 
 With ``model.hf_dir`` set, the config loader fills the ``model.*`` fields the user did not set from
 :func:`read_hf_model_fields` and checks those they set with :func:`hf_mismatches`; the Actor checks the whole
 ModelConfig again at start (:func:`check_model_matches_hf`), for configs built without the loader.
 
 Example:
-    hf_cfg = to_hf_config(cfg.model)                     # transformers.Qwen2Config or LlamaConfig
+    hf_cfg = to_hf_config(cfg.model)                     # transformers.Qwen2Config, Qwen3Config, ... LlamaConfig
     fields = model_fields_from_hf(AutoConfig.from_pretrained(d))   # dict for ModelConfig(**fields)
     fields = read_hf_model_fields(d)                     # the same from d/config.json, with its checks
     check_model_matches_hf(cfg.model)                    # ValueError naming each field that differs
@@ -26,12 +26,28 @@ from megatron_entcov.config.schema import ModelConfig
 __all__ = ["SUPPORTED_ARCHITECTURES", "HF_KEYS", "to_hf_config", "model_fields_from_hf", "hf_architecture",
            "read_hf_model_fields", "hf_mismatches", "check_model_matches_hf"]
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "LlamaForCausalLM": "llama"}
 
 
 def hf_architecture(model: ModelConfig) -> str:
-    """Qwen2 when the QKV projection has a bias, Llama otherwise (the two differ only there)."""
+    """The Hugging Face architecture of ``model``: Qwen3-MoE with experts, Qwen3 with q/k norms, Qwen2 with a QKV
+    bias, Llama otherwise (the families differ only there)."""
+    if model.num_experts is not None:
+        return "Qwen3MoeForCausalLM"
+    if model.qk_layernorm:
+        return "Qwen3ForCausalLM"
     return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
+
+
+def _check_family(model: ModelConfig) -> None:
+    """The combinations no supported architecture has (each family differs from Llama by one feature)."""
+    if model.num_experts is not None and not model.qk_layernorm:
+        raise ValueError(f"model.num_experts={model.num_experts} needs model.qk_layernorm=true (Qwen3-MoE is the "
+                         "only mixture-of-experts architecture supported)")
+    if model.qk_layernorm and model.add_qkv_bias:
+        raise ValueError("model.qk_layernorm=true with model.add_qkv_bias=true is no supported architecture "
+                         "(Qwen3 has no QKV bias); set one of them false")
 
 
 def _rope_theta(hf_cfg) -> float:
@@ -65,6 +81,17 @@ def to_hf_config(model: ModelConfig, *, torch_dtype: str | None = None, **extra:
         torch_dtype=torch_dtype or model.params_dtype,
         **extra,
     )
+    _check_family(model)
+    if model.num_experts is not None:
+        return transformers.Qwen3MoeConfig(
+            **common, head_dim=head_dim, attention_bias=False, num_experts=model.num_experts,
+            num_experts_per_tok=model.moe_router_topk, moe_intermediate_size=model.expert_ffn_hidden_size,
+            norm_topk_prob=model.moe_norm_topk_prob, decoder_sparse_step=model.moe_layer_freq,
+            mlp_only_layers=sorted(model.moe_dense_layers),
+            router_aux_loss_coef=model.moe_aux_loss_coeff, architectures=["Qwen3MoeForCausalLM"])
+    if model.qk_layernorm:
+        return transformers.Qwen3Config(**common, head_dim=head_dim, attention_bias=False,
+                                        architectures=["Qwen3ForCausalLM"])
     if model.add_qkv_bias:
         if head_dim * model.num_attention_heads != model.hidden_size:
             raise ValueError(f"model.kv_channels={model.kv_channels}: Qwen2 needs head_dim * heads == hidden_size")
@@ -77,17 +104,18 @@ def model_fields_from_hf(hf_cfg) -> dict[str, Any]:
     """ModelConfig fields for a Hugging Face config; ValueError for an unsupported architecture."""
     archs = list(getattr(hf_cfg, "architectures", None) or [])
     model_type = getattr(hf_cfg, "model_type", None)
-    if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or model_type in ("qwen2", "llama")):
+    if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or model_type in SUPPORTED_ARCHITECTURES.values()):
         raise ValueError(f"unsupported architecture {archs or model_type!r}: supported are "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    is_qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
+    family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), model_type)
+    is_qwen2 = family == "qwen2"
     if not is_qwen2 and (getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False)):
-        raise ValueError("Llama with attention_bias/mlp_bias is not supported")
+        raise ValueError(f"{family} with attention_bias/mlp_bias is not supported")
     if getattr(hf_cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf_cfg.hidden_act!r} is not supported (SwiGLU with silu only)")
     heads = hf_cfg.num_attention_heads
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads
-    return dict(
+    fields = dict(
         num_layers=hf_cfg.num_hidden_layers,
         hidden_size=hf_cfg.hidden_size,
         ffn_hidden_size=hf_cfg.intermediate_size,
@@ -100,6 +128,27 @@ def model_fields_from_hf(hf_cfg) -> dict[str, Any]:
         norm_epsilon=hf_cfg.rms_norm_eps,
         add_qkv_bias=is_qwen2,
         tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
+    )
+    fields.update(_moe_fields_from_hf(hf_cfg) if family == "qwen3_moe" else dict(num_experts=None))
+    return fields
+
+
+def _moe_fields_from_hf(hf_cfg) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE config (shared experts, which Qwen3-MoE has none of, are
+    not supported)."""
+    if getattr(hf_cfg, "shared_expert_intermediate_size", 0):
+        raise ValueError("shared experts (shared_expert_intermediate_size > 0) are not supported")
+    experts = getattr(hf_cfg, "num_experts", None) or getattr(hf_cfg, "num_local_experts", None)
+    if not experts:
+        raise ValueError("a Qwen3-MoE config without num_experts")
+    return dict(
+        num_experts=int(experts),
+        moe_router_topk=int(hf_cfg.num_experts_per_tok),
+        moe_ffn_hidden_size=int(hf_cfg.moe_intermediate_size),
+        moe_norm_topk_prob=bool(getattr(hf_cfg, "norm_topk_prob", False)),
+        moe_layer_freq=int(getattr(hf_cfg, "decoder_sparse_step", 1) or 1),
+        moe_dense_layers=sorted(int(i) for i in (getattr(hf_cfg, "mlp_only_layers", None) or [])),
     )
 
 
@@ -116,6 +165,13 @@ HF_KEYS = {
     "norm_epsilon": "rms_norm_eps",
     "add_qkv_bias": "architectures",
     "tie_word_embeddings": "tie_word_embeddings",
+    "qk_layernorm": "architectures",
+    "num_experts": "num_experts",
+    "moe_router_topk": "num_experts_per_tok",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "moe_norm_topk_prob": "norm_topk_prob",
+    "moe_layer_freq": "decoder_sparse_step",
+    "moe_dense_layers": "mlp_only_layers",
 }
 """ModelConfig field -> the config.json key it comes from (the fields :func:`model_fields_from_hf` returns)."""
 
@@ -187,7 +243,10 @@ def hf_mismatches(values: dict[str, Any], hf_fields: dict[str, Any], cfg_file: s
         has = f"{key}={_yaml(want)}"
         fix = f"set model.{name}={_yaml(want)} or remove it"
         if name == "add_qkv_bias":
-            has = f"a {'Qwen2 architecture (QKV bias)' if want else 'Llama architecture (no QKV bias)'}"
+            family = "Qwen3" if hf_fields.get("qk_layernorm") else "Llama"
+            has = "a Qwen2 architecture (QKV bias)" if want else f"a {family} architecture (no QKV bias)"
+        elif name == "qk_layernorm":
+            has = "a Qwen3 architecture (q/k norms)" if want else "an architecture without q/k norms (Qwen2/Llama)"
         elif name == "max_position_embeddings":
             fix = (f"set model.max_position_embeddings <= {want} (the run's context may be shorter, not longer) "
                    "or remove it")

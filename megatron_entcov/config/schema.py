@@ -37,7 +37,8 @@ __all__ = ["ModelConfig", "ParallelConfig", "ScheduleConfig", "LossConfig", "Opt
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """A Qwen2/Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA) built as a Megatron-Core GPTModel."""
+    """A Qwen2/Qwen3/Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), dense or mixture-of-experts (Qwen3-MoE),
+    built as a Megatron-Core GPTModel."""
 
     num_layers: int = 2
     """Number of transformer layers; divisible by pipeline size (times virtual pipeline size)."""
@@ -65,6 +66,28 @@ class ModelConfig:
     """Bias on the fused QKV projection (True for Qwen2/Qwen2.5, False for Llama)."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the output layer (Qwen2.5 <= 3B: True; 7B+: False; Llama-3 8B: False)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each head's query and key (head_dim wide, one weight shared by the heads) before RoPE: True
+    for Qwen3 and Qwen3-MoE, False for Qwen2/Llama."""
+    num_experts: int | None = None
+    """Routed experts per MoE layer (Qwen3-MoE ``num_experts``); None = a dense model. Divisible by
+    parallel.expert_model_parallel_size."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (``num_experts_per_tok``); 1 <= topk <= num_experts. MoE only."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each expert's SwiGLU (``moe_intermediate_size``); None = ffn_hidden_size. MoE only."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (``norm_topk_prob``; Qwen3-MoE: True); False
+    keeps the softmax over all experts."""
+    moe_layer_freq: int = 1
+    """Every moe_layer_freq-th layer is an MoE layer (``decoder_sparse_step``: layer i, 0-based, is sparse when
+    (i + 1) % moe_layer_freq == 0), the others dense (ffn_hidden_size wide). MoE only."""
+    moe_dense_layers: list[int] = field(default_factory=list)
+    """0-based layers that stay dense whatever moe_layer_freq says (``mlp_only_layers``). MoE only."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (Switch-Transformer form, Megatron's 'aux_loss'; Qwen3-MoE pre-training:
+    0.001). 0 (the default for RL) computes and logs nothing extra and leaves the policy gradient alone; > 0 adds
+    coeff * the loss to the training loss and logs it as train/moe_aux_loss. Routing is dropless either way."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU. float16 describes converted checkpoints
     only: a run rejects it (training has no loss scaling)."""
@@ -101,6 +124,43 @@ class ModelConfig:
         check_positive("model.rotary_base", self.rotary_base)
         check_range("model.norm_epsilon", self.norm_epsilon, 0.0, 1.0, lo_open=True)
         check_positive("model.init_method_std", self.init_method_std)
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        check_positive("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, allow_zero=True)
+        if self.num_experts is None:
+            return
+        check_positive("model.num_experts", self.num_experts)
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            fail("model.moe_router_topk", self.moe_router_topk, f"must be in [1, model.num_experts={self.num_experts}]")
+        if self.moe_ffn_hidden_size is not None:
+            check_positive("model.moe_ffn_hidden_size", self.moe_ffn_hidden_size)
+        check_positive("model.moe_layer_freq", self.moe_layer_freq)
+        bad = [i for i in self.moe_dense_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+        if bad:
+            fail("model.moe_dense_layers", self.moe_dense_layers,
+                 f"every entry must be a layer index in [0, model.num_layers={self.num_layers}); {bad} are not")
+        if not any(self.moe_layer_pattern()):
+            fail("model.moe_layer_freq", self.moe_layer_freq, "with model.moe_dense_layers leaves no MoE layer; "
+                 "set model.num_experts=null for a dense model")
+
+    @property
+    def is_moe(self) -> bool:
+        """Derived: whether any layer is a mixture of experts."""
+        return self.num_experts is not None
+
+    def moe_layer_pattern(self) -> list[int]:
+        """Derived: 1 for each MoE layer, 0 for each dense one (Megatron's moe_layer_freq list; Hugging Face's
+        rule: sparse when not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0); all 0 when dense."""
+        if self.num_experts is None:
+            return [0] * self.num_layers
+        dense = set(self.moe_dense_layers)
+        return [int(i not in dense and (i + 1) % self.moe_layer_freq == 0) for i in range(self.num_layers)]
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Derived: each expert's SwiGLU width (moe_ffn_hidden_size, else ffn_hidden_size)."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     def padded_vocab_size(self, tp_size: int) -> int:
         """Derived: vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp_size."""
@@ -120,6 +180,11 @@ class ParallelConfig:
     """Model chunks per pipeline stage (interleaved schedule); None = not interleaved."""
     context_parallel_size: int = 1
     """Context-parallel size (cp); only 1 is supported by the trainer today."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (ep): splits each MoE layer's experts over ep ranks of a pipeline stage (its tp ranks,
+    then data-parallel replicas; tokens travel to their experts by all-to-all); divides model.num_experts and
+    tp * dp. Each expert is whole on its rank (Megatron's expert tensor parallelism is 1). With tp > 1 an MoE
+    model needs parallel.sequence_parallel=true. 1 for dense models."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1; on a GPU also Transformer Engine, whose norm supports it)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -134,6 +199,7 @@ class ParallelConfig:
         check_positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
         check_positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
         check_positive("parallel.context_parallel_size", self.context_parallel_size)
+        check_positive("parallel.expert_model_parallel_size", self.expert_model_parallel_size)
         if self.context_parallel_size != 1:
             fail("parallel.context_parallel_size", self.context_parallel_size, "only 1 is supported; set it to 1")
         if self.virtual_pipeline_model_parallel_size is not None:

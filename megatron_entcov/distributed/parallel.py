@@ -59,6 +59,12 @@ class ParallelState:
     device: torch.device
     backend: str
     vpp_size: int | None = None
+    ep_rank: int = 0
+    ep_size: int = 1
+    ep_group: object | None = None
+    """Expert-parallel group (ep): the ranks of one pipeline stage that split each MoE layer's experts (Megatron's
+    expert mesh with expert tp = 1: consecutive ranks, the tp ranks of a replica first, then other replicas).
+    Each expert is whole on its rank."""
 
     @property
     def is_rank0(self) -> bool:
@@ -190,6 +196,12 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         raise ValueError(
             f"parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {mp} must divide the world "
             f"size {world_size}; launch a multiple of {mp} processes or change the layout")
+    ep, pp = cfg.expert_model_parallel_size, cfg.pipeline_model_parallel_size
+    if (world_size // pp) % ep:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={ep} must divide the ranks of a pipeline stage, {world_size // pp} "
+            f"(world {world_size} / pp {pp} = tp x cp x dp): experts are split over a stage's tp and data-parallel "
+            f"ranks; launch a multiple of {pp * ep} processes or lower it")
 
     from megatron.core import parallel_state as mpu
 
@@ -200,6 +212,8 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
         distributed_timeout_minutes=timeout_minutes,
         # The gloo copies are only needed by the distributed optimizer's checkpoint path.
         create_gloo_process_groups=backend == "gloo" or cfg.use_distributed_optimizer,
@@ -225,10 +239,13 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         device=device,
         backend=backend,
         vpp_size=cfg.virtual_pipeline_model_parallel_size,
+        ep_rank=mpu.get_expert_model_parallel_rank(),
+        ep_size=mpu.get_expert_model_parallel_world_size(),
+        ep_group=mpu.get_expert_model_parallel_group() if ep > 1 else None,
     )
     seed_everything(seed, ps)
-    logger.info("parallel: world=%d tp=%d pp=%d dp=%d backend=%s", world_size, ps.tp_size, ps.pp_size,
-                ps.dp_size, backend)
+    logger.info("parallel: world=%d tp=%d pp=%d dp=%d ep=%d backend=%s", world_size, ps.tp_size, ps.pp_size,
+                ps.dp_size, ps.ep_size, backend)
     return ps
 
 
@@ -272,7 +289,8 @@ def seed_everything(seed: int, ps: ParallelState) -> None:
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        cpu_compat.model_parallel_manual_seed(seed, tp_rank=ps.tp_rank)
+        # Expert weights and dropout inside experts draw from a stream per ep rank (Megatron's seed offsets).
+        cpu_compat.model_parallel_manual_seed(seed, tp_rank=ps.tp_rank, ep_rank=ps.ep_rank)
 
 
 class fail_together:

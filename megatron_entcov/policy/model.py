@@ -1,7 +1,8 @@
-"""The policy model: a Megatron-Core GPTModel (Qwen2/Llama style) built from :class:`ModelConfig`.
+"""The policy model: a Megatron-Core GPTModel (Qwen2/Qwen3/Llama style, dense or Qwen3-MoE) built from
+:class:`ModelConfig`.
 
-RMSNorm, SwiGLU, RoPE (non-interleaved, as Hugging Face's rotate_half), GQA, optional QKV bias, tied or
-untied embeddings, vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``. The Transformer
+RMSNorm, SwiGLU, RoPE (non-interleaved, as Hugging Face's rotate_half), GQA, optional QKV bias, optional per-head
+q/k RMSNorm (Qwen3), experts (policy/moe.py), tied or untied embeddings, vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``. The Transformer
 Engine layer spec is used where TE is usable (compat/toolchain.py), the local spec otherwise; on a GPU the local
 spec refuses what it cannot run (sequence parallelism, attention beyond the GPU's memory: check_local_spec).
 Megatron's TransformerConfig is built here and nowhere else; its torch.compile'd fusions only where the probe of
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from megatron_entcov.compat import toolchain
 from megatron_entcov.config import ModelConfig, ParallelConfig
 from megatron_entcov.config.dtypes import torch_dtype
+from megatron_entcov.policy.moe import build_block_spec, moe_transformer_fields
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
@@ -67,6 +69,9 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
+        # Qwen3: RMSNorm over each head's q and k (head_dim wide), as Hugging Face's q_norm/k_norm.
+        qk_layernorm=model.qk_layernorm,
+        **moe_transformer_fields(model, parallel),
         # RL needs the same function at rollout and training time: no dropout.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -143,14 +148,15 @@ def _spec_choice(model: ModelConfig) -> str:
 
 
 def build_layer_spec(model: ModelConfig):
-    """Transformer Engine spec when available (or asked for), Megatron's local spec otherwise."""
+    """Transformer Engine spec when available (or asked for), Megatron's local spec otherwise (dense models; an
+    MoE model's chunks get per-layer specs from policy/moe.py build_block_spec)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if uses_transformer_engine(model):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     from megatron_entcov.policy.packing import PackedDotProductAttention
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_layernorm)
     # Megatron's local attention refuses packed sequences; this subclass runs it per packed sample.
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
@@ -226,7 +232,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
 
     check_local_spec(model, parallel, ps.device, max_seq_len=max_seq_len, micro_batch_tokens=micro_batch_tokens)
     config = build_transformer_config(model, parallel, initialize=not load_weights, device=ps.device)
-    spec = build_layer_spec(model)
+    spec = build_layer_spec(model) if not model.is_moe else None
     vocab = model.padded_vocab_size(ps.tp_size)
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []
@@ -234,6 +240,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
         pre = ps.is_first_stage and vp_stage == 0
         post = ps.is_last_stage and vp_stage == vpp - 1
         kwargs = dict(vp_stage=vp_stage) if vpp > 1 else {}
+        if model.is_moe:
+            spec = build_block_spec(config, use_te=uses_transformer_engine(model), vp_stage=vp_stage if vpp > 1 else None,
+                                    pp_rank=ps.pp_rank)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -3,8 +3,10 @@
 The in-memory weight paths training uses, on the declarative key map (:mod:`megatron_entcov.weights.hf_map`):
 - :func:`load_hf_weights`: Hugging Face weights into this rank's shards of a built model (any tp/pp/vpp);
   the trainer's start from ``model.hf_dir`` and the hf-to-megatron import.
-- :func:`iter_hf_weights`: this model's weights as (hf_name, full tensor) buckets, gathered over tp and pp:
+- :func:`iter_hf_weights`: this model's weights as (hf_name, full tensor) buckets, gathered over tp, ep and pp:
   to the generating rank only for weight sync to rollout engines (``dst="generator"``), or to every rank.
+  Expert weights (Qwen3-MoE) are first all-gathered over the expert-parallel group, one expert slot at a time,
+  so every rank of a stage walks every global expert; the tp and pp paths below treat them as any tensor.
 
 Example:
     load_hf_weights(chunks, cfg.model, "/models/Qwen2.5-7B", ps)                  # any tp/pp, not collective
@@ -17,6 +19,7 @@ Design notes: docs/design/weights.md
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
@@ -32,7 +35,7 @@ from megatron_entcov.weights.hf_map import (
     EMBEDDING_RULE,
     RULES,
     WeightRule,
-    match_megatron_name,
+    match_megatron_param,
     to_hf,
     to_megatron,
     tp_shard,
@@ -52,24 +55,62 @@ __all__ = ["load_hf_weights", "iter_hf_weights"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _local_entries(chunks, cfg: ModelConfig, *, skip_tied_output: bool):
-    """(rule, global layer or None, param) for every parameter of this rank's chunks."""
+def _local_entries(chunks, cfg: ModelConfig, ps: "ParallelState", *, skip_tied_output: bool):
+    """(rule, global layer or None, global expert or None, param) for every parameter of this rank's chunks."""
     from megatron_entcov.policy.model import unwrap_model
 
+    per_rank = (cfg.num_experts or 0) // ps.ep_size
     entries = []
     for chunk in chunks:
         model = unwrap_model(chunk)
         for name, param in model.named_parameters():
-            match = match_megatron_name(name)
+            match = match_megatron_param(name)
             if match is None:
                 raise ValueError(f"no Hugging Face mapping for Megatron parameter {name!r}")
-            rule, local = match
+            rule, local, local_expert = match
             if rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings and skip_tied_output:
                 continue  # the last stage's copy of the tied embedding (pp > 1)
-            # Layer indices in names are local to the chunk; layer_number (1-based) is global.
+            # Layer indices in names are local to the chunk; layer_number (1-based) is global. Expert indices
+            # are local to the ep rank, which holds experts [ep_rank * per_rank, (ep_rank + 1) * per_rank).
             layer = model.decoder.layers[local].layer_number - 1 if rule.per_layer else None
-            entries.append((rule, layer, param))
+            expert = ps.ep_rank * per_rank + local_expert if rule.per_expert else None
+            entries.append((rule, layer, expert, param))
     return entries
+
+
+class _EpSlot:
+    """The same local expert slot of every ep rank, fetched by one all-gather on first use (collective over the
+    ep group: its ranks walk their entries in the same order)."""
+
+    def __init__(self, param: torch.Tensor, ps: "ParallelState"):
+        self.param, self.ps, self.shards = param, ps, None
+
+    def get(self, ep_rank: int) -> torch.Tensor:
+        if self.ps.ep_size == 1:
+            return self.param.detach()
+        if self.shards is None:
+            local = self.param.detach().to(self.ps.device).contiguous()
+            self.shards = [torch.empty_like(local) for _ in range(self.ps.ep_size)]
+            collectives.all_gather(self.shards, local, group=self.ps.ep_group)
+        shard = self.shards[ep_rank]
+        self.shards[ep_rank] = None                  # held until used once
+        return shard
+
+
+def _gathered_entries(local, cfg: ModelConfig, ps: "ParallelState"):
+    """:func:`_local_entries` with each expert entry replaced by the same slot of every ep rank: (rule, layer,
+    expert, fetch) where fetch() returns this rank's tp shard of that tensor (the experts of other ep ranks over
+    the ep group, lazily)."""
+    per_rank = (cfg.num_experts or 0) // ps.ep_size
+    out = []
+    for rule, layer, expert, param in local:
+        if expert is None:
+            out.append((rule, layer, None, param, param.detach))
+            continue
+        slot, local_expert = _EpSlot(param, ps), expert - ps.ep_rank * per_rank
+        out += [(rule, layer, r * per_rank + local_expert, param, functools.partial(slot.get, r))
+                for r in range(ps.ep_size)]
+    return out
 
 
 @torch.no_grad()
@@ -81,9 +122,9 @@ def load_hf_weights(chunks, model_cfg: ModelConfig, hf: HFCheckpoint | str | Pat
     this tp rank. Raises ValueError for a missing tensor or a shape mismatch.
     """
     hf = hf if isinstance(hf, HFCheckpoint) else HFCheckpoint(hf)
-    entries = _local_entries(chunks, model_cfg, skip_tied_output=False)
-    for rule, layer, param in iter_progress(entries, len(entries), "hf -> megatron", progress):
-        names = rule.hf_names(layer)
+    entries = _local_entries(chunks, model_cfg, ps, skip_tied_output=False)
+    for rule, layer, expert, param in iter_progress(entries, len(entries), "hf -> megatron", progress):
+        names = rule.hf_names(layer, expert)
         if rule.megatron == "output_layer.weight" and model_cfg.tie_word_embeddings:
             names = EMBEDDING_RULE.hf_names()
         padded = param.shape[0] * ps.tp_size if rule.kind == "vocab" else 0
@@ -102,10 +143,11 @@ def _full_shape(rule: WeightRule, param: torch.Tensor, ps: "ParallelState") -> t
     return tuple(shape)
 
 
-def _stage_meta(local, ps: "ParallelState") -> list[tuple[int, int | None, tuple[int, ...], str]]:
-    """(rule index, global layer, full shape, dtype name) of each of this stage's tensors, in order."""
-    return [(RULES.index(rule), layer, _full_shape(rule, param, ps), str(param.dtype).removeprefix("torch."))
-            for rule, layer, param in local]
+def _stage_meta(local, ps: "ParallelState") -> list[tuple[int, int | None, int | None, tuple[int, ...], str]]:
+    """(rule index, global layer, global expert, full shape, dtype name) of each of this stage's tensors (every
+    expert of the ep group), in order; needs no communication (an expert slot has one shape on every ep rank)."""
+    return [(RULES.index(rule), layer, expert, _full_shape(rule, param, ps), str(param.dtype).removeprefix("torch."))
+            for rule, layer, expert, param, _ in local]
 
 
 def _empty(shape, dtype_name: str, ps: "ParallelState") -> torch.Tensor:
@@ -154,9 +196,9 @@ class _Buckets:
         self.bucket: list[tuple[str, torch.Tensor]] = []
         self.size = 0
 
-    def add(self, rule: WeightRule, layer: int | None, full: torch.Tensor):
+    def add(self, rule: WeightRule, layer: int | None, expert: int | None, full: torch.Tensor):
         """Yields the full buckets that adding this Megatron tensor's HF tensors closes."""
-        for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, self.model_cfg)):
+        for name, tensor in zip(rule.hf_names(layer, expert), to_hf(rule, full, self.model_cfg)):
             if self.dtype is not None:
                 tensor = tensor.to(self.dtype)
             nbytes = tensor.numel() * tensor.element_size()
@@ -205,7 +247,7 @@ def iter_hf_weights(chunks, model_cfg: ModelConfig, ps: "ParallelState", *, buck
     if dst not in ("all", "generator"):
         raise ValueError(f"iter_hf_weights: dst={dst!r} is invalid; choose 'generator' (only the generating rank "
                          "receives the full tensors: weight sync) or 'all' (every rank does)")
-    local = _local_entries(chunks, model_cfg, skip_tied_output=True)
+    local = _gathered_entries(_local_entries(chunks, model_cfg, ps, skip_tied_output=True), model_cfg, ps)
     buckets = _Buckets(model_cfg, bucket_bytes, dtype)
     if dst == "all":
         yield from _to_all(local, buckets, ps)
@@ -222,13 +264,13 @@ def _to_all(local, buckets: _Buckets, ps: "ParallelState"):
         if ps.pp_size > 1:
             box = collectives.broadcast_object_list([meta], src=src, group=ps.pp_group)
             meta = box[0]
-        for i, (rule_index, layer, shape, dtype_name) in enumerate(meta):
+        for i, (rule_index, layer, expert, shape, dtype_name) in enumerate(meta):
             rule = RULES[rule_index]
-            full = _all_gather_tp(rule, local[i][2].detach(), ps) if mine else _empty(shape, dtype_name, ps)
+            full = _all_gather_tp(rule, local[i][4](), ps) if mine else _empty(shape, dtype_name, ps)
             if ps.pp_size > 1:
                 full = full.to(ps.device).contiguous()
                 collectives.broadcast(full, src=src, group=ps.pp_group)
-            yield from buckets.add(rule, layer, full)
+            yield from buckets.add(rule, layer, expert, full)
 
 
 def _to_generator(local, buckets: _Buckets, ps: "ParallelState", bucket_bytes: int):
@@ -243,17 +285,17 @@ def _to_generator(local, buckets: _Buckets, ps: "ParallelState", bucket_bytes: i
         collectives.gather_object(_stage_meta(local, ps), metas, dst=dist.get_global_rank(ps.pp_group, 0),
                                   group=ps.pp_group)
     if generator:
-        for rule, layer, param in local:
-            yield from buckets.add(rule, layer, _gather_tp_to_first(rule, param.detach(), ps))
+        for rule, layer, expert, _, fetch in local:
+            yield from buckets.add(rule, layer, expert, _gather_tp_to_first(rule, fetch(), ps))
         for stage in range(1, ps.pp_size):
             src = dist.get_global_rank(ps.pp_group, stage)
-            for rule_index, layer, shape, dtype_name in metas[stage]:
+            for rule_index, layer, expert, shape, dtype_name in metas[stage]:
                 full = collectives.recv(_empty(shape, dtype_name, ps), src=src, group=ps.pp_group)
-                yield from buckets.add(RULES[rule_index], layer, full)
+                yield from buckets.add(RULES[rule_index], layer, expert, full)
         return
     sent = 0
-    for rule, layer, param in local:
-        full = _gather_tp_to_first(rule, param.detach(), ps)
+    for rule, layer, _, _, fetch in local:
+        full = _gather_tp_to_first(rule, fetch(), ps)
         if not relay:                 # a tp rank > 0: its shard went to its stage's tp rank 0
             continue
         full = full.to(ps.device).contiguous()

@@ -40,7 +40,15 @@ from megatron_entcov.weights.convert_output import (
     writing_output,
 )
 from megatron_entcov.weights.hf_checkpoint import load_hf_model_config
-from megatron_entcov.weights.hf_map import EMBEDDING_RULE, active_rules, expected_hf_shapes, megatron_shape, to_hf
+from megatron_entcov.weights.hf_map import (
+    EMBEDDING_RULE,
+    active_rules,
+    checkpoint_location,
+    checkpoint_shape,
+    expected_hf_shapes,
+    layer_slots,
+    to_hf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,23 +229,34 @@ class _ShardedSafetensorsWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _tensor_order(cfg: ModelConfig, experts: bool = False) -> list:
+    """(rule, layer) of every Megatron tensor in checkpoint order (embedding, layers, final norm, head); with
+    ``experts``, (rule, layer, expert) with one entry per expert."""
+    rules = active_rules(cfg)
+    order = [(r, None, None) for r in rules if r.megatron.startswith("embedding.")]
+    for layer in range(cfg.num_layers):
+        slots = layer_slots(cfg, layer)
+        order += [(r, layer, e) for r, e in slots] if experts else [(r, layer, None) for r, e in slots if e in (None, 0)]
+    order += [(r, None, None) for r in rules if not r.per_layer and not r.megatron.startswith("embedding.")]
+    return order if experts else [(r, layer) for r, layer, _ in order]
+
+
 def _check_megatron_checkpoint(reader: _DistCheckpointReader, cfg: ModelConfig) -> int:
     """Every tensor the config needs is in the checkpoint with its shape; returns the padded vocabulary."""
     keys = reader.keys()
-    for rule in active_rules(cfg):
-        if rule.ckpt_key not in keys:
-            raise ValueError(f"missing tensor {rule.ckpt_key!r} in the Megatron checkpoint {str(reader.directory)!r}"
+    wanted = {checkpoint_location(rule, cfg, layer, 0)[0]: rule for rule, layer in _tensor_order(cfg)}
+    for key, rule in wanted.items():
+        if key not in keys:
+            raise ValueError(f"missing tensor {key!r} in the Megatron checkpoint {str(reader.directory)!r}"
                              + (" (the model config says tie_word_embeddings=false)" if rule.when == "untied" else ""))
     padded = reader.shape(EMBEDDING_RULE.ckpt_key)[0]
     if padded < cfg.vocab_size:
         raise ValueError(f"shape mismatch: the checkpoint's vocabulary has {padded} rows < vocab_size={cfg.vocab_size}")
-    for rule in active_rules(cfg):
-        expected = megatron_shape(rule, cfg, padded)
-        if rule.per_layer:
-            expected = (cfg.num_layers,) + expected
-        got = reader.shape(rule.ckpt_key)
+    for key, rule in wanted.items():
+        expected = checkpoint_shape(rule, cfg, padded)
+        got = reader.shape(key)
         if got != expected:
-            raise ValueError(f"shape mismatch for {rule.ckpt_key!r}: the checkpoint has {got}, the model config "
+            raise ValueError(f"shape mismatch for {key!r}: the checkpoint has {got}, the model config "
                              f"implies {expected}")
     if cfg.tie_word_embeddings and "output_layer.weight" in keys:
         logger.warning("convert: the checkpoint has output_layer.weight but the model config ties embeddings; ignored")
@@ -276,7 +295,8 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
     if hf_config_dir is not None:
         hf_cfg = load_hf_model_config(hf_config_dir)
         keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "vocab_size", "add_qkv_bias", "tie_word_embeddings")
+                "kv_channels", "vocab_size", "add_qkv_bias", "tie_word_embeddings", "qk_layernorm", "num_experts",
+                "moe_ffn_hidden_size", "moe_layer_freq", "moe_dense_layers")
         diff = {k: (getattr(hf_cfg, k), getattr(cfg, k)) for k in keys if getattr(hf_cfg, k) != getattr(cfg, k)}
         if diff:
             raise ValueError(f"--hf-config-dir {str(hf_config_dir)!r} describes another model: (hf, checkpoint) = {diff}")
@@ -291,13 +311,10 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | No
     # Written into .NAME.tmp, renamed to out once complete; removed on any failure (out stays as it was).
     with writing_output(out, needed=needed) as tmp:
         writer = _ShardedSafetensorsWriter(tmp, max_bytes)
-        rules = active_rules(cfg)
-        order = [(r, None) for r in rules if r.megatron.startswith("embedding.")]
-        order += [(r, layer) for layer in range(cfg.num_layers) for r in rules if r.per_layer]
-        order += [(r, None) for r in rules if not r.per_layer and not r.megatron.startswith("embedding.")]
-        for rule, layer in iter_progress(order, len(order), "megatron -> hf", progress):
-            full = reader.read(rule.ckpt_key, layer)
-            for name, tensor in zip(rule.hf_names(layer), to_hf(rule, full, cfg)):
+        order = _tensor_order(cfg, experts=True)
+        for rule, layer, expert in iter_progress(order, len(order), "megatron -> hf", progress):
+            full = reader.read(*checkpoint_location(rule, cfg, layer, expert))
+            for name, tensor in zip(rule.hf_names(layer, expert), to_hf(rule, full, cfg)):
                 writer.add(name, tensor.to(out_dtype))
         writer.finish()
         if hf_config_dir is not None:

@@ -52,8 +52,8 @@ __all__ = ["convert_hf_to_megatron", "main_hf_to_megatron"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
-    for name, value in (("--tp", tp), ("--pp", pp)):
+def _check_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
     for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
@@ -61,6 +61,11 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
             raise ValueError(f"--tp={tp} must divide {field}={getattr(cfg, field)}")
     if cfg.num_layers % pp:
         raise ValueError(f"--pp={pp} must divide num_layers={cfg.num_layers}")
+    if ep > 1 and cfg.num_experts is None:
+        raise ValueError(f"--ep={ep} needs a mixture-of-experts model (num_experts); this one is dense: use --ep 1")
+    if cfg.num_experts is not None:
+        if cfg.num_experts % ep:
+            raise ValueError(f"--ep={ep} must divide num_experts={cfg.num_experts}")
 
 
 def _checkpoint_bytes(cfg: ModelConfig) -> int:
@@ -69,12 +74,13 @@ def _checkpoint_bytes(cfg: ModelConfig) -> int:
     return sum(math.prod(shape) for shape in expected_hf_shapes(cfg).values()) * itemsize
 
 
-def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
+def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
                            dtype: str | None = None, make_vocab_size_divisible_by: int = 128,
                            force: bool = False, progress: bool = True) -> Path:
     """Convert a Hugging Face directory into a Megatron checkpoint root at ``out``; returns ``out``.
 
-    The dist checkpoint is written at tp=1, pp=1 and loads at any layout whose padded vocabulary equals
+    The dist checkpoint is written at tp=1, pp=1, ep=1 and loads at any layout (experts are keyed by their global
+    index, so the checkpoint for ep=1 and ep=2 is the same; ``ep`` is only checked) whose padded vocabulary equals
     ``ModelConfig.padded_vocab_size(tp)`` (always the case for tp' dividing ``tp`` when the vocabulary is
     already a multiple of ``make_vocab_size_divisible_by * tp``; Megatron loads vocabulary tensors with
     ``allow_shape_mismatch``, so other paddings load too). Runs in one process; when torch.distributed is
@@ -94,7 +100,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     hf_dir, out = Path(hf_dir), Path(out)
     check_output(out, force, inputs=[("--hf-dir", hf_dir)])
     cfg = load_hf_model_config(hf_dir, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    _check_layout(cfg, tp, pp)
+    _check_layout(cfg, tp, pp, ep)
     hf = HFCheckpoint(hf_dir)
     check_hf_checkpoint(hf, cfg)
     needed = _checkpoint_bytes(cfg)
@@ -124,7 +130,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
             save_model(chunks, step / "model")
             del chunks
             if ps.is_rank0:
-                info = {"source": str(hf_dir), "tp": tp, "pp": pp, "padded_vocab_size": padded}
+                info = {"source": str(hf_dir), "tp": tp, "pp": pp, "ep": ep, "padded_vocab_size": padded}
                 (step / MODEL_CONFIG_FILE).write_text(
                     "# ModelConfig of this checkpoint (written by megatron_entcov.weights.to_megatron)\n"
                     + yaml.safe_dump({"model": dataclasses.asdict(cfg), "conversion": info}, sort_keys=False))
@@ -150,13 +156,16 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
 
 def main_hf_to_megatron(argv: list[str] | None = None) -> int:
     """``megatron-entcov convert hf-to-megatron``: returns the exit code (2 on a bad input)."""
-    parser = converter_parser("hf-to-megatron", "Hugging Face (Qwen2/Qwen2.5, Llama) -> Megatron dist checkpoint",
+    parser = converter_parser("hf-to-megatron", "Hugging Face (Qwen2/Qwen2.5, Qwen3, Qwen3-MoE, Llama) -> Megatron "
+                              "dist checkpoint",
                               out_help="output checkpoint root (latest, step_000000/model/ ...)")
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json, safetensors)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to train at (vocab padding)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train at (checked only)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size to train at (checked only: experts "
+                        "are stored by global index, the same checkpoint for every ep)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = parser.parse_args(argv)
     return run_converter(lambda: convert_hf_to_megatron(
-        args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+        args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, force=args.force))

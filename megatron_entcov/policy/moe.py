@@ -1,0 +1,91 @@
+"""Mixture-of-experts layers (Qwen3-MoE) in Megatron-Core: the TransformerConfig fields and the layer specs.
+
+Qwen3-MoE's routing is a softmax over the router logits, the top-k experts, and (``norm_topk_prob``) their
+probabilities renormalised; Megatron's top-k router gives the same with ``moe_router_pre_softmax=False`` (softmax
+over the top-k logits, which equals the renormalised top-k probabilities) or, without renormalisation,
+``moe_router_pre_softmax=True``. Routing is dropless (no capacity factor); tokens reach the experts of other
+expert-parallel ranks through the all-to-all dispatcher. Layers are MoE or dense as ``ModelConfig.moe_layer_pattern``
+says (Hugging Face's ``decoder_sparse_step`` / ``mlp_only_layers``). The load-balancing loss is off unless
+``model.moe_aux_loss_coeff`` > 0; :func:`aux_loss_metrics` reads what Megatron tracked of it.
+
+Example:
+    TransformerConfig(..., **moe_transformer_fields(cfg.model, cfg.parallel))     # policy/model.py
+    spec = build_block_spec(config, use_te=False, vp_stage=0, pp_rank=ps.pp_rank)  # one chunk's layer specs
+
+Design notes: docs/design/weights.md (expert weights), docs/design/compat.md (fixes 10 and 11)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_entcov.config import ModelConfig, ParallelConfig
+
+__all__ = ["moe_transformer_fields", "build_block_spec", "aux_loss_metrics"]
+
+
+def moe_transformer_fields(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """TransformerConfig keywords for the experts of ``model`` (none for a dense model)."""
+    if model.num_experts is None:
+        if parallel.expert_model_parallel_size != 1:
+            raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} needs a "
+                             "mixture-of-experts model (model.num_experts); set it to 1")
+        return {}
+    if model.num_experts % parallel.expert_model_parallel_size:
+        raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} must divide "
+                         f"model.num_experts={model.num_experts}")
+    if parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        # Megatron's MoE layer refuses to train with tp > 1 without it (each tp rank would route every token).
+        raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} with experts "
+                         "(model.num_experts) needs parallel.sequence_parallel=true; set it true")
+    aux = model.moe_aux_loss_coeff > 0
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not model.moe_norm_topk_prob,
+        moe_layer_freq=model.moe_layer_pattern(),
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_expert_capacity_factor=None,              # dropless
+        moe_router_load_balancing_type="aux_loss" if aux else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        # Experts whole on each rank (expert tp = 1): the tp ranks of a replica share its experts over ep instead.
+        # (Expert tp = tp gathers a variable number of tokens over tp, an all-gather-v gloo does not implement.)
+        expert_tensor_parallel_size=1,
+    )
+
+
+def build_block_spec(config, *, use_te: bool, vp_stage: int | None, pp_rank: int):
+    """This pipeline chunk's layer specs (MoE or dense per layer), with the local spec's core attention replaced
+    by the packed-sequence one (policy/packing.py) as for dense models."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                      vp_stage=vp_stage, pp_rank=pp_rank)
+    if not use_te:
+        from megatron_entcov.policy.packing import PackedDotProductAttention
+
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
+
+
+def aux_loss_metrics(model: ModelConfig, num_layers: int) -> dict[str, torch.Tensor]:
+    """``train/moe_aux_loss``: the load-balancing loss Megatron tracked since the last call (summed over the MoE
+    layers of this rank, as Megatron's tracker reports it, per layer mean), then the tracker is cleared. Empty when
+    the loss is off."""
+    if model.num_experts is None or model.moe_aux_loss_coeff <= 0:
+        return {}
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    values = tracker.get("load_balancing_loss", {}).get("values")
+    out = {}
+    if values is not None:
+        sparse = max(sum(model.moe_layer_pattern()), 1)
+        out["train/moe_aux_loss"] = values.detach().float().sum().cpu() / sparse
+    clear_aux_losses_tracker()
+    return out
