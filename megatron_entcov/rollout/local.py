@@ -32,6 +32,7 @@ from megatron_entcov.rollout.engine import (
     validate_prompts,
     validate_seeds,
 )
+from megatron_entcov.rollout.expert_names import checkpoint_named_views
 from megatron_entcov.rollout.types import Sample, SamplingParams, mix_seed
 
 __all__ = ["LocalEngine", "sample_tokens", "truncate_logits"]
@@ -163,8 +164,9 @@ class LocalEngine(RolloutEngine):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn_implementation)
         self._model = model.to(self.device).eval().requires_grad_(False)
-        # named_parameters() lists a tied lm_head once, under model.embed_tokens.weight.
-        self._params = dict(self._model.named_parameters())
+        # named_parameters() lists a tied lm_head once, under model.embed_tokens.weight; fused MoE experts are
+        # addressed by their per-expert checkpoint names (the names the weight sync sends).
+        self._params = checkpoint_named_views(dict(self._model.named_parameters()))
         self._tied = bool(model_cfg.tie_word_embeddings)
         self._unset = set(self._params)     # parameters not yet set by update_weights
         self._weight_version = 0
