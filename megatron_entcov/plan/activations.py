@@ -88,6 +88,22 @@ class Activations:
     schedule's outputs): what the CPU validation measures with saved-tensor hooks."""
 
 
+def _moe_mlp(model: ModelConfig, tokens: int, b: int, *, swiglu_copies: int) -> tuple[str, str, int]:
+    """An MoE layer's kept activations for ``tokens`` tokens on this rank (Megatron's alltoall dispatcher, expert
+    tp 1: a rank's experts receive, balanced, ``tokens x topk`` routed copies): the router's logits and
+    probabilities (fp32, [tokens, E] each) and choices, then per routed copy the permuted input, the expert's
+    SwiGLU (``swiglu_copies`` x its width, as the dense MLP) and its output kept for the probability-weighted
+    un-permute."""
+    k, e = model.moe_router_topk, model.num_experts
+    width = model.moe_ffn_hidden_size or model.ffn_hidden_size
+    h = model.hidden_size
+    value = tokens * (2 * e * 4 + k * 12) + tokens * k * (2 * h + swiglu_copies * width) * b
+    return (f"MoE MLP: router logits + probs (fp32) and top-{k} choices, then {k} routed copies per token: "
+            f"permuted input, SwiGLU ({swiglu_copies} x {width}), expert output",
+            f"{tokens} x (2 x {e} x 4 + {k} x 12) + {tokens} x {k} x (2 x {h} + {swiglu_copies} x {width}) x {b}",
+            value)
+
+
 def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_batch_tokens: int, max_seq_len: int,
                          packed: bool, attention: str, stage: int, device: str = "cuda") -> Activations:
     """Activation bytes of pipeline stage ``stage`` for micro-batches of ``micro_batch_tokens`` tokens.
@@ -184,6 +200,10 @@ def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_
                 ("softmax statistics (fp32 log-sum-exp per head)", f"n x {heads // t} x 4", n * heads // t * 4)]
         mlp = ("SwiGLU MLP (fused): fc1 out (2 x ffn/tp), fc2 in (ffn/tp)", f"n x 3 x {f // t} x {b}",
                n * 3 * f // t * b)
+    if model.is_moe:
+        mlp = _moe_mlp(model, n // sp, b, swiglu_copies=5 if attention == "local" else 3)
+        lines.append(f"  (MoE: every layer planned as an MoE layer, balanced routing over the experts of "
+                     f"ep={parallel.expert_model_parallel_size}; a skewed step holds more)")
     full_terms += core + proj + [mlp]
     layer_none = sum(v for _, _, v in full_terms)
     layer_input = n // sp * h * b
@@ -265,6 +285,8 @@ def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_
 
     # --- forward only ---------------------------------------------------------------------------------------
     gathered = n * h * b if sp > 1 else 0
+    if model.is_moe:
+        f = (model.moe_ffn_hidden_size or f) * model.moe_router_topk * t       # the routed copies' width
     if attention == "local":
         attn_peak = (n * (3 * q_w + qkv_w) * b + heads // t * n * s * (b + 4 + (b if half else 0))
                      + (n * s if packed else s * s) + gathered)

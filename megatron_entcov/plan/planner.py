@@ -51,7 +51,7 @@ class Plan:
     def layout(self) -> dict[str, int]:
         p = self.cfg.parallel
         return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-                "dp": p.data_parallel_size, "cp": p.context_parallel_size, "ep": 1}
+                "dp": p.data_parallel_size, "cp": p.context_parallel_size, "ep": p.expert_model_parallel_size}
 
 
 class StateCache:
@@ -64,7 +64,8 @@ class StateCache:
         p = cfg.parallel
         key = (repr(dataclasses.replace(cfg.model, hf_dir=None, recompute="none", transformer_impl="local")),
                p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
-               p.context_parallel_size, p.use_distributed_optimizer, world_size, cfg.optim.optimizer)
+               p.context_parallel_size, p.expert_model_parallel_size, p.use_distributed_optimizer, world_size,
+               cfg.optim.optimizer)
         if key not in self._states:
             self._states[key] = rank_states(cfg.model, cfg.parallel, world_size=world_size,
                                             optimizer=cfg.optim.optimizer)

@@ -48,7 +48,8 @@ class RankState:
     grads_bytes: int
     """Megatron's fp32 gradient buffers (``grad_reduce_in_fp32``), padding included."""
     optimizer_bytes_by_dp_rank: tuple[int, ...]
-    """Optimizer state per data-parallel rank (they differ by the bucket padding when it is sharded)."""
+    """Optimizer state per data-parallel rank (they differ by the bucket padding when it is sharded; with experts,
+    index r is rank r of both the dense and the expert data-parallel group: the largest is what must fit)."""
     has_embedding: bool
     """The input embedding is on this stage."""
     has_output_layer: bool
@@ -79,6 +80,8 @@ def fake_world(world_size: int, rank: int, parallel: ParallelConfig):
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=1,
             create_gloo_process_groups=False,
         )
         yield mpu
@@ -121,19 +124,20 @@ def _stage_state(model: ModelConfig, parallel: ParallelConfig, world_size: int, 
             dp_rank=mpu.get_data_parallel_rank(with_context_parallel=True),
             dp_size=mpu.get_data_parallel_world_size(with_context_parallel=True),
             tp_group=None, pp_group=None, dp_group=None, mp_group=None, embedding_group=None,
-            device=meta, backend="fake", vpp_size=parallel.virtual_pipeline_model_parallel_size)
+            device=meta, backend="fake", vpp_size=parallel.virtual_pipeline_model_parallel_size,
+            ep_rank=mpu.get_expert_model_parallel_rank(), ep_size=mpu.get_expert_model_parallel_world_size())
         chunks = build_model(build_cfg, parallel, ps, load_weights=True)
         layers = sum(len(c.decoder.layers) for c in chunks)
         has_embedding = any(getattr(c, "pre_process", False) for c in chunks)
         has_output = any(getattr(c, "post_process", False) for c in chunks)
         chunks = _wrap(chunks, parallel)
-        buffers = [b for c in chunks for b in (*c.buffers, *c.expert_parallel_buffers)]
+        dense = [b for c in chunks for b in c.buffers]
+        experts = [b for c in chunks for b in c.expert_parallel_buffers]
+        buffers = dense + experts
         params = {id(p): p for c in chunks for p in c.parameters()}
         weights = _weights_bytes(params.values(), buffers, parallel.use_distributed_optimizer)
         grads = sum(b.numel * _itemsize(b.grad_dtype) for b in buffers)
-        dp_sizes = {b.data_parallel_world_size for b in buffers} or {1}
-        by_rank = tuple(_optimizer_bytes(buffers, r, parallel.use_distributed_optimizer, optimizer)
-                        for r in range(max(dp_sizes)))
+        by_rank = _optimizer_by_rank(dense, experts, parallel.use_distributed_optimizer, optimizer)
         numel = sum(p.numel() for p in params.values())
     return RankState(stage=ps.pp_rank, params=numel, weights_bytes=weights, grads_bytes=grads,
                      optimizer_bytes_by_dp_rank=by_rank, has_embedding=has_embedding, has_output_layer=has_output,
@@ -162,6 +166,15 @@ def _weights_bytes(params, buffers, distributed: bool) -> int:
     in_buffers = {id(p) for b in buffers for p in b.params}
     loose = sum(p.numel() * p.element_size() for p in params if id(p) not in in_buffers)
     return loose + sum(b.numel * _itemsize(b.param_dtype) for b in buffers)
+
+
+def _optimizer_by_rank(dense, experts, distributed: bool, optimizer: str) -> tuple[int, ...]:
+    """Per data-parallel rank: its shard of the dense buffers, plus the largest expert-data-parallel rank's shard
+    of the expert buffers (the expert group pairs its ranks with the dense ones differently; an upper bound)."""
+    dense_dp = max((b.data_parallel_world_size for b in dense), default=1)
+    expert_dp = max((b.data_parallel_world_size for b in experts), default=1)
+    expert = max(_optimizer_bytes(experts, r, distributed, optimizer) for r in range(expert_dp)) if experts else 0
+    return tuple(_optimizer_bytes(dense, r, distributed, optimizer) + expert for r in range(dense_dp))
 
 
 def _optimizer_bytes(buffers, dp_rank: int, distributed: bool, optimizer: str) -> int:
