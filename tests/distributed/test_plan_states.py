@@ -5,7 +5,8 @@ The reference walks real ranks: a gloo job builds the model (policy/model.py), w
 builds the optimizer (policy/optimizer.py) exactly as the Actor does, runs one optimizer step so Adam's state
 exists, then sums the distinct storages of the parameters, of their ``main_grad`` buffers, and of everything the
 optimizer holds that is neither (master copies, moments, step counts). At tp1, tp2, pp2 and tp2 x pp2, with
-and without the distributed optimizer, tied and untied embeddings.
+and without the distributed optimizer, tied and untied embeddings; and a tiny MoE model at ep2 and ep2 x pp2
+(expert buffers with their own data-parallel group, here of one rank: exact).
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ pytestmark = pytest.mark.distributed
 # Shapes that make every padding visible: a vocabulary that is not a multiple of the padding unit, buckets of
 # several parameters, a shared-embedding bucket at pp2.
 MODEL = TINY_MODEL + TINY_STEP + ["model.vocab_size=37", "model.add_qkv_bias=true", "optim.optimizer=adam"]
+MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=16"]
 LAYOUTS = {
-    2: [(1, 1, True), (2, 1, True), (1, 2, True), (1, 2, False)],
-    4: [(2, 1, True), (1, 2, True), (2, 2, True), (2, 2, False)],
+    2: [(1, 1, True, 1), (2, 1, True, 1), (1, 2, True, 1), (1, 2, False, 1), (1, 1, False, 2)],
+    4: [(2, 1, True, 1), (1, 2, True, 1), (2, 2, True, 1), (2, 2, False, 1), (1, 2, True, 2)],
 }
-"""world size -> (tp, pp, tied embeddings) run at it, each with and without the distributed optimizer."""
+"""world size -> (tp, pp, tied embeddings, ep) run at it, each with and without the distributed optimizer; ep > 1:
+a tiny Qwen3-MoE-style model (4 experts, top 2) whose expert buffers have their own data-parallel group."""
+
+
+def _overrides(tp: int, pp: int, tied: bool, ep: int, distributed: bool) -> list[str]:
+    return MODEL + (MOE + [f"parallel.expert_model_parallel_size={ep}"] if ep > 1 else []) + [
+        f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+        f"model.tie_word_embeddings={str(tied).lower()}",
+        f"parallel.use_distributed_optimizer={str(distributed).lower()}"]
 
 
 def _storages(tensors) -> dict:
@@ -49,13 +59,9 @@ def _walk(rank: int, world_size: int):
     from megatron_entcov.policy.pipeline import ModelInput, run_microbatches
 
     out = {}
-    for tp, pp, tied in LAYOUTS[world_size]:
+    for tp, pp, tied, ep in LAYOUTS[world_size]:
         for distributed in (False, True):
-            cfg = load_config(None, MODEL + [f"parallel.tensor_model_parallel_size={tp}",
-                                             f"parallel.pipeline_model_parallel_size={pp}",
-                                             f"model.tie_word_embeddings={str(tied).lower()}",
-                                             f"parallel.use_distributed_optimizer={str(distributed).lower()}"])
-            cfg = cfg.resolve(world_size)
+            cfg = load_config(None, _overrides(tp, pp, tied, ep, distributed)).resolve(world_size)
             ps = init_parallel(cfg.parallel, seed=3)
             chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, ps), cfg)
             optimizer, _ = build_optimizer(chunks, cfg)
@@ -73,7 +79,7 @@ def _walk(rank: int, world_size: int):
                 held += [p for g in opt.param_groups for p in g["params"]]
                 held += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
             held = {k: v for k, v in _storages(held).items() if k not in weights and k not in grads}
-            out[(tp, pp, tied, distributed)] = {
+            out[(tp, pp, tied, ep, distributed)] = {
                 "stage": ps.pp_rank, "dp_rank": ps.dp_rank, "params": sum(p.numel() for p in params),
                 "weights": sum(weights.values()), "grads": sum(grads.values()), "optimizer": sum(held.values())}
     return out
@@ -90,17 +96,13 @@ def test_planned_state_bytes_equal_the_allocated_ones_on_every_rank(walked):
 
     world_size, ranks = walked
     for key in ranks[0]:
-        tp, pp, tied, distributed = key
-        cfg = load_config(None, MODEL + [f"parallel.tensor_model_parallel_size={tp}",
-                                         f"parallel.pipeline_model_parallel_size={pp}",
-                                         f"model.tie_word_embeddings={str(tied).lower()}",
-                                         f"parallel.use_distributed_optimizer={str(distributed).lower()}"])
-        cfg = cfg.resolve(world_size)
+        tp, pp, tied, ep, distributed = key
+        cfg = load_config(None, _overrides(tp, pp, tied, ep, distributed)).resolve(world_size)
         planned = rank_states(cfg.model, cfg.parallel, world_size=world_size, optimizer=cfg.optim.optimizer)
         assert len(planned) == pp
         for rank, got in enumerate(r[key] for r in ranks):
             plan = planned[got["stage"]]
-            where = f"world {world_size}, tp{tp} pp{pp} tied={tied} distributed={distributed}, rank {rank}"
+            where = f"world {world_size}, tp{tp} pp{pp} ep{ep} tied={tied} distributed={distributed}, rank {rank}"
             assert plan.params == got["params"], where
             assert plan.weights_bytes == got["weights"], where
             assert plan.grads_bytes == got["grads"], where
