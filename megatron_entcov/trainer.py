@@ -20,6 +20,8 @@ import logging
 import math
 from pathlib import Path
 
+import torch
+
 from megatron_entcov.config import RunConfig, dump_config
 from megatron_entcov.distributed.parallel import ParallelState, build_rollout_group, fail_together
 from megatron_entcov.entropy_law import OnlineEntropyLaw
@@ -37,6 +39,7 @@ from megatron_entcov.losses.adaptive_entropy import AdaptiveEntropyCoef
 from megatron_entcov.losses.policy import TokenSelection, compute_token_selection, policy_loss, warn_if_kl_cov_inert
 from megatron_entcov.losses.schedules import annealed_coefficients
 from megatron_entcov.monitor.dashboard import config_markdown, entropy_control_layout, source_markdown
+from megatron_entcov.monitor.entropy_classes import chosen_tokens, entropy_change_by_class, predicted_by_class
 from megatron_entcov.monitor.histograms import TokenHistograms
 from megatron_entcov.monitor.law_report import law_snapshot
 from megatron_entcov.monitor.memory import PhaseMemory
@@ -147,6 +150,7 @@ class Trainer:
         histograms = TokenHistograms(cfg.metrics.histogram_tokens if cfg.metrics.tensorboard else 0,
                                      num_mini_batches=num_mini, seed=cfg.seed, step=self.step + 1, ps=self.ps,
                                      sample_chosen=cfg.loss.name != "ppo")
+        self._chosen: list = []             # each mini-batch's chosen tokens, for the per-class entropy change
         with m.timed("perf/step_time_s"):
             batch, exp = self._experience_batch()
             version = self.weight_version            # the trainer's weights at train time (staleness)
@@ -223,6 +227,8 @@ class Trainer:
         m.add({f"coef/{name}": value for name, value in coefs.items()}, EXACT, mini_batch=True)
         with m.timed("perf/selection_time_s"):
             selection = self._token_selection(mini, index)
+        if selection is not None:
+            self._chosen.append(chosen_tokens(self.cfg.loss, selection))
         if selection is not None and histograms.enabled:        # the last pipeline stage
             with m.timed("perf/histogram_time_s"):
                 histograms.add(mini, selection)
@@ -294,10 +300,14 @@ class Trainer:
         rows = _subset_rows(batch.num_rows, self.cfg.metrics.entropy_change_samples, self.ps.dp_size,
                             self.actor.micro_batch_size)
         subset = batch.rows(slice(0, rows))
-        _, new_entropy = self.actor.logprobs(subset, min(rows, self.actor.micro_batch_size))
+        new_logprobs, new_entropy = self.actor.logprobs(subset, min(rows, self.actor.micro_batch_size))
         tokens = m.token_mean(subset.loss_mask)
+        if self.ps.is_last_stage:           # split by token class (monitor/entropy_classes.py; collective over dp)
+            by_class = entropy_change_by_class(self.cfg.loss, subset.loss_mask, subset.old_logprobs, new_logprobs,
+                                               subset.old_entropy, new_entropy, subset.advantages,
+                                               torch.cat(self._chosen)[:rows], group=self.ps.dp_group)
         if self.ps.owns_results:
-            m.add({"entropy/delta_measured": tokens.share(new_entropy - subset.old_entropy)}, SUM)
+            m.add({"entropy/delta_measured": tokens.share(new_entropy - subset.old_entropy), **by_class}, SUM)
 
     def _step_metrics(self, m: StepMetrics, exp: Experience, version: int, histograms: TokenHistograms) -> None:
         """The step's end: its token sample gathered on rank 0 (collective), the staleness of its rollouts, the
@@ -470,7 +480,8 @@ class Trainer:
             h, r = m.get("eval/entropy"), m.get("eval/accuracy")
         else:
             h, r = m.get("entropy/mean"), m.get("reward/mean_all")
-        return self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"), step=self.step)
+        out = self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"), step=self.step)
+        return {**out, **predicted_by_class(m, out.get("entropy/delta_slope"))}
 
     def close(self) -> None:
         """Stop the rollout engine (and a background rollout still running: a step that raised while it

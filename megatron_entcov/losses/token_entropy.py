@@ -98,7 +98,7 @@ def archer_terms(cfg: LossConfig, log_ratio: Tensor, advantages: Tensor, high: T
     eps = per_class(cfg.archer_high_clip_ratio, cfg.archer_low_clip_ratio)
     terms = ppo_terms(cfg, log_ratio, advantages, clip_low=eps, clip_high=eps)
     weight = per_class(cfg.archer_kl_coef * cfg.archer_high_kl_scale, cfg.archer_kl_coef)
-    penalty = weight * (torch.exp(-log_ratio) + log_ratio - 1.0)
+    penalty = weight * (torch.expm1(-log_ratio) + log_ratio)     # expm1: exp(-d) - 1 + d cancels in float32
     return terms, penalty
 
 

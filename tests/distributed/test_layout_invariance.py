@@ -8,6 +8,10 @@ dp2), and dp2 with the distributed optimizer (Adam, against one-process Adam). E
 under its Hugging Face name, must equal the one-process result to float tolerance (summation order differs
 between layouts; nothing else may). The step must also have moved the weights, by far more than the tolerance.
 The TensorBoard token histograms must hold the same sampled tokens (a function of the token keys only).
+The token-entropy family (losses/token_entropy.py) runs the same step at one process, tp2 + SP, pp2 and dp2 in
+the same two spawns: high_entropy_tokens with entropy advantage shaping and the adaptive entropy coefficient,
+archer with its global quantile, ce_gppo; their selected-token shares must agree too (the global threshold
+is the one-process one).
 """
 
 from __future__ import annotations
@@ -46,7 +50,28 @@ TWO_PROCESSES = {
                                        "parallel.virtual_pipeline_model_parallel_size=2"],
     "packed_dp2": SGD + PACKED,
 }
+# The token-entropy family (issue: each method layout-invariant at tp2, pp2 and dp2).
+ENTROPY_METHODS = {
+    "hent": ["loss.name=high_entropy_tokens", "loss.high_entropy_ratio=0.3", "loss.entropy_advantage_coef=0.4",
+             "loss.entropy_coef=0", "loss.target_entropy=10", "loss.target_entropy_coef_init=1.0"],
+    "archer": ["loss.name=archer", "loss.entropy_coef=0.5", "loss.archer_quantile_scope=global",
+               "loss.archer_kl_coef=0.5"],
+    "cegppo": ["loss.name=ce_gppo", "loss.entropy_coef=0.5", "loss.ce_gppo_beta1=0.5", "loss.clip_ratio_low=0.05",
+               "loss.clip_ratio_high=0.05"],
+}
+ENTROPY_LAYOUTS = {"tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+                   "pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": []}
+SELECTED = {"hent": "train/high_entropy_frac", "archer": "train/archer_high_frac", "cegppo": "train/entropy_bonus"}
+"""A figure of each method that must be > 0 and agree across layouts. Every reward of this tiny step is 0 (A = 0),
+so the terms that scale with A (shaping, the CE-GPPO regions, Archer's clip) are checked across dp and micro-batch
+splits with synthetic advantages in test_loss_invariance.py; here the global thresholds, the token classes, the
+adaptive coefficient and the entropy terms are."""
+ONE_PROCESS.update({f"ref_{method}": SGD + overrides for method, overrides in ENTROPY_METHODS.items()})
+TWO_PROCESSES.update({f"{method}_{layout}": SGD + overrides + extra for method, overrides in ENTROPY_METHODS.items()
+                      for layout, extra in ENTROPY_LAYOUTS.items()})
 REFERENCE = {name: "ref_adam" if "distopt" in name else "ref_sgd" for name in [*ONE_PROCESS, *TWO_PROCESSES]}
+REFERENCE.update({name: f"ref_{name.split('_')[0]}" for name in [*ONE_PROCESS, *TWO_PROCESSES]
+                  if name.split("_")[0] in ENTROPY_METHODS})
 
 
 def _one_step(world_size, overrides, hf_dir, out_dir, name):
@@ -71,6 +96,9 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     if not ps.is_rank0:
         return None
     return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac"), "tokens": metrics["perf/tokens"],
+            "selected": {key: metrics.get(key) for key in [*SELECTED.values(), "coef/adaptive_entropy_coef",
+                                                           "train/adv_shaping_mean", "entropy/threshold"]},
+            "entropy_control": trainer.entropy_control.state_dict(),
             "histograms": {tag: values.copy() for tag, values in trainer.step_histograms.items()}}
 
 
@@ -98,14 +126,24 @@ def steps(tmp_path_factory):
 def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
     initial, results = steps
     ref, got = results[REFERENCE[layout]], results[layout]
-    assert ref["kl_cov_frac"] > 0 and got["kl_cov_frac"] == pytest.approx(ref["kl_cov_frac"], abs=1e-6)
+    method = layout.split("_")[0]
+    if method in ENTROPY_METHODS:
+        assert ref["selected"][SELECTED[method]] > 0
+        for key, value in ref["selected"].items():
+            assert (got["selected"][key] is None) == (value is None), (layout, key)
+            if value is not None:
+                assert got["selected"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (layout, key)
+        assert got["entropy_control"] == ref["entropy_control"]          # c_k after 2 updates, bit for bit
+    else:
+        assert ref["kl_cov_frac"] > 0 and got["kl_cov_frac"] == pytest.approx(ref["kl_cov_frac"], abs=1e-6)
     assert set(got["weights"]) == set(ref["weights"])
     moved = max((torch.from_numpy(ref["weights"][n]) - initial[n]).abs().max().item()
                 for n in ref["weights"] if n in initial)
     assert moved > 1e-4, f"the reference step barely moved the weights ({moved})"
     # The histogram sample: fewer tokens than the step has, the same ones (in key order) on every layout.
-    assert set(got["histograms"]) == set(ref["histograms"]) == {"cov/tokens", "entropy/tokens", "cov/chosen_tokens",
-                                                                  "entropy/chosen_tokens"}
+    tags = {"cov/tokens", "entropy/tokens"} | ({"cov/chosen_tokens", "entropy/chosen_tokens"}
+                                               if method not in ENTROPY_METHODS else set())
+    assert tags <= set(got["histograms"]) == set(ref["histograms"])
     assert len(ref["histograms"]["cov/tokens"]) == 12 < ref["tokens"]
     for tag, expected in ref["histograms"].items():
         torch.testing.assert_close(torch.from_numpy(got["histograms"][tag]), torch.from_numpy(expected), rtol=1e-5,

@@ -8,7 +8,10 @@ reference it computes itself (group=None, one micro-batch):
     global 1/denominator, computed elementwise, so the split cannot change it);
   * loss and metrics, summed over micro-batches and ranks: equal up to float summation order (rtol 1e-5).
 Log-probs are multiples of 0.25 and advantages are per-response, so many cov_t tie exactly and the
-tie-breaking by token key is exercised.
+tie-breaking by token key is exercised. The token-entropy family (losses/token_entropy.py) runs in the same
+spawn: high_entropy_tokens with entropy advantage shaping (its global threshold and kept tokens), archer with
+the global and the per-response quantile, ce_gppo with the adaptive entropy coefficient; their token masks
+must equal the single-process ones exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ WORLD = 2
 DEADLINE_S = 120
 ROWS, COLS = 16, 24
 STEP, SEED = 3, 11
-NAMES = ("ppo", "clip_cov", "kl_cov")
+NAMES = ("ppo", "clip_cov", "kl_cov", "high_entropy_tokens", "archer", "archer_response", "ce_gppo")
+EXTRA = {"high_entropy_tokens": {"entropy_advantage_coef": 0.4},
+         "archer": {"archer_quantile_scope": "global", "archer_kl_coef": 0.1},
+         "archer_response": {"name": "archer", "archer_kl_coef": 0.1},
+         "ce_gppo": {"ce_gppo_beta1": 0.5, "entropy_coef": 0.0, "target_entropy": 2.0,
+                     "target_entropy_coef_init": 0.05}}
+"""Each token-entropy case's fields beside the shared ones."""
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
@@ -50,8 +59,9 @@ def _global_batch() -> dict[str, torch.Tensor]:
 
 
 def _cfg(name: str, agg: str) -> LossConfig:
-    return LossConfig(name=name, agg=agg, clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=5.0,
-                      kl_cov_ratio=0.15, kl_cov_coef=1.0, entropy_coef=0.01)
+    fields = dict(name=name, agg=agg, clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=5.0,
+                  kl_cov_ratio=0.15, kl_cov_coef=1.0, entropy_coef=0.01)
+    return LossConfig(**{**fields, **EXTRA.get(name, {})})
 
 
 def _run(cfg: LossConfig, data: dict, rows: torch.Tensor, n_micro: int, group) -> dict[str, torch.Tensor]:
@@ -60,7 +70,8 @@ def _run(cfg: LossConfig, data: dict, rows: torch.Tensor, n_micro: int, group) -
     logp = local["logp"].clone().requires_grad_(True)
     entropy = local["entropy"].clone().requires_grad_(True)
     sel = compute_token_selection(cfg, logp.detach(), local["old"], local["adv"], local["mask"],
-                                  token_keys=local["keys"], group=group, step=STEP, seed=SEED)
+                                  token_keys=local["keys"], group=group, step=STEP, seed=SEED,
+                                  entropy=local["entropy"])
     loss_sum = torch.zeros(())
     metrics: dict[str, torch.Tensor] = {}
     for idx in torch.arange(rows.numel()).chunk(n_micro):
@@ -74,7 +85,10 @@ def _run(cfg: LossConfig, data: dict, rows: torch.Tensor, n_micro: int, group) -
     out = {"loss": loss_sum}
     out.update({f"metric:{k}": v for k, v in metrics.items()})
     for name, value in (("grad_logp", logp.grad), ("grad_entropy", entropy.grad),
-                        ("clip_cov", sel.clip_cov_mask.float()), ("kl_cov", sel.kl_cov_mask.float())):
+                        ("clip_cov", sel.clip_cov_mask.float()), ("kl_cov", sel.kl_cov_mask.float()),
+                        ("high_entropy", sel.high_entropy_mask.float()),
+                        ("archer_high", torch.zeros_like(logp) if sel.archer_high_mask is None
+                         else sel.archer_high_mask.float())):
         full = torch.zeros(ROWS, COLS)
         full[rows] = torch.nan_to_num(value)
         out[name] = full
@@ -85,7 +99,7 @@ def _run(cfg: LossConfig, data: dict, rows: torch.Tensor, n_micro: int, group) -
 
 
 def _compare(ref: dict, got: dict, where: str) -> None:
-    for key in ("clip_cov", "kl_cov", "grad_logp", "grad_entropy"):
+    for key in ("clip_cov", "kl_cov", "high_entropy", "archer_high", "grad_logp", "grad_entropy"):
         assert torch.equal(ref[key], got[key]), f"{where}: {key} differs: max |diff| = " \
                                                 f"{(ref[key] - got[key]).abs().max().item()}"
     assert ref.keys() == got.keys(), where
@@ -107,8 +121,13 @@ def _worker(rank: int, init_file: str, result_dir: str) -> None:
             for agg in AGGS:
                 cfg = _cfg(name, agg)
                 ref = _run(cfg, data, everything, 1, None)
-                chosen = int(ref["clip_cov"].sum() + ref["kl_cov"].sum())
-                assert name == "ppo" or chosen >= 3, f"{name}: only {chosen} tokens chosen; the test is too weak"
+                chosen = int(ref["clip_cov"].sum() + ref["kl_cov"].sum() + ref["archer_high"].sum())
+                if name == "high_entropy_tokens":
+                    chosen = int(ref["high_entropy"].sum())
+                assert name in ("ppo", "ce_gppo") or chosen >= 3, f"{name}: only {chosen} tokens chosen; too weak"
+                if name == "ce_gppo":     # tokens outside the clip range keep a gradient: some must exist
+                    clipped = ref["metric:train/clip_frac_low"] + ref["metric:train/clip_frac_high"]
+                    assert clipped > 0 and ref["metric:coef/adaptive_entropy_coef"] > 0, name
                 for n_micro in (2, 4):
                     _compare(ref, _run(cfg, data, everything, n_micro, None), f"{name}/{agg} dp=1 micro={n_micro}")
                     checked += 1

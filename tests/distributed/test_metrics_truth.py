@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 from dist_utils import run_workers
 
+from megatron_entcov.monitor.entropy_classes import PARTITIONS
+
 pytestmark = pytest.mark.distributed
 
 # ------------------------------------------------------------------------------------------------- the runs
@@ -373,6 +375,10 @@ def _close(got, want, tol=1e-6, what=""):
 
 
 # ------------------------------------------------------------------------------------------------- tests
+ENTROPY_CLASS_TAGS = {"entropy_class/cov_total", "entropy_class/pred_total",
+                      *(f"entropy_class/{kind}_{c}" for kind in ("frac", "delta", "cov", "pred")
+                        for classes in PARTITIONS.values() for c in classes)}
+"""monitor/entropy_classes.py's tags; their values: test_entropy_change_by_class_adds_up."""
 CHECKED_TAGS = {
     "reward/mean", "reward/mean_all", "reward/accuracy", "reward/std", "reward/degenerate_group_frac",
     "reward/parse_fail_frac", "reward/timeout_frac", "reward/error_frac", "data/skipped_prompts",
@@ -391,6 +397,7 @@ CHECKED_TAGS = {
     "perf/rollout_time_s", "perf/reward_time_s", "perf/selection_time_s", "perf/selection_frac",
     "perf/eval_time_s", "perf/histogram_time_s",
     "mem/rollout/host_rss_GiB", "mem/train/host_rss_GiB", "mem/sync/host_rss_GiB",
+    *ENTROPY_CLASS_TAGS,
 }
 
 
@@ -693,3 +700,22 @@ def test_two_data_parallel_replicas_log_what_one_process_logs(truth, run2):
                 np.testing.assert_allclose(run2["histograms"][step][tag], values, atol=1e-5, err_msg=tag)
                 compared += 1
     assert compared > 60
+
+
+def test_entropy_change_by_class_adds_up(truth):
+    """Each partition's shares of the measured change add up to entropy/delta_measured, its covariance shares to
+    entropy_class/cov_total, its token shares to 1; the predicted shares are the law's slope times the covariance
+    shares (monitor/entropy_classes.py; the class masks themselves: tests/unit/monitor/test_entropy_classes.py)."""
+    for step, m in truth["logged"].items():
+        if "entropy/delta_measured" not in m:
+            continue
+        for classes in PARTITIONS.values():
+            _close(sum(m[f"entropy_class/frac_{c}"] for c in classes), 1.0, 1e-9, f"step {step} frac {classes}")
+            _close(sum(m[f"entropy_class/delta_{c}"] for c in classes), m["entropy/delta_measured"], 1e-6,
+                   f"step {step} delta {classes}")
+            _close(sum(m[f"entropy_class/cov_{c}"] for c in classes), m["entropy_class/cov_total"], 1e-6,
+                   f"step {step} cov {classes}")
+            if "entropy/delta_slope" in m:
+                for c in classes:
+                    _close(m[f"entropy_class/pred_{c}"], m["entropy/delta_slope"] * m[f"entropy_class/cov_{c}"],
+                           1e-9, f"step {step} pred {c}")
