@@ -104,6 +104,215 @@ def _moe_mlp(model: ModelConfig, tokens: int, b: int, *, swiglu_copies: int) -> 
             value)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """The per-rank widths and sizes every term is written in."""
+
+    n: int                  # tokens of one micro-batch
+    s: int                  # the longest sample
+    t: int                  # tensor-parallel size
+    sp: int                 # t with sequence parallelism, else 1
+    b: int                  # bytes per element of the params dtype
+    h: int
+    f: int                  # the dense MLP's width
+    heads: int
+    groups: int
+    d: int                  # head dim
+    q_w: int                # per-rank query (and attention output) width
+    kv_w: int               # per-rank key/value width (a group is replicated when groups < tp)
+    vocab: int              # padded vocabulary per rank
+    packed: bool
+    attention: str
+    device: str
+
+    @property
+    def qkv_w(self) -> int:
+        return self.q_w + 2 * self.kv_w
+
+    @property
+    def half(self) -> bool:
+        return self.b < 4
+
+    @property
+    def layer_input(self) -> int:
+        return self.n // self.sp * self.h * self.b
+
+
+class _Terms:
+    """The derivation's lines: each term named, written out and valued."""
+
+    def __init__(self, first: str):
+        self.lines = [first]
+
+    def __call__(self, name: str, formula: str, value: int) -> int:
+        self.lines.append(f"  {name}: {formula} = {value:,} bytes")
+        return value
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def _check(parallel: ParallelConfig, model: ModelConfig, *, micro_batch_tokens: int, max_seq_len: int, packed: bool,
+           attention: str, stage: int, device: str) -> None:
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
+    pp = parallel.pipeline_model_parallel_size
+    if not 0 <= stage < pp:
+        raise ValueError(f"stage={stage}: expected 0 .. {pp - 1} (parallel.pipeline_model_parallel_size={pp})")
+    if micro_batch_tokens < 1 or max_seq_len < 1:
+        raise ValueError(f"micro_batch_tokens={micro_batch_tokens}, max_seq_len={max_seq_len}: expected >= 1")
+    if not packed and micro_batch_tokens % max_seq_len:
+        raise ValueError(f"micro_batch_tokens={micro_batch_tokens} is not a whole number of padded rows of "
+                         f"max_seq_len={max_seq_len}; pass rows x max_seq_len, or packed=True")
+    if model.num_layers % pp:
+        raise ValueError(f"model.num_layers={model.num_layers} does not split into {pp} pipeline stages")
+
+
+def _shape(model: ModelConfig, parallel: ParallelConfig, *, n: int, s: int, packed: bool, attention: str,
+           device: str) -> _Shape:
+    t = parallel.tensor_model_parallel_size
+    heads, groups = model.num_attention_heads, model.num_query_groups
+    d = model.kv_channels or model.hidden_size // heads
+    return _Shape(n=n, s=s, t=t, sp=t if parallel.sequence_parallel else 1, b=_BYTES[model.params_dtype],
+                  h=model.hidden_size, f=model.ffn_hidden_size, heads=heads, groups=groups, d=d,
+                  q_w=heads // t * d, kv_w=groups // t * d if groups >= t else d,
+                  vocab=model.padded_vocab_size(t) // t, packed=packed, attention=attention, device=device)
+
+
+def _norm(x: _Shape) -> tuple[str, int, str]:
+    """One RMSNorm's (formula, bytes per token, what it keeps)."""
+    if x.attention == "local" and x.device == "cpu":
+        return (f"n/sp x (2 x h x 4 + 4 + h x {x.b})", 2 * x.h * 4 + _RSTD + x.h * x.b,
+                "fp32 x and x*rstd, fp32 rstd, the output (the next linear's input)")
+    return f"n/sp x (2 x h x {x.b} + 4)", 2 * x.h * x.b + _RSTD, "x, fp32 rstd, the output (the next linear's input)"
+
+
+def _layer_terms(model: ModelConfig, parallel: ParallelConfig, x: _Shape, terms: _Terms):
+    """(every term of one layer without recomputation, the core-attention terms selective recompute drops, what it
+    keeps instead)."""
+    n, b = x.n, x.b
+    norm_formula, norm_per_token, norm_what = _norm(x)
+    rope_rows = n if x.packed else x.s          # THD gathers the rotary table per token; padded rows share [s, d]
+    full = [(f"2 RMSNorms ({norm_what})", "2 x " + norm_formula, 2 * (n // x.sp) * norm_per_token),
+            ("RoPE cos/sin of q and k", f"4 x {rope_rows} x {x.d} x {b}", 4 * rope_rows * x.d * b)]
+    core, selective_kept = [], []
+    if x.attention == "local":
+        score_bytes = 4 + (b if x.half else 0)
+        v_kept = x.q_w if x.heads > x.groups else x.qkv_w   # GQA: repeat_interleave copies v; MHA: a view of QKV
+        core = [
+            ("q, k, v at heads/tp width (k, v repeated for GQA)", f"n x ({x.q_w} + {x.q_w} + {v_kept}) x {b}",
+             n * (2 * x.q_w + v_kept) * b),
+            (f"softmax {'fp32 + its ' + model.params_dtype + ' copy' if x.half else 'fp32'}, per head "
+             f"{'<= budget x longest sample' if x.packed else 'rows x s^2'}",
+             f"{x.heads // x.t} x {n} x {x.s} x {score_bytes}", x.heads // x.t * n * x.s * score_bytes),
+            ("causal mask (bool)", f"{n} x {x.s}" if x.packed else f"{x.s} x {x.s}",
+             n * x.s if x.packed else x.s * x.s),
+        ]
+        selective_kept = [("q, k after RoPE and the QKV output (v is a view of it), for the recomputation",
+                           f"n x ({x.q_w} + {x.kv_w} + {x.qkv_w}) x {b}", n * (x.q_w + x.kv_w + x.qkv_w) * b)]
+        mlp = ("SwiGLU MLP: fc1 out (2 x ffn/tp), silu out, the linear half's copy, fc2 in (ffn/tp each)",
+               f"n x 5 x {x.f // x.t} x {b}", n * 5 * x.f // x.t * b)
+        proj = [("attention output (linear_proj input)", f"n x {x.q_w} x {b}", n * x.q_w * b)]
+    else:
+        proj = [("q, k after RoPE, the QKV output (v is a view of it), attention output",
+                 f"n x ({x.q_w} + {x.kv_w} + {x.qkv_w} + {x.q_w}) x {b}", n * (2 * x.q_w + x.kv_w + x.qkv_w) * b),
+                ("softmax statistics (fp32 log-sum-exp per head)", f"n x {x.heads // x.t} x 4",
+                 n * x.heads // x.t * 4)]
+        mlp = ("SwiGLU MLP (fused): fc1 out (2 x ffn/tp), fc2 in (ffn/tp)", f"n x 3 x {x.f // x.t} x {b}",
+               n * 3 * x.f // x.t * b)
+    if model.is_moe:
+        mlp = _moe_mlp(model, n // x.sp, b, swiglu_copies=5 if x.attention == "local" else 3)
+        terms.note(f"  (MoE: every layer planned as an MoE layer, balanced routing over the experts of "
+                   f"ep={parallel.expert_model_parallel_size}; a skewed step holds more)")
+    return full + core + proj + [mlp], core, selective_kept
+
+
+def _layer(model: ModelConfig, parallel: ParallelConfig, x: _Shape, terms: _Terms) -> tuple[int, int]:
+    """(what one layer keeps for one micro-batch under model.recompute, the recompute working set)."""
+    terms.note(f"layer ({model.recompute} recompute):")
+    full, core, selective_kept = _layer_terms(model, parallel, x, terms)
+    layer_none = sum(v for _, _, v in full)
+    recompute = 0
+    if model.recompute == "full":
+        layer = terms("the layer's input, kept by the checkpoint", f"n/sp x h x {x.b}", x.layer_input)
+        terms.note("recomputed during the backward, one layer at a time (its input is already kept):")
+        for term in full:
+            terms(*term)
+        recompute = layer_none - x.layer_input
+        terms.note(f"  recompute working set: {layer_none:,} - {x.layer_input:,} = {recompute:,} bytes")
+    elif model.recompute == "selective" and x.attention == "local":
+        layer = sum(terms(*term) for term in full if term not in core)
+        layer += sum(terms(*term) for term in selective_kept)
+        terms.note("recomputed during the backward, one layer's core attention at a time:")
+        recompute = sum(terms(*term) for term in core)
+    else:
+        if model.recompute == "selective":
+            terms.note("  (selective recompute with fused attention: it keeps no scores; same as none)")
+        layer = sum(terms(*term) for term in full)
+    terms.note(f"  one layer: {layer:,} bytes")
+    return layer, recompute
+
+
+def _in_flight(parallel: ParallelConfig, stage: int, layers: int, terms: _Terms) -> tuple[int, int]:
+    """(micro-batches, layer activations) held at once under the pipeline schedule."""
+    pp, vpp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size
+    if pp == 1:
+        terms.note(f"in flight: 1 micro-batch (no pipeline), {layers} layers")
+        return 1, layers
+    if vpp is None:
+        in_flight = pp - stage
+        terms.note(f"in flight (1F1B, at least pp micro-batches): pp - stage = {pp} - {stage} = {in_flight} "
+                   f"micro-batches x {layers} layers")
+        return in_flight, in_flight * layers
+    passes = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
+    in_flight_layers = passes * layers // vpp
+    terms.note(f"in flight (interleaved, Megatron's warm-up + 1): ({pp} - {stage} - 1) x 2 + ({vpp} - 1) x "
+               f"{pp} + 1 = {passes} chunk passes x {layers // vpp} layers = {in_flight_layers} layers "
+               f"(~{math.ceil(passes / vpp)} micro-batches)")
+    return math.ceil(passes / vpp), in_flight_layers
+
+
+def _logits(model: ModelConfig, x: _Shape, terms: _Terms) -> tuple[int, int]:
+    """Last stage: (what the logits path keeps for the backward, its transient working memory)."""
+    n, b, vocab = x.n, x.b, x.vocab
+    norm_formula, norm_per_token, _ = _norm(x)
+    terms.note("logits path (last stage):")
+    kept = terms("final RMSNorm (its output: the output layer's input)", norm_formula, n // x.sp * norm_per_token)
+    kept += terms(f"logits [n, V/tp] in {model.params_dtype}, kept by the log-prob op", f"n x {vocab} x {b}",
+                  n * vocab * b)
+    kept += terms("the op's per-token statistics + the loss's allowance",
+                  f"n x ({OP_BYTES_PER_TOKEN} + {LOSS_BYTES_PER_TOKEN})", n * (OP_BYTES_PER_TOKEN + LOSS_BYTES_PER_TOKEN))
+    rows = min(n, default_chunk_size(vocab, False, x.device))
+    working = terms("a second [n, V/tp] copy (pre-transpose output, or temperature/padding copy)",
+                    f"n x {vocab} x {b}", n * vocab * b)
+    working += terms("the op's two fp32 chunk buffers", f"2 x {rows} x {vocab} x 4", 2 * rows * vocab * 4)
+    return kept, working
+
+
+def _forward_peak(model: ModelConfig, x: _Shape, last: bool, terms: _Terms) -> int:
+    """A forward-only pass (nothing kept): the residual stream plus its largest transient."""
+    n, b, t = x.n, x.b, x.t
+    f = (model.moe_ffn_hidden_size or x.f) * model.moe_router_topk * t if model.is_moe else x.f  # routed copies
+    gathered = n * x.h * b if x.sp > 1 else 0
+    if x.attention == "local":
+        attn = (n * (3 * x.q_w + x.qkv_w) * b + x.heads // t * n * x.s * (b + 4 + (b if x.half else 0))
+                + (n * x.s if x.packed else x.s * x.s) + gathered)
+        mlp = n * (x.h + 5 * f // t) * b + gathered
+    else:
+        attn = n * (2 * x.q_w + x.kv_w + x.qkv_w) * b + n * x.heads // t * 4 + gathered
+        mlp = n * (x.h + 3 * f // t) * b + gathered
+    logits = 0
+    if last:
+        logits = 2 * n * x.vocab * b + 2 * min(n, default_chunk_size(x.vocab, False, x.device)) * x.vocab * 4
+    stream = 2 * n // x.sp * x.h * b
+    forward = stream + max(attn, mlp, logits)
+    terms.note(f"forward-only peak: residual stream 2 x n/sp x h x {b} = {stream:,} + max(attention {attn:,}, "
+               f"MLP {mlp:,}, logits {logits:,}) = {forward:,} bytes")
+    return forward
+
+
 def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_batch_tokens: int, max_seq_len: int,
                          packed: bool, attention: str, stage: int, device: str = "cuda") -> Activations:
     """Activation bytes of pipeline stage ``stage`` for micro-batches of ``micro_batch_tokens`` tokens.
@@ -123,188 +332,36 @@ def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_
     Returns:
         :class:`Activations`, bytes per rank.
     """
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
-    pp, tp = parallel.pipeline_model_parallel_size, parallel.tensor_model_parallel_size
-    if not 0 <= stage < pp:
-        raise ValueError(f"stage={stage}: expected 0 .. {pp - 1} (parallel.pipeline_model_parallel_size={pp})")
-    if micro_batch_tokens < 1 or max_seq_len < 1:
-        raise ValueError(f"micro_batch_tokens={micro_batch_tokens}, max_seq_len={max_seq_len}: expected >= 1")
-    if not packed and micro_batch_tokens % max_seq_len:
-        raise ValueError(f"micro_batch_tokens={micro_batch_tokens} is not a whole number of padded rows of "
-                         f"max_seq_len={max_seq_len}; pass rows x max_seq_len, or packed=True")
-    if model.num_layers % pp:
-        raise ValueError(f"model.num_layers={model.num_layers} does not split into {pp} pipeline stages")
-
-    n, s, t = micro_batch_tokens, max_seq_len, tp
-    sp = t if parallel.sequence_parallel else 1
-    b = _BYTES[model.params_dtype]
-    h, f = model.hidden_size, model.ffn_hidden_size
-    heads, groups = model.num_attention_heads, model.num_query_groups
-    d = model.kv_channels or h // heads
-    q_w = heads // t * d                        # per-rank query (and attention output) width
-    kv_w = groups // t * d if groups >= t else d  # per-rank key/value width (a group is replicated when groups < tp)
-    qkv_w = q_w + 2 * kv_w                      # the fused QKV projection's output, per rank
-    vocab = model.padded_vocab_size(t) // t
-    rope_rows = n if packed else s              # THD gathers the rotary table per token; padded rows share [s, d]
-    half = b < 4
-    lines = [f"n={n} tokens per micro-batch ({'packed, samples <= ' if packed else 'padded rows of '}{s}), "
-             f"h={h}, ffn={f}, heads={heads}, groups={groups}, head dim={d}, tp={t}{' with SP' if sp > 1 else ''}, "
-             f"{model.params_dtype} ({b} bytes), attention={attention}, recompute={model.recompute}, "
-             f"stage {stage} of pp={pp}"]
-
-    def term(name: str, formula: str, value: int) -> int:
-        lines.append(f"  {name}: {formula} = {value:,} bytes")
-        return value
-
-    # --- one layer, no recomputation -------------------------------------------------------------------------
-    if attention == "local" and device == "cpu":
-        norm_formula, norm_per_token = f"n/sp x (2 x h x 4 + 4 + h x {b})", 2 * h * 4 + _RSTD + h * b
-        norm_what = "fp32 x and x*rstd, fp32 rstd, the output (the next linear's input)"
-    else:
-        norm_formula, norm_per_token = f"n/sp x (2 x h x {b} + 4)", 2 * h * b + _RSTD
-        norm_what = "x, fp32 rstd, the output (the next linear's input)"
-
-    def norm_bytes() -> int:
-        return n // sp * norm_per_token
-
-    lines.append(f"layer ({model.recompute} recompute):")
-    full_terms: list[tuple[str, str, int]] = [
-        (f"2 RMSNorms ({norm_what})", "2 x " + norm_formula, 2 * norm_bytes()),
-        ("RoPE cos/sin of q and k", f"4 x {rope_rows} x {d} x {b}", 4 * rope_rows * d * b),
-    ]
-    core: list[tuple[str, str, int]] = []      # what selective recomputation drops (local spec)
-    if attention == "local":
-        score_bytes = 4 + (b if half else 0)
-        v_kept = q_w if heads > groups else qkv_w   # GQA: repeat_interleave copies v; MHA: a view of QKV
-        core = [
-            ("q, k, v at heads/tp width (k, v repeated for GQA)", f"n x ({q_w} + {q_w} + {v_kept}) x {b}",
-             n * (2 * q_w + v_kept) * b),
-            (f"softmax {'fp32 + its ' + model.params_dtype + ' copy' if half else 'fp32'}, per head "
-             f"{'<= budget x longest sample' if packed else 'rows x s^2'}",
-             f"{heads // t} x {n} x {s} x {score_bytes}", heads // t * n * s * score_bytes),
-            ("causal mask (bool)", f"{n} x {s}" if packed else f"{s} x {s}", n * s if packed else s * s),
-        ]
-        selective_kept = [("q, k after RoPE and the QKV output (v is a view of it), for the recomputation",
-                           f"n x ({q_w} + {kv_w} + {qkv_w}) x {b}", n * (q_w + kv_w + qkv_w) * b)]
-        mlp = ("SwiGLU MLP: fc1 out (2 x ffn/tp), silu out, the linear half's copy, fc2 in (ffn/tp each)",
-               f"n x 5 x {f // t} x {b}", n * 5 * f // t * b)
-        proj = [("attention output (linear_proj input)", f"n x {q_w} x {b}", n * q_w * b)]
-    else:
-        core = []
-        selective_kept = []
-        proj = [("q, k after RoPE, the QKV output (v is a view of it), attention output",
-                 f"n x ({q_w} + {kv_w} + {qkv_w} + {q_w}) x {b}", n * (2 * q_w + kv_w + qkv_w) * b),
-                ("softmax statistics (fp32 log-sum-exp per head)", f"n x {heads // t} x 4", n * heads // t * 4)]
-        mlp = ("SwiGLU MLP (fused): fc1 out (2 x ffn/tp), fc2 in (ffn/tp)", f"n x 3 x {f // t} x {b}",
-               n * 3 * f // t * b)
-    if model.is_moe:
-        mlp = _moe_mlp(model, n // sp, b, swiglu_copies=5 if attention == "local" else 3)
-        lines.append(f"  (MoE: every layer planned as an MoE layer, balanced routing over the experts of "
-                     f"ep={parallel.expert_model_parallel_size}; a skewed step holds more)")
-    full_terms += core + proj + [mlp]
-    layer_none = sum(v for _, _, v in full_terms)
-    layer_input = n // sp * h * b
-    recompute = 0
-    if model.recompute == "full":
-        layer = term("the layer's input, kept by the checkpoint", f"n/sp x h x {b}", layer_input)
-        lines.append("recomputed during the backward, one layer at a time (its input is already kept):")
-        for name, formula, value in full_terms:
-            term(name, formula, value)
-        recompute = layer_none - layer_input
-        lines.append(f"  recompute working set: {layer_none:,} - {layer_input:,} = {recompute:,} bytes")
-    elif model.recompute == "selective" and attention == "local":
-        layer = 0
-        for name, formula, value in full_terms:
-            if (name, formula, value) not in core:
-                layer += term(name, formula, value)
-        for name, formula, value in selective_kept:
-            layer += term(name, formula, value)
-        lines.append("recomputed during the backward, one layer's core attention at a time:")
-        recompute = sum(term(name, formula, value) for name, formula, value in core)
-    else:
-        if model.recompute == "selective":
-            lines.append("  (selective recompute with fused attention: it keeps no scores; same as none)")
-        layer = sum(term(name, formula, value) for name, formula, value in full_terms)
-    lines.append(f"  one layer: {layer:,} bytes")
-
-    # --- the stage ------------------------------------------------------------------------------------------
+    _check(parallel, model, micro_batch_tokens=micro_batch_tokens, max_seq_len=max_seq_len, packed=packed,
+           attention=attention, stage=stage, device=device)
+    x = _shape(model, parallel, n=micro_batch_tokens, s=max_seq_len, packed=packed, attention=attention,
+               device=device)
+    pp = parallel.pipeline_model_parallel_size
+    terms = _Terms(f"n={x.n} tokens per micro-batch ({'packed, samples <= ' if packed else 'padded rows of '}{x.s}), "
+                   f"h={x.h}, ffn={x.f}, heads={x.heads}, groups={x.groups}, head dim={x.d}, tp={x.t}"
+                   f"{' with SP' if x.sp > 1 else ''}, {model.params_dtype} ({x.b} bytes), attention={attention}, "
+                   f"recompute={model.recompute}, stage {stage} of pp={pp}")
+    layer, recompute = _layer(model, parallel, x, terms)
     layers = model.num_layers // pp
     first, last = stage == 0, stage == pp - 1
-    vpp = parallel.virtual_pipeline_model_parallel_size
-    if pp == 1:
-        in_flight, in_flight_layers = 1, layers
-        lines.append(f"in flight: 1 micro-batch (no pipeline), {layers} layers")
-    elif vpp is None:
-        in_flight = pp - stage
-        in_flight_layers = in_flight * layers
-        lines.append(f"in flight (1F1B, at least pp micro-batches): pp - stage = {pp} - {stage} = {in_flight} "
-                     f"micro-batches x {layers} layers")
-    else:
-        passes = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
-        in_flight = math.ceil(passes / vpp)
-        in_flight_layers = passes * layers // vpp
-        lines.append(f"in flight (interleaved, Megatron's warm-up + 1): ({pp} - {stage} - 1) x 2 + ({vpp} - 1) x "
-                     f"{pp} + 1 = {passes} chunk passes x {layers // vpp} layers = {in_flight_layers} layers "
-                     f"(~{in_flight} micro-batches)")
-
-    embedding = 0
-    if first and t > 1:
-        embedding = term("embedding (tp > 1): masked ids int64 + mask bool", f"{n} x 9", n * 9)
-    rope_table = 0
-    if model.recompute == "full":
-        rope_table = term("rotary table kept by the checkpoints (fp32, per micro-batch)", f"{s} x {d} x 4",
-                          s * d * 4)
-    pipeline = 0
-    if not last:
-        pipeline = term("stage outputs the schedule holds for the backward", f"{in_flight} x n/sp x h x {b}",
-                        in_flight * layer_input)
-
-    logits_kept = logits_working = 0
-    if last:
-        lines.append("logits path (last stage):")
-        logits_kept = term("final RMSNorm (its output: the output layer's input)", norm_formula, norm_bytes())
-        logits_kept += term(f"logits [n, V/tp] in {model.params_dtype}, kept by the log-prob op", f"n x {vocab} x {b}",
-                            n * vocab * b)
-        logits_kept += term("the op's per-token statistics + the loss's allowance",
-                            f"n x ({OP_BYTES_PER_TOKEN} + {LOSS_BYTES_PER_TOKEN})",
-                            n * (OP_BYTES_PER_TOKEN + LOSS_BYTES_PER_TOKEN))
-        rows = min(n, default_chunk_size(vocab, False, device))
-        logits_working = term("a second [n, V/tp] copy (pre-transpose output, or temperature/padding copy)",
-                              f"n x {vocab} x {b}", n * vocab * b)
-        logits_working += term("the op's two fp32 chunk buffers", f"2 x {rows} x {vocab} x 4", 2 * rows * vocab * 4)
-
+    in_flight, in_flight_layers = _in_flight(parallel, stage, layers, terms)
+    embedding = terms("embedding (tp > 1): masked ids int64 + mask bool", f"{x.n} x 9", x.n * 9) \
+        if first and x.t > 1 else 0
+    rope_table = terms("rotary table kept by the checkpoints (fp32, per micro-batch)", f"{x.s} x {x.d} x 4",
+                       x.s * x.d * 4) if model.recompute == "full" else 0
+    pipeline = terms("stage outputs the schedule holds for the backward", f"{in_flight} x n/sp x h x {x.b}",
+                     in_flight * x.layer_input) if not last else 0
+    logits_kept, logits_working = _logits(model, x, terms) if last else (0, 0)
     stack = in_flight_layers * layer + in_flight * (embedding + rope_table)
     saved = max(stack + logits_kept, stack + recompute)
     train = max(stack + logits_kept + logits_working, stack + recompute) + pipeline
-    lines.append(f"train peak: {in_flight_layers} x {layer:,} + {in_flight} x ({embedding:,} + {rope_table:,}) + "
-                 f"{pipeline:,} + "
-                 f"max(logits {logits_kept:,} + {logits_working:,}, recompute {recompute:,}) = {train:,} bytes")
-
-    # --- forward only ---------------------------------------------------------------------------------------
-    gathered = n * h * b if sp > 1 else 0
-    if model.is_moe:
-        f = (model.moe_ffn_hidden_size or f) * model.moe_router_topk * t       # the routed copies' width
-    if attention == "local":
-        attn_peak = (n * (3 * q_w + qkv_w) * b + heads // t * n * s * (b + 4 + (b if half else 0))
-                     + (n * s if packed else s * s) + gathered)
-        mlp_peak = n * (h + 5 * f // t) * b + gathered
-    else:
-        attn_peak = n * (2 * q_w + kv_w + qkv_w) * b + n * heads // t * 4 + gathered
-        mlp_peak = n * (h + 3 * f // t) * b + gathered
-    logits_peak = 0
-    if last:
-        logits_peak = 2 * n * vocab * b + 2 * min(n, default_chunk_size(vocab, False, device)) * vocab * 4
-    stream = 2 * n // sp * h * b
-    forward = stream + max(attn_peak, mlp_peak, logits_peak)
-    lines.append(f"forward-only peak: residual stream 2 x n/sp x h x {b} = {stream:,} + max(attention {attn_peak:,}, "
-                 f"MLP {mlp_peak:,}, logits {logits_peak:,}) = {forward:,} bytes")
-
+    terms.note(f"train peak: {in_flight_layers} x {layer:,} + {in_flight} x ({embedding:,} + {rope_table:,}) + "
+               f"{pipeline:,} + max(logits {logits_kept:,} + {logits_working:,}, recompute {recompute:,}) = "
+               f"{train:,} bytes")
+    forward = _forward_peak(model, x, last, terms)
     return Activations(layer_bytes=layer, layers=layers, embedding_bytes=embedding,
                        logits_bytes=logits_kept + logits_working, in_flight=in_flight, train_bytes=train,
-                       forward_bytes=forward, derivation=lines, logits_kept_bytes=logits_kept,
+                       forward_bytes=forward, derivation=terms.lines, logits_kept_bytes=logits_kept,
                        logits_working_bytes=logits_working, recompute_bytes=recompute,
                        in_flight_layers=in_flight_layers, pipeline_bytes=pipeline, rope_table_bytes=rope_table,
                        saved_bytes=saved)
