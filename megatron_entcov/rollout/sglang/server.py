@@ -114,6 +114,7 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
     from transformers import AutoModelForCausalLM
 
     from megatron_entcov.config.hf import to_hf_config
+    from megatron_entcov.rollout.expert_names import checkpoint_named_views
     from megatron_entcov.tasks.tokenizer import build_char_tokenizer, save_tokenizer
 
     out_dir = Path(out_dir)
@@ -123,12 +124,21 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    if state_dict is not None:
-        missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
-        missing = [k for k in missing if not (model_cfg.tie_word_embeddings and k == "lm_head.weight")]
+    # Mixture-of-experts models: transformers keeps each layer's experts fused ([E, ...] parameters); the files
+    # carry the per-expert checkpoint names SGLang's loaders (and the weight sync) use (rollout/expert_names.py).
+    params = model.state_dict()
+    views = {view: (name, t) for name, p in params.items() for view, t in checkpoint_named_views({name: p}).items()}
+    if state_dict is not None:                  # checkpoint names, or transformers' fused ones
+        given = dict(state_dict)
+        unexpected = [k for k in given if k not in views and k not in params]
+        missing = [k for k, (fused, _) in views.items() if k not in given and fused not in given
+                   and not (model_cfg.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"write_hf_model_dir: state_dict does not match {type(model).__name__}: missing "
                              f"{missing[:4]}, unexpected {unexpected[:4]}")
+        with torch.no_grad():
+            for name, value in given.items():
+                (views[name][1] if name in views else params[name]).copy_(value)
     # Not model.save_pretrained: transformers 5 writes nothing on ranks other than global rank 0 once
     # torch.distributed is initialised, and every data-parallel replica's generating rank needs this directory.
     from safetensors.torch import save_file
@@ -137,7 +147,7 @@ def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed:
     hf_cfg.torch_dtype = dtype
     hf_cfg.save_pretrained(str(out_dir))
     GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(out_dir))
-    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+    tensors = {n: t.detach().contiguous() for n, (_, t) in views.items()
                if not (model_cfg.tie_word_embeddings and n == "lm_head.weight")}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is None:
