@@ -156,7 +156,7 @@ class Trainer:
             version = self.weight_version            # the trainer's weights at train time (staleness)
             with m.timed("perf/train_time_s"), self.colocation.train():
                 # None off the last stage; packed as each mini-batch's training step will pack it.
-                batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=num_mini)
+                batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=num_mini, record_routing=True)
                 self._batch_metrics(m, batch, exp)
                 applied = self._updates(m, batch, histograms)
                 if cfg.metrics.measure_entropy_change and applied:
@@ -225,6 +225,7 @@ class Trainer:
         # Exact coefficients (the same on every rank), replacing the loss's own coef/* token shares, which carry
         # float noise a constant should not show.
         m.add({f"coef/{name}": value for name, value in coefs.items()}, EXACT, mini_batch=True)
+        self.actor.use_recorded_routing(index)      # model.moe_routing_replay: pi_old's experts for this mini-batch
         with m.timed("perf/selection_time_s"):
             selection = self._token_selection(mini, index)
         if selection is not None:
@@ -234,6 +235,7 @@ class Trainer:
                 histograms.add(mini, selection)
         result = self.actor.train_step(mini, self._policy_loss_fn(selection),
                                        label=f"step {self.step + 1} mini-batch {index}")
+        self.actor.use_recorded_routing(None)
         if self.ps.owns_results:               # losses return shares of the mini-batch value
             m.add(result.metrics, SUM, mini_batch=True)
         if self.entropy_control.enabled and result.applied:   # c_{k+1} from e_k, on every rank alike

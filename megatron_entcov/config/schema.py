@@ -88,6 +88,13 @@ class ModelConfig:
     """Weight of the load-balancing loss (Switch-Transformer form, Megatron's 'aux_loss'; Qwen3-MoE pre-training:
     0.001). 0 (the default for RL) computes and logs nothing extra and leaves the policy gradient alone; > 0 adds
     coeff * the loss to the training loss and logs it as train/moe_aux_loss. Routing is dropless either way."""
+    moe_routing_replay: bool = False
+    """Routing replay (MoE only): the old-log-prob forward records each MoE layer's top-k experts per token and
+    the training forwards of the step (and the Clip-Cov / KL-Cov selection's forward of the current policy) route
+    every token to those experts, so the importance ratio pi/pi_old compares the same experts (the router's
+    probabilities of those experts still get gradients). Logs moe/routing_changed_share: the share of routed
+    (token, MoE layer) pairs whose own top-k differed from the recorded one. Not with model.recompute=full.
+    policy/routing_replay.py."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU. float16 describes converted checkpoints
     only: a run rejects it (training has no loss scaling)."""
@@ -128,7 +135,14 @@ class ModelConfig:
 
     def _check_moe(self) -> None:
         check_positive("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, allow_zero=True)
+        if self.moe_routing_replay and self.recompute == "full":
+            # The recomputed forward in the backward would take the next micro-batch's recorded routing.
+            fail("model.moe_routing_replay", True, "is not supported with model.recompute=full yet; use "
+                 "model.recompute=selective or none, or set model.moe_routing_replay=false")
         if self.num_experts is None:
+            if self.moe_routing_replay:
+                fail("model.moe_routing_replay", True, "replays experts' routing and needs a mixture-of-experts "
+                     "model (model.num_experts); set it false")
             return
         check_positive("model.num_experts", self.num_experts)
         if not 1 <= self.moe_router_topk <= self.num_experts:

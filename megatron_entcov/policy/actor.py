@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -25,9 +26,11 @@ from megatron_entcov.config.hf import check_model_matches_hf
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.policy.forward import PolicyForward
 from megatron_entcov.policy.model import build_model, sequence_extent
+from megatron_entcov.policy.moe import aux_loss_metrics
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.policy.packing import MicroBatch, micro_batches
 from megatron_entcov.policy.pipeline import run_microbatches
+from megatron_entcov.policy.routing_replay import RoutingReplay
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
@@ -89,13 +92,32 @@ class Actor:
         """Updates skipped because the gradient norm was not finite."""
         self.consecutive_skipped = 0
         """Updates skipped since the last applied one; at ``optim.max_consecutive_skipped`` train_step raises."""
+        self.routing_replay = RoutingReplay(self.chunks) if cfg.model.moe_routing_replay else None
+        """model.moe_routing_replay: the step's recorded expert choices (policy/routing_replay.py)."""
+        self._replay_part: int | None = None
 
-    def logprobs(self, batch: TrainBatch, micro_batch_size: int | None = None, *, parts: int = 1):
+    def logprobs(self, batch: TrainBatch, micro_batch_size: int | None = None, *, parts: int = 1,
+                 record_routing: bool = False):
         """Forward only: (logprobs, entropy) [N, T] float32 of ``batch.labels`` on the last pipeline stage,
         (None, None) elsewhere. ``parts``: the batch's optimizer mini-batches, packed as their training steps
-        will pack them (policy/packing.py)."""
-        return self.policy.forward(batch, micro_batch_size or self.micro_batch_size, parts=parts,
-                                   **self._packing())
+        will pack them (policy/packing.py). ``record_routing``: the step's old log-probs; with
+        model.moe_routing_replay its expert choices are recorded for the mini-batches' forwards. Inside
+        :meth:`use_recorded_routing` a forward over that mini-batch routes by the recorded choices."""
+        mbs = micro_batch_size or self.micro_batch_size
+        context = nullcontext()
+        if self.routing_replay is not None and record_routing:
+            counts = [len(micro_batches(mini, micro_batch_size=mbs, **self._packing())) for mini in batch.split(parts)]
+            context = self.routing_replay.recording(counts)
+        elif self.routing_replay is not None and self._replay_part is not None:
+            context = self.routing_replay.replaying(self._replay_part)
+        with context:
+            return self.policy.forward(batch, mbs, parts=parts, **self._packing())
+
+    def use_recorded_routing(self, part: int | None) -> None:
+        """With model.moe_routing_replay: the forwards that follow (``logprobs``, ``train_step``) are over
+        mini-batch ``part`` of the recorded step and route by its recorded experts; None = the router's own
+        routing again. Without replay, nothing."""
+        self._replay_part = part
 
     def _packing(self) -> dict:
         """How policy/packing.py builds this actor's micro-batches: the token budget, the padding multiple of a
@@ -127,7 +149,14 @@ class Actor:
 
         micro = micro_batches(batch, micro_batch_size=mbs, **self._packing())
         zero_grads(self.chunks, self.optimizer)
-        run_microbatches(self.chunks, micro, scored, ps=self.ps, forward_only=False)
+        replay = self.routing_replay if self._replay_part is not None else None
+        with nullcontext() if replay is None else replay.replaying(self._replay_part):
+            if replay is not None:
+                replay.changed, replay.routed = 0, 0
+            run_microbatches(self.chunks, micro, scored, ps=self.ps, forward_only=False)
+        if replay is not None:
+            sums.update(self._routing_changed_share(replay))
+        sums.update(aux_loss_metrics(self.cfg.model, self.ps, len(micro)))      # train/moe_aux_loss when on
         applied, grad_norm = optimizer_step(self.optimizer)
         if applied:
             self.scheduler.step(1)
@@ -147,6 +176,16 @@ class Actor:
                     "newest checkpoint after the cause is fixed (e.g. a lower optim.lr), or raise "
                     "optim.max_consecutive_skipped (0 = never stop)")
         return StepResult(applied=applied, grad_norm=grad_norm, metrics={k: float(v) for k, v in sums.items()})
+
+    def _routing_changed_share(self, replay: RoutingReplay) -> dict[str, float]:
+        """``moe/routing_changed_share``: of the (token, MoE layer) pairs the training forward routed over every
+        replica, the share whose router chose other experts than the old policy did (replayed anyway), as this
+        replica's share on the rank that owns its results (collective over the model- and data-parallel groups)."""
+        from megatron_entcov.distributed.collectives import reduce_values
+
+        counts = reduce_values([float(replay.changed), float(replay.routed)], group=self.ps.mp_group)
+        total = float(reduce_values([float(counts[1])], group=self.ps.dp_group)[0])
+        return {"moe/routing_changed_share": float(counts[0]) / max(total, 1.0)} if self.ps.owns_results else {}
 
     @property
     def lr(self) -> float:

@@ -17,9 +17,12 @@ Design notes: docs/design/weights.md (expert weights), docs/design/compat.md (fi
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_entcov.config import ModelConfig, ParallelConfig
+
+if TYPE_CHECKING:
+    from megatron_entcov.distributed.parallel import ParallelState
 
 __all__ = ["moe_transformer_fields", "build_block_spec", "aux_loss_metrics"]
 
@@ -73,19 +76,23 @@ def build_block_spec(config, *, use_te: bool, vp_stage: int | None, pp_rank: int
     return spec
 
 
-def aux_loss_metrics(model: ModelConfig, num_layers: int) -> dict[str, torch.Tensor]:
-    """``train/moe_aux_loss``: the load-balancing loss Megatron tracked since the last call (summed over the MoE
-    layers of this rank, as Megatron's tracker reports it, per layer mean), then the tracker is cleared. Empty when
-    the loss is off."""
+def aux_loss_metrics(model: ModelConfig, ps: "ParallelState", num_micro_batches: int) -> dict[str, float]:
+    """``train/moe_aux_loss``: the load-balancing loss (without its coefficient) Megatron's routers tracked in the
+    training forwards since the last call, as this rank's share of the step's value: the mean over the MoE layers
+    (summed over the pipeline stages), the micro-batches and the data-parallel replicas, on the rank that owns
+    the replica's results ({} elsewhere and when the loss is off). Collective over the pipeline group; clears the
+    tracker."""
     if model.num_experts is None or model.moe_aux_loss_coeff <= 0:
         return {}
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    values = tracker.get("load_balancing_loss", {}).get("values")
-    out = {}
-    if values is not None:
-        sparse = max(sum(model.moe_layer_pattern()), 1)
-        out["train/moe_aux_loss"] = values.detach().float().sum().cpu() / sparse
+    from megatron_entcov.distributed.collectives import reduce_values
+
+    values = get_moe_layer_wise_logging_tracker().get("load_balancing_loss", {}).get("values")
+    local = 0.0 if values is None else float(values.detach().double().sum())
     clear_aux_losses_tracker()
-    return out
+    total = float(reduce_values([local], group=ps.pp_group)[0])
+    if not ps.owns_results:
+        return {}
+    layers = max(sum(model.moe_layer_pattern()), 1)
+    return {"train/moe_aux_loss": total / (layers * max(num_micro_batches, 1) * ps.dp_size)}

@@ -1,14 +1,24 @@
-"""One RL step of a tiny Qwen3-MoE gives the same updated weights at ep1 and ep2, as one process does.
+"""One RL step of a tiny Qwen3-MoE gives the same updated weights at ep1, ep2 and pp2 x ep2, as one process does.
 
 From the same Hugging Face weights and seed, one full trainer step (rollouts on the embedded engine, old log-probs,
-two optimizer mini-batches with KL-Cov token selection, weight sync with the experts gathered over ep) runs on one
-process, on dp2 and on dp2 with the experts split over ep2 (the all-to-all dispatcher moves each replica's tokens
-to the other's experts). Every updated parameter, gathered under its Hugging Face name, must equal the
-one-process result to float tolerance, and the step must have moved the weights, experts included.
+two optimizer mini-batches with Clip-Cov or KL-Cov token selection, weight sync with the experts gathered over ep)
+runs on one process, on dp2, on dp2 with the experts split over ep2 (the all-to-all dispatcher moves each replica's
+tokens to the other's experts), and on four processes as pp2 x dp2 x ep2. Every updated parameter, gathered under
+its Hugging Face name, must equal the one-process result to float tolerance, the chosen-token share must be the
+one-process one (the selection is global and exact with experts: nothing in it depends on the MLP), and the step
+must have moved the weights, the experts, the router and the q/k norms included.
+
+The random tiny model never answers an arithmetic problem right, so every reward would be 0 and every advantage 0:
+the policy gradient, Clip-Cov's and KL-Cov's covariance and KL-Cov's penalty (whose gradient is 0 while the policy
+equals pi_old, and stays so when nothing moved) would all vanish and no weight would move. The workers' arithmetic
+verifier scores by a fixed function of the response text instead (the parity of its character codes), so the
+rewards differ within a group, as they do for a model that sometimes answers right, and are the same on every
+layout (the rollouts are).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from dist_utils import run_workers, tiny_model
@@ -18,10 +28,34 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 MODEL = tiny_model(num_layers=4, qk_layernorm=True, kv_channels=16, num_experts=4, moe_router_topk=2,
                    moe_ffn_hidden_size=16) + ["model.moe_dense_layers=[1]"]
 STEP = ["rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=2", "rollout.max_prompt_len=16",
-        "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=1e-2",
-        "optim.clip_grad=0", "optim.optimizer=sgd", "loss.name=kl_cov", "loss.kl_cov_ratio=0.2",
-        "metrics.measure_entropy_change=false", "weight_sync.verify=version", "steps=1", "data.arithmetic_digits=1"]
-LAYOUTS = {"dp2": [], "dp2_ep2": ["parallel.expert_model_parallel_size=2"]}
+        "sampling.max_new_tokens=6", "optim.micro_batch_size=2", "optim.num_mini_batches=2", "optim.lr=0.2",
+        "optim.clip_grad=0", "optim.optimizer=sgd", "metrics.measure_entropy_change=false",
+        "weight_sync.verify=version", "steps=1", "data.arithmetic_digits=1"]
+LOSSES = {"kl_cov": ["loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "loss.kl_cov_coef=1.0"],
+          "clip_cov": ["loss.name=clip_cov", "loss.clip_cov_ratio=0.2", "loss.clip_cov_lb=0.0",
+                       "loss.clip_cov_ub=5.0"]}
+CHOSEN = {"kl_cov": "train/kl_cov_frac", "clip_cov": "train/clip_cov_frac"}
+ONE_PROCESS = {f"{loss}_ref": overrides for loss, overrides in LOSSES.items()}
+TWO_PROCESSES = {f"{loss}_{layout}": overrides + extra for loss, overrides in LOSSES.items()
+                 for layout, extra in {"dp2": [], "dp2_ep2": ["parallel.expert_model_parallel_size=2"]}.items()}
+# Routing replay (model.moe_routing_replay): the same step with pi_old's recorded experts, at ep1 and ep2.
+REPLAY = ["model.moe_routing_replay=true"]
+ONE_PROCESS.update({f"{loss}_replay_ref": overrides + REPLAY for loss, overrides in LOSSES.items()})
+TWO_PROCESSES.update({f"{loss}_replay_dp2_ep2": overrides + REPLAY + ["parallel.expert_model_parallel_size=2"]
+                      for loss, overrides in LOSSES.items()})
+FOUR_PROCESSES = {f"{loss}_pp2_dp2_ep2": overrides + ["parallel.expert_model_parallel_size=2",
+                                                      "parallel.pipeline_model_parallel_size=2"]
+                  for loss, overrides in LOSSES.items()}
+
+
+def _score_by_text_parity():
+    """The workers' arithmetic verifier (see the module docstring): 1.0 when the sum of the response's character
+    codes is even (every instance, also those built after a trainer closed its verifiers)."""
+    from megatron_entcov.tasks.arithmetic import ArithmeticVerifier
+    from megatron_entcov.tasks.verifiers import VerifyResult
+
+    ArithmeticVerifier.verify_one = lambda self, response, answer, index: VerifyResult(
+        1.0 if sum(map(ord, response)) % 2 == 0 else 0.0)
 
 
 def _one_step(world_size, overrides, hf_dir, out_dir, name):
@@ -34,6 +68,7 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
                                                         f"name={name}"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)
+    routed = _watch_routing(trainer.actor.chunks)
     try:
         metrics = trainer.train_step()
         weights = {n: t.detach().float().numpy().copy()
@@ -41,10 +76,28 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     finally:
         trainer.close()
     assert trainer.actor.skipped_steps == 0, f"{name}: an update was skipped"
-    return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac")} if ps.is_rank0 else None
+    replay = trainer.actor.routing_replay
+    recorded = None if replay is None else [[t.numpy().copy() for t in layer.recorded] for layer in replay.layers]
+    return {"weights": weights, "metrics": metrics, "routed": routed, "recorded": recorded,
+            "offsets": None if replay is None else replay.part_offsets} if ps.is_rank0 else None
+
+
+def _watch_routing(chunks) -> list[list]:
+    """Per MoE router (module order), the expert sets [tokens, E] (bool) it routed by in each training forward
+    (grad enabled), as its output says: what the dispatcher used, replayed or not."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    out = [[] for _ in routers]
+    for i, router in enumerate(routers):
+        router.register_forward_hook(
+            lambda module, args, output, i=i: out[i].append(output[1].detach().numpy().copy())
+            if torch.is_grad_enabled() else None)
+    return out
 
 
 def _worker(rank, world_size, layouts, hf_dir, out_dir):
+    _score_by_text_parity()
     return {name: _one_step(world_size, overrides, hf_dir, out_dir, name) for name, overrides in layouts.items()}
 
 
@@ -66,25 +119,58 @@ def steps(tmp_path_factory):
     model.save_pretrained(hf_dir)
     build_char_tokenizer(hf_dir)
     initial = {k: v.float() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
-    out = run_workers(_worker, 1, args=({"ref": []}, str(hf_dir), str(tmp / "runs")), timeout=400)[0]
-    out.update(run_workers(_worker, 2, args=(LAYOUTS, str(hf_dir), str(tmp / "runs")), timeout=600)[0])
+    args = (str(hf_dir), str(tmp / "runs"))
+    out = run_workers(_worker, 1, args=(ONE_PROCESS, *args), timeout=400)[0]
+    out.update(run_workers(_worker, 2, args=(TWO_PROCESSES, *args), timeout=600)[0])
+    out.update(run_workers(_worker, 4, args=(FOUR_PROCESSES, *args), timeout=600)[0])
     return initial, out
 
 
-# Known gap: the one-process reference step of this tiny MoE leaves every weight unchanged (dense ones included),
-# so the comparison cannot pass yet; see issue 29's status in the report.
-@pytest.mark.xfail(reason="the reference MoE step moves no weight yet (issue 29)", strict=False)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_one_moe_step_updates_the_weights_as_one_process_does(steps, layout):
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_the_reference_moe_step_learns_from_mixed_rewards(steps, loss):
     initial, results = steps
-    ref, got = results["ref"], results[layout]
-    assert ref["kl_cov_frac"] > 0 and got["kl_cov_frac"] == pytest.approx(ref["kl_cov_frac"], abs=1e-6)
-    assert set(got["weights"]) == set(ref["weights"]) == set(initial) - {"lm_head.weight"}
+    ref = results[f"{loss}_ref"]
+    assert 0 < ref["metrics"]["reward/mean"] < 1, ref["metrics"]["reward/mean"]
+    assert ref["metrics"][CHOSEN[loss]] > 0
+    assert set(ref["weights"]) == set(initial) - {"lm_head.weight"}
     assert any(".mlp.experts.3.down_proj" in n for n in ref["weights"])
     moved = {n: (torch.from_numpy(ref["weights"][n]) - initial[n]).abs().max().item() for n in ref["weights"]}
-    for part in (".mlp.experts.", ".mlp.gate.", "self_attn.q_norm"):
+    for part in (".mlp.experts.", ".mlp.gate.", "self_attn.q_norm", "layers.1.mlp.down_proj"):
         most = max(v for n, v in moved.items() if part in n)
-        assert most > 1e-5, f"the reference step barely moved the {part} weights ({most}): {moved}"
+        assert most > 2e-5, f"the reference step barely moved the {part} weights ({most}): {moved}"
+
+
+@pytest.mark.parametrize("layout", [*TWO_PROCESSES, *FOUR_PROCESSES])
+def test_one_moe_step_updates_the_weights_as_one_process_does(steps, layout):
+    _, results = steps
+    loss = layout.split("_cov")[0] + "_cov"
+    ref, got = results[f"{loss}_replay_ref" if "_replay_" in layout else f"{loss}_ref"], results[layout]
+    keys = (CHOSEN[loss], "reward/mean", "cov/mean") + (("moe/routing_changed_share",) if "_replay_" in layout else ())
+    for key in keys:
+        assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-7), (layout, key)
+    assert set(got["weights"]) == set(ref["weights"])
     for name, expected in ref["weights"].items():
         torch.testing.assert_close(torch.from_numpy(got["weights"][name]), torch.from_numpy(expected), rtol=1e-5,
                                    atol=1e-6, msg=lambda m, name=name: f"{layout}: {name} differs from one process: {m}")
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_replay_routes_each_training_forward_by_the_recorded_experts(steps, loss):
+    """Token by token: the experts every MoE layer routed by in the training forwards of both mini-batches are the
+    ones the old-log-prob forward recorded for those tokens; and the router's own choice did change for some
+    tokens after the first update (the replay is not void)."""
+    _, results = steps
+    got = results[f"{loss}_replay_ref"]
+    assert got["recorded"] and len(got["recorded"]) == len(got["routed"]) == 3       # the MoE layers 0, 2, 3
+    for layer, (recorded, routed) in enumerate(zip(got["recorded"], got["routed"])):
+        assert len(routed) == len(recorded) == got["offsets"][-1] == 8        # 2 mini-batches x 4 micro-batches
+        for mb, (indices, used) in enumerate(zip(recorded, routed)):
+            expected = np.zeros_like(used)
+            np.put_along_axis(expected, indices, True, axis=1)
+            assert expected.sum(axis=1).tolist() == [2] * len(expected)
+            np.testing.assert_array_equal(used, expected, err_msg=f"layer {layer} micro-batch {mb}")
+    assert got["metrics"]["moe/routing_changed_share"] > 0
+    # Without replay the same step's second mini-batch routes by the router's own (changed) choice.
+    plain = results[f"{loss}_ref"]["routed"]
+    assert any(not np.array_equal(a, b) for layer_a, layer_b in zip(plain, got["routed"])
+               for a, b in zip(layer_a[4:], layer_b[4:]))
