@@ -43,6 +43,8 @@ REPLAY = ["model.moe_routing_replay=true"]
 ONE_PROCESS.update({f"{loss}_replay_ref": overrides + REPLAY for loss, overrides in LOSSES.items()})
 TWO_PROCESSES.update({f"{loss}_replay_dp2_ep2": overrides + REPLAY + ["parallel.expert_model_parallel_size=2"]
                       for loss, overrides in LOSSES.items()})
+# The load-balancing loss on (its value is logged as train/moe_aux_loss).
+ONE_PROCESS["kl_cov_aux_ref"] = LOSSES["kl_cov"] + ["model.moe_aux_loss_coeff=0.01"]
 FOUR_PROCESSES = {f"{loss}_pp2_dp2_ep2": overrides + ["parallel.expert_model_parallel_size=2",
                                                       "parallel.pipeline_model_parallel_size=2"]
                   for loss, overrides in LOSSES.items()}
@@ -68,7 +70,7 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
                                                         f"name={name}"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)
-    routed = _watch_routing(trainer.actor.chunks)
+    *routed, aux_losses = _watch_routing(trainer.actor.chunks)
     try:
         metrics = trainer.train_step()
         weights = {n: t.detach().float().numpy().copy()
@@ -78,21 +80,37 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     assert trainer.actor.skipped_steps == 0, f"{name}: an update was skipped"
     replay = trainer.actor.routing_replay
     recorded = None if replay is None else [[t.numpy().copy() for t in layer.recorded] for layer in replay.layers]
-    return {"weights": weights, "metrics": metrics, "routed": routed, "recorded": recorded,
+    return {"weights": weights, "metrics": metrics, "routed": routed, "recorded": recorded, "aux": aux_losses,
             "offsets": None if replay is None else replay.part_offsets} if ps.is_rank0 else None
 
 
 def _watch_routing(chunks) -> list[list]:
     """Per MoE router (module order), the expert sets [tokens, E] (bool) it routed by in each training forward
-    (grad enabled), as its output says: what the dispatcher used, replayed or not."""
+    (grad enabled), as its output says: what the dispatcher used, replayed or not; then one list of every such
+    call's load-balancing loss computed here from the router's logits."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
     out = [[] for _ in routers]
+
+    def hook(module, args, output, i):
+        if not torch.is_grad_enabled():
+            return
+        out[i].append(output[1].detach().numpy().copy())
+        # The Switch load-balancing loss of this call, from the router's own logits (float64):
+        # E * sum_e f_e * P_e, f_e = tokens routed to e / (T k), P_e = mean probability of e over all E.
+        with torch.no_grad():
+            logits = module.gating(args[0]).reshape(-1, module.config.num_moe_experts).double()
+        tokens, experts = logits.shape
+        k = module.config.moe_router_topk
+        counts = torch.zeros(experts, dtype=torch.float64).scatter_add_(
+            0, logits.topk(k, dim=-1).indices.reshape(-1), torch.ones(tokens * k, dtype=torch.float64))
+        aux_losses.append(float(experts * ((counts / (tokens * k)) * logits.softmax(-1).mean(0)).sum()))
+
+    aux_losses: list[float] = []
     for i, router in enumerate(routers):
-        router.register_forward_hook(
-            lambda module, args, output, i=i: out[i].append(output[1].detach().numpy().copy())
-            if torch.is_grad_enabled() else None)
+        router.register_forward_hook(lambda module, args, output, i=i: hook(module, args, output, i))
+    out.append(aux_losses)
     return out
 
 
@@ -174,3 +192,11 @@ def test_replay_routes_each_training_forward_by_the_recorded_experts(steps, loss
     plain = results[f"{loss}_ref"]["routed"]
     assert any(not np.array_equal(a, b) for layer_a, layer_b in zip(plain, got["routed"])
                for a, b in zip(layer_a[4:], layer_b[4:]))
+
+
+def test_the_load_balancing_loss_is_logged_as_its_mean_over_layers_and_micro_batches(steps):
+    _, results = steps
+    got = results["kl_cov_aux_ref"]
+    assert len(got["aux"]) == 3 * 8                            # 3 MoE layers x 2 mini-batches x 4 micro-batches
+    assert got["metrics"]["train/moe_aux_loss"] == pytest.approx(np.mean(got["aux"]), rel=1e-5)
+    assert "train/moe_aux_loss" not in results["kl_cov_ref"]["metrics"]       # off by default
