@@ -47,11 +47,14 @@ def entropy_control_layout() -> dict:
             "token covariance: median with the 10-90% band": [
                 "Margin", ["cov/q50", "cov/q10", "cov/q90"]],
             "share of tokens clipped (Clip-Cov, PPO) or penalised (KL-Cov)": [
-                "Multiline", [r"train/clip_cov_frac$", r"train/kl_cov_frac$", r"train/clip_frac_"]],
+                "Multiline", [r"train/clip_cov_frac$", r"train/kl_cov_frac$", r"train/clip_frac_",
+                              r"train/high_entropy_frac$", r"train/archer_high_frac$"]],
             "entropy-reward law R = -a exp(H) + b: ceiling (R at H = 0) and R²": [
                 "Multiline", [r"law/ceiling$", r"law/r2$"]],
             "entropy change per step: measured and predicted from the covariance": [
                 "Multiline", [r"entropy/delta_measured$", r"entropy/delta_predicted$"]],
+            "entropy change per step by token class (measured shares; each partition adds up to the total)": [
+                "Multiline", [r"entropy_class/delta_"]],
             "rollout vs trainer log-prob gap (after sync: probe gap)": [
                 "Multiline", [r"rollout/logprob_gap$", r"sync/probe_gap$"]],
             "coefficients after annealing": ["Multiline", [r"coef/"]],
