@@ -93,8 +93,8 @@ class ModelConfig:
     the training forwards of the step (and the Clip-Cov / KL-Cov selection's forward of the current policy) route
     every token to those experts, so the importance ratio pi/pi_old compares the same experts (the router's
     probabilities of those experts still get gradients). Logs moe/routing_changed_share: the share of routed
-    (token, MoE layer) pairs whose own top-k differed from the recorded one. Not with model.recompute=full.
-    policy/routing_replay.py."""
+    (token, MoE layer) pairs whose own top-k differed from the recorded one. With
+    model.recompute=full the recomputed layers route by the same recorded experts. policy/routing_replay.py."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU. float16 describes converted checkpoints
     only: a run rejects it (training has no loss scaling)."""
@@ -135,10 +135,6 @@ class ModelConfig:
 
     def _check_moe(self) -> None:
         check_positive("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, allow_zero=True)
-        if self.moe_routing_replay and self.recompute == "full":
-            # The recomputed forward in the backward would take the next micro-batch's recorded routing.
-            fail("model.moe_routing_replay", True, "is not supported with model.recompute=full yet; use "
-                 "model.recompute=selective or none, or set model.moe_routing_replay=false")
         if self.num_experts is None:
             if self.moe_routing_replay:
                 fail("model.moe_routing_replay", True, "replays experts' routing and needs a mixture-of-experts "

@@ -11,14 +11,17 @@ puts its own :class:`_LayerReplay` on each router of the actor's chunks instead.
 A router is called once per micro-batch of a forward, in the micro-batches' order, whatever the pipeline schedule
 (each layer lives on one chunk). The old-log-prob forward packs the step as each mini-batch's training step packs it
 (policy/packing.py ``parts``), so the recorded routing of mini-batch ``i`` is the run of micro-batches its own
-forward has, in the same shapes. (Full recompute would route a layer twice per micro-batch: refused in the config.)
+forward has, in the same shapes. With ``model.recompute=full`` a layer routes each micro-batch a second time, inside
+the backward (the recomputed forward); every Megatron schedule runs one chunk's backwards in the order of its
+forwards, so the ``j``-th recomputation of a layer in a forward is micro-batch ``j``: each layer keeps one cursor for
+its forwards and one for its recomputations, and both index the recorded routing by micro-batch.
 
 Example:
     replay = RoutingReplay(chunks)
     with replay.recording(micro_batch_counts):      # old log-probs: micro-batches per mini-batch, in order
         ...forward over the step...
     with replay.replaying(part=i):                 # one forward over mini-batch i (training or selection)
-        ...forward...
+        ...forward and backward (recomputed layers included)...
     replay.changed, replay.routed                  # (token, layer) pairs whose own top-k differed / all, so far
 """
 
@@ -32,11 +35,18 @@ import torch
 __all__ = ["RoutingReplay"]
 
 
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread: a router called then is the recomputed
+    forward of a checkpointed layer (model.recompute=full), not a forward of the schedule."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _LayerReplay:
-    """One router's recorded top-k indices [tokens, k] per micro-batch, in order, and the replay cursor."""
+    """One router's recorded top-k indices [tokens, k] per micro-batch, in order, and the replay cursors: the
+    micro-batch of this layer's next forward and of its next recomputed forward (see the module docstring)."""
 
     def __init__(self, owner: "RoutingReplay"):
-        self.owner, self.recorded, self.cursor = owner, [], 0
+        self.owner, self.recorded, self.cursor, self.recompute_cursor = owner, [], 0, 0
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         probs, indices = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
@@ -46,21 +56,26 @@ class _LayerReplay:
             return probs, indices
         if mode != "replay":
             return probs, indices
-        parts = self.owner.part_offsets
-        index = parts[self.owner.part] + self.cursor
-        if index >= parts[self.owner.part + 1]:
-            raise RuntimeError(f"routing replay: mini-batch {self.owner.part} has {parts[self.owner.part + 1] - parts[self.owner.part]} "
-                               "recorded micro-batches and this forward routes more; the forward must split the "
-                               "mini-batch as the old-log-prob forward did")
-        target = self.recorded[index].to(scores.device)
+        recomputed = _in_backward()
+        micro_batch = self.recompute_cursor if recomputed else self.cursor
+        parts, part = self.owner.part_offsets, self.owner.part
+        if parts[part] + micro_batch >= parts[part + 1]:
+            raise RuntimeError(f"routing replay: mini-batch {part} has {parts[part + 1] - parts[part]} recorded "
+                               f"micro-batches and this forward {'recomputes' if recomputed else 'routes'} more; "
+                               "the forward must split the mini-batch as the old-log-prob forward did")
+        target = self.recorded[parts[part] + micro_batch].to(scores.device)
         if target.shape != indices.shape:
             raise RuntimeError(f"routing replay: recorded routing {tuple(target.shape)} for {tuple(indices.shape)} "
-                               "tokens: the micro-batch differs from the recorded one")
-        self.cursor += 1
-        # A token's routing changed when its own top-k set differs from the recorded one (order aside).
-        changed = (indices.sort(dim=-1).values != target.sort(dim=-1).values).any(dim=-1)
-        self.owner.changed += changed.sum()
-        self.owner.routed += changed.numel()
+                               f"tokens of micro-batch {micro_batch}: the micro-batch differs from the recorded one")
+        if recomputed:
+            self.recompute_cursor += 1
+        else:
+            self.cursor += 1
+            # A token's routing changed when its own top-k set differs from the recorded one (order aside); a
+            # recomputation routes the same tokens again and is not counted twice.
+            changed = (indices.sort(dim=-1).values != target.sort(dim=-1).values).any(dim=-1)
+            self.owner.changed += changed.sum()
+            self.owner.routed += changed.numel()
         return scores.gather(1, target), target
 
 
@@ -112,7 +127,7 @@ class RoutingReplay:
             raise RuntimeError(f"routing replay: no routing recorded for mini-batch {part} "
                                f"({len(self.part_offsets) - 1} recorded)")
         for layer in self.layers:
-            layer.cursor = 0
+            layer.cursor = layer.recompute_cursor = 0
         self.mode, self.part = "replay", part
         try:
             yield
