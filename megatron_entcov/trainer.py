@@ -40,6 +40,7 @@ from megatron_entcov.losses.policy import TokenSelection, compute_token_selectio
 from megatron_entcov.losses.schedules import annealed_coefficients
 from megatron_entcov.monitor.dashboard import config_markdown, entropy_control_layout, source_markdown
 from megatron_entcov.monitor.entropy_classes import chosen_tokens, entropy_change_by_class, predicted_by_class
+from megatron_entcov.monitor.exact_entropy_change import exact_first_order_change
 from megatron_entcov.monitor.histograms import TokenHistograms
 from megatron_entcov.monitor.law_report import law_snapshot
 from megatron_entcov.monitor.memory import PhaseMemory
@@ -158,9 +159,10 @@ class Trainer:
                 # None off the last stage; packed as each mini-batch's training step will pack it.
                 batch.old_logprobs, batch.old_entropy = self.actor.logprobs(batch, parts=num_mini, record_routing=True)
                 self._batch_metrics(m, batch, exp)
+                before = self._exact_change_logits(batch) if self._exact_entropy_change else None
                 applied = self._updates(m, batch, histograms)
                 if cfg.metrics.measure_entropy_change and applied:
-                    self._measured_entropy_change(m, batch)
+                    self._measured_entropy_change(m, batch, before)
             self._wait_for_prefetch(m)
             with m.timed("perf/sync_time_s"), self.colocation.sync():
                 if applied:      # a step whose every update was skipped left the weights as the engine has them
@@ -296,9 +298,23 @@ class Trainer:
                    "rollout/logprob_gap": tokens.share((batch.rollout_logprobs - batch.old_logprobs).abs()),
                    "perf/tokens": tokens.local_count}, SUM)
 
-    def _measured_entropy_change(self, m: StepMetrics, batch: TrainBatch) -> None:
+    @property
+    def _exact_entropy_change(self) -> bool:
+        """metrics.exact_entropy_change_max_vocab: the padded vocabulary is small enough for the exact change."""
+        limit = self.cfg.metrics.exact_entropy_change_max_vocab
+        return self.cfg.metrics.measure_entropy_change and \
+            0 < self.cfg.model.padded_vocab_size(self.ps.tp_size) <= limit
+
+    def _exact_change_logits(self, batch: TrainBatch) -> torch.Tensor | None:
+        """The full logits of the measured change's rows (None off the last stage; collective)."""
+        rows = _subset_rows(batch.num_rows, self.cfg.metrics.entropy_change_samples, self.ps.dp_size,
+                            self.actor.micro_batch_size)
+        return self.actor.policy.full_logits(batch.rows(slice(0, rows)), min(rows, self.actor.micro_batch_size))
+
+    def _measured_entropy_change(self, m: StepMetrics, batch: TrainBatch, before: torch.Tensor | None) -> None:
         """Entropy change of the step's tokens (or the first metrics.entropy_change_samples of them, shared over
-        the replicas) under the updated weights: one extra forward over those rows."""
+        the replicas) under the updated weights: one extra forward over those rows; with ``before`` (their full
+        logits before the step, small vocabularies) also the exact first-order change (a second forward)."""
         rows = _subset_rows(batch.num_rows, self.cfg.metrics.entropy_change_samples, self.ps.dp_size,
                             self.actor.micro_batch_size)
         subset = batch.rows(slice(0, rows))
@@ -310,6 +326,13 @@ class Trainer:
                                                torch.cat(self._chosen)[:rows], group=self.ps.dp_group)
         if self.ps.owns_results:
             m.add({"entropy/delta_measured": tokens.share(new_entropy - subset.old_entropy), **by_class}, SUM)
+        if self._exact_entropy_change:      # the same tokens' full logits after the step (collective)
+            after = self._exact_change_logits(batch)
+            if self.ps.owns_results:
+                first_order = exact_first_order_change(before, after, subset.loss_mask)
+                m.add({"entropy/delta_first_order": tokens.share(first_order)}, SUM)
+            m.derive("entropy/delta_higher_order",      # the remainder beyond first order, on the same tokens
+                     lambda v: v["entropy/delta_measured"] - v["entropy/delta_first_order"])
 
     def _step_metrics(self, m: StepMetrics, exp: Experience, version: int, histograms: TokenHistograms) -> None:
         """The step's end: its token sample gathered on rank 0 (collective), the staleness of its rollouts, the
@@ -483,6 +506,8 @@ class Trainer:
         else:
             h, r = m.get("entropy/mean"), m.get("reward/mean_all")
         out = self.law.update(h, r, m.get("entropy/delta_measured"), m.get("cov/mean"), step=self.step)
+        if "entropy/delta_predicted" in out and "entropy/delta_first_order" in m:   # the estimate's own error
+            out["entropy/delta_predicted_error"] = out["entropy/delta_predicted"] - m["entropy/delta_first_order"]
         return {**out, **predicted_by_class(m, out.get("entropy/delta_slope"))}
 
     def close(self) -> None:

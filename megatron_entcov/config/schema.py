@@ -515,6 +515,13 @@ class MetricsConfig:
     entropy_change_samples: int = 0
     """Samples of the step (global; the first ones of every data-parallel replica's share) the measured entropy
     change uses; 0 = all. A subset bounds the extra forward's cost on large batches."""
+    exact_entropy_change_max_vocab: int = 4096
+    """With metrics.measure_entropy_change, when the padded vocabulary (all tensor-parallel shards) has at most
+    this many entries, also log the exact first-order entropy change of the step, -Cov_{a~pi_old}(log pi_old(a),
+    z_new(a) - z_old(a)) per state from the full softmax (entropy_law.entropy_change_first_order), as
+    entropy/delta_first_order beside the batch-covariance prediction. It costs two extra forwards over the same
+    tokens as the measured change (metrics.entropy_change_samples) and holds their full logits (rows x T x V
+    floats) between them; 0 = never."""
     law_reward: Literal["auto", "eval", "train"] = "auto"
     """What the online R = -a*exp(H) + b fit uses as R: 'eval' = held-out eval/accuracy (as the paper fits
     downstream accuracy; needs eval.interval > 0), 'train' = every sample's training reward
@@ -535,6 +542,8 @@ class MetricsConfig:
         check_positive("metrics.histogram_tokens", self.histogram_tokens, allow_zero=True)
         check_positive("metrics.law_image_interval", self.law_image_interval, allow_zero=True)
         check_positive("metrics.entropy_change_samples", self.entropy_change_samples, allow_zero=True)
+        check_positive("metrics.exact_entropy_change_max_vocab", self.exact_entropy_change_max_vocab,
+                       allow_zero=True)
         check_range("metrics.law_fit_min_points", self.law_fit_min_points, 3, 10**9)
 
 

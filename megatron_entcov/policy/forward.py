@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_entcov.config import ModelConfig
+from megatron_entcov.distributed.collectives import all_gather
 from megatron_entcov.ops.vocab_parallel import logprobs_and_entropy
 from megatron_entcov.policy.batch import TrainBatch
 from megatron_entcov.policy.packing import MicroBatch, micro_batches, scatter_rows
@@ -36,6 +37,7 @@ class PolicyForward:
         local = model_cfg.padded_vocab_size(ps.tp_size) // ps.tp_size
         self.pad_from = min(max(model_cfg.vocab_size - ps.tp_rank * local, 0), local)
         self.has_padding = self.pad_from < local
+        self.vocab_size = model_cfg.vocab_size
 
     def token_stats(self, logits: torch.Tensor, labels: torch.Tensor):
         """logits [b, T, V/tp] -> (logprobs [b, T], entropy [b, T]) in float32, differentiable."""
@@ -74,3 +76,24 @@ class PolicyForward:
             return None, None
         return (scatter_rows(batch, micro, [o["logprobs"] for o in outs]),
                 scatter_rows(batch, micro, [o["entropy"] for o in outs]))
+
+    def full_logits(self, batch: TrainBatch, micro_batch_size: int) -> torch.Tensor | None:
+        """Forward only over ``batch``: the full-vocabulary logits z / T [N, T, V] in float32 on the last stage
+        (the tensor-parallel shards gathered, the padded columns dropped: the softmax the engine samples from),
+        else None. For diagnostics on small vocabularies (it returns N x T x V floats); padded micro-batches of
+        ``micro_batch_size`` rows, whatever the training's packing (the values do not depend on it)."""
+
+        def collect(mb: MicroBatch, logits):
+            z = logits.float() / self.temperature
+            if self.ps.tp_size > 1:
+                shards = [torch.empty_like(z) for _ in range(self.ps.tp_size)]
+                all_gather(shards, z.contiguous(), group=self.ps.tp_group)
+                z = torch.cat(shards, dim=-1)
+            return logits.sum() * 0.0, {"logits": z[..., :self.vocab_size]}
+
+        micro = micro_batches(batch, micro_batch_size=micro_batch_size)
+        with torch.no_grad():
+            outs = run_microbatches(self.chunks, micro, collect, ps=self.ps, forward_only=True)
+        if not self.ps.is_last_stage:
+            return None
+        return torch.cat([o["logits"] for o in outs])

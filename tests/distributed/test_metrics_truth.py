@@ -259,6 +259,11 @@ class _Forward:
         assert out.shape[-1] == VOCAB, out.shape     # the unpadded vocabulary
         return out
 
+    def response_logits(self, sample, temperature=TEMPERATURE):
+        """[R, V] logits / temperature at the response tokens' positions (the unpadded vocabulary)."""
+        p, r = sample["prompt_ids"], sample["response_ids"]
+        return self.logits(p + r)[len(p) - 1:len(p) - 1 + len(r)] / temperature
+
     def token_stats(self, sample, temperature=TEMPERATURE):
         """(log-probs, entropies) [R] of the response tokens: full softmax of logits / temperature."""
         p, r = sample["prompt_ids"], sample["response_ids"]
@@ -274,6 +279,16 @@ class _Forward:
             if out[-1] in stop:
                 break
         return out
+
+
+def _first_order(z_old: np.ndarray, z_new: np.ndarray) -> np.ndarray:
+    """[R] the first-order entropy change per state, written out in float64: dH/dz_a = -pi_a (log pi_a + H), so
+    dH = sum_a dH/dz_a (z_new - z_old)_a (arXiv 2505.22617, section 2)."""
+    logp = z_old - z_old.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    pi = np.exp(logp)
+    entropy = -(pi * logp).sum(-1, keepdims=True)
+    return (-pi * (logp + entropy) * (z_new - z_old)).sum(-1)
 
 
 def _grpo(rewards: np.ndarray) -> np.ndarray:
@@ -347,12 +362,16 @@ def truth(run1, warm_dir):
                 lp.append(logp)
                 ent_old.append(h)
                 gap.append(np.abs(np.array(s["rollout_logprobs"]) - logp))
+            first_order = []
             for s in e["batch"]:
                 ent_new.append(fwd.use(("eval", step)).token_stats(s)[1])   # the weights after the step
+                z_new = fwd.response_logits(s).numpy()
+                first_order.append(_first_order(fwd.use(("train", step)).response_logits(s).numpy(), z_new))
             e.update({"logprobs": lp, "entropy": ent_old,
                       "entropy/mean": np.concatenate(ent_old).mean(),
                       "rollout/logprob_gap": np.concatenate(gap).mean(),
-                      "entropy/delta_measured": np.concatenate(ent_new).mean() - np.concatenate(ent_old).mean()})
+                      "entropy/delta_measured": np.concatenate(ent_new).mean() - np.concatenate(ent_old).mean(),
+                      "entropy/delta_first_order": np.concatenate(first_order).mean()})
             probes = [c for c in calls if c["phase"] == ("train", step) and c["probe"]]
             e["probes"] = [(s, fwd.use(("eval", step)).token_stats(s)[0]) for c in probes for s in c["samples"]]
             expected[step] = e
@@ -385,6 +404,7 @@ CHECKED_TAGS = {
     "rollout/response_len", "rollout/response_len_max", "rollout/stop_frac", "rollout/generated_tokens",
     "rollout/refill_rounds", "rollout/refill_shortfall", "rollout/logprob_gap",
     "entropy/mean", "entropy/delta_measured", "entropy/delta_predicted", "entropy/delta_slope", "entropy/delta_corr",
+    "entropy/delta_first_order", "entropy/delta_higher_order", "entropy/delta_predicted_error",
     "cov/mean", "cov/q10", "cov/q50", "cov/q90", "cov/q99",
     "train/kl_cov_frac", "train/clip_cov_frac", "train/clip_frac_low", "train/clip_frac_high", "train/clip_frac_dual",
     "train/loss", "train/pg_loss", "train/entropy_bonus", "train/ppo_kl", "train/grad_norm", "train/lr",
@@ -429,6 +449,27 @@ def test_entropy_and_logprob_gap_equal_a_plain_forward(truth):
         assert got["rollout/logprob_gap"] == pytest.approx(e["rollout/logprob_gap"], abs=1e-5)
         _close(got["entropy/delta_measured"], e["entropy/delta_measured"], 1e-4, f"step {step} entropy/delta")
         assert abs(e["entropy/delta_measured"]) > 1e-4, "the step did not move the entropy: the check is void"
+
+
+def test_exact_first_order_entropy_change_equals_float64_logits(truth):
+    """entropy/delta_first_order (V = 20 <= metrics.exact_entropy_change_max_vocab): the token mean of the
+    per-state first-order change from the full softmax, recomputed from plain float64 forwards of the weights
+    before and after the step; entropy/delta_higher_order is the measured change minus it, and
+    entropy/delta_predicted_error the covariance prediction minus it."""
+    checked = 0
+    for step in range(1, STEPS + 1):
+        got, e = truth["logged"][step], truth["expected"][step]
+        _close(got["entropy/delta_first_order"], e["entropy/delta_first_order"], 1e-5, f"step {step} first order")
+        assert abs(e["entropy/delta_first_order"]) > 1e-4, "no first-order change: the check is void"
+        assert got["entropy/delta_higher_order"] == pytest.approx(
+            got["entropy/delta_measured"] - got["entropy/delta_first_order"], abs=1e-7)
+        if "entropy/delta_predicted" in got:
+            assert got["entropy/delta_predicted_error"] == pytest.approx(
+                got["entropy/delta_predicted"] - got["entropy/delta_first_order"], abs=1e-7)
+            checked += 1
+        else:
+            assert "entropy/delta_predicted_error" not in got, step
+    assert checked, "no step had a covariance prediction to compare"
 
 
 def test_rewards_and_rollout_statistics_equal_the_recorded_samples(truth):
@@ -679,7 +720,7 @@ def test_sync_and_perf_metrics(truth):
 
 
 DP_EQUAL_SECTIONS = ("reward/", "rollout/", "eval/", "cov/", "law/", "coef/", "data/")
-DP_EQUAL_KEYS = {"entropy/mean", "entropy/delta_measured", "train/kl_cov_frac", "train/weight_version",
+DP_EQUAL_KEYS = {"entropy/mean", "entropy/delta_measured", "entropy/delta_first_order", "train/kl_cov_frac", "train/weight_version",
                  "train/skipped_updates", "perf/tokens", "sync/bytes"}
 
 
