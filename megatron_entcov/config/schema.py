@@ -339,10 +339,11 @@ class LossConfig:
     """Annealing of entropy_advantage_coef (base = entropy_advantage_coef)."""
     target_entropy: float = 0.0
     """Adaptive entropy control (Skywork-OR1, arXiv 2505.22312, "adaptive entropy control"): target token entropy (nats).
-    The entropy bonus coefficient c_k moves by target_entropy_delta toward the target each RL step and acts
-    only while the step's entropy is <= the target. 0 = off; released 0.2. Needs loss.entropy_coef = 0."""
+    The entropy bonus coefficient c_k moves by target_entropy_delta toward the target after each optimizer step
+    (k counts optimizer steps: optim.num_mini_batches per RL step; docs/design/losses.md) and acts only while the
+    mini-batch's entropy is <= the target. 0 = off; released 0.2. Needs loss.entropy_coef = 0."""
     target_entropy_delta: float = 0.005
-    """Adaptive entropy control: step Delta of the coefficient per RL step. Released: 0.005."""
+    """Adaptive entropy control: step Delta of the coefficient per optimizer step. Released: 0.005."""
     target_entropy_coef_init: float = 0.0
     """Adaptive entropy control: initial coefficient c_0. Released: 0."""
     archer_entropy_quantile: float = 0.8
