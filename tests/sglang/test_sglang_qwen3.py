@@ -9,6 +9,11 @@ Hugging Face names) to 1e-4, the tolerance of the other SGLang tests. Then one t
 Qwen2 has not) is pushed negated: the server's log-probs now equal transformers' with that tensor negated, and
 the probe raises SyncVerificationError; pushing it back makes the probe pass again.
 
+Qwen3-MoE: SGLang 0.5.23 cannot serve it on CPU (why: the docstring of
+test_qwen3_moe_synced_tensors_load_into_sglangs_model_class). The check that replaces the server test: SGLang's own Qwen3MoeForCausalLM, built on CPU in a subprocess with the
+SGLang venv's python, loads the tensors the trainer's weight sync sends (per-expert names) and then holds exactly
+them in its own layout. What it cannot show: a forward (generation, log-probs, the probe) with them.
+
 Run: make test-sglang   (or: .venv/bin/python -m pytest -m sglang tests/sglang/test_sglang_qwen3.py -s)
 """
 
@@ -146,3 +151,142 @@ def _check_sync_and_probe(tmp_path, model, bad_name):
 
 def test_qwen3_sync_and_probe_on_a_real_server(tmp_path):
     _check_sync_and_probe(tmp_path, QWEN3, "model.layers.0.self_attn.q_norm.weight")
+
+
+# ------------------------------------------------------------------------------------------------ Qwen3-MoE
+# Untied embeddings, as the released Qwen3-MoE models have: SGLang 0.5.23's Qwen3MoeForCausalLM ignores
+# tie_word_embeddings (its lm_head is its own parameter, loaded from lm_head.weight only), and the sync sends no
+# lm_head.weight for a tied model.
+QWEN3_MOE = QWEN3 + ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=16",
+                     "model.tie_word_embeddings=false"]
+
+# Run by the SGLang venv's python: SGLang's own Qwen3MoeForCausalLM (the class its GPU servers load; CPU servers
+# cannot serve the model, see test_qwen3_moe_synced_tensors_load_into_sglangs_model_class) built on CPU, every
+# parameter set to NaN, then load_weights() of the synced tensors; the parameters are written back out.
+SGLANG_LOAD = r"""
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+from sglang.srt.runtime_context import SpawnRanks, publish
+from sglang.srt.server_args import ServerArgs
+
+model_dir, synced, out, port = sys.argv[1:5]
+publish(ServerArgs(model_path=model_dir, device="cpu", skip_tokenizer_init=True), role="scheduler",
+        ranks=SpawnRanks(world_rank=0))
+init_distributed_environment(backend="gloo", world_size=1, rank=0, local_rank=0,
+                             distributed_init_method=f"tcp://127.0.0.1:{port}")
+initialize_model_parallel(backend="gloo")
+# The rotary embedding (no weights) takes vllm's kernel on a host it does not know as CPU (SGLANG_USE_CPU_ENGINE=1
+# would need sgl_kernel's CPU build): mark the host as CPU for that module only.
+import sglang.srt.layers.rotary_embedding.base as rope_base
+rope_base._is_cpu = True
+from transformers import AutoConfig
+from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM
+
+model = Qwen3MoeForCausalLM(config=AutoConfig.from_pretrained(model_dir))
+with torch.no_grad():
+    for p in model.parameters():
+        p.fill_(float("nan"))
+model.load_weights(list(load_file(synced).items()))
+save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, out)
+"""
+
+
+def _synced_tensors_worker(rank, world_size, run_dir):
+    """What the trainer's weight sync sends (WeightSync.push into a recording engine) for the weights in 'a'."""
+    from megatron_entcov.distributed.parallel import init_parallel
+    from megatron_entcov.trainer import Trainer
+
+    class Recorder:
+        weight_version = 0
+
+        def update_weights(self, buckets, version):
+            self.tensors = {n: t.detach().numpy().copy() for bucket in buckets for n, t in bucket}
+            self.weight_version = version
+
+    cfg = _config(QWEN3_MOE, [f"model.hf_dir={run_dir}/a", f"output_dir={run_dir}/out", "name=qwen3_moe"])
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    trainer = Trainer(cfg, ps)                          # the embedded engine: its own initial sync and probe
+    try:
+        recorder = Recorder()
+        trainer.weight_sync.push(recorder, 1)
+        return recorder.tensors                         # numpy: plain pickles back to the test process
+    finally:
+        trainer.close()
+
+
+def _sglang_params(synced: dict) -> dict:
+    """SGLang's Qwen3-MoE parameters as its loader must build them from the synced (checkpoint-named) tensors:
+    q/k/v stacked into qkv_proj, each expert's gate and up rows into w13_weight[e], its down into w2_weight[e]."""
+    out, experts = {}, {}
+    for name, t in synced.items():
+        prefix, _, rest = name.partition(".mlp.experts.")
+        if rest:
+            e, kind = rest.split(".")[:2]
+            experts.setdefault(prefix, {})[(int(e), kind)] = t
+        elif ".self_attn.q_proj." in name:
+            qkv = [synced[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat(qkv)
+        elif ".self_attn.k_proj." not in name and ".self_attn.v_proj." not in name:
+            out[name] = t
+    for prefix, ex in experts.items():
+        n = 1 + max(e for e, _ in ex)
+        out[f"{prefix}.mlp.experts.w13_weight"] = torch.stack([torch.cat([ex[e, "gate_proj"], ex[e, "up_proj"]])
+                                                               for e in range(n)])
+        out[f"{prefix}.mlp.experts.w2_weight"] = torch.stack([ex[e, "down_proj"] for e in range(n)])
+    return out
+
+
+def test_qwen3_moe_synced_tensors_load_into_sglangs_model_class(tmp_path):
+    """SGLang 0.5.23 cannot serve Qwen3-MoE on CPU, so this check replaces the real-server test for it: SGLang's own
+    Qwen3MoeForCausalLM (from the SGLang venv, in a subprocess with its python) loads the tensors the trainer's
+    weight sync sends, under their per-expert names, and every one of its parameters then equals the synced
+    tensors in SGLang's layout (stacked q/k/v, each expert's gate and up in w13_weight[e], down in w2_weight[e]),
+    bit for bit: each name was taken and each shape matched (the parameters start as NaN, so a skipped tensor
+    cannot pass).
+
+    Why not a server: with --model-impl transformers (the CPU servers' path) the Transformers backend builds the
+    experts' router weight on the meta device and materialises it with sglang.srt.utils.common.get_device(), which
+    raises "No accelerator (CUDA, XPU, HPU, NPU, MUSA, MPS) or platform plugin is available." on CPU; with SGLang's
+    native model class (--model-impl sglang) the rotary embedding imports vllm._custom_ops ("No module named
+    'vllm'"), and SGLANG_USE_CPU_ENGINE=1 needs sgl_kernel's CPU build, which is not on PyPI.
+    """
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+    from sglang_utils import load_state_dict
+
+    from megatron_entcov.distributed.net import free_port
+    from megatron_entcov.rollout.sglang.server import default_server_python
+
+    cfg = _config(QWEN3_MOE)
+    a = _peaky_dir(cfg.model, tmp_path / "a", seed=0)
+    (synced,) = run_workers(_synced_tensors_worker, 1, args=(str(tmp_path),), timeout=600)
+    synced = {n: torch.from_numpy(t) for n, t in synced.items()}
+    # The sync sends each expert under its own checkpoint name, and exactly the tensors of 'a'.
+    layers, experts = cfg.model.num_layers, cfg.model.num_experts
+    expert_names = {f"model.layers.{i}.mlp.experts.{e}.{k}.weight" for i in range(layers) for e in range(experts)
+                    for k in ("gate_proj", "up_proj", "down_proj")}
+    assert expert_names <= set(synced)
+    on_disk = load_state_dict(a)
+    assert set(synced) == set(on_disk) and all(torch.equal(synced[n], t) for n, t in on_disk.items())
+
+    save_file({n: t.contiguous() for n, t in synced.items()}, str(tmp_path / "synced.safetensors"))
+    proc = subprocess.run([default_server_python(), "-c", SGLANG_LOAD, str(a), str(tmp_path / "synced.safetensors"),
+                           str(tmp_path / "sglang_params.safetensors"), str(free_port())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "not found in params_dict" not in proc.stderr and "skipped" not in proc.stderr, proc.stderr[-4000:]
+    loaded, expected = load_file(str(tmp_path / "sglang_params.safetensors")), _sglang_params(synced)
+    assert set(loaded) == set(expected), sorted(set(loaded) ^ set(expected))
+    for name, want in expected.items():
+        got = loaded[name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            # SGLang pads the vocabulary (to a multiple of 64); the padding rows are no checkpoint's.
+            assert got.shape[1:] == want.shape[1:] and got.shape[0] >= want.shape[0], (name, got.shape, want.shape)
+            got = got[: want.shape[0]]
+        assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
+        assert torch.equal(got, want), (name, float((got - want).abs().max()))
+    print(f"\n[sglang] SGLang's Qwen3MoeForCausalLM took all {len(synced)} synced tensors "
+          f"({len(expert_names)} per-expert) into its {len(loaded)} parameters, bit for bit")
