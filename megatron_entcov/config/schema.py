@@ -613,6 +613,7 @@ class RunConfig:
         self._check_lengths()
         self._check_eval()
         self._check_launched_servers()
+        self._check_sglang_moe()
 
     def _check_model_layout(self) -> None:
         """The model's dtype and shape against the parallel layout."""
@@ -697,6 +698,25 @@ class RunConfig:
                      f"{server_tp(sg.server_args)} GPUs (rollout.sglang.server_args --tp-size) = {need} > the "
                      f"replica's parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}; "
                      "launch fewer or smaller servers, or start them elsewhere (rollout.sglang.server_urls)")
+
+    def _check_sglang_moe(self) -> None:
+        """What SGLang's (0.5.23) own Qwen3-MoE model class cannot take: a tied output layer (it keeps a separate
+        lm_head, loaded only from lm_head.weight, which the sync of a tied model never sends) and dense layers (it
+        makes every layer sparse, reading neither mlp_only_layers nor decoder_sparse_step)."""
+        m = self.model
+        if self.rollout.engine != "sglang" or not m.is_moe:
+            return
+        if m.tie_word_embeddings:
+            fail("model.tie_word_embeddings", True,
+                 "SGLang's Qwen3-MoE model keeps its own lm_head and loads it only from lm_head.weight, which the "
+                 "weight sync of a tied model does not send; use an untied checkpoint (the released Qwen3-MoE models "
+                 "are untied) or rollout.engine=local")
+        if m.moe_dense_layers or m.moe_layer_freq != 1:
+            field_name, value = (("model.moe_dense_layers", m.moe_dense_layers) if m.moe_dense_layers
+                                 else ("model.moe_layer_freq", m.moe_layer_freq))
+            fail(field_name, value, "SGLang's Qwen3-MoE model makes every layer sparse (it reads neither "
+                 "mlp_only_layers nor decoder_sparse_step), so its rollouts would come from another model; use a "
+                 "checkpoint whose layers are all MoE, or rollout.engine=local")
 
     def resolve(self, world_size: int) -> "RunConfig":
         """Check the layout against the world size and fill the derived fields. Returns self."""
