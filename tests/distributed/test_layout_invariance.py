@@ -11,10 +11,16 @@ The TensorBoard token histograms must hold the same sampled tokens (a function o
 The token-entropy family (losses/token_entropy.py) runs the same step at one process, tp2 + SP, pp2 and dp2 in
 the same two spawns: high_entropy_tokens with entropy advantage shaping and the adaptive entropy coefficient,
 archer with its global quantile, ce_gppo; their selected-token shares must agree too (the global threshold
-is the one-process one).
+is the one-process one). The random tiny model never answers right (every reward 0, every advantage 0), so for
+these runs the workers' arithmetic verifier scores by the parity of the response's character codes (as in
+test_moe_layout_invariance.py): rewards differ within groups, the same on every layout (the rollouts are), and
+the terms that scale with the advantage (the shaping and its bound, the CE-GPPO gradient outside the clip range,
+Archer's dual clip) act in the step whose weights and clip shares are compared.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -52,26 +58,49 @@ TWO_PROCESSES = {
 }
 # The token-entropy family (issue: each method layout-invariant at tp2, pp2 and dp2).
 ENTROPY_METHODS = {
-    "hent": ["loss.name=high_entropy_tokens", "loss.high_entropy_ratio=0.3", "loss.entropy_advantage_coef=0.4",
+    "hent": ["loss.name=high_entropy_tokens", "loss.high_entropy_ratio=0.3", "loss.entropy_advantage_coef=0.1",
              "loss.entropy_coef=0", "loss.target_entropy=10", "loss.target_entropy_coef_init=1.0"],
+    # Tight clips, so that tokens leave the clip range in the second mini-batch of this small step.
     "archer": ["loss.name=archer", "loss.entropy_coef=0.5", "loss.archer_quantile_scope=global",
-               "loss.archer_kl_coef=0.5"],
-    "cegppo": ["loss.name=ce_gppo", "loss.entropy_coef=0.5", "loss.ce_gppo_beta1=0.5", "loss.clip_ratio_low=0.05",
-               "loss.clip_ratio_high=0.05"],
+               "loss.archer_kl_coef=0.5", "loss.archer_low_clip_ratio=0.005", "loss.archer_high_clip_ratio=0.01"],
+    "cegppo": ["loss.name=ce_gppo", "loss.entropy_coef=0.5", "loss.ce_gppo_beta1=0.5", "loss.clip_ratio_low=0.005",
+               "loss.clip_ratio_high=0.005"],
 }
 ENTROPY_LAYOUTS = {"tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
                    "pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": []}
 SELECTED = {"hent": "train/high_entropy_frac", "archer": "train/archer_high_frac", "cegppo": "train/entropy_bonus"}
-"""A figure of each method that must be > 0 and agree across layouts. Every reward of this tiny step is 0 (A = 0),
-so the terms that scale with A (shaping, the CE-GPPO regions, Archer's clip) are checked across dp and micro-batch
-splits with synthetic advantages in test_loss_invariance.py; here the global thresholds, the token classes, the
-adaptive coefficient and the entropy terms are."""
+"""A figure of each method that must be > 0 and agree across layouts."""
+ADVANTAGE_TERMS = {"hent": ("train/adv_shaping_mean",), "archer": ("train/clip_frac_low", "train/clip_frac_high"),
+                   "cegppo": ("train/clip_frac_low", "train/clip_frac_high")}
+"""The advantage-dependent terms each method must exercise at the reference (their sum > 0; compared on every
+layout with the other figures): the shaping, and the tokens outside the clip range (Archer's per-class clip,
+CE-GPPO's bounded gradient there; they are clipped in the second mini-batch, after the first update moved pi)."""
+COMPARED = [*SELECTED.values(), "coef/adaptive_entropy_coef", "train/adv_shaping_mean", "train/adv_shaping_bound_frac",
+            "entropy/threshold", "train/clip_frac_low", "train/clip_frac_high", "train/pg_loss", "train/archer_kl",
+            "reward/mean"]
 ONE_PROCESS.update({f"ref_{method}": SGD + overrides for method, overrides in ENTROPY_METHODS.items()})
 TWO_PROCESSES.update({f"{method}_{layout}": SGD + overrides + extra for method, overrides in ENTROPY_METHODS.items()
                       for layout, extra in ENTROPY_LAYOUTS.items()})
 REFERENCE = {name: "ref_adam" if "distopt" in name else "ref_sgd" for name in [*ONE_PROCESS, *TWO_PROCESSES]}
 REFERENCE.update({name: f"ref_{name.split('_')[0]}" for name in [*ONE_PROCESS, *TWO_PROCESSES]
                   if name.split("_")[0] in ENTROPY_METHODS})
+
+
+@contextmanager
+def _score_by_text_parity(on: bool):
+    """With ``on``: the arithmetic verifier scores 1.0 when the sum of the response's character codes is even (see
+    the module docstring); the real verifier again afterwards."""
+    from megatron_entcov.tasks.arithmetic import ArithmeticVerifier
+    from megatron_entcov.tasks.verifiers import VerifyResult
+
+    real = ArithmeticVerifier.verify_one
+    if on:
+        ArithmeticVerifier.verify_one = lambda self, response, answer, index: VerifyResult(
+            1.0 if sum(map(ord, response)) % 2 == 0 else 0.0)
+    try:
+        yield
+    finally:
+        ArithmeticVerifier.verify_one = real
 
 
 def _one_step(world_size, overrides, hf_dir, out_dir, name):
@@ -84,9 +113,12 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     cfg = load_config(None, MODEL + STEP + overrides + [f"model.hf_dir={hf_dir}", f"output_dir={out_dir}",
                                                         f"name={name}"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
-    trainer = Trainer(cfg, ps)
+    parity = bool(set(name.split("_")[:2]) & set(ENTROPY_METHODS))        # "hent_dp2" and its reference "ref_hent"
+    with _score_by_text_parity(parity):
+        trainer = Trainer(cfg, ps)
     try:
-        metrics = trainer.train_step()
+        with _score_by_text_parity(parity):
+            metrics = trainer.train_step()
         # numpy: tensors would travel back through shared memory that dies with the worker.
         weights = {n: t.detach().float().numpy().copy()
                    for bucket in iter_hf_weights(trainer.actor.chunks, cfg.model, ps) for n, t in bucket}
@@ -96,8 +128,7 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     if not ps.is_rank0:
         return None
     return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac"), "tokens": metrics["perf/tokens"],
-            "selected": {key: metrics.get(key) for key in [*SELECTED.values(), "coef/adaptive_entropy_coef",
-                                                           "train/adv_shaping_mean", "entropy/threshold"]},
+            "selected": {key: metrics.get(key) for key in COMPARED},
             "entropy_control": trainer.entropy_control.state_dict(),
             "histograms": {tag: values.copy() for tag, values in trainer.step_histograms.items()}}
 
@@ -129,6 +160,10 @@ def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
     method = layout.split("_")[0]
     if method in ENTROPY_METHODS:
         assert ref["selected"][SELECTED[method]] > 0
+        assert 0 < ref["selected"]["reward/mean"] < 1, ref["selected"]["reward/mean"]      # mixed rewards
+        assert sum(abs(ref["selected"][key]) for key in ADVANTAGE_TERMS[method]) > 0, (method, ref["selected"])
+        if method == "hent":     # both branches of min(alpha H, |A| / kappa) occur
+            assert 0 < ref["selected"]["train/adv_shaping_bound_frac"] < 1, ref["selected"]
         for key, value in ref["selected"].items():
             assert (got["selected"][key] is None) == (value is None), (layout, key)
             if value is not None:
