@@ -15,7 +15,9 @@ is the one-process one). The random tiny model never answers right (every reward
 these runs the workers' arithmetic verifier scores by the parity of the response's character codes (as in
 test_moe_layout_invariance.py): rewards differ within groups, the same on every layout (the rollouts are), and
 the terms that scale with the advantage (the shaping and its bound, the CE-GPPO gradient outside the clip range,
-Archer's dual clip) act in the step whose weights and clip shares are compared.
+Archer's dual clip) act in the step whose weights and clip shares are compared. The high_entropy_tokens runs also
+log the exact first-order entropy change (entropy/delta_first_order: full logits gathered over tp, on the last
+pipeline stage), which must be the one-process value too.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ TWO_PROCESSES = {
 # The token-entropy family (issue: each method layout-invariant at tp2, pp2 and dp2).
 ENTROPY_METHODS = {
     "hent": ["loss.name=high_entropy_tokens", "loss.high_entropy_ratio=0.3", "loss.entropy_advantage_coef=0.1",
-             "loss.entropy_coef=0", "loss.target_entropy=10", "loss.target_entropy_coef_init=1.0"],
+             "loss.entropy_coef=0", "loss.target_entropy=10", "loss.target_entropy_coef_init=1.0",
+             # and the exact first-order entropy change (full logits gathered over tp, from the last stage at pp2)
+             "metrics.measure_entropy_change=true"],
     # Tight clips, so that tokens leave the clip range in the second mini-batch of this small step.
     "archer": ["loss.name=archer", "loss.entropy_coef=0.5", "loss.archer_quantile_scope=global",
                "loss.archer_kl_coef=0.5", "loss.archer_low_clip_ratio=0.005", "loss.archer_high_clip_ratio=0.01"],
@@ -77,7 +81,7 @@ layout with the other figures): the shaping, and the tokens outside the clip ran
 CE-GPPO's bounded gradient there; they are clipped in the second mini-batch, after the first update moved pi)."""
 COMPARED = [*SELECTED.values(), "coef/adaptive_entropy_coef", "train/adv_shaping_mean", "train/adv_shaping_bound_frac",
             "entropy/threshold", "train/clip_frac_low", "train/clip_frac_high", "train/pg_loss", "train/archer_kl",
-            "reward/mean"]
+            "reward/mean", "entropy/delta_first_order"]
 ONE_PROCESS.update({f"ref_{method}": SGD + overrides for method, overrides in ENTROPY_METHODS.items()})
 TWO_PROCESSES.update({f"{method}_{layout}": SGD + overrides + extra for method, overrides in ENTROPY_METHODS.items()
                       for layout, extra in ENTROPY_LAYOUTS.items()})
@@ -162,8 +166,9 @@ def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
         assert ref["selected"][SELECTED[method]] > 0
         assert 0 < ref["selected"]["reward/mean"] < 1, ref["selected"]["reward/mean"]      # mixed rewards
         assert sum(abs(ref["selected"][key]) for key in ADVANTAGE_TERMS[method]) > 0, (method, ref["selected"])
-        if method == "hent":     # both branches of min(alpha H, |A| / kappa) occur
+        if method == "hent":     # both branches of min(alpha H, |A| / kappa) occur; the weights moved the entropy
             assert 0 < ref["selected"]["train/adv_shaping_bound_frac"] < 1, ref["selected"]
+            assert abs(ref["selected"]["entropy/delta_first_order"]) > 1e-5, ref["selected"]
         for key, value in ref["selected"].items():
             assert (got["selected"][key] is None) == (value is None), (layout, key)
             if value is not None:
