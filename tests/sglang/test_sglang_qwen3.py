@@ -93,6 +93,8 @@ def _sync_and_probe_worker(rank, world_size, run_dir, model, bad_name):
         engine.update_weights(buckets(weights), version=v + 2)
         out["restored"] = probe(v + 2)
         out["verify_tol"] = cfg.weight_sync.verify_tol
+        # numpy, not tensors: a tensor sent back is a shared-memory handle that dies with the rank (a race)
+        out["weights"] = {n: t.numpy().copy() for n, t in weights.items()}
         return out
     finally:
         if trainer is not None:
@@ -122,7 +124,7 @@ def _check_sync_and_probe(tmp_path, model, bad_name):
     cfg = _config(model)
     a, b = _peaky_dir(cfg.model, tmp_path / "a", seed=0), _peaky_dir(cfg.model, tmp_path / "b", seed=1)
     (res,) = run_workers(_sync_and_probe_worker, 1, args=(str(tmp_path), model, bad_name), timeout=600)
-    weights, tol = res["weights"], res["verify_tol"]
+    weights, tol = {n: torch.from_numpy(a) for n, a in res["weights"].items()}, res["verify_tol"]
     # The trainer's weights are 'a' bit for bit (under the checkpoint names the files carry), and not 'b'.
     on_disk = load_state_dict(a)
     assert set(on_disk) <= set(weights) and all(torch.equal(weights[n], t) for n, t in on_disk.items())
