@@ -51,8 +51,10 @@ def entropy_control_layout() -> dict:
                               r"train/high_entropy_frac$", r"train/archer_high_frac$"]],
             "entropy-reward law R = -a exp(H) + b: ceiling (R at H = 0) and R²": [
                 "Multiline", [r"law/ceiling$", r"law/r2$"]],
-            "entropy change per step: measured and predicted from the covariance": [
-                "Multiline", [r"entropy/delta_measured$", r"entropy/delta_predicted$"]],
+            "entropy change per step: measured, exact first order (small vocabularies), predicted from the "
+            "covariance": [
+                "Multiline", [r"entropy/delta_measured$", r"entropy/delta_predicted$",
+                              r"entropy/delta_first_order$"]],
             "entropy change per step by token class (measured shares; each partition adds up to the total)": [
                 "Multiline", [r"entropy_class/delta_"]],
             "rollout vs trainer log-prob gap (after sync: probe gap)": [
