@@ -147,11 +147,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """Rollouts, old log-probs, one optimizer step per mini-batch, weight sync; returns the step's metrics."""
         cfg, num_mini = self.cfg, self.cfg.optim.num_mini_batches
-        m = StepMetrics(self.ps, num_mini_batches=num_mini)
-        histograms = TokenHistograms(cfg.metrics.histogram_tokens if cfg.metrics.tensorboard else 0,
-                                     num_mini_batches=num_mini, seed=cfg.seed, step=self.step + 1, ps=self.ps,
-                                     sample_chosen=cfg.loss.name != "ppo")
-        self._chosen: list = []             # each mini-batch's chosen tokens, for the per-class entropy change
+        m, histograms = StepMetrics(self.ps, num_mini_batches=num_mini), self._token_histograms()
         with m.timed("perf/step_time_s"):
             batch, exp = self._experience_batch()
             version = self.weight_version            # the trainer's weights at train time (staleness)
@@ -171,6 +167,13 @@ class Trainer:
                     self._sync_weights(m)
         self._step_metrics(m, exp, version, histograms)
         return m.reduce()
+
+    def _token_histograms(self) -> TokenHistograms:
+        """The step's sample of per-token covariance and entropy for the TensorBoard histograms."""
+        cfg = self.cfg
+        return TokenHistograms(cfg.metrics.histogram_tokens if cfg.metrics.tensorboard else 0,
+                               num_mini_batches=cfg.optim.num_mini_batches, seed=cfg.seed, step=self.step + 1,
+                               ps=self.ps, sample_chosen=cfg.loss.name != "ppo")
 
     def _experience_batch(self) -> tuple[TrainBatch, Experience]:
         """This replica's rows of the step's global experience as training rows, on every rank of its
@@ -213,7 +216,7 @@ class Trainer:
         """One optimizer step per mini-batch of ``batch``; returns how many were applied."""
         num_mini = self.cfg.optim.num_mini_batches
         progress = Progress(f"step {self.step + 1} train", num_mini, enabled=self.ps.is_rank0)
-        applied = 0
+        applied, self._chosen = 0, []      # each mini-batch's chosen tokens, for the per-class entropy change
         for index, mini in enumerate(batch.split(num_mini)):
             applied += self._update(m, mini, index, histograms)
             progress.update()
