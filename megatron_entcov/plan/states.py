@@ -112,6 +112,7 @@ def _stage_state(model: ModelConfig, parallel: ParallelConfig, world_size: int, 
     from megatron_entcov.compat import cpu as cpu_compat
     from megatron_entcov.distributed.parallel import ParallelState
     from megatron_entcov.policy.model import build_model
+    from megatron_entcov.policy.optimizer import wrap_chunks_ddp
 
     meta = torch.device("meta")
     # The local spec: the parameters (names, shapes, order within a layer aside) are Transformer Engine's too.
@@ -130,7 +131,7 @@ def _stage_state(model: ModelConfig, parallel: ParallelConfig, world_size: int, 
         layers = sum(len(c.decoder.layers) for c in chunks)
         has_embedding = any(getattr(c, "pre_process", False) for c in chunks)
         has_output = any(getattr(c, "post_process", False) for c in chunks)
-        chunks = _wrap(chunks, parallel)
+        chunks = wrap_chunks_ddp(chunks, use_distributed_optimizer=parallel.use_distributed_optimizer)
         dense = [b for c in chunks for b in c.buffers]
         experts = [b for c in chunks for b in c.expert_parallel_buffers]
         buffers = dense + experts
@@ -142,17 +143,6 @@ def _stage_state(model: ModelConfig, parallel: ParallelConfig, world_size: int, 
     return RankState(stage=ps.pp_rank, params=numel, weights_bytes=weights, grads_bytes=grads,
                      optimizer_bytes_by_dp_rank=by_rank, has_embedding=has_embedding, has_output_layer=has_output,
                      layers=layers)
-
-
-def _wrap(chunks, parallel: ParallelConfig):
-    """Megatron's DDP as policy/optimizer.py wrap_ddp builds it (the same DistributedDataParallelConfig)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=parallel.use_distributed_optimizer,
-                                               check_for_nan_in_grad=False)
-    return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-            for i, c in enumerate(chunks)]
 
 
 def _itemsize(dtype: torch.dtype) -> int:

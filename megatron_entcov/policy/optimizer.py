@@ -22,18 +22,24 @@ from megatron_entcov.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["wrap_ddp", "build_optimizer", "zero_grads", "optimizer_step"]
+__all__ = ["wrap_ddp", "wrap_chunks_ddp", "build_optimizer", "zero_grads", "optimizer_step"]
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: RunConfig) -> list[torch.nn.Module]:
     """Wrap each chunk in Megatron's DistributedDataParallel (fp32 grad buffers, grads reduced at the end
     of the step by ``finalize_model_grads``, which also syncs tied embeddings and sequence-parallel norms)."""
+    return wrap_chunks_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+
+
+def wrap_chunks_ddp(chunks: list[torch.nn.Module], *, use_distributed_optimizer: bool) -> list[torch.nn.Module]:
+    """:func:`wrap_ddp` given the layout's one setting it reads (the planner wraps meta-device chunks with it, so
+    its buffer layout is the trainer's)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,  # non-finite grads are detected and the step skipped by the trainer
     )
     wrapped = []
