@@ -184,3 +184,15 @@ def _run_once(fn, world_size: int, args: tuple, timeout: float, chosen: str) -> 
             if p.is_alive():
                 _kill_tree(p)
     return [out[r] for r in range(world_size)]
+
+
+def read_safetensors(directory) -> dict:
+    """Every tensor of the ``*.safetensors`` files of a Hugging Face directory, by name (sharded or not)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

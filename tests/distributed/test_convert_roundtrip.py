@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_workers
+from dist_utils import read_safetensors, run_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -47,15 +47,6 @@ def _make_hf_model(name: str, vocab: int):
         for p in model.parameters():
             p.normal_(0.0, 0.08)
     return model.eval()
-
-
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +171,12 @@ def test_round_trip_is_bitwise_equal(setup, name, tp, pp):
     from megatron_entcov.weights.to_hf import convert_megatron_to_hf
 
     tmp, models, _ = setup
-    want = _read_safetensors(Path(models[name]["hf_dir"]))
+    want = read_safetensors(Path(models[name]["hf_dir"]))
     out = tmp / f"{name}_tp{tp}pp{pp}_hf"
     convert_megatron_to_hf(tmp / f"{name}_tp{tp}pp{pp}", out, max_shard_size="60KB", progress=False,
                            model_config=tmp / f"{name}_mcore" / "step_000000" / "model_config.yaml",
                            hf_config_dir=models[name]["hf_dir"])
-    got = _read_safetensors(out)
+    got = read_safetensors(out)
     assert sorted(got) == sorted(want)
     different = [k for k in want if not (got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]))]
     assert different == [], f"tensors differ after the round trip: {different}"
@@ -199,7 +190,7 @@ def test_round_trip_is_bitwise_equal(setup, name, tp, pp):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_iter_hf_weights_at_tp2_pp2_reproduces_hf_state_dict(setup, name):
     tmp, models, results = setup
-    want = _read_safetensors(Path(models[name]["hf_dir"]))
+    want = read_safetensors(Path(models[name]["hf_dir"]))
     for rank, res in enumerate(results):
         got = res[f"{name}_iter"]
         assert sorted(got) == sorted(want), f"rank {rank}: names differ: {set(got) ^ set(want)}"
@@ -221,8 +212,8 @@ def test_export_from_root_with_dtype_loads_in_transformers(setup):
     # Imported in bf16 (--dtype), exported with the checkpoint's dtype: the bf16 cast of the original.
     out = tmp / "llama_bf16_back"
     convert_megatron_to_hf(tmp / "llama_bf16_mcore", out, progress=False)
-    want = _read_safetensors(Path(models["llama"]["hf_dir"]))
-    got = _read_safetensors(out)
+    want = read_safetensors(Path(models["llama"]["hf_dir"]))
+    got = read_safetensors(out)
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
     # A bare dist checkpoint + its ModelConfig only: config.json is generated, and transformers loads it.
     out = tmp / "llama_generated_config"
@@ -234,8 +225,8 @@ def test_export_from_root_with_dtype_loads_in_transformers(setup):
     assert torch.equal(logits, models["llama"]["logits"])
     out = tmp / "llama_bf16"
     convert_megatron_to_hf(tmp / "llama_mcore", out, dtype="bfloat16", progress=False)
-    want = _read_safetensors(Path(models["llama"]["hf_dir"]))
-    got = _read_safetensors(out)
+    want = read_safetensors(Path(models["llama"]["hf_dir"]))
+    got = read_safetensors(out)
     assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert (out / "tokenizer_config.json").is_file() and (out / "model.safetensors").is_file()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_workers
+from dist_utils import read_safetensors, run_workers
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -64,15 +64,6 @@ def _reference(model, ids):
     logp = torch.log_softmax(logits, dim=-1)
     labels = ids[:, 1:]
     return logp.gather(-1, labels[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
-
-
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +168,12 @@ def test_round_trip_is_bitwise_equal(setup, kind, layout):
     from megatron_entcov.weights.to_hf import convert_megatron_to_hf
 
     tmp, models, _ = setup
-    want = _read_safetensors(Path(models[kind]["hf_dir"]))
+    want = read_safetensors(Path(models[kind]["hf_dir"]))
     out = tmp / f"{kind}_{_name(layout)}_hf"
     convert_megatron_to_hf(tmp / f"{kind}_{_name(layout)}", out, max_shard_size="40KB", progress=False,
                            model_config=tmp / f"{kind}_mcore" / "step_000000" / "model_config.yaml",
                            hf_config_dir=models[kind]["hf_dir"])
-    got = _read_safetensors(out)
+    got = read_safetensors(out)
     assert sorted(got) == sorted(want)
     different = [k for k in want if not (got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]))]
     assert different == [], f"tensors differ after the round trip: {different}"
@@ -229,7 +220,7 @@ def test_weight_sync_tensors_are_the_hf_state_dict(setup, layout):
     generating ranks exactly the same, the others nothing; names are the HF (and SGLang) names."""
     tmp, models, results = setup
     kind = "dense" if "ep" not in layout else "moe"
-    want = _read_safetensors(Path(models[kind]["hf_dir"]))
+    want = read_safetensors(Path(models[kind]["hf_dir"]))
     if kind == "dense":
         want.pop("lm_head.weight", None)               # tied: the sync sends the embedding only
     key = f"{kind}_{_name(layout)}"
