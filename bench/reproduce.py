@@ -1,26 +1,34 @@
 """Reproduce the entropy-mechanism claims at CPU scale on the countdown task.
 
-    python bench/reproduce.py --seeds 1 2 3 --out runs/reproduce [--quick | --smoke] [--jobs 2]
-                              [--methods grpo clip_cov high_entropy_tokens archer ce_gppo ...] [--steps N] [--sft-checkpoint DIR] [--report-only]
+    python bench/reproduce.py --seeds 1 2 3 --out runs/reproduce [--quick | --smoke | --profile long] [--jobs 2]
+                              [--methods grpo clip_cov high_entropy_tokens archer ce_gppo ...] [--steps N]
+                              [--eval-interval N] [--sft-checkpoint DIR] [--report-only]
 
 1. SFT from scratch (configs/countdown.yaml: a 3-layer, 0.6M-parameter character model) on generated countdown
    traces, once per --out (the checkpoint is reused by every seed and method, and by a re-run into the same
    --out); the checkpoint is also written as Hugging Face weights (<out>/sft_hf) so the same runs work with
    `--set rollout.engine=sglang --set model.hf_dir=<out>/sft_hf`.
-2. RL from that checkpoint for every (method, seed): plain GRPO (PPO clip 0.2/0.2), clip-higher (0.2/0.28),
-   entropy bonus (constant and annealed to 0), Clip-Cov and KL-Cov (constant and annealed to 0). Within a seed
-   every method sees the same prompts in the same order and the same per-sample random streams (both are
-   functions of the run seed); the seed changes the RL data stream and the sampling, not the SFT checkpoint nor
-   the held-out evaluation problems (every run evaluates the same ones: eval.seed is the SFT seed).
-   Runs go to --jobs worker processes (one torch thread each), each running its share of the runs one after
-   another in one Python process.
-3. Everything is read back from the runs' TensorBoard scalars and written to <out>/summary.json (per method and
-   seed: final held-out accuracy (greedy and avg@16), pass@k, entropy, entropy drop over the first quarter, the
-   R = -a exp(H) + b fit on held-out avg@16 (and on greedy accuracy, law_greedy_*) and its ceiling, the correlation of the step's measured entropy change with -cov/mean,
-   and the curves), <out>/table.md, and the plots entropy.png, eval.png, law.png, pass_at_k.png.
+2. RL from that checkpoint for every (method, seed) (bench/reproduce_profiles.py: plain GRPO (PPO clip 0.2/0.2),
+   clip-higher, entropy bonus, Clip-Cov and KL-Cov (constant and annealed to 0; the long profile adds the released
+   settings), the token-entropy family). Within a seed every method sees the same prompts in the same order and
+   the same per-sample random streams (both are functions of the run seed); the seed changes the RL data stream
+   and the sampling, not the SFT checkpoint nor the held-out evaluation problems (every run evaluates the same
+   ones: eval.seed is the SFT seed). Runs go to --jobs worker processes (one torch thread each), each running
+   its share of the runs one after another in one Python process. The long profile keeps a checkpoint at every
+   evaluation and re-scores each (and the SFT start) at T = 0.6 after its run (bench/reproduce_rescore.py).
+3. Everything is read back from the runs' TensorBoard scalars (and rescore.json) and written to
+   <out>/summary.json (per method and seed: final held-out accuracy (greedy and avg@16), pass@k, entropy, entropy
+   drop over the first quarter, the R = -a exp(H) + b fit on held-out avg@16 (and on greedy accuracy,
+   law_greedy_*) and its ceiling, the correlation of the step's measured entropy change with -cov/mean, and the
+   curves; ``analysis``: lift against GRPO's law, the law's form, its predictive value, the mechanism's
+   correlations, seed-paired differences against GRPO and against step 0, each with its interval:
+   bench/reproduce_analysis.py), <out>/table.md, and the plots entropy.png, eval.png, law.png, pass_at_k.png
+   (bench/reproduce_report.py).
 
 Profiles: full (default; budget <= 90 min on 2 cores), --quick (<= 15 min: shorter SFT and RL, smaller
-batches), --smoke (a tiny model and a few steps: checks the pipeline end to end in make test, < 2 min).
+batches), --smoke (a tiny model and a few steps: checks the pipeline end to end in make test, < 2 min),
+--profile long (300 steps, 12 methods; ~3 h on 2 cores, sizing in docs/reproduction.md). ``--report-only``
+re-reads the runs under --out (and redoes the analysis) without training.
 """
 
 from __future__ import annotations
@@ -37,77 +45,26 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, Path(__file__).resolve().parent):      # the package, and this script's sibling modules
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+from reproduce_analysis import analyse, temperature_key  # noqa: E402
+from reproduce_profiles import (  # noqa: E402,F401  (re-exported: tests and users read them from here)
+    ALL_METHODS,
+    COMMON_RL,
+    LONG_METHODS,
+    METHODS,
+    PROFILES,
+    SFT_SEED,
+    TOKEN_ENTROPY,
+    default_methods,
+    method_overrides,
+)
+from reproduce_report import plot, write_table  # noqa: E402
+from reproduce_rescore import RESCORE_FILE, rescore_run  # noqa: E402
+
 BASE_CONFIG = ROOT / "configs" / "countdown.yaml"
-SFT_SEED = 1234  # the one SFT checkpoint every seed starts from (configs/countdown.yaml's seed)
 PASS_K = (1, 2, 4, 8, 16)
-
-# Per profile: SFT steps, RL steps, and config overrides shared by SFT and RL.
-PROFILES: dict[str, dict] = {
-    "full": {"sft_steps": 1200, "steps": 40, "set": [
-        "rollout.prompts_per_step=32", "optim.micro_batch_size=64", "eval.interval=4", "eval.num_prompts=64",
-        "eval.n_samples=16"]},
-    "quick": {"sft_steps": 800, "steps": 8, "set": [
-        "rollout.prompts_per_step=16", "optim.micro_batch_size=32", "eval.interval=4", "eval.num_prompts=32",
-        "eval.n_samples=16"]},
-    "smoke": {"sft_steps": 20, "steps": 3, "set": [
-        "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "sft.batch_size=16",
-        "sft.eval_size=4", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
-        "optim.micro_batch_size=4", "sampling.max_new_tokens=12", "eval.interval=1", "eval.num_prompts=4",
-        "eval.n_samples=16"]},
-}
-# Every run of every seed evaluates the same held-out problems (those of the SFT seed's stream): a seed changes
-# the RL prompts and the sampling, not the yardstick, so the spread over seeds is the spread of RL itself.
-COMMON_RL = ["checkpoint.save_interval=0", "metrics.entropy_change_samples=64", "metrics.law_image_interval=0",
-             "metrics.histogram_tokens=0", f"eval.seed={SFT_SEED}"]
-
-# Entropy-control coefficients at this scale (a step has ~5,000 response tokens, not millions): the quickstart's
-# Clip-Cov/KL-Cov shares with the released KL-Cov coefficient (beta = 1; the quickstart's 10 held entropy above its
-# starting value here, i.e. pinned the policy); an entropy bonus large enough to hold entropy up against the
-# policy gradient.
-CLIP_COV = ["loss.name=clip_cov", "loss.clip_cov_ratio=0.05", "loss.clip_cov_lb=1.0", "loss.clip_cov_ub=5.0"]
-KL_COV = ["loss.name=kl_cov", "loss.kl_cov_ratio=0.1", "loss.kl_cov_coef=1.0"]
-BONUS = ["loss.name=ppo", "loss.entropy_coef=0.03"]
-PPO = ["loss.clip_ratio_low=0.2", "loss.clip_ratio_high=0.2"]
-ANNEALED = {"clip_cov": "clip_cov_ratio", "kl_cov": "kl_cov_ratio", "entropy_bonus": "entropy_coef"}
-
-
-def method_overrides(steps: int, mini_batches: int) -> dict[str, list[str]]:
-    """Method name -> --set overrides. Annealed coefficients fall linearly to 0 over the first half of the run
-    (schedules count optimizer steps: mini-batches per RL step), so the second half runs unregularised."""
-    def anneal(coef: str) -> list[str]:
-        return [f"loss.{coef}_schedule.kind=linear", f"loss.{coef}_schedule.end=0.0",
-                f"loss.{coef}_schedule.steps={max(steps // 2, 1) * mini_batches}"]
-    return {
-        "grpo": ["loss.name=ppo", *PPO],
-        "clip_higher": ["loss.name=ppo", "loss.clip_ratio_low=0.2", "loss.clip_ratio_high=0.28"],
-        "entropy_bonus": [*BONUS, *PPO],
-        "entropy_bonus_annealed": [*BONUS, *PPO, *anneal(ANNEALED["entropy_bonus"])],
-        "clip_cov": [*CLIP_COV, *PPO],
-        "clip_cov_annealed": [*CLIP_COV, *PPO, *anneal(ANNEALED["clip_cov"])],
-        "kl_cov": [*KL_COV, *PPO],
-        "kl_cov_annealed": [*KL_COV, *PPO, *anneal(ANNEALED["kl_cov"])],
-        **TOKEN_ENTROPY,
-    }
-
-
-# The token-entropy family (losses/token_entropy.py), at each paper's released settings; run them with
-# --methods (they are not in the default set, whose results stay as they were). DAPO clip 0.2 / 0.28 as released.
-DAPO = ["loss.clip_ratio_low=0.2", "loss.clip_ratio_high=0.28"]
-TOKEN_ENTROPY = {
-    "high_entropy_tokens": ["loss.name=high_entropy_tokens", "loss.high_entropy_ratio=0.2", *DAPO],
-    "entropy_advantage": ["loss.name=ppo", "loss.entropy_advantage_coef=0.4", "loss.entropy_advantage_kappa=2",
-                          *PPO],
-    "target_entropy": ["loss.name=ppo", "loss.target_entropy=0.2", "loss.target_entropy_delta=0.005", *PPO],
-    "archer": ["loss.name=archer", "loss.archer_entropy_quantile=0.8", "loss.archer_low_clip_ratio=0.2",
-               "loss.archer_high_clip_ratio=0.5"],
-    "ce_gppo": ["loss.name=ce_gppo", "loss.ce_gppo_beta1=0.75", "loss.ce_gppo_beta2=1.0", *DAPO],
-}
-ALL_METHODS = tuple(method_overrides(2, 1))
-"""Every method --methods accepts."""
-METHODS = tuple(m for m in ALL_METHODS if m not in TOKEN_ENTROPY)
-"""The default set (unchanged by the token-entropy family)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,48 +127,67 @@ def run_sft(out: Path, profile: dict, reuse: Path | None = None, threads: int = 
 
 
 def run_specs(out: Path, profile: dict, seeds: list[int], methods: list[str], sft_ckpt: Path) -> list[dict]:
+    """One spec per (seed, method): its run directory and --set overrides; with the profile's eval_interval,
+    evaluation and a kept checkpoint at that interval, and the temperatures its checkpoints are re-scored at."""
     steps = profile["steps"]
     from megatron_entcov.config import load_config
 
     mini_batches = load_config(str(BASE_CONFIG), []).optim.num_mini_batches
     table = method_overrides(steps, mini_batches)
+    interval = profile.get("eval_interval")
+    kept = [] if interval is None else [f"eval.interval={interval}", f"checkpoint.save_interval={interval}",
+                                        f"checkpoint.keep_last={steps // interval + 2}"]
     specs = []
     for seed in seeds:
         for method in methods:
             sets = [f"output_dir={out / 'runs'}", f"name={method}_s{seed}", f"seed={seed}", f"steps={steps}",
-                    f"checkpoint.load={sft_ckpt}", *COMMON_RL, *profile["set"], *table[method]]
+                    f"checkpoint.load={sft_ckpt}", *COMMON_RL, *profile["set"], *kept, *table[method]]
             specs.append({"method": method, "seed": seed, "run_dir": str(out / "runs" / f"{method}_s{seed}"),
-                          "set": sets})
+                          "set": sets, "settings": table[method], "sft_checkpoint": str(sft_ckpt),
+                          "rescore": profile.get("rescore_temperatures", [])})
     return specs
 
 
+def _train(spec: dict) -> None:
+    """One RL run in this process (skipped when its done marker exists)."""
+    from megatron_entcov.config import load_config
+    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
+    from megatron_entcov.trainer import Trainer
+
+    done = Path(spec["run_dir"]) / "reproduce_done.json"
+    if done.is_file():
+        return
+    t0 = time.monotonic()
+    cfg = load_config(str(BASE_CONFIG), spec["set"])
+    cfg.resolve(1)
+    ps = init_parallel(cfg.parallel, seed=cfg.seed)
+    trainer = Trainer(cfg, ps)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    destroy_parallel()
+    done.write_text(json.dumps({"time_s": time.monotonic() - t0}))
+    print(f"[reproduce] {spec['method']} seed {spec['seed']}: {time.monotonic() - t0:.0f} s", flush=True)
+
+
 def worker(spec_file: Path) -> int:
-    """Run the RL runs of one spec file one after another in this process (one torch thread)."""
+    """Run the RL runs of one spec file one after another in this process (one torch thread), each followed by
+    its re-scoring at the spec's extra temperatures."""
     import torch
 
     torch.set_num_threads(1)
-    from megatron_entcov.config import load_config
-    from megatron_entcov.distributed.parallel import destroy_parallel, init_parallel
     from megatron_entcov.run.logs import setup_logging
-    from megatron_entcov.trainer import Trainer
 
     setup_logging(level="warning")
     for spec in json.loads(spec_file.read_text()):
-        done = Path(spec["run_dir"]) / "reproduce_done.json"
-        if done.is_file():
-            continue
-        t0 = time.monotonic()
-        cfg = load_config(str(BASE_CONFIG), spec["set"])
-        cfg.resolve(1)
-        ps = init_parallel(cfg.parallel, seed=cfg.seed)
-        trainer = Trainer(cfg, ps)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-        destroy_parallel()
-        done.write_text(json.dumps({"time_s": time.monotonic() - t0}))
-        print(f"[reproduce] {spec['method']} seed {spec['seed']}: {time.monotonic() - t0:.0f} s", flush=True)
+        _train(spec)
+        if spec.get("rescore"):
+            t0 = time.monotonic()
+            rescore_run(BASE_CONFIG, spec["set"], Path(spec["run_dir"]), Path(spec["sft_checkpoint"]),
+                        spec["rescore"])
+            print(f"[reproduce] {spec['method']} seed {spec['seed']}: re-scored at T = {spec['rescore']} in "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
     return 0
 
 
@@ -251,6 +227,35 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
         return None
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def _eval_temperature(run_dir: Path) -> float:
+    """The trainer's evaluation temperature (eval.temperature of the run's resolved config)."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    return float(cfg["eval"]["temperature"])
+
+
+def _more_curves(scalars: dict, run_dir: Path) -> dict:
+    """The exact first-order entropy change per step (entropy/delta_first_order; empty when the run did not log
+    it) and the evaluations re-scored at other temperatures (rescore.json; sorted by step)."""
+    t_first, first = _series(scalars, "entropy/delta_first_order")
+    rescored = {}
+    path = run_dir / RESCORE_FILE
+    for t, block in (json.loads(path.read_text()) if path.is_file() else {}).items():
+        order = np.argsort(block["step"])
+        rescored[temperature_key(float(t))] = {
+            key: ({k: np.asarray(v)[order].tolist() for k, v in val.items()} if isinstance(val, dict)
+                  else np.asarray(val)[order].tolist()) for key, val in block.items()}
+    return {"delta_h_first_order": first.tolist(), "delta_h_first_order_step": t_first.tolist(),
+            "eval_by_temperature": rescored}
+
+
+def _finals(block: dict) -> dict:
+    """The last evaluation of a re-scored temperature: greedy accuracy, avg@n, pass@k."""
+    return {"accuracy": block["accuracy"][-1], "mean_accuracy": block["mean_accuracy"][-1],
+            "pass_at_k": {k: v[-1] for k, v in block["pass_at_k"].items()}, "step": block["step"][-1]}
 
 
 def measure_run(run_dir: Path, steps: int) -> dict:
@@ -305,8 +310,11 @@ def measure_run(run_dir: Path, steps: int) -> dict:
             "eval_entropy": ev_h.tolist(),
             "eval_pass_at_k": {str(k): v.tolist() for k, v in pass_k.items()},
             "token_share": share,
+            **_more_curves(s, run_dir),
         },
     }
+    entry["eval_temperature"] = _eval_temperature(run_dir)
+    entry["final_by_temperature"] = {t: _finals(v) for t, v in entry["curves"]["eval_by_temperature"].items()}
     entry["law_reward"] = "eval/pass@1" if 1 in pass_k else "eval/accuracy"
     for prefix, r in (("law", mean_acc), ("law_greedy", acc)):
         try:
@@ -342,17 +350,23 @@ def seed_stats(entries: list[dict]) -> dict:
     return {key: _stats([_final(e, key) for e in entries]) for key in SUMMARY_KEYS}
 
 
-def summarise(out: Path, specs: list[dict], steps: int) -> dict:
+def summarise(out: Path, specs: list[dict], steps: int, main_temperature: float | None = None) -> dict:
+    """Every run measured, per method the seeds' mean and std and its overrides (``settings``), the goals, and
+    the analysis at ``main_temperature`` (default: the trainer's evaluation temperature)."""
     methods: dict = {}
     for spec in specs:
         entry = measure_run(Path(spec["run_dir"]), steps)
         done = Path(spec["run_dir"]) / "reproduce_done.json"
         entry["wall_s"] = json.loads(done.read_text())["time_s"] if done.is_file() else None
-        methods.setdefault(spec["method"], {"seeds": {}})["seeds"][str(spec["seed"])] = entry
+        m = methods.setdefault(spec["method"], {"settings": spec.get("settings"), "seeds": {}})
+        m["seeds"][str(spec["seed"])] = entry
     for m in methods.values():
-        seeds = m["seeds"].values()
-        m["mean"] = seed_stats(list(seeds))
-    return {"methods": methods, "goals": goals(methods)}
+        m["mean"] = seed_stats(list(m["seeds"].values()))
+    entries = [e for m in methods.values() for e in m["seeds"].values()]
+    temps = sorted({temperature_key(e["eval_temperature"]) for e in entries}
+                   | {t for e in entries for t in e["curves"]["eval_by_temperature"]}, key=float, reverse=True)
+    main = temperature_key(main_temperature if main_temperature is not None else entries[0]["eval_temperature"])
+    return {"methods": methods, "goals": goals(methods), "analysis": analyse(methods, steps, temps, main)}
 
 
 def _diff(x: float | None, y: float | None) -> float | None:
@@ -402,156 +416,87 @@ def goals(methods: dict) -> dict:
     return g
 
 
-# --------------------------------------------------------------------------------------------------
-# reporting
-# --------------------------------------------------------------------------------------------------
-
-
-def _fmt(st: dict, digits: int = 3) -> str:
-    if st["mean"] is None:
-        return "n/a"
-    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}" if st["n"] > 1 else f"{st['mean']:.{digits}f}"
-
-
-def write_table(out: Path, summary: dict) -> str:
-    rows = ["| method | eval accuracy (greedy) | eval accuracy (avg@16) | pass@16 | final entropy (eval) | "
-            "entropy drop, 1st quarter | law R² | law ceiling | corr(dH, -cov) |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in summary["methods"].items():
-        mm = m["mean"]
-        rows.append(f"| {name} | {_fmt(mm['final_eval_accuracy'])} | {_fmt(mm['final_eval_mean_accuracy'])} | "
-                    f"{_fmt(mm['final_eval_pass_at_16'])} | "
-                    f"{_fmt(mm['final_entropy'])} | {_fmt(mm['entropy_drop_first_quarter'], 2)} | "
-                    f"{_fmt(mm['law_r2'], 2)} | {_fmt(mm['law_ceiling'])} | {_fmt(mm['cov_dh_corr'], 2)} |")
-    text = "\n".join(rows) + ("\n\nmean ± sample std over seeds; the law is fitted on (held-out entropy, "
-                               "avg@16) of every evaluation\n")
-    (out / "table.md").write_text(text)
-    return text
-
-
-def plot(out: Path, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = summary["methods"]
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-
-    def per_method(ax, x_key, y_key, sub=None):
-        for name, m in methods.items():
-            for i, e in enumerate(m["seeds"].values()):
-                c = e["curves"]
-                y = c[y_key] if sub is None else c[y_key][sub]
-                ax.plot(c[x_key][:len(y)], y, color=colors[name], alpha=0.8, lw=1,
-                        label=name if i == 0 else None)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    per_method(axes[0], "step", "entropy")
-    axes[0].set(xlabel="RL step", ylabel="entropy (nats/token)", title="policy entropy on its samples")
-    for name, m in methods.items():
-        for i, e in enumerate(m["seeds"].values()):
-            c = e["curves"]
-            axes[1].scatter(-np.asarray(c["cov_mean"])[np.isin(c["cov_step"], c["delta_h_step"])],
-                            np.asarray(c["delta_h_measured"])[np.isin(c["delta_h_step"], c["cov_step"])],
-                            s=6, color=colors[name], label=name if i == 0 else None)
-    axes[1].axhline(0, color="k", lw=0.5)
-    axes[1].axvline(0, color="k", lw=0.5)
-    axes[1].set(xlabel="-cov/mean (batch Cov(log pi, A))", ylabel="measured entropy change of the step",
-                title="dH ~ -eta Cov(log pi, A)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "entropy.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
-    per_method(axes[0], "eval_step", "eval_accuracy")
-    axes[0].set(xlabel="RL step", ylabel="held-out greedy accuracy", title="held-out accuracy (greedy)")
-    per_method(axes[1], "eval_step", "eval_pass_at_k", "1")
-    axes[1].set(xlabel="RL step", ylabel="held-out avg@16", title="held-out accuracy of samples (avg@16, T = 1)")
-    per_method(axes[2], "eval_step", "eval_pass_at_k", "16")
-    axes[2].set(xlabel="RL step", ylabel="held-out pass@16", title="held-out pass@16")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "eval.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, m in methods.items():
-        for i, e in enumerate(m["seeds"].values()):
-            c = e["curves"]
-            ax.scatter(c["eval_entropy"], c["eval_mean_accuracy"], s=10, color=colors[name],
-                       label=name if i == 0 else None)
-            if e["law_a"] is not None and name == "grpo":
-                hh = np.linspace(0, max(c["eval_entropy"]) * 1.05, 50)
-                ax.plot(hh, -e["law_a"] * np.exp(hh) + e["law_b"], color=colors[name], lw=1)
-                ax.scatter([0], [e["law_ceiling"]], marker="*", s=60, color=colors[name])
-    ax.set(xlabel="held-out entropy H (nats/token)", ylabel="held-out accuracy R (avg@16, temperature 1)",
-           title="R = -a exp(H) + b (lines: GRPO fits; stars: ceiling at H = 0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "law.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, m in methods.items():
-        ks = sorted({int(k) for e in m["seeds"].values() for k in e["final_eval_pass_at_k"]})
-        vals = [np.mean([e["final_eval_pass_at_k"][str(k)] for e in m["seeds"].values()]) for k in ks]
-        ax.plot(ks, vals, marker="o", color=colors[name], label=name)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="k", ylabel="held-out pass@k (mean over seeds)", title="pass@k after RL")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "pass_at_k.png", dpi=110)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="RL seeds (default 1 2 3)")
     parser.add_argument("--out", default="runs/reproduce", help="output directory")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="the <= 15 minute profile")
-    group.add_argument("--smoke", action="store_true", help="a tiny end-to-end check (make test)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(ALL_METHODS)} "
-                        f"(default: {', '.join(METHODS)})")
+    group.add_argument("--quick", action="store_true", help="the <= 15 minute profile (= --profile quick)")
+    group.add_argument("--smoke", action="store_true", help="a tiny end-to-end check (make test; = --profile smoke)")
+    group.add_argument("--profile", choices=tuple(PROFILES), default=None, help="full (default), quick, smoke, or "
+                       "long (300 steps, 12 methods, T = 0.6 and 1, kept checkpoints; ~3 h on 2 cores)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(ALL_METHODS)} "
+                        f"(default: {', '.join(METHODS)}; long profile: {', '.join(LONG_METHODS)})")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     parser.add_argument("--steps", type=int, default=None,
                         help="RL steps per run instead of the profile's (a longer horizon; annealing follows)")
+    parser.add_argument("--eval-interval", type=int, default=None,
+                        help="long profile: evaluate, keep and re-score a checkpoint every this many steps instead "
+                             "of 25 (a short check of the long pipeline)")
     parser.add_argument("--sft-checkpoint", type=Path, default=None,
                         help="reuse this SFT checkpoints directory (<out>/sft/sft/checkpoints of an earlier run)")
     parser.add_argument("--report-only", action="store_true", help="only summarise the runs under --out")
+    parser.add_argument("--analyse-summary", type=Path, default=None, metavar="SUMMARY_JSON",
+                        help="redo only the analysis (and table.md beside it) of an existing summary.json whose "
+                             "runs are gone (its per-seed curves are all it needs)")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        return worker(args.worker)
-    bad = [m for m in args.methods if m not in ALL_METHODS]
+    return parser
+
+
+def _profile(args, parser) -> tuple[str, dict, list[str]]:
+    """(profile name, profile with the command line's overrides, methods), every bad argument refused."""
+    name = "smoke" if args.smoke else "quick" if args.quick else args.profile or "full"
+    methods = list(args.methods or default_methods(name))
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         parser.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(ALL_METHODS)}")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give at least 1 worker process")
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         parser.error(f"--seeds {args.seeds}: give distinct non-negative integers")
-    name = "smoke" if args.smoke else "quick" if args.quick else "full"
     profile = dict(PROFILES[name])
     if args.steps is not None:
         if args.steps < 1:
             parser.error(f"--steps {args.steps}: give at least 1 RL step")
         profile["steps"] = args.steps
+    if args.eval_interval is not None:
+        if "eval_interval" not in profile or args.eval_interval < 1:
+            parser.error(f"--eval-interval {args.eval_interval}: only with --profile long, and at least 1")
+        profile["eval_interval"] = args.eval_interval
+    return name, profile, methods
+
+
+def analyse_summary(path: Path) -> dict:
+    """Redo summary["analysis"] (and table.md beside it) from the per-seed curves of an existing summary.json."""
+    summary = json.loads(path.read_text())
+    entries = [e for m in summary["methods"].values() for e in m["seeds"].values()]
+    temps = sorted({temperature_key(e.get("eval_temperature", 1.0)) for e in entries}
+                   | {t for e in entries for t in e["curves"].get("eval_by_temperature", {})}, key=float, reverse=True)
+    main = temperature_key(PROFILES.get(summary.get("profile"), {}).get(
+        "main_temperature", entries[0].get("eval_temperature", 1.0)))
+    summary["analysis"] = analyse(summary["methods"], summary["steps"], temps, main)
+    path.write_text(json.dumps(summary, indent=1))
+    print(write_table(path.parent, summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return worker(args.worker)
+    if args.analyse_summary is not None:
+        analyse_summary(args.analyse_summary)
+        return 0
+    name, profile, methods = _profile(args, parser)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     sft_ckpt, sft_info = run_sft(out, profile, args.sft_checkpoint, threads=args.jobs)  # SFT runs alone
-    specs = run_specs(out, profile, args.seeds, args.methods, sft_ckpt)
+    specs = run_specs(out, profile, args.seeds, methods, sft_ckpt)
     if not args.report_only:
         run_all(out, specs, args.jobs)
-    summary = summarise(out, specs, profile["steps"])
+    summary = summarise(out, specs, profile["steps"], profile.get("main_temperature"))
     wall = time.monotonic() - t0
     if args.report_only and (out / "summary.json").is_file():  # keep the time of the run that trained
         wall = json.loads((out / "summary.json").read_text()).get("wall_time_s", wall)
