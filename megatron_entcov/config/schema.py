@@ -95,6 +95,13 @@ class ModelConfig:
     probabilities of those experts still get gradients). Logs moe/routing_changed_share: the share of routed
     (token, MoE layer) pairs whose own top-k differed from the recorded one. With
     model.recompute=full the recomputed layers route by the same recorded experts. policy/routing_replay.py."""
+    moe_routing_source: Literal["old_logprob", "rollout"] = "old_logprob"
+    """Where the replayed routing comes from (model.moe_routing_replay=true): 'old_logprob' = the old-log-prob
+    forward's own top-k; 'rollout' = the experts the SGLang servers chose while generating each token ("R3";
+    launched servers get --enable-return-routed-experts, given ones must have it): the old-log-prob forward
+    already routes every token by them (the last token of a sample and padding, which have none, by the router's
+    own top-k), so pi_old, pi and the rollout log-probs all use the rollout's experts. Needs rollout.engine=sglang
+    (Qwen3-MoE on GPU servers: SGLang cannot serve it on CPU) and context_parallel_size=1."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype; float32 on CPU, bfloat16 on GPU. float16 describes converted checkpoints
     only: a run rejects it (training has no loss scaling)."""
@@ -139,6 +146,10 @@ class ModelConfig:
             if self.moe_routing_replay:
                 fail("model.moe_routing_replay", True, "replays experts' routing and needs a mixture-of-experts "
                      "model (model.num_experts); set it false")
+        if self.moe_routing_source == "rollout" and not self.moe_routing_replay:
+            fail("model.moe_routing_source", "rollout", "chooses the routing that replay uses and needs "
+                 "model.moe_routing_replay=true; set that, or model.moe_routing_source=old_logprob")
+        if self.num_experts is None:
             return
         check_positive("model.num_experts", self.num_experts)
         if not 1 <= self.moe_router_topk <= self.num_experts:
@@ -614,6 +625,7 @@ class RunConfig:
         self._check_eval()
         self._check_launched_servers()
         self._check_sglang_moe()
+        self._check_rollout_routing()
 
     def _check_model_layout(self) -> None:
         """The model's dtype and shape against the parallel layout."""
@@ -717,6 +729,20 @@ class RunConfig:
             fail(field_name, value, "SGLang's Qwen3-MoE model makes every layer sparse (it reads neither "
                  "mlp_only_layers nor decoder_sparse_step), so its rollouts would come from another model; use a "
                  "checkpoint whose layers are all MoE, or rollout.engine=local")
+
+    def _check_rollout_routing(self) -> None:
+        """model.moe_routing_source=rollout reads each token's experts from SGLang's replies, in the token order
+        of a whole sequence: the engine must be SGLang and a sequence must not be split over context-parallel
+        ranks (the replay does not map the rollout's rows through the context-parallel layout)."""
+        if self.model.moe_routing_source != "rollout":
+            return
+        if self.rollout.engine != "sglang":
+            fail("model.moe_routing_source", "rollout", f"replays the experts the SGLang servers chose, and "
+                 f"rollout.engine={self.rollout.engine!r} reports none; set rollout.engine=sglang, or "
+                 "model.moe_routing_source=old_logprob")
+        if self.parallel.context_parallel_size != 1:
+            fail("model.moe_routing_source", "rollout", "is not mapped through the context-parallel token layout; "
+                 "set parallel.context_parallel_size=1, or model.moe_routing_source=old_logprob")
 
     def resolve(self, world_size: int) -> "RunConfig":
         """Check the layout against the world size and fill the derived fields. Returns self."""

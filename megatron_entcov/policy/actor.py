@@ -30,7 +30,7 @@ from megatron_entcov.policy.moe import aux_loss_metrics
 from megatron_entcov.policy.optimizer import build_optimizer, optimizer_step, wrap_ddp, zero_grads
 from megatron_entcov.policy.packing import MicroBatch, micro_batches
 from megatron_entcov.policy.pipeline import run_microbatches
-from megatron_entcov.policy.routing_replay import RoutingReplay
+from megatron_entcov.policy.routing_replay import RoutingReplay, rollout_routing
 
 if TYPE_CHECKING:
     from megatron_entcov.config import RunConfig
@@ -107,11 +107,24 @@ class Actor:
         context = nullcontext()
         if self.routing_replay is not None and record_routing:
             counts = [len(micro_batches(mini, micro_batch_size=mbs, **self._packing())) for mini in batch.split(parts)]
-            context = self.routing_replay.recording(counts)
+            context = self.routing_replay.recording(counts, rollout=self._rollout_routing(batch, mbs, parts))
         elif self.routing_replay is not None and self._replay_part is not None:
             context = self.routing_replay.replaying(self._replay_part)
         with context:
             return self.policy.forward(batch, mbs, parts=parts, **self._packing())
+
+    def _rollout_routing(self, batch: TrainBatch, mbs: int, parts: int) -> list[torch.Tensor] | None:
+        """model.moe_routing_source=rollout: the rollout's experts per micro-batch of the old-log-prob forward, as
+        its routers see the tokens (policy/routing_replay.py); None for the old_logprob source."""
+        if self.cfg.model.moe_routing_source != "rollout":
+            return None
+        if batch.routed_experts is None:
+            raise ValueError("model.moe_routing_source=rollout: the step's samples carry no routing "
+                             "(Sample.routed_experts); the SGLang engine asks for it (rollout.engine=sglang, servers "
+                             "with --enable-return-routed-experts), or set model.moe_routing_source=old_logprob")
+        micro = micro_batches(batch, micro_batch_size=mbs, parts=parts, **self._packing())
+        return rollout_routing(micro, batch.routed_experts, self.routing_replay.layer_numbers, tp_rank=self.ps.tp_rank,
+                               tp_size=self.ps.tp_size, sequence_parallel=self.cfg.parallel.sequence_parallel)
 
     def use_recorded_routing(self, part: int | None) -> None:
         """With model.moe_routing_replay: the forwards that follow (``logprobs``, ``train_step``) are over

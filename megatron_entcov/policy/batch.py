@@ -52,6 +52,10 @@ class TrainBatch:
     """[N, T] float32 log pi_old of the labels under the step's weights; None until the trainer computes them."""
     old_entropy: torch.Tensor | None = None
     """[N, T] float32 entropy of pi_old at each position; None until the trainer computes it."""
+    routed_experts: torch.Tensor | None = None
+    """[N, T, layers, top-k] int16 (int32 beyond 32767 experts): the rollout's experts of each position's token
+    per model layer (``Sample.routed_experts``), -1 where the rollout has none (a sample's last token, padding, a
+    sample without routing); None when no sample carries routing (model.moe_routing_source=rollout reads it)."""
 
     @property
     def num_rows(self) -> int:
@@ -115,6 +119,7 @@ def rows_from_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id
         rollout_lp[i, p - 1:p - 1 + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
     positions = torch.arange(t, dtype=torch.long)
     ids = torch.tensor(sample_ids, dtype=torch.long)
+    routed = _routed_rows(samples, t)
     return TrainBatch(
         input_ids=tokens[:, :t].contiguous(),
         position_ids=positions.expand(n, t).contiguous(),
@@ -124,4 +129,23 @@ def rows_from_samples(samples: list[Sample], advantages: torch.Tensor, *, pad_id
         rollout_logprobs=rollout_lp,
         token_keys=ids[:, None] * key_stride + positions[None, :],
         seq_lengths=torch.tensor(lengths, dtype=torch.long),
+        routed_experts=routed,
     ).to(device)
+
+
+def _routed_rows(samples: list[Sample], t: int) -> torch.Tensor | None:
+    """The samples' rollout routing as rows [N, t, layers, top-k] (-1 where there is none), or None if no sample
+    has routing. ValueError when two samples' routing has different layers or top-k."""
+    shapes = {s.routed_experts.shape[1:] for s in samples if s.routed_experts is not None}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"the samples' routed_experts have different [layers, top-k]: {sorted(shapes)}; every "
+                         "sample must come from the same model")
+    top = max(int(s.routed_experts.max(initial=0)) for s in samples if s.routed_experts is not None)
+    dtype = torch.int16 if top < 2 ** 15 else torch.int32
+    out = torch.full((len(samples), t, *shapes.pop()), -1, dtype=dtype)
+    for i, s in enumerate(samples):
+        if s.routed_experts is not None:
+            out[i, :len(s.routed_experts)] = torch.from_numpy(s.routed_experts)
+    return out

@@ -7,6 +7,9 @@ Rollout log-probs have one definition for every engine, the trainer's recomputat
 over the full (unpadded) vocabulary, at the sampled token, in float32, BEFORE any top-p/top-k truncation (with
 truncation they are biased against the sampling distribution: ``SamplingParams.truncates``).
 
+A Sample may carry the rollout's routing (``routed_experts``, MoE models with model.moe_routing_source=rollout):
+the experts the engine routed each token to, in the compact form SGLang returns them.
+
 Example:
     params = SamplingParams.from_config(cfg.sampling, seed=cfg.seed + step)
     samples = engine.generate(prompt_ids, params)            # list[Sample], one per prompt entry, in order
@@ -17,11 +20,14 @@ Design notes: docs/design/rollout.md
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 __all__ = ["FINISH_REASONS", "SamplingParams", "Sample", "mix_seed"]
 
@@ -137,6 +143,11 @@ class Sample:
     """Engine weight version that produced every token of this response."""
     index: int
     """Position of the prompt entry in the generate() call."""
+    routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    """The rollout's routing, or None (not part of ``==``: compare it with numpy): int32 [len(prompt_ids) + len(response_ids) - 1, MoE-model layers, top-k],
+    row p = the (logical, global) experts each layer routed token p of prompt + response to (the last token was
+    never run through the model, so it has no row); SGLang's ``meta_info.routed_experts`` decoded
+    (rollout/sglang/protocol.py). Only with model.moe_routing_source=rollout."""
 
     def __post_init__(self) -> None:
         if len(self.response_ids) != len(self.rollout_logprobs):
@@ -145,6 +156,13 @@ class Sample:
         if self.finish_reason not in FINISH_REASONS:
             _fail(f"Sample(index={self.index}).finish_reason", self.finish_reason,
                   f"choose one of {', '.join(map(repr, FINISH_REASONS))}")
+        r = self.routed_experts
+        rows = len(self.prompt_ids) + len(self.response_ids) - 1
+        if r is not None and not (isinstance(r, np.ndarray) and r.dtype == np.int32 and r.ndim == 3
+                                  and r.shape[0] == rows):
+            shape = getattr(r, "shape", None)
+            _fail(f"Sample(index={self.index}).routed_experts", f"{type(r).__name__} {getattr(r, 'dtype', '')} "
+                  f"{shape}", f"must be None or an int32 array [prompt + response tokens - 1 = {rows}, layers, top-k]")
 
     @property
     def num_response_tokens(self) -> int:
@@ -152,17 +170,27 @@ class Sample:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with the dataclass fields (lists copied)."""
-        return dict(prompt_ids=list(self.prompt_ids), response_ids=list(self.response_ids),
-                    rollout_logprobs=list(self.rollout_logprobs), finish_reason=self.finish_reason,
-                    weight_version=self.weight_version, index=self.index)
+        d = dict(prompt_ids=list(self.prompt_ids), response_ids=list(self.response_ids),
+                 rollout_logprobs=list(self.rollout_logprobs), finish_reason=self.finish_reason,
+                 weight_version=self.weight_version, index=self.index)
+        if self.routed_experts is not None:
+            # Compact and JSON-able: the int32 bytes (little-endian) in base64, as SGLang sends them, and the shape.
+            r = self.routed_experts
+            d["routed_experts"] = {"shape": list(r.shape),
+                                   "int32_b64": base64.b64encode(r.astype("<i4", copy=False).tobytes()).decode()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Sample:
-        """Inverse of :meth:`to_dict`; ValueError for missing or unknown keys."""
+        """Inverse of :meth:`to_dict`; ValueError for missing or unknown keys (``routed_experts`` is optional)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = names - set(d), set(d) - names
+        missing, unknown = names - set(d) - {"routed_experts"}, set(d) - names
         if missing or unknown:
             raise ValueError(f"Sample.from_dict: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+        routed = d.get("routed_experts")
+        if routed is not None:
+            routed = np.frombuffer(base64.b64decode(routed["int32_b64"]), dtype="<i4").astype(np.int32)
+            routed = routed.reshape(d["routed_experts"]["shape"])
         return cls(prompt_ids=[int(t) for t in d["prompt_ids"]], response_ids=[int(t) for t in d["response_ids"]],
                    rollout_logprobs=[float(x) for x in d["rollout_logprobs"]], finish_reason=d["finish_reason"],
-                   weight_version=int(d["weight_version"]), index=int(d["index"]))
+                   weight_version=int(d["weight_version"]), index=int(d["index"]), routed_experts=routed)

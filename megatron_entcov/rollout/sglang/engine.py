@@ -50,6 +50,7 @@ from megatron_entcov.rollout.sglang.protocol import (
     parse_generate,
     parse_version,
     request_seed,
+    routing_spec,
 )
 from megatron_entcov.rollout.sglang.server import (
     SGLangServer,
@@ -156,6 +157,8 @@ class SGLangEngine(RolloutEngine):
         _check_settings(cfg, device, gpu_ids, max_retries=max_retries, backoff_s=backoff_s)
         _check_distributed_sync(cfg, device, gpu_ids, server_python or default_server_python(device))
         self.model_cfg = model_cfg
+        self.routing = routing_spec(model_cfg)
+        """model.moe_routing_source=rollout: each reply's routing, checked against this (protocol.RoutingSpec)."""
         self.request_timeout_s = float(cfg.request_timeout_s)
         self.max_inflight = int(cfg.max_inflight)
         self.max_retries = int(max_retries)
@@ -165,6 +168,7 @@ class SGLangEngine(RolloutEngine):
         self.sync_dir = str(sync_dir) if sync_dir else None
         # None: transports.choose_master_address picks the address the route to the servers leaves from.
         self.sync_master_address = sync_master_address or cfg.sync_master_addr or None
+        self.sync_only_changed = False     # weight_sync.only_changed (from_config): leave out unchanged tensors
         self.release_memory_enabled = bool(cfg.release_memory)
         self._tmp = Path(tempfile.mkdtemp(prefix="sglang-engine-"))
         self._sync_lock = threading.Lock()     # one sync at a time
@@ -330,7 +334,9 @@ class SGLangEngine(RolloutEngine):
                       log_dir=Path(cfg.run_dir) / "sglang" / (f"dp{dp_rank}" if dp_size > 1 else ""),
                       sync_dir=cfg.rollout.sync_dir or None)
         kwargs.update(overrides)
-        return cls(cfg.model, replica, **kwargs)
+        engine = cls(cfg.model, replica, **kwargs)
+        engine.sync_only_changed = bool(cfg.weight_sync.only_changed)
+        return engine
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -438,7 +444,7 @@ class SGLangEngine(RolloutEngine):
         base = request_seed(self.seed, call) if params.seed is None else int(params.seed)
         t0 = time.monotonic()
         before = {x["name"]: x["generated_tokens"] for x in self.server_stats()}
-        payloads = generate_payloads(prompts, params, base=base, seeds=seeds)
+        payloads = generate_payloads(prompts, params, base=base, seeds=seeds, routing=self.routing is not None)
         futures = [self._requests.submit(self._generate_one, i, p, payload)
                    for i, (p, payload) in enumerate(zip(prompts, payloads))]
         samples, first_error = [], None
@@ -483,7 +489,7 @@ class SGLangEngine(RolloutEngine):
             sample = None
             try:
                 out = http_json(s.url, "/generate", payload, timeout=self.request_timeout_s)
-                sample = parse_generate(out, prompt, index)
+                sample = parse_generate(out, prompt, index, self.routing)
                 if sample.finish_reason == "abort" and not self._paused.is_set():
                     # Not our pause: the server aborted it (overload, a weight update with abort, shutdown).
                     raise ServerError(s.url, "/generate", f"aborted by the server: {out.get('meta_info', {})}")
@@ -609,7 +615,7 @@ class SGLangEngine(RolloutEngine):
                 self._transport = build_transport(self.sync_method, TransportContext(
                     model_cfg=self.model_cfg, pool=self.pool, shapes=expected_shapes(self.model_cfg),
                     sync_dir=self.sync_dir, model_dir=self.model_dir, master_address=self.sync_master_address,
-                    keep_weights=self.keep_weights))
+                    keep_weights=self.keep_weights, only_changed=self.sync_only_changed))
             targets = self.pool.syncable()
             if not targets:
                 raise NoServerLeftError("update_weights: no SGLang server left: " + "; ".join(
@@ -627,6 +633,7 @@ class SGLangEngine(RolloutEngine):
             self.pool.demote([s for s in self.pool.live() if s not in targets])
             self._weight_version = version
             self._synced = True
+            self._transport.commit()          # weight_sync.only_changed compares the next sync with this one
             dt = time.monotonic() - t0
             self.last_sync = dict(stats, method=self.sync_method, seconds=dt, servers=len(versions),
                                   bytes_per_s=stats.get("bytes", 0) / max(dt, 1e-9))

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from megatron_entcov.rollout.sglang.http import STARTUP_LIMIT, BoundedWait, ServerError, Waiter, http_json
+from megatron_entcov.rollout.sglang.protocol import routing_spec
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +91,12 @@ def server_launch_args(sg, model_cfg, device: str, *, python: str | None = None)
     """The :class:`SGLangServer` keyword arguments (besides model dir, port and log) of every server a run
     launches, the engine's own and the SLURM server nodes' alike: ``sg`` is rollout.sglang, ``model_cfg`` the
     model section, ``device`` the resolved server device. rollout.sglang.release_memory turns on SGLang's memory
-    saver (flag and environment: ``SGLangServer(memory_saver=True)``)."""
+    saver (flag and environment: ``SGLangServer(memory_saver=True)``); model.moe_routing_source=rollout adds
+    ``--enable-return-routed-experts`` (each reply then carries the experts of every token: protocol.py)."""
+    routing = ["--enable-return-routed-experts"] if routing_spec(model_cfg) is not None else []
     return dict(python=python or default_server_python(device), device=device, dtype=model_cfg.params_dtype,
                 max_total_tokens=sg.max_total_tokens or (4096 if device == "cpu" else None),
-                memory_saver=bool(sg.release_memory), extra_args=["--skip-tokenizer-init", *sg.server_args])
+                memory_saver=bool(sg.release_memory), extra_args=["--skip-tokenizer-init", *routing, *sg.server_args])
 
 
 def write_hf_model_dir(model_cfg, out_dir: str | Path, *, state_dict=None, seed: int = 0,

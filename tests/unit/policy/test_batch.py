@@ -109,6 +109,9 @@ def test_split_and_rows_slice_every_field():
     b.old_logprobs = torch.arange(24, dtype=torch.float32).view(4, 6)
     names = ["input_ids", "position_ids", "labels", "loss_mask", "advantages", "rollout_logprobs",
              "token_keys", "seq_lengths", "old_logprobs", "old_entropy"]
+    assert b.routed_experts is None          # no sample carries routing (tests/unit/rollout/test_routed_experts.py)
+    names.insert(-1, "routed_experts")
+    b.routed_experts = torch.arange(4 * 6 * 2 * 1, dtype=torch.int16).view(4, 6, 2, 1)
     assert b.seq_lengths.tolist() == [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     for parts, size in ((1, 4), (2, 2), (4, 1)):
         pieces = b.split(parts)
