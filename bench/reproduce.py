@@ -155,10 +155,14 @@ def _train(spec: dict) -> None:
     from megatron_entcov.trainer import Trainer
 
     done = Path(spec["run_dir"]) / "reproduce_done.json"
+    cfg = load_config(str(BASE_CONFIG), spec["set"])
     if done.is_file():
+        ran = json.loads(done.read_text()).get("steps", cfg.steps)
+        if ran != cfg.steps:
+            raise ValueError(f"{spec['run_dir']} holds a finished run of {ran} steps, not {cfg.steps}: give --steps "
+                             f"{ran}, or another --out for a run of {cfg.steps} steps")
         return
     t0 = time.monotonic()
-    cfg = load_config(str(BASE_CONFIG), spec["set"])
     cfg.resolve(1)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
     trainer = Trainer(cfg, ps)
@@ -167,7 +171,7 @@ def _train(spec: dict) -> None:
     finally:
         trainer.close()
     destroy_parallel()
-    done.write_text(json.dumps({"time_s": time.monotonic() - t0}))
+    done.write_text(json.dumps({"time_s": time.monotonic() - t0, "steps": cfg.steps}))
     print(f"[reproduce] {spec['method']} seed {spec['seed']}: {time.monotonic() - t0:.0f} s", flush=True)
 
 

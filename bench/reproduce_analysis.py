@@ -12,6 +12,8 @@ Input: summary["methods"] of bench/reproduce.py (per method, per seed: ``curves`
   identity, log), each fitted on the first half of a run's evaluations and scored by RMSE on the later half.
 - ``predictability``: the law fitted on the first quarter's evaluations predicts the rest from their measured
   entropy; RMSE against carrying the last first-quarter value forward.
+- ``saturation``: the slope of avg@16 against the step over the later half of each run (per 100 steps), mean
+  over seeds with its t interval: has the curve stopped rising (GRPO's is the question the long profile asks)?
 - ``mechanism``: step-level correlation of the measured entropy change with the covariance prediction
   (-cov/mean) and with the exact first-order change (entropy/delta_first_order), per method, pooled over seeds
   (Fisher interval) and per seed.
@@ -32,7 +34,7 @@ import numpy as np
 from reproduce_stats import corr_interval, paired, seed_bootstrap
 
 __all__ = ["FORMS", "analyse", "eval_points", "fit_form", "predict_form", "lift", "law_form", "predictability",
-           "mechanism", "paired_vs_reference", "vs_start", "temperature_key"]
+           "saturation", "mechanism", "paired_vs_reference", "vs_start", "temperature_key"]
 
 REFERENCE = "grpo"
 FORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -270,6 +272,29 @@ def predictability(methods: dict, temp: str, steps: int) -> dict:
                            ("law", "carry_forward"), (("law", "carry_forward"),))
 
 
+def _late_slope(p: tuple, steps: int) -> float | None:
+    """Least-squares slope of R against the step over the later half of the run (step >= steps / 2), per 100
+    steps; None with fewer than 3 such evaluations."""
+    s, _, r = p
+    late = s >= steps / 2
+    if late.sum() < 3:
+        return None
+    return float(np.polyfit(s[late], r[late], 1)[0] * 100.0)
+
+
+def saturation(methods: dict, temp: str, steps: int) -> dict:
+    """Has R stopped rising? Per method: each seed's slope of avg@16 over the later half of the run (per 100 steps)
+    and their mean with its t interval (a one-sample test against 0)."""
+    out = {}
+    for name, m in methods.items():
+        slopes = [v for v in (_late_slope(p, steps) for p in _points(m, temp).values()) if v is not None]
+        if slopes:
+            d = paired(slopes, [0.0] * len(slopes))
+            out[name] = {"slope_per_100_steps": d["mean"], "ci95": d["ci95"], "p_t": d["p_t"],
+                         "per_seed": slopes}
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # mechanism
 # --------------------------------------------------------------------------------------------------
@@ -383,19 +408,20 @@ def vs_start(methods: dict, temps: list[str], steps: int) -> dict:
 
 
 def analyse(methods: dict, steps: int, temperatures: list[str], main: str) -> dict:
-    """summary["analysis"]: lift, law_form and predictability at the main temperature (and per temperature under
-    by_temperature), mechanism, paired_vs_grpo and vs_start over every temperature."""
+    """summary["analysis"]: lift, law_form, predictability and saturation at the main temperature (the same for
+    each other temperature under by_temperature), mechanism, paired_vs_grpo and vs_start over every temperature."""
     if main not in temperatures:
         raise ValueError(f"analyse: main temperature {main!r} is not among the evaluated {temperatures}")
     per_t = {t: {"lift": lift(methods, t, steps), "law_form": law_form(methods, t, steps),
-                 "predictability": predictability(methods, t, steps)} for t in temperatures}
+                 "predictability": predictability(methods, t, steps), "saturation": saturation(methods, t, steps)}
+             for t in temperatures}
     return {
         "main_temperature": main,
         "temperatures": temperatures,
         "steps": steps,
         "reference": REFERENCE,
         **per_t[main],
-        "by_temperature": per_t,
+        "by_temperature": {t: v for t, v in per_t.items() if t != main},
         "mechanism": mechanism(methods),
         "paired_vs_grpo": paired_vs_reference(methods, temperatures, steps),
         "vs_start": vs_start(methods, temperatures, steps),
