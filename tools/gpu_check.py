@@ -76,12 +76,19 @@ PHASE_CAPS_S = {"setup": 120.0, "env": 60.0, "vocab_op": 120.0, "cuda_ipc": 60.0
                 "rl_qwen": 180.0, "gpu_tests": 150.0}
 """Each phase's own time-out; the budget left lowers it. Sized for one H100/H200 (not yet measured on one); the
 short phases run first so that a slow RL run cannot leave them unrun."""
+IPC_TIMING = {"gpu": {"nbytes": 1 << 30, "bucket_bytes": 256 << 20, "repeats": 3},
+              "cpu": {"nbytes": 64 << 20, "bucket_bytes": 16 << 20, "repeats": 2}}
+"""cuda_ipc's timed syncs (gpu_check_ipc.timed_sync): 1 GiB of float32 in 256 MiB buckets on a GPU (~1 s per
+sync expected beside the receiver's start-up), a CPU-sized run in the dry run."""
 PLANS = {
     "cuda_ipc": ["the 'tensor' weight sync's sender (transports.rank_payloads + copy_bucket_to_gpu + "
                  "serialize_cuda_ipc) turns a bf16/fp32/fp16 bucket into a CUDA IPC payload whose device is the "
                  "GPU's UUID", "a second process, without SGLang, rebuilds the tensors by that UUID as SGLang's "
                  "monkey_patch_torch_reductions does and finds every byte equal to the bucket drawn from the seed",
-                 "figures: payload and tensor bytes, serialize and receive seconds"],
+                 "figures: payload and tensor bytes, serialize and receive seconds",
+                 "timed: 1 GiB of float32 in 256 MiB flattened buckets through the 'tensor' sync's sender path "
+                 "(FlatBucket, flat_payload, serialize_cuda_ipc) to a receiver that loads them as SGLang does, "
+                 "median seconds per sync beside a device-to-device copy of the same bytes (ratio, GB/s)"],
     "nccl": ["the NCCL version of this torch (the image's) beside that of the SGLang venv's python (its torch, else "
              "its nvidia-nccl-cu* wheel: transports.server_nccl_version, as the 'distributed' sync's start-up check "
              "asks it)", "equal, or failed naming both and the fix (make gpu-nccl-align); skipped without an "
@@ -956,7 +963,10 @@ def phase_cuda_ipc(rec: Recorder, gpu: bool, out_dir: Path) -> None:
     if gpu:
         rec.check("rebuilt on the GPU the UUID names", got["devices"] == [fig["sent_from"]["device"]],
                   {"sent": fig["sent_from"], "received": got["devices"]})
-    elif all(c["ok"] for c in rec.doc["checks"]):
+    timed = gpu_check_ipc.timed_sync(sys.executable, gpu, **IPC_TIMING["gpu" if gpu else "cpu"])
+    rec.figure("sync_timing", timed)
+    rec.check("the timed syncs' receiver got the same bytes every time", timed["checksums_agree"], timed)
+    if not gpu and all(c["ok"] for c in rec.doc["checks"]):
         rec.doc["status"] = SKIPPED
         rec.doc["reason"] = ("CPU dry run: no CUDA; the two-process round trip ran over shared memory (checks "
                              "passed), the CUDA IPC by device UUID is planned")

@@ -9,6 +9,14 @@ bytes with the same bucket drawn from the seed on its own side. The sender keeps
 receiver has answered: the handles point into them.
 
     python tools/gpu_check_ipc.py receive PAYLOAD_FILE OUT_JSON     # the receiver (started by round_trip)
+    python tools/gpu_check_ipc.py serve                              # the timed receiver (started by timed_sync)
+
+Timed part (``timed_sync``): the 'tensor' sync's real sender path on a model-sized flattened bucket (the
+transport's ``FlatBucket`` packing, ``flat_payload``, ``copy_bucket_to_gpu`` and ``serialize_cuda_ipc``; shared
+memory and ``TensorTransport.serialize`` on CPU) against a long-lived receiver that rebuilds the flattened bucket as
+SGLang's ``FlattenedTensorBucket`` does and copies every tensor into its own parameters, as SGLang's loader does
+(then synchronizes its GPU): the seconds per sync from packing to the receiver's answer, beside a
+device-to-device copy (CPU: a memcpy) of the same bytes in this process, and their ratio.
 """
 
 from __future__ import annotations
@@ -118,7 +126,147 @@ def round_trip(python: str, work: Path, gpu: bool, timeout_s: float = 120.0) -> 
             "received": json.loads(answer.read_text())}
 
 
+# ------------------------------------------------------------------------------------------------ timed sync
+
+
+def serve() -> int:
+    """The timed receiver: one base64 flattened-bucket payload per stdin line; rebuild it, copy each tensor into
+    this process's parameter of that name (allocated at first sight), synchronize, answer 'ok' plus the checksum
+    of the bytes received on stdout. A line 'quit' ends it."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+    from torch.multiprocessing import reductions
+
+    reductions.rebuild_cuda_tensor = _uuid_rebuild(reductions.rebuild_cuda_tensor)
+    params: dict = {}
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        obj = ForkingPickler.loads(base64.b64decode(line))
+        flat, total = obj["flattened_tensor"], 0
+        for m in obj["metadata"]:                    # sglang's FlattenedTensorBucket.reconstruct_tensors
+            t = flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)
+            if m.name not in params:
+                params[m.name] = torch.empty_like(t)
+            params[m.name].copy_(t)                  # what the model's weight loader does
+            total += int(params[m.name].reshape(-1).view(torch.uint8)[:: 4096].sum())
+        if flat.is_cuda:
+            torch.cuda.synchronize()
+        del obj, flat
+        print(f"ok {total}", flush=True)
+    return 0
+
+
+def _model_tensors(nbytes: int, device: str, seed: int = SEED) -> list:
+    """HF-like float32 tensors of about ``nbytes`` in all (rows of 4096 values), on ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = max(1, nbytes // (4096 * 4 * 16))
+    return [(f"model.layers.{i}.w", torch.randn(rows, 4096, generator=g).to(device)) for i in range(16)]
+
+
+def _floor_s(nbytes: int, device: str, repeats: int) -> list:
+    """Seconds of a copy of ``nbytes`` between two buffers on ``device`` (device-to-device on a GPU)."""
+    import torch
+
+    src, dst = torch.ones(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8,
+                                                                                   device=device)
+    out = []
+    for _ in range(repeats + 1):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def timed_sync(python: str, gpu: bool, nbytes: int = 1 << 30, bucket_bytes: int = 256 << 20, repeats: int = 3,
+               timeout_s: float = 120.0) -> dict:
+    """Time ``repeats`` syncs of ``nbytes`` (float32 tensors, buckets of ``bucket_bytes``) by the 'tensor'
+    sync's sender path against :func:`serve` in a second process, after one warm-up sync; returns the median
+    seconds, the floor's, the ratio, GB/s and whether the receiver's checksums agree with this side's."""
+    import statistics
+
+    import torch
+
+    from megatron_entcov.rollout.sglang.staging import FlatBucket, StagingRing, bucket_nbytes
+    from megatron_entcov.rollout.sglang.transports import (
+        TensorTransport,
+        copy_bucket_to_gpu,
+        flat_payload,
+        rank_payloads,
+        serialize_cuda_ipc,
+    )
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    device = "cuda" if gpu else "cpu"
+    tensors = _model_tensors(nbytes, device)
+    total = sum(t.numel() * 4 for _, t in tensors)
+    alloc = (lambda n: torch.empty(n, dtype=torch.uint8, device="cuda")) if gpu else \
+        (lambda n: torch.empty(n, dtype=torch.uint8).share_memory_())
+    ring = StagingRing(3, alloc)
+    gpus = [torch.cuda.current_device()] if gpu else [None]
+    serialize = serialize_cuda_ipc if gpu else TensorTransport.serialize
+    proc = subprocess.Popen([python, str(Path(__file__).resolve()), "serve"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        seconds, sums = [], set()
+        for rep in range(repeats + 1):
+            t0 = time.perf_counter()
+            sums.add(_one_timed_sync(proc, tensors, bucket_bytes, ring, gpus, serialize,
+                                     FlatBucket, bucket_nbytes, flat_payload, rank_payloads, copy_bucket_to_gpu))
+            if rep:
+                seconds.append(time.perf_counter() - t0)
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    floor = statistics.median(_floor_s(total, device, repeats))
+    med = statistics.median(seconds)
+    return {"bytes": total, "bucket_bytes": bucket_bytes, "seconds": med, "seconds_all": seconds,
+            "floor": "device-to-device copy" if gpu else "memcpy", "floor_s": floor, "ratio_to_floor": med / floor,
+            "gbps": total / med / 1e9, "checksums_agree": len(sums) == 1}
+
+
+def _one_timed_sync(proc, tensors, bucket_bytes, ring, gpus, serialize, FlatBucket, bucket_nbytes, flat_payload,
+                    rank_payloads, place) -> int:
+    """One sync: pack each bucket, post it to the receiver, read its answer; the receiver's checksums summed."""
+    import torch
+
+    buckets, cur, size = [], [], 0
+    for name, t in tensors:
+        if cur and size + t.numel() * 4 > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append((name, t))
+        size += t.numel() * 4
+    buckets.append(cur)
+    total = 0
+    for bucket in buckets:
+        fb = FlatBucket(ring.current(bucket_nbytes(bucket, torch.float32)), torch.float32)
+        for name, t in bucket:
+            fb.add(name, t)
+        ring.advance()
+        (payload,) = rank_payloads(flat_payload(fb), gpus, place=place, serialize=serialize, copies={})
+        proc.stdin.write(payload + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline().split()
+        if not answer or answer[0] != "ok":
+            raise RuntimeError(f"the timed receiver answered {answer!r} (exit code {proc.poll()})")
+        total += int(answer[1])
+    return total
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 2 and sys.argv[1] == "serve":
+        sys.exit(serve())
     if len(sys.argv) != 4 or sys.argv[1] != "receive":
-        sys.exit("usage: python tools/gpu_check_ipc.py receive PAYLOAD_FILE OUT_JSON")
+        sys.exit("usage: python tools/gpu_check_ipc.py receive PAYLOAD_FILE OUT_JSON | serve")
     sys.exit(receive(Path(sys.argv[2]), Path(sys.argv[3])))

@@ -2,12 +2,14 @@
 
 A transport only moves buckets of full HF-named tensors (the engine wraps it in pause/begin/end/version/continue);
 it gets a :class:`TransportContext`, reaches the servers through the engine's ``ServerPool``, never imports
-sglang. 'disk': safetensors + ``/update_weights_from_disk`` (a file system the servers read). 'distributed': a
-process group with every server's TP ranks (gloo for CPU servers, NCCL for GPU servers), each tensor
-broadcast. 'tensor': ``/update_weights_from_tensor`` with shared-memory or CUDA IPC handles, colocated servers
-only. Each checks names and shapes (``expected_shapes``), converts to the model dtype, drops a tied
-``lm_head.weight``, drains the producer before raising; a server that dies drops out of a 'disk'/'tensor' sync,
-a 'distributed' sync fails.
+sglang. Every transport packs each bucket once into a flat staging buffer in the model dtype and sends from it on
+a pipeline thread while the next bucket is gathered (``transport_base.py``, ``staging.py``).
+'disk': each bucket written as one safetensors file straight from its staging buffer, one
+``/update_weights_from_disk`` at the end (a file system the servers read). 'distributed': a process group with
+every server's TP ranks (gloo for CPU servers, NCCL for GPU servers), one broadcast per bucket
+(``load_format="flattened_bucket"``). 'tensor' (``tensor_transport.py``): ``/update_weights_from_tensor`` with
+shared-memory or CUDA IPC handles to the flat bucket, colocated servers only. A server that dies drops out of a
+'disk'/'tensor' sync, a 'distributed' sync fails.
 
 Example:
     transport = build_transport("disk", TransportContext(model_cfg=cfg.model, pool=pool, shapes=shapes))
@@ -18,9 +20,6 @@ Design notes: docs/design/rollout.md
 
 from __future__ import annotations
 
-import abc
-import base64
-import io
 import ipaddress
 import json
 import logging
@@ -32,64 +31,40 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import torch
 
-from megatron_entcov.rollout.engine import NamedTensors, iter_named_tensors
-from megatron_entcov.rollout.sglang.http import Fanout, ServerError, http_json
-from megatron_entcov.rollout.sglang.pool import LIVE, STALE, Server, ServerPool
+from megatron_entcov.rollout.engine import NamedTensors
+from megatron_entcov.rollout.sglang.http import Fanout
+from megatron_entcov.rollout.sglang.pool import Server
+from megatron_entcov.rollout.sglang.staging import FlatBucket, SendPipeline
+from megatron_entcov.rollout.sglang.tensor_transport import (
+    TensorTransport,
+    copy_bucket_to_gpu,
+    flat_payload,
+    rank_payloads,
+    serialize_cuda_ipc,
+    server_gpu_ids,
+)
+from megatron_entcov.rollout.sglang.transport_base import (
+    PIPELINE_DEPTH,
+    SyncStats,
+    Transport,
+    TransportContext,
+    expected_shapes,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SYNC_METHODS", "SYNC_BACKENDS", "TransportContext", "expected_shapes", "build_transport",
            "choose_master_address", "route_address", "choose_sync_backend", "trainer_nccl_version",
            "server_nccl_version", "check_nccl_versions", "server_gpu_ids", "rank_payloads", "copy_bucket_to_gpu",
-           "serialize_cuda_ipc", "DiskTransport", "DistributedTransport", "TensorTransport"]
+           "serialize_cuda_ipc", "flat_payload", "DiskTransport", "DistributedTransport", "TensorTransport"]
 
 SYNC_METHODS = ("disk", "distributed", "tensor")
-
-
-@dataclass(frozen=True)
-class TransportContext:
-    """Everything a transport needs from the engine, given once at construction."""
-
-    model_cfg: Any
-    """ModelConfig of the policy: the dtype tensors are sent in, and whether the embedding is tied."""
-    pool: ServerPool
-    """The engine's servers: every request goes through its fan-out, which marks servers that died."""
-    shapes: dict[str, tuple[int, ...]]
-    """HF parameter name -> full shape (``expected_shapes``): what a sync may send."""
-    sync_dir: str | None = None
-    """'disk': parent of the per-sync safetensors directories (None = the system temp dir); the servers must
-    be able to read it."""
-    model_dir: str | None = None
-    """'disk': the launched servers' initial model directory; its config and tokenizer files are copied into
-    each synced directory, so a server can launch from it. None = servers at given URLs."""
-    master_address: str | None = None
-    """'distributed': the address the servers reach this process at (``rollout.sglang.sync_master_addr``);
-    None = chosen when the group forms (:func:`choose_master_address`)."""
-    keep_weights: Callable[[Path, int], None] | None = None
-    """'disk': called with (directory, version) after a sync that sent every tensor; the callee owns the
-    directory from then on (restarted servers launch from it). None = the directory is deleted."""
-
-
-def expected_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> shape of the policy's Hugging Face model (built on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron_entcov.config.hf import to_hf_config
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(to_hf_config(model_cfg))
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    if model_cfg.tie_word_embeddings:
-        shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
-    return shapes
 
 
 def build_transport(method: str, ctx: TransportContext) -> "Transport":
@@ -205,134 +180,58 @@ def choose_master_address(server_urls: list[str], configured: str | None = None,
     return chosen
 
 
-class Transport(abc.ABC):
-    """The common part: iterate buckets, validate, convert; raise after draining. Subclasses implement
-    ``sync``, and ``close`` when they hold something between syncs."""
-
-    device = "cpu"
-    """Where a transport wants its tensors (a GPU transport keeps gathered GPU tensors on the GPU)."""
-
-    def __init__(self, ctx: TransportContext):
-        self.ctx, self.shapes = ctx, ctx.shapes
-        self.dtype = getattr(torch, ctx.model_cfg.params_dtype)
-        self.tied = bool(ctx.model_cfg.tie_word_embeddings)
-
-    @abc.abstractmethod
-    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list[Server]) -> dict:
-        """Send every tensor to ``servers`` (inside the engine's begin/end_weight_update); ``seen`` collects the
-        names ever sent. Returns stats with at least ``bytes``, ``tensors`` and ``complete`` (every tensor was
-        sent: a stale server that got it is live again)."""
-
-    def close(self) -> None:
-        """Release what the transport holds between syncs (a process group); idempotent."""
-
-    def server_infos(self, servers: list[Server]) -> dict[Server, dict]:
-        """Each standing server's ``/server_info`` (its launch arguments: ``tp_size``, ``base_gpu_id``, ...). A
-        server that does not answer is marked by the pool and left out when it is dead."""
-        out = {}
-        for s in servers:
-            try:
-                out[s] = http_json(s.url, "/server_info", timeout=30)
-            except ServerError as err:
-                if not err.retryable:
-                    raise
-                self.ctx.pool.mark_failure(s, err)
-                if s.state in (LIVE, STALE):
-                    raise
-        return out
-
-    def tp_sizes(self, servers: list[Server]) -> dict[Server, int]:
-        """Each standing server's tensor-parallel size (``/server_info``): its ranks in a group, its payload
-        count. A server that does not answer is marked by the pool and left out when it is dead."""
-        return {s: int(info.get("tp_size", 1)) for s, info in self.server_infos(servers).items()}
-
-    def buckets(self, named_tensors: NamedTensors, errors: list):
-        """Yield lists of (name, contiguous tensor in the model dtype on ``self.device``); bad tensors go to
-        ``errors``."""
-        if isinstance(named_tensors, dict):
-            named_tensors = [list(named_tensors.items())]
-        for item in named_tensors:
-            pairs = list(iter_named_tensors([item]))
-            if errors:                           # drain: keep a collective producer going, send nothing
-                errors.extend(n for n, _ in pairs)
-                continue
-            bucket = []
-            for name, t in pairs:
-                msg = self._check(name, t)
-                if msg:
-                    errors.append(msg)
-                    break
-                if self.tied and name == "lm_head.weight":
-                    continue
-                bucket.append((name, t.detach().to(device=self.device, dtype=self.dtype).contiguous()))
-            if bucket and not errors:
-                yield bucket
-
-    def _check(self, name, t) -> str | None:
-        if not isinstance(t, torch.Tensor):
-            return f"update_weights: {name!r} is a {type(t).__name__}; expected a tensor"
-        shape = self.shapes.get(name)
-        if shape is None:
-            return (f"update_weights: unknown tensor {name!r}; expected Hugging Face names, e.g. "
-                    f"{next(iter(self.shapes))!r} ({len(self.shapes)} parameters)")
-        if tuple(t.shape) != shape:
-            return (f"update_weights: tensor {name!r} has shape {tuple(t.shape)}; expected {shape}, the full "
-                    "unsharded tensor (vocabulary UNPADDED)")
-        return None
-
-    def finish(self, errors: list, seen: set, sent: set, version: int) -> bool:
-        """Raise for bad tensors or a first sync that misses some; returns whether this sync sent every tensor
-        (a server that restarted since the last full sync needs one)."""
-        if errors:
-            more = f" (and {len(errors) - 1} more tensors after it were not sent)" if len(errors) > 1 else ""
-            raise ValueError(errors[0] + more)
-        seen |= sent
-        missing = sorted(set(self.shapes) - seen - ({"lm_head.weight"} if self.tied else set()))
-        if missing:
-            raise ValueError(f"update_weights(version={version}): {len(missing)} parameters have never been set "
-                             f"since the engine was built, e.g. {missing[:4]}; the first sync must send every tensor")
-        return not (set(self.shapes) - sent - ({"lm_head.weight"} if self.tied else set()))
-
-
 class DiskTransport(Transport):
     """Safetensors files in a temporary directory + /update_weights_from_disk on every server."""
 
-    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list[Server]) -> dict:
-        from safetensors.torch import save_file
+    skips_unchanged = False           # the directory must hold the whole model: restarted servers launch from it
 
-        errors, sent, nbytes, index = [], set(), 0, {}
+    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list[Server]) -> dict:
+        errors, st, index = [], SyncStats(), {}
         out_dir = Path(tempfile.mkdtemp(prefix=f"weights-v{version}-", dir=self.ctx.sync_dir))
         kept = False
         try:
             t0 = time.monotonic()
-            for i, bucket in enumerate(self.buckets(named_tensors, errors)):
-                fname = f"model-{i:05d}.safetensors"
-                save_file(dict(bucket), str(out_dir / fname), metadata={"format": "pt"})
-                for name, t in bucket:
-                    index[name] = fname
-                    sent.add(name)
-                    nbytes += t.numel() * t.element_size()
+            with SendPipeline(lambda fb: self._write(fb, out_dir, index, st), depth=PIPELINE_DEPTH) as pipe:
+                for fb in self.packed(named_tensors, errors, servers):
+                    pipe.submit(fb)
+                pipe.finish()
             if errors:                           # nothing reaches the servers
-                self.finish(errors, seen, sent, version)
-            (out_dir / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}))
-            if self.ctx.model_dir:
-                # config, generation config, tokenizer: what a server launched from this directory also reads
-                for f in Path(self.ctx.model_dir).iterdir():
-                    if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
-                        shutil.copy(f, out_dir / f.name)
+                self.finish(errors, seen, st.sent, version)
+            self._write_index(out_dir, index, st.nbytes)
             t_write = time.monotonic() - t0
             self.ctx.pool.post_all(servers, "/update_weights_from_disk",
                                    {"model_path": str(out_dir), "flush_cache": False})
             t_load = time.monotonic() - t0 - t_write
-            complete = self.finish(errors, seen, sent, version)
+            complete = self.finish(errors, seen, st.sent, version)
             if complete and self.ctx.keep_weights is not None:    # restarted servers launch from these weights
                 self.ctx.keep_weights(out_dir, version)
                 kept = True
         finally:
             if not kept:
                 shutil.rmtree(out_dir, ignore_errors=True)
-        return {"bytes": nbytes, "tensors": len(sent), "write_s": t_write, "load_s": t_load, "complete": complete}
+        return self.stats(st, complete, write_s=t_write, load_s=t_load)
+
+    @staticmethod
+    def _write(fb: FlatBucket, out_dir: Path, index: dict, st: SyncStats) -> None:
+        """One safetensors file: the header, then the staging buffer as it is (its layout is the data section's),
+        written on the pipeline thread while the next bucket is packed."""
+        fname = f"model-{st.buckets:05d}.safetensors"
+        flat = fb.flat if fb.flat.device.type == "cpu" else fb.flat.cpu()
+        with open(out_dir / fname, "wb") as f:
+            f.write(fb.safetensors_header())
+            f.write(memoryview(flat.numpy()))
+        index.update(dict.fromkeys(fb.names, fname))
+        st.add(fb)
+
+    def _write_index(self, out_dir: Path, index: dict, nbytes: int) -> None:
+        """The shard index, and the initial model directory's other files (config, generation config,
+        tokenizer: what a server launched from this directory also reads)."""
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}))
+        if self.ctx.model_dir:
+            for f in Path(self.ctx.model_dir).iterdir():
+                if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
+                    shutil.copy(f, out_dir / f.name)
 
 
 SYNC_BACKENDS = ("gloo", "nccl")
@@ -439,23 +338,12 @@ class DistributedTransport(Transport):
         if self.pg is None or [s.url for s in servers] != self.servers:
             self.close()                 # the servers changed (one died or came back): form a new group
             servers = self._init_group(servers)
-        errors, sent, nbytes, n_buckets = [], set(), 0, 0
+        errors, st = [], SyncStats()
         try:
-            for bucket in self.buckets(named_tensors, errors):
-                n_buckets += 1
-                payload = {"names": [n for n, _ in bucket],
-                           "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                           "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                           "flush_cache": False}
-                fan = Fanout(self.servers, "/update_weights_from_distributed", payload,
-                             timeout=self.timeout.total_seconds())
-                for _, t in bucket:
-                    # Servers post one receive per tensor in the same order (weight_updater.py); src is rank 0.
-                    self._broadcast(t)
-                    nbytes += t.numel() * t.element_size()
-                self.ctx.pool.settle(fan, servers, check=False)    # marks a server that died
-                fan.check()                                         # and fails the sync for any failure
-                sent.update(n for n, _ in bucket)
+            with SendPipeline(lambda fb: self._send(fb, servers, version, st), depth=PIPELINE_DEPTH) as pipe:
+                for fb in self.packed(named_tensors, errors, servers):
+                    pipe.submit(fb)
+                pipe.finish()
         except BaseException as err:
             # A broadcast group cannot lose a member mid-sync: this sync fails (a dead server is marked, and
             # restarted when launched here); the next one forms a new group with the servers then standing.
@@ -464,8 +352,27 @@ class DistributedTransport(Transport):
                 raise RuntimeError(f"weight sync 'distributed' to version {version} failed: {err}. The group is "
                                    "dissolved; the next sync forms a new one without dead servers") from err
             raise
-        complete = self.finish(errors, seen, sent, version)
-        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}
+        finally:
+            if self.backend == "nccl":
+                self.ring.clear()        # GPU staging goes back to the allocator (colocated servers need it)
+        return self.stats(st, self.finish(errors, seen, st.sent, version))
+
+    def _send(self, fb: FlatBucket, servers: list[Server], version: int, st: SyncStats) -> None:
+        """One bucket on the pipeline thread: every server is told its names, dtypes and shapes (SGLang's
+        ``load_format="flattened_bucket"``: it receives one uint8 tensor and views its slices), this process
+        broadcasts the packed bytes, and every server must answer before the next bucket."""
+        payload = {"names": fb.names, "dtypes": [str(self.dtype).removeprefix("torch.")] * len(fb.entries),
+                   "shapes": [list(shape) for _, shape, _, _ in fb.entries], "group_name": self.group_name,
+                   "flush_cache": False, "load_format": "flattened_bucket"}
+        fan = Fanout(self.servers, "/update_weights_from_distributed", payload, timeout=self.timeout.total_seconds())
+        self._broadcast(fb.flat)
+        self.ctx.pool.settle(fan, servers, check=False)    # marks a server that died
+        fan.check()                                         # and fails the sync for any failure
+        st.add(fb)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """Staging where the group's backend broadcasts from (NCCL: this process's GPU; gloo: host memory)."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     @property
     def device(self) -> str:
@@ -572,165 +479,3 @@ def check_nccl_versions(server_python: str | None, servers: str) -> None:
     logger.info("weight sync 'distributed': NCCL %s in this process and %s", mine, servers)
 
 
-# ---------------------------------------------------------------------------------------------- tensor payloads
-
-
-Bucket = list  # [(hf_name, tensor), ...]
-
-
-def server_gpu_ids(info: dict, url: str) -> list[int]:
-    """The GPU of each tensor-parallel rank of an SGLang server, from its ``/server_info``: SGLang puts tp rank r
-    of a one-node, one-stage server on ``base_gpu_id + r * gpu_id_step`` (its engine's scheduler launch). These
-    are indices in the server's launch numbering, which is this process's for the colocated servers the engine
-    launches (they inherit its CUDA_VISIBLE_DEVICES). ValueError for layouts one payload per tp rank cannot
-    serve (pipeline stages, several nodes)."""
-    tp = int(info.get("tp_size", 1))
-    pp, nnodes = int(info.get("pp_size", 1)), int(info.get("nnodes", 1))
-    if pp != 1 or nnodes != 1:
-        raise ValueError(f"weight sync 'tensor' to {url}: the server runs pp_size={pp} over nnodes={nnodes}; CUDA "
-                         "IPC payloads go one per tensor-parallel rank of a one-node server: launch it with "
-                         "--pp-size 1 on one node, or set rollout.sglang.sync_method to 'distributed' or 'disk'")
-    base, step = int(info.get("base_gpu_id", 0)), int(info.get("gpu_id_step", 1))
-    return [base + r * step for r in range(tp)]
-
-
-def rank_payloads(bucket: Bucket, gpus: list[int | None], *, place: Callable[[Bucket, int], Bucket],
-                  serialize: Callable[[Bucket], str], copies: dict) -> list[str]:
-    """``serialized_named_tensors`` for one server: entry r is the bucket on ``gpus[r]``, serialized for tp rank
-    r alone (sglang's scheduler deserializes only its own entry; one IPC handle opened by two ranks would break
-    the sender's CUDA-IPC reference counts).
-
-    Args:
-        bucket: [(name, tensor), ...] as the trainer produced it (on its own device).
-        gpus: the GPU of each tp rank (:func:`server_gpu_ids`), or None where the bucket is sent as it is (CPU
-            shared memory).
-        place: (bucket, gpu) -> the bucket on that GPU (:func:`copy_bucket_to_gpu`).
-        serialize: a bucket -> its base64 payload (:func:`serialize_cuda_ipc`, ``TensorTransport.serialize``).
-        copies: gpu -> that GPU's copy, shared by every server rank on the GPU (and across servers); the caller
-            keeps it alive until every server has answered: the IPC handles point into it.
-    """
-    payloads = []
-    for gpu in gpus:
-        if gpu is None:
-            placed = bucket
-        else:
-            if gpu not in copies:
-                copies[gpu] = place(bucket, gpu)
-            placed = copies[gpu]
-        payloads.append(serialize(placed))
-    return payloads
-
-
-def copy_bucket_to_gpu(bucket: Bucket, gpu: int) -> Bucket:
-    """The bucket on GPU ``gpu`` (tensors already there are not copied), the copies complete when it returns."""
-    device = torch.device("cuda", gpu)
-    out = [(name, t.to(device)) for name, t in bucket]
-    torch.cuda.synchronize(device)
-    return out
-
-
-_REDUCE_TENSOR_DEVICE_ARG = 6
-"""Index of the device in the arguments torch's ``reduce_tensor`` gives ``rebuild_cuda_tensor`` (what sglang's
-patch_torch.py rewrites too)."""
-
-
-def _with_device_uuid(rebuild, args: tuple, uuid_of: Callable[[int], str]) -> tuple:
-    """``reduce_tensor``'s arguments with a CUDA tensor's device index replaced by its GPU's UUID."""
-    from torch.multiprocessing import reductions
-
-    if rebuild is not reductions.rebuild_cuda_tensor:
-        return args                       # a host tensor: shared memory, no device
-    index = args[_REDUCE_TENSOR_DEVICE_ARG]
-    if not isinstance(index, int):
-        raise RuntimeError(f"torch's reduce_tensor gave {type(index).__name__} {index!r} where the CUDA device index "
-                           f"was expected (argument {_REDUCE_TENSOR_DEVICE_ARG}); this torch changed its layout")
-    return (*args[:_REDUCE_TENSOR_DEVICE_ARG], uuid_of(index), *args[_REDUCE_TENSOR_DEVICE_ARG + 1:])
-
-
-def _cuda_uuid(index: int) -> str:
-    return str(torch.cuda.get_device_properties(index).uuid)
-
-
-def _reduce_tensor_with_device_uuid(tensor: torch.Tensor):
-    from torch.multiprocessing import reductions
-
-    rebuild, args = reductions.reduce_tensor(tensor)
-    return rebuild, _with_device_uuid(rebuild, args, _cuda_uuid)
-
-
-def serialize_cuda_ipc(obj) -> str:
-    """What sglang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` produces after its
-    ``monkey_patch_torch_reductions`` (as sglang's own senders run it): CUDA tensors as IPC handles whose device
-    is the GPU's UUID, not this process's device index. The receiving scheduler applies the same patch before it
-    deserializes, and maps the UUID to its own index: right even when its device numbering differs from ours.
-    This process's torch is left unpatched (the reduction is set on this pickler only)."""
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401 - registers torch's reductions with ForkingPickler
-
-    buf = io.BytesIO()
-    pickler = ForkingPickler(buf)
-    pickler.dispatch_table[torch.Tensor] = _reduce_tensor_with_device_uuid
-    pickler.dump(obj)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-class TensorTransport(Transport):
-    """/update_weights_from_tensor with ForkingPickler payloads, one per server tp rank (shared memory on CPU,
-    CUDA IPC handles to a copy on each rank's own GPU)."""
-
-    def __init__(self, ctx: TransportContext, *, place: Callable[[Bucket, int], Bucket] | None = None,
-                 serialize: Callable[[Bucket], str] | None = None):
-        """
-        Args:
-            place: (bucket, gpu index) -> the bucket on that GPU; default :func:`copy_bucket_to_gpu` when this
-                process has CUDA. Given (a test on CPU), payloads are built per server GPU as on a GPU machine.
-            serialize: bucket -> payload; default :func:`serialize_cuda_ipc` with CUDA, else
-                :meth:`serialize` (plain ForkingPickler: shared memory).
-        """
-        super().__init__(ctx)
-        import torch.multiprocessing as tmp
-
-        # Registers torch's tensor reductions with ForkingPickler; file_system: see docs/design/rollout.md.
-        tmp.set_sharing_strategy("file_system")
-        cuda = torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        self.per_gpu = cuda or place is not None
-        self.place = place or copy_bucket_to_gpu
-        self.serialize_bucket = serialize or (serialize_cuda_ipc if cuda else self.serialize)
-
-    @staticmethod
-    def serialize(obj) -> str:
-        """What sglang's MultiprocessingSerializer.serialize(obj, output_str=True) produces."""
-        from multiprocessing.reduction import ForkingPickler
-
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(obj)
-        return base64.b64encode(buf.getvalue()).decode("ascii")
-
-    def sync(self, named_tensors: NamedTensors, version: int, seen: set, servers: list[Server]) -> dict:
-        infos = self.server_infos(servers)
-        servers = list(infos)
-        gpus = {s: server_gpu_ids(info, s.url) if self.per_gpu else [None] * int(info.get("tp_size", 1))
-                for s, info in infos.items()}
-        errors, sent, nbytes, n_buckets = [], set(), 0, 0
-        for bucket in self.buckets(named_tensors, errors):
-            n_buckets += 1
-            # `bucket` and `copies` stay alive until every server has answered: CUDA IPC handles and
-            # shared-memory files point into them.
-            copies: dict = {}
-            bodies = {s: {"serialized_named_tensors": rank_payloads(bucket, gpus[s], place=self.place,
-                                                                    serialize=self.serialize_bucket, copies=copies),
-                          "load_format": None, "flush_cache": False} for s in servers}
-            servers = self.ctx.pool.post_all(servers, "/update_weights_from_tensor", lambda s: bodies[s])
-            sent.update(n for n, _ in bucket)
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            copies.clear()                # free this bucket's GPU copies before the next bucket is gathered
-            bodies.clear()
-            del bucket
-        if self.per_gpu and torch.cuda.is_available():
-            # The copies' blocks stay in this process's allocator cache on the servers' GPUs otherwise.
-            torch.cuda.ipc_collect()
-            torch.cuda.empty_cache()
-        complete = self.finish(errors, seen, sent, version)
-        return {"bytes": nbytes, "tensors": len(sent), "buckets": n_buckets, "complete": complete}

@@ -181,9 +181,37 @@ def test_the_first_sync_must_send_every_tensor(tied_bf16, fake_server, tmp_path)
 # ---------------------------------------------------------------------------------------------------- tensor
 
 
+# The globals sglang 0.5.23's SafeUnpickler (utils/common.py) admits, of those a flattened CPU payload can use.
+SGLANG_ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "int", "str", "bytes")} | {
+    ("types", "SimpleNamespace"), ("torch", "Size"), ("torch", "Tensor"), ("torch", "UntypedStorage"), ("torch.storage", "UntypedStorage"),
+    ("torch.storage", "TypedStorage"), ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch.multiprocessing.reductions", "rebuild_tensor"), ("torch.multiprocessing.reductions",
+                                                           "rebuild_storage_filename"),
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"), ("torch.multiprocessing.reductions",
+                                                                   "rebuild_storage_empty"),
+    *{("torch", d) for d in ("float32", "bfloat16", "float16", "uint8")}}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in SGLANG_ALLOWED:
+            raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+        return super().find_class(module, name)
+
+
 def _unpickle(payload: str):
     """What sglang's MultiprocessingSerializer.deserialize does with the transport's base64 string."""
-    return pickle.loads(base64.b64decode(payload))
+    import io
+
+    return _SafeUnpickler(io.BytesIO(base64.b64decode(payload))).load()
+
+
+def _rebuild_flat(obj: dict) -> list[tuple[str, torch.Tensor]]:
+    """sglang's FlattenedTensorBucket.reconstruct_tensors on the unpickled payload (load_format
+    'flattened_bucket'): each tensor a view of the flat uint8 tensor."""
+    flat = obj["flattened_tensor"]
+    assert flat.dtype == torch.uint8 and flat.dim() == 1
+    return [(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in obj["metadata"]]
 
 
 def test_tensor_posts_one_payload_per_server_tp_rank_that_unpickles_to_the_tensors(tied_bf16, fake_server):
@@ -191,7 +219,8 @@ def test_tensor_posts_one_payload_per_server_tp_rank_that_unpickles_to_the_tenso
 
     def receive(body):
         # Read while the sender waits: the shared-memory tensors live as long as the request.
-        for name, t in _unpickle(body["serialized_named_tensors"][0]):
+        assert body["load_format"] == "flattened_bucket"
+        for name, t in _rebuild_flat(_unpickle(body["serialized_named_tensors"][0])):
             received[name] = t.clone()
         return {"success": True}
 
@@ -206,7 +235,7 @@ def test_tensor_posts_one_payload_per_server_tp_rank_that_unpickles_to_the_tenso
     assert len(bodies) == len(buckets) == stats["buckets"]
     # One payload per tp rank (on CPU both are the same shared-memory handles).
     assert all(len(b["serialized_named_tensors"]) == 2 and b["serialized_named_tensors"][0] ==
-               b["serialized_named_tensors"][1] and b["load_format"] is None and b["flush_cache"] is False
+               b["serialized_named_tensors"][1] and b["load_format"] == "flattened_bucket" and b["flush_cache"] is False
                for b in bodies)
     assert [len(b["serialized_named_tensors"]) for b in tp1.bodies("/update_weights_from_tensor")] == [1] * len(buckets)
     # The payload of one server's bucket is the other's too.
@@ -225,6 +254,7 @@ class _GroupMember:
 
     def __init__(self, info: dict | None = None):
         self.pg = None
+        self.buckets = 0
         self.received: dict[str, torch.Tensor] = {}
         self.info = {"tp_size": 1, **(info or {})}
 
@@ -248,10 +278,17 @@ class _GroupMember:
 
         opts = BroadcastOptions()
         opts.rootRank = 0
-        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"], strict=True):
-            t = torch.empty(shape, dtype=getattr(torch, dtype))
-            self.pg.broadcast([t], opts).wait()
-            self.received[name] = t
+        assert body["load_format"] == "flattened_bucket"
+        # sglang's FlattenedTensorBucket.empty: the offsets from the names, dtypes and shapes alone, back to back.
+        sizes = [torch.Size(shape).numel() * getattr(torch, dtype).itemsize
+                 for dtype, shape in zip(body["dtypes"], body["shapes"], strict=True)]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.pg.broadcast([flat], opts).wait()
+        start = 0
+        for name, dtype, shape, size in zip(body["names"], body["dtypes"], body["shapes"], sizes, strict=True):
+            self.received[name] = flat[start:start + size].view(getattr(torch, dtype)).reshape(shape)
+            start += size
+        self.buckets += 1
         return {"success": True}
 
     def leave(self, body):

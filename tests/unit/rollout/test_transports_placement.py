@@ -48,13 +48,17 @@ class _OnGpu:
 def _fakes():
     placed, serialized = [], []
 
-    def place(bucket, gpu):
-        placed.append((gpu, [n for n, _ in bucket]))
-        return [(n, _OnGpu(gpu, t)) for n, t in bucket]
+    def place(payload, gpu):
+        # A flattened bucket (load_format 'flattened_bucket'): one flat tensor to place, the metadata as it is.
+        placed.append((gpu, [m.name for m in payload["metadata"]]))
+        return {**payload, "flattened_tensor": _OnGpu(gpu, payload["flattened_tensor"].clone())}
 
-    def serialize(bucket):
-        serialized.append(bucket)
-        return json.dumps([[n, x.gpu, x.tensor.float().flatten().tolist()] for n, x in bucket])
+    def serialize(payload):
+        serialized.append(payload)
+        flat = payload["flattened_tensor"]
+        # What sglang's FlattenedTensorBucket.reconstruct_tensors gives the server rank.
+        return json.dumps([[m.name, flat.gpu, flat.tensor[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)
+                            .float().flatten().tolist()] for m in payload["metadata"]])
 
     return place, serialize, placed, serialized
 
@@ -125,7 +129,7 @@ def test_cuda_handles_name_the_device_by_uuid():
 
     from torch.multiprocessing import reductions
 
-    from megatron_entcov.rollout.sglang.transports import _with_device_uuid
+    from megatron_entcov.rollout.sglang.tensor_transport import _with_device_uuid
 
     assert list(inspect.signature(reductions.rebuild_cuda_tensor).parameters)[6] == "storage_device"
     args = tuple(range(6)) + (3, "handle", 99)
