@@ -22,6 +22,9 @@ cannot reach the call. Fixes:
  12. transformer.moe.token_dispatcher: the all-to-all split sizes become host numpy arrays only when they were on
     a GPU (``maybe_move_tensor_to_cpu``); on the host they stay tensors, which ``all_to_all_single`` refuses ->
     host tensors asked for ``as_numpy`` are converted too.
+ 13. models.common.embeddings (rope_utils, rotary_pos_embedding, yarn): under context parallelism RoPE keeps this
+    rank's chunks of the positions with a pinned index moved by ``.cuda()`` (``get_pos_emb_on_this_cp_rank``) ->
+    the same selection with an index on the embedding's device.
 
 Design notes (each fix: the module and the error it prevents): docs/design/compat.md
 """
@@ -447,6 +450,29 @@ def _patch_token_dispatcher() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = _host_splits(token_dispatcher.maybe_move_tensor_to_cpu)
 
 
+# Fix 13: RoPE's context-parallel slice without CUDA.
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """megatron's get_pos_emb_on_this_cp_rank with the index on ``pos_emb``'s device (no pinned memory, no .cuda())."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, index)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
+def _patch_cp_rope() -> None:
+    for name in ("rope_utils", "rotary_pos_embedding", "yarn_rotary_pos_embedding"):
+        try:
+            mod = importlib.import_module(f"megatron.core.models.common.embeddings.{name}")
+        except ImportError as exc:
+            logger.debug("compat.cpu: skip %s (%s)", name, exc)
+            continue
+        if hasattr(mod, "get_pos_emb_on_this_cp_rank"):
+            mod.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+
+
 def is_applied() -> bool:
     return _APPLIED
 
@@ -470,6 +496,7 @@ def apply() -> None:
     _install_rng_tracker()
     _define_te_general_gemm()
     _patch_token_dispatcher()
+    _patch_cp_rope()
     _patch_torch_norm()
     _patch_tensor_method_scopes()
     _APPLIED = True

@@ -200,7 +200,17 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline stage (interleaved schedule); None = not interleaved."""
     context_parallel_size: int = 1
-    """Context-parallel size (cp); only 1 is supported by the trainer today."""
+    """Context-parallel size (cp): splits every sequence's tokens over cp ranks of a replica (Megatron's
+    load-balanced layout: 2 * cp chunks, rank r holds chunks r and 2cp-1-r), for sequences whose activations do not
+    fit one rank. Sequences are padded to a multiple of 2 * cp (times tp: sequence parallelism splits each rank's
+    share again) automatically. On a GPU the attention is Transformer Engine's (context_parallel_comm_type); on
+    CPU and with the local spec, an all-gather of K/V (policy/cp_attention.py). The ranks hold the same weights and
+    rows: gradients reduce over dp x cp, per-token statistics are exact (docs/design/context_parallel.md)."""
+    context_parallel_comm_type: Literal["p2p", "all_gather", "a2a"] = "p2p"
+    """How Transformer Engine's attention exchanges K/V between context-parallel ranks (Megatron's cp_comm_type):
+    'p2p' a ring of point-to-point transfers overlapped with the attention, 'all_gather' all of K/V before it,
+    'a2a' heads scattered over the ranks (Ulysses; heads / tp divisible by cp). Ignored when cp = 1 and by the
+    local spec (which all-gathers)."""
     expert_model_parallel_size: int = 1
     """Expert-parallel size (ep): splits each MoE layer's experts over ep ranks of a pipeline stage (its tp ranks,
     then data-parallel replicas; tokens travel to their experts by all-to-all); divides model.num_experts and
@@ -221,8 +231,6 @@ class ParallelConfig:
         check_positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
         check_positive("parallel.context_parallel_size", self.context_parallel_size)
         check_positive("parallel.expert_model_parallel_size", self.expert_model_parallel_size)
-        if self.context_parallel_size != 1:
-            fail("parallel.context_parallel_size", self.context_parallel_size, "only 1 is supported; set it to 1")
         if self.virtual_pipeline_model_parallel_size is not None:
             check_positive("parallel.virtual_pipeline_model_parallel_size",
                            self.virtual_pipeline_model_parallel_size)
@@ -235,6 +243,14 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    @property
+    def row_multiple(self) -> int:
+        """Derived: what a micro-batch's row length is padded to: tp (sequence parallelism splits it); with context
+        parallelism a multiple of 2 * cp whose share per rank is a multiple of tp (policy/packing.py
+        cp_row_multiple)."""
+        tp, cp = self.tensor_model_parallel_size, self.context_parallel_size
+        return tp if cp == 1 else math.lcm(2 * cp, cp * tp)
 
 
 @dataclass(kw_only=True)
@@ -621,6 +637,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-section checks that do not need the world size."""
         self._check_model_layout()
+        self._check_context_parallel()
         self._check_lengths()
         self._check_eval()
         self._check_launched_servers()
@@ -655,6 +672,30 @@ class RunConfig:
             fail("model.num_layers", m.num_layers,
                  f"must be divisible by pipeline_model_parallel_size * virtual_pipeline_model_parallel_size = {chunks}")
 
+    def _check_context_parallel(self) -> None:
+        """What context parallelism (cp > 1) does not combine with: each refusal names what to change."""
+        m, p, cp = self.model, self.parallel, self.parallel.context_parallel_size
+        if cp == 1:
+            return
+        if m.is_moe:
+            fail("parallel.context_parallel_size", cp, "context parallelism is not checked with mixture-of-experts "
+                 "models here (routing, routing replay and the auxiliary loss per context-parallel rank); use "
+                 "parallel.context_parallel_size=1 with model.num_experts, and expert_model_parallel_size / "
+                 "pipeline_model_parallel_size for the memory")
+        if p.virtual_pipeline_model_parallel_size is not None:
+            fail("parallel.virtual_pipeline_model_parallel_size", p.virtual_pipeline_model_parallel_size,
+                 f"the interleaved schedule is not checked with context parallelism (context_parallel_size={cp}) "
+                 "here; set it to null (the 1F1B schedule) or context_parallel_size=1")
+        if self.loss.agg == "seq-mean-token-mean":
+            fail("loss.agg", self.loss.agg, f"with parallel.context_parallel_size={cp} a sequence's tokens are split "
+                 "over ranks, so its token count is not local to one micro-batch; use loss.agg=token-mean (the "
+                 "paper's) or seq-mean-token-sum, or context_parallel_size=1")
+        heads = m.num_attention_heads // p.tensor_model_parallel_size
+        if p.context_parallel_comm_type == "a2a" and heads % cp:
+            fail("parallel.context_parallel_comm_type", "a2a", f"scatters each rank's {heads} attention heads "
+                 f"(num_attention_heads / tp) over context_parallel_size={cp} ranks, which does not divide them; "
+                 "use 'p2p' or 'all_gather'")
+
     def _check_lengths(self) -> None:
         """Prompt + response, a packed micro-batch and the post-sync probe against the context and the layout."""
         m, tp = self.model, self.parallel.tensor_model_parallel_size
@@ -663,15 +704,21 @@ class RunConfig:
                  f"must be >= rollout.max_prompt_len + sampling.max_new_tokens = "
                  f"{self.rollout.max_prompt_len + self.sampling.max_new_tokens}")
         budget = self.optim.max_tokens_per_micro_batch
+        cp = self.parallel.context_parallel_size
         longest = self.rollout.max_prompt_len + self.sampling.max_new_tokens
-        if budget and budget < longest:
+        padded = -(-longest // (2 * cp)) * 2 * cp if cp > 1 else longest
+        if budget and budget < padded:
             fail("optim.max_tokens_per_micro_batch", budget,
                  f"a micro-batch must hold the longest sample, rollout.max_prompt_len + sampling.max_new_tokens = "
-                 f"{longest}; set it to >= {longest} (or 0 for row micro-batches)")
-        if budget and budget % tp:
+                 f"{longest}" + (f" (padded to a multiple of 2 * context_parallel_size: {padded})" if cp > 1 else "")
+                 + f"; set it to >= {padded} (or 0 for row micro-batches)")
+        multiple = self.parallel.row_multiple
+        if budget and budget % multiple:
+            why = (f"parallel.tensor_model_parallel_size={tp} (sequence parallelism splits the packed row)" if cp == 1
+                   else f"{multiple}: each packed sample splits into 2 * context_parallel_size={2 * cp} chunks and "
+                        f"each rank's share into tensor_model_parallel_size={tp}")
             fail("optim.max_tokens_per_micro_batch", budget,
-                 f"must be a multiple of parallel.tensor_model_parallel_size={tp} (sequence parallelism splits the "
-                 f"packed row); use {budget - budget % tp + tp}")
+                 f"must be a multiple of {why}; use {budget - budget % multiple + multiple}")
         w = self.weight_sync
         if w.verify == "probe" and SYNC_PROBE_PROMPT_LEN + w.probe_tokens > m.max_position_embeddings:
             fail("weight_sync.probe_tokens", w.probe_tokens,
@@ -704,12 +751,14 @@ class RunConfig:
                      "group on one GPU; set rollout.sglang.sync_method=tensor (CUDA IPC, made for colocated "
                      "servers), or start the servers on other GPUs and list them in rollout.sglang.server_urls")
             need = sg.num_servers * server_tp(sg.server_args)
-            if need > tp * pp:
+            gpus = tp * pp * self.parallel.context_parallel_size
+            if need > gpus:
                 fail("rollout.sglang.num_servers", sg.num_servers,
                      f"launched GPU servers go on their replica's own GPUs: {sg.num_servers} servers x "
                      f"{server_tp(sg.server_args)} GPUs (rollout.sglang.server_args --tp-size) = {need} > the "
-                     f"replica's parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}; "
-                     "launch fewer or smaller servers, or start them elsewhere (rollout.sglang.server_urls)")
+                     f"replica's parallel.tensor_model_parallel_size * pipeline_model_parallel_size * "
+                     f"context_parallel_size = {gpus}; launch fewer or smaller servers, or start them elsewhere "
+                     "(rollout.sglang.server_urls)")
 
     def _check_sglang_moe(self) -> None:
         """What SGLang's (0.5.23) own Qwen3-MoE model class cannot take: a tied output layer (it keeps a separate
@@ -750,9 +799,9 @@ class RunConfig:
         if world_size < 1:
             fail("world_size", world_size, "must be >= 1")
         if world_size % p.model_parallel_size:
-            fail("parallel.tensor_model_parallel_size * pipeline_model_parallel_size", p.model_parallel_size,
-                 f"must divide the world size {world_size}; change tp/pp or launch a multiple of "
-                 f"{p.model_parallel_size} processes")
+            fail("parallel.tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size",
+                 p.model_parallel_size, f"must divide the world size {world_size}; change tp/pp/cp or launch a "
+                 f"multiple of {p.model_parallel_size} processes")
         p.data_parallel_size = world_size // p.model_parallel_size
         dp = p.data_parallel_size
         total = self.rollout.prompts_per_step * self.rollout.n_samples_per_prompt

@@ -51,9 +51,12 @@ class ParallelState:
     tp_group: object | None
     pp_group: object | None
     dp_group: object | None
-    """Data-parallel group (with context parallel when cp > 1: the group covariance statistics reduce over)."""
+    """Data-parallel group: one rank of each replica (the same tp, cp and pp coordinates). The rows of a step are
+    split over it; row-layout statistics (covariance, selection, metrics) reduce over it. Context-parallel ranks
+    are not in it: they hold the same rows (docs/design/context_parallel.md)."""
     mp_group: object | None
-    """Model-parallel group (tp x pp): ranks that hold one full copy of the model."""
+    """The ranks of one data-parallel replica (tp x cp x pp; tp x pp without context parallelism): they hold one
+    full copy of the model and the same rows of the step."""
     embedding_group: object | None
     """First and last pipeline stages (tied embeddings)."""
     device: torch.device
@@ -65,11 +68,24 @@ class ParallelState:
     """Expert-parallel group (ep): the ranks of one pipeline stage that split each MoE layer's experts (Megatron's
     expert mesh with expert tp = 1: consecutive ranks, the tp ranks of a replica first, then other replicas).
     Each expert is whole on its rank."""
+    cp_rank: int = 0
+    cp_size: int = 1
+    cp_group: object | None = None
+    """Context-parallel group (cp): the ranks of a replica that split every sequence's tokens (Megatron's
+    load-balanced 2 * cp chunks, policy/cp_layout.py) and hold the same weights; None when cp = 1. Gradients
+    reduce over dp x cp (Megatron's DDP)."""
 
     @property
     def is_rank0(self) -> bool:
         """The one process that writes TensorBoard, prints and talks to rollout engines."""
         return self.rank == 0
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """The layout a checkpoint records (its RNG files are per rank of this layout): tp, pp, dp, and cp when > 1
+        (so checkpoints of runs without context parallelism keep their record)."""
+        out = {"tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size}
+        return {**out, "cp": self.cp_size} if self.cp_size > 1 else out
 
     @property
     def is_first_stage(self) -> bool:
@@ -81,15 +97,17 @@ class ParallelState:
 
     @property
     def owns_results(self) -> bool:
-        """tp_rank 0 on the last pipeline stage: the one rank per data-parallel replica that counts the
-        replica's per-token results (losses, entropies) into summed metrics; other ranks hold copies."""
-        return self.tp_rank == 0 and self.is_last_stage
+        """tp_rank 0 and cp_rank 0 on the last pipeline stage: the one rank per data-parallel replica that counts
+        the replica's per-token results (losses, entropies, in the row layout) into summed metrics; other ranks
+        hold copies (a training step's loss metrics are summed over the context-parallel ranks first,
+        policy/actor.py)."""
+        return self.tp_rank == 0 and self.cp_rank == 0 and self.is_last_stage
 
     @property
     def is_generator(self) -> bool:
-        """tp_rank 0 on the first pipeline stage: the one rank per data-parallel replica that holds the rollout
-        engine (talks to its servers, scores rewards) and counts generation statistics."""
-        return self.tp_rank == 0 and self.pp_rank == 0
+        """tp_rank 0 and cp_rank 0 on the first pipeline stage: the one rank per data-parallel replica that holds
+        the rollout engine (talks to its servers, scores rewards) and counts generation statistics."""
+        return self.tp_rank == 0 and self.cp_rank == 0 and self.pp_rank == 0
 
 
 def resolve_backend(requested: str) -> str:
@@ -194,8 +212,8 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
     mp = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
     if world_size % mp:
         raise ValueError(
-            f"parallel.tensor_model_parallel_size * pipeline_model_parallel_size = {mp} must divide the world "
-            f"size {world_size}; launch a multiple of {mp} processes or change the layout")
+            f"parallel.tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size = {mp} "
+            f"must divide the world size {world_size}; launch a multiple of {mp} processes or change the layout")
     ep, pp = cfg.expert_model_parallel_size, cfg.pipeline_model_parallel_size
     if (world_size // pp) % ep:
         raise ValueError(
@@ -229,12 +247,12 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         tp_size=mpu.get_tensor_model_parallel_world_size(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         pp_size=mpu.get_pipeline_model_parallel_world_size(),
-        dp_rank=mpu.get_data_parallel_rank(with_context_parallel=True),
-        dp_size=mpu.get_data_parallel_world_size(with_context_parallel=True),
+        dp_rank=mpu.get_data_parallel_rank(),
+        dp_size=mpu.get_data_parallel_world_size(),
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
-        dp_group=mpu.get_data_parallel_group(with_context_parallel=True),
-        mp_group=mpu.get_model_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(),
+        mp_group=_replica_group(mpu, cfg, world_size),
         embedding_group=_embedding_group(mpu),
         device=device,
         backend=backend,
@@ -242,10 +260,13 @@ def init_parallel(cfg: ParallelConfig, *, seed: int, timeout_minutes: int = 30) 
         ep_rank=mpu.get_expert_model_parallel_rank(),
         ep_size=mpu.get_expert_model_parallel_world_size(),
         ep_group=mpu.get_expert_model_parallel_group() if ep > 1 else None,
+        cp_rank=mpu.get_context_parallel_rank(),
+        cp_size=mpu.get_context_parallel_world_size(),
+        cp_group=mpu.get_context_parallel_group() if cfg.context_parallel_size > 1 else None,
     )
     seed_everything(seed, ps)
-    logger.info("parallel: world=%d tp=%d pp=%d dp=%d ep=%d backend=%s", world_size, ps.tp_size, ps.pp_size,
-                ps.dp_size, ps.ep_size, backend)
+    logger.info("parallel: world=%d tp=%d pp=%d cp=%d dp=%d ep=%d backend=%s", world_size, ps.tp_size, ps.pp_size,
+                ps.cp_size, ps.dp_size, ps.ep_size, backend)
     return ps
 
 
@@ -265,6 +286,25 @@ def build_rollout_group(ps: ParallelState):
     assert len(members) == ps.dp_size, f"generating ranks {members} != one per replica (dp={ps.dp_size})"
     group = dist.new_group(ranks=members, backend="gloo")
     return group if ps.is_generator else None
+
+
+def _replica_group(mpu, cfg: ParallelConfig, world_size: int):
+    """The group of this rank's data-parallel replica: Megatron's model-parallel group (tp x pp) without context
+    parallelism, else tp x cp x pp (Megatron builds no such group). Collective over the world when cp > 1 (every
+    rank creates every replica's group, in the same order). Group rank 0 is the replica's lowest global rank,
+    tp_rank = cp_rank = pp_rank = 0: its generating rank."""
+    cp = cfg.context_parallel_size
+    if cp == 1:
+        return mpu.get_model_parallel_group()
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    ranks = mpu.RankGenerator(tp=tp, ep=1, dp=world_size // (tp * pp * cp), pp=pp, cp=cp, order="tp-cp-ep-dp-pp",
+                              rank_offset=0).get_ranks("tp-cp-pp")
+    mine = None
+    for members in ranks:
+        group = dist.new_group(ranks=sorted(members))
+        if dist.get_rank() in members:
+            mine = group
+    return mine
 
 
 def _embedding_group(mpu):

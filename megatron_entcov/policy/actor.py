@@ -160,13 +160,15 @@ class Actor:
                 sums[key] = sums.get(key, 0.0) + value
             return loss, {}
 
-        micro = micro_batches(batch, micro_batch_size=mbs, **self._packing())
+        micro = micro_batches(batch, micro_batch_size=mbs, cp_size=self.ps.cp_size, cp_rank=self.ps.cp_rank,
+                              **self._packing())
         zero_grads(self.chunks, self.optimizer)
         replay = self.routing_replay if self._replay_part is not None else None
         with nullcontext() if replay is None else replay.replaying(self._replay_part):
             if replay is not None:
                 replay.changed, replay.routed = 0, 0
             run_microbatches(self.chunks, micro, scored, ps=self.ps, forward_only=False)
+        sums = self._sum_over_cp(sums)
         if replay is not None:
             sums.update(self._routing_changed_share(replay))
         sums.update(aux_loss_metrics(self.cfg.model, self.ps, len(micro)))      # train/moe_aux_loss when on
@@ -189,6 +191,19 @@ class Actor:
                     "newest checkpoint after the cause is fixed (e.g. a lower optim.lr), or raise "
                     "optim.max_consecutive_skipped (0 = never stop)")
         return StepResult(applied=applied, grad_norm=grad_norm, metrics={k: float(v) for k, v in sums.items()})
+
+    def _sum_over_cp(self, sums: dict) -> dict:
+        """The loss metrics of this rank's tokens summed over the context-parallel group (collective over it), so
+        the rank that owns the replica's results (cp_rank 0) holds the replica's: each rank scored its own tokens,
+        and the losses return shares of global values."""
+        if self.ps.cp_size == 1 or not sums:
+            return sums
+        from megatron_entcov.distributed.collectives import all_reduce
+
+        keys = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.ps.device) for k in keys])
+        total = all_reduce(values, group=self.ps.cp_group)
+        return dict(zip(keys, total.unbind()))
 
     def _routing_changed_share(self, replay: RoutingReplay) -> dict[str, float]:
         """``moe/routing_changed_share``: of the (token, MoE layer) pairs the training forward routed over every

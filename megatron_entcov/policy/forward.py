@@ -14,7 +14,7 @@ from megatron_entcov.config import ModelConfig
 from megatron_entcov.distributed.collectives import all_gather
 from megatron_entcov.ops.vocab_parallel import logprobs_and_entropy
 from megatron_entcov.policy.batch import TrainBatch
-from megatron_entcov.policy.packing import MicroBatch, micro_batches, scatter_rows
+from megatron_entcov.policy.packing import MicroBatch, cp_gather, micro_batches, scatter_rows
 from megatron_entcov.policy.pipeline import run_microbatches
 
 if TYPE_CHECKING:
@@ -61,15 +61,17 @@ class PolicyForward:
 
         Micro-batches of ``micro_batch_size`` rows, or with ``max_tokens`` > 0 packed rows of at most that many
         tokens (policy/packing.py; ``multiple_of``, ``count_multiple``, ``parts``, ``uniform`` as there); either
-        way the result is in ``batch``'s row layout."""
+        way the result is in ``batch``'s row layout: under context parallelism every rank of the group gets every
+        token's values (each rank computes its tokens'; they are all-gathered over the group)."""
 
         def collect(mb: MicroBatch, logits):
             lp, ent = self.token_stats(logits, mb.labels)
-            return lp.sum() * 0.0, {"logprobs": lp.detach(), "entropy": ent.detach()}
+            both = cp_gather(mb, torch.stack([lp.detach(), ent.detach()], dim=-1), self.ps.cp_size, self.ps.cp_group)
+            return lp.sum() * 0.0, {"logprobs": both[..., 0], "entropy": both[..., 1]}
 
         micro = micro_batches(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
                               multiple_of=multiple_of, count_multiple=count_multiple, parts=parts,
-                              uniform=uniform)
+                              uniform=uniform, cp_size=self.ps.cp_size, cp_rank=self.ps.cp_rank)
         with torch.no_grad():
             outs = run_microbatches(self.chunks, micro, collect, ps=self.ps, forward_only=True)
         if not self.ps.is_last_stage:
@@ -81,7 +83,8 @@ class PolicyForward:
         """Forward only over ``batch``: the full-vocabulary logits z / T [N, T, V] in float32 on the last stage
         (the tensor-parallel shards gathered, the padded columns dropped: the softmax the engine samples from),
         else None. For diagnostics on small vocabularies (it returns N x T x V floats); padded micro-batches of
-        ``micro_batch_size`` rows, whatever the training's packing (the values do not depend on it)."""
+        ``micro_batch_size`` rows, whatever the training's packing (the values do not depend on it); under context
+        parallelism the ranks' tokens are all-gathered over the group."""
 
         def collect(mb: MicroBatch, logits):
             z = logits.float() / self.temperature
@@ -89,11 +92,13 @@ class PolicyForward:
                 shards = [torch.empty_like(z) for _ in range(self.ps.tp_size)]
                 all_gather(shards, z.contiguous(), group=self.ps.tp_group)
                 z = torch.cat(shards, dim=-1)
-            return logits.sum() * 0.0, {"logits": z[..., :self.vocab_size]}
+            z = cp_gather(mb, z[..., :self.vocab_size], self.ps.cp_size, self.ps.cp_group)
+            return logits.sum() * 0.0, {"logits": z}
 
-        micro = micro_batches(batch, micro_batch_size=micro_batch_size)
+        micro = micro_batches(batch, micro_batch_size=micro_batch_size, multiple_of=self.ps.tp_size,
+                              cp_size=self.ps.cp_size, cp_rank=self.ps.cp_rank)
         with torch.no_grad():
             outs = run_microbatches(self.chunks, micro, collect, ps=self.ps, forward_only=True)
         if not self.ps.is_last_stage:
             return None
-        return torch.cat([o["logits"] for o in outs])
+        return torch.cat([o["logits"] for o in outs])[:, :batch.input_ids.shape[1]]   # less any cp padding

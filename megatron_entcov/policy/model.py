@@ -85,6 +85,9 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, in
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        # Transformer Engine's attention exchanges K/V this way; the local spec's (policy/cp_attention.py) all-gathers.
+        cp_comm_type=parallel.context_parallel_comm_type if parallel.context_parallel_size > 1
+        and uses_transformer_engine(model) else None,
         sequence_parallel=parallel.sequence_parallel,
         # Weights that will be loaded: allocated straight on the device, never initialised (at 7B-32B a host
         # init per rank takes minutes). Random weights on a GPU: initialised there (Megatron's model-parallel
@@ -147,9 +150,10 @@ def _spec_choice(model: ModelConfig) -> str:
     return f"local spec (model.transformer_impl=auto; Transformer Engine not usable: {te.reason})"
 
 
-def build_layer_spec(model: ModelConfig):
+def build_layer_spec(model: ModelConfig, *, context_parallel: bool = False):
     """Transformer Engine spec when available (or asked for), Megatron's local spec otherwise (dense models; an
-    MoE model's chunks get per-layer specs from policy/moe.py build_block_spec)."""
+    MoE model's chunks get per-layer specs from policy/moe.py build_block_spec). ``context_parallel``: the local
+    spec's attention is the one across context-parallel ranks (policy/cp_attention.py); TE's takes cp as it is."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if uses_transformer_engine(model):
@@ -157,8 +161,12 @@ def build_layer_spec(model: ModelConfig):
     from megatron_entcov.policy.packing import PackedDotProductAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_layernorm)
-    # Megatron's local attention refuses packed sequences; this subclass runs it per packed sample.
-    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    # Megatron's local attention refuses packed sequences; this subclass runs it per packed sample. It refuses
+    # context parallelism too: the subclass across context-parallel ranks all-gathers K/V.
+    attention = PackedDotProductAttention
+    if context_parallel:
+        from megatron_entcov.policy.cp_attention import ContextParallelDotProductAttention as attention
+    spec.submodules.self_attention.submodules.core_attention = attention
     return spec
 
 
@@ -179,15 +187,20 @@ def local_attention_bytes(model: ModelConfig, parallel: ParallelConfig, *, max_s
     sample) and keeps the fp32 softmax output (attention_softmax_in_fp32) plus, for 16-bit params, its cast back,
     which the value matmul saves. A micro-batch of N tokens whose samples are at most L long holds at most N * L
     score entries per head (sum of len^2 with sum len <= N, len <= L): bytes >= heads/tp * N * L * bytes/entry *
-    layers of this pipeline stage. Returns (bytes, the product written out)."""
+    layers of this pipeline stage. Under context parallelism a rank's queries are N / cp of those tokens, against
+    every key of their sample (policy/cp_attention.py): the bound divides by cp. Returns (bytes, the product
+    written out)."""
     heads = model.num_attention_heads // parallel.tensor_model_parallel_size
     layers = model.num_layers // parallel.pipeline_model_parallel_size
+    cp = parallel.context_parallel_size
     half = model.params_dtype != "float32"
     per_entry = 4 + (2 if half else 0)
-    total = heads * micro_batch_tokens * max_seq_len * per_entry * layers
+    total = heads * micro_batch_tokens * max_seq_len * per_entry * layers // cp
     what = "fp32 softmax + its " + model.params_dtype + " copy" if half else "fp32 softmax"
-    return total, (f"{heads} heads per rank x {micro_batch_tokens} tokens per micro-batch x {max_seq_len} tokens of "
-                   f"the longest sample x {per_entry} bytes ({what}) x {layers} layers = {total / 2**30:.1f} GiB")
+    per_cp = f" / {cp} context-parallel ranks" if cp > 1 else ""
+    return total, (f"{heads} heads per rank x {micro_batch_tokens} tokens per micro-batch{per_cp} x {max_seq_len} "
+                   f"tokens of the longest sample x {per_entry} bytes ({what}) x {layers} layers = "
+                   f"{total / 2**30:.1f} GiB")
 
 
 def check_local_spec(model: ModelConfig, parallel: ParallelConfig, device: torch.device | None, *,
@@ -214,7 +227,8 @@ def check_local_spec(model: ModelConfig, parallel: ParallelConfig, device: torch
             f"model.transformer_impl={model.transformer_impl!r}: the {why} keeps each layer's attention scores for "
             f"the backward, at least {product} > the {props.total_memory / 2**30:.1f} GiB of this GPU "
             f"({props.name}); install Transformer Engine (model.transformer_impl=auto: its fused attention keeps no "
-            "scores), or lower optim.max_tokens_per_micro_batch (optim.micro_batch_size when not packing) or "
+            "scores), or raise parallel.context_parallel_size (each rank keeps 1/cp of them), or lower "
+            "optim.max_tokens_per_micro_batch (optim.micro_batch_size when not packing) or "
             "rollout.max_prompt_len + sampling.max_new_tokens")
 
 
@@ -232,7 +246,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
 
     check_local_spec(model, parallel, ps.device, max_seq_len=max_seq_len, micro_batch_tokens=micro_batch_tokens)
     config = build_transformer_config(model, parallel, initialize=not load_weights, device=ps.device)
-    spec = build_layer_spec(model) if not model.is_moe else None
+    spec = build_layer_spec(model, context_parallel=parallel.context_parallel_size > 1) if not model.is_moe else None
     vocab = model.padded_vocab_size(ps.tp_size)
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []

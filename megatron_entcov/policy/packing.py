@@ -6,6 +6,13 @@ split of a batch), :func:`scatter_rows` (outputs back to the row layout) and the
 first-fit, :func:`plan_bins`; boundaries in Megatron's THD ``PackedSeqParams``), every per-token tensor gathered
 from the batch's rows: a token carries its padded-row values, and the loss equals the padded path's.
 
+Context parallelism (``cp_size`` > 1): every sequence is padded to a multiple of 2 * cp (a padded micro-batch's
+rows to a multiple of 2 * cp and of cp * ``multiple_of``; a packed row's samples each, and the row), then each
+micro-batch keeps only this rank's tokens (policy/cp_layout.py: cp_shard_index per sequence), labels included:
+they were shifted in the row layout, so a token's label is the next token by global position. Packed rows keep
+the GLOBAL ``cu_seqlens`` (Megatron's RoPE and the attention divide them by cp). :func:`cp_gather` puts the
+per-token outputs of the context-parallel ranks back into the full micro-batch layout.
+
 Example:
     micro = micro_batches(batch, micro_batch_size=4, max_tokens=4096, multiple_of=tp)
     micro[0].input_ids.shape               # [1, L], L <= 4096 (padded mode: [4, T])
@@ -22,14 +29,17 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_entcov.distributed.collectives import all_gather
 from megatron_entcov.policy.batch import TrainBatch
+from megatron_entcov.policy.cp_layout import cp_shard_index
 from megatron_entcov.policy.pipeline import ModelInput
 
-__all__ = ["MicroBatch", "plan_bins", "micro_batches", "scatter_rows", "HostPackedSeqParams",
-           "PackedDotProductAttention"]
+__all__ = ["MicroBatch", "plan_bins", "micro_batches", "scatter_rows", "cp_gather", "cp_row_multiple",
+           "HostPackedSeqParams", "PackedDotProductAttention"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -64,7 +74,12 @@ class MicroBatch(ModelInput):
     more segment). seq-mean-token-mean averages per sample with it. None for padded rows."""
     flat_index: torch.Tensor | None = None
     """Packed only: [L] int64 index of each token into the batch flattened to [N * T] (N * T: padding).
-    :func:`scatter_rows` writes outputs back with it. None for padded rows."""
+    :func:`scatter_rows` writes outputs back with it. None for padded rows. Under context parallelism it indexes
+    the full micro-batch (outputs go through :func:`cp_gather` first)."""
+    cp_lengths: tuple[int, ...] | None = None
+    """Context parallelism only: the sequence lengths of the full micro-batch's row (one entry, T, for padded rows;
+    each packed segment, padding included), every one a multiple of 2 * cp. The per-token fields above hold this
+    rank's tokens of them (cp_shard_index), in its local order. None without context parallelism."""
 
     @classmethod
     def of(cls, batch: TrainBatch, view: Callable[[torch.Tensor], torch.Tensor], rows: slice | list[int],
@@ -164,9 +179,12 @@ def plan_bins(lengths: Sequence[int], max_tokens: int, *, multiple_of: int = 1,
         k += 1
 
 
-def _slice(rows: slice) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The view ``[N, T] -> [b, T]``: the rows of a row-layout tensor (a view, no copy)."""
-    return lambda t: t[rows]
+def _slice(rows: slice, extra: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The view ``[N, T] -> [b, T + extra]``: the rows of a row-layout tensor (a view, no copy, when ``extra`` is
+    0; else a copy with ``extra`` more padding positions reading 0/False: context parallelism)."""
+    if not extra:
+        return lambda t: t[rows]
+    return lambda t: F.pad(t[rows], (0, 0) * (t.dim() - 2) + (0, extra))     # dim 1, the tokens
 
 
 def _gather(flat_index: torch.Tensor, length: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -177,14 +195,26 @@ def _gather(flat_index: torch.Tensor, length: int) -> Callable[[torch.Tensor], t
     return view
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def cp_row_multiple(multiple_of: int, cp_size: int) -> int:
+    """What a row's length (a padded micro-batch's T, a packed row's L) is padded to: ``multiple_of`` (the
+    tensor-parallel size) without context parallelism; with it, a multiple of 2 * cp (every sequence splits into
+    2 * cp chunks) whose share per rank (L / cp) is a multiple of ``multiple_of`` (sequence parallelism splits
+    it again)."""
+    return multiple_of if cp_size == 1 else math.lcm(2 * cp_size, cp_size * multiple_of)
+
+
 def _packed(batch: TrainBatch, rows: list[int], lengths: list[int], multiple_of: int,
-            pad_to: int = 0) -> MicroBatch:
-    """One micro-batch: ``rows`` of ``batch`` back to back in one row, padded to ``multiple_of`` (and to at
-    least ``pad_to``)."""
+            pad_to: int = 0, seq_multiple: int = 1) -> MicroBatch:
+    """One micro-batch: ``rows`` of ``batch`` back to back in one row, each sample padded to ``seq_multiple``
+    (context parallelism), the row to ``multiple_of`` (and to at least ``pad_to``)."""
     n, t = batch.input_ids.shape
-    seg = [lengths[r] for r in rows]
+    seg = [_round_up(lengths[r], seq_multiple) for r in rows]
     total = sum(seg)
-    length = max(-(-total // multiple_of) * multiple_of, pad_to)
+    length = _round_up(max(total, pad_to), multiple_of)
     if length > total:
         seg.append(length - total)            # the padding is a segment of its own: it attends only to itself
     index = torch.full((length,), n * t, dtype=torch.long)      # n * t: the zero slot of _gather's view
@@ -192,8 +222,8 @@ def _packed(batch: TrainBatch, rows: list[int], lengths: list[int], multiple_of:
     pos = 0
     for s, r in enumerate(rows):
         index[pos:pos + lengths[r]] = torch.arange(r * t, r * t + lengths[r])
-        segment_ids[pos:pos + lengths[r]] = s
-        pos += lengths[r]
+        segment_ids[pos:pos + seg[s]] = s     # a sample's own padding (seq_multiple) is masked like any padding
+        pos += seg[s]
     segment_ids[pos:] = len(rows)
     device = batch.input_ids.device
     index = index.to(device)
@@ -206,7 +236,8 @@ def _packed(batch: TrainBatch, rows: list[int], lengths: list[int], multiple_of:
 
 
 def micro_batches(batch: TrainBatch, *, micro_batch_size: int, max_tokens: int = 0, multiple_of: int = 1,
-                  count_multiple: int = 1, parts: int = 1, uniform: bool = False) -> list[MicroBatch]:
+                  count_multiple: int = 1, parts: int = 1, uniform: bool = False, cp_size: int = 1,
+                  cp_rank: int = 0) -> list[MicroBatch]:
     """The model's micro-batches over ``batch`` (:class:`MicroBatch`).
 
     ``max_tokens == 0``: consecutive slices of ``micro_batch_size`` rows, [b, T] each (the padded path).
@@ -219,34 +250,72 @@ def micro_batches(batch: TrainBatch, *, micro_batch_size: int, max_tokens: int =
     ``uniform``: every packed row padded to ``max_tokens`` (the interleaved pipeline schedule: its exchange of
     per-micro-batch shapes between virtual stages mismatches messages under gloo at pp=2, where both neighbours
     are one rank; one fixed length also keeps a whole-step forward bit-identical to each mini-batch's step).
+    ``cp_size`` > 1: sequences padded for context parallelism and only rank ``cp_rank``'s tokens kept (the
+    module docstring; ``cp_lengths`` set); the packing plan counts each sample's padded length.
     """
+    row_multiple = cp_row_multiple(multiple_of, cp_size)
     if not max_tokens:
         if batch.num_rows % micro_batch_size:
             raise ValueError(f"{batch.num_rows} rows do not split into micro-batches of {micro_batch_size}")
+        t = batch.input_ids.shape[1]
+        extra = _round_up(t, row_multiple) - t if cp_size > 1 else 0
         out = []
         for i in range(batch.num_rows // micro_batch_size):
             rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
-            out.append(MicroBatch.of(batch, _slice(rows), rows))
+            mb = MicroBatch.of(batch, _slice(rows, extra), rows)
+            out.append(_cp_local(mb, (t + extra,), cp_size, cp_rank) if cp_size > 1 else mb)
         return out
+    seq_multiple = 2 * cp_size if cp_size > 1 else 1
     lengths = batch.seq_lengths.tolist()
     if batch.num_rows % parts:
         raise ValueError(f"{batch.num_rows} rows do not split into {parts} equal parts")
     size = batch.num_rows // parts
+    planned = [_round_up(length, seq_multiple) for length in lengths]
     bins = []
     for part in range(parts):
         offset = part * size
-        bins += [[offset + r for r in b] for b in plan_bins(lengths[offset:offset + size], max_tokens,
-                                                           multiple_of=multiple_of, count_multiple=count_multiple)]
+        bins += [[offset + r for r in b] for b in plan_bins(planned[offset:offset + size], max_tokens,
+                                                           multiple_of=row_multiple, count_multiple=count_multiple)]
     pad_to = max_tokens if uniform else 0
-    return [_packed(batch, rows, lengths, multiple_of, pad_to) for rows in bins]
+    micro = [_packed(batch, rows, lengths, row_multiple, pad_to, seq_multiple) for rows in bins]
+    if cp_size > 1:
+        micro = [_cp_local(mb, mb.packed_seq_params.seq_lengths, cp_size, cp_rank) for mb in micro]
+    return micro
+
+
+def _cp_local(mb: MicroBatch, lengths: Sequence[int], cp_size: int, cp_rank: int) -> MicroBatch:
+    """This context-parallel rank's tokens of the full micro-batch ``mb`` whose row holds sequences of
+    ``lengths`` (policy/cp_layout.py); the packed boundaries stay global."""
+    index = cp_shard_index(lengths, cp_size, cp_rank).to(mb.input_ids.device)
+    local = {f.name: getattr(mb, f.name)[:, index]
+             for f in dataclasses.fields(MicroBatch)
+             if f.name in ("input_ids", "position_ids", "labels", "loss_mask", "advantages", "rollout_logprobs",
+                           "old_logprobs", "segment_ids") and getattr(mb, f.name) is not None}
+    full_view = mb.view
+    return dataclasses.replace(mb, **local, view=lambda t: full_view(t)[:, index], cp_lengths=tuple(lengths))
+
+
+def cp_gather(mb: MicroBatch, value: torch.Tensor, cp_size: int, group) -> torch.Tensor:
+    """A per-token output of this rank's tokens of ``mb`` ([b, t_local, ...]) as the full micro-batch's
+    ([b, t, ...]): every context-parallel rank's part, all-gathered over ``group`` (collective over it), put at
+    its tokens' positions. Without context parallelism (``mb.cp_lengths`` None) ``value`` itself."""
+    if mb.cp_lengths is None:
+        return value
+    parts = [torch.empty_like(value) for _ in range(cp_size)]
+    all_gather(parts, value.contiguous(), group=group)
+    out = value.new_empty((value.shape[0], sum(mb.cp_lengths), *value.shape[2:]))
+    for rank, part in enumerate(parts):
+        out[:, cp_shard_index(mb.cp_lengths, cp_size, rank).to(value.device)] = part
+    return out
 
 
 def scatter_rows(batch: TrainBatch, micro: list[MicroBatch], values: list[torch.Tensor]) -> torch.Tensor:
-    """Per-token outputs of ``micro`` (in their layouts) back in ``batch``'s row layout [N, T]. Padding positions
-    read 0 in packed mode (the padded path leaves there whatever the model computed on padding)."""
-    if not micro or micro[0].flat_index is None:
-        return torch.cat(values)
+    """Per-token outputs of ``micro`` (in their full layouts: :func:`cp_gather` under context parallelism) back in
+    ``batch``'s row layout [N, T]. Padding positions read 0 in packed mode (the padded path leaves there whatever
+    the model computed on padding)."""
     n, t = batch.input_ids.shape
+    if not micro or micro[0].flat_index is None:
+        return torch.cat(values)[:, :t]           # [:, :t]: without the padding context parallelism added
     out = values[0].new_zeros(n * t + 1)
     for mb, v in zip(micro, values):
         out.index_copy_(0, mb.flat_index, v.reshape(-1))

@@ -4,8 +4,9 @@ The caller gives the micro-batches of this data-parallel rank (the same list on 
 model-parallel group; any :class:`ModelInput`, e.g. policy.packing.MicroBatch) and a
 ``loss_fn(micro_batch, logits) -> (loss, outputs)`` that runs on the last pipeline stage with this rank's
 vocabulary shard of the logits [b, T, V/tp]. The loss must already be normalised by the caller's *global*
-denominator; this module undoes Megatron's own averaging (1/num_microbatches in the schedule and 1/dp in the
-DDP gradient reduction) so gradients are exact sums of the caller's losses. Megatron's schedules hand each
+denominator; this module undoes Megatron's own averaging (1/num_microbatches and x cp in the schedule, 1/(dp x cp)
+in the DDP gradient reduction) so gradients are exact sums of the caller's losses (over the context-parallel ranks
+too, each of which scores its own tokens). Megatron's schedules hand each
 micro-batch object through their data iterator to our forward step untouched: any type works there.
 
 Example:
@@ -93,10 +94,12 @@ def run_microbatches(
     # Packed rows differ in length: the pipeline stages then send each activation's shape before it.
     get_model_config(chunks[0]).variable_seq_lengths = any(
         mb.input_ids.shape[1] != t for mb in micro_batches) and ps.pp_size > 1
-    t = max(mb.input_ids.shape[1] for mb in micro_batches)
+    # Under context parallelism the inputs are this rank's tokens; Megatron wants the sequence's full length (it
+    # divides by cp for the activations it sends between stages).
+    t = max(mb.input_ids.shape[1] for mb in micro_batches) * ps.cp_size
     num_mb = len(micro_batches)
-    # Megatron divides each micro-batch loss by num_microbatches, and DDP averages gradients over dp.
-    # The caller's loss is already a share of the global mean: scale both averages back out.
+    # Megatron divides each micro-batch loss by num_microbatches and multiplies it by cp, and DDP averages gradients
+    # over dp x cp. The caller's loss is already a share of the global mean: scale those factors back out.
     scale = float(num_mb * ps.dp_size)
 
     def scaled_loss(batch, output):

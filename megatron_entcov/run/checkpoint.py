@@ -610,7 +610,7 @@ class Checkpointer:
                 meta = dict(trainer_state or {})
                 meta["run_id"] = self.run_id
                 meta["world_size"] = self.ps.world_size
-                meta["layout"] = {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}
+                meta["layout"] = self.ps.layout
                 if optimizer is not None:
                     meta["optimizer_format"] = _optimizer_format(optimizer)
                     meta["optimizer"] = _optimizer_kind(optimizer)
@@ -781,11 +781,11 @@ class Checkpointer:
         return meta
 
     def _restore_rng(self, path: Path, meta: dict) -> None:
-        layout = {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}
+        layout = self.ps.layout
         if meta.get("layout") != layout:
             if self.ps.is_rank0:
-                logger.warning("checkpoint: layout changed (%s -> tp=%d pp=%d dp=%d); RNG streams restart from "
-                               "the seed", meta.get("layout"), self.ps.tp_size, self.ps.pp_size, self.ps.dp_size)
+                logger.warning("checkpoint: layout changed (%s -> %s); RNG streams restart from the seed",
+                               meta.get("layout"), layout)
             return
         rng_file = path / "rng" / f"rank_{self.ps.rank:05d}.pt"
         state, error = None, None

@@ -275,6 +275,8 @@ def _to_all(local, buckets: _Buckets, ps: "ParallelState"):
 
 def _to_generator(local, buckets: _Buckets, ps: "ParallelState", bucket_bytes: int):
     generator = ps.is_generator
+    if ps.cp_rank > 0:     # context-parallel ranks > 0 hold cp_rank 0's weights: within their own groups, no part
+        return
     # The tp-rank-0 ranks of every stage share one pipeline group, whose first member is the generating rank;
     # the other tp ranks' pipeline groups take no part after the tp gathers.
     relay = ps.tp_rank == 0 and not generator
