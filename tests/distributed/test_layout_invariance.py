@@ -18,6 +18,12 @@ the terms that scale with the advantage (the shaping and its bound, the CE-GPPO 
 Archer's dual clip) act in the step whose weights and clip shares are compared. The high_entropy_tokens runs also
 log the exact first-order entropy change (entropy/delta_first_order: full logits gathered over tp, on the last
 pipeline stage), which must be the one-process value too.
+Context parallelism (cp2: every sequence split into 4 load-balanced chunks, the attention across the two ranks,
+policy/cp_attention.py) runs KL-Cov on padded rows (with the weight-sync probe and the measured and exact entropy
+change: forward outputs gathered back to the row layout) and Clip-Cov on packed rows (its seeded random choice),
+both scored by text parity so that the covariance and the selection act; cp2 x tp2 with sequence parallelism and
+cp2 x dp2 run on four processes (slow). Their weights, selected shares, losses and histograms must be the
+one-process run's.
 """
 
 from __future__ import annotations
@@ -85,9 +91,28 @@ COMPARED = [*SELECTED.values(), "coef/adaptive_entropy_coef", "train/adv_shaping
 ONE_PROCESS.update({f"ref_{method}": SGD + overrides for method, overrides in ENTROPY_METHODS.items()})
 TWO_PROCESSES.update({f"{method}_{layout}": SGD + overrides + extra for method, overrides in ENTROPY_METHODS.items()
                       for layout, extra in ENTROPY_LAYOUTS.items()})
-REFERENCE = {name: "ref_adam" if "distopt" in name else "ref_sgd" for name in [*ONE_PROCESS, *TWO_PROCESSES]}
-REFERENCE.update({name: f"ref_{name.split('_')[0]}" for name in [*ONE_PROCESS, *TWO_PROCESSES]
-                  if name.split("_")[0] in ENTROPY_METHODS})
+# Context parallelism (issue: cp2, and cp2 with tp2 / dp2, padded and packed, with Clip-Cov and KL-Cov).
+CP_METHODS = {"klcov": ["loss.name=kl_cov", "metrics.measure_entropy_change=true", "weight_sync.verify=probe"],
+              "clipcov": ["loss.name=clip_cov", "loss.clip_cov_ratio=0.1", "loss.clip_cov_lb=0"]}
+CP = ["parallel.context_parallel_size=2"]
+ONE_PROCESS.update({f"ref_{method}": SGD + overrides for method, overrides in CP_METHODS.items()})
+TWO_PROCESSES.update({"klcov_cp2": SGD + CP_METHODS["klcov"] + CP,
+                      "clipcov_cp2_packed": SGD + CP_METHODS["clipcov"] + CP + PACKED})
+FOUR_PROCESSES = {
+    "klcov_cp2_tp2_sp": SGD + CP_METHODS["klcov"] + CP + ["parallel.tensor_model_parallel_size=2",
+                                                           "parallel.sequence_parallel=true"],
+    "clipcov_cp2_dp2_packed": SGD + CP_METHODS["clipcov"] + CP + PACKED,
+}
+CP_COMPARED = ["train/kl_cov_frac", "train/clip_cov_frac", "train/pg_loss", "train/loss", "train/ppo_kl",
+               "reward/mean", "entropy/mean", "cov/mean", "cov/q90", "entropy/delta_measured",
+               "entropy/delta_first_order", "sync/probe_tokens"]
+"""The figures of a context-parallel run that must be the one-process run's (None where a run logs none)."""
+PARITY = {*ENTROPY_METHODS, *CP_METHODS}
+"""The runs scored by text parity (mixed rewards): those of these methods and their references."""
+REFERENCE = {name: "ref_adam" if "distopt" in name else "ref_sgd"
+             for name in [*ONE_PROCESS, *TWO_PROCESSES, *FOUR_PROCESSES]}
+REFERENCE.update({name: f"ref_{name.split('_')[0]}" for name in [*ONE_PROCESS, *TWO_PROCESSES, *FOUR_PROCESSES]
+                  if name.split("_")[0] in PARITY})
 
 
 @contextmanager
@@ -117,7 +142,7 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
     cfg = load_config(None, MODEL + STEP + overrides + [f"model.hf_dir={hf_dir}", f"output_dir={out_dir}",
                                                         f"name={name}"]).resolve(world_size)
     ps = init_parallel(cfg.parallel, seed=cfg.seed)
-    parity = bool(set(name.split("_")[:2]) & set(ENTROPY_METHODS))        # "hent_dp2" and its reference "ref_hent"
+    parity = bool(set(name.split("_")[:2]) & PARITY)        # "hent_dp2" and its reference "ref_hent"
     with _score_by_text_parity(parity):
         trainer = Trainer(cfg, ps)
     try:
@@ -133,6 +158,7 @@ def _one_step(world_size, overrides, hf_dir, out_dir, name):
         return None
     return {"weights": weights, "kl_cov_frac": metrics.get("train/kl_cov_frac"), "tokens": metrics["perf/tokens"],
             "selected": {key: metrics.get(key) for key in COMPARED},
+            "cp_compared": {key: metrics.get(key) for key in CP_COMPARED},
             "entropy_control": trainer.entropy_control.state_dict(),
             "histograms": {tag: values.copy() for tag, values in trainer.step_histograms.items()}}
 
@@ -154,12 +180,44 @@ def steps(tmp_path_factory):
     initial = {k: v.float() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
     out = run_workers(_worker, 1, args=(ONE_PROCESS, str(hf_dir), str(tmp / "runs")), timeout=400)[0]
     out.update(run_workers(_worker, 2, args=(TWO_PROCESSES, str(hf_dir), str(tmp / "runs")), timeout=600)[0])
+    return initial, out, hf_dir, tmp
+
+
+@pytest.fixture(scope="module")
+def cp_steps(steps):
+    """The four-process context-parallel layouts (cp2 x tp2, cp2 x dp2), with the two-process results."""
+    initial, out, hf_dir, tmp = steps
+    out = dict(out)
+    out.update(run_workers(_worker, 4, args=(FOUR_PROCESSES, str(hf_dir), str(tmp / "runs4")), timeout=600)[0])
     return initial, out
 
 
 @pytest.mark.parametrize("layout", [name for name in [*ONE_PROCESS, *TWO_PROCESSES] if not name.startswith("ref")])
 def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
-    initial, results = steps
+    _check_layout(steps[0], steps[1], layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(FOUR_PROCESSES))
+def test_context_parallel_with_tp_or_dp_updates_the_weights_as_one_process_does(cp_steps, layout):
+    _check_layout(*cp_steps, layout)
+
+
+def _check_cp_figures(layout: str, ref: dict, got: dict) -> None:
+    """A context-parallel run: its method chose tokens and its figures are the one-process run's."""
+    method = layout.split("_")[0]
+    chosen = "train/kl_cov_frac" if method == "klcov" else "train/clip_cov_frac"
+    assert ref["cp_compared"][chosen] > 0 and 0 < ref["cp_compared"]["reward/mean"] < 1, ref["cp_compared"]
+    if method == "klcov":          # the probe compared tokens; the step moved the entropy, measured both ways
+        assert ref["cp_compared"]["sync/probe_tokens"] > 0
+        assert abs(ref["cp_compared"]["entropy/delta_first_order"]) > 1e-5, ref["cp_compared"]
+    for key, value in ref["cp_compared"].items():
+        assert (got["cp_compared"][key] is None) == (value is None), (layout, key)
+        if value is not None:
+            assert got["cp_compared"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (layout, key)
+
+
+def _check_layout(initial: dict, results: dict, layout: str) -> None:
     ref, got = results[REFERENCE[layout]], results[layout]
     method = layout.split("_")[0]
     if method in ENTROPY_METHODS:
@@ -174,6 +232,8 @@ def test_one_step_updates_the_weights_as_one_process_does(steps, layout):
             if value is not None:
                 assert got["selected"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (layout, key)
         assert got["entropy_control"] == ref["entropy_control"]          # c_k after 2 updates, bit for bit
+    elif method in CP_METHODS:
+        _check_cp_figures(layout, ref, got)
     else:
         assert ref["kl_cov_frac"] > 0 and got["kl_cov_frac"] == pytest.approx(ref["kl_cov_frac"], abs=1e-6)
     assert set(got["weights"]) == set(ref["weights"])
