@@ -476,6 +476,11 @@ def analyse_summary(path: Path) -> dict:
     entries = [e for m in summary["methods"].values() for e in m["seeds"].values()]
     temps = sorted({temperature_key(e.get("eval_temperature", 1.0)) for e in entries}
                    | {t for e in entries for t in e["curves"].get("eval_by_temperature", {})}, key=float, reverse=True)
+    from megatron_entcov.config import load_config
+
+    mini_batches = load_config(str(BASE_CONFIG), []).optim.num_mini_batches
+    for name, m in summary["methods"].items():      # summaries written before methods carried their settings
+        m.setdefault("settings", method_overrides(summary["steps"], mini_batches).get(name))
     main = temperature_key(PROFILES.get(summary.get("profile"), {}).get(
         "main_temperature", entries[0].get("eval_temperature", 1.0)))
     summary["analysis"] = analyse(summary["methods"], summary["steps"], temps, main)

@@ -17,6 +17,7 @@ Input: summary["methods"] of bench/reproduce.py (per method, per seed: ``curves`
 - ``mechanism``: step-level correlation of the measured entropy change with the covariance prediction
   (-cov/mean) and with the exact first-order change (entropy/delta_first_order), per method, pooled over seeds
   (Fisher interval) and per seed.
+- ``selection``: does a Clip-Cov/KL-Cov share bind? The configured share against the share of tokens selected.
 - ``paired_vs_grpo``: seed-paired differences against GRPO of the final greedy accuracy, avg@16, pass@k (each
   analysed temperature) and the last-quarter mean of avg@16: mean, t interval, t and sign-flip p-values.
 - ``vs_start``: the same metrics, final minus step 0 (the SFT checkpoint), per method.
@@ -34,7 +35,7 @@ import numpy as np
 from reproduce_stats import corr_interval, paired, seed_bootstrap
 
 __all__ = ["FORMS", "analyse", "eval_points", "fit_form", "predict_form", "lift", "law_form", "predictability",
-           "saturation", "mechanism", "paired_vs_reference", "vs_start", "temperature_key"]
+           "saturation", "selection", "mechanism", "paired_vs_reference", "vs_start", "temperature_key"]
 
 REFERENCE = "grpo"
 FORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -350,6 +351,42 @@ def mechanism(methods: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# does the share bind?
+# --------------------------------------------------------------------------------------------------
+
+SHARES = {"loss.clip_cov_ratio": "clip_cov_frac", "loss.kl_cov_ratio": "kl_cov_frac"}
+"""The configured share of a covariance method and the token share it logs (train/clip_cov_frac: detached;
+train/kl_cov_frac: penalised)."""
+
+
+def selection(methods: dict) -> dict:
+    """Per Clip-Cov/KL-Cov method: its configured share (the schedule's base; from the method's ``settings``)
+    against the share of tokens it selected per step (mean, min, max over every step of every seed) and the
+    share of Clip-Cov steps where it selected less than half the configured share: there the candidate window
+    (clip_cov_lb < cov < clip_cov_ub), not the share, decided how many tokens were detached. Above the share:
+    the floor of one token per optimizer mini-batch."""
+    out = {}
+    for name, m in methods.items():
+        conf = dict(kv.split("=", 1) for kv in m.get("settings") or [] if "=" in kv)
+        for key, tag in SHARES.items():
+            if key not in conf:
+                continue
+            steps = np.concatenate([np.asarray(e["curves"]["token_share"].get(tag, []), dtype=np.float64)
+                                    for e in m["seeds"].values()])
+            if len(steps) == 0:
+                continue
+            share = float(conf[key])
+            out[name] = {"configured_share": share, "logged_as": f"train/{tag}",
+                         "mean_selected_share": float(steps.mean()), "min": float(steps.min()),
+                         "max": float(steps.max()),
+                         # Clip-Cov chooses max(int(r N), 1) tokens among its window's candidates: below half of r
+                         # the window ran out first (r did not bind). KL-Cov's top-k has no window.
+                         "window_decided_share_of_steps": float(np.mean(steps < 0.5 * share))
+                         if key == "loss.clip_cov_ratio" else None}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # paired differences
 # --------------------------------------------------------------------------------------------------
 
@@ -423,6 +460,7 @@ def analyse(methods: dict, steps: int, temperatures: list[str], main: str) -> di
         **per_t[main],
         "by_temperature": {t: v for t, v in per_t.items() if t != main},
         "mechanism": mechanism(methods),
+        "selection": selection(methods),
         "paired_vs_grpo": paired_vs_reference(methods, temperatures, steps),
         "vs_start": vs_start(methods, temperatures, steps),
     }

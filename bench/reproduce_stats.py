@@ -88,7 +88,9 @@ def _signflip_p(d: np.ndarray) -> float:
 
 def paired(x: Sequence[float], y: Sequence[float]) -> dict:
     """Seed-paired differences x_s - y_s: mean, sample std, n, t 95% interval, two-sided p (t-test and exact
-    sign flip), and each seed's difference. With one pair only the mean is defined (the rest None)."""
+    sign flip), and each seed's difference. With one pair only the mean is defined (the rest None); when every
+    seed gives the same difference (discrete metrics: pass@16 moves in steps of 1/64) the t interval and p are
+    undefined (None), the sign-flip p is not."""
     d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError(f"paired: need equal-length non-empty sequences, got {len(x)} and {len(y)}")
@@ -98,10 +100,12 @@ def paired(x: Sequence[float], y: Sequence[float]) -> dict:
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
+    out.update(std=sd, p_signflip=_signflip_p(d))
+    if sd <= 1e-12 * max(1.0, abs(mean)):       # every seed the same difference: no spread to test against
+        return out
     half = t_ppf(0.975, n - 1) * sd / math.sqrt(n)
-    out.update(std=sd, ci95=[mean - half, mean + half], p_signflip=_signflip_p(d))
-    out["p_t"] = (2.0 * (1.0 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1)) if sd > 0
-                  else (1.0 if mean == 0 else 0.0))
+    out["ci95"] = [mean - half, mean + half]
+    out["p_t"] = 2.0 * (1.0 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1))
     return out
 
 

@@ -82,6 +82,8 @@ def test_paired_by_hand():
     assert d["p_signflip"] == 0.25                                      # only +++ and --- reach |mean| 0.2
     mixed = stats.paired([1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.4, 0.6])    # 1, -1, 0.1, -0.1: mean 0
     assert mixed["p_signflip"] == 1.0 and math.isclose(mixed["p_t"], 1.0)
+    same = stats.paired([0.5, 0.6], [0.4, 0.5])                        # both seeds +0.1: no spread
+    assert same["ci95"] is None and same["p_t"] is None and same["p_signflip"] == 0.5
     one = stats.paired([0.5], [0.2])
     assert math.isclose(one["mean"], 0.3) and one["ci95"] is None and one["p_t"] is None
 
@@ -201,13 +203,14 @@ def test_saturation_slope_over_the_later_half():
     h = np.linspace(0.5, 0.2, 11)
     rng = np.random.default_rng(6)
     flat = [_entry(h, np.minimum(0.1 + 0.004 * steps, 0.18) + rng.normal(0, 1e-3, 11)) for _ in range(3)]
-    rising = [_entry(h, 0.1 + 0.001 * steps + 0.001 * s) for s in range(3)]
+    rising = [_entry(h, 0.1 + (0.001 + 0.0001 * s) * steps) for s in range(3)]
     out = ra.saturation({"flat": _method(flat), "rising": _method(rising)}, "1", STEPS)
     by_hand = [np.polyfit(steps[steps >= 20], np.asarray(e["curves"]["eval_mean_accuracy"])[steps >= 20], 1)[0] * 100
                for e in flat]
     assert np.allclose(out["flat"]["per_seed"], by_hand)
     assert out["flat"]["ci95"][0] < 0 < out["flat"]["ci95"][1]
-    assert np.allclose(out["rising"]["per_seed"], [0.1] * 3) and math.isclose(out["rising"]["slope_per_100_steps"], 0.1)
+    assert np.allclose(out["rising"]["per_seed"], [0.1, 0.11, 0.12])
+    assert math.isclose(out["rising"]["slope_per_100_steps"], 0.11) and out["rising"]["ci95"][0] > 0
 
 
 # ------------------------------------------------------------------------------------------------ mechanism, pairs
@@ -253,3 +256,19 @@ def test_paired_differences_against_grpo_and_the_start():
     st = ra.vs_start(methods, ["1"], STEPS)
     assert math.isclose(st["grpo"]["pass16_t1"]["mean"], -0.2) and math.isclose(st["m"]["pass16_t1"]["mean"], -0.05)
     assert np.allclose(st["grpo"]["greedy_accuracy"]["per_seed"], [0.05, 0.06, 0.07])
+
+
+def test_selection_says_whether_the_share_binds():
+    h = np.linspace(0.5, 0.3, 11)
+    wide = _entry(h, law(h))
+    wide["curves"]["token_share"] = {"clip_cov_frac": [0.008, 0.006, 0.05, 0.004]}   # one step at r = 0.05
+    tight = _entry(h, law(h))
+    tight["curves"]["token_share"] = {"kl_cov_frac": [0.002, 0.002]}
+    methods = {"clip_cov": {"settings": ["loss.name=clip_cov", "loss.clip_cov_ratio=0.05"], "seeds": {"1": wide}},
+               "kl_cov": {"settings": ["loss.kl_cov_ratio=2e-3"], "seeds": {"1": tight}},
+               "grpo": {"settings": ["loss.name=ppo"], "seeds": {"1": _entry(h, law(h))}}}
+    out = ra.selection(methods)
+    assert set(out) == {"clip_cov", "kl_cov"}
+    assert math.isclose(out["clip_cov"]["mean_selected_share"], 0.017)
+    assert out["clip_cov"]["window_decided_share_of_steps"] == 0.75
+    assert out["kl_cov"]["window_decided_share_of_steps"] is None and out["kl_cov"]["configured_share"] == 2e-3
