@@ -4,8 +4,8 @@ reference the GPU path is compared with.
 With context parallelism (cp > 1) each rank holds two of the ``2 * cp`` chunks of every sequence (Megatron's
 load-balanced layout, :func:`megatron_entcov.policy.cp_layout.cp_shard_index`). Megatron's local
 ``DotProductAttention`` refuses cp > 1 (only Transformer Engine's attention implements it), so this module does
-it: each rank all-gathers the keys and values of its context-parallel group (differentiable: the backward
-reduce-scatters their gradients, summed, back to the rank that owns each token), puts them in global order and
+it: each rank all-gathers the keys and values of its context-parallel group (differentiable: the backward sums
+their gradients over the group and hands each rank those of its own tokens), puts them in global order and
 attends its local queries to the keys of their own sequence, causally by GLOBAL position. The scores, the
 softmax (scale, fp32, offset), the dropout and the value matmul are Megatron's own (``DotProductAttention``'s
 forward, given the rectangular [s/cp, s] mask), so the result equals full attention restricted to this rank's
@@ -23,8 +23,10 @@ Inputs, as Megatron's ``SelfAttention`` hands them over (``attention_mask=None``
 
 Cost per layer and rank, for a sequence of s tokens: scores [heads, s/cp, s] (1/cp of the full attention's,
 built per sequence of a packed row: sum of len * len/cp, never [t, t]), the gathered K and V [s, groups, dim]
-(the full length on every rank: the all-gather's price), and the communication of K and V (all-gather forward,
-reduce-scatter of their gradients backward: 2 * (cp - 1)/cp * s * groups * dim values each way).
+(the full length on every rank: the all-gather's price), and the communication of K and V: an all-gather
+forward ((cp - 1)/cp * s * groups * dim values received per rank, each) and an all-reduce of their gradients
+backward (twice that; a reduce-scatter would do, but distributed/collectives.py, the package's device-checked
+door to torch.distributed, has none).
 
 Example:
     spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
@@ -40,11 +42,11 @@ import copy
 import functools
 
 import torch
-import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_entcov.distributed import collectives
 from megatron_entcov.policy.cp_layout import cp_shard_index
 from megatron_entcov.policy.packing import PackedDotProductAttention
 
@@ -52,23 +54,25 @@ __all__ = ["ContextParallelDotProductAttention", "gather_global_order"]
 
 
 class _AllGatherSequence(torch.autograd.Function):
-    """All-gather along dim 0 within ``group`` (rank-major); the backward reduce-scatters (sums) the gradient,
-    so each rank gets the gradient of its own slice summed over every rank that used it."""
+    """All-gather along dim 0 within ``group`` (rank-major); the backward sums the gradient over the group and
+    keeps this rank's slice, so each rank gets the gradient of its own tokens from every rank that used them.
+
+    Through distributed/collectives.py (the package's one door to torch.distributed, device-checked), which has
+    no reduce-scatter: the backward is an all-reduce and a slice, twice a reduce-scatter's traffic."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        size = group.size()
-        out = x.new_empty((size * x.size(0), *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        x = x.contiguous()
+        parts = collectives.all_gather([torch.empty_like(x) for _ in range(group.size())], x, group=group)
+        return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        size = ctx.group.size()
-        out = grad.new_empty((grad.size(0) // size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
+        size, rank = ctx.group.size(), ctx.group.rank()
+        total = collectives.all_reduce(grad.clone(memory_format=torch.contiguous_format), group=ctx.group)
+        n = grad.size(0) // size
+        return total[rank * n:(rank + 1) * n], None
 
 
 @functools.lru_cache(maxsize=64)

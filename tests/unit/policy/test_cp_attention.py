@@ -1,7 +1,7 @@
 """The pieces of the local context-parallel attention that need no process group: the global order of the gathered
 keys, the causal mask by global position, the lengths read from packed_seq_params, and what the constructor and
 the forward refuse (fake groups, as Megatron's own tests use). The attention's values across real gloo ranks are
-in tests/distributed/test_cp_attention.py."""
+in tests/distributed/test_cp_attention_ranks.py."""
 
 from __future__ import annotations
 
