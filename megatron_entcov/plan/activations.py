@@ -4,7 +4,11 @@ flight under the pipeline schedule, and the peak of a forward-only pass.
 Owns :func:`estimate_activations` and :class:`Activations`: the bytes of OUR layer (Megatron-Core GPTModel with
 RMSNorm, SwiGLU, RoPE, GQA, no dropout; the local spec with policy/packing.py's PackedDotProductAttention, or
 Transformer Engine's fused attention) per micro-batch of ``micro_batch_tokens`` tokens, under ``model.recompute``,
-tensor and sequence parallelism, and the logits path of ops/vocab_parallel.py. An independent computation from
+tensor, sequence and context parallelism, and the logits path of ops/vocab_parallel.py. Under context parallelism
+(cp) a rank holds 1/cp of each micro-batch's tokens (policy/packing.py): every per-token term divides by cp; the
+local spec's attention (policy/cp_attention.py) scores its queries against all of their sample's keys and keeps
+the K and V it gathered (the full length); Transformer Engine's ring keeps its local q, k, v (the K/V it receives
+are exchanged again in the backward). An independent computation from
 the shapes alone: nothing is built or measured here. Every term is written out in ``Activations.derivation``.
 
 Example:
@@ -108,7 +112,7 @@ def _moe_mlp(model: ModelConfig, tokens: int, b: int, *, swiglu_copies: int) -> 
 class _Shape:
     """The per-rank widths and sizes every term is written in."""
 
-    n: int                  # tokens of one micro-batch
+    n: int                  # tokens of one micro-batch on this rank (1/cp of them under context parallelism)
     s: int                  # the longest sample
     t: int                  # tensor-parallel size
     sp: int                 # t with sequence parallelism, else 1
@@ -124,7 +128,7 @@ class _Shape:
     packed: bool
     attention: str
     device: str
-
+    c: int = 1              # context-parallel size
     @property
     def qkv_w(self) -> int:
         return self.q_w + 2 * self.kv_w
@@ -172,13 +176,13 @@ def _check(parallel: ParallelConfig, model: ModelConfig, *, micro_batch_tokens: 
 
 def _shape(model: ModelConfig, parallel: ParallelConfig, *, n: int, s: int, packed: bool, attention: str,
            device: str) -> _Shape:
-    t = parallel.tensor_model_parallel_size
+    t, c = parallel.tensor_model_parallel_size, parallel.context_parallel_size
     heads, groups = model.num_attention_heads, model.num_query_groups
     d = model.kv_channels or model.hidden_size // heads
-    return _Shape(n=n, s=s, t=t, sp=t if parallel.sequence_parallel else 1, b=_BYTES[model.params_dtype],
+    return _Shape(n=-(-n // c), s=s, t=t, sp=t if parallel.sequence_parallel else 1, b=_BYTES[model.params_dtype],
                   h=model.hidden_size, f=model.ffn_hidden_size, heads=heads, groups=groups, d=d,
                   q_w=heads // t * d, kv_w=groups // t * d if groups >= t else d,
-                  vocab=model.padded_vocab_size(t) // t, packed=packed, attention=attention, device=device)
+                  vocab=model.padded_vocab_size(t) // t, packed=packed, attention=attention, device=device, c=c)
 
 
 def _norm(x: _Shape) -> tuple[str, int, str]:
@@ -194,21 +198,25 @@ def _layer_terms(model: ModelConfig, parallel: ParallelConfig, x: _Shape, terms:
     keeps instead)."""
     n, b = x.n, x.b
     norm_formula, norm_per_token, norm_what = _norm(x)
-    rope_rows = n if x.packed else x.s          # THD gathers the rotary table per token; padded rows share [s, d]
+    rope_rows = n if x.packed else x.s // x.c   # THD gathers the rotary table per token; padded rows share [s/cp, d]
     full = [(f"2 RMSNorms ({norm_what})", "2 x " + norm_formula, 2 * (n // x.sp) * norm_per_token),
             ("RoPE cos/sin of q and k", f"4 x {rope_rows} x {x.d} x {b}", 4 * rope_rows * x.d * b)]
     core, selective_kept = [], []
     if x.attention == "local":
         score_bytes = 4 + (b if x.half else 0)
         v_kept = x.q_w if x.heads > x.groups else x.qkv_w   # GQA: repeat_interleave copies v; MHA: a view of QKV
+        qkv = ("q, k, v at heads/tp width (k, v repeated for GQA)", f"n x ({x.q_w} + {x.q_w} + {v_kept}) x {b}",
+               n * (2 * x.q_w + v_kept) * b)
+        if x.c > 1:     # local queries; k and v all-gathered over cp (the full length), then repeated for GQA
+            qkv = ("q (this rank's tokens), k and v gathered over cp (cp x n) at heads/tp width",
+                   f"(n x {x.q_w} + {x.c} x n x 2 x {x.q_w}) x {b}", (n + x.c * n * 2) * x.q_w * b)
         core = [
-            ("q, k, v at heads/tp width (k, v repeated for GQA)", f"n x ({x.q_w} + {x.q_w} + {v_kept}) x {b}",
-             n * (2 * x.q_w + v_kept) * b),
+            qkv,
             (f"softmax {'fp32 + its ' + model.params_dtype + ' copy' if x.half else 'fp32'}, per head "
              f"{'<= budget x longest sample' if x.packed else 'rows x s^2'}",
              f"{x.heads // x.t} x {n} x {x.s} x {score_bytes}", x.heads // x.t * n * x.s * score_bytes),
-            ("causal mask (bool)", f"{n} x {x.s}" if x.packed else f"{x.s} x {x.s}",
-             n * x.s if x.packed else x.s * x.s),
+            ("causal mask (bool)", f"{n} x {x.s}" if x.packed or x.c > 1 else f"{x.s} x {x.s}",
+             n * x.s if x.packed or x.c > 1 else x.s * x.s),
         ]
         selective_kept = [("q, k after RoPE and the QKV output (v is a view of it), for the recomputation",
                            f"n x ({x.q_w} + {x.kv_w} + {x.qkv_w}) x {b}", n * (x.q_w + x.kv_w + x.qkv_w) * b)]
@@ -298,7 +306,7 @@ def _forward_peak(model: ModelConfig, x: _Shape, last: bool, terms: _Terms) -> i
     gathered = n * x.h * b if x.sp > 1 else 0
     if x.attention == "local":
         attn = (n * (3 * x.q_w + x.qkv_w) * b + x.heads // t * n * x.s * (b + 4 + (b if x.half else 0))
-                + (n * x.s if x.packed else x.s * x.s) + gathered)
+                + (n * x.s if x.packed or x.c > 1 else x.s * x.s) + gathered + (x.c - 1) * n * 2 * x.kv_w * b)
         mlp = n * (x.h + 5 * f // t) * b + gathered
     else:
         attn = n * (2 * x.q_w + x.kv_w + x.qkv_w) * b + n * x.heads // t * 4 + gathered
@@ -337,7 +345,9 @@ def estimate_activations(model: ModelConfig, parallel: ParallelConfig, *, micro_
     x = _shape(model, parallel, n=micro_batch_tokens, s=max_seq_len, packed=packed, attention=attention,
                device=device)
     pp = parallel.pipeline_model_parallel_size
-    terms = _Terms(f"n={x.n} tokens per micro-batch ({'packed, samples <= ' if packed else 'padded rows of '}{x.s}), "
+    per_cp = f" of its {micro_batch_tokens} on this context-parallel rank (cp={x.c})" if x.c > 1 else ""
+    terms = _Terms(f"n={x.n} tokens per micro-batch{per_cp} ({'packed, samples <= ' if packed else 'padded rows of '}"
+                   f"{x.s}), "
                    f"h={x.h}, ffn={x.f}, heads={x.heads}, groups={x.groups}, head dim={x.d}, tp={x.t}"
                    f"{' with SP' if x.sp > 1 else ''}, {model.params_dtype} ({x.b} bytes), attention={attention}, "
                    f"recompute={model.recompute}, stage {stage} of pp={pp}")

@@ -82,7 +82,8 @@ def engine_usage(cfg: RunConfig, *, world_size: int, gpus_per_node: int, full_pa
     p, r = cfg.parallel, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world_size // (tp * pp * p.context_parallel_size)
-    generators = [d * tp for d in range(dp)]          # tp_rank 0 of stage 0 of each replica (Megatron's order)
+    # tp_rank 0 and cp_rank 0 of stage 0 of each replica (Megatron's order: tp fastest, then cp, then dp)
+    generators = [d * tp * p.context_parallel_size for d in range(dp)]
     weight_bytes = full_params * torch_dtype(cfg.model.params_dtype, field="model.params_dtype").itemsize
     if r.engine == "local":
         kv = _embedded_kv_bytes(cfg, dp)

@@ -213,7 +213,7 @@ def test_shipped_configs_load_and_resolve(path):
     assert first.startswith("# "), f"{path.name}: line 1 must be a comment giving hardware and purpose"
     cfg = load_config(path)
     p = cfg.parallel
-    cfg.resolve(p.tensor_model_parallel_size * p.pipeline_model_parallel_size * _dp_for(path))
+    cfg.resolve(p.model_parallel_size * _dp_for(path))       # tp x pp x cp x dp
 
 
 def _dp_for(path: Path) -> int:
