@@ -96,8 +96,9 @@ def token_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor, group=N
         logprobs: [B, T] (any shape) log pi of the sampled tokens; detached here (selection statistic only).
         advantages: [B, T] advantages broadcast to tokens.
         mask: [B, T] valid response tokens (bool or 0/1).
-        group: the data-parallel (+ context-parallel) group; the means run over every valid token of every
-            rank. Pass the rank's whole optimizer mini-batch (all its micro-batches) so the means are those of
+        group: the data-parallel group; the means run over every valid token of every rank. (Under context
+            parallelism the ranks of a cp group hold the same rows in the row layout and pass the same values:
+            the result is the same on each; docs/design/context_parallel.md.) Pass the rank's whole optimizer mini-batch (all its micro-batches) so the means are those of
             the global batch. None = this process only.
 
     Returns:
