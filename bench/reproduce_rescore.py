@@ -4,7 +4,9 @@ The trainer evaluates at one temperature (eval.temperature, 1 here: the training
 the policy's entropy on its own samples). The paper scores its sampled benchmarks at T = 0.6; every kept
 checkpoint (checkpoint.save_interval = the evaluation interval, all kept) and the SFT start (step 0) are scored
 again here with the trainer's own Evaluator at each extra temperature: the same held-out problems, the same
-per-sample seeds, greedy accuracy, pass@k, avg@n (eval/pass@1), the entropy of those samples. Results go to
+per-sample seeds and weight version (so the same sampling noise as the trainer's evaluation at that step),
+greedy accuracy, pass@k, avg@n (eval/pass@1), the entropy of those samples. Re-scored at the trainer's own
+temperature, a checkpoint gives the trainer's evaluation back (tests/bench/test_reproduce_smoke.py). Results go to
 <run_dir>/rescore.json, written after each checkpoint, so an interrupted pass resumes where it stopped.
 
 Example:
@@ -48,6 +50,12 @@ def _record(block: dict, step: int, metrics: dict) -> None:
             block["pass_at_k"].setdefault(key.split("@")[1], []).append(value)
 
 
+def _weight_version(load: Path) -> int:
+    """The weight version a kept RL checkpoint was trained to (its trainer_state.json); 0 for the SFT start."""
+    state = load / "trainer_state.json"
+    return int(json.loads(state.read_text())["weight_version"]) if state.is_file() else 0
+
+
 def _evaluate(base_config: Path, sets: list[str], load: Path, temperature: float, ps) -> dict:
     """The trainer's evaluation of the weights in ``load`` at ``temperature`` (a throw-away run directory)."""
     from megatron_entcov.config import load_config
@@ -61,6 +69,10 @@ def _evaluate(base_config: Path, sets: list[str], load: Path, temperature: float
         cfg.resolve(1)
         trainer = Trainer(cfg, ps)
         try:
+            # The engine's sampling noise is mix_seed(sample seed, weight version, position): push the weights again
+            # under the version they had in training, so the samples are those of the trainer's own evaluation at
+            # that step (at its temperature: the same numbers; at another: the same noise).
+            trainer.weight_sync.push(trainer.engine, _weight_version(load))
             return trainer.evaluator.run(trainer.engine, trainer.actor)
         finally:
             trainer.close()
