@@ -27,7 +27,7 @@
 
 Profiles: full (default; budget <= 90 min on 2 cores), --quick (<= 15 min: shorter SFT and RL, smaller
 batches), --smoke (a tiny model and a few steps: checks the pipeline end to end in make test, < 2 min),
---profile long (200 steps, 12 methods, T = 1 and 0.6; ~2.5-2.7 h on 2 cores, sizing in docs/reproduction.md).
+--profile long (200 steps, 12 methods, T = 1 and 0.6; ~2.3-2.9 h on 2 cores, sizing in docs/reproduction.md).
 ``--report-only`` re-reads the runs under --out (and redoes the analysis) without training.
 """
 
@@ -428,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--quick", action="store_true", help="the <= 15 minute profile (= --profile quick)")
     group.add_argument("--smoke", action="store_true", help="a tiny end-to-end check (make test; = --profile smoke)")
     group.add_argument("--profile", choices=tuple(PROFILES), default=None, help="full (default), quick, smoke, or "
-                       "long (200 steps, 12 methods, T = 1 and 0.6, kept checkpoints; ~2.5-2.7 h on 2 cores)")
+                       "long (200 steps, 12 methods, T = 1 and 0.6, kept checkpoints; ~2.3-2.9 h on 2 cores)")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(ALL_METHODS)} "
                         f"(default: {', '.join(METHODS)}; long profile: {', '.join(LONG_METHODS)})")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")

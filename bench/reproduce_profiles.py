@@ -30,7 +30,7 @@ PROFILES: dict[str, dict] = {
         "optim.micro_batch_size=4", "sampling.max_new_tokens=12", "eval.interval=1", "eval.num_prompts=4",
         "eval.n_samples=16"]},
     # The full profile's model and SFT; half its prompts per step (16 x 8: 2.1 s a step instead of ~4, so 12
-    # methods x 3 seeds reach 200 steps in ~2.5 h on 2 cores); evaluation and a kept checkpoint every 25 steps,
+    # methods x 3 seeds reach 200 steps in ~2.3-2.9 h on 2 cores); evaluation and a kept checkpoint every 25 steps,
     # each checkpoint (and the SFT start) re-scored at T = 0.6 after the run. Sizing: docs/reproduction.md.
     "long": {"sft_steps": 1200, "steps": 200, "eval_interval": 25, "rescore_temperatures": [0.6],
              "main_temperature": 0.6, "set": [
