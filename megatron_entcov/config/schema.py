@@ -686,10 +686,6 @@ class RunConfig:
             fail("parallel.virtual_pipeline_model_parallel_size", p.virtual_pipeline_model_parallel_size,
                  f"the interleaved schedule is not checked with context parallelism (context_parallel_size={cp}) "
                  "here; set it to null (the 1F1B schedule) or context_parallel_size=1")
-        if self.loss.agg == "seq-mean-token-mean":
-            fail("loss.agg", self.loss.agg, f"with parallel.context_parallel_size={cp} a sequence's tokens are split "
-                 "over ranks, so its token count is not local to one micro-batch; use loss.agg=token-mean (the "
-                 "paper's) or seq-mean-token-sum, or context_parallel_size=1")
         heads = m.num_attention_heads // p.tensor_model_parallel_size
         if p.context_parallel_comm_type == "a2a" and heads % cp:
             fail("parallel.context_parallel_comm_type", "a2a", f"scatters each rank's {heads} attention heads "

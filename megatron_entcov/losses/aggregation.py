@@ -10,8 +10,10 @@ and every rank then gives exactly the single-process full-batch value (up to flo
     seq-mean-token-sum:   sum_s (sum_t m_st x_st) / N_seq        N_seq: global number of sequences with >= 1
     seq-mean-token-mean:  sum_s (sum_t m_st x_st / sum_t m_st) / N_seq      valid token (empty rows do not count)
 
-Every sequence is whole inside one micro-batch (a row slice, or a packed row whose ``segment_ids`` tell the
-sequences apart), so the per-sequence terms are local.
+A sequence's token count sum_t m_st comes either from the micro-batch itself (every sequence whole inside it: a
+row slice, or a packed row whose ``segment_ids`` tell the sequences apart) or, as ``token_counts``, from the row
+layout: each token carries its sequence's count, so seq-mean-token-mean is sum_{s,t} m_st x_st / c_s / N_seq and
+stays exact when a sequence's tokens are split over ranks (context parallelism, docs/design/context_parallel.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def count_valid(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_seqs: Tensor,
-              segment_ids: Tensor | None = None) -> Tensor:
+              segment_ids: Tensor | None = None, token_counts: Tensor | None = None) -> Tensor:
     """Aggregate per-token values [B, T] to a scalar with global denominators.
 
     Args:
@@ -47,6 +49,9 @@ def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_
         num_seqs: int64 0-dim tensor, global count of sequences with >= 1 valid token (seq-mean-*).
         segment_ids: [B, T] int64 sequence of each token, when a row holds several (packed micro-batches);
             None = one sequence per row.
+        token_counts: [B, T] the valid-token count of each token's whole sequence (seq-mean-token-mean only;
+            read at valid tokens): the per-sequence means then need no sequence whole in ``values``. None = the
+            counts of ``mask`` per row / segment.
 
     Returns:
         0-dim tensor in values' dtype; this slice's share of the global aggregate (0 for an empty batch).
@@ -58,6 +63,9 @@ def aggregate(values: Tensor, mask: Tensor, agg: str, *, num_valid: Tensor, num_
     if agg == "seq-mean-token-sum":
         return masked.sum() / num_seqs.clamp(min=1).to(values.dtype)
     if agg == "seq-mean-token-mean":
+        if token_counts is not None:
+            per_token = masked / token_counts.clamp(min=1).to(values.dtype)
+            return per_token.sum() / num_seqs.clamp(min=1).to(values.dtype)
         if segment_ids is None:
             sums, counts = masked.sum(dim=-1), mask.sum(dim=-1)
         else:

@@ -105,6 +105,10 @@ class TokenSelection:
     entropy."""
     adaptive_entropy_coef: Tensor | None = None
     """float64 0-dim: alpha_k = c_k * I[e_k <= loss.target_entropy] (loss.target_entropy > 0 only)."""
+    seq_token_counts: Tensor | None = None
+    """[B, T] int64: each token's sequence's valid-token count, from the row layout (loss.agg =
+    seq-mean-token-mean only, else None): the per-sequence means stay exact when a micro-batch holds part of a
+    sequence (context parallelism)."""
 
     def rows(self, rows: slice | Tensor) -> "TokenSelection":
         """The selection restricted to a row slice (or index tensor) of the rank's mini-batch; globals shared."""
@@ -123,7 +127,8 @@ class TokenSelection:
                               high_entropy_mask=maybe(self.high_entropy_mask),
                               entropy_threshold=self.entropy_threshold,
                               archer_high_mask=maybe(self.archer_high_mask), mean_entropy=self.mean_entropy,
-                              adaptive_entropy_coef=self.adaptive_entropy_coef)
+                              adaptive_entropy_coef=self.adaptive_entropy_coef,
+                              seq_token_counts=maybe(self.seq_token_counts))
 
 
 def num_to_choose(ratio: float, num_valid: Tensor) -> Tensor:
@@ -222,7 +227,8 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
         token_keys: [B, T] int64, unique over the GLOBAL mini-batch and independent of the split, e.g.
             global_sample_id * max_len + position. Ties and the random choice are functions of these keys.
             Default (only allowed with group=None): row * T + position.
-        group: data-parallel (+ context-parallel) group; None = single process.
+        group: the data-parallel group (context-parallel ranks of a replica pass the same rows and are not in
+            it); None = single process.
         step: optimizer step (annealing and the random choice). seed: run seed (random choice).
         quantile_levels: levels of the exact cov quantiles (() skips them; 4 all-reduce rounds otherwise).
         entropy: [B, T] per-token entropy of the same policy as ``logprobs`` (detached here). Required by
@@ -269,9 +275,13 @@ def compute_token_selection(cfg: LossConfig, logprobs: Tensor, old_logprobs: Ten
         kl_cov_mask = global_topk_mask(cov, token_keys, valid, k, group)
     quantiles = global_quantiles(cov, valid, quantile_levels, group)
     entropy_fields = _entropy_selection(cfg, entropy, valid, coefs, group, adaptive_entropy_coef)
+    # A row is one sequence: its count, on each of its tokens (an expanded view, no copy).
+    seq_counts = (valid.sum(dim=-1, keepdim=True, dtype=torch.int64).expand_as(valid)
+                  if cfg.agg == "seq-mean-token-mean" else None)
     return TokenSelection(covariance=cov, clip_cov_mask=clip_cov_mask, kl_cov_mask=kl_cov_mask,
                           num_valid=num_valid, num_seqs=num_seqs, cov_quantiles=quantiles,
-                          quantile_levels=tuple(quantile_levels), coefs=coefs, step=step, **entropy_fields)
+                          quantile_levels=tuple(quantile_levels), coefs=coefs, step=step,
+                          seq_token_counts=seq_counts, **entropy_fields)
 
 
 def _entropy_selection(cfg: LossConfig, entropy: Tensor | None, valid: Tensor, coefs: dict[str, float], group,
@@ -329,7 +339,8 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
             token), else unused. Invalid positions are ignored.
         segment_ids: [B, T] int64 sample index of each token when several samples share a row (a packed
             micro-batch, policy/packing.py): seq-mean-token-mean then averages per sample, not per row.
-            None = one sample per row.
+            None = one sample per row. A given ``selection`` (made on the rows) carries each token's sequence count
+            instead, which holds for part of a sequence too (context parallelism).
 
     Returns:
         (loss, metrics). loss: 0-dim tensor. metrics: detached 0-dim float32 tensors, each already this
@@ -346,13 +357,15 @@ def policy_loss(cfg: LossConfig, logprobs: Tensor, old_logprobs: Tensor, advanta
         would count it again.
     """
     _check_loss_inputs(cfg, logprobs, old_logprobs, advantages, mask, entropy, rollout_logprobs, selection, step)
+    # A given selection was made on the rows: its per-token sequence counts hold even for part of a sequence.
+    counts = None if selection is None else selection.seq_token_counts
     if selection is None:
         selection = compute_token_selection(cfg, logprobs, old_logprobs, advantages, mask, step=step,
                                             entropy=None if entropy is None else entropy.detach())
     valid = mask.bool()
     coefs = selection.coefs
     agg = functools.partial(aggregate, mask=valid, agg=cfg.agg, num_valid=selection.num_valid,
-                            num_seqs=selection.num_seqs, segment_ids=segment_ids)
+                            num_seqs=selection.num_seqs, segment_ids=segment_ids, token_counts=counts)
 
     # Mask before exp: padding may hold -inf/garbage; exp of it would put inf*0 = nan into the gradient.
     log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype,

@@ -20,8 +20,9 @@ log the exact first-order entropy change (entropy/delta_first_order: full logits
 pipeline stage), which must be the one-process value too.
 Context parallelism (cp2: every sequence split into 4 load-balanced chunks, the attention across the two ranks,
 policy/cp_attention.py) runs KL-Cov on padded rows (with the weight-sync probe and the measured and exact entropy
-change: forward outputs gathered back to the row layout) and Clip-Cov on packed rows (its seeded random choice),
-both scored by text parity so that the covariance and the selection act; cp2 x tp2 with sequence parallelism and
+change: forward outputs gathered back to the row layout), Clip-Cov on packed rows (its seeded random choice) and
+KL-Cov with seq-mean-token-mean on packed rows (each sample's tokens split over the ranks: its token count comes
+from the row layout), all scored by text parity so that the covariance and the selection act; cp2 x tp2 with sequence parallelism and
 cp2 x dp2 run on four processes (slow). Their weights, selected shares, losses and histograms must be the
 one-process run's.
 """
@@ -93,11 +94,14 @@ TWO_PROCESSES.update({f"{method}_{layout}": SGD + overrides + extra for method, 
                       for layout, extra in ENTROPY_LAYOUTS.items()})
 # Context parallelism (issue: cp2, and cp2 with tp2 / dp2, padded and packed, with Clip-Cov and KL-Cov).
 CP_METHODS = {"klcov": ["loss.name=kl_cov", "metrics.measure_entropy_change=true", "weight_sync.verify=probe"],
-              "clipcov": ["loss.name=clip_cov", "loss.clip_cov_ratio=0.1", "loss.clip_cov_lb=0"]}
+              "clipcov": ["loss.name=clip_cov", "loss.clip_cov_ratio=0.1", "loss.clip_cov_lb=0"],
+              # per-sequence means whose sequences are split over the ranks (counts from the row layout)
+              "seqmean": ["loss.name=kl_cov", "loss.agg=seq-mean-token-mean"]}
 CP = ["parallel.context_parallel_size=2"]
 ONE_PROCESS.update({f"ref_{method}": SGD + overrides for method, overrides in CP_METHODS.items()})
 TWO_PROCESSES.update({"klcov_cp2": SGD + CP_METHODS["klcov"] + CP,
-                      "clipcov_cp2_packed": SGD + CP_METHODS["clipcov"] + CP + PACKED})
+                      "clipcov_cp2_packed": SGD + CP_METHODS["clipcov"] + CP + PACKED,
+                      "seqmean_cp2_packed": SGD + CP_METHODS["seqmean"] + CP + PACKED})
 FOUR_PROCESSES = {
     "klcov_cp2_tp2_sp": SGD + CP_METHODS["klcov"] + CP + ["parallel.tensor_model_parallel_size=2",
                                                            "parallel.sequence_parallel=true"],
@@ -206,7 +210,7 @@ def test_context_parallel_with_tp_or_dp_updates_the_weights_as_one_process_does(
 def _check_cp_figures(layout: str, ref: dict, got: dict) -> None:
     """A context-parallel run: its method chose tokens and its figures are the one-process run's."""
     method = layout.split("_")[0]
-    chosen = "train/kl_cov_frac" if method == "klcov" else "train/clip_cov_frac"
+    chosen = "train/clip_cov_frac" if method == "clipcov" else "train/kl_cov_frac"
     assert ref["cp_compared"][chosen] > 0 and 0 < ref["cp_compared"]["reward/mean"] < 1, ref["cp_compared"]
     if method == "klcov":          # the probe compared tokens; the step moved the entropy, measured both ways
         assert ref["cp_compared"]["sync/probe_tokens"] > 0
