@@ -682,10 +682,6 @@ class RunConfig:
                  "models here (routing, routing replay and the auxiliary loss per context-parallel rank); use "
                  "parallel.context_parallel_size=1 with model.num_experts, and expert_model_parallel_size / "
                  "pipeline_model_parallel_size for the memory")
-        if p.virtual_pipeline_model_parallel_size is not None:
-            fail("parallel.virtual_pipeline_model_parallel_size", p.virtual_pipeline_model_parallel_size,
-                 f"the interleaved schedule is not checked with context parallelism (context_parallel_size={cp}) "
-                 "here; set it to null (the 1F1B schedule) or context_parallel_size=1")
         heads = m.num_attention_heads // p.tensor_model_parallel_size
         if p.context_parallel_comm_type == "a2a" and heads % cp:
             fail("parallel.context_parallel_comm_type", "a2a", f"scatters each rank's {heads} attention heads "

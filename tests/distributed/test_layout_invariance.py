@@ -22,8 +22,9 @@ Context parallelism (cp2: every sequence split into 4 load-balanced chunks, the 
 policy/cp_attention.py) runs KL-Cov on padded rows (with the weight-sync probe and the measured and exact entropy
 change: forward outputs gathered back to the row layout), Clip-Cov on packed rows (its seeded random choice) and
 KL-Cov with seq-mean-token-mean on packed rows (each sample's tokens split over the ranks: its token count comes
-from the row layout), all scored by text parity so that the covariance and the selection act; cp2 x tp2 with sequence parallelism and
-cp2 x dp2 run on four processes (slow). Their weights, selected shares, losses and histograms must be the
+from the row layout), all scored by text parity so that the covariance and the selection act; cp2 x tp2 with sequence parallelism,
+cp2 x dp2 and cp2 x pp2 with virtual stages (the interleaved schedule, padded rows and packed rows of one length)
+run on four processes (slow). Their weights, selected shares, losses and histograms must be the
 one-process run's.
 """
 
@@ -106,6 +107,11 @@ FOUR_PROCESSES = {
     "klcov_cp2_tp2_sp": SGD + CP_METHODS["klcov"] + CP + ["parallel.tensor_model_parallel_size=2",
                                                            "parallel.sequence_parallel=true"],
     "clipcov_cp2_dp2_packed": SGD + CP_METHODS["clipcov"] + CP + PACKED,
+    # the interleaved schedule (virtual stages) on cp micro-batches: padded rows, and packed rows of one length
+    "klcov_cp2_pp2_vpp2": SGD + CP_METHODS["klcov"] + CP + ["parallel.pipeline_model_parallel_size=2",
+                                                             "parallel.virtual_pipeline_model_parallel_size=2"],
+    "clipcov_cp2_pp2_vpp2_packed": SGD + CP_METHODS["clipcov"] + CP + PACKED + [
+        "parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
 }
 CP_COMPARED = ["train/kl_cov_frac", "train/clip_cov_frac", "train/pg_loss", "train/loss", "train/ppo_kl",
                "reward/mean", "entropy/mean", "cov/mean", "cov/q90", "entropy/delta_measured",

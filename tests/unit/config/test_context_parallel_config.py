@@ -29,9 +29,6 @@ def test_a_world_that_cp_does_not_divide_is_refused():
 @pytest.mark.parametrize("settings,field,fix", [
     (["model.num_experts=4", "model.moe_router_topk=2"], r"parallel\.context_parallel_size=2",
      "context_parallel_size=1 with model.num_experts"),
-    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
-      "model.num_layers=4"],
-     r"parallel\.virtual_pipeline_model_parallel_size=2", "set it to null"),
     (["parallel.context_parallel_comm_type=a2a", "model.num_attention_heads=3", "model.num_query_groups=1",
       "model.hidden_size=48"], r"parallel\.context_parallel_comm_type='a2a'", "use 'p2p' or 'all_gather'"),
 ])
@@ -40,9 +37,12 @@ def test_what_cp_does_not_combine_with_is_refused_with_the_fix(settings, field, 
         load_config(None, CP2 + settings)
 
 
-def test_seq_mean_token_mean_is_accepted_with_cp():
+def test_seq_mean_token_mean_and_the_interleaved_schedule_are_accepted_with_cp():
     # the per-sequence token counts come from the row layout (TokenSelection.seq_token_counts)
     assert load_config(None, CP2 + ["loss.agg=seq-mean-token-mean"]).loss.agg == "seq-mean-token-mean"
+    vpp = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+           "model.num_layers=4"]
+    assert load_config(None, CP2 + vpp).parallel.virtual_pipeline_model_parallel_size == 2
 
 
 def test_the_packed_budget_must_hold_the_padded_longest_sample_and_split_into_the_row_multiple():
