@@ -363,6 +363,7 @@ class Trainer:
             nbytes = self.weight_sync.push(engine, self.weight_version, prepare=prepare)
         m.add({"sync/bytes": float(nbytes)}, LOCAL)
         m.derive("sync/GBps", lambda v: v["sync/bytes"] / max(v["sync/time(s)"], 1e-9) / 1e9)
+        m.derive("sync/step_frac", lambda v: v["sync/time(s)"] / max(v.get("perf/step_time_s", 0.0), 1e-9))
         if self.cfg.weight_sync.verify == "probe":
             with m.timed("sync/probe_time(s)"):
                 m.add(verify_sync(engine, self.actor.policy, self.ps, self.cfg, version=self.weight_version,

@@ -412,7 +412,7 @@ CHECKED_TAGS = {
     "coef/kl_cov_ratio", "coef/kl_cov_coef", "coef/entropy_coef", "coef/clip_cov_ratio",
     "eval/accuracy", "eval/response_len", "eval/entropy", *(f"eval/pass@{k}" for k in PASS_K),
     "law/a", "law/b", "law/r2", "law/ceiling",
-    "sync/bytes", "sync/time(s)", "sync/GBps", "sync/probe_gap", "sync/probe_tokens", "sync/probe_time(s)",
+    "sync/bytes", "sync/time(s)", "sync/GBps", "sync/step_frac", "sync/probe_gap", "sync/probe_tokens", "sync/probe_time(s)",
     "perf/tokens", "perf/tokens_per_s", "perf/step_time_s", "perf/train_time_s", "perf/sync_time_s",
     "perf/rollout_time_s", "perf/reward_time_s", "perf/selection_time_s", "perf/selection_frac",
     "perf/eval_time_s", "perf/histogram_time_s",
@@ -698,6 +698,9 @@ def test_sync_and_perf_metrics(truth):
         got, e = truth["logged"][step], truth["expected"][step]
         assert got["sync/bytes"] == nbytes
         _close(got["sync/GBps"], got["sync/bytes"] / max(got["sync/time(s)"], 1e-9) / 1e9, 1e-6, "sync/GBps")
+        # The share of the step spent syncing (the sync is timed inside the step).
+        _close(got["sync/step_frac"], got["sync/time(s)"] / got["perf/step_time_s"], 1e-6, "sync/step_frac")
+        assert 0 < got["sync/step_frac"] < 1
         # One probe of probe_tokens tokens (no stop token) after the step's sync, on the synced weights.
         ((probe, logprobs),) = e["probes"]
         assert got["sync/probe_tokens"] == len(probe["response_ids"]) == PROBE_TOKENS

@@ -165,6 +165,31 @@ def test_update_weights_by_method_matches_server_started_from_disk(method, engin
     engine_a._weight_version = v + 2            # the shared server moved on under engine_a
 
 
+@pytest.mark.parametrize("method", ["tensor", "distributed"])
+def test_only_changed_leaves_out_unchanged_tensors_and_serves_the_trainers_weights(method, engine_a, greedy_refs,
+                                                                                  model_dirs, tiny_cfg):
+    """weight_sync.only_changed: a sync leaves out the tensors whose bytes equal the last committed sync's; the
+    server then computes exactly as one started from the trainer's weights ('b')."""
+    sd_a, sd_b = load_state_dict(model_dirs["a"]), load_state_dict(model_dirs["b"])
+    frozen = "model.embed_tokens.weight"
+    first = dict(sd_a, **{frozen: sd_b[frozen]})           # 'a' with 'b''s embedding (frozen from here on)
+    eng = SGLangEngine(tiny_cfg, cpu_servers(server_urls=[engine_a.servers[0].url], sync_method=method))
+    eng.sync_only_changed = True
+    try:
+        v = eng.weight_version
+        eng.update_weights(buckets(first), version=v + 1)
+        assert eng.last_sync["skipped_tensors"] == 0 and eng.last_sync["complete"]      # the first is full
+        eng.update_weights(buckets(sd_b), version=v + 2)
+        sync = eng.last_sync
+        assert sync["skipped_tensors"] == 1 and sync["complete"], sync
+        assert sync["skipped_bytes"] == sd_b[frozen].numel() * 4
+        assert sync["bytes"] == sum(t.numel() * 4 for n, t in sd_b.items() if n not in (frozen, "lm_head.weight"))
+        _assert_same(eng.generate(PROMPTS, GREEDY), greedy_refs["b"])
+    finally:
+        eng.close()
+    engine_a._weight_version = v + 2
+
+
 def test_generation_through_an_sglang_router(engine_a, greedy_refs, model_dirs, tiny_cfg, tmp_path):
     """rollout.sglang.router_url: generation goes through a real sglang-router; the weight sync goes to its worker
     (found at the router's /workers), which the router then serves from."""
