@@ -677,11 +677,17 @@ class RunConfig:
         m, p, cp = self.model, self.parallel, self.parallel.context_parallel_size
         if cp == 1:
             return
-        if m.is_moe:
-            fail("parallel.context_parallel_size", cp, "context parallelism is not checked with mixture-of-experts "
-                 "models here (routing, routing replay and the auxiliary loss per context-parallel rank); use "
-                 "parallel.context_parallel_size=1 with model.num_experts, and expert_model_parallel_size / "
-                 "pipeline_model_parallel_size for the memory")
+        if m.is_moe and p.expert_model_parallel_size > 1:
+            fail("parallel.expert_model_parallel_size", p.expert_model_parallel_size, f"with "
+                 f"context_parallel_size={cp} the expert-parallel group spans context-parallel ranks, which hold "
+                 "different experts, while the weight sync gathers only from cp_rank 0's ranks (the others hold "
+                 "the same dense weights and take no part); use expert_model_parallel_size=1 with "
+                 "context_parallel_size > 1, or context_parallel_size=1")
+        if m.is_moe and m.moe_aux_loss_coeff > 0:
+            fail("model.moe_aux_loss_coeff", m.moe_aux_loss_coeff, f"the load-balancing loss counts every routed "
+                 f"token, and context_parallel_size={cp} pads each sequence to a multiple of {2 * cp} (more padding "
+                 "tokens than without cp), so it would not be the cp=1 loss; set it to 0 with context parallelism, "
+                 "or context_parallel_size=1")
         heads = m.num_attention_heads // p.tensor_model_parallel_size
         if p.context_parallel_comm_type == "a2a" and heads % cp:
             fail("parallel.context_parallel_comm_type", "a2a", f"scatters each rank's {heads} attention heads "

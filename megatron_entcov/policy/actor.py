@@ -106,7 +106,8 @@ class Actor:
         mbs = micro_batch_size or self.micro_batch_size
         context = nullcontext()
         if self.routing_replay is not None and record_routing:
-            counts = [len(micro_batches(mini, micro_batch_size=mbs, **self._packing())) for mini in batch.split(parts)]
+            counts = [len(micro_batches(mini, micro_batch_size=mbs, cp_size=self.ps.cp_size, cp_rank=self.ps.cp_rank,
+                                        **self._packing())) for mini in batch.split(parts)]
             context = self.routing_replay.recording(counts, rollout=self._rollout_routing(batch, mbs, parts))
         elif self.routing_replay is not None and self._replay_part is not None:
             context = self.routing_replay.replaying(self._replay_part)

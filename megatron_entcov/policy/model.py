@@ -170,6 +170,15 @@ def build_layer_spec(model: ModelConfig, *, context_parallel: bool = False):
     return spec
 
 
+def _use_cp_attention(block_spec) -> None:
+    """An MoE chunk's local layer specs (policy/moe.py build_block_spec) take the attention across
+    context-parallel ranks (policy/cp_attention.py), as :func:`build_layer_spec`'s do at cp > 1."""
+    from megatron_entcov.policy.cp_attention import ContextParallelDotProductAttention
+
+    for layer in block_spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
+
+
 def sequence_extent(cfg: "RunConfig") -> dict[str, int]:
     """What a run trains the model on, as :func:`build_model`'s keywords: ``max_seq_len``, the longest sample
     (rollout.max_prompt_len + sampling.max_new_tokens), and ``micro_batch_tokens``, the tokens of one micro-batch
@@ -257,6 +266,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ps: "ParallelState
         if model.is_moe:
             spec = build_block_spec(config, use_te=uses_transformer_engine(model), vp_stage=vp_stage if vpp > 1 else None,
                                     pp_rank=ps.pp_rank)
+            if parallel.context_parallel_size > 1 and not uses_transformer_engine(model):
+                _use_cp_attention(spec)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
