@@ -677,12 +677,6 @@ class RunConfig:
         m, p, cp = self.model, self.parallel, self.parallel.context_parallel_size
         if cp == 1:
             return
-        if m.is_moe and p.expert_model_parallel_size > 1:
-            fail("parallel.expert_model_parallel_size", p.expert_model_parallel_size, f"with "
-                 f"context_parallel_size={cp} the expert-parallel group spans context-parallel ranks, which hold "
-                 "different experts, while the weight sync gathers only from cp_rank 0's ranks (the others hold "
-                 "the same dense weights and take no part); use expert_model_parallel_size=1 with "
-                 "context_parallel_size > 1, or context_parallel_size=1")
         if m.is_moe and m.moe_aux_loss_coeff > 0:
             fail("model.moe_aux_loss_coeff", m.moe_aux_loss_coeff, f"the load-balancing loss counts every routed "
                  f"token, and context_parallel_size={cp} pads each sequence to a multiple of {2 * cp} (more padding "

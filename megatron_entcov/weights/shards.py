@@ -7,6 +7,8 @@ The in-memory weight paths training uses, on the declarative key map (:mod:`mega
   to the generating rank only for weight sync to rollout engines (``dst="generator"``), or to every rank.
   Expert weights (Qwen3-MoE) are first all-gathered over the expert-parallel group, one expert slot at a time,
   so every rank of a stage walks every global expert; the tp and pp paths below treat them as any tensor.
+  Context-parallel ranks > 0 hold cp_rank 0's dense weights and skip the sync's gathers, but not the expert
+  all-gathers: Megatron's expert-parallel group may span cp ranks, which hold different experts.
 
 Example:
     load_hf_weights(chunks, cfg.model, "/models/Qwen2.5-7B", ps)                  # any tp/pp, not collective
@@ -275,7 +277,8 @@ def _to_all(local, buckets: _Buckets, ps: "ParallelState"):
 
 def _to_generator(local, buckets: _Buckets, ps: "ParallelState", bucket_bytes: int):
     generator = ps.is_generator
-    if ps.cp_rank > 0:     # context-parallel ranks > 0 hold cp_rank 0's weights: within their own groups, no part
+    if ps.cp_rank > 0:     # context-parallel ranks > 0 hold cp_rank 0's dense weights: no part in their gathers,
+        _serve_expert_gathers(local)          # but their experts differ, and the ep group may span cp ranks
         return
     # The tp-rank-0 ranks of every stage share one pipeline group, whose first member is the generating rank;
     # the other tp ranks' pipeline groups take no part after the tp gathers.
@@ -307,6 +310,15 @@ def _to_generator(local, buckets: _Buckets, ps: "ParallelState", bucket_bytes: i
             _wait_for_sends(ps)
             sent = 0
     _wait_for_sends(ps)
+
+
+def _serve_expert_gathers(local) -> None:
+    """A cp rank > 0's part in the expert all-gathers (ep > 1): Megatron's expert-parallel group spans
+    context-parallel ranks, which hold different experts, so every ep rank walks every expert slot in the same
+    order as cp_rank 0's ranks do (each slot's first fetch is its all-gather; with ep 1 nothing is collective)."""
+    for _, _, expert, _, fetch in local:
+        if expert is not None:
+            fetch()
 
 
 def _wait_for_sends(ps: "ParallelState") -> None:

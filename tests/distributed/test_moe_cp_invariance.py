@@ -2,11 +2,12 @@
 
 Context parallelism (cp2: every sequence split into 4 load-balanced chunks over two ranks) with mixture-of-experts
 layers: each cp rank routes its own tokens through the router and the experts (dropless: a token's experts depend on
-that token only), the experts' gradients are summed over the cp ranks as every other weight's (the data-parallel x
-cp reduction at ep 1; ep > 1 and the load-balancing loss are refused with cp). From the same Hugging Face weights
-and seed, one full trainer step (rollouts, old log-probs, two optimizer mini-batches with KL-Cov or Clip-Cov
-selection, weight sync) runs on one process and at cp2 (padded rows), cp2 with packed rows, and cp2 with routing
-replay (pi_old's recorded experts, recorded and replayed per cp rank on its own tokens, packed rows). Every updated
+that token only), the experts' gradients are summed over the cp ranks as every other weight's (the load-balancing
+loss is refused with cp). From the same Hugging Face weights and seed, one full trainer step (rollouts, old
+log-probs, two optimizer mini-batches with KL-Cov or Clip-Cov selection, weight sync) runs on one process and at
+cp2 (padded rows), cp2 with packed rows, cp2 with routing replay (pi_old's recorded experts, recorded and replayed
+per cp rank on its own tokens, packed rows) and cp2 x ep2 (the expert-parallel group spans the two cp ranks, each
+holding half the experts; cp rank 1 takes its part in the weight sync's expert all-gathers). Every updated
 parameter under its Hugging Face name, the chosen-token share, the mean reward, covariance and loss must be the
 one-process run's.
 
@@ -39,7 +40,9 @@ ONE_PROCESS = {"kl_cov_ref": LOSSES["kl_cov"], "clip_cov_ref": LOSSES["clip_cov"
                "kl_cov_replay_ref": LOSSES["kl_cov"] + REPLAY}
 TWO_PROCESSES = {"kl_cov_cp2": LOSSES["kl_cov"] + CP,
                  "clip_cov_cp2_packed": LOSSES["clip_cov"] + CP + PACKED,
-                 "kl_cov_replay_cp2_packed": LOSSES["kl_cov"] + REPLAY + CP + PACKED}
+                 "kl_cov_replay_cp2_packed": LOSSES["kl_cov"] + REPLAY + CP + PACKED,
+                 # the expert-parallel group spans the two cp ranks: each holds 2 of the 4 experts
+                 "kl_cov_cp2_ep2": LOSSES["kl_cov"] + CP + ["parallel.expert_model_parallel_size=2"]}
 
 
 def _score_by_text_parity():

@@ -27,8 +27,6 @@ def test_a_world_that_cp_does_not_divide_is_refused():
 
 
 @pytest.mark.parametrize("settings,field,fix", [
-    (["model.num_experts=4", "model.moe_router_topk=2", "parallel.expert_model_parallel_size=2"],
-     r"parallel\.expert_model_parallel_size=2", "use expert_model_parallel_size=1"),
     (["model.num_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.01"],
      r"model\.moe_aux_loss_coeff=0\.01", "set it to 0 with context parallelism"),
     (["parallel.context_parallel_comm_type=a2a", "model.num_attention_heads=3", "model.num_query_groups=1",
@@ -46,6 +44,8 @@ def test_seq_mean_token_mean_and_the_interleaved_schedule_are_accepted_with_cp()
            "model.num_layers=4"]
     assert load_config(None, CP2 + vpp).parallel.virtual_pipeline_model_parallel_size == 2
     assert load_config(None, CP2 + ["model.num_experts=4", "model.moe_router_topk=2"]).model.is_moe
+    ep2 = ["model.num_experts=4", "model.moe_router_topk=2", "parallel.expert_model_parallel_size=2"]
+    assert load_config(None, CP2 + ep2).resolve(2).parallel.expert_model_parallel_size == 2   # ep over cp ranks
 
 
 def test_the_packed_budget_must_hold_the_padded_longest_sample_and_split_into_the_row_multiple():
