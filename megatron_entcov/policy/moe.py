@@ -12,7 +12,8 @@ Example:
     TransformerConfig(..., **moe_transformer_fields(cfg.model, cfg.parallel))     # policy/model.py
     spec = build_block_spec(config, use_te=False, vp_stage=0, pp_rank=ps.pp_rank)  # one chunk's layer specs
 
-Design notes: docs/design/weights.md (expert weights), docs/design/compat.md (fixes 10 and 11)
+Design notes: docs/design/weights.md (expert weights), docs/design/compat.md (fixes 10 and 11), docs/design/policy.md
+(optimizer.py: the expert grads at tp > 1)
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import TYPE_CHECKING
 from megatron_entcov.config import ModelConfig, ParallelConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from megatron_entcov.distributed.parallel import ParallelState
 
-__all__ = ["moe_transformer_fields", "build_block_spec", "aux_loss_metrics"]
+__all__ = ["moe_transformer_fields", "build_block_spec", "mark_expert_params", "aux_loss_metrics"]
 
 
 def moe_transformer_fields(model: ModelConfig, parallel: ParallelConfig) -> dict:
@@ -74,6 +77,30 @@ def build_block_spec(config, *, use_te: bool, vp_stage: int | None, pp_rank: int
         for layer in spec.layer_specs:
             layer.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
+
+
+def mark_expert_params(chunk: "torch.nn.Module") -> None:
+    """Mark the experts' parameters of ``chunk`` as expert-parallel (``allreduce=False``) also at expert-parallel
+    size 1 when tp > 1, before Megatron's DDP and optimizer read the mark (:func:`policy.optimizer.wrap_chunks_ddp`).
+
+    With expert tp = 1 the tp ranks of a replica hold whole experts and, under sequence parallelism, each feeds
+    them only its shard of the tokens: their gradients must be summed over the expert-data-parallel group (which
+    holds the tp ranks), as Megatron's DDP does for the parameters it marks ``allreduce=False``. Megatron marks
+    them only when ``expert_model_parallel_size > 1``; unmarked, they were reduced over the data-parallel group
+    (no tp rank), so each tp rank stepped by its own shard's gradient (the replicas' experts drifted apart), and
+    the grad norm summed the tp ranks' partial expert gradients with the dense ones. Marked, the experts go to the
+    expert buffers and the expert optimizer, whose norm is taken over the expert tensor-model-pipeline group.
+    At ep > 1 Megatron marks them itself; at tp 1 the groups coincide: nothing changes there."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    config = chunk.config
+    if (not config.num_moe_experts or config.expert_model_parallel_size > 1
+            or config.tensor_model_parallel_size == config.expert_tensor_parallel_size):
+        return
+    for module in chunk.modules():
+        if isinstance(module, MoELayer):
+            for param in module.experts.parameters():
+                param.allreduce = False
 
 
 def aux_loss_metrics(model: ModelConfig, ps: "ParallelState", num_micro_batches: int) -> dict[str, float]:

@@ -19,10 +19,11 @@ import torch
 
 from megatron_entcov.compat import distrib_optimizer as distrib_optimizer_compat
 from megatron_entcov.config import RunConfig
+from megatron_entcov.policy.moe import mark_expert_params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["wrap_ddp", "wrap_chunks_ddp", "build_optimizer", "zero_grads", "optimizer_step"]
+__all__ = ["wrap_ddp", "wrap_chunks_ddp", "mark_tensor_parallel_weights", "build_optimizer", "zero_grads", "optimizer_step"]
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: RunConfig) -> list[torch.nn.Module]:
@@ -46,10 +47,39 @@ def wrap_chunks_ddp(chunks: list[torch.nn.Module], *, use_distributed_optimizer:
     for i, chunk in enumerate(chunks):
         config = chunk.config
         config.finalize_model_grads_func = finalize_model_grads
+        mark_tensor_parallel_weights(chunk)  # the grad norm counts every tp rank's shard
+        mark_expert_params(chunk)  # expert grads summed over the tp ranks too (expert tp 1)
         wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                                # one bucket per chunk: fewer, larger all-reduces on gloo
                                                disable_bucketing=i > 0))
     return wrapped
+
+
+def mark_tensor_parallel_weights(chunk: torch.nn.Module) -> None:
+    """Give the weights of Megatron's tensor-parallel layers the ``tensor_model_parallel`` attributes Megatron sets
+    only when it initialises them (``perform_initialization``, off when policy/model.py builds a model whose
+    weights will be loaded).
+
+    The optimizer's grad norm (and count of zeros) reads them: a parameter without ``tensor_model_parallel=True``
+    counts as a copy held by every tp rank and only tp rank 0's is summed. Without the mark the norm at tp > 1
+    held only tp rank 0's shard of every split weight (the vocabulary-parallel embedding and output layer, the
+    column- and row-parallel linears), and with expert tp 1 each tp rank's experts counted on tp rank 0 only
+    while the expert norm is reduced over the expert tensor-model-pipeline group (no tp rank): a norm that
+    differed between the tp ranks. The dimensions are Megatron's (column-parallel and embedding 0, row-parallel
+    1); a layer Megatron initialised keeps its own."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    dims = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1))
+    for module in chunk.modules():
+        weight = getattr(module, "weight", None)
+        dim = next((d for kind, d in dims if isinstance(module, kind)), None)
+        if dim is not None and isinstance(weight, torch.nn.Parameter) and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
 def build_optimizer(chunks: list[torch.nn.Module], cfg: RunConfig):

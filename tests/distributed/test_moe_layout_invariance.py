@@ -1,12 +1,16 @@
-"""One RL step of a tiny Qwen3-MoE gives the same updated weights at ep1, ep2 and pp2 x ep2, as one process does.
+"""One RL step of a tiny Qwen3-MoE gives the same updated weights at ep1, ep2, tp2, tp2 x ep2, pp2 x ep2 and
+tp2 x dp2 x ep2 as one process does.
 
 From the same Hugging Face weights and seed, one full trainer step (rollouts on the embedded engine, old log-probs,
 two optimizer mini-batches with Clip-Cov or KL-Cov token selection, weight sync with the experts gathered over ep)
 runs on one process, on dp2, on dp2 with the experts split over ep2 (the all-to-all dispatcher moves each replica's
-tokens to the other's experts), and on four processes as pp2 x dp2 x ep2. Every updated parameter, gathered under
-its Hugging Face name, must equal the one-process result to float tolerance, the chosen-token share must be the
-one-process one (the selection is global and exact with experts: nothing in it depends on the MLP), and the step
-must have moved the weights, the experts, the router and the q/k norms included.
+tokens to the other's experts), on tp2 with sequence parallelism (each tp rank's whole experts see its shard of the
+tokens: their gradients are summed over the tp ranks), with and without ep2, and on four processes as pp2 x dp2 x
+ep2 and tp2 x dp2 x ep2. Every updated parameter, gathered under its Hugging Face name, must equal the one-process
+result to float tolerance, the chosen-token share must be the one-process one (the selection is global and exact
+with experts: nothing in it depends on the MLP), so must the grad norm (also where it clips the step: the dense and
+the expert norms are reduced over different groups), and the step must have moved the weights, the experts, the
+router and the q/k norms included.
 
 The random tiny model never answers an arithmetic problem right, so every reward would be 0 and every advantage 0:
 the policy gradient, Clip-Cov's and KL-Cov's covariance and KL-Cov's penalty (whose gradient is 0 while the policy
@@ -36,8 +40,11 @@ LOSSES = {"kl_cov": ["loss.name=kl_cov", "loss.kl_cov_ratio=0.2", "loss.kl_cov_c
                        "loss.clip_cov_ub=5.0"]}
 CHOSEN = {"kl_cov": "train/kl_cov_frac", "clip_cov": "train/clip_cov_frac"}
 ONE_PROCESS = {f"{loss}_ref": overrides for loss, overrides in LOSSES.items()}
+TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+# tp2: each tp rank's experts (expert tp 1) see its sequence-parallel shard of the tokens.
 TWO_PROCESSES = {f"{loss}_{layout}": overrides + extra for loss, overrides in LOSSES.items()
-                 for layout, extra in {"dp2": [], "dp2_ep2": ["parallel.expert_model_parallel_size=2"]}.items()}
+                 for layout, extra in {"dp2": [], "dp2_ep2": ["parallel.expert_model_parallel_size=2"],
+                                       "tp2": TP2}.items()}
 # Routing replay (model.moe_routing_replay): the same step with pi_old's recorded experts, at ep1 and ep2.
 REPLAY = ["model.moe_routing_replay=true"]
 ONE_PROCESS.update({f"{loss}_replay_ref": overrides + REPLAY for loss, overrides in LOSSES.items()})
@@ -45,9 +52,16 @@ TWO_PROCESSES.update({f"{loss}_replay_dp2_ep2": overrides + REPLAY + ["parallel.
                       for loss, overrides in LOSSES.items()})
 # The load-balancing loss on (its value is logged as train/moe_aux_loss).
 ONE_PROCESS["kl_cov_aux_ref"] = LOSSES["kl_cov"] + ["model.moe_aux_loss_coeff=0.01"]
+# Grad clipping on (the step's grad norm, ~1.6, is over it): the norm, taken over the dense and the expert
+# parameters by different groups, must be the one-process norm, and so must the clipped updates.
+CLIP = ["optim.clip_grad=0.5"]
+ONE_PROCESS["kl_cov_clip_ref"] = LOSSES["kl_cov"] + CLIP
+TWO_PROCESSES.update({"kl_cov_clip_tp2": LOSSES["kl_cov"] + CLIP + TP2,
+                      "kl_cov_clip_tp2_ep2": LOSSES["kl_cov"] + CLIP + TP2 + ["parallel.expert_model_parallel_size=2"]})
 FOUR_PROCESSES = {f"{loss}_pp2_dp2_ep2": overrides + ["parallel.expert_model_parallel_size=2",
                                                       "parallel.pipeline_model_parallel_size=2"]
                   for loss, overrides in LOSSES.items()}
+FOUR_PROCESSES["clip_cov_tp2_dp2_ep2"] = LOSSES["clip_cov"] + TP2 + ["parallel.expert_model_parallel_size=2"]
 
 
 def _score_by_text_parity():
@@ -162,8 +176,10 @@ def test_the_reference_moe_step_learns_from_mixed_rewards(steps, loss):
 def test_one_moe_step_updates_the_weights_as_one_process_does(steps, layout):
     _, results = steps
     loss = layout.split("_cov")[0] + "_cov"
-    ref, got = results[f"{loss}_replay_ref" if "_replay_" in layout else f"{loss}_ref"], results[layout]
-    keys = (CHOSEN[loss], "reward/mean", "cov/mean") + (("moe/routing_changed_share",) if "_replay_" in layout else ())
+    variant = "_replay" if "_replay_" in layout else "_clip" if "_clip_" in layout else ""
+    ref, got = results[f"{loss}{variant}_ref"], results[layout]
+    keys = (CHOSEN[loss], "reward/mean", "cov/mean", "train/grad_norm") + (
+        ("moe/routing_changed_share",) if variant == "_replay" else ())
     for key in keys:
         assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-7), (layout, key)
     assert set(got["weights"]) == set(ref["weights"])
