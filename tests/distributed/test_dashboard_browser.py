@@ -32,6 +32,9 @@ pytestmark = pytest.mark.distributed
 PACKAGES = ("chromium", "chromium-driver")
 PROGRAMS = ("chromium", "chromedriver")
 WAIT_S = 90.0
+# Polls (1 s apart) a drawing must stay the same, every series received, before it counts as final: a series
+# whose data reached the card after its name can draw seconds later (3 polls once ended a check one line short).
+STABLE_POLLS = 12
 """Bound on every wait: TensorBoard loading the runs, the page drawing its charts."""
 
 # Every custom-scalar chart card, the lines its plot draws (not the faint unsmoothed "ghost" copies, not the
@@ -175,7 +178,7 @@ def drawn_series(driver, url: str, expected: dict[str, dict[str, int]]) -> tuple
     """({chart title: {"lines": n, "bands": n}} as the CUSTOM SCALARS tab draws them, the page's console errors).
 
     Polls the page until every chart draws what ``expected`` says, or until every chart received its series
-    from the server and the drawing stayed the same for 3 polls in a row (a chart that fails to draw), or
+    from the server and the drawing stayed the same for STABLE_POLLS polls in a row (a chart that fails to draw), or
     WAIT_S; then returns what the page draws (the caller compares)."""
     driver.get(f"{url}/#custom_scalars")
     deadline, last, same = time.monotonic() + WAIT_S, None, 0
@@ -187,7 +190,7 @@ def drawn_series(driver, url: str, expected: dict[str, dict[str, int]]) -> tuple
         received = set(page) == set(expected) and all(
             page[t]["received"] == expected[t]["lines"] for t in expected)
         same = same + 1 if received and got == last else 0
-        if same >= 3:
+        if same >= STABLE_POLLS:
             break
         last = got
         time.sleep(1.0)

@@ -60,7 +60,8 @@ from megatron_entcov.run.checkpoint import (
 # DCP in one process (no_dist) warns that it assumes a single process: that is the intent here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-PS = SimpleNamespace(is_rank0=True, rank=0, world_size=1, tp_size=1, pp_size=1, dp_size=1, device=torch.device("cpu"))
+PS = SimpleNamespace(is_rank0=True, rank=0, world_size=1, tp_size=1, pp_size=1, dp_size=1, device=torch.device("cpu"),
+                     layout={"tp": 1, "pp": 1, "dp": 1})  # ParallelState.layout of one process (cp 1: not recorded)
 
 
 def _marked(root, name, run_id):

@@ -662,7 +662,9 @@ def test_the_dry_run_lists_the_qwen_path_phases_with_their_planned_checks(tmp_pa
     assert ipc_phase["reason"].startswith("CPU dry run: no CUDA; the two-process round trip ran over shared memory")
     got = ipc_phase["figures"]["round_trip"]["received"]
     assert got["bytes_equal"] == {name: True for name, _, _ in ipc.BUCKET} and got["devices"] == ["cpu"]
-    assert [c["ok"] for c in ipc_phase["checks"]] == [True, True]
+    # The round trip's two checks, then the timed syncs' (their receiver's checksums agree every time).
+    assert [c["ok"] for c in ipc_phase["checks"]] == [True, True, True]
+    assert ipc_phase["figures"]["sync_timing"]["checksums_agree"] is True
     assert report["phases"]["nccl"]["figures"]["nccl"]["image_torch"] is None     # a CPU build of torch
     assert "no NCCL (a CPU build)" in report["phases"]["nccl"]["reason"]
     overrides = report["phases"]["rl_qwen"]["figures"]["overrides"]
