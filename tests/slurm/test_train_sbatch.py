@@ -67,7 +67,7 @@ def test_two_nodes_complete_with_checkpoint_and_tensorboard(reference_run):
     assert info["NodeList"] == "n[1-2]", why
     out = job_output(submit, job)
     assert "2 nodes x 1 processes" in out, why                      # from SLURM_GPUS_ON_NODE (gpu:fake:1)
-    assert "world=2 tp=1 pp=1 dp=2" in out, why                      # one rank on each node
+    assert "world=2 tp=1 pp=1 cp=1 dp=2" in out, why                 # one rank on each node
     assert f"done: {STEPS} steps" in out, why
     assert _latest_step(r["run_dir"]) == STEPS, why
     assert list((r["run_dir"] / "tensorboard").glob("**/events.out.tfevents.*")), why
