@@ -196,3 +196,21 @@ def read_safetensors(directory) -> dict:
     for f in sorted(Path(directory).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def write_random_hf_model(model_overrides: list[str], directory, seed: int = 7) -> dict:
+    """A Hugging Face checkpoint of ``model_overrides``' model with random weights (``torch.manual_seed(seed)``)
+    and the character tokenizer, written to ``directory``; returns its weights as float32 tensors by name.
+    ``save_pretrained`` writes the checkpoint's own names (per-expert ones for MoE: no process group here)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_entcov.config import load_config
+    from megatron_entcov.config.hf import to_hf_config
+    from megatron_entcov.tasks.tokenizer import build_char_tokenizer
+
+    model_cfg = load_config(None, model_overrides).model
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(to_hf_config(model_cfg)).save_pretrained(directory)
+    build_char_tokenizer(directory)
+    return {k: v.float() for k, v in read_safetensors(directory).items()}

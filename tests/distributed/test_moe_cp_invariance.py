@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import run_workers, tiny_model
+from dist_utils import run_workers, tiny_model, write_random_hf_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -81,21 +81,9 @@ def _worker(rank, world_size, layouts, hf_dir, out_dir):
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from megatron_entcov.config import load_config
-    from megatron_entcov.config.hf import to_hf_config
-    from megatron_entcov.tasks.tokenizer import build_char_tokenizer
-
     tmp = tmp_path_factory.mktemp("moe_cp")
-    model_cfg = load_config(None, MODEL + ["rollout.max_prompt_len=16", "sampling.max_new_tokens=6"]).model
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(to_hf_config(model_cfg))
     hf_dir = tmp / "hf"
-    model.save_pretrained(hf_dir)
-    build_char_tokenizer(hf_dir)
-    initial = {k: v.float() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
+    initial = write_random_hf_model(MODEL + ["rollout.max_prompt_len=16", "sampling.max_new_tokens=6"], hf_dir)
     args = (str(hf_dir), str(tmp / "runs"))
     out = run_workers(_worker, 1, args=(ONE_PROCESS, *args), timeout=400)[0]
     out.update(run_workers(_worker, 2, args=(TWO_PROCESSES, *args), timeout=600)[0])
